@@ -1,0 +1,83 @@
+"""NVIDIA CUDA and AMD ROCm (HIP builds of torch expose the same ``torch.cuda`` module)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from devlayer.registry import Backend, Runtime
+
+from ._common import comm_available
+
+
+class CudaRuntime:
+    """Asks ``torch.cuda``; device counts come from NVML / AMD SMI before initialization."""
+
+    def __init__(self) -> None:
+        import torch
+
+        self.variant = "rocm" if getattr(torch.version, "hip", None) else "cuda"
+
+    def compiled(self) -> bool:
+        import torch
+
+        return bool(torch.cuda._is_compiled())
+
+    def device_count(self) -> int:
+        import torch
+
+        # torch.cuda.device_count() uses NVML (AMD SMI on ROCm) until CUDA is initialized,
+        # so it does not freeze CUDA_VISIBLE_DEVICES; torch.cuda.is_available() would.
+        return int(torch.cuda.device_count())
+
+    def is_initialized(self) -> bool:
+        import torch
+
+        return bool(torch.cuda.is_initialized())
+
+    def set_device(self, index: int) -> None:
+        import torch
+
+        torch.cuda.set_device(index)
+
+    def device_name(self, index: int) -> str:
+        import torch
+
+        return str(torch.cuda.get_device_name(index))
+
+    def comm_available(self, comm: str) -> bool:
+        return comm_available(comm)
+
+
+class CudaBackend(Backend):
+    """NVIDIA GPUs (comm ``nccl``) and AMD GPUs with a ROCm build (comm ``nccl`` = RCCL)."""
+
+    name = "cuda"
+    priority = 100
+    device_type = "cuda"
+    visibility_vars = ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES")
+    bind_device_id = True
+
+    def make_runtime(self) -> Runtime:
+        return CudaRuntime()
+
+    def visibility_var(self, env: Mapping[str, str]) -> str | None:
+        # ROCm honours HIP_VISIBLE_DEVICES (and CUDA_VISIBLE_DEVICES) on top of
+        # ROCR_VISIBLE_DEVICES; narrow the one the user or scheduler already set.
+        if self.runtime.variant == "rocm":
+            for var in ("HIP_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES"):
+                if env.get(var, "").strip():
+                    return var
+            return "HIP_VISIBLE_DEVICES"
+        return "CUDA_VISIBLE_DEVICES"
+
+    def comm_hint(self, comm: str) -> str:
+        return (
+            f"{comm} ships with the CUDA/ROCm builds of torch; a CPU-only build cannot use it. "
+            f"Install a CUDA build of torch, or run with DEVLAYER_BACKEND=cpu (gloo)"
+        )
+
+    def install_hint(self) -> str:
+        return (
+            "Install a CUDA (or ROCm) build of torch and check `nvidia-smi` / `rocm-smi`, "
+            "or unset DEVLAYER_BACKEND to auto-detect (cpu if nothing else)."
+        )

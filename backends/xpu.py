@@ -1,0 +1,155 @@
+"""Intel GPUs: native ``torch.xpu`` with comm ``xccl`` (torch >= 2.8), or IPEX + oneCCL ``ccl``.
+
+Order of preference, decided without creating a device context:
+
+1. torch built with XPU and ``torch.distributed.is_xccl_available()`` -> comm ``xccl``.
+2. ``oneccl_bindings_for_pytorch`` installed -> comm ``ccl``; :meth:`XpuBackend.prepare`
+   imports torch, then ``intel_extension_for_pytorch``, then the bindings (the order the
+   bindings require), before the process group is created.
+3. Neither -> :class:`~devlayer.errors.BackendUnavailableError` naming what to install.
+   There is never a silent fallback to gloo or nccl.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from importlib import metadata
+
+from devlayer.errors import BackendUnavailableError
+from devlayer.registry import Availability, Backend, Runtime
+
+from ._common import comm_available
+
+IPEX_MODULE = "intel_extension_for_pytorch"
+IPEX_DIST = "intel-extension-for-pytorch"
+CCL_MODULE = "oneccl_bindings_for_pytorch"
+CCL_DIST = "oneccl_bind_pt"
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def minor(version: str) -> str:
+    """``"2.8.10+xpu"`` -> ``"2.8"``."""
+    return ".".join(version.split("+")[0].split(".")[:2])
+
+
+class XpuRuntime:
+    """Asks ``torch.xpu`` (device counts via Level Zero sysman before initialization)."""
+
+    variant = ""
+
+    def compiled(self) -> bool:
+        import torch
+
+        xpu = getattr(torch, "xpu", None)
+        return bool(xpu is not None and xpu._is_compiled())
+
+    def device_count(self) -> int:
+        import torch
+
+        return int(torch.xpu.device_count()) if self.compiled() else 0
+
+    def is_initialized(self) -> bool:
+        import torch
+
+        return bool(self.compiled() and torch.xpu.is_initialized())
+
+    def set_device(self, index: int) -> None:
+        import torch
+
+        torch.xpu.set_device(index)
+
+    def device_name(self, index: int) -> str:
+        import torch
+
+        return str(torch.xpu.get_device_name(index))
+
+    def comm_available(self, comm: str) -> bool:
+        if comm == "ccl":
+            return _installed(CCL_MODULE) or comm_available("ccl")
+        return comm_available(comm)
+
+
+class XpuBackend(Backend):
+    """Intel Data Center / Arc GPUs. Visibility through ``ZE_AFFINITY_MASK``."""
+
+    name = "xpu"
+    priority = 90
+    device_type = "xpu"
+    visibility_vars = ("ZE_AFFINITY_MASK", "ONEAPI_DEVICE_SELECTOR")
+
+    def make_runtime(self) -> Runtime:
+        return XpuRuntime()
+
+    def availability(self) -> Availability:
+        rt = self.runtime
+        if not rt.compiled():
+            why = "torch built without XPU"
+            if _installed(IPEX_MODULE):
+                why += " (intel_extension_for_pytorch is installed but torch has no XPU)"
+            return Availability(False, why)
+        count = rt.device_count()
+        if count < 1:
+            return Availability(False, "no XPU devices visible (check the driver and sycl-ls)")
+        return Availability(True, f"{count} xpu device(s)")
+
+    def default_comm(self) -> str:
+        rt = self.runtime
+        if rt.comm_available("xccl"):
+            return "xccl"
+        if rt.comm_available("ccl"):
+            return "ccl"
+        raise BackendUnavailableError(
+            "xpu needs a communication backend for several ranks, and this install has "
+            f"neither xccl nor ccl: {self.comm_hint('xccl')}"
+        )
+
+    def comm_hint(self, comm: str) -> str:
+        import torch
+
+        return (
+            f"torch {torch.__version__} has no xccl; install torch >= 2.8 built for XPU "
+            f"(it ships xccl), or for older torch install {IPEX_DIST} and {CCL_DIST} "
+            f"of the same minor version as torch ({minor(torch.__version__)}.*)"
+        )
+
+    def prepare(self, comm: str) -> None:
+        """Import IPEX and the oneCCL bindings (in that order, after torch) for ``ccl``."""
+        if comm != "ccl":
+            return
+        import torch
+
+        ipex_version = _version(IPEX_DIST)
+        if ipex_version is not None and minor(ipex_version) != minor(torch.__version__):
+            raise BackendUnavailableError(
+                f"{IPEX_DIST} {ipex_version} does not match torch {torch.__version__}: IPEX "
+                f"{minor(ipex_version)}.* needs torch {minor(ipex_version)}.*; install "
+                f"{IPEX_DIST}=={minor(torch.__version__)}.* or torch=={minor(ipex_version)}.*"
+            )
+        if ipex_version is not None:
+            importlib.import_module(IPEX_MODULE)
+        try:
+            importlib.import_module(CCL_MODULE)
+        except ImportError as exc:
+            raise BackendUnavailableError(
+                f"comm 'ccl' needs {CCL_MODULE} ({CCL_DIST}): {exc}; {self.comm_hint(comm)}"
+            ) from exc
+
+    def install_hint(self) -> str:
+        return (
+            "Install torch >= 2.8 built for XPU (PyTorch's XPU wheel index) and the Intel GPU "
+            "driver; check with `sycl-ls`. See docs/intel.md."
+        )

@@ -1,0 +1,178 @@
+"""devlayer: one PyTorch script on CUDA, ROCm, Intel XPU, MPS and CPU, under any launcher.
+
+Importing devlayer is cheap: it imports neither torch nor any backend, probes no hardware
+and changes no environment variable. Names are loaded on first use.
+
+Example:
+    >>> import devlayer
+    >>> st = devlayer.init()            # reads torchrun / srun / mpirun / accelerate env
+    >>> x = devlayer.all_reduce({"loss": 1.0}, op="mean")
+    >>> devlayer.shutdown()
+    True
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from devlayer._version import __version__
+from devlayer.errors import (
+    BackendNotFoundError,
+    BackendUnavailableError,
+    CollectiveError,
+    DeviceError,
+    DevlayerError,
+    InitOrderError,
+    InvalidArgumentError,
+    LaunchEnvError,
+    NotInitializedError,
+    RendezvousError,
+)
+
+if TYPE_CHECKING:
+    from devlayer.comm import (
+        all_gather,
+        all_gather_object,
+        all_reduce,
+        barrier,
+        broadcast,
+        broadcast_object,
+    )
+    from devlayer.registry import (
+        Availability,
+        Backend,
+        available_backends,
+        get_backend,
+        register_backend,
+        registered_backends,
+        unregister_backend,
+    )
+    from devlayer.spawn import RankFailedError, spawn
+    from devlayer.state import (
+        State,
+        backend,
+        device,
+        init,
+        is_initialized,
+        is_local_main,
+        is_main,
+        local_rank,
+        local_world_size,
+        node_rank,
+        rank,
+        shutdown,
+        state,
+        world_size,
+    )
+
+__all__ = [
+    # set-up
+    "init",
+    "shutdown",
+    "State",
+    "state",
+    "is_initialized",
+    # where am I
+    "rank",
+    "world_size",
+    "local_rank",
+    "local_world_size",
+    "node_rank",
+    "is_main",
+    "is_local_main",
+    "device",
+    "backend",
+    # collectives
+    "barrier",
+    "all_reduce",
+    "all_gather",
+    "broadcast",
+    "all_gather_object",
+    "broadcast_object",
+    # launching
+    "spawn",
+    "RankFailedError",
+    # backends
+    "Backend",
+    "Availability",
+    "register_backend",
+    "unregister_backend",
+    "registered_backends",
+    "available_backends",
+    "get_backend",
+    # errors
+    "DevlayerError",
+    "BackendNotFoundError",
+    "BackendUnavailableError",
+    "CollectiveError",
+    "DeviceError",
+    "InitOrderError",
+    "InvalidArgumentError",
+    "LaunchEnvError",
+    "NotInitializedError",
+    "RendezvousError",
+    "__version__",
+]
+
+# name -> module that defines it; resolved on first attribute access (PEP 562).
+_LAZY = {
+    **dict.fromkeys(
+        ("all_gather", "all_gather_object", "all_reduce", "barrier", "broadcast",
+         "broadcast_object"),
+        "devlayer.comm",
+    ),
+    **dict.fromkeys(
+        ("Availability", "Backend", "available_backends", "get_backend", "register_backend",
+         "registered_backends", "unregister_backend"),
+        "devlayer.registry",
+    ),
+    **dict.fromkeys(("spawn", "RankFailedError"), "devlayer.spawn"),
+    **dict.fromkeys(
+        ("State", "backend", "device", "init", "is_initialized", "is_local_main", "is_main",
+         "local_rank", "local_world_size", "node_rank", "rank", "shutdown", "state",
+         "world_size"),
+        "devlayer.state",
+    ),
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'devlayer' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+def _extend_path_for_source_checkout() -> None:
+    # In a source checkout (editable installs included) the vendor modules sit in the
+    # top-level backends/ folder; an installed wheel has them in devlayer/backends/.
+    # Make ``devlayer.backends`` resolve in both layouts.
+    import os
+
+    here = os.path.dirname(__file__)
+    if not os.path.isdir(os.path.join(here, "backends")):
+        root = os.path.join(os.path.dirname(here), "backends")
+        if os.path.isfile(os.path.join(root, "__init__.py")):
+            import importlib.util
+            import sys
+
+            if "devlayer.backends" not in sys.modules:
+                spec = importlib.util.spec_from_file_location(
+                    "devlayer.backends",
+                    os.path.join(root, "__init__.py"),
+                    submodule_search_locations=[root],
+                )
+                if spec is not None and spec.loader is not None:
+                    module = importlib.util.module_from_spec(spec)
+                    sys.modules["devlayer.backends"] = module
+                    spec.loader.exec_module(module)
+
+
+_extend_path_for_source_checkout()

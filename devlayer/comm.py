@@ -1,0 +1,544 @@
+"""Collectives with one meaning on every backend.
+
+* ``all_reduce(x, op)``: ops ``sum``, ``mean``, ``max``, ``min``, ``product`` on a tensor,
+  a Python number, or nested dict/list/tuple of them. A container costs ONE collective per
+  dtype, never one per key. ``mean`` is SUM then divide, so it works on gloo too.
+* ``all_gather(x)``: a list with one entry per rank; tensors may differ in dim 0.
+* ``broadcast(x, src=0)``: rank ``src``'s value everywhere.
+* ``barrier(timeout=None)``: on gloo a monitored barrier that names the missing ranks.
+* ``all_gather_object`` / ``broadcast_object``: any picklable object. They unpickle what
+  peers send: use them only between ranks of your own job (see README, "Security").
+
+Tensors are updated in place and returned, as with ``torch.distributed``. A tensor on a
+device the process group cannot use (e.g. a CPU-side device type the group lacks) is
+copied to this rank's device, reduced there, and copied back into the caller's tensor.
+Python numbers come back as Python numbers. Everything works at world size 1, where no
+process group exists.
+
+Every rank must pass the same structure, dtypes and (except for ``all_gather``) shapes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from devlayer.errors import CollectiveError, InvalidArgumentError
+from devlayer.state import State, parse_timeout, state
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "all_gather",
+    "all_gather_object",
+    "all_reduce",
+    "barrier",
+    "broadcast",
+    "broadcast_object",
+]
+
+T = TypeVar("T")
+
+OPS = ("sum", "mean", "max", "min", "product")
+_ALIASES = {"avg": "mean", "prod": "product", "add": "sum"}
+
+
+@dataclass(frozen=True)
+class _Ctx:
+    """Decisions made once per State, so the per-call path does no repeated work."""
+
+    st: State
+    world: int
+    rank: int
+    device: torch.device
+    device_types: frozenset[str]
+    reduce_ops: Mapping[str, Any]
+    gather_into: Any
+    dist: Any
+    torch: Any
+
+
+_ctx_cache: _Ctx | None = None
+
+
+def _ctx() -> _Ctx:
+    global _ctx_cache
+    st = state()
+    cached = _ctx_cache
+    if cached is not None and cached.st is st:
+        return cached
+    import torch
+    import torch.distributed as dist
+
+    ops = {
+        "sum": dist.ReduceOp.SUM,
+        "mean": dist.ReduceOp.SUM,
+        "max": dist.ReduceOp.MAX,
+        "min": dist.ReduceOp.MIN,
+        "product": dist.ReduceOp.PRODUCT,
+    }
+    types = frozenset({"cpu", st.device.type})
+    # torch 2.13 renamed all_gather_into_tensor to all_gather_single; 2.6 has only the old name.
+    gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    _ctx_cache = _Ctx(st, st.world_size, st.rank, st.device, types, ops, gather_into, dist, torch)
+    return _ctx_cache
+
+
+def _op_name(op: object) -> str:
+    if isinstance(op, str):
+        name = _ALIASES.get(op.lower(), op.lower())
+        if name in OPS:
+            return name
+    raise InvalidArgumentError(
+        f"op={op!r} is not a reduce operation; use one of {', '.join(repr(o) for o in OPS)}"
+    )
+
+
+def _fail(ctx: _Ctx, what: str, exc: BaseException) -> CollectiveError:
+    return CollectiveError(
+        f"{what} failed on rank {ctx.rank} of {ctx.world} ({ctx.st.comm}): "
+        f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}. "
+        f"A peer rank probably exited or timed out (timeout "
+        f"{ctx.st.timeout.total_seconds():g}s); check the other ranks' output"
+    )
+
+
+# --------------------------------------------------------------------------- flattening
+
+_Leaf = Any  # a tensor or a Python number
+
+
+def _flatten(obj: object, path: str, leaves: list[tuple[str, _Leaf]], torch: Any) -> object:
+    """Replace each leaf by its index in ``leaves``; return the skeleton."""
+    if isinstance(obj, (torch.Tensor, int, float)):  # bool is an int
+        leaves.append((path, obj))
+        return _Slot(len(leaves) - 1)
+    if isinstance(obj, Mapping):
+        return type(obj)(  # type: ignore[call-arg]
+            {k: _flatten(v, f"{path}[{k!r}]", leaves, torch) for k, v in obj.items()}
+        )
+    if isinstance(obj, (list, tuple)):
+        items = [_flatten(v, f"{path}[{i}]", leaves, torch) for i, v in enumerate(obj)]
+        if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
+            return type(obj)(*items)
+        return type(obj)(items)
+    raise InvalidArgumentError(
+        f"{path or 'value'} has type {type(obj).__name__}; collectives take tensors, Python "
+        f"numbers and dict/list/tuple of them (use all_gather_object / broadcast_object for "
+        f"other objects)"
+    )
+
+
+@dataclass(frozen=True)
+class _Slot:
+    index: int
+
+
+def _unflatten(skeleton: object, values: Sequence[object]) -> Any:
+    if isinstance(skeleton, _Slot):
+        return values[skeleton.index]
+    if isinstance(skeleton, Mapping):
+        return type(skeleton)({k: _unflatten(v, values) for k, v in skeleton.items()})  # type: ignore[call-arg]
+    if isinstance(skeleton, tuple) and hasattr(skeleton, "_fields"):
+        return type(skeleton)(*(_unflatten(v, values) for v in skeleton))
+    if isinstance(skeleton, (list, tuple)):
+        return type(skeleton)(_unflatten(v, values) for v in skeleton)
+    return skeleton
+
+
+# --------------------------------------------------------------------------- all_reduce
+
+
+def all_reduce(x: T, op: str = "sum") -> T:
+    """Reduce ``x`` across all ranks and return the result.
+
+    Args:
+        x: A tensor, a Python number, or a nested dict/list/tuple of them.
+        op: ``"sum"``, ``"mean"``, ``"max"``, ``"min"`` or ``"product"``.
+
+    Returns:
+        The same structure with reduced values. Tensors are reduced in place (and returned);
+        numbers come back as numbers (``mean`` gives floats).
+
+    Raises:
+        InvalidArgumentError: Unknown op, unsupported leaf type, or ``mean`` of an integer
+            tensor (it cannot be stored in place; cast to float first).
+        CollectiveError: A peer failed or the collective timed out.
+        NotInitializedError: Before ``devlayer.init()``.
+
+    Example:
+        >>> import devlayer
+        >>> _ = devlayer.init(backend="cpu")
+        >>> devlayer.all_reduce({"loss": 2.0, "correct": 3}, op="mean")
+        {'loss': 2.0, 'correct': 3.0}
+        >>> _ = devlayer.shutdown()
+    """
+    name = _op_name(op)
+    ctx = _ctx()
+    torch = ctx.torch
+    if isinstance(x, torch.Tensor):
+        return _reduce_tensor(ctx, x, name)  # type: ignore[return-value]
+    leaves: list[tuple[str, _Leaf]] = []
+    skeleton = _flatten(x, "", leaves, torch)
+    results: list[object] = [None] * len(leaves)
+    groups: dict[Any, list[int]] = {}
+    for i, (path, leaf) in enumerate(leaves):
+        if isinstance(leaf, torch.Tensor):
+            if name == "mean" and not (leaf.is_floating_point() or leaf.is_complex()):
+                raise _int_mean(path, leaf)
+            key: Any = leaf.dtype
+        elif isinstance(leaf, float) or name == "mean":
+            key = "float"
+        else:
+            key = "int"
+        groups.setdefault(key, []).append(i)
+    for key, idxs in groups.items():
+        if isinstance(key, str):
+            dtype = torch.float64 if key == "float" else torch.int64
+            buf = torch.tensor([float(leaves[i][1]) if key == "float" else int(leaves[i][1])
+                                for i in idxs], dtype=dtype, device=ctx.device)
+            _reduce_flat(ctx, buf, name)
+            for i, value in zip(idxs, buf.tolist(), strict=True):
+                results[i] = value
+        else:
+            tensors = [leaves[i][1] for i in idxs]
+            flat = torch.cat([t.reshape(-1).to(ctx.device) for t in tensors])
+            _reduce_flat(ctx, flat, name)
+            offset = 0
+            for i, t in zip(idxs, tensors, strict=True):
+                n = t.numel()
+                t.copy_(flat[offset : offset + n].view_as(t))
+                offset += n
+                results[i] = t
+    return _unflatten(skeleton, results)  # type: ignore[no-any-return]
+
+
+def _int_mean(path: str, t: Any) -> InvalidArgumentError:
+    return InvalidArgumentError(
+        f"all_reduce(op='mean') of {path or 'a tensor'} with dtype {t.dtype}: the mean of "
+        f"integers is not an integer and cannot be stored in place; pass t.float() or use "
+        f"op='sum' and divide"
+    )
+
+
+def _reduce_flat(ctx: _Ctx, buf: Any, name: str) -> None:
+    if ctx.world > 1:
+        try:
+            ctx.dist.all_reduce(buf, op=ctx.reduce_ops[name])
+        except RuntimeError as exc:
+            raise _fail(ctx, "all_reduce", exc) from exc
+        if name == "mean":
+            buf.div_(ctx.world)
+
+
+def _reduce_tensor(ctx: _Ctx, t: Any, name: str) -> Any:
+    if name == "mean" and not (t.is_floating_point() or t.is_complex()):
+        raise _int_mean("", t)
+    if ctx.world == 1:
+        return t
+    if t.device.type in ctx.device_types and t.is_contiguous():
+        work = t
+    else:
+        work = t.to(ctx.device).contiguous()
+    try:
+        ctx.dist.all_reduce(work, op=ctx.reduce_ops[name])
+    except RuntimeError as exc:
+        raise _fail(ctx, "all_reduce", exc) from exc
+    if name == "mean":
+        work.div_(ctx.world)
+    if work is not t:
+        t.copy_(work)
+    return t
+
+
+# --------------------------------------------------------------------------- all_gather
+
+_HEADER = 10  # [ndim, dtype code, d0..d7]
+_MAX_DIMS = _HEADER - 2
+
+
+def all_gather(x: Any, *, same_shape: bool = False) -> list[Any]:
+    """Gather ``x`` from every rank.
+
+    Args:
+        x: A tensor or a Python number.
+        same_shape: Promise that every rank passes the same shape; skips the small shape
+            exchange that lets dim 0 differ between ranks.
+
+    Returns:
+        A list with one entry per rank, in rank order. Tensors come back on the device of
+        ``x``; numbers as numbers.
+
+    Raises:
+        InvalidArgumentError: Other types, or ranks that disagree on dtype or trailing dims
+            (every rank raises the same error; nothing hangs).
+        CollectiveError: A peer failed or the collective timed out.
+
+    Example:
+        >>> import devlayer, torch
+        >>> _ = devlayer.init(backend="cpu")
+        >>> devlayer.all_gather(torch.arange(3))
+        [tensor([0, 1, 2])]
+        >>> _ = devlayer.shutdown()
+    """
+    ctx = _ctx()
+    torch = ctx.torch
+    if isinstance(x, bool) or isinstance(x, (int, float)):
+        return _gather_numbers(ctx, x)
+    if not isinstance(x, torch.Tensor):
+        raise InvalidArgumentError(
+            f"all_gather takes a tensor or a number, got {type(x).__name__}; use "
+            f"all_gather_object for other objects"
+        )
+    if ctx.world == 1:
+        return [x]
+    t = x if x.device.type in ctx.device_types else x.to(ctx.device)
+    t = t.contiguous()
+    if same_shape:
+        parts = _gather_equal(ctx, t)
+    else:
+        parts = _gather_uneven(ctx, t)
+    if parts and parts[0].device != x.device:
+        parts = [p.to(x.device) for p in parts]
+    return parts
+
+
+def _gather_equal(ctx: _Ctx, t: Any) -> list[Any]:
+    torch = ctx.torch
+    flat = t.reshape(-1) if t.dim() == 0 else t
+    out = torch.empty((ctx.world * flat.shape[0], *flat.shape[1:]), dtype=t.dtype, device=t.device)
+    try:
+        ctx.gather_into(out, flat)
+    except RuntimeError as exc:
+        raise _fail(ctx, "all_gather", exc) from exc
+    parts = list(out.chunk(ctx.world))
+    return [p.reshape(t.shape) for p in parts] if t.dim() == 0 else parts
+
+
+def _dtype_code(torch: Any, dtype: Any) -> int:
+    return list(_dtype_table(torch)).index(dtype) if dtype in _dtype_table(torch) else -1
+
+
+def _dtype_table(torch: Any) -> tuple[Any, ...]:
+    return (
+        torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32,
+        torch.int16, torch.int8, torch.uint8, torch.bool, torch.complex64, torch.complex128,
+    )
+
+
+def _gather_uneven(ctx: _Ctx, t: Any) -> list[Any]:
+    torch = ctx.torch
+    if t.dim() > _MAX_DIMS:
+        raise InvalidArgumentError(
+            f"all_gather of a {t.dim()}-d tensor: at most {_MAX_DIMS} dims are supported; "
+            f"reshape first or pass same_shape=True"
+        )
+    shape = list(t.shape) if t.dim() else [1]
+    header = [t.dim(), _dtype_code(torch, t.dtype), *shape, *([0] * (_MAX_DIMS - len(shape)))]
+    hdr = torch.tensor(header, dtype=torch.int64, device=t.device)
+    headers = _gather_equal(ctx, hdr.view(1, -1))
+    rows = [h.view(-1).tolist() for h in headers]
+    mine = rows[ctx.rank]
+    for r, row in enumerate(rows):
+        if row[0] != mine[0] or row[1] != mine[1] or row[3 : 2 + row[0]] != mine[3 : 2 + mine[0]]:
+            raise InvalidArgumentError(
+                f"all_gather: ranks disagree: rank {ctx.rank} has {_describe(torch, mine)}, "
+                f"rank {r} has {_describe(torch, row)}; only dim 0 may differ"
+            )
+    sizes = [row[2] for row in rows]
+    if t.dim() == 0 or len(set(sizes)) == 1:
+        return _gather_equal(ctx, t)
+    longest = max(sizes)
+    padded = t
+    if t.shape[0] < longest:
+        pad = torch.zeros((longest - t.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device)
+        padded = torch.cat([t, pad])
+    parts = _gather_equal(ctx, padded)
+    return [p[:n] for p, n in zip(parts, sizes, strict=True)]
+
+
+def _describe(torch: Any, row: list[int]) -> str:
+    ndim, code = row[0], row[1]
+    table = _dtype_table(torch)
+    dtype = str(table[code]).replace("torch.", "") if 0 <= code < len(table) else "other dtype"
+    return f"{dtype} {list(row[2 : 2 + max(ndim, 0)])}"
+
+
+def _encode_number(torch: Any, value: object) -> list[int]:
+    if isinstance(value, bool):
+        return [2, int(value)]
+    if isinstance(value, int):
+        return [0, value]
+    bits = torch.tensor([float(value)], dtype=torch.float64).view(torch.int64).item()  # type: ignore[arg-type]
+    return [1, int(bits)]
+
+
+def _decode_number(torch: Any, kind: int, bits: int) -> object:
+    if kind == 2:
+        return bool(bits)
+    if kind == 0:
+        return bits
+    return torch.tensor([bits], dtype=torch.int64).view(torch.float64).item()
+
+
+def _gather_numbers(ctx: _Ctx, x: object) -> list[Any]:
+    if ctx.world == 1:
+        return [x]
+    torch = ctx.torch
+    buf = torch.tensor(_encode_number(torch, x), dtype=torch.int64, device=ctx.device)
+    parts = _gather_equal(ctx, buf.view(1, 2))
+    return [_decode_number(torch, *p.view(-1).tolist()) for p in parts]
+
+
+# --------------------------------------------------------------------------- broadcast
+
+
+def _check_src(ctx: _Ctx, src: object) -> int:
+    if isinstance(src, bool) or not isinstance(src, int) or not 0 <= src < ctx.world:
+        raise InvalidArgumentError(
+            f"src={src!r} is not a rank of this job; use an int in 0..{ctx.world - 1}"
+        )
+    return src
+
+
+def broadcast(x: T, src: int = 0) -> T:
+    """Send rank ``src``'s ``x`` to every rank.
+
+    Args:
+        x: A tensor, a number, or a nested dict/list/tuple of them, with the same structure
+            (and tensor shapes/dtypes) on every rank; non-src values are placeholders.
+        src: The sending rank.
+
+    Returns:
+        ``x`` with ``src``'s values: tensors filled in place, numbers as numbers.
+
+    Example:
+        >>> import devlayer
+        >>> _ = devlayer.init(backend="cpu")
+        >>> devlayer.broadcast({"seed": 1234})
+        {'seed': 1234}
+        >>> _ = devlayer.shutdown()
+    """
+    ctx = _ctx()
+    torch = ctx.torch
+    src = _check_src(ctx, src)
+    if ctx.world == 1:
+        return x
+    if isinstance(x, torch.Tensor):
+        _broadcast_tensors(ctx, [x], src)
+        return x  # type: ignore[return-value]
+    leaves: list[tuple[str, _Leaf]] = []
+    skeleton = _flatten(x, "", leaves, torch)
+    results: list[object] = [None] * len(leaves)
+    numbers = [i for i, (_, v) in enumerate(leaves) if not isinstance(v, torch.Tensor)]
+    if numbers:
+        codes = [c for i in numbers for c in _encode_number(torch, leaves[i][1])]
+        buf = torch.tensor(codes, dtype=torch.int64, device=ctx.device)
+        _broadcast_tensors(ctx, [buf], src)
+        pairs = buf.view(-1, 2).tolist()
+        for i, (kind, bits) in zip(numbers, pairs, strict=True):
+            results[i] = _decode_number(torch, kind, bits)
+    by_dtype: dict[Any, list[int]] = {}
+    for i, (_, v) in enumerate(leaves):
+        if isinstance(v, torch.Tensor):
+            by_dtype.setdefault(v.dtype, []).append(i)
+    for idxs in by_dtype.values():
+        tensors = [leaves[i][1] for i in idxs]
+        flat = torch.cat([t.reshape(-1).to(ctx.device) for t in tensors])
+        _broadcast_tensors(ctx, [flat], src)
+        offset = 0
+        for i, t in zip(idxs, tensors, strict=True):
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+            results[i] = t
+    return _unflatten(skeleton, results)  # type: ignore[no-any-return]
+
+
+def _broadcast_tensors(ctx: _Ctx, tensors: list[Any], src: int) -> None:
+    for t in tensors:
+        work = t if t.device.type in ctx.device_types and t.is_contiguous() else t.to(
+            ctx.device
+        ).contiguous()
+        try:
+            ctx.dist.broadcast(work, src=src)
+        except RuntimeError as exc:
+            raise _fail(ctx, "broadcast", exc) from exc
+        if work is not t:
+            t.copy_(work)
+
+
+# --------------------------------------------------------------------------- barrier
+
+
+def barrier(timeout: float | timedelta | None = None) -> None:
+    """Wait until every rank arrives.
+
+    On gloo this is a *monitored* barrier: when a rank does not arrive within ``timeout``,
+    the error names the missing rank(s) on every rank that is still there.
+
+    Args:
+        timeout: Seconds or a timedelta (default: the ``init()`` timeout).
+
+    Raises:
+        CollectiveError: A rank did not arrive in time, or a peer failed.
+    """
+    ctx = _ctx()
+    tmo = parse_timeout(timeout) or ctx.st.timeout
+    if ctx.world == 1:
+        return
+    dist = ctx.dist
+    try:
+        if ctx.st.comm == "gloo":
+            dist.monitored_barrier(timeout=tmo, wait_all_ranks=True)
+        else:
+            work = dist.barrier(async_op=True)
+            if not work.wait(tmo):
+                raise RuntimeError(f"barrier did not complete within {tmo.total_seconds():g}s")
+    except RuntimeError as exc:
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CollectiveError(
+            f"barrier failed on rank {ctx.rank} of {ctx.world} after at most "
+            f"{tmo.total_seconds():g}s: {text}"
+        ) from exc
+
+
+# --------------------------------------------------------------------------- objects
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Gather any picklable object from every rank (pickle: trusts the peer ranks).
+
+    Example:
+        >>> import devlayer
+        >>> _ = devlayer.init(backend="cpu")
+        >>> devlayer.all_gather_object({"host": "a"})
+        [{'host': 'a'}]
+        >>> _ = devlayer.shutdown()
+    """
+    ctx = _ctx()
+    if ctx.world == 1:
+        return [obj]
+    out: list[Any] = [None] * ctx.world
+    try:
+        ctx.dist.all_gather_object(out, obj)
+    except RuntimeError as exc:
+        raise _fail(ctx, "all_gather_object", exc) from exc
+    return out
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Send rank ``src``'s picklable object to every rank (pickle: trusts the peer ranks)."""
+    ctx = _ctx()
+    src = _check_src(ctx, src)
+    if ctx.world == 1:
+        return obj
+    box = [obj]
+    try:
+        ctx.dist.broadcast_object_list(box, src=src)
+    except RuntimeError as exc:
+        raise _fail(ctx, "broadcast_object", exc) from exc
+    return box[0]
+

@@ -1,0 +1,61 @@
+"""Apply ``DEVLAYER_DEVICES`` to the vendor visibility variables at import time.
+
+For scripts that cannot call ``devlayer.init()`` before something touches the GPU (a
+library that initializes CUDA on import, say), put this first::
+
+    import devlayer.early  # noqa: F401  (must come before torch and friends)
+
+It reads ``DEVLAYER_DEVICES`` (and ``DEVLAYER_BACKEND`` to know the vendor) and narrows the
+visibility variable(s) right away, without importing torch. With no ``DEVLAYER_BACKEND``
+it narrows ``CUDA_VISIBLE_DEVICES`` (honoured by CUDA and ROCm) and ``ZE_AFFINITY_MASK``
+(Intel), which cannot both name real devices on one machine. It marks what it did in
+``DEVLAYER_VISIBILITY_APPLIED`` so that ``init()`` (and child processes) do not narrow the
+relative indices a second time. Importing it when ``DEVLAYER_DEVICES`` is unset does nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import MutableMapping
+
+from devlayer.devices import narrow_visibility, parse_devices, selected_indices
+
+__all__ = ["apply"]
+
+#: Visibility variable per built-in vendor, for use before torch is imported.
+_EARLY_VARS = {"cuda": ("CUDA_VISIBLE_DEVICES",), "xpu": ("ZE_AFFINITY_MASK",)}
+_MARKER = "DEVLAYER_VISIBILITY_APPLIED"
+
+
+def apply(env: MutableMapping[str, str] | None = None) -> dict[str, str]:
+    """Narrow visibility variables in ``env`` (default ``os.environ``) from DEVLAYER_DEVICES.
+
+    Returns:
+        The variables that were set, with their new values.
+    """
+    env = os.environ if env is None else env
+    raw = env.get("DEVLAYER_DEVICES", "").strip()
+    if not raw:
+        return {}
+    indices = selected_indices(parse_devices(raw, origin="DEVLAYER_DEVICES"), None)
+    if indices is None:
+        return {}
+    backend = env.get("DEVLAYER_BACKEND", "").strip().lower()
+    if backend in ("", "auto"):
+        names = tuple(v for vs in _EARLY_VARS.values() for v in vs)
+    else:
+        names = _EARLY_VARS.get(backend, ())
+    done: dict[str, str] = {}
+    marker = ",".join(map(str, indices))
+    for var in names:
+        if f"{var}={marker}" in env.get(_MARKER, "").split(";"):
+            continue
+        done[var] = narrow_visibility(env.get(var), indices)
+    env.update(done)
+    if done:
+        # init() compares against the variable of the backend it selects.
+        env[_MARKER] = ";".join(f"{var}={marker}" for var in done)
+    return done
+
+
+apply()

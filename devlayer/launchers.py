@@ -1,0 +1,596 @@
+"""Read the launcher's environment: who am I, how many are we, where do we meet.
+
+Everything here is a pure function of an environment mapping, so it is tested with plain
+dicts and never touches the process. :func:`detect` returns a frozen :class:`ProcessInfo`
+whose ``sources`` say which variable gave each value.
+
+Precedence (first match wins):
+
+1. ``DEVLAYER_LAUNCHER=<name>`` forces one detector (``none`` forces a single process).
+2. ``torchrun`` / torchelastic (``TORCHELASTIC_RUN_ID`` or ``GROUP_RANK`` with ``RANK``);
+   named ``accelerate`` when ``accelerate launch`` started torchrun.
+3. ``env``: ``RANK`` and ``WORLD_SIZE`` exported by hand or by :func:`devlayer.spawn`.
+   If a scheduler or MPI detector below also matches and disagrees, that is an error.
+4. MPI families: OpenMPI, MVAPICH, PALS, MPICH / Intel MPI (PMI), PMIx.
+   They come before SLURM because ``mpirun`` inside an allocation leaves SLURM's own
+   (per-daemon) values in the environment.
+5. SLURM ``srun`` steps. The batch shell of ``sbatch``/``salloc`` is *not* a multi-rank job.
+6. A single process.
+
+Example:
+    >>> info = detect({"SLURM_JOB_ID": "42", "SLURM_STEP_ID": "0", "SLURM_PROCID": "1",
+    ...                "SLURM_STEP_NUM_TASKS": "2", "SLURM_LOCALID": "1", "SLURM_NODEID": "0",
+    ...                "SLURM_STEP_NODELIST": "gpu-node07", "SLURM_STEP_TASKS_PER_NODE": "2"})
+    >>> (info.launcher, info.rank, info.world_size, info.local_rank, info.master_port)
+    ('slurm', 1, 2, 1, 15042)
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+
+from devlayer.errors import LaunchEnvError
+
+__all__ = [
+    "LAUNCHERS",
+    "ProcessInfo",
+    "detect",
+    "expand_nodelist",
+    "expand_tasks_per_node",
+]
+
+LOOPBACK = "127.0.0.1"
+DEFAULT_PORT = 29500
+SLURM_PORT_BASE = 15000
+SLURM_PORT_SPAN = 20000
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    """Where this process stands in the job, as the launcher described it.
+
+    Attributes:
+        rank: Global rank, ``0 <= rank < world_size``.
+        world_size: Number of processes in the job.
+        local_rank: Rank among the processes on this node.
+        local_world_size: Number of processes on this node.
+        node_rank: Index of this node.
+        num_nodes: Number of nodes.
+        master_addr: Host of the rendezvous store.
+        master_port: Port of the rendezvous store (``None`` for a single process).
+        launcher: Name of the detector that matched (``none`` for a single process).
+        restart_count: How often an elastic agent restarted the job (torchrun).
+        sources: Which environment variable (or rule) gave each field.
+        notes: Remarks for ``devlayer info`` (e.g. "sbatch shell without srun").
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    node_rank: int = 0
+    num_nodes: int = 1
+    master_addr: str = LOOPBACK
+    master_port: int | None = None
+    launcher: str = "none"
+    restart_count: int = 0
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False)
+    notes: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def is_distributed(self) -> bool:
+        """True when more than one process takes part."""
+        return self.world_size > 1
+
+    def torch_env(self) -> dict[str, str]:
+        """The torchrun-style variables that describe this process (for children and peers)."""
+        env = {
+            "RANK": str(self.rank),
+            "WORLD_SIZE": str(self.world_size),
+            "LOCAL_RANK": str(self.local_rank),
+            "LOCAL_WORLD_SIZE": str(self.local_world_size),
+            "GROUP_RANK": str(self.node_rank),
+            "MASTER_ADDR": self.master_addr,
+        }
+        if self.master_port is not None:
+            env["MASTER_PORT"] = str(self.master_port)
+        return env
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+class _Reader:
+    """Reads integers and strings from an env mapping and records where each came from."""
+
+    def __init__(self, env: Mapping[str, str], launcher: str) -> None:
+        self.env = env
+        self.launcher = launcher
+        self.sources: dict[str, str] = {}
+
+    def first(self, names: Iterable[str]) -> tuple[str, str] | None:
+        for name in names:
+            value = self.env.get(name)
+            if value is not None and value.strip() != "":
+                return name, value.strip()
+        return None
+
+    def int(
+        self, fieldname: str, names: Iterable[str] | str, default: int | None = None
+    ) -> int:
+        names = (names,) if isinstance(names, str) else tuple(names)
+        found = self.first(names)
+        if found is None:
+            if default is None:
+                raise LaunchEnvError(
+                    f"{self.launcher} launch: none of {', '.join(names)} is set, so devlayer "
+                    f"cannot tell the {fieldname}; export {names[0]} or start the job with the "
+                    f"launcher's own command (torchrun, srun, mpirun)"
+                )
+            self.sources.setdefault(fieldname, "default")
+            return default
+        name, raw = found
+        try:
+            value = int(raw)
+        except ValueError:
+            raise LaunchEnvError(
+                f"{name}={raw!r} is not an integer; the {fieldname} must be a whole number "
+                f"(check what sets {name} in your job script)"
+            ) from None
+        self.sources[fieldname] = name
+        return value
+
+    def str(self, fieldname: str, names: Iterable[str] | str) -> str | None:
+        names = (names,) if isinstance(names, str) else tuple(names)
+        found = self.first(names)
+        if found is None:
+            return None
+        self.sources[fieldname] = found[0]
+        return found[1]
+
+
+def _port(reader: _Reader, names: Iterable[str] = ("MASTER_PORT",)) -> int | None:
+    found = reader.first(names)
+    if found is None:
+        return None
+    name, raw = found
+    try:
+        port = int(raw)
+    except ValueError:
+        raise LaunchEnvError(f"{name}={raw!r} is not a port number; use 1..65535") from None
+    if not 0 < port < 65536:
+        raise LaunchEnvError(f"{name}={port} is out of range; use a port in 1..65535")
+    reader.sources["master_port"] = name
+    return port
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """Expand a SLURM node list such as ``gpu-node[07-09,12],cpu[1-2]``.
+
+    Uses the ``python-hostlist`` package, which handles zero padding, several bracket
+    groups per name and several names.
+
+    Example:
+        >>> expand_nodelist("gpu-node[07-08],login1")
+        ['gpu-node07', 'gpu-node08', 'login1']
+    """
+    import hostlist  # python-hostlist; small and pure Python
+
+    try:
+        hosts: list[str] = hostlist.expand_hostlist(nodelist)
+    except hostlist.BadHostlist as exc:
+        raise LaunchEnvError(
+            f"cannot expand the SLURM node list {nodelist!r}: {exc}; expected a form like "
+            f"'node[01-04,07]'"
+        ) from None
+    return hosts
+
+
+def expand_tasks_per_node(spec: str) -> list[int]:
+    """Expand ``SLURM_TASKS_PER_NODE`` such as ``2(x3),1`` to ``[2, 2, 2, 1]``.
+
+    Example:
+        >>> expand_tasks_per_node("2(x3),1")
+        [2, 2, 2, 1]
+    """
+    counts: list[int] = []
+    for part in spec.split(","):
+        part = part.strip()
+        try:
+            if "(x" in part:
+                value, _, times = part.partition("(x")
+                counts.extend([int(value)] * int(times.rstrip(")")))
+            else:
+                counts.append(int(part))
+        except ValueError:
+            raise LaunchEnvError(
+                f"cannot read the SLURM tasks-per-node value {spec!r}; expected a form like "
+                f"'2(x3),1'"
+            ) from None
+    return counts
+
+
+def _validate(info: ProcessInfo) -> ProcessInfo:
+    src = info.sources
+
+    def where(fieldname: str) -> str:
+        return src.get(fieldname, fieldname)
+
+    if info.world_size < 1:
+        raise LaunchEnvError(
+            f"{where('world_size')}={info.world_size} is not a valid world size; it must be >= 1"
+        )
+    if not 0 <= info.rank < info.world_size:
+        raise LaunchEnvError(
+            f"{where('rank')}={info.rank} is out of range for "
+            f"{where('world_size')}={info.world_size}; ranks run from 0 to {info.world_size - 1}"
+        )
+    if info.local_world_size < 1 or info.local_world_size > info.world_size:
+        raise LaunchEnvError(
+            f"{where('local_world_size')}={info.local_world_size} is not in 1..{info.world_size} "
+            f"({where('world_size')}={info.world_size})"
+        )
+    if not 0 <= info.local_rank < info.local_world_size:
+        raise LaunchEnvError(
+            f"{where('local_rank')}={info.local_rank} is out of range for "
+            f"{where('local_world_size')}={info.local_world_size}"
+        )
+    if not 0 <= info.node_rank < max(info.num_nodes, 1):
+        raise LaunchEnvError(
+            f"{where('node_rank')}={info.node_rank} is out of range for "
+            f"{info.num_nodes} node(s)"
+        )
+    return info
+
+
+def _master(
+    reader: _Reader,
+    *,
+    single_node: bool,
+    world_size: int,
+    fallback_port: Callable[[], tuple[int, str] | None],
+    multi_node_addr: str | None = None,
+    multi_node_addr_source: str = "",
+) -> tuple[str, int | None]:
+    """Resolve MASTER_ADDR/MASTER_PORT with the launcher's own fallbacks."""
+    addr = reader.str("master_addr", "MASTER_ADDR")
+    if addr is None:
+        if single_node:
+            addr = LOOPBACK
+            reader.sources["master_addr"] = "single node: loopback"
+        elif multi_node_addr is not None:
+            addr = multi_node_addr
+            reader.sources["master_addr"] = multi_node_addr_source
+        else:
+            raise LaunchEnvError(
+                f"{reader.launcher} launch across several nodes but MASTER_ADDR is not set; "
+                f"export MASTER_ADDR=<hostname or IP of the rank-0 node> (and MASTER_PORT) "
+                f"for every rank, e.g. in the job script before mpirun"
+            )
+    port = _port(reader)
+    if port is None and world_size > 1:
+        derived = fallback_port()
+        if derived is None:
+            raise LaunchEnvError(
+                f"{reader.launcher} launch with {world_size} ranks but MASTER_PORT is not set; "
+                f"export MASTER_PORT=<free port, same on every rank>"
+            )
+        port, why = derived
+        reader.sources["master_port"] = why
+    return addr, port
+
+
+def _job_port(env: Mapping[str, str], names: Iterable[str]) -> tuple[int, str] | None:
+    """A port every rank of one job derives alike from the job's id."""
+    for name in names:
+        value = env.get(name)
+        if value:
+            port = SLURM_PORT_BASE + zlib.crc32(value.encode()) % SLURM_PORT_SPAN
+            return port, f"derived from {name}={value}"
+    return None
+
+
+# --------------------------------------------------------------------------- detectors
+
+_TORCHRUN_MARKERS = ("TORCHELASTIC_RUN_ID", "GROUP_RANK", "TORCHELASTIC_RESTART_COUNT")
+
+
+def _torchrun(env: Mapping[str, str]) -> ProcessInfo | None:
+    if not any(m in env for m in _TORCHRUN_MARKERS) or "RANK" not in env:
+        return None
+    name = "accelerate" if "ACCELERATE_MIXED_PRECISION" in env else "torchrun"
+    r = _Reader(env, name)
+    rank = r.int("rank", "RANK")
+    world = r.int("world_size", "WORLD_SIZE")
+    local_rank = r.int("local_rank", "LOCAL_RANK")
+    local_world = r.int("local_world_size", "LOCAL_WORLD_SIZE", default=world)
+    node_rank = r.int("node_rank", "GROUP_RANK", default=0)
+    num_nodes = r.int("num_nodes", "GROUP_WORLD_SIZE", default=max(world // local_world, 1))
+    restarts = r.int("restart_count", "TORCHELASTIC_RESTART_COUNT", default=0)
+    addr = r.str("master_addr", "MASTER_ADDR") or LOOPBACK
+    port = _port(r)
+    if port is None:
+        raise LaunchEnvError("torchrun set RANK but not MASTER_PORT; is this a torchrun child?")
+    return ProcessInfo(
+        rank, world, local_rank, local_world, node_rank, num_nodes, addr, port, name,
+        restarts, r.sources,
+    )
+
+
+def _env(env: Mapping[str, str]) -> ProcessInfo | None:
+    if "RANK" not in env or "WORLD_SIZE" not in env:
+        return None
+    r = _Reader(env, "env")
+    rank = r.int("rank", "RANK")
+    world = r.int("world_size", "WORLD_SIZE")
+    if "LOCAL_RANK" in env:
+        local_rank = r.int("local_rank", "LOCAL_RANK")
+        local_world = r.int("local_world_size", "LOCAL_WORLD_SIZE", default=world)
+    else:  # a hand-written env:// job on one machine
+        local_rank, local_world = rank, world
+        r.sources["local_rank"] = r.sources["local_world_size"] = "assumed single node"
+    node_rank = r.int("node_rank", ("GROUP_RANK", "NODE_RANK"), default=0)
+    num_nodes = max(world // local_world, 1)
+    addr, port = _master(
+        r, single_node=num_nodes == 1, world_size=world, fallback_port=lambda: None
+    )
+    return ProcessInfo(
+        rank, world, local_rank, local_world, node_rank, num_nodes, addr, port, "env", 0,
+        r.sources,
+    )
+
+
+def _mpi(
+    name: str,
+    rank_vars: tuple[str, ...],
+    size_vars: tuple[str, ...],
+    local_rank_vars: tuple[str, ...],
+    local_size_vars: tuple[str, ...],
+    node_vars: tuple[str, ...] = (),
+    job_vars: tuple[str, ...] = (),
+) -> Callable[[Mapping[str, str]], ProcessInfo | None]:
+    """Build a detector for an MPI-style launcher from its variable names."""
+
+    def detector(env: Mapping[str, str]) -> ProcessInfo | None:
+        if not any(v in env for v in rank_vars):
+            return None
+        r = _Reader(env, name)
+        rank = r.int("rank", rank_vars)
+        world = r.int("world_size", size_vars)
+        local_rank = r.int("local_rank", local_rank_vars, default=-1)
+        local_world = r.int("local_world_size", local_size_vars, default=-1)
+        if local_rank < 0 or local_world < 0:  # launcher did not say: assume one node
+            local_rank, local_world = rank, world
+            r.sources["local_rank"] = r.sources["local_world_size"] = "assumed single node"
+        num_nodes = max(-(-world // local_world), 1)
+        if node_vars and r.first(node_vars):
+            node_rank = r.int("node_rank", node_vars)
+        else:
+            node_rank = rank // local_world
+            r.sources["node_rank"] = "rank // local_world_size"
+        addr, port = _master(
+            r,
+            single_node=num_nodes == 1,
+            world_size=world,
+            fallback_port=lambda: _job_port(env, job_vars) or (DEFAULT_PORT, "default"),
+        )
+        return ProcessInfo(
+            rank, world, local_rank, local_world, node_rank, num_nodes, addr, port, name, 0,
+            r.sources,
+        )
+
+    return detector
+
+
+_openmpi = _mpi(
+    "openmpi",
+    ("OMPI_COMM_WORLD_RANK",),
+    ("OMPI_COMM_WORLD_SIZE",),
+    ("OMPI_COMM_WORLD_LOCAL_RANK",),
+    ("OMPI_COMM_WORLD_LOCAL_SIZE",),
+    job_vars=("OMPI_MCA_ess_base_jobid", "PMIX_NAMESPACE", "OMPI_MCA_orte_hnp_uri"),
+)
+_mvapich = _mpi(
+    "mvapich",
+    ("MV2_COMM_WORLD_RANK",),
+    ("MV2_COMM_WORLD_SIZE",),
+    ("MV2_COMM_WORLD_LOCAL_RANK",),
+    ("MV2_COMM_WORLD_LOCAL_SIZE",),
+    job_vars=("MPIRUN_ID", "SLURM_JOB_ID"),
+)
+_pals = _mpi(
+    "pals",
+    ("PALS_RANKID",),
+    ("PALS_SIZE", "PMI_SIZE"),
+    ("PALS_LOCAL_RANKID",),
+    ("PALS_LOCAL_SIZE", "MPI_LOCALNRANKS"),
+    node_vars=("PALS_NODEID",),
+    job_vars=("PALS_APID", "PBS_JOBID"),
+)
+_mpich = _mpi(
+    "mpich",
+    ("PMI_RANK",),
+    ("PMI_SIZE",),
+    ("MPI_LOCALRANKID",),
+    ("MPI_LOCALNRANKS",),
+    job_vars=("PMI_JOBID", "I_MPI_JOB_ID", "PBS_JOBID", "SLURM_JOB_ID"),
+)
+_pmix = _mpi(
+    "pmix",
+    ("PMIX_RANK",),
+    ("PMIX_SIZE", "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS"),
+    ("PMIX_LOCAL_RANK", "SLURM_LOCALID"),
+    ("PMIX_LOCAL_SIZE",),
+    job_vars=("PMIX_NAMESPACE", "SLURM_JOB_ID"),
+)
+
+# Slurm step ids that are not srun steps: the batch script and the extern step.
+_SLURM_NON_SRUN_STEPS = {"batch", "extern", "interactive", "4294967294", "4294967295", "4294967292"}
+_SRUN_MARKERS = ("SLURM_STEP_NUM_TASKS", "SLURM_SRUN_COMM_PORT", "SLURM_STEP_LAUNCHER_PORT")
+
+
+def _slurm_is_srun(env: Mapping[str, str]) -> bool:
+    step = env.get("SLURM_STEP_ID", env.get("SLURM_STEPID"))
+    if step is not None and step.strip().lower() in _SLURM_NON_SRUN_STEPS:
+        return False
+    return any(m in env for m in _SRUN_MARKERS) or step is not None
+
+
+def _slurm(env: Mapping[str, str]) -> ProcessInfo | None:
+    if "SLURM_PROCID" not in env or not _slurm_is_srun(env):
+        return None
+    r = _Reader(env, "slurm")
+    rank = r.int("rank", "SLURM_PROCID")
+    world = r.int("world_size", ("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "SLURM_NPROCS"))
+    local_rank = r.int("local_rank", "SLURM_LOCALID")
+    node_rank = r.int("node_rank", "SLURM_NODEID", default=0)
+    num_nodes = r.int(
+        "num_nodes", ("SLURM_STEP_NUM_NODES", "SLURM_JOB_NUM_NODES", "SLURM_NNODES"), default=1
+    )
+    per_node_var = r.first(("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE"))
+    if per_node_var is not None:
+        counts = expand_tasks_per_node(per_node_var[1])
+        if node_rank >= len(counts):
+            raise LaunchEnvError(
+                f"SLURM_NODEID={node_rank} but {per_node_var[0]}={per_node_var[1]!r} lists "
+                f"only {len(counts)} node(s)"
+            )
+        local_world = counts[node_rank]
+        r.sources["local_world_size"] = f"{per_node_var[0]}[{node_rank}]"
+    else:
+        local_world = r.int("local_world_size", "SLURM_NTASKS_PER_NODE", default=world)
+    nodelist = r.first(("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST"))
+    first_host = expand_nodelist(nodelist[1])[0] if nodelist else None
+    step = env.get("SLURM_STEP_ID", env.get("SLURM_STEPID", "0"))
+    job = env.get("SLURM_JOB_ID", env.get("SLURM_JOBID"))
+
+    def job_port() -> tuple[int, str] | None:
+        if not job:
+            return None
+        port = SLURM_PORT_BASE + (_as_int(job) + _as_int(step)) % SLURM_PORT_SPAN
+        return port, f"derived from SLURM_JOB_ID={job}, SLURM_STEP_ID={step}"
+
+    addr, port = _master(
+        r,
+        single_node=num_nodes == 1,
+        world_size=world,
+        fallback_port=job_port,
+        multi_node_addr=first_host,
+        multi_node_addr_source=f"first node of {nodelist[0]}" if nodelist else "",
+    )
+    return ProcessInfo(
+        rank, world, local_rank, local_world, node_rank, num_nodes, addr, port, "slurm", 0,
+        r.sources,
+    )
+
+
+def _as_int(value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        return zlib.crc32(value.encode())
+
+
+#: Detectors in precedence order. ``env`` is handled specially (see :func:`detect`).
+LAUNCHERS: dict[str, Callable[[Mapping[str, str]], ProcessInfo | None]] = {
+    "torchrun": _torchrun,
+    "env": _env,
+    "openmpi": _openmpi,
+    "mvapich": _mvapich,
+    "pals": _pals,
+    "mpich": _mpich,
+    "pmix": _pmix,
+    "slurm": _slurm,
+}
+_ALIASES = {"accelerate": "torchrun", "torchelastic": "torchrun", "intelmpi": "mpich",
+            "srun": "slurm", "mpi": "openmpi", "spawn": "env"}
+
+_COMPARED = ("rank", "world_size", "local_rank")
+
+
+def _single(env: Mapping[str, str], notes: tuple[str, ...] = ()) -> ProcessInfo:
+    return ProcessInfo(launcher="none", sources={"rank": "single process"}, notes=notes)
+
+
+def detect(
+    env: Mapping[str, str], *, disable: Iterable[str] = (), force: str | None = None
+) -> ProcessInfo:
+    """Describe this process from a launcher environment.
+
+    Args:
+        env: The environment to read, usually ``os.environ``. Never modified.
+        disable: Detector names to skip (also ``DEVLAYER_DISABLE_LAUNCHERS=slurm,mpich``).
+        force: Use only this detector (also ``DEVLAYER_LAUNCHER``); ``none`` = one process.
+
+    Returns:
+        A validated :class:`ProcessInfo`.
+
+    Raises:
+        LaunchEnvError: Values that are missing, not integers, out of range, or that
+            disagree between a hand-set ``RANK`` and a scheduler/MPI launcher.
+
+    Example:
+        >>> detect({}).launcher
+        'none'
+        >>> detect({"RANK": "1", "WORLD_SIZE": "2", "MASTER_PORT": "29511"}).rank
+        1
+    """
+    force = force if force is not None else env.get("DEVLAYER_LAUNCHER") or None
+    disabled = {d.strip().lower() for d in disable if d.strip()}
+    disabled |= {
+        d.strip().lower() for d in env.get("DEVLAYER_DISABLE_LAUNCHERS", "").split(",") if d.strip()
+    }
+    disabled = {_ALIASES.get(d, d) for d in disabled}
+
+    if force is not None:
+        key = _ALIASES.get(force.strip().lower(), force.strip().lower())
+        if key == "none":
+            return _single(env, ("DEVLAYER_LAUNCHER=none: launcher variables ignored",))
+        if key not in LAUNCHERS:
+            raise LaunchEnvError(
+                f"DEVLAYER_LAUNCHER={force!r} is not a known launcher; known: "
+                f"{', '.join(['none', *LAUNCHERS])}"
+            )
+        found = LAUNCHERS[key](env)
+        if found is None:
+            raise LaunchEnvError(
+                f"DEVLAYER_LAUNCHER={force!r} but the environment has none of that launcher's "
+                f"variables; unset DEVLAYER_LAUNCHER to auto-detect"
+            )
+        return _validate(found)
+
+    matches: list[ProcessInfo] = []
+    for name, detector in LAUNCHERS.items():
+        if name in disabled:
+            continue
+        found = detector(env)
+        if found is not None:
+            matches.append(found)
+            if name == "torchrun":
+                break  # torchrun's values win, also inside srun or mpirun
+            if name != "env":
+                break
+    if not matches:
+        notes: tuple[str, ...] = ()
+        if "SLURM_JOB_ID" in env and "slurm" not in disabled:
+            notes = (
+                "SLURM allocation without srun (sbatch/salloc shell): running as one process; "
+                "start the script with srun or torchrun for several ranks",
+            )
+        return _single(env, notes)
+
+    chosen = matches[0]
+    if chosen.launcher == "env" and len(matches) > 1:
+        other = matches[1]
+        for fieldname in _COMPARED:
+            mine, theirs = getattr(chosen, fieldname), getattr(other, fieldname)
+            if mine != theirs:
+                raise LaunchEnvError(
+                    f"conflicting launcher variables: {chosen.sources.get(fieldname)}={mine} "
+                    f"but {other.sources.get(fieldname)}={theirs} ({other.launcher}); unset the "
+                    f"hand-set one, or set DEVLAYER_LAUNCHER=env or ={other.launcher} to choose"
+                )
+        chosen = replace(other, sources={**other.sources}, notes=("RANK/WORLD_SIZE agree",))
+    return _validate(chosen)

@@ -1,0 +1,450 @@
+"""The backend interface, the registry of backends, and backend selection.
+
+A *backend* is one device vendor: ``cuda`` (NVIDIA and ROCm builds), ``xpu``, ``mps``,
+``cpu`` or a third-party plugin. Each lives in one file under ``backends/`` (installed as
+``devlayer.backends``) or in another package that registers through the entry-point group
+``devlayer.backends``::
+
+    [project.entry-points."devlayer.backends"]
+    mynpu = "mynpu_devlayer:NpuBackend"
+
+A backend asks its vendor's torch module everything through one object, its
+:class:`Runtime`. That object is the *hardware seam*: tests replace it (see
+:mod:`devlayer.testing`) to simulate devices that are not there.
+
+Selection order: explicit ``backend=`` argument, then ``DEVLAYER_BACKEND``, then
+auto-detection by descending :attr:`Backend.priority` among available backends
+(cuda 100 > xpu 90 > mps 50 > cpu 0). Auto-detection never initializes a vendor runtime:
+device counts come from NVML / AMD SMI / Level Zero sysman, which torch queries without
+creating a context.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, Protocol, runtime_checkable
+
+from devlayer.errors import (
+    BackendNotFoundError,
+    BackendUnavailableError,
+    DevlayerError,
+    InvalidArgumentError,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "Availability",
+    "Backend",
+    "Runtime",
+    "available_backends",
+    "get_backend",
+    "register_backend",
+    "registered_backends",
+    "select_backend",
+    "unregister_backend",
+]
+
+ENTRY_POINT_GROUP = "devlayer.backends"
+
+#: Built-in backends: name -> "module:Class". Imported only when first needed.
+BUILTINS: dict[str, str] = {
+    "cuda": "devlayer.backends.cuda:CudaBackend",
+    "xpu": "devlayer.backends.xpu:XpuBackend",
+    "mps": "devlayer.backends.mps:MpsBackend",
+    "cpu": "devlayer.backends.cpu:CpuBackend",
+}
+
+
+@dataclass(frozen=True)
+class Availability:
+    """Whether a backend can run here, with the reason in words.
+
+    Example:
+        >>> bool(Availability(False, "torch built without CUDA"))
+        False
+    """
+
+    ok: bool
+    reason: str
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+@runtime_checkable
+class Runtime(Protocol):
+    """What a backend asks of its vendor runtime: the single seam tests replace.
+
+    Attributes:
+        variant: Build flavour when one backend covers several (``"rocm"`` for HIP builds).
+    """
+
+    variant: str
+
+    def compiled(self) -> bool:
+        """True when torch was built with this vendor's support."""
+
+    def device_count(self) -> int:
+        """Visible devices, asked without initializing the runtime where the vendor allows."""
+
+    def is_initialized(self) -> bool:
+        """True once the vendor runtime has read its visibility variables."""
+
+    def set_device(self, index: int) -> None:
+        """Make ``index`` the current device of this process."""
+
+    def device_name(self, index: int) -> str:
+        """A human name for device ``index`` (e.g. ``NVIDIA H100 80GB HBM3``)."""
+
+    def comm_available(self, comm: str) -> bool:
+        """True when the process-group backend ``comm`` (nccl, xccl, ccl, gloo, mpi) exists."""
+
+
+class Backend:
+    """One device vendor. Subclass it in one file; register it with one line.
+
+    Class attributes:
+        name: Registry key and the value of ``DEVLAYER_BACKEND``.
+        priority: Auto-detection order; higher is tried first.
+        device_type: The torch device type (``"cuda"``, ``"xpu"``, ``"cpu"``...).
+        visibility_vars: Environment variables that restrict visible devices; the first is
+            the one devlayer sets.
+        multi_process: False when the device cannot be shared by several ranks (MPS).
+        bind_device_id: Pass ``device_id`` to ``init_process_group`` (eager comm init).
+
+    Example:
+        >>> class MyNpu(Backend):
+        ...     name, priority, device_type = "mynpu", 80, "mynpu"
+        >>> MyNpu.name
+        'mynpu'
+    """
+
+    name: ClassVar[str] = ""
+    priority: ClassVar[int] = 0
+    device_type: ClassVar[str] = ""
+    visibility_vars: ClassVar[tuple[str, ...]] = ()
+    multi_process: ClassVar[bool] = True
+    bind_device_id: ClassVar[bool] = False
+
+    def __init__(self, runtime: Runtime | None = None) -> None:
+        self._runtime = runtime
+
+    # -- the seam -----------------------------------------------------------------------
+    def make_runtime(self) -> Runtime:
+        """Build the real runtime that asks torch; called once, lazily."""
+        raise NotImplementedError(f"backend {self.name!r} defines no runtime")
+
+    @property
+    def runtime(self) -> Runtime:
+        """The runtime in use: a simulated one if a test installed it, else the real one."""
+        simulated = _simulated_runtime(self.name)
+        if simulated is not None:
+            return simulated
+        if self._runtime is None:
+            self._runtime = self.make_runtime()
+        return self._runtime
+
+    # -- facts --------------------------------------------------------------------------
+    def availability(self) -> Availability:
+        """Can this backend run here? Never initializes the vendor runtime."""
+        rt = self.runtime
+        if not rt.compiled():
+            return Availability(False, f"torch built without {self.device_type.upper()}")
+        count = rt.device_count()
+        if count < 1:
+            return Availability(False, f"no {self.device_type.upper()} devices visible")
+        return Availability(True, f"{count} {self.device_type} device(s)")
+
+    def comm_backend(self, requested: str | None = None) -> str:
+        """The process-group backend to use, checked against what torch has.
+
+        Args:
+            requested: A comm backend the user asked for (``comm=`` / ``DEVLAYER_COMM``).
+
+        Raises:
+            BackendUnavailableError: The requested or default comm backend is missing.
+        """
+        comm = (requested or self.default_comm()).lower()
+        if not self.runtime.comm_available(comm):
+            raise BackendUnavailableError(
+                f"communication backend {comm!r} is not available for backend {self.name!r} "
+                f"in this torch build; {self.comm_hint(comm)}"
+            )
+        return comm
+
+    def default_comm(self) -> str:
+        """The comm backend torch maps this device type to (``gloo`` when torch has none)."""
+        from torch.distributed import Backend as TorchBackend
+
+        return str(TorchBackend.default_device_backend_map.get(self.device_type, "gloo"))
+
+    def comm_hint(self, comm: str) -> str:
+        """What to do when ``comm`` is missing (overridden by vendors with specifics)."""
+        return f"install a torch build with {comm} support, or choose another comm backend"
+
+    def visibility_var(self, env: Mapping[str, str]) -> str | None:
+        """The variable to narrow when restricting devices (``None`` = cannot restrict)."""
+        return self.visibility_vars[0] if self.visibility_vars else None
+
+    def prepare(self, comm: str) -> None:
+        """Import-order work before the process group for ``comm`` is created (IPEX, oneCCL)."""
+
+    def device_count(self) -> int:
+        """Number of devices this process sees."""
+        return self.runtime.device_count()
+
+    def set_device(self, index: int) -> None:
+        """Make device ``index`` current for this process."""
+        self.runtime.set_device(index)
+
+    def device(self, index: int | None) -> torch.device:
+        """The torch device for ``index`` (``None`` = no index, e.g. ``cpu``)."""
+        import torch
+
+        return torch.device(self.device_type, index) if index is not None else torch.device(
+            self.device_type
+        )
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} name={self.name!r} priority={self.priority}>"
+
+
+# --------------------------------------------------------------------------- registry
+
+_lock = threading.RLock()
+_backends: dict[str, Backend] = {}
+_loaded_builtins = False
+_loaded_entry_points = False
+_entry_point_errors: dict[str, str] = {}
+_simulated: dict[str, Runtime] = {}
+
+
+def _as_backend(obj: object, origin: str) -> Backend:
+    if isinstance(obj, type) and issubclass(obj, Backend):
+        obj = obj()
+    elif callable(obj) and not isinstance(obj, Backend):
+        obj = obj()
+    if not isinstance(obj, Backend):
+        raise InvalidArgumentError(
+            f"{origin} gave {obj!r}; expected a devlayer.Backend subclass, instance or factory"
+        )
+    if not obj.name or not obj.device_type:
+        raise InvalidArgumentError(
+            f"{origin}: backend {type(obj).__name__} must set the class attributes "
+            f"'name' and 'device_type'"
+        )
+    return obj
+
+
+def _load_builtins() -> None:
+    global _loaded_builtins
+    if _loaded_builtins:
+        return
+    for name, target in BUILTINS.items():
+        if name in _backends:
+            continue
+        module, _, attr = target.partition(":")
+        _backends[name] = _as_backend(getattr(importlib.import_module(module), attr), target)
+    _loaded_builtins = True
+
+
+def _load_entry_points() -> None:
+    global _loaded_entry_points
+    if _loaded_entry_points:
+        return
+    _loaded_entry_points = True
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name in _backends:
+            continue
+        try:
+            _backends[ep.name] = _as_backend(ep.load(), f"entry point {ep.name!r}")
+        except Exception as exc:  # a broken plugin must not break the built-ins
+            _entry_point_errors[ep.name] = f"{type(exc).__name__}: {exc}"
+
+
+def _ensure_loaded() -> None:
+    with _lock:
+        _load_builtins()
+        _load_entry_points()
+
+
+def register_backend(backend: Backend | type[Backend], *, replace: bool = False) -> Backend:
+    """Register a backend so ``init(backend=name)`` and ``DEVLAYER_BACKEND`` find it.
+
+    Args:
+        backend: A :class:`Backend` subclass or instance.
+        replace: Replace a backend already registered under the same name.
+
+    Returns:
+        The registered instance.
+
+    Raises:
+        DevlayerError: The name is taken and ``replace`` is False.
+
+    Example:
+        >>> import devlayer
+        >>> class Demo(devlayer.Backend):
+        ...     name, device_type = "demo-doc", "cpu"
+        >>> devlayer.register_backend(Demo).name
+        'demo-doc'
+        >>> devlayer.unregister_backend("demo-doc")
+    """
+    obj = _as_backend(backend, "register_backend()")
+    with _lock:
+        _ensure_loaded()
+        if obj.name in _backends and not replace:
+            raise DevlayerError(
+                f"a backend named {obj.name!r} is already registered "
+                f"({type(_backends[obj.name]).__name__}); pass replace=True to replace it"
+            )
+        _backends[obj.name] = obj
+    return obj
+
+
+def unregister_backend(name: str) -> None:
+    """Remove a registered backend (tests and plugins that clean up after themselves)."""
+    with _lock:
+        _ensure_loaded()
+        _backends.pop(name, None)
+
+
+def registered_backends() -> dict[str, Backend]:
+    """All registered backends by name, highest priority first.
+
+    Example:
+        >>> import devlayer
+        >>> sorted(devlayer.registered_backends())[:4]
+        ['cpu', 'cuda', 'mps', 'xpu']
+    """
+    _ensure_loaded()
+    with _lock:
+        items = sorted(_backends.items(), key=lambda kv: (-kv[1].priority, kv[0]))
+    return dict(items)
+
+
+def available_backends() -> list[str]:
+    """Names of the backends that can run here, in auto-detection order.
+
+    Example:
+        >>> import devlayer
+        >>> "cpu" in devlayer.available_backends()
+        True
+    """
+    return [name for name, b in registered_backends().items() if _safe_availability(b)]
+
+
+def entry_point_errors() -> dict[str, str]:
+    """Plugins whose entry point failed to load, with the error text."""
+    _ensure_loaded()
+    return dict(_entry_point_errors)
+
+
+def _safe_availability(backend: Backend) -> Availability:
+    try:
+        return backend.availability()
+    except Exception as exc:  # a probe must not crash selection; report it instead
+        return Availability(False, f"availability check failed: {type(exc).__name__}: {exc}")
+
+
+def get_backend(name: str, *, origin: str = "backend") -> Backend:
+    """The registered backend called ``name``.
+
+    Raises:
+        BackendNotFoundError: Unknown name; the message lists the registered ones.
+    """
+    backends = registered_backends()
+    key = name.strip().lower()
+    if key not in backends:
+        raise BackendNotFoundError.for_name(name, backends, origin=origin)
+    return backends[key]
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The outcome of :func:`select_backend`: which backend, and why."""
+
+    backend: Backend
+    reason: str
+    skipped: tuple[tuple[str, str], ...] = ()
+
+
+def select_backend(
+    name: str | None = None, env: Mapping[str, str] | None = None
+) -> Selection:
+    """Choose a backend: argument > ``DEVLAYER_BACKEND`` > auto-detection.
+
+    Args:
+        name: An explicit backend name (wins over the environment).
+        env: The environment to read ``DEVLAYER_BACKEND`` from (default ``os.environ``).
+
+    Returns:
+        The chosen backend and a sentence saying why.
+
+    Raises:
+        BackendNotFoundError: The name (or ``DEVLAYER_BACKEND``) is not registered.
+        BackendUnavailableError: An explicitly chosen backend cannot run here; there is
+            no silent fallback to another vendor.
+    """
+    env = os.environ if env is None else env
+    origin = "backend"
+    if name is None and env.get("DEVLAYER_BACKEND", "").strip():
+        name, origin = env["DEVLAYER_BACKEND"], "DEVLAYER_BACKEND"
+    if name is not None and name.strip().lower() != "auto":
+        backend = get_backend(name, origin=origin)
+        avail = _safe_availability(backend)
+        if not avail:
+            raise BackendUnavailableError(
+                f"{origin}={name!r} was requested but cannot run here: {avail.reason}. "
+                f"{_unavailable_hint(backend)}"
+            )
+        return Selection(backend, f"{origin}={name!r}")
+    skipped: list[tuple[str, str]] = []
+    for bname, backend in registered_backends().items():
+        avail = _safe_availability(backend)
+        if avail:
+            why = f"auto-detected: {avail.reason}"
+            if skipped:
+                why += " (" + "; ".join(f"{n}: {r}" for n, r in skipped) + ")"
+            return Selection(backend, why, tuple(skipped))
+        skipped.append((bname, avail.reason))
+    raise BackendUnavailableError(
+        "no backend is available: " + "; ".join(f"{n}: {r}" for n, r in skipped)
+    )
+
+
+def _unavailable_hint(backend: Backend) -> str:
+    hint = getattr(backend, "install_hint", None)
+    if callable(hint):
+        return str(hint())
+    return "Unset DEVLAYER_BACKEND (or pass backend=None) to auto-detect."
+
+
+# --------------------------------------------------------------------------- simulation
+
+
+def _simulated_runtime(name: str) -> Runtime | None:
+    if name in _simulated:
+        return _simulated[name]
+    spec = os.environ.get("DEVLAYER_SIMULATE")
+    if spec:
+        from devlayer.testing import runtimes_from_spec
+
+        return runtimes_from_spec(spec).get(name)
+    return None
+
+
+def _set_simulated(name: str, runtime: Runtime | None) -> None:
+    """Install (or remove, with ``None``) a simulated runtime; used by devlayer.testing."""
+    with _lock:
+        if runtime is None:
+            _simulated.pop(name, None)
+        else:
+            _simulated[name] = runtime

@@ -1,0 +1,223 @@
+"""Start N local ranks from plain ``python`` (``python train.py --nprocs 2``).
+
+:func:`spawn` is for scripts that launch themselves, as perceptrain and Ignite's
+``Parallel`` do. Each child gets the torchrun-style variables, a free loopback port and
+``DEVLAYER_LAUNCHER=env``, calls ``devlayer.init()`` and then ``fn(*args)``. The first
+failure (exception or exit) stops the others and is raised in the parent with the child's
+traceback text. A ``timeout`` bounds the whole run, so a stuck rank cannot hang the parent.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue as queue_mod
+import time
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from datetime import timedelta
+from multiprocessing.connection import wait
+from typing import Any
+
+from devlayer.errors import DevlayerError, InvalidArgumentError
+
+__all__ = ["RankFailedError", "spawn"]
+
+_GRACE_S = 3.0
+
+
+class RankFailedError(DevlayerError):
+    """A rank started by :func:`spawn` raised or died.
+
+    Attributes:
+        rank: The first rank that failed.
+        exitcode: Its exit code (negative: killed by that signal), if it exited.
+        remote_traceback: The traceback text from the child, if it raised.
+    """
+
+    def __init__(
+        self, message: str, *, rank: int, exitcode: int | None, remote_traceback: str = ""
+    ) -> None:
+        super().__init__(message)
+        self.rank = rank
+        self.exitcode = exitcode
+        self.remote_traceback = remote_traceback
+
+
+def _child(
+    rank: int,
+    nprocs: int,
+    port: int,
+    fn: Callable[..., Any],
+    args: Sequence[Any],
+    init_kwargs: Mapping[str, Any],
+    env: Mapping[str, str],
+    results: Any,
+) -> None:
+    os.environ.update(env)
+    os.environ.update(
+        {
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(nprocs),
+            "LOCAL_WORLD_SIZE": str(nprocs),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "DEVLAYER_LAUNCHER": "env",
+        }
+    )
+    import devlayer
+
+    try:
+        devlayer.init(**init_kwargs)
+        try:
+            value = fn(*args)
+        finally:
+            if devlayer.is_initialized():
+                devlayer.shutdown()
+        results.put((rank, "ok", value))
+    except BaseException:
+        results.put((rank, "error", traceback.format_exc()))
+        raise SystemExit(1) from None
+
+
+def spawn(
+    fn: Callable[..., Any],
+    nprocs: int = 2,
+    args: Sequence[Any] = (),
+    *,
+    backend: str | None = None,
+    devices: object = None,
+    timeout: float | timedelta | None = None,
+    join_timeout: float | None = None,
+    env: Mapping[str, str] | None = None,
+) -> list[Any]:
+    """Run ``fn(*args)`` on ``nprocs`` local ranks and return their results in rank order.
+
+    Args:
+        fn: A picklable (module-level) function. With the ``spawn`` start method the
+            calling script is re-imported in each child: keep the call under
+            ``if __name__ == "__main__":``.
+        nprocs: Number of ranks (>= 1).
+        args: Positional arguments for ``fn``.
+        backend: Passed to ``devlayer.init()`` in each child.
+        devices: Passed to ``devlayer.init()`` in each child.
+        timeout: Collective/rendezvous timeout passed to ``devlayer.init()``.
+        join_timeout: Seconds for the whole run; when exceeded every child is stopped and
+            :class:`RankFailedError` names the ranks still running. ``None`` waits forever.
+        env: Extra environment variables for the children.
+
+    Returns:
+        ``[fn result of rank 0, rank 1, ...]`` (results must be picklable).
+
+    Raises:
+        RankFailedError: The first rank that raised or exited non-zero, with its traceback.
+
+    Example:
+        >>> import devlayer
+        >>> devlayer.spawn(devlayer.rank, nprocs=2, backend="cpu", join_timeout=60)
+        [0, 1]
+    """
+    if isinstance(nprocs, bool) or not isinstance(nprocs, int) or nprocs < 1:
+        raise InvalidArgumentError(f"nprocs={nprocs!r} must be an int >= 1")
+    from devlayer.testing import free_port
+
+    init_kwargs = {"backend": backend, "devices": devices, "timeout": timeout}
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [
+        ctx.Process(
+            target=_child,
+            args=(r, nprocs, port, fn, tuple(args), init_kwargs, dict(env or {}), results),
+            name=f"devlayer-rank{r}",
+            daemon=False,
+        )
+        for r in range(nprocs)
+    ]
+    for p in procs:
+        p.start()
+    deadline = None if join_timeout is None else time.monotonic() + join_timeout
+    values: dict[int, Any] = {}
+    failure: RankFailedError | None = None
+    try:
+        failure = _supervise(procs, results, values, deadline)
+    finally:
+        _stop(procs)
+    if failure is not None:
+        raise failure
+    return [values.get(r) for r in range(nprocs)]
+
+
+def _drain(results: Any, values: dict[int, Any]) -> tuple[int, str] | None:
+    """Collect queued results; return (rank, traceback) of the first error seen."""
+    while True:
+        try:
+            rank, status, payload = results.get_nowait()
+        except queue_mod.Empty:
+            return None
+        if status == "ok":
+            values[rank] = payload
+        else:
+            return rank, str(payload)
+
+
+def _supervise(
+    procs: list[Any], results: Any, values: dict[int, Any], deadline: float | None
+) -> RankFailedError | None:
+    running = {p.sentinel: (r, p) for r, p in enumerate(procs)}
+    while running:
+        wait_s = 0.2 if deadline is None else max(0.0, min(0.2, deadline - time.monotonic()))
+        for sentinel in wait(list(running), timeout=wait_s):
+            rank, p = running.pop(sentinel)  # type: ignore[call-overload]
+            p.join()
+            error = _drain(results, values)
+            if error is not None:
+                return _raised(*error)
+            if p.exitcode != 0:
+                # The child may have queued its traceback just before exiting.
+                time.sleep(0.05)
+                error = _drain(results, values)
+                if error is not None:
+                    return _raised(*error)
+                return RankFailedError(
+                    f"rank {rank} exited with code {p.exitcode}"
+                    + (f" (killed by signal {-p.exitcode})" if p.exitcode < 0 else ""),
+                    rank=rank,
+                    exitcode=p.exitcode,
+                )
+        error = _drain(results, values)
+        if error is not None:
+            return _raised(*error)
+        if deadline is not None and time.monotonic() >= deadline and running:
+            left = sorted(r for r, _ in running.values())
+            return RankFailedError(
+                f"spawn: rank(s) {', '.join(map(str, left))} still running after the "
+                f"join_timeout; stopped them all",
+                rank=left[0],
+                exitcode=None,
+            )
+    _drain(results, values)
+    return None
+
+
+def _raised(rank: int, text: str) -> RankFailedError:
+    last = text.strip().splitlines()[-1] if text.strip() else "error"
+    return RankFailedError(
+        f"rank {rank} raised {last}\n--- traceback from rank {rank} ---\n{text}",
+        rank=rank,
+        exitcode=1,
+        remote_traceback=text,
+    )
+
+
+def _stop(procs: list[Any]) -> None:
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    end = time.monotonic() + _GRACE_S
+    for p in procs:
+        p.join(max(0.0, end - time.monotonic()))
+        if p.is_alive():
+            p.kill()
+            p.join(1.0)

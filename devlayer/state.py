@@ -1,0 +1,694 @@
+"""``init()``, ``shutdown()`` and the :class:`State` they manage.
+
+``init()`` does, in this order (each step before anything that would freeze it):
+
+1. check torch (>= 2.6) and the arguments;
+2. read the launcher environment (:func:`devlayer.launchers.detect`);
+3. choose the backend (argument > ``DEVLAYER_BACKEND`` > auto-detect) without initializing
+   any vendor runtime;
+4. narrow the vendor's visibility variable (``CUDA_VISIBLE_DEVICES``, ``ZE_AFFINITY_MASK``...)
+   when ``devices=`` / ``DEVLAYER_DEVICES`` asks for it, or raise :class:`InitOrderError`
+   when the runtime already started;
+5. pick device ``local_rank % visible`` and make it current (and torch's default device);
+6. export the torchrun-style variables (``RANK``, ``LOCAL_RANK``...) when the launcher
+   used other names, so libraries that read them agree;
+7. with several ranks: rendezvous through a TCP store (every rank checks in, so a missing
+   rank is named instead of hanging) and create torch's default process group as
+   ``"<device>:<comm>,cpu:gloo"`` so CPU tensors and Python objects work on accelerator runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from devlayer import devices as _devices
+from devlayer.errors import (
+    DeviceError,
+    DevlayerError,
+    InitOrderError,
+    InvalidArgumentError,
+    NotInitializedError,
+    RendezvousError,
+)
+from devlayer.launchers import ProcessInfo, detect
+from devlayer.registry import Backend, select_backend
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "State",
+    "backend",
+    "device",
+    "init",
+    "is_initialized",
+    "is_local_main",
+    "is_main",
+    "local_rank",
+    "local_world_size",
+    "node_rank",
+    "rank",
+    "shutdown",
+    "state",
+    "world_size",
+]
+
+log = logging.getLogger("devlayer")
+
+MIN_TORCH = (2, 6)
+DEFAULT_TIMEOUT = timedelta(minutes=10)
+#: Marks that visibility was already narrowed in this process tree (by devlayer.early or a
+#: parent), so a child does not narrow relative indices twice.
+APPLIED_MARKER = "DEVLAYER_VISIBILITY_APPLIED"
+
+
+@dataclass(frozen=True)
+class State:
+    """What ``init()`` set up. Also a context manager that calls :func:`shutdown`.
+
+    Attributes:
+        backend: The backend name (``cuda``, ``xpu``, ``mps``, ``cpu`` or a plugin).
+        device: The torch device this rank uses.
+        device_index: Its index among the visible devices (``None`` on cpu/mps).
+        comm: The process-group backend (``nccl``, ``xccl``, ``ccl``, ``gloo``, ``mpi``), or
+            ``None`` at world size 1, where no process group is created.
+        process: The launcher's view (rank, world size, local rank, sources...).
+        timeout: Collective and rendezvous timeout.
+        visibility: The visibility variable devlayer set and its value, if any.
+        reason: Why this backend was chosen.
+        owns_process_group: False when the process group existed before ``init()``.
+
+    Example:
+        >>> import devlayer
+        >>> with devlayer.init(backend="cpu") as st:
+        ...     (st.rank, st.world_size, str(st.device))
+        (0, 1, 'cpu')
+    """
+
+    backend: str
+    device: torch.device
+    device_index: int | None
+    comm: str | None
+    process: ProcessInfo
+    timeout: timedelta
+    visibility: tuple[str, str] | None = None
+    reason: str = ""
+    owns_process_group: bool = False
+    _key: tuple[Any, ...] = field(default=(), repr=False, compare=False)
+
+    @property
+    def rank(self) -> int:
+        """Global rank."""
+        return self.process.rank
+
+    @property
+    def world_size(self) -> int:
+        """Number of ranks."""
+        return self.process.world_size
+
+    @property
+    def local_rank(self) -> int:
+        """Rank on this node."""
+        return self.process.local_rank
+
+    @property
+    def local_world_size(self) -> int:
+        """Ranks on this node."""
+        return self.process.local_world_size
+
+    @property
+    def node_rank(self) -> int:
+        """Index of this node."""
+        return self.process.node_rank
+
+    @property
+    def is_main(self) -> bool:
+        """True on global rank 0."""
+        return self.process.rank == 0
+
+    @property
+    def is_local_main(self) -> bool:
+        """True on local rank 0 of each node."""
+        return self.process.local_rank == 0
+
+    def __enter__(self) -> State:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if _current is self:
+            shutdown()
+
+
+@dataclass
+class _Undo:
+    """What init changed outside itself, so shutdown can put it back."""
+
+    env: dict[str, str | None] = field(default_factory=dict)
+    default_device_set: bool = False
+
+    def setenv(self, name: str, value: str) -> None:
+        if name not in self.env:
+            self.env[name] = os.environ.get(name)
+        os.environ[name] = value
+
+
+_lock = threading.RLock()
+_current: State | None = None
+_undo = _Undo()
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def check_torch_version(version: str | None = None) -> None:
+    """Refuse torch older than 2.6, whose ``torch.load`` is unsafe by default.
+
+    Raises:
+        DevlayerError: Naming the version found and the fix.
+    """
+    from packaging.version import Version
+
+    if version is None:
+        import torch
+
+        version = torch.__version__
+    release = Version(version).release
+    if tuple(release[:2]) < MIN_TORCH:
+        raise DevlayerError(
+            f"torch {version} is too old: devlayer needs torch >= 2.6, where torch.load defaults "
+            f"to weights_only=True (older releases can run code from checkpoint files); "
+            f"upgrade with `pip install 'torch>=2.6'`"
+        )
+
+
+def parse_timeout(timeout: object, *, origin: str = "timeout") -> timedelta | None:
+    """Seconds (int/float), a :class:`~datetime.timedelta` or ``None`` -> timedelta or None.
+
+    Raises:
+        InvalidArgumentError: Zero, negative, not finite, or another type.
+
+    Example:
+        >>> parse_timeout(5)
+        datetime.timedelta(seconds=5)
+    """
+    if timeout is None:
+        return None
+    if isinstance(timeout, str) and origin != "timeout":
+        try:
+            timeout = float(timeout)
+        except ValueError:
+            raise InvalidArgumentError(
+                f"{origin}={timeout!r} is not a number of seconds; use e.g. {origin}=300"
+            ) from None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float, timedelta)):
+        raise InvalidArgumentError(
+            f"{origin}={timeout!r} has type {type(timeout).__name__}; pass seconds as a number "
+            f"or a datetime.timedelta"
+        )
+    seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else float(timeout)
+    if not seconds > 0 or seconds == float("inf"):
+        raise InvalidArgumentError(
+            f"{origin}={timeout!r} must be a positive, finite number of seconds (e.g. 300)"
+        )
+    return timeout if isinstance(timeout, timedelta) else timedelta(seconds=seconds)
+
+
+def _env_flag(name: str, default: bool) -> bool:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise InvalidArgumentError(f"{name}={raw!r} is not a boolean; use 1 or 0")
+
+
+# --------------------------------------------------------------------------- init
+
+
+def init(
+    backend: str | None = None,
+    devices: object = None,
+    timeout: float | timedelta | None = None,
+    *,
+    comm: str | None = None,
+    set_default_device: bool | None = None,
+) -> State:
+    """Set up this process: backend, device, and (with several ranks) the process group.
+
+    Safe to call in every script: with no launcher it is a single process with no process
+    group. Calling it again with the same arguments returns the same :class:`State`.
+
+    Args:
+        backend: ``"cuda"``, ``"xpu"``, ``"mps"``, ``"cpu"``, a plugin name, or ``None``/
+            ``"auto"`` for ``DEVLAYER_BACKEND`` or auto-detection.
+        devices: Which visible devices to use: ``"auto"``, a count, ``"1,3"`` or ``[1, 3]``
+            (default: ``DEVLAYER_DEVICES`` or all). Applied through the vendor's visibility
+            variable before the runtime starts.
+        timeout: Seconds (or a timedelta) for rendezvous and collectives (default:
+            ``DEVLAYER_TIMEOUT`` or 600).
+        comm: Process-group backend override (``"gloo"``, ``"mpi"``, ``"ccl"``...; default:
+            ``DEVLAYER_COMM`` or the backend's own). Never switched silently.
+        set_default_device: Make the device torch's default for new tensors
+            (``torch.set_default_device``). Default: on for accelerators, off on cpu;
+            ``DEVLAYER_SET_DEFAULT_DEVICE=0`` opts out.
+
+    Returns:
+        The :class:`State`, also available as :func:`devlayer.state`.
+
+    Raises:
+        BackendNotFoundError: Unknown backend name.
+        BackendUnavailableError: The chosen backend or comm cannot run here.
+        DeviceError: Devices that do not exist or cannot be shared.
+        InitOrderError: The vendor runtime started before visibility could be set.
+        LaunchEnvError: Inconsistent launcher variables.
+        RendezvousError: Ranks could not meet within the timeout.
+        DevlayerError: Called again with different arguments, or torch is too old.
+
+    Example:
+        >>> import devlayer
+        >>> st = devlayer.init(backend="cpu")
+        >>> devlayer.world_size(), devlayer.device().type
+        (1, 'cpu')
+        >>> devlayer.shutdown()
+        True
+    """
+    global _current
+    key = (backend, _freeze(devices), timeout, comm, set_default_device)
+    with _lock:
+        if _current is not None:
+            if _current._key == key:
+                return _current
+            raise DevlayerError(
+                f"devlayer.init() was already called with {_describe_key(_current._key)}; now "
+                f"called with {_describe_key(key)}. Call devlayer.shutdown() first to change "
+                f"the set-up"
+            )
+        check_torch_version()
+        tmo = parse_timeout(timeout) or parse_timeout(
+            os.environ.get("DEVLAYER_TIMEOUT"), origin="DEVLAYER_TIMEOUT"
+        ) or DEFAULT_TIMEOUT
+        if devices is None and os.environ.get("DEVLAYER_DEVICES", "").strip():
+            spec = _devices.parse_devices(os.environ["DEVLAYER_DEVICES"], origin="DEVLAYER_DEVICES")
+            spec_origin = "DEVLAYER_DEVICES"
+        else:
+            spec = _devices.parse_devices(devices)
+            spec_origin = "devices"
+        comm = comm or os.environ.get("DEVLAYER_COMM", "").strip() or None
+
+        info = detect(os.environ)
+        selection = select_backend(backend)
+        be = selection.backend
+        if info.world_size > 1 and not be.multi_process:
+            raise DeviceError(
+                f"backend {be.name!r} runs a single process, but the launcher started "
+                f"{info.world_size} ranks ({info.launcher}); launch one process, or use "
+                f"DEVLAYER_BACKEND=cpu for multi-process runs"
+            )
+        comm_name = be.comm_backend(comm) if info.world_size > 1 else None
+
+        undo = _Undo()
+        try:
+            visibility = _apply_visibility(be, spec, spec_origin, undo)
+            index = _pick_device(be, spec, spec_origin, info)
+            dev = be.device(index)
+            if index is not None:
+                be.set_device(index)
+            want_default = set_default_device
+            if want_default is None:
+                want_default = _env_flag("DEVLAYER_SET_DEFAULT_DEVICE", be.device_type != "cpu")
+            if want_default and be.device_type != "cpu" and not _simulated(be):
+                import torch
+
+                torch.set_default_device(dev)
+                undo.default_device_set = True
+            for name, value in info.torch_env().items():
+                if name not in os.environ:
+                    undo.setenv(name, value)
+            owns = False
+            if info.world_size > 1:
+                assert comm_name is not None
+                be.prepare(comm_name)
+                owns = _create_process_group(be, comm_name, dev, info, tmo)
+        except BaseException:
+            _restore(undo)
+            raise
+        _undo.env, _undo.default_device_set = undo.env, undo.default_device_set
+        _current = State(
+            backend=be.name,
+            device=dev,
+            device_index=index,
+            comm=comm_name,
+            process=info,
+            timeout=tmo,
+            visibility=visibility,
+            reason=selection.reason,
+            owns_process_group=owns,
+            _key=key,
+        )
+        log.debug("devlayer initialized: %s", _current)
+        return _current
+
+
+def _freeze(value: object) -> object:
+    if isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+def _describe_key(key: tuple[Any, ...]) -> str:
+    names = ("backend", "devices", "timeout", "comm", "set_default_device")
+    return ", ".join(f"{n}={v!r}" for n, v in zip(names, key, strict=True))
+
+
+def _simulated(be: Backend) -> bool:
+    return bool(getattr(be.runtime, "simulated", False))
+
+
+def _apply_visibility(
+    be: Backend, spec: _devices.DeviceSpec, origin: str, undo: _Undo
+) -> tuple[str, str] | None:
+    """Narrow the vendor's visibility variable before its runtime starts."""
+    indices = _devices.selected_indices(spec, None)
+    if indices is None:
+        return None
+    var = be.visibility_var(os.environ)
+    if var is None:
+        # cpu and mps: one device; only "device 0" makes sense.
+        _devices.check_exists(spec, be.device_count(), device_type=be.device_type, origin=origin)
+        return None
+    marker = f"{var}={','.join(map(str, indices))}"
+    if marker in os.environ.get(APPLIED_MARKER, "").split(";"):
+        return (var, os.environ.get(var, ""))
+    _devices.check_exists(spec, be.device_count(), device_type=be.device_type, origin=origin)
+    new_value = _devices.narrow_visibility(os.environ.get(var), indices)
+    if be.runtime.is_initialized():
+        if os.environ.get(var) == new_value:
+            return (var, new_value)
+        raise InitOrderError(
+            f"the {be.name} runtime was initialized before devlayer.init() could set "
+            f"{var}={new_value!r} (from {origin}={_show(spec)}); the runtime reads {var} only "
+            f"once, at its start. Something called into torch.{be.device_type} first (e.g. "
+            f"torch.{be.device_type}.is_available(), .to('{be.device_type}'), or a library "
+            f"import). Fix: call devlayer.init() before that, put `import devlayer.early` at "
+            f"the very top of the script with DEVLAYER_DEVICES set, or export {var} before "
+            f"starting Python"
+        )
+    undo.setenv(var, new_value)
+    undo.setenv(APPLIED_MARKER, marker)
+    seen = be.device_count()
+    if seen < len(indices):
+        raise DeviceError(
+            f"{origin}={_show(spec)}: after setting {var}={new_value!r} the {be.name} runtime "
+            f"sees {seen} device(s), expected {len(indices)}; check the indices with "
+            f"`devlayer info`"
+        )
+    return (var, new_value)
+
+
+def _show(spec: _devices.DeviceSpec) -> str:
+    return "[" + ",".join(map(str, spec)) + "]" if isinstance(spec, tuple) else repr(spec)
+
+
+def _pick_device(
+    be: Backend, spec: _devices.DeviceSpec, origin: str, info: ProcessInfo
+) -> int | None:
+    if be.device_type in ("cpu", "mps"):
+        return None
+    count = be.device_count()
+    if count < 1:
+        raise DeviceError(
+            f"backend {be.name!r} sees no devices after visibility was applied "
+            f"({', '.join(f'{v}={os.environ.get(v)!r}' for v in be.visibility_vars)}); "
+            f"check the visibility variables with `devlayer info`"
+        )
+    if isinstance(spec, tuple) and len(spec) < info.local_world_size:
+        raise DeviceError(
+            f"{origin}={_show(spec)} lists {len(spec)} device(s) but {info.local_world_size} "
+            f"ranks run on this node; list at least {info.local_world_size} devices or start "
+            f"fewer ranks per node"
+        )
+    if count < info.local_world_size and count > 1:
+        log.warning(
+            "%d local ranks share %d %s devices (rank -> local_rank %% %d); collectives such "
+            "as nccl refuse two ranks on one device",
+            info.local_world_size, count, be.device_type, count,
+        )
+    return _devices.device_index(info.local_rank, count)
+
+
+def _create_process_group(
+    be: Backend, comm: str, dev: torch.device, info: ProcessInfo, timeout: timedelta
+) -> bool:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        world, rank_ = dist.get_world_size(), dist.get_rank()
+        if (world, rank_) != (info.world_size, info.rank):
+            raise DevlayerError(
+                f"a torch.distributed process group already exists with rank={rank_}, "
+                f"world_size={world}, but the launcher says rank={info.rank}, "
+                f"world_size={info.world_size}; destroy it or let devlayer.init() create it"
+            )
+        return False
+    if be.device_type == "cpu":
+        pg_backend = comm
+    elif comm == "gloo":
+        pg_backend = f"{be.device_type}:gloo,cpu:gloo"
+    else:
+        pg_backend = f"{be.device_type}:{comm},cpu:gloo"
+    store = rendezvous(info, timeout)
+    kwargs: dict[str, Any] = {}
+    if be.bind_device_id and dev.index is not None and not _simulated(be):
+        kwargs["device_id"] = dev
+    try:
+        dist.init_process_group(
+            backend=pg_backend,
+            store=store,
+            rank=info.rank,
+            world_size=info.world_size,
+            timeout=timeout,
+            **kwargs,
+        )
+    except Exception as exc:
+        raise RendezvousError(
+            f"creating the {pg_backend!r} process group failed on rank {info.rank} of "
+            f"{info.world_size} ({info.master_addr}:{info.master_port}): {exc}"
+        ) from exc
+    return True
+
+
+# --------------------------------------------------------------------------- rendezvous
+
+
+def rendezvous(info: ProcessInfo, timeout: timedelta) -> Any:
+    """Connect to (rank 0: host) the TCP store and wait until every rank checked in.
+
+    Each torchelastic restart gets its own key prefix, so a restarted job never reads
+    the addresses of the attempt that died (torchrun reuses its agent's store).
+
+    Returns:
+        A ``torch.distributed.PrefixStore`` ready for ``init_process_group``.
+
+    Raises:
+        RendezvousError: Port in use, address unreachable, a rank missing or duplicated.
+    """
+    import torch.distributed as dist
+
+    addr, port = info.master_addr, info.master_port
+    where = f"{addr}:{port}"
+    src = info.sources
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    is_server = info.rank == 0 and not agent_store
+    deadline = time.monotonic() + timeout.total_seconds()
+    try:
+        base = dist.TCPStore(
+            host_name=addr,
+            port=int(port or 0),
+            world_size=info.world_size,
+            is_master=is_server,
+            timeout=timeout,
+            wait_for_workers=False,
+            multi_tenant=True,
+        )
+    except Exception as exc:
+        text = str(exc)
+        if is_server and ("in use" in text.lower() or "EADDRINUSE" in text):
+            raise RendezvousError(
+                f"rank 0 cannot listen on {where}: port {port} is already in use "
+                f"(MASTER_PORT from {src.get('master_port', 'MASTER_PORT')}). Choose a free "
+                f"port (export MASTER_PORT=...), or stop the process holding it"
+            ) from exc
+        raise RendezvousError(
+            f"rank {info.rank} could not reach the rendezvous store at {where} within "
+            f"{timeout.total_seconds():g}s (MASTER_ADDR from "
+            f"{src.get('master_addr', 'MASTER_ADDR')}, MASTER_PORT from "
+            f"{src.get('master_port', 'MASTER_PORT')}): {text.splitlines()[0] if text else exc!r}. "
+            f"Check that rank 0 is running and that {where} is reachable from this host"
+        ) from exc
+    store = dist.PrefixStore(f"devlayer/attempt{info.restart_count}/", base)
+    claims = store.add(f"rank{info.rank}", 1)
+    if claims > 1:
+        raise RendezvousError(
+            f"two processes claim rank {info.rank} at {where} (rank from "
+            f"{src.get('rank', 'RANK')}); every process needs a distinct rank, or another job "
+            f"uses the same MASTER_PORT"
+        )
+    store.set(f"host{info.rank}", socket.gethostname())
+    store.add("joined", 1)
+    _wait_for_all(store, info, where, deadline, timeout)
+    return store
+
+
+def _wait_for_all(
+    store: Any, info: ProcessInfo, where: str, deadline: float, timeout: timedelta
+) -> None:
+    next_note = time.monotonic() + 30.0
+    delay = 0.002
+    while True:
+        joined = store.add("joined", 0)
+        if joined == info.world_size:
+            return
+        now = time.monotonic()
+        if joined > info.world_size:
+            raise RendezvousError(
+                f"{joined} processes joined at {where} but WORLD_SIZE={info.world_size}; "
+                f"another job is using the same MASTER_PORT, or WORLD_SIZE is too small"
+            )
+        if now >= deadline:
+            missing = [r for r in range(info.world_size) if not store.check([f"host{r}"])]
+            raise RendezvousError(
+                f"expected {info.world_size} ranks (WORLD_SIZE from "
+                f"{info.sources.get('world_size', 'WORLD_SIZE')}) at {where}, but only "
+                f"{joined} joined within {timeout.total_seconds():g}s; missing rank(s): "
+                f"{', '.join(map(str, missing))}. Start as many processes as WORLD_SIZE says, "
+                f"or check why those ranks did not start"
+            )
+        if now >= next_note:
+            log.warning(
+                "rank %d: waiting at %s for %d more rank(s) (%d of %d joined)",
+                info.rank, where, info.world_size - joined, joined, info.world_size,
+            )
+            next_note = now + 30.0
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
+# --------------------------------------------------------------------------- shutdown
+
+
+def _restore(undo: _Undo) -> None:
+    for name, value in undo.env.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    undo.env.clear()
+    if undo.default_device_set:
+        import torch
+
+        torch.set_default_device(None)
+        undo.default_device_set = False
+
+
+def shutdown() -> bool:
+    """Destroy the process group devlayer created and forget the state.
+
+    Environment variables that ``init()`` set are put back. Safe to call when nothing is
+    initialized.
+
+    Returns:
+        True if something was shut down, False if devlayer was not initialized.
+    """
+    global _current
+    with _lock:
+        if _current is None:
+            return False
+        st, _current = _current, None
+        try:
+            if st.owns_process_group:
+                import torch.distributed as dist
+
+                if dist.is_initialized():
+                    dist.destroy_process_group()
+        finally:
+            _restore(_undo)
+    return True
+
+
+# --------------------------------------------------------------------------- accessors
+
+
+def is_initialized() -> bool:
+    """True between ``init()`` and ``shutdown()``."""
+    return _current is not None
+
+
+def state() -> State:
+    """The current :class:`State`.
+
+    Raises:
+        NotInitializedError: Before ``devlayer.init()``.
+    """
+    st = _current
+    if st is None:
+        raise NotInitializedError(
+            "devlayer is not initialized; call devlayer.init() first (it is cheap at world "
+            "size 1 and reads the launcher's environment)"
+        )
+    return st
+
+
+def rank() -> int:
+    """Global rank of this process."""
+    return state().process.rank
+
+
+def world_size() -> int:
+    """Number of processes in the job."""
+    return state().process.world_size
+
+
+def local_rank() -> int:
+    """Rank of this process on its node."""
+    return state().process.local_rank
+
+
+def local_world_size() -> int:
+    """Number of processes on this node."""
+    return state().process.local_world_size
+
+
+def node_rank() -> int:
+    """Index of this node."""
+    return state().process.node_rank
+
+
+def is_main() -> bool:
+    """True on global rank 0."""
+    return state().process.rank == 0
+
+
+def is_local_main() -> bool:
+    """True on local rank 0."""
+    return state().process.local_rank == 0
+
+
+def device() -> torch.device:
+    """The torch device of this rank (e.g. ``cuda:1``, ``xpu:0``, ``cpu``)."""
+    return state().device
+
+
+def backend() -> str:
+    """Name of the backend in use."""
+    return state().backend
+

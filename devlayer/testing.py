@@ -1,0 +1,343 @@
+"""Helpers for testing code that uses devlayer on machines without accelerators.
+
+Three things, all used by devlayer's own test suite:
+
+* :class:`FakeRuntime` and :func:`simulate`: pretend a vendor (``cuda``, ``xpu``...) has N
+  devices by replacing the backend's runtime, the single hardware seam. Nothing else is
+  patched. The environment variable ``DEVLAYER_SIMULATE="cuda:4"`` does the same for
+  subprocesses (CLI tests, launchers). Simulated devices cannot run kernels: use them to
+  test selection, device mapping, visibility and error paths.
+* Launcher environments (:func:`torchrun_env`, :func:`slurm_env`, :func:`openmpi_env`,
+  :func:`intelmpi_env`): realistic variable sets for one rank.
+* :func:`free_port`: a free loopback TCP port.
+
+Example:
+    >>> import devlayer
+    >>> from devlayer.testing import simulate
+    >>> with simulate("cuda", 4):
+    ...     devlayer.get_backend("cuda").device_count()
+    4
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import socket
+from collections.abc import Iterable, Iterator
+
+from devlayer.errors import InvalidArgumentError
+
+__all__ = [
+    "FakeRuntime",
+    "free_port",
+    "intelmpi_env",
+    "openmpi_env",
+    "runtimes_from_spec",
+    "simulate",
+    "slurm_env",
+    "torchrun_env",
+]
+
+
+class FakeRuntime:
+    """A vendor runtime with ``device_count`` pretend devices.
+
+    Args:
+        device_count: Devices the runtime reports (after visibility is applied, see below).
+        comm: Process-group backends it claims (default: the vendor's usual ones).
+        compiled: Whether torch "was built" with this vendor.
+        initialized: Whether the runtime "was already initialized".
+        variant: ``"rocm"`` to simulate a HIP build of torch.
+        names: Device names; defaults to ``Simulated <VENDOR> <i>``.
+        visibility_var: When set, the count follows this variable's entries once it is set,
+            as a real runtime would after devlayer narrows visibility.
+
+    Attributes:
+        current: The index passed to the last ``set_device`` call (``None`` before).
+        calls: Every call made, in order, for assertions.
+    """
+
+    def __init__(
+        self,
+        device_count: int,
+        *,
+        comm: Iterable[str] = ("gloo",),
+        compiled: bool = True,
+        initialized: bool = False,
+        variant: str = "",
+        names: Iterable[str] | None = None,
+        vendor: str = "fake",
+        visibility_var: str | None = None,
+    ) -> None:
+        self.count = device_count
+        self.comm = set(comm)
+        self._compiled = compiled
+        self.initialized = initialized
+        self.variant = variant
+        self.vendor = vendor
+        self.names = list(names) if names is not None else None
+        self.visibility_var = visibility_var
+        self.simulated = True
+        self.current: int | None = None
+        self.calls: list[tuple[str, object]] = []
+
+    def compiled(self) -> bool:
+        return self._compiled
+
+    def device_count(self) -> int:
+        if not self._compiled:
+            return 0
+        if self.visibility_var:
+            import os
+
+            if self.visibility_var in os.environ:
+                value = os.environ[self.visibility_var].strip()
+                # A real runtime drops entries that do not exist (CUDA stops at the first).
+                entries = [e for e in value.split(",") if e.strip()]
+                visible = 0
+                for entry in entries:
+                    head = entry.split(".")[0]
+                    if head.isdigit() and int(head) >= self.count:
+                        break
+                    visible += 1
+                return visible
+        return self.count
+
+    def is_initialized(self) -> bool:
+        return self.initialized
+
+    def set_device(self, index: int) -> None:
+        if not 0 <= index < self.device_count():
+            raise RuntimeError(f"invalid device ordinal {index}")
+        self.calls.append(("set_device", index))
+        self.current = index
+        self.initialized = True
+
+    def device_name(self, index: int) -> str:
+        if self.names is not None:
+            return self.names[index]
+        return f"Simulated {self.vendor.upper()} {index}"
+
+    def comm_available(self, comm: str) -> bool:
+        return comm in self.comm
+
+    def __repr__(self) -> str:
+        return f"FakeRuntime({self.vendor}, devices={self.count}, comm={sorted(self.comm)})"
+
+
+_DEFAULT_COMM = {"cuda": ("nccl", "gloo"), "xpu": ("xccl", "gloo"), "mps": ("gloo",)}
+_DEFAULT_VISIBILITY = {"cuda": "CUDA_VISIBLE_DEVICES", "xpu": "ZE_AFFINITY_MASK"}
+
+
+def fake_for(
+    vendor: str, count: int, *, comm: Iterable[str] | None = None, **kwargs: object
+) -> FakeRuntime:
+    """A :class:`FakeRuntime` with the usual comm backends and visibility var of ``vendor``."""
+    kwargs.setdefault("visibility_var", _DEFAULT_VISIBILITY.get(vendor))
+    if kwargs.get("variant") == "rocm" and vendor == "cuda":
+        kwargs["visibility_var"] = "HIP_VISIBLE_DEVICES"
+    return FakeRuntime(
+        count,
+        comm=comm if comm is not None else _DEFAULT_COMM.get(vendor, ("gloo",)),
+        vendor=vendor,
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+@contextlib.contextmanager
+def simulate(
+    vendor: str, device_count: int = 1, runtime: FakeRuntime | None = None, **kwargs: object
+) -> Iterator[FakeRuntime]:
+    """Pretend backend ``vendor`` has ``device_count`` devices inside the ``with`` block.
+
+    Args:
+        vendor: A registered backend name (``cuda``, ``xpu``, a plugin...).
+        device_count: How many devices to report.
+        runtime: A ready-made fake instead of building one.
+        **kwargs: Passed to :class:`FakeRuntime` (``comm=``, ``initialized=``, ``variant=``).
+
+    Yields:
+        The fake runtime, to inspect ``current`` and ``calls``.
+    """
+    from devlayer.registry import _set_simulated, _simulated
+
+    fake = runtime if runtime is not None else fake_for(vendor, device_count, **kwargs)
+    previous = _simulated.get(vendor)
+    _set_simulated(vendor, fake)
+    try:
+        yield fake
+    finally:
+        _set_simulated(vendor, previous)
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_spec(spec: str) -> tuple[tuple[str, int, tuple[str, ...]], ...]:
+    out = []
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        vendor, _, rest = part.partition(":")
+        count_text, _, comm_text = rest.partition(":")
+        try:
+            count = int(count_text or "1")
+        except ValueError:
+            raise InvalidArgumentError(
+                f"DEVLAYER_SIMULATE={spec!r}: {count_text!r} is not a device count; "
+                f"use e.g. 'cuda:4' or 'xpu:2:ccl'"
+            ) from None
+        comm = tuple(c for c in comm_text.split("+") if c)
+        out.append((vendor.strip().lower(), count, comm))
+    return tuple(out)
+
+
+_runtime_cache: dict[str, dict[str, FakeRuntime]] = {}
+
+
+def runtimes_from_spec(spec: str) -> dict[str, FakeRuntime]:
+    """Fake runtimes from ``DEVLAYER_SIMULATE`` (``"cuda:4"``, ``"xpu:2:ccl+gloo"``).
+
+    The same spec string returns the same objects, so state survives between calls.
+    """
+    if spec not in _runtime_cache:
+        _runtime_cache[spec] = {
+            vendor: fake_for(vendor, count, comm=comm or None)
+            for vendor, count, comm in _parse_spec(spec)
+        }
+    return _runtime_cache[spec]
+
+
+def free_port() -> int:
+    """A TCP port that was free on 127.0.0.1 a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# --------------------------------------------------------------------------- launcher envs
+
+
+def torchrun_env(
+    rank: int = 0,
+    world_size: int = 2,
+    *,
+    local_world_size: int | None = None,
+    master_addr: str = "127.0.0.1",
+    master_port: int = 29500,
+    restart_count: int = 0,
+) -> dict[str, str]:
+    """The variables ``torchrun`` gives one worker."""
+    lws = local_world_size or world_size
+    return {
+        "RANK": str(rank),
+        "WORLD_SIZE": str(world_size),
+        "LOCAL_RANK": str(rank % lws),
+        "LOCAL_WORLD_SIZE": str(lws),
+        "GROUP_RANK": str(rank // lws),
+        "GROUP_WORLD_SIZE": str(max(world_size // lws, 1)),
+        "ROLE_RANK": str(rank),
+        "ROLE_WORLD_SIZE": str(world_size),
+        "ROLE_NAME": "default",
+        "MASTER_ADDR": master_addr,
+        "MASTER_PORT": str(master_port),
+        "TORCHELASTIC_RUN_ID": "none",
+        "TORCHELASTIC_RESTART_COUNT": str(restart_count),
+        "TORCHELASTIC_MAX_RESTARTS": "0",
+        "TORCHELASTIC_USE_AGENT_STORE": "True",
+        "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+
+
+def slurm_env(
+    rank: int = 0,
+    world_size: int = 2,
+    *,
+    tasks_per_node: str | None = None,
+    nodelist: str = "gpu-node[07-08]",
+    job_id: int = 4242,
+    step_id: int = 0,
+    nodes: int | None = None,
+    batch: bool = False,
+) -> dict[str, str]:
+    """The variables ``srun`` gives one task (``batch=True``: the sbatch shell instead)."""
+    from devlayer.launchers import expand_nodelist, expand_tasks_per_node
+
+    hosts = expand_nodelist(nodelist)
+    nnodes = nodes or len(hosts)
+    tpn = tasks_per_node or (
+        f"{world_size // nnodes}(x{nnodes})" if world_size % nnodes == 0 else str(world_size)
+    )
+    counts = expand_tasks_per_node(tpn)
+    node, start = 0, 0
+    while node < len(counts) - 1 and rank >= start + counts[node]:
+        start += counts[node]
+        node += 1
+    env = {
+        "SLURM_JOB_ID": str(job_id),
+        "SLURM_JOBID": str(job_id),
+        "SLURM_JOB_NAME": "train",
+        "SLURM_JOB_NODELIST": nodelist,
+        "SLURM_NODELIST": nodelist,
+        "SLURM_JOB_NUM_NODES": str(nnodes),
+        "SLURM_NNODES": str(nnodes),
+        "SLURM_NTASKS": str(world_size),
+        "SLURM_NPROCS": str(world_size),
+        "SLURM_TASKS_PER_NODE": tpn,
+        "SLURM_SUBMIT_DIR": "/home/user/project",
+        "SLURM_CPUS_ON_NODE": "32",
+        "SLURM_PROCID": "0" if batch else str(rank),
+        "SLURM_LOCALID": "0" if batch else str(rank - start),
+        "SLURM_NODEID": "0" if batch else str(node),
+        "SLURMD_NODENAME": hosts[0 if batch else node],
+    }
+    if not batch:
+        env.update(
+            {
+                "SLURM_STEP_ID": str(step_id),
+                "SLURM_STEPID": str(step_id),
+                "SLURM_STEP_NUM_TASKS": str(world_size),
+                "SLURM_STEP_NUM_NODES": str(nnodes),
+                "SLURM_STEP_NODELIST": nodelist,
+                "SLURM_STEP_TASKS_PER_NODE": tpn,
+                "SLURM_SRUN_COMM_HOST": "10.0.0.1",
+                "SLURM_SRUN_COMM_PORT": "40123",
+                "SLURM_STEP_LAUNCHER_PORT": "40123",
+            }
+        )
+    return env
+
+
+def openmpi_env(
+    rank: int = 0, world_size: int = 2, *, local_size: int | None = None
+) -> dict[str, str]:
+    """The variables OpenMPI's ``mpirun`` gives one rank."""
+    ls = local_size or world_size
+    return {
+        "OMPI_COMM_WORLD_RANK": str(rank),
+        "OMPI_COMM_WORLD_SIZE": str(world_size),
+        "OMPI_COMM_WORLD_LOCAL_RANK": str(rank % ls),
+        "OMPI_COMM_WORLD_LOCAL_SIZE": str(ls),
+        "OMPI_COMM_WORLD_NODE_RANK": str(rank % ls),
+        "OMPI_UNIVERSE_SIZE": str(world_size),
+        "OMPI_MCA_ess_base_jobid": "3735879681",
+        "PMIX_RANK": str(rank),
+        "PMIX_NAMESPACE": "prterun-host-12345@1",
+    }
+
+
+def intelmpi_env(
+    rank: int = 0, world_size: int = 2, *, local_size: int | None = None
+) -> dict[str, str]:
+    """The variables Intel MPI / MPICH (Hydra) give one rank."""
+    ls = local_size or world_size
+    return {
+        "PMI_RANK": str(rank),
+        "PMI_SIZE": str(world_size),
+        "MPI_LOCALRANKID": str(rank % ls),
+        "MPI_LOCALNRANKS": str(ls),
+        "PMI_FD": "7",
+        "I_MPI_HYDRA_TOPOLIB": "hwloc",
+        "I_MPI_JOB_ID": "777",
+    }

@@ -1,0 +1,95 @@
+"""Shared fixtures: every test starts and ends with a clean process.
+
+* Environment changes must go through ``monkeypatch``: a test that leaves a variable
+  changed, or devlayer initialized, or a process group behind, fails.
+* ``gpu`` tests are skipped unless a real CUDA device exists.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _cuda_present() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.device_count() > 0)
+    except Exception:
+        return False
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if _cuda_present():
+        return
+    skip = pytest.mark.skip(reason="needs a real CUDA device (pytest -m gpu on a GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
+    before = dict(os.environ)
+    yield
+    import devlayer
+
+    problems = []
+    if devlayer.is_initialized():
+        devlayer.shutdown()
+        problems.append("devlayer left initialized (call devlayer.shutdown())")
+    if "torch.distributed" in sys.modules:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+            problems.append("a torch.distributed process group was left behind")
+    after = dict(os.environ)
+    changed = sorted(
+        k for k in set(before) | set(after) if before.get(k) != after.get(k)
+    )
+    if changed:
+        for k in changed:
+            if k in before:
+                os.environ[k] = before[k]
+            else:
+                os.environ.pop(k, None)
+        problems.append(f"environment variables leaked: {', '.join(changed)}")
+    if problems:
+        pytest.fail(f"{request.node.nodeid}: " + "; ".join(problems))
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """Remove launcher and devlayer variables so a test sees a plain single process."""
+    prefixes = ("SLURM_", "OMPI_", "PMI_", "PMIX_", "MV2_", "PALS_", "TORCHELASTIC_",
+                "DEVLAYER_", "ACCELERATE_", "MPI_LOCAL", "I_MPI_")
+    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
+             "MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "GROUP_WORLD_SIZE",
+             "CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES",
+             "ZE_AFFINITY_MASK", "ONEAPI_DEVICE_SELECTOR")
+    for key in list(os.environ):
+        if key.startswith(prefixes) or key in names:
+            monkeypatch.delenv(key)
+    return monkeypatch
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """An environment for child Python processes: no launcher variables, repo importable."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "OMPI_", "PMI_", "PMIX_", "TORCHELASTIC_",
+                                "DEVLAYER_", "ACCELERATE_"))
+           and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
+                         "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env["PYTHONUNBUFFERED"] = "1"
+    env["OMP_NUM_THREADS"] = env.get("OMP_NUM_THREADS", "1")
+    env.update(extra)
+    return env
