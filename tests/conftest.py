@@ -10,11 +10,10 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import _LAUNCH_NAMES, _LAUNCH_PREFIXES
 
 
 def _cuda_present() -> bool:
@@ -53,7 +52,8 @@ def _no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
             problems.append("a torch.distributed process group was left behind")
     after = dict(os.environ)
     changed = sorted(
-        k for k in set(before) | set(after) if before.get(k) != after.get(k)
+        k for k in set(before) | set(after)
+        if before.get(k) != after.get(k) and k != "PYTEST_CURRENT_TEST"
     )
     if changed:
         for k in changed:
@@ -69,27 +69,10 @@ def _no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
 @pytest.fixture
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     """Remove launcher and devlayer variables so a test sees a plain single process."""
-    prefixes = ("SLURM_", "OMPI_", "PMI_", "PMIX_", "MV2_", "PALS_", "TORCHELASTIC_",
-                "DEVLAYER_", "ACCELERATE_", "MPI_LOCAL", "I_MPI_")
-    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
-             "MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "GROUP_WORLD_SIZE",
-             "CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES",
-             "ZE_AFFINITY_MASK", "ONEAPI_DEVICE_SELECTOR")
+    names = (*_LAUNCH_NAMES, "CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES",
+             "ROCR_VISIBLE_DEVICES", "ZE_AFFINITY_MASK", "ONEAPI_DEVICE_SELECTOR")
     for key in list(os.environ):
-        if key.startswith(prefixes) or key in names:
+        if key.startswith(_LAUNCH_PREFIXES) or key in names:
             monkeypatch.delenv(key)
     return monkeypatch
 
-
-def subprocess_env(**extra: str) -> dict[str, str]:
-    """An environment for child Python processes: no launcher variables, repo importable."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SLURM_", "OMPI_", "PMI_", "PMIX_", "TORCHELASTIC_",
-                                "DEVLAYER_", "ACCELERATE_"))
-           and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
-                         "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    env["PYTHONUNBUFFERED"] = "1"
-    env["OMP_NUM_THREADS"] = env.get("OMP_NUM_THREADS", "1")
-    env.update(extra)
-    return env
