@@ -140,7 +140,14 @@ class XpuBackend(Backend):
                 f"{IPEX_DIST}=={minor(torch.__version__)}.* or torch=={minor(ipex_version)}.*"
             )
         if ipex_version is not None:
-            importlib.import_module(IPEX_MODULE)
+            try:
+                importlib.import_module(IPEX_MODULE)
+            except ImportError as exc:  # installed (metadata found) but unimportable
+                raise BackendUnavailableError(
+                    f"comm 'ccl' imports {IPEX_MODULE} ({IPEX_DIST} {ipex_version} is "
+                    f"installed) first, and that import failed: {exc}; reinstall "
+                    f"{IPEX_DIST}=={minor(torch.__version__)}.* for torch {torch.__version__}"
+                ) from exc
         try:
             importlib.import_module(CCL_MODULE)
         except ImportError as exc:

@@ -48,8 +48,8 @@ if TYPE_CHECKING:
         registered_backends,
         unregister_backend,
     )
-    from devlayer.spawn import RankFailedError, spawn
-    from devlayer.state import (
+    from devlayer.multiproc import RankFailedError, spawn
+    from devlayer.lifecycle import (
         State,
         backend,
         device,
@@ -127,12 +127,12 @@ _LAZY = {
          "registered_backends", "unregister_backend"),
         "devlayer.registry",
     ),
-    **dict.fromkeys(("spawn", "RankFailedError"), "devlayer.spawn"),
+    **dict.fromkeys(("spawn", "RankFailedError"), "devlayer.multiproc"),
     **dict.fromkeys(
         ("State", "backend", "device", "init", "is_initialized", "is_local_main", "is_main",
          "local_rank", "local_world_size", "node_rank", "rank", "shutdown", "state",
          "world_size"),
-        "devlayer.state",
+        "devlayer.lifecycle",
     ),
 }
 

@@ -26,7 +26,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from devlayer.errors import CollectiveError, InvalidArgumentError
-from devlayer.state import State, parse_timeout, state
+from devlayer.lifecycle import State, parse_timeout, state
 
 if TYPE_CHECKING:
     import torch

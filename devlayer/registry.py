@@ -239,6 +239,14 @@ def _as_backend(obj: object, origin: str) -> Backend:
             f"{origin}: backend {type(obj).__name__} must set the class attributes "
             f"'name' and 'device_type'"
         )
+    # get_backend() looks names up stripped and lower-cased, and "auto" means auto-detection:
+    # a backend registered under any other spelling could never be selected.
+    if obj.name != obj.name.strip().lower() or obj.name == "auto":
+        raise InvalidArgumentError(
+            f"{origin}: backend {type(obj).__name__} has name={obj.name!r}; a backend name is "
+            f"lower-case without surrounding spaces and is not 'auto' "
+            f"(e.g. {obj.name.strip().lower()!r})"
+        )
     return obj
 
 
@@ -261,12 +269,37 @@ def _load_entry_points() -> None:
     _loaded_entry_points = True
     from importlib.metadata import entry_points
 
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
+    # A broken plugin (or broken package metadata) must not break the built-ins: every
+    # failure is recorded for entry_point_errors() and named by get_backend().
+    try:
+        eps = list(entry_points(group=ENTRY_POINT_GROUP))
+    except Exception as exc:
+        _entry_point_errors["<entry points>"] = f"{type(exc).__name__}: {exc}"
+        return
+    for ep in eps:
         if ep.name in _backends:
+            _entry_point_errors[ep.name] = (
+                f"entry point {ep.name!r} ({getattr(ep, 'value', '?')}) ignored: a backend of "
+                f"that name is already registered ({type(_backends[ep.name]).__name__})"
+            )
             continue
         try:
-            _backends[ep.name] = _as_backend(ep.load(), f"entry point {ep.name!r}")
-        except Exception as exc:  # a broken plugin must not break the built-ins
+            backend = _as_backend(ep.load(), f"entry point {ep.name!r}")
+            if backend.name != ep.name:
+                # The entry point name is what users put in DEVLAYER_BACKEND; the backend's
+                # name is what State.backend reports and simulate() keys on. They must agree.
+                raise InvalidArgumentError(
+                    f"entry point {ep.name!r} loads backend {type(backend).__name__} named "
+                    f"{backend.name!r}; name the entry point {backend.name!r} (the entry point "
+                    f"name must equal Backend.name)"
+                )
+            if backend.name in _backends:
+                raise DevlayerError(
+                    f"entry point {ep.name!r}: a backend named {backend.name!r} is already "
+                    f"registered"
+                )
+            _backends[backend.name] = backend
+        except Exception as exc:
             _entry_point_errors[ep.name] = f"{type(exc).__name__}: {exc}"
 
 
@@ -363,7 +396,12 @@ def get_backend(name: str, *, origin: str = "backend") -> Backend:
     backends = registered_backends()
     key = name.strip().lower()
     if key not in backends:
-        raise BackendNotFoundError.for_name(name, backends, origin=origin)
+        err = BackendNotFoundError.for_name(name, backends, origin=origin)
+        with _lock:
+            broken = _entry_point_errors.get(key)
+        if broken is not None:
+            err = BackendNotFoundError(f"{err}; its plugin failed to load: {broken}")
+        raise err
     return backends[key]
 
 
@@ -382,7 +420,8 @@ def select_backend(
     """Choose a backend: argument > ``DEVLAYER_BACKEND`` > auto-detection.
 
     Args:
-        name: An explicit backend name (wins over the environment).
+        name: An explicit backend name (wins over the environment); ``None`` or ``"auto"``
+            defer to ``DEVLAYER_BACKEND``, then auto-detection.
         env: The environment to read ``DEVLAYER_BACKEND`` from (default ``os.environ``).
 
     Returns:
@@ -395,6 +434,8 @@ def select_backend(
     """
     env = os.environ if env is None else env
     origin = "backend"
+    if name is not None and name.strip().lower() == "auto":
+        name = None  # "auto" is the same as no argument (init()'s documented contract)
     if name is None and env.get("DEVLAYER_BACKEND", "").strip():
         name, origin = env["DEVLAYER_BACKEND"], "DEVLAYER_BACKEND"
     if name is not None and name.strip().lower() != "auto":

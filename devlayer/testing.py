@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import socket
 from collections.abc import Iterable, Iterator
 
@@ -51,7 +52,9 @@ class FakeRuntime:
         variant: ``"rocm"`` to simulate a HIP build of torch.
         names: Device names; defaults to ``Simulated <VENDOR> <i>``.
         visibility_var: When set, the count follows this variable's entries once it is set,
-            as a real runtime would after devlayer narrows visibility.
+            as a real runtime would after devlayer narrows visibility. A sequence of names
+            means the first one set wins (ROCm: ``HIP_VISIBLE_DEVICES``, then
+            ``CUDA_VISIBLE_DEVICES``).
 
     Attributes:
         current: The index passed to the last ``set_device`` call (``None`` before).
@@ -68,7 +71,7 @@ class FakeRuntime:
         variant: str = "",
         names: Iterable[str] | None = None,
         vendor: str = "fake",
-        visibility_var: str | None = None,
+        visibility_var: str | Iterable[str] | None = None,
     ) -> None:
         self.count = device_count
         self.comm = set(comm)
@@ -77,7 +80,11 @@ class FakeRuntime:
         self.variant = variant
         self.vendor = vendor
         self.names = list(names) if names is not None else None
-        self.visibility_var = visibility_var
+        if isinstance(visibility_var, str):
+            visibility_var = (visibility_var,)
+        self.visibility_vars: tuple[str, ...] = tuple(visibility_var or ())
+        #: The first visibility variable (kept for callers that read one name).
+        self.visibility_var = self.visibility_vars[0] if self.visibility_vars else None
         self.simulated = True
         self.current: int | None = None
         self.calls: list[tuple[str, object]] = []
@@ -88,11 +95,9 @@ class FakeRuntime:
     def device_count(self) -> int:
         if not self._compiled:
             return 0
-        if self.visibility_var:
-            import os
-
-            if self.visibility_var in os.environ:
-                value = os.environ[self.visibility_var].strip()
+        for var in self.visibility_vars:
+            if var in os.environ:
+                value = os.environ[var].strip()
                 # A real runtime drops entries that do not exist (CUDA stops at the first).
                 entries = [e for e in value.split(",") if e.strip()]
                 visible = 0
@@ -136,7 +141,8 @@ def fake_for(
     """A :class:`FakeRuntime` with the usual comm backends and visibility var of ``vendor``."""
     kwargs.setdefault("visibility_var", _DEFAULT_VISIBILITY.get(vendor))
     if kwargs.get("variant") == "rocm" and vendor == "cuda":
-        kwargs["visibility_var"] = "HIP_VISIBLE_DEVICES"
+        # HIP reads HIP_VISIBLE_DEVICES, and CUDA_VISIBLE_DEVICES when that is unset.
+        kwargs["visibility_var"] = ("HIP_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES")
     return FakeRuntime(
         count,
         comm=comm if comm is not None else _DEFAULT_COMM.get(vendor, ("gloo",)),

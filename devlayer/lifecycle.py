@@ -1,4 +1,6 @@
-"""``init()``, ``shutdown()`` and the :class:`State` they manage.
+"""``init()``, ``shutdown()`` and the :class:`State` they manage (the lifecycle of a rank).
+
+The module is not called ``state`` so that it cannot shadow the function ``devlayer.state()``.
 
 ``init()`` does, in this order (each step before anything that would freeze it):
 

@@ -1,5 +1,7 @@
 """Start N local ranks from plain ``python`` (``python train.py --nprocs 2``).
 
+The module is not called ``spawn`` so that it cannot shadow the function ``devlayer.spawn()``.
+
 :func:`spawn` is for scripts that launch themselves, as perceptrain and Ignite's
 ``Parallel`` do. Each child gets the torchrun-style variables, a free loopback port and
 ``DEVLAYER_LAUNCHER=env``, calls ``devlayer.init()`` and then ``fn(*args)``. The first
@@ -70,15 +72,15 @@ def _child(
 
     try:
         devlayer.init(**init_kwargs)
-        try:
-            value = fn(*args)
-        finally:
-            if devlayer.is_initialized():
-                devlayer.shutdown()
-        results.put((rank, "ok", value))
+        value = fn(*args)
     except BaseException:
+        # Report first: a graceful shutdown could wait on peers that are still running.
         results.put((rank, "error", traceback.format_exc()))
-        raise SystemExit(1) from None
+        results.close()
+        results.join_thread()
+        os._exit(1)
+    devlayer.shutdown()
+    results.put((rank, "ok", value))
 
 
 def spawn(

@@ -1,0 +1,104 @@
+"""The same collective checks under real launchers and launcher-shaped environments.
+
+* ``torchrun --standalone`` in a subprocess (2 ranks).
+* A SLURM ``srun``-shaped environment: two plain ``python`` processes with the variables
+  srun sets, no MASTER_ADDR/MASTER_PORT (devlayer derives them from the job).
+* OpenMPI- and Intel-MPI-shaped environments the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import subprocess
+
+import pytest
+
+from devlayer.testing import free_port, intelmpi_env, openmpi_env, slurm_env
+from tests.helpers import PY, ROOT, subprocess_env
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
+
+WORKER = str(ROOT / "tests" / "dist" / "worker_collectives.py")
+
+
+def _results(stdout: str) -> list[dict[str, object]]:
+    # Ranks share one stdout under torchrun, so lines may interleave: match the records.
+    found = [json.loads(m) for m in re.findall(r"RESULT (\{[^{}]*\})", stdout)]
+    return sorted(found, key=lambda r: r["rank"])
+
+
+def _run_ranks(envs: list[dict[str, str]], timeout: float = 120) -> list[dict[str, object]]:
+    procs = [
+        subprocess.Popen([PY, WORKER, "30"], env=subprocess_env(**env), cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for env in envs
+    ]
+    outs = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=timeout)
+            assert p.returncode == 0, f"rank exited {p.returncode}:\n{out}\n{err}"
+            outs.append(out)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    return _results("".join(outs))
+
+
+def _free_port_in(lo: int, hi: int) -> int:
+    for port in range(lo, hi):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port")
+
+
+def test_torchrun_two_ranks_all_collectives():
+    cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", WORKER, "30"]
+    proc = subprocess.run(cmd, env=subprocess_env(), cwd=ROOT, capture_output=True, text=True,
+                          timeout=150)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    results = _results(proc.stdout)
+    assert [r["rank"] for r in results] == [0, 1]
+    assert {r["launcher"] for r in results} == {"torchrun"}
+    assert {r["comm"] for r in results} == {"gloo"}
+
+
+def test_slurm_shaped_env_two_plain_processes_derives_master():
+    port = _free_port_in(15000, 35000)
+    job_id = port - 15000  # devlayer derives MASTER_PORT = 15000 + job id + step (mod 20000)
+    envs = [slurm_env(r, 2, nodelist="localhost", job_id=job_id) for r in range(2)]
+    results = _run_ranks(envs)
+    assert [r["launcher"] for r in results] == ["slurm", "slurm"]
+    assert [r["local_rank"] for r in results] == [0, 1]
+    # init exported the torchrun-style names for libraries that read them
+    assert [r["env_rank"] for r in results] == ["0", "1"]
+
+
+def test_openmpi_shaped_env_two_plain_processes():
+    port = free_port()
+    envs = [{**openmpi_env(r, 2), "MASTER_PORT": str(port)} for r in range(2)]
+    results = _run_ranks(envs)
+    assert [r["launcher"] for r in results] == ["openmpi", "openmpi"]
+
+
+def test_intelmpi_shaped_env_two_plain_processes():
+    port = free_port()
+    envs = [{**intelmpi_env(r, 2), "MASTER_PORT": str(port)} for r in range(2)]
+    results = _run_ranks(envs)
+    assert [r["launcher"] for r in results] == ["mpich", "mpich"]
+
+
+def test_plain_python_is_one_process():
+    proc = subprocess.run([PY, WORKER], env=subprocess_env(), cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    (result,) = _results(proc.stdout)
+    assert result["world_size"] == 1 and result["launcher"] == "none" and result["comm"] is None
