@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -46,11 +47,13 @@ def parse_devices(spec: object, *, origin: str = "devices") -> DeviceSpec:
     Raises:
         DeviceError: Negative, duplicate or non-integer entries, an empty list, or a count of 0.
     """
-    if spec is None or spec == -1:
+    if spec is None:
         return None
     if isinstance(spec, bool):
         raise DeviceError(f"{origin}={spec!r} is not a device spec; use 'auto', N or '1,3'")
     if isinstance(spec, int):
+        if spec == -1:
+            return None
         if spec < 1:
             raise DeviceError(
                 f"{origin}={spec} asks for no devices; use a count >= 1, 'auto' or -1 for all"
@@ -60,8 +63,9 @@ def parse_devices(spec: object, *, origin: str = "devices") -> DeviceSpec:
         text = spec.strip().lower()
         if text in ("", "auto", "all", "-1"):
             return None
+        as_list = text.startswith("[")  # "[2]" is index 2, like [2]; "2" is a count
         text = text.strip("[]()").strip()
-        if "," not in text:
+        if "," not in text and not as_list:
             try:
                 return parse_devices(int(text), origin=origin)
             except ValueError:
@@ -70,7 +74,7 @@ def parse_devices(spec: object, *, origin: str = "devices") -> DeviceSpec:
                     f"or indices such as '1,3'"
                 ) from None
         items: Sequence[object] = [p.strip() for p in text.split(",") if p.strip()]
-    elif isinstance(spec, Sequence):
+    elif isinstance(spec, Sequence) and not isinstance(spec, (bytes, bytearray)):
         items = list(spec)
     else:
         raise DeviceError(
@@ -82,7 +86,11 @@ def parse_devices(spec: object, *, origin: str = "devices") -> DeviceSpec:
         try:
             if isinstance(item, bool):
                 raise ValueError
-            value = int(item)  # type: ignore[call-overload]
+            # operator.index: 1.5 or 2.0 in a list is an error, not silently device 1 or 2.
+            if isinstance(item, str):
+                value = int(item)
+            else:
+                value = operator.index(item)  # type: ignore[arg-type]
         except (TypeError, ValueError):
             raise DeviceError(
                 f"{origin}={spec!r}: entry {item!r} is not a device index (a whole number >= 0)"
@@ -156,8 +164,9 @@ def narrow_visibility(current: str | None, indices: Sequence[int]) -> str:
         >>> narrow_visibility("GPU-aa,GPU-bb", [1])
         'GPU-bb'
     """
-    if current is None or current.strip() == "":
+    if current is None:
         return ",".join(str(i) for i in indices)
+    # An empty value hides every device (CUDA_VISIBLE_DEVICES=""); it is not "unset".
     entries = [e.strip() for e in current.split(",") if e.strip()]
     out = []
     for i in indices:

@@ -13,7 +13,9 @@ Precedence (first match wins):
    If a scheduler or MPI detector below also matches and disagrees, that is an error.
 4. MPI families: OpenMPI, MVAPICH, PALS, MPICH / Intel MPI (PMI), PMIx.
    They come before SLURM because ``mpirun`` inside an allocation leaves SLURM's own
-   (per-daemon) values in the environment.
+   (per-daemon) values in the environment. When srun itself started the ranks
+   (``srun --mpi=pmi2`` / ``pmix`` give a rank but no local ranks) and the srun step agrees
+   on rank and size, SLURM's per-node layout is used.
 5. SLURM ``srun`` steps. The batch shell of ``sbatch``/``salloc`` is *not* a multi-rank job.
 6. A single process.
 
@@ -212,6 +214,27 @@ def expand_tasks_per_node(spec: str) -> list[int]:
     return counts
 
 
+def _num_nodes(world: int, local_world: int) -> int:
+    """Nodes needed for ``world`` ranks at ``local_world`` per node (rounded up).
+
+    Never divides by zero: a size < 1 is reported by :func:`_validate` with the variable's
+    name instead of a ZeroDivisionError.
+    """
+    if local_world < 1 or world < 1:
+        return 1
+    return max(-(-world // local_world), 1)
+
+
+def _check_counts(
+    r: _Reader, rank: int, world: int, local_rank: int, local_world: int, node_rank: int,
+    num_nodes: int,
+) -> None:
+    """Report bad rank/size values before MASTER_ADDR/MASTER_PORT errors can hide them."""
+    _validate(
+        ProcessInfo(rank, world, local_rank, local_world, node_rank, num_nodes, sources=r.sources)
+    )
+
+
 def _validate(info: ProcessInfo) -> ProcessInfo:
     src = info.sources
 
@@ -307,9 +330,13 @@ def _torchrun(env: Mapping[str, str]) -> ProcessInfo | None:
     local_rank = r.int("local_rank", "LOCAL_RANK")
     local_world = r.int("local_world_size", "LOCAL_WORLD_SIZE", default=world)
     node_rank = r.int("node_rank", "GROUP_RANK", default=0)
-    num_nodes = r.int("num_nodes", "GROUP_WORLD_SIZE", default=max(world // local_world, 1))
+    num_nodes = r.int("num_nodes", "GROUP_WORLD_SIZE", default=_num_nodes(world, local_world))
     restarts = r.int("restart_count", "TORCHELASTIC_RESTART_COUNT", default=0)
-    addr = r.str("master_addr", "MASTER_ADDR") or LOOPBACK
+    _check_counts(r, rank, world, local_rank, local_world, node_rank, num_nodes)
+    addr = r.str("master_addr", "MASTER_ADDR")
+    if addr is None:
+        addr = LOOPBACK
+        r.sources["master_addr"] = "default: loopback"
     port = _port(r)
     if port is None:
         raise LaunchEnvError("torchrun set RANK but not MASTER_PORT; is this a torchrun child?")
@@ -331,8 +358,13 @@ def _env(env: Mapping[str, str]) -> ProcessInfo | None:
     else:  # a hand-written env:// job on one machine
         local_rank, local_world = rank, world
         r.sources["local_rank"] = r.sources["local_world_size"] = "assumed single node"
-    node_rank = r.int("node_rank", ("GROUP_RANK", "NODE_RANK"), default=0)
-    num_nodes = max(world // local_world, 1)
+    num_nodes = _num_nodes(world, local_world)
+    if r.first(("GROUP_RANK", "NODE_RANK")) is not None:
+        node_rank = r.int("node_rank", ("GROUP_RANK", "NODE_RANK"))
+    else:  # block placement, as torchrun and `devlayer launch` do
+        node_rank = rank // local_world if local_world > 0 else 0
+        r.sources["node_rank"] = "rank // local_world_size"
+    _check_counts(r, rank, world, local_rank, local_world, node_rank, num_nodes)
     addr, port = _master(
         r, single_node=num_nodes == 1, world_size=world, fallback_port=lambda: None
     )
@@ -364,12 +396,13 @@ def _mpi(
         if local_rank < 0 or local_world < 0:  # launcher did not say: assume one node
             local_rank, local_world = rank, world
             r.sources["local_rank"] = r.sources["local_world_size"] = "assumed single node"
-        num_nodes = max(-(-world // local_world), 1)
+        num_nodes = _num_nodes(world, local_world)
         if node_vars and r.first(node_vars):
             node_rank = r.int("node_rank", node_vars)
         else:
-            node_rank = rank // local_world
+            node_rank = rank // local_world if local_world > 0 else 0
             r.sources["node_rank"] = "rank // local_world_size"
+        _check_counts(r, rank, world, local_rank, local_world, node_rank, num_nodes)
         addr, port = _master(
             r,
             single_node=num_nodes == 1,
@@ -426,8 +459,14 @@ _pmix = _mpi(
     job_vars=("PMIX_NAMESPACE", "SLURM_JOB_ID"),
 )
 
-# Slurm step ids that are not srun steps: the batch script and the extern step.
-_SLURM_NON_SRUN_STEPS = {"batch", "extern", "interactive", "4294967294", "4294967295", "4294967292"}
+# Slurm step ids that are not srun steps: the batch script, the extern step and the
+# interactive step of salloc. Numeric forms from slurm.h: since 20.11 batch = 0xfffffffb,
+# interactive = 0xfffffffa, extern = 0xfffffffc, pending = 0xfffffffd; before 20.11
+# batch = 0xfffffffe, extern = 0xffffffff.
+_SLURM_NON_SRUN_STEPS = {
+    "batch", "extern", "interactive", "pending",
+    "4294967290", "4294967291", "4294967292", "4294967293", "4294967294", "4294967295",
+}
 _SRUN_MARKERS = ("SLURM_STEP_NUM_TASKS", "SLURM_SRUN_COMM_PORT", "SLURM_STEP_LAUNCHER_PORT")
 
 
@@ -461,6 +500,7 @@ def _slurm(env: Mapping[str, str]) -> ProcessInfo | None:
         r.sources["local_world_size"] = f"{per_node_var[0]}[{node_rank}]"
     else:
         local_world = r.int("local_world_size", "SLURM_NTASKS_PER_NODE", default=world)
+    _check_counts(r, rank, world, local_rank, local_world, node_rank, num_nodes)
     nodelist = r.first(("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST"))
     first_host = expand_nodelist(nodelist[1])[0] if nodelist else None
     step = env.get("SLURM_STEP_ID", env.get("SLURM_STEPID", "0"))
@@ -507,7 +547,8 @@ LAUNCHERS: dict[str, Callable[[Mapping[str, str]], ProcessInfo | None]] = {
 _ALIASES = {"accelerate": "torchrun", "torchelastic": "torchrun", "intelmpi": "mpich",
             "srun": "slurm", "mpi": "openmpi", "spawn": "env"}
 
-_COMPARED = ("rank", "world_size", "local_rank")
+_COMPARED = (("rank", "RANK"), ("world_size", "WORLD_SIZE"), ("local_rank", "LOCAL_RANK"))
+_MPI_FAMILY = ("openmpi", "mvapich", "pals", "mpich", "pmix")
 
 
 def _single(env: Mapping[str, str], notes: tuple[str, ...] = ()) -> ProcessInfo:
@@ -561,18 +602,30 @@ def detect(
             )
         return _validate(found)
 
-    matches: list[ProcessInfo] = []
+    chosen: ProcessInfo | None = None
+    hand: ProcessInfo | None = None
+    hand_error: LaunchEnvError | None = None
     for name, detector in LAUNCHERS.items():
         if name in disabled:
             continue
+        if name == "env":
+            # Hand-set RANK/WORLD_SIZE are only compared with a scheduler or MPI detector
+            # below (whose values are then used); their own errors, such as a missing
+            # MASTER_PORT that srun would derive, matter only when nothing else matches.
+            try:
+                hand = detector(env)
+            except LaunchEnvError as exc:
+                hand_error = exc
+            continue
         found = detector(env)
         if found is not None:
-            matches.append(found)
-            if name == "torchrun":
-                break  # torchrun's values win, also inside srun or mpirun
-            if name != "env":
-                break
-    if not matches:
+            chosen = _srun_launched(env, found, disabled) if name in _MPI_FAMILY else found
+            break  # the first match wins; torchrun's also inside srun or mpirun
+    if chosen is None:
+        if hand_error is not None:
+            raise hand_error
+        if hand is not None:
+            return _validate(hand)
         notes: tuple[str, ...] = ()
         if "SLURM_JOB_ID" in env and "slurm" not in disabled:
             notes = (
@@ -581,16 +634,57 @@ def detect(
             )
         return _single(env, notes)
 
-    chosen = matches[0]
-    if chosen.launcher == "env" and len(matches) > 1:
-        other = matches[1]
-        for fieldname in _COMPARED:
-            mine, theirs = getattr(chosen, fieldname), getattr(other, fieldname)
+    if hand is not None or hand_error is not None:
+        # Compare only what was really exported: when LOCAL_RANK is absent the env detector
+        # assumes one node, which says nothing about a multi-node srun step.
+        for fieldname, var, mine in _hand_set(env):
+            theirs = getattr(chosen, fieldname)
             if mine != theirs:
                 raise LaunchEnvError(
-                    f"conflicting launcher variables: {chosen.sources.get(fieldname)}={mine} "
-                    f"but {other.sources.get(fieldname)}={theirs} ({other.launcher}); unset the "
-                    f"hand-set one, or set DEVLAYER_LAUNCHER=env or ={other.launcher} to choose"
+                    f"conflicting launcher variables: {var}={mine} "
+                    f"but {chosen.sources.get(fieldname)}={theirs} ({chosen.launcher}); unset the "
+                    f"hand-set one, or set DEVLAYER_LAUNCHER=env or ={chosen.launcher} to choose"
                 )
-        chosen = replace(other, sources={**other.sources}, notes=("RANK/WORLD_SIZE agree",))
+        chosen = replace(
+            chosen, sources={**chosen.sources}, notes=(*chosen.notes, "RANK/WORLD_SIZE agree")
+        )
     return _validate(chosen)
+
+
+def _hand_set(env: Mapping[str, str]) -> list[tuple[str, str, int]]:
+    """``(field, variable, value)`` for each of RANK, WORLD_SIZE, LOCAL_RANK that is set."""
+    r = _Reader(env, "env")
+    return [
+        (fieldname, var, r.int(fieldname, var))
+        for fieldname, var in _COMPARED
+        if r.first((var,)) is not None
+    ]
+
+
+def _srun_launched(
+    env: Mapping[str, str], found: ProcessInfo, disabled: set[str]
+) -> ProcessInfo:
+    """Prefer SLURM's layout when srun itself started MPI-style ranks.
+
+    ``srun --mpi=pmi2`` sets ``PMI_RANK``/``PMI_SIZE`` and ``srun --mpi=pmix`` sets
+    ``PMIX_RANK``, but neither says how many ranks share a node, so the MPI detector would
+    assume one node (loopback MASTER_ADDR, local_rank = rank). When the srun step's own
+    rank and size agree, srun is the launcher and its per-node values are the right ones.
+    ``mpirun`` inside an allocation always gives local ranks, so it never gets here.
+    """
+    if found.sources.get("local_world_size") != "assumed single node" or "slurm" in disabled:
+        return found
+    try:
+        srun = _slurm(env)
+    except LaunchEnvError:
+        return found
+    if srun is None or (srun.rank, srun.world_size) != (found.rank, found.world_size):
+        return found
+    return replace(
+        srun,
+        notes=(
+            *srun.notes,
+            f"{found.launcher} variables without local ranks: srun started the tasks "
+            f"(srun --mpi=...), so SLURM's node layout is used",
+        ),
+    )

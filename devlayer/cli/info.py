@@ -1,0 +1,144 @@
+"""``devlayer info``: what devlayer sees on this machine, in one process, no process group."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from typing import Any
+
+import devlayer
+from devlayer import DevlayerError
+from devlayer.launchers import detect
+from devlayer.registry import select_backend
+
+SCHEMA_VERSION = 1
+COMMS = ("nccl", "xccl", "ccl", "gloo", "mpi")
+VISIBILITY_VARS = (
+    "CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES",
+    "ZE_AFFINITY_MASK", "ONEAPI_DEVICE_SELECTOR", "ZE_FLAT_DEVICE_HIERARCHY",
+    "DEVLAYER_DEVICES", "DEVLAYER_BACKEND", "DEVLAYER_VISIBILITY_APPLIED",
+)
+
+
+def collect() -> dict[str, Any]:
+    """Gather the report as a JSON-ready dict (schema version :data:`SCHEMA_VERSION`)."""
+    import torch
+
+    report: dict[str, Any] = {
+        "schema": SCHEMA_VERSION,
+        "devlayer": devlayer.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "backends": [],
+        "selected": None,
+        "selection_error": None,
+        "devices": None,
+        "comm": {},
+        "launcher": None,
+        "launcher_error": None,
+        "visibility": {v: os.environ[v] for v in VISIBILITY_VARS if v in os.environ},
+        "warnings": [],
+    }
+    warnings: list[str] = report["warnings"]
+    backends = devlayer.registered_backends()
+    for name, be in backends.items():
+        avail = be.availability()
+        report["backends"].append(
+            {"name": name, "priority": be.priority, "device_type": be.device_type,
+             "available": avail.ok, "reason": avail.reason}
+        )
+    try:
+        sel = select_backend()
+        be = sel.backend
+        report["selected"] = {"name": be.name, "reason": sel.reason}
+        count = be.device_count()
+        names = []
+        if be.device_type not in ("cpu",):
+            names = [be.runtime.device_name(i) for i in range(count)]
+        report["devices"] = {"type": be.device_type, "count": count, "names": names}
+        report["comm"] = {c: bool(be.runtime.comm_available(c)) for c in COMMS}
+        if getattr(be.runtime, "simulated", False):
+            warnings.append(f"{be.name} is simulated (DEVLAYER_SIMULATE); no real device is used")
+    except DevlayerError as exc:
+        report["selection_error"] = str(exc)
+        warnings.append(f"backend selection failed: {exc}")
+    try:
+        info = detect(os.environ)
+        report["launcher"] = {
+            "name": info.launcher, "rank": info.rank, "world_size": info.world_size,
+            "local_rank": info.local_rank, "local_world_size": info.local_world_size,
+            "node_rank": info.node_rank, "num_nodes": info.num_nodes,
+            "master_addr": info.master_addr, "master_port": info.master_port,
+            "sources": dict(info.sources), "notes": list(info.notes),
+        }
+        warnings.extend(info.notes)
+        local_ranks = info.local_world_size
+    except DevlayerError as exc:
+        report["launcher_error"] = str(exc)
+        warnings.append(f"launcher environment: {exc}")
+        local_ranks = 1
+    if os.environ.get("CUDA_VISIBLE_DEVICES") and os.environ.get("HIP_VISIBLE_DEVICES"):
+        warnings.append(
+            "CUDA_VISIBLE_DEVICES and HIP_VISIBLE_DEVICES are both set; on ROCm both apply, "
+            "one after the other. Set only one of them"
+        )
+    threads = os.environ.get("OMP_NUM_THREADS")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if threads and threads.isdigit() and cores and int(threads) * local_ranks > cores:
+        warnings.append(
+            f"OMP_NUM_THREADS={threads} x {local_ranks} local rank(s) > {cores} cores: threads "
+            f"will compete; use OMP_NUM_THREADS={max(cores // local_ranks, 1)}"
+        )
+    return report
+
+
+def _text(report: dict[str, Any]) -> str:
+    lines = [
+        f"devlayer {report['devlayer']}  torch {report['torch']}  python {report['python']}",
+        "",
+        "backends (auto-detect order):",
+    ]
+    for b in report["backends"]:
+        mark = "yes" if b["available"] else "no "
+        lines.append(f"  {b['name']:<8} {mark}  {b['reason']}")
+    sel = report["selected"]
+    lines.append("")
+    if sel:
+        lines.append(f"selected: {sel['name']} ({sel['reason']})")
+        dev = report["devices"]
+        lines.append(f"devices:  {dev['count']} {dev['type']}")
+        lines.extend(f"  [{i}] {n}" for i, n in enumerate(dev["names"]))
+        comms = [c for c, ok in report["comm"].items() if ok]
+        lines.append(f"comm:     {', '.join(comms) or 'none'}")
+    else:
+        lines.append(f"selected: none ({report['selection_error']})")
+    la = report["launcher"]
+    if la:
+        lines.append(
+            f"launcher: {la['name']}  rank {la['rank']}/{la['world_size']}  local "
+            f"{la['local_rank']}/{la['local_world_size']}  node {la['node_rank']}/"
+            f"{la['num_nodes']}  master {la['master_addr']}:{la['master_port']}"
+        )
+        for key, src in la["sources"].items():
+            lines.append(f"  {key:<17} <- {src}")
+    if report["visibility"]:
+        lines.append("environment:")
+        lines.extend(f"  {k}={v}" for k, v in report["visibility"].items())
+    if report["warnings"]:
+        lines.append("warnings:")
+        lines.extend(f"  ! {w}" for w in report["warnings"])
+    return "\n".join(lines)
+
+
+def run(*, as_json: bool = False) -> int:
+    """Print the report; exit code 0 (warnings do not fail)."""
+    report = collect()
+    if as_json:
+        json.dump(report, sys.stdout, indent=2, sort_keys=True)
+        sys.stdout.write("\n")
+    else:
+        print(_text(report))
+    return 0

@@ -1,0 +1,91 @@
+"""Project rules kept as tests so they cannot regress (STYLE.md sections 1, 5 and 11)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import ROOT, subprocess_env
+
+VENDOR_APIS = re.compile(
+    r"torch\.(cuda|xpu|mps|backends\.mps)\b|intel_extension_for_pytorch|oneccl_bindings|"
+    r"\bipex\b"
+)
+
+
+def _python_files(*folders: str) -> list[Path]:
+    return [p for f in folders for p in (ROOT / f).rglob("*.py")]
+
+
+def test_import_devlayer_is_light():
+    code = (
+        "import sys, os; before = dict(os.environ); import devlayer; "
+        "heavy = [m for m in ('torch', 'numpy', 'devlayer.backends.cuda', 'devlayer.lifecycle',"
+        " 'devlayer.registry') if m in sys.modules]; "
+        "assert not heavy, heavy; assert dict(os.environ) == before, 'env changed'; print('ok')"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=subprocess_env(), timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+def test_only_backends_touch_vendor_apis():
+    offenders = []
+    for path in _python_files("devlayer", "examples", "benchmarks"):
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("#", 1)[0]
+            if VENDOR_APIS.search(code) and '"""' not in line and not code.strip().startswith(
+                (">>>", "``")
+            ):
+                offenders.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
+    assert not offenders, "vendor APIs outside backends/:\n" + "\n".join(offenders)
+
+
+def test_vendor_files_do_not_import_each_other():
+    for path in _python_files("backends"):
+        text = path.read_text()
+        others = {p.stem for p in (ROOT / "backends").glob("*.py")} - {path.stem, "_common",
+                                                                        "__init__"}
+        for other in others:
+            assert f"from .{other} " not in text and f"backends.{other}" not in text, (
+                f"{path.name} imports {other}"
+            )
+
+
+@pytest.mark.parametrize("pattern", [r"weights_only\s*=\s*False", r"torch\.distributed\.rpc",
+                                     r"pickle\.loads?\("])
+def test_no_unsafe_loading_in_library(pattern):
+    hits = [
+        f"{p.relative_to(ROOT)}:{n}"
+        for p in _python_files("devlayer", "backends")
+        for n, line in enumerate(p.read_text().splitlines(), 1)
+        if re.search(pattern, line)
+    ]
+    assert not hits, hits
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_wheel_install_maps_backends_into_devlayer(tmp_path):
+    """pip install . puts backends/ at devlayer/backends (the package-dir mapping)."""
+    target = tmp_path / "site"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-q",
+         "--target", str(target), str(ROOT)],
+        capture_output=True, text=True, timeout=170,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (target / "devlayer" / "backends" / "cuda.py").is_file()
+    env = subprocess_env()
+    env["PYTHONPATH"] = str(target)
+    code = ("import devlayer, devlayer.backends.cpu as c; "
+            "assert devlayer.__file__.startswith(%r), devlayer.__file__; "
+            "print(sorted(devlayer.registered_backends()))" % str(target))
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         cwd=tmp_path, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert "'cpu', 'cuda', 'mps', 'xpu'" in run.stdout
