@@ -39,16 +39,6 @@ if TYPE_CHECKING:
         broadcast,
         broadcast_object,
     )
-    from devlayer.registry import (
-        Availability,
-        Backend,
-        available_backends,
-        get_backend,
-        register_backend,
-        registered_backends,
-        unregister_backend,
-    )
-    from devlayer.multiproc import RankFailedError, spawn
     from devlayer.lifecycle import (
         State,
         backend,
@@ -64,6 +54,16 @@ if TYPE_CHECKING:
         shutdown,
         state,
         world_size,
+    )
+    from devlayer.multiproc import RankFailedError, spawn
+    from devlayer.registry import (
+        Availability,
+        Backend,
+        available_backends,
+        get_backend,
+        register_backend,
+        registered_backends,
+        unregister_backend,
     )
 
 __all__ = [
@@ -118,20 +118,46 @@ __all__ = [
 # name -> module that defines it; resolved on first attribute access (PEP 562).
 _LAZY = {
     **dict.fromkeys(
-        ("all_gather", "all_gather_object", "all_reduce", "barrier", "broadcast",
-         "broadcast_object"),
+        (
+            "all_gather",
+            "all_gather_object",
+            "all_reduce",
+            "barrier",
+            "broadcast",
+            "broadcast_object",
+        ),
         "devlayer.comm",
     ),
     **dict.fromkeys(
-        ("Availability", "Backend", "available_backends", "get_backend", "register_backend",
-         "registered_backends", "unregister_backend"),
+        (
+            "Availability",
+            "Backend",
+            "available_backends",
+            "get_backend",
+            "register_backend",
+            "registered_backends",
+            "unregister_backend",
+        ),
         "devlayer.registry",
     ),
     **dict.fromkeys(("spawn", "RankFailedError"), "devlayer.multiproc"),
     **dict.fromkeys(
-        ("State", "backend", "device", "init", "is_initialized", "is_local_main", "is_main",
-         "local_rank", "local_world_size", "node_rank", "rank", "shutdown", "state",
-         "world_size"),
+        (
+            "State",
+            "backend",
+            "device",
+            "init",
+            "is_initialized",
+            "is_local_main",
+            "is_main",
+            "local_rank",
+            "local_world_size",
+            "node_rank",
+            "rank",
+            "shutdown",
+            "state",
+            "world_size",
+        ),
         "devlayer.lifecycle",
     ),
 }

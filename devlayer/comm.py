@@ -123,7 +123,7 @@ def _flatten(obj: object, path: str, leaves: list[tuple[str, _Leaf]], torch: Any
     if isinstance(obj, (list, tuple)):
         items = [_flatten(v, f"{path}[{i}]", leaves, torch) for i, v in enumerate(obj)]
         if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
-            return type(obj)(*items)
+            return type(obj)(*items)  # type: ignore[arg-type]
         return type(obj)(items)
     raise InvalidArgumentError(
         f"{path or 'value'} has type {type(obj).__name__}; collectives take tensors, Python "
@@ -180,7 +180,7 @@ def all_reduce(x: T, op: str = "sum") -> T:
     ctx = _ctx()
     torch = ctx.torch
     if isinstance(x, torch.Tensor):
-        return _reduce_tensor(ctx, x, name)  # type: ignore[return-value]
+        return _reduce_tensor(ctx, x, name)
     leaves: list[tuple[str, _Leaf]] = []
     skeleton = _flatten(x, "", leaves, torch)
     results: list[object] = [None] * len(leaves)
@@ -198,8 +198,11 @@ def all_reduce(x: T, op: str = "sum") -> T:
     for key, idxs in groups.items():
         if isinstance(key, str):
             dtype = torch.float64 if key == "float" else torch.int64
-            buf = torch.tensor([float(leaves[i][1]) if key == "float" else int(leaves[i][1])
-                                for i in idxs], dtype=dtype, device=ctx.device)
+            buf = torch.tensor(
+                [float(leaves[i][1]) if key == "float" else int(leaves[i][1]) for i in idxs],
+                dtype=dtype,
+                device=ctx.device,
+            )
             _reduce_flat(ctx, buf, name)
             for i, value in zip(idxs, buf.tolist(), strict=True):
                 results[i] = value
@@ -213,7 +216,7 @@ def all_reduce(x: T, op: str = "sum") -> T:
                 t.copy_(flat[offset : offset + n].view_as(t))
                 offset += n
                 results[i] = t
-    return _unflatten(skeleton, results)  # type: ignore[no-any-return]
+    return _unflatten(skeleton, results)
 
 
 def _int_mean(path: str, t: Any) -> InvalidArgumentError:
@@ -286,7 +289,7 @@ def all_gather(x: Any, *, same_shape: bool = False) -> list[Any]:
     """
     ctx = _ctx()
     torch = ctx.torch
-    if isinstance(x, bool) or isinstance(x, (int, float)):
+    if isinstance(x, (bool, int, float)):
         return _gather_numbers(ctx, x)
     if not isinstance(x, torch.Tensor):
         raise InvalidArgumentError(
@@ -297,10 +300,7 @@ def all_gather(x: Any, *, same_shape: bool = False) -> list[Any]:
         return [x]
     t = x if x.device.type in ctx.device_types else x.to(ctx.device)
     t = t.contiguous()
-    if same_shape:
-        parts = _gather_equal(ctx, t)
-    else:
-        parts = _gather_uneven(ctx, t)
+    parts = _gather_equal(ctx, t) if same_shape else _gather_uneven(ctx, t)
     if parts and parts[0].device != x.device:
         parts = [p.to(x.device) for p in parts]
     return parts
@@ -324,8 +324,18 @@ def _dtype_code(torch: Any, dtype: Any) -> int:
 
 def _dtype_table(torch: Any) -> tuple[Any, ...]:
     return (
-        torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32,
-        torch.int16, torch.int8, torch.uint8, torch.bool, torch.complex64, torch.complex128,
+        torch.float32,
+        torch.float64,
+        torch.float16,
+        torch.bfloat16,
+        torch.int64,
+        torch.int32,
+        torch.int16,
+        torch.int8,
+        torch.uint8,
+        torch.bool,
+        torch.complex64,
+        torch.complex128,
     )
 
 
@@ -429,7 +439,7 @@ def broadcast(x: T, src: int = 0) -> T:
         return x
     if isinstance(x, torch.Tensor):
         _broadcast_tensors(ctx, [x], src)
-        return x  # type: ignore[return-value]
+        return x
     leaves: list[tuple[str, _Leaf]] = []
     skeleton = _flatten(x, "", leaves, torch)
     results: list[object] = [None] * len(leaves)
@@ -454,14 +464,16 @@ def broadcast(x: T, src: int = 0) -> T:
             t.copy_(flat[offset : offset + t.numel()].view_as(t))
             offset += t.numel()
             results[i] = t
-    return _unflatten(skeleton, results)  # type: ignore[no-any-return]
+    return _unflatten(skeleton, results)
 
 
 def _broadcast_tensors(ctx: _Ctx, tensors: list[Any], src: int) -> None:
     for t in tensors:
-        work = t if t.device.type in ctx.device_types and t.is_contiguous() else t.to(
-            ctx.device
-        ).contiguous()
+        work = (
+            t
+            if t.device.type in ctx.device_types and t.is_contiguous()
+            else t.to(ctx.device).contiguous()
+        )
         try:
             ctx.dist.broadcast(work, src=src)
         except RuntimeError as exc:
@@ -541,4 +553,3 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     except RuntimeError as exc:
         raise _fail(ctx, "broadcast_object", exc) from exc
     return box[0]
-

@@ -72,7 +72,14 @@ class BackendNotFoundError(DevlayerError, LookupError):
 
 
 # Names users pass from habit (perceptrain's backend="nccl") mapped to the device backend.
-_COMM_NAMES = {"nccl": "cuda", "rccl": "cuda", "xccl": "xpu", "ccl": "xpu", "gloo": "cpu", "mpi": "cpu"}
+_COMM_NAMES = {
+    "nccl": "cuda",
+    "rccl": "cuda",
+    "xccl": "xpu",
+    "ccl": "xpu",
+    "gloo": "cpu",
+    "mpi": "cpu",
+}
 
 
 class BackendUnavailableError(DevlayerError):

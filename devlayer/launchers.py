@@ -119,9 +119,7 @@ class _Reader:
                 return name, value.strip()
         return None
 
-    def int(
-        self, fieldname: str, names: Iterable[str] | str, default: int | None = None
-    ) -> int:
+    def int(self, fieldname: str, names: Iterable[str] | str, default: int | None = None) -> int:
         names = (names,) if isinstance(names, str) else tuple(names)
         found = self.first(names)
         if found is None:
@@ -226,7 +224,12 @@ def _num_nodes(world: int, local_world: int) -> int:
 
 
 def _check_counts(
-    r: _Reader, rank: int, world: int, local_rank: int, local_world: int, node_rank: int,
+    r: _Reader,
+    rank: int,
+    world: int,
+    local_rank: int,
+    local_world: int,
+    node_rank: int,
     num_nodes: int,
 ) -> None:
     """Report bad rank/size values before MASTER_ADDR/MASTER_PORT errors can hide them."""
@@ -262,8 +265,7 @@ def _validate(info: ProcessInfo) -> ProcessInfo:
         )
     if not 0 <= info.node_rank < max(info.num_nodes, 1):
         raise LaunchEnvError(
-            f"{where('node_rank')}={info.node_rank} is out of range for "
-            f"{info.num_nodes} node(s)"
+            f"{where('node_rank')}={info.node_rank} is out of range for {info.num_nodes} node(s)"
         )
     return info
 
@@ -338,11 +340,25 @@ def _torchrun(env: Mapping[str, str]) -> ProcessInfo | None:
         addr = LOOPBACK
         r.sources["master_addr"] = "default: loopback"
     port = _port(r)
-    if port is None:
-        raise LaunchEnvError("torchrun set RANK but not MASTER_PORT; is this a torchrun child?")
+    if port is None and world > 1:
+        # world 1 needs no store: that is also what devlayer.init() of a single process
+        # exports (ProcessInfo.torch_env), which its child processes inherit.
+        raise LaunchEnvError(
+            f"torchrun set RANK but not MASTER_PORT (WORLD_SIZE={world}); is this a torchrun "
+            f"child? export MASTER_PORT=<free port, same on every rank>"
+        )
     return ProcessInfo(
-        rank, world, local_rank, local_world, node_rank, num_nodes, addr, port, name,
-        restarts, r.sources,
+        rank,
+        world,
+        local_rank,
+        local_world,
+        node_rank,
+        num_nodes,
+        addr,
+        port,
+        name,
+        restarts,
+        r.sources,
     )
 
 
@@ -369,7 +385,16 @@ def _env(env: Mapping[str, str]) -> ProcessInfo | None:
         r, single_node=num_nodes == 1, world_size=world, fallback_port=lambda: None
     )
     return ProcessInfo(
-        rank, world, local_rank, local_world, node_rank, num_nodes, addr, port, "env", 0,
+        rank,
+        world,
+        local_rank,
+        local_world,
+        node_rank,
+        num_nodes,
+        addr,
+        port,
+        "env",
+        0,
         r.sources,
     )
 
@@ -410,7 +435,16 @@ def _mpi(
             fallback_port=lambda: _job_port(env, job_vars) or (DEFAULT_PORT, "default"),
         )
         return ProcessInfo(
-            rank, world, local_rank, local_world, node_rank, num_nodes, addr, port, name, 0,
+            rank,
+            world,
+            local_rank,
+            local_world,
+            node_rank,
+            num_nodes,
+            addr,
+            port,
+            name,
+            0,
             r.sources,
         )
 
@@ -464,8 +498,16 @@ _pmix = _mpi(
 # interactive = 0xfffffffa, extern = 0xfffffffc, pending = 0xfffffffd; before 20.11
 # batch = 0xfffffffe, extern = 0xffffffff.
 _SLURM_NON_SRUN_STEPS = {
-    "batch", "extern", "interactive", "pending",
-    "4294967290", "4294967291", "4294967292", "4294967293", "4294967294", "4294967295",
+    "batch",
+    "extern",
+    "interactive",
+    "pending",
+    "4294967290",
+    "4294967291",
+    "4294967292",
+    "4294967293",
+    "4294967294",
+    "4294967295",
 }
 _SRUN_MARKERS = ("SLURM_STEP_NUM_TASKS", "SLURM_SRUN_COMM_PORT", "SLURM_STEP_LAUNCHER_PORT")
 
@@ -521,7 +563,16 @@ def _slurm(env: Mapping[str, str]) -> ProcessInfo | None:
         multi_node_addr_source=f"first node of {nodelist[0]}" if nodelist else "",
     )
     return ProcessInfo(
-        rank, world, local_rank, local_world, node_rank, num_nodes, addr, port, "slurm", 0,
+        rank,
+        world,
+        local_rank,
+        local_world,
+        node_rank,
+        num_nodes,
+        addr,
+        port,
+        "slurm",
+        0,
         r.sources,
     )
 
@@ -544,8 +595,14 @@ LAUNCHERS: dict[str, Callable[[Mapping[str, str]], ProcessInfo | None]] = {
     "pmix": _pmix,
     "slurm": _slurm,
 }
-_ALIASES = {"accelerate": "torchrun", "torchelastic": "torchrun", "intelmpi": "mpich",
-            "srun": "slurm", "mpi": "openmpi", "spawn": "env"}
+_ALIASES = {
+    "accelerate": "torchrun",
+    "torchelastic": "torchrun",
+    "intelmpi": "mpich",
+    "srun": "slurm",
+    "mpi": "openmpi",
+    "spawn": "env",
+}
 
 _COMPARED = (("rank", "RANK"), ("world_size", "WORLD_SIZE"), ("local_rank", "LOCAL_RANK"))
 _MPI_FAMILY = ("openmpi", "mvapich", "pals", "mpich", "pmix")
@@ -661,9 +718,7 @@ def _hand_set(env: Mapping[str, str]) -> list[tuple[str, str, int]]:
     ]
 
 
-def _srun_launched(
-    env: Mapping[str, str], found: ProcessInfo, disabled: set[str]
-) -> ProcessInfo:
+def _srun_launched(env: Mapping[str, str], found: ProcessInfo, disabled: set[str]) -> ProcessInfo:
     """Prefer SLURM's layout when srun itself started MPI-style ranks.
 
     ``srun --mpi=pmi2`` sets ``PMI_RANK``/``PMI_SIZE`` and ``srun --mpi=pmix`` sets

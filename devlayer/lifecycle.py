@@ -26,6 +26,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -296,9 +297,11 @@ def init(
                 f"the set-up"
             )
         check_torch_version()
-        tmo = parse_timeout(timeout) or parse_timeout(
-            os.environ.get("DEVLAYER_TIMEOUT"), origin="DEVLAYER_TIMEOUT"
-        ) or DEFAULT_TIMEOUT
+        tmo = (
+            parse_timeout(timeout)
+            or parse_timeout(os.environ.get("DEVLAYER_TIMEOUT"), origin="DEVLAYER_TIMEOUT")
+            or DEFAULT_TIMEOUT
+        )
         if devices is None and os.environ.get("DEVLAYER_DEVICES", "").strip():
             spec = _devices.parse_devices(os.environ["DEVLAYER_DEVICES"], origin="DEVLAYER_DEVICES")
             spec_origin = "DEVLAYER_DEVICES"
@@ -443,7 +446,10 @@ def _pick_device(
         log.warning(
             "%d local ranks share %d %s devices (rank -> local_rank %% %d); collectives such "
             "as nccl refuse two ranks on one device",
-            info.local_world_size, count, be.device_type, count,
+            info.local_world_size,
+            count,
+            be.device_type,
+            count,
         )
     return _devices.device_index(info.local_rank, count)
 
@@ -512,6 +518,9 @@ def rendezvous(info: ProcessInfo, timeout: timedelta) -> Any:
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
     is_server = info.rank == 0 and not agent_store
     deadline = time.monotonic() + timeout.total_seconds()
+    kwargs: dict[str, Any] = {}
+    if is_server and _is_loopback(addr):
+        kwargs["master_listen_fd"] = _listen_loopback(int(port or 0), where, src)
     try:
         base = dist.TCPStore(
             host_name=addr,
@@ -520,16 +529,13 @@ def rendezvous(info: ProcessInfo, timeout: timedelta) -> Any:
             is_master=is_server,
             timeout=timeout,
             wait_for_workers=False,
-            multi_tenant=True,
+            multi_tenant="master_listen_fd" not in kwargs,
+            **kwargs,
         )
     except Exception as exc:
         text = str(exc)
         if is_server and ("in use" in text.lower() or "EADDRINUSE" in text):
-            raise RendezvousError(
-                f"rank 0 cannot listen on {where}: port {port} is already in use "
-                f"(MASTER_PORT from {src.get('master_port', 'MASTER_PORT')}). Choose a free "
-                f"port (export MASTER_PORT=...), or stop the process holding it"
-            ) from exc
+            raise _port_in_use(where, port, src) from exc
         raise RendezvousError(
             f"rank {info.rank} could not reach the rendezvous store at {where} within "
             f"{timeout.total_seconds():g}s (MASTER_ADDR from "
@@ -549,6 +555,41 @@ def rendezvous(info: ProcessInfo, timeout: timedelta) -> Any:
     store.add("joined", 1)
     _wait_for_all(store, info, where, deadline, timeout)
     return store
+
+
+def _is_loopback(addr: str) -> bool:
+    import ipaddress
+
+    if addr == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(addr).is_loopback
+    except ValueError:
+        return False
+
+
+def _port_in_use(where: str, port: object, src: Mapping[str, str]) -> RendezvousError:
+    return RendezvousError(
+        f"rank 0 cannot listen on {where}: port {port} is already in use "
+        f"(MASTER_PORT from {src.get('master_port', 'MASTER_PORT')}). Choose a free "
+        f"port (export MASTER_PORT=...), or stop the process holding it"
+    )
+
+
+def _listen_loopback(port: int, where: str, src: Mapping[str, str]) -> int:
+    """A socket listening on 127.0.0.1 only, handed to the TCP store by file descriptor.
+
+    torch's store server otherwise listens on every interface; on one node nothing outside
+    this machine needs to reach it.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.bind(("127.0.0.1", port))
+        sock.listen(512)
+    except OSError as exc:
+        sock.close()
+        raise _port_in_use(where, port, src) from exc
+    return sock.detach()  # the store owns the descriptor from now on
 
 
 def _wait_for_all(
@@ -578,7 +619,11 @@ def _wait_for_all(
         if now >= next_note:
             log.warning(
                 "rank %d: waiting at %s for %d more rank(s) (%d of %d joined)",
-                info.rank, where, info.world_size - joined, joined, info.world_size,
+                info.rank,
+                where,
+                info.world_size - joined,
+                joined,
+                info.world_size,
             )
             next_note = now + 30.0
         time.sleep(delay)
@@ -693,4 +738,3 @@ def device() -> torch.device:
 def backend() -> str:
     """Name of the backend in use."""
     return state().backend
-

@@ -171,7 +171,7 @@ def _supervise(
     while running:
         wait_s = 0.2 if deadline is None else max(0.0, min(0.2, deadline - time.monotonic()))
         for sentinel in wait(list(running), timeout=wait_s):
-            rank, p = running.pop(sentinel)  # type: ignore[call-overload]
+            rank, p = running.pop(sentinel)
             p.join()
             error = _drain(results, values)
             if error is not None:

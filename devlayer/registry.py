@@ -207,8 +207,10 @@ class Backend:
         """The torch device for ``index`` (``None`` = no index, e.g. ``cpu``)."""
         import torch
 
-        return torch.device(self.device_type, index) if index is not None else torch.device(
-            self.device_type
+        return (
+            torch.device(self.device_type, index)
+            if index is not None
+            else torch.device(self.device_type)
         )
 
     def __repr__(self) -> str:
@@ -226,9 +228,9 @@ _simulated: dict[str, Runtime] = {}
 
 
 def _as_backend(obj: object, origin: str) -> Backend:
-    if isinstance(obj, type) and issubclass(obj, Backend):
-        obj = obj()
-    elif callable(obj) and not isinstance(obj, Backend):
+    if (isinstance(obj, type) and issubclass(obj, Backend)) or (
+        callable(obj) and not isinstance(obj, Backend)
+    ):
         obj = obj()
     if not isinstance(obj, Backend):
         raise InvalidArgumentError(
@@ -414,9 +416,7 @@ class Selection:
     skipped: tuple[tuple[str, str], ...] = ()
 
 
-def select_backend(
-    name: str | None = None, env: Mapping[str, str] | None = None
-) -> Selection:
+def select_backend(name: str | None = None, env: Mapping[str, str] | None = None) -> Selection:
     """Choose a backend: argument > ``DEVLAYER_BACKEND`` > auto-detection.
 
     Args:

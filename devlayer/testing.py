@@ -168,7 +168,7 @@ def simulate(
     """
     from devlayer.registry import _set_simulated, _simulated
 
-    fake = runtime if runtime is not None else fake_for(vendor, device_count, **kwargs)
+    fake = runtime if runtime is not None else fake_for(vendor, device_count, **kwargs)  # type: ignore[arg-type]
     previous = _simulated.get(vendor)
     _set_simulated(vendor, fake)
     try:

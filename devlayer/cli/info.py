@@ -16,9 +16,15 @@ from devlayer.registry import select_backend
 SCHEMA_VERSION = 1
 COMMS = ("nccl", "xccl", "ccl", "gloo", "mpi")
 VISIBILITY_VARS = (
-    "CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES",
-    "ZE_AFFINITY_MASK", "ONEAPI_DEVICE_SELECTOR", "ZE_FLAT_DEVICE_HIERARCHY",
-    "DEVLAYER_DEVICES", "DEVLAYER_BACKEND", "DEVLAYER_VISIBILITY_APPLIED",
+    "CUDA_VISIBLE_DEVICES",
+    "HIP_VISIBLE_DEVICES",
+    "ROCR_VISIBLE_DEVICES",
+    "ZE_AFFINITY_MASK",
+    "ONEAPI_DEVICE_SELECTOR",
+    "ZE_FLAT_DEVICE_HIERARCHY",
+    "DEVLAYER_DEVICES",
+    "DEVLAYER_BACKEND",
+    "DEVLAYER_VISIBILITY_APPLIED",
 )
 
 
@@ -47,8 +53,13 @@ def collect() -> dict[str, Any]:
     for name, be in backends.items():
         avail = be.availability()
         report["backends"].append(
-            {"name": name, "priority": be.priority, "device_type": be.device_type,
-             "available": avail.ok, "reason": avail.reason}
+            {
+                "name": name,
+                "priority": be.priority,
+                "device_type": be.device_type,
+                "available": avail.ok,
+                "reason": avail.reason,
+            }
         )
     try:
         sel = select_backend()
@@ -68,11 +79,17 @@ def collect() -> dict[str, Any]:
     try:
         info = detect(os.environ)
         report["launcher"] = {
-            "name": info.launcher, "rank": info.rank, "world_size": info.world_size,
-            "local_rank": info.local_rank, "local_world_size": info.local_world_size,
-            "node_rank": info.node_rank, "num_nodes": info.num_nodes,
-            "master_addr": info.master_addr, "master_port": info.master_port,
-            "sources": dict(info.sources), "notes": list(info.notes),
+            "name": info.launcher,
+            "rank": info.rank,
+            "world_size": info.world_size,
+            "local_rank": info.local_rank,
+            "local_world_size": info.local_world_size,
+            "node_rank": info.node_rank,
+            "num_nodes": info.num_nodes,
+            "master_addr": info.master_addr,
+            "master_port": info.master_port,
+            "sources": dict(info.sources),
+            "notes": list(info.notes),
         }
         warnings.extend(info.notes)
         local_ranks = info.local_world_size
