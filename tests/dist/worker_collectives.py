@@ -1,0 +1,92 @@
+"""A worker that runs every collective and checks the values it gets back.
+
+Used by the spawn, torchrun, SLURM-shaped and MPI-shaped tests: the same checks run
+whatever started the ranks. Run as a script it initializes devlayer, runs ``check()`` and
+prints ``RESULT <json>`` on every rank.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+
+import devlayer
+
+
+def check() -> dict[str, object]:
+    """Run all collectives; raise AssertionError on any wrong value. Returns a summary."""
+    r, n = devlayer.rank(), devlayer.world_size()
+    ranks = list(range(n))
+
+    t = torch.tensor([float(r + 1), 10.0 * r])
+    out = devlayer.all_reduce(t, op="sum")
+    assert out is t, "all_reduce must work in place and return the caller's tensor"
+    assert t.tolist() == [sum(x + 1 for x in ranks), 10.0 * sum(ranks)], t
+
+    for op, expect in [
+        ("mean", sum(ranks) / n),
+        ("max", float(n - 1)),
+        ("min", 0.0),
+        ("product", float(torch.tensor([x + 1.0 for x in ranks]).prod())),
+    ]:
+        value = float(r) if op != "product" else float(r + 1)
+        got = devlayer.all_reduce(torch.tensor([value]), op=op).item()
+        assert abs(got - expect) < 1e-6, (op, got, expect)
+
+    metrics = {
+        "loss": float(r),
+        "count": r + 1,
+        "nested": {
+            "acc": torch.tensor([0.5 * r]),
+            "pair": [torch.tensor([r], dtype=torch.float64), 2],
+        },
+    }
+    mean = devlayer.all_reduce(metrics, op="mean")
+    assert mean["loss"] == sum(ranks) / n
+    assert mean["count"] == sum(x + 1 for x in ranks) / n
+    assert mean["nested"]["acc"].item() == 0.5 * sum(ranks) / n
+    assert mean["nested"]["pair"][0].item() == sum(ranks) / n
+    assert mean["nested"]["pair"][1] == 2.0
+    assert mean["nested"]["acc"] is metrics["nested"]["acc"]
+
+    assert devlayer.all_reduce(r, op="max") == n - 1
+    assert devlayer.all_reduce(3, op="sum") == 3 * n
+
+    uneven = devlayer.all_gather(torch.arange(r + 1, dtype=torch.float32).reshape(-1, 1))
+    assert [p.reshape(-1).tolist() for p in uneven] == [
+        list(map(float, range(x + 1))) for x in ranks
+    ]
+    same = devlayer.all_gather(torch.tensor([r, r]), same_shape=True)
+    assert [p.tolist() for p in same] == [[x, x] for x in ranks]
+    assert devlayer.all_gather(r * 1.5) == [x * 1.5 for x in ranks]
+    assert devlayer.all_gather(r) == ranks
+
+    src = n - 1
+    b = devlayer.broadcast(torch.full((3,), float(r)), src=src)
+    assert b.tolist() == [float(src)] * 3
+    tree = devlayer.broadcast({"seed": 100 + r, "lr": 0.1 * r, "w": torch.tensor([r, r])}, src=src)
+    assert tree["seed"] == 100 + src and tree["w"].tolist() == [src, src]
+    assert abs(tree["lr"] - 0.1 * src) < 1e-12
+
+    objs = devlayer.all_gather_object({"rank": r, "name": f"r{r}"})
+    assert objs == [{"rank": x, "name": f"r{x}"} for x in ranks]
+    assert devlayer.broadcast_object(["from", r], src=0) == ["from", 0]
+
+    devlayer.barrier(timeout=30)
+    st = devlayer.state()
+    return {
+        "rank": r,
+        "world_size": n,
+        "local_rank": st.local_rank,
+        "launcher": st.process.launcher,
+        "comm": st.comm,
+        "env_rank": __import__("os").environ.get("RANK"),
+    }
+
+
+if __name__ == "__main__":
+    with devlayer.init(timeout=float(sys.argv[1]) if len(sys.argv) > 1 else 60):
+        summary = check()
+    print("RESULT " + json.dumps(summary), flush=True)
