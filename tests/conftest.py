@@ -52,7 +52,8 @@ def _no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
             problems.append("a torch.distributed process group was left behind")
     after = dict(os.environ)
     changed = sorted(
-        k for k in set(before) | set(after)
+        k
+        for k in set(before) | set(after)
         if before.get(k) != after.get(k) and k != "PYTEST_CURRENT_TEST"
     )
     if changed:
@@ -69,10 +70,15 @@ def _no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
 @pytest.fixture
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     """Remove launcher and devlayer variables so a test sees a plain single process."""
-    names = (*_LAUNCH_NAMES, "CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES",
-             "ROCR_VISIBLE_DEVICES", "ZE_AFFINITY_MASK", "ONEAPI_DEVICE_SELECTOR")
+    names = (
+        *_LAUNCH_NAMES,
+        "CUDA_VISIBLE_DEVICES",
+        "HIP_VISIBLE_DEVICES",
+        "ROCR_VISIBLE_DEVICES",
+        "ZE_AFFINITY_MASK",
+        "ONEAPI_DEVICE_SELECTOR",
+    )
     for key in list(os.environ):
         if key.startswith(_LAUNCH_PREFIXES) or key in names:
             monkeypatch.delenv(key)
     return monkeypatch
-

@@ -10,9 +10,22 @@ from tests.helpers import run_py, subprocess_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
-KEYS = {"schema", "devlayer", "torch", "python", "platform", "backends", "selected",
-        "selection_error", "devices", "comm", "launcher", "launcher_error", "visibility",
-        "warnings"}
+KEYS = {
+    "schema",
+    "devlayer",
+    "torch",
+    "python",
+    "platform",
+    "backends",
+    "selected",
+    "selection_error",
+    "devices",
+    "comm",
+    "launcher",
+    "launcher_error",
+    "visibility",
+    "warnings",
+}
 
 
 def _info(**env: str) -> dict:
@@ -49,8 +62,14 @@ def test_info_reports_unknown_backend_instead_of_crashing():
 
 
 def test_info_warns_about_thread_oversubscription_and_launcher_provenance():
-    env = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2",
-           "MASTER_PORT": "29999", "OMP_NUM_THREADS": "512"}
+    env = {
+        "RANK": "0",
+        "WORLD_SIZE": "2",
+        "LOCAL_RANK": "0",
+        "LOCAL_WORLD_SIZE": "2",
+        "MASTER_PORT": "29999",
+        "OMP_NUM_THREADS": "512",
+    }
     report = _info(**env)
     assert report["launcher"]["sources"]["rank"] == "RANK"
     assert any("OMP_NUM_THREADS=512" in w for w in report["warnings"])

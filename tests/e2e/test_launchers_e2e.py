@@ -31,8 +31,14 @@ def _results(stdout: str) -> list[dict[str, object]]:
 
 def _run_ranks(envs: list[dict[str, str]], timeout: float = 120) -> list[dict[str, object]]:
     procs = [
-        subprocess.Popen([PY, WORKER, "30"], env=subprocess_env(**env), cwd=ROOT,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [PY, WORKER, "30"],
+            env=subprocess_env(**env),
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for env in envs
     ]
     outs = []
@@ -62,8 +68,9 @@ def _free_port_in(lo: int, hi: int) -> int:
 
 def test_torchrun_two_ranks_all_collectives():
     cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", WORKER, "30"]
-    proc = subprocess.run(cmd, env=subprocess_env(), cwd=ROOT, capture_output=True, text=True,
-                          timeout=150)
+    proc = subprocess.run(
+        cmd, env=subprocess_env(), cwd=ROOT, capture_output=True, text=True, timeout=150
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     results = _results(proc.stdout)
     assert [r["rank"] for r in results] == [0, 1]
@@ -97,8 +104,9 @@ def test_intelmpi_shaped_env_two_plain_processes():
 
 
 def test_plain_python_is_one_process():
-    proc = subprocess.run([PY, WORKER], env=subprocess_env(), cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [PY, WORKER], env=subprocess_env(), cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     (result,) = _results(proc.stdout)
     assert result["world_size"] == 1 and result["launcher"] == "none" and result["comm"] is None

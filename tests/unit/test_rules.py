@@ -28,8 +28,13 @@ def test_import_devlayer_is_light():
         " 'devlayer.registry') if m in sys.modules]; "
         "assert not heavy, heavy; assert dict(os.environ) == before, 'env changed'; print('ok')"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env=subprocess_env(), timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=60,
+    )
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
 
 
@@ -38,8 +43,10 @@ def test_only_backends_touch_vendor_apis():
     for path in _python_files("devlayer", "examples", "benchmarks"):
         for n, line in enumerate(path.read_text().splitlines(), 1):
             code = line.split("#", 1)[0]
-            if VENDOR_APIS.search(code) and '"""' not in line and not code.strip().startswith(
-                (">>>", "``")
+            if (
+                VENDOR_APIS.search(code)
+                and '"""' not in line
+                and not code.strip().startswith((">>>", "``"))
             ):
                 offenders.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
     assert not offenders, "vendor APIs outside backends/:\n" + "\n".join(offenders)
@@ -48,16 +55,20 @@ def test_only_backends_touch_vendor_apis():
 def test_vendor_files_do_not_import_each_other():
     for path in _python_files("backends"):
         text = path.read_text()
-        others = {p.stem for p in (ROOT / "backends").glob("*.py")} - {path.stem, "_common",
-                                                                        "__init__"}
+        others = {p.stem for p in (ROOT / "backends").glob("*.py")} - {
+            path.stem,
+            "_common",
+            "__init__",
+        }
         for other in others:
             assert f"from .{other} " not in text and f"backends.{other}" not in text, (
                 f"{path.name} imports {other}"
             )
 
 
-@pytest.mark.parametrize("pattern", [r"weights_only\s*=\s*False", r"torch\.distributed\.rpc",
-                                     r"pickle\.loads?\("])
+@pytest.mark.parametrize(
+    "pattern", [r"weights_only\s*=\s*False", r"torch\.distributed\.rpc", r"pickle\.loads?\("]
+)
 def test_no_unsafe_loading_in_library(pattern):
     hits = [
         f"{p.relative_to(ROOT)}:{n}"
@@ -74,18 +85,38 @@ def test_wheel_install_maps_backends_into_devlayer(tmp_path):
     """pip install . puts backends/ at devlayer/backends (the package-dir mapping)."""
     target = tmp_path / "site"
     proc = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-q",
-         "--target", str(target), str(ROOT)],
-        capture_output=True, text=True, timeout=170,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "--target",
+            str(target),
+            str(ROOT),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=170,
     )
     assert proc.returncode == 0, proc.stderr
     assert (target / "devlayer" / "backends" / "cuda.py").is_file()
     env = subprocess_env()
     env["PYTHONPATH"] = str(target)
-    code = ("import devlayer, devlayer.backends.cpu as c; "
-            "assert devlayer.__file__.startswith(%r), devlayer.__file__; "
-            "print(sorted(devlayer.registered_backends()))" % str(target))
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                         cwd=tmp_path, timeout=60)
+    code = (
+        "import devlayer, devlayer.backends.cpu as c; "
+        f"assert devlayer.__file__.startswith({str(target)!r}), devlayer.__file__; "
+        "print(sorted(devlayer.registered_backends()))"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=60,
+    )
     assert run.returncode == 0, run.stderr
     assert "'cpu', 'cuda', 'mps', 'xpu'" in run.stdout

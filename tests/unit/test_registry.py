@@ -1,0 +1,344 @@
+"""The backend registry: built-ins, entry points, selection precedence and its errors."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import re
+import textwrap
+from collections.abc import Iterator
+
+import pytest
+
+import devlayer
+from devlayer import registry
+from devlayer.errors import (
+    BackendNotFoundError,
+    BackendUnavailableError,
+    DevlayerError,
+    InvalidArgumentError,
+)
+from devlayer.registry import select_backend
+from devlayer.testing import simulate
+from tests.helpers import run_py
+
+BUILTIN_ORDER = ["cuda", "xpu", "mps", "cpu"]
+
+
+def _real_accelerator() -> bool:
+    names = ("cuda", "xpu", "mps")
+    return any(registry._safe_availability(devlayer.get_backend(n)) for n in names)
+
+
+@pytest.fixture
+def fresh_registry(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """An empty registry that loads the built-ins again; the real one comes back after."""
+    monkeypatch.setattr(registry, "_backends", {})
+    monkeypatch.setattr(registry, "_loaded_builtins", False)
+    monkeypatch.setattr(registry, "_loaded_entry_points", False)
+    monkeypatch.setattr(registry, "_entry_point_errors", {})
+    yield
+
+
+def _fake_entry_points(
+    monkeypatch: pytest.MonkeyPatch, *eps: importlib.metadata.EntryPoint
+) -> None:
+    def entry_points(**params: str) -> list[importlib.metadata.EntryPoint]:
+        assert params == {"group": registry.ENTRY_POINT_GROUP}
+        return list(eps)
+
+    monkeypatch.setattr(importlib.metadata, "entry_points", entry_points)
+
+
+def _ep(name: str, value: str) -> importlib.metadata.EntryPoint:
+    return importlib.metadata.EntryPoint(name=name, value=value, group=registry.ENTRY_POINT_GROUP)
+
+
+class DemoBackend(devlayer.Backend):
+    """A CPU-device backend for registration tests (priority below cpu)."""
+
+    name = "demo"
+    priority = -5
+    device_type = "cpu"
+
+    def make_runtime(self) -> registry.Runtime:
+        from devlayer.testing import FakeRuntime
+
+        return FakeRuntime(1)
+
+
+# --------------------------------------------------------------------------- built-ins
+
+
+def test_registered_builtins_in_priority_order(clean_env: pytest.MonkeyPatch) -> None:
+    names = list(devlayer.registered_backends())
+    assert [n for n in names if n in BUILTIN_ORDER] == BUILTIN_ORDER
+    priorities = [b.priority for b in devlayer.registered_backends().values()]
+    assert priorities == sorted(priorities, reverse=True)
+
+
+def test_registered_builtins_exactly_without_plugins(
+    clean_env: pytest.MonkeyPatch, fresh_registry: None
+) -> None:
+    _fake_entry_points(clean_env)
+    assert list(devlayer.registered_backends()) == BUILTIN_ORDER
+    assert registry.entry_point_errors() == {}
+
+
+def test_available_backends_is_cpu_only_here(clean_env: pytest.MonkeyPatch) -> None:
+    if _real_accelerator():
+        pytest.skip("this machine has a real accelerator")
+    assert devlayer.available_backends() == ["cpu"]
+
+
+# --------------------------------------------------------------------------- selection
+
+
+@pytest.mark.simulated
+def test_selection_precedence_simulated(clean_env: pytest.MonkeyPatch) -> None:
+    with simulate("cuda", 2), simulate("xpu", 2):
+        # auto: highest priority available
+        assert select_backend(None, env={}).backend.name == "cuda"
+        assert select_backend("auto", env={}).backend.name == "cuda"
+        # DEVLAYER_BACKEND beats auto-detection
+        assert select_backend(None, env={"DEVLAYER_BACKEND": "xpu"}).backend.name == "xpu"
+        # "auto" as the argument defers to DEVLAYER_BACKEND, like None (init()'s contract)
+        assert select_backend("auto", env={"DEVLAYER_BACKEND": "xpu"}).backend.name == "xpu"
+        # the explicit argument beats DEVLAYER_BACKEND
+        sel = select_backend("cpu", env={"DEVLAYER_BACKEND": "xpu"})
+        assert sel.backend.name == "cpu"
+        assert sel.reason == "backend='cpu'"
+        # DEVLAYER_BACKEND=auto (or blank) auto-detects
+        assert select_backend(None, env={"DEVLAYER_BACKEND": "auto"}).backend.name == "cuda"
+        assert select_backend(None, env={"DEVLAYER_BACKEND": " "}).backend.name == "cuda"
+        # names are case- and space-insensitive
+        assert select_backend(" XPU ", env={}).backend.name == "xpu"
+
+
+def test_selection_reads_os_environ_by_default(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("DEVLAYER_BACKEND", "cpu")
+    sel = select_backend()
+    assert sel.backend.name == "cpu"
+    assert "DEVLAYER_BACKEND" in sel.reason
+
+
+@pytest.mark.simulated
+def test_auto_detection_reports_skipped_backends_simulated(clean_env: pytest.MonkeyPatch) -> None:
+    with simulate("cuda", 0), simulate("xpu", 1, compiled=False), simulate("mps", 0):
+        sel = select_backend(None, env={})
+    assert sel.backend.name == "cpu"
+    skipped = dict(sel.skipped)
+    assert skipped["cuda"] == "no CUDA devices visible"
+    assert skipped["xpu"].startswith("torch built without XPU")
+    assert "cuda: no CUDA devices visible" in sel.reason
+
+
+def test_misspelt_env_backend_names_registered_and_suggests(
+    clean_env: pytest.MonkeyPatch,
+) -> None:
+    with pytest.raises(BackendNotFoundError) as info:
+        select_backend(None, env={"DEVLAYER_BACKEND": "cdua"})
+    msg = str(info.value)
+    assert msg.startswith("DEVLAYER_BACKEND='cdua' is not a registered backend")
+    assert "registered: cpu, cuda, mps, xpu" in msg
+    assert "did you mean 'cuda'?" in msg
+    assert isinstance(info.value, LookupError)
+
+
+def test_comm_name_as_backend_gets_a_hint(clean_env: pytest.MonkeyPatch) -> None:
+    with pytest.raises(BackendNotFoundError) as info:
+        select_backend("nccl", env={})
+    msg = str(info.value)
+    assert "backend='nccl' is not a registered backend" in msg
+    assert "communication backend" in msg
+    assert "backend='cuda'" in msg
+
+
+def test_explicit_cuda_without_cuda_build_raises(clean_env: pytest.MonkeyPatch) -> None:
+    import torch
+
+    if torch.backends.cuda.is_built():
+        pytest.skip("torch here is built with CUDA")
+    with pytest.raises(BackendUnavailableError) as info:
+        select_backend("cuda", env={})
+    assert "torch built without CUDA" in str(info.value)
+    assert "backend='cuda' was requested" in str(info.value)
+
+
+@pytest.mark.simulated
+def test_explicit_unavailable_backend_never_falls_back_simulated(
+    clean_env: pytest.MonkeyPatch,
+) -> None:
+    with simulate("cuda", 4, compiled=False):
+        assert select_backend(None, env={}).backend.name != "cuda"  # auto skips it...
+        with pytest.raises(BackendUnavailableError, match="torch built without CUDA"):
+            select_backend("cuda", env={})  # ...an explicit choice does not
+        with pytest.raises(BackendUnavailableError, match="DEVLAYER_BACKEND='cuda'"):
+            select_backend(None, env={"DEVLAYER_BACKEND": "cuda"})
+    with simulate("cuda", 0), pytest.raises(BackendUnavailableError, match="no CUDA devices"):
+        select_backend("cuda", env={})
+
+
+def test_init_with_unknown_env_backend(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("DEVLAYER_BACKEND", "no-such-backend")
+    with pytest.raises(BackendNotFoundError) as info:
+        devlayer.init()
+    msg = str(info.value)
+    assert "'no-such-backend'" in msg
+    for name in BUILTIN_ORDER:
+        assert name in msg
+    assert not devlayer.is_initialized()
+
+
+# --------------------------------------------------------------------------- registration
+
+
+def test_register_duplicate_needs_replace(
+    clean_env: pytest.MonkeyPatch, fresh_registry: None
+) -> None:
+    first = devlayer.register_backend(DemoBackend)
+    assert devlayer.get_backend("demo") is first
+    assert list(devlayer.registered_backends())[-1] == "demo"  # priority -5: last
+
+    with pytest.raises(DevlayerError, match=r"'demo' is already registered.*replace=True"):
+        devlayer.register_backend(DemoBackend)
+    assert devlayer.get_backend("demo") is first
+
+    second = DemoBackend()
+    assert devlayer.register_backend(second, replace=True) is second
+    assert devlayer.get_backend("demo") is second
+
+    # a built-in is protected the same way
+    class FakeCuda(DemoBackend):
+        name = "cuda"
+
+    with pytest.raises(DevlayerError, match="'cuda' is already registered"):
+        devlayer.register_backend(FakeCuda)
+
+
+def test_unregister(clean_env: pytest.MonkeyPatch, fresh_registry: None) -> None:
+    devlayer.register_backend(DemoBackend)
+    devlayer.unregister_backend("demo")
+    assert "demo" not in devlayer.registered_backends()
+    with pytest.raises(BackendNotFoundError, match="'demo'"):
+        devlayer.get_backend("demo")
+    devlayer.unregister_backend("demo")  # unknown names are ignored
+    devlayer.unregister_backend("cpu")
+    assert list(devlayer.registered_backends()) == ["cuda", "xpu", "mps"]
+
+
+def test_registered_backend_selectable_by_init(
+    clean_env: pytest.MonkeyPatch, fresh_registry: None
+) -> None:
+    devlayer.register_backend(DemoBackend)
+    with devlayer.init(backend="demo") as st:
+        assert (st.backend, str(st.device), st.comm) == ("demo", "cpu", None)
+    assert select_backend(None, env={}).backend.name != "demo"  # never auto-detected
+
+
+@pytest.mark.parametrize(
+    ("name", "device_type", "fragment"),
+    [
+        ("", "cpu", "must set the class attributes"),
+        ("x", "", "must set the class attributes"),
+        ("MyNpu", "cpu", "name='MyNpu'"),
+        (" pad ", "cpu", "name=' pad '"),
+        ("auto", "cpu", "name='auto'"),
+    ],
+)
+def test_register_rejects_unselectable_names(
+    clean_env: pytest.MonkeyPatch,
+    fresh_registry: None,
+    name: str,
+    device_type: str,
+    fragment: str,
+) -> None:
+    bad = type("Bad", (DemoBackend,), {"name": name, "device_type": device_type})
+    with pytest.raises(InvalidArgumentError, match=re.escape(fragment)):
+        devlayer.register_backend(bad)
+
+
+def test_register_rejects_non_backends(clean_env: pytest.MonkeyPatch, fresh_registry: None) -> None:
+    with pytest.raises(InvalidArgumentError, match=r"expected a devlayer\.Backend"):
+        devlayer.register_backend(object())  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def test_broken_entry_points_do_not_break_builtins(
+    clean_env: pytest.MonkeyPatch, fresh_registry: None
+) -> None:
+    _fake_entry_points(
+        clean_env,
+        _ep("broken", "devlayer_no_such_module_xyz:Backend"),
+        _ep("notabackend", "string:ascii_letters"),
+        _ep("cuda", f"{__name__}:DemoBackend"),  # shadows a built-in
+        _ep("demo", f"{__name__}:DemoBackend"),  # a good one
+    )
+    names = list(devlayer.registered_backends())
+    assert [n for n in names if n in BUILTIN_ORDER] == BUILTIN_ORDER
+    assert "demo" in names
+    assert type(devlayer.get_backend("cuda")).__name__ == "CudaBackend"
+    assert devlayer.available_backends()[-2:] == ["cpu", "demo"]
+
+    errors = registry.entry_point_errors()
+    assert set(errors) == {"broken", "notabackend", "cuda"}
+    assert errors["broken"].startswith("ModuleNotFoundError")
+    assert "expected a devlayer.Backend" in errors["notabackend"]
+    assert "already registered" in errors["cuda"]
+
+    # asking for the broken plugin says why it is missing
+    with pytest.raises(BackendNotFoundError) as info:
+        devlayer.get_backend("broken")
+    assert "'broken' is not a registered backend" in str(info.value)
+    assert "plugin failed to load: ModuleNotFoundError" in str(info.value)
+    with devlayer.init(backend="cpu") as st:
+        assert st.backend == "cpu"
+
+
+def test_entry_point_name_must_match_backend_name(
+    clean_env: pytest.MonkeyPatch, fresh_registry: None
+) -> None:
+    _fake_entry_points(clean_env, _ep("democpu", f"{__name__}:DemoBackend"))
+    names = devlayer.registered_backends()
+    assert "democpu" not in names
+    assert "demo" not in names
+    err = registry.entry_point_errors()["democpu"]
+    assert "named 'demo'" in err
+    assert "must equal Backend.name" in err
+
+
+def test_failing_entry_point_listing_does_not_break_builtins(
+    clean_env: pytest.MonkeyPatch, fresh_registry: None
+) -> None:
+    def entry_points(**params: str) -> list[importlib.metadata.EntryPoint]:
+        raise ValueError("bad metadata")
+
+    clean_env.setattr(importlib.metadata, "entry_points", entry_points)
+    assert list(devlayer.registered_backends()) == BUILTIN_ORDER
+    assert "ValueError: bad metadata" in registry.entry_point_errors()["<entry points>"]
+
+
+# --------------------------------------------------------------------------- import cost
+
+
+def test_import_devlayer_loads_no_backend_and_no_torch() -> None:
+    code = textwrap.dedent(
+        """
+        import json, os, sys
+        before = dict(os.environ)
+        import devlayer
+        devlayer.DevlayerError, devlayer.__version__
+        print(json.dumps({
+            "torch": sorted(m for m in sys.modules if m == "torch" or m.startswith("torch.")),
+            "backends": sorted(m for m in sys.modules if m.startswith("devlayer.backends.")),
+            "registry": "devlayer.registry" in sys.modules,
+            "env_changed": dict(os.environ) != before,
+        }))
+        """
+    )
+    proc = run_py(["-c", code], timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert seen == {"torch": [], "backends": [], "registry": False, "env_changed": False}
