@@ -44,6 +44,7 @@ class CpuBackend(Backend):
     name = "cpu"
     priority = 0
     device_type = "cpu"
+    indexed = False
 
     def make_runtime(self) -> Runtime:
         return CpuRuntime()

@@ -78,6 +78,6 @@ class CudaBackend(Backend):
 
     def install_hint(self) -> str:
         return (
-            "Install a CUDA (or ROCm) build of torch and check `nvidia-smi` / `rocm-smi`, "
-            "or unset DEVLAYER_BACKEND to auto-detect (cpu if nothing else)."
+            "Install a CUDA (or ROCm) build of torch and check the GPUs with `nvidia-smi` / "
+            "`rocm-smi` (and CUDA_VISIBLE_DEVICES, which hides GPUs when empty)."
         )

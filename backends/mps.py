@@ -46,6 +46,7 @@ class MpsBackend(Backend):
     name = "mps"
     priority = 50
     device_type = "mps"
+    indexed = False
     multi_process = False
 
     def make_runtime(self) -> Runtime:

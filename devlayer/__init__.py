@@ -59,6 +59,7 @@ if TYPE_CHECKING:
     from devlayer.registry import (
         Availability,
         Backend,
+        Runtime,
         available_backends,
         get_backend,
         register_backend,
@@ -96,6 +97,7 @@ __all__ = [
     # backends
     "Backend",
     "Availability",
+    "Runtime",
     "register_backend",
     "unregister_backend",
     "registered_backends",
@@ -132,6 +134,7 @@ _LAZY = {
         (
             "Availability",
             "Backend",
+            "Runtime",
             "available_backends",
             "get_backend",
             "register_backend",

@@ -67,12 +67,14 @@ def parse_devices(spec: object, *, origin: str = "devices") -> DeviceSpec:
         text = text.strip("[]()").strip()
         if "," not in text and not as_list:
             try:
-                return parse_devices(int(text), origin=origin)
+                count = int(text)
             except ValueError:
                 raise DeviceError(
                     f"{origin}={spec!r} is not a device spec; use 'auto', a count such as 2, "
                     f"or indices such as '1,3'"
                 ) from None
+            # Outside the try: DeviceError is a ValueError, and "0" deserves its own message.
+            return parse_devices(count, origin=origin)
         items: Sequence[object] = [p.strip() for p in text.split(",") if p.strip()]
     elif isinstance(spec, Sequence) and not isinstance(spec, (bytes, bytearray)):
         items = list(spec)
@@ -87,10 +89,7 @@ def parse_devices(spec: object, *, origin: str = "devices") -> DeviceSpec:
             if isinstance(item, bool):
                 raise ValueError
             # operator.index: 1.5 or 2.0 in a list is an error, not silently device 1 or 2.
-            if isinstance(item, str):
-                value = int(item)
-            else:
-                value = operator.index(item)  # type: ignore[arg-type]
+            value = int(item) if isinstance(item, str) else operator.index(item)  # type: ignore[arg-type]
         except (TypeError, ValueError):
             raise DeviceError(
                 f"{origin}={spec!r}: entry {item!r} is not a device index (a whole number >= 0)"

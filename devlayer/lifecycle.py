@@ -286,7 +286,16 @@ def init(
         True
     """
     global _current
-    key = (backend, _freeze(devices), timeout, comm, set_default_device)
+    # The key includes the DEVLAYER_* variables init() reads, so a changed environment is
+    # not silently answered with the old State.
+    key = (
+        backend,
+        _freeze(devices),
+        timeout,
+        comm,
+        set_default_device,
+        *(os.environ.get(v) for v in _KEY_ENV),
+    )
     with _lock:
         if _current is not None:
             if _current._key == key:
@@ -336,9 +345,10 @@ def init(
 
                 torch.set_default_device(dev)
                 undo.default_device_set = True
-            for name, value in info.torch_env().items():
-                if name not in os.environ:
-                    undo.setenv(name, value)
+            if info.launcher != "none":  # SLURM/MPI: tell libraries in torchrun's words
+                for name, value in info.torch_env().items():
+                    if name not in os.environ:
+                        undo.setenv(name, value)
             owns = False
             if info.world_size > 1:
                 assert comm_name is not None
@@ -370,9 +380,20 @@ def _freeze(value: object) -> object:
     return value
 
 
+_KEY_ENV = (
+    "DEVLAYER_BACKEND",
+    "DEVLAYER_DEVICES",
+    "DEVLAYER_COMM",
+    "DEVLAYER_TIMEOUT",
+    "DEVLAYER_SET_DEFAULT_DEVICE",
+)
+
+
 def _describe_key(key: tuple[Any, ...]) -> str:
-    names = ("backend", "devices", "timeout", "comm", "set_default_device")
-    return ", ".join(f"{n}={v!r}" for n, v in zip(names, key, strict=True))
+    names = ("backend", "devices", "timeout", "comm", "set_default_device", *_KEY_ENV)
+    return ", ".join(
+        f"{n}={v!r}" for n, v in zip(names, key, strict=True) if v is not None or n[0].islower()
+    )
 
 
 def _simulated(be: Backend) -> bool:
@@ -427,7 +448,7 @@ def _show(spec: _devices.DeviceSpec) -> str:
 def _pick_device(
     be: Backend, spec: _devices.DeviceSpec, origin: str, info: ProcessInfo
 ) -> int | None:
-    if be.device_type in ("cpu", "mps"):
+    if not be.indexed:
         return None
     count = be.device_count()
     if count < 1:
@@ -436,9 +457,10 @@ def _pick_device(
             f"({', '.join(f'{v}={os.environ.get(v)!r}' for v in be.visibility_vars)}); "
             f"check the visibility variables with `devlayer info`"
         )
-    if isinstance(spec, tuple) and len(spec) < info.local_world_size:
+    wanted = _devices.selected_indices(spec, count)
+    if wanted is not None and len(wanted) < info.local_world_size:
         raise DeviceError(
-            f"{origin}={_show(spec)} lists {len(spec)} device(s) but {info.local_world_size} "
+            f"{origin}={_show(spec)} selects {len(wanted)} device(s) but {info.local_world_size} "
             f"ranks run on this node; list at least {info.local_world_size} devices or start "
             f"fewer ranks per node"
         )

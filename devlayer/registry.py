@@ -117,6 +117,7 @@ class Backend:
             the one devlayer sets.
         multi_process: False when the device cannot be shared by several ranks (MPS).
         bind_device_id: Pass ``device_id`` to ``init_process_group`` (eager comm init).
+        indexed: Devices have indices and each rank picks one (False for cpu and mps).
 
     Example:
         >>> class MyNpu(Backend):
@@ -131,6 +132,7 @@ class Backend:
     visibility_vars: ClassVar[tuple[str, ...]] = ()
     multi_process: ClassVar[bool] = True
     bind_device_id: ClassVar[bool] = False
+    indexed: ClassVar[bool] = True
 
     def __init__(self, runtime: Runtime | None = None) -> None:
         self._runtime = runtime
@@ -187,6 +189,10 @@ class Backend:
     def comm_hint(self, comm: str) -> str:
         """What to do when ``comm`` is missing (overridden by vendors with specifics)."""
         return f"install a torch build with {comm} support, or choose another comm backend"
+
+    def install_hint(self) -> str:
+        """What to install or check when this backend is unavailable (one sentence)."""
+        return f"Check that torch was built with {self.device_type} support."
 
     def visibility_var(self, env: Mapping[str, str]) -> str | None:
         """The variable to narrow when restricting devices (``None`` = cannot restrict)."""
@@ -442,9 +448,10 @@ def select_backend(name: str | None = None, env: Mapping[str, str] | None = None
         backend = get_backend(name, origin=origin)
         avail = _safe_availability(backend)
         if not avail:
+            undo = "unset DEVLAYER_BACKEND" if origin == "DEVLAYER_BACKEND" else "pass backend=None"
             raise BackendUnavailableError(
                 f"{origin}={name!r} was requested but cannot run here: {avail.reason}. "
-                f"{_unavailable_hint(backend)}"
+                f"{backend.install_hint()} Or {undo} to auto-detect (cpu when nothing else)."
             )
         return Selection(backend, f"{origin}={name!r}")
     skipped: list[tuple[str, str]] = []
@@ -459,13 +466,6 @@ def select_backend(name: str | None = None, env: Mapping[str, str] | None = None
     raise BackendUnavailableError(
         "no backend is available: " + "; ".join(f"{n}: {r}" for n, r in skipped)
     )
-
-
-def _unavailable_hint(backend: Backend) -> str:
-    hint = getattr(backend, "install_hint", None)
-    if callable(hint):
-        return str(hint())
-    return "Unset DEVLAYER_BACKEND (or pass backend=None) to auto-detect."
 
 
 # --------------------------------------------------------------------------- simulation

@@ -32,6 +32,7 @@ from devlayer.errors import InvalidArgumentError
 __all__ = [
     "FakeRuntime",
     "free_port",
+    "reset_simulation",
     "intelmpi_env",
     "openmpi_env",
     "runtimes_from_spec",
@@ -45,7 +46,8 @@ class FakeRuntime:
     """A vendor runtime with ``device_count`` pretend devices.
 
     Args:
-        device_count: Devices the runtime reports (after visibility is applied, see below).
+        device_count: Physical devices. Once a visibility variable is set, the runtime
+            reports only the entries of it that name one of these (see ``visibility_var``).
         comm: Process-group backends it claims (default: the vendor's usual ones).
         compiled: Whether torch "was built" with this vendor.
         initialized: Whether the runtime "was already initialized".
@@ -212,6 +214,11 @@ def runtimes_from_spec(spec: str) -> dict[str, FakeRuntime]:
             for vendor, count, comm in _parse_spec(spec)
         }
     return _runtime_cache[spec]
+
+
+def reset_simulation() -> None:
+    """Forget fakes made from ``DEVLAYER_SIMULATE`` (their recorded state included)."""
+    _runtime_cache.clear()
 
 
 def free_port() -> int:

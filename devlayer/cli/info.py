@@ -11,7 +11,7 @@ from typing import Any
 import devlayer
 from devlayer import DevlayerError
 from devlayer.launchers import detect
-from devlayer.registry import select_backend
+from devlayer.registry import entry_point_errors, select_backend
 
 SCHEMA_VERSION = 1
 COMMS = ("nccl", "xccl", "ccl", "gloo", "mpi")
@@ -61,6 +61,8 @@ def collect() -> dict[str, Any]:
                 "reason": avail.reason,
             }
         )
+    for plugin, error in entry_point_errors().items():
+        warnings.append(f"backend plugin {plugin!r} failed to load: {error}")
     try:
         sel = select_backend()
         be = sel.backend

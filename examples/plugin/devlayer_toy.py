@@ -59,6 +59,7 @@ class ToyBackend(devlayer.Backend):
     name = "toy"
     priority = -10  # below cpu (0): never chosen by auto-detection
     device_type = "cpu"
+    indexed = False  # one shared device, no per-rank index (like the built-in cpu)
 
     def make_runtime(self) -> ToyRuntime:
         """Build the runtime (called once, lazily; tests may simulate it instead)."""

@@ -60,6 +60,7 @@ class DemoBackend(devlayer.Backend):
     name = "demo"
     priority = -5
     device_type = "cpu"
+    indexed = False
 
     def make_runtime(self) -> registry.Runtime:
         from devlayer.testing import FakeRuntime

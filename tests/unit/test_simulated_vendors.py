@@ -482,7 +482,7 @@ def test_simulated_device_list_shorter_than_local_ranks(sim: pytest.MonkeyPatch)
         with pytest.raises(DeviceError) as info:
             lifecycle._pick_device(be, (0, 1), "DEVLAYER_DEVICES", _info(5, 8))
     msg = str(info.value)
-    assert "DEVLAYER_DEVICES=[0,1] lists 2 device(s) but 8 ranks run on this node" in msg
+    assert "DEVLAYER_DEVICES=[0,1] selects 2 device(s) but 8 ranks run on this node" in msg
 
 
 @pytest.mark.simulated
