@@ -21,5 +21,6 @@ if __name__ == "__main__":
         loss = model(x).pow(2).mean()
         avg = devlayer.all_reduce({"loss": loss.detach(), "samples": len(x)}, op="mean")
         if devlayer.is_main():
-            print(f"{devlayer.world_size()} rank(s) on {dev.type}: mean loss {avg['loss'].item():.4f}")
+            n = devlayer.world_size()
+            print(f"{n} rank(s) on {dev.type}: mean loss {avg['loss'].item():.4f}")
         devlayer.barrier()
