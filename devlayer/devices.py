@@ -56,7 +56,8 @@ def parse_devices(spec: object, *, origin: str = "devices") -> DeviceSpec:
             return None
         if spec < 1:
             raise DeviceError(
-                f"{origin}={spec} asks for no devices; use a count >= 1, 'auto' or -1 for all"
+                f"{origin}={spec} asks for no devices; use a count >= 1, 'auto' or -1 for all "
+                f"(for the device with index 0 write '0,' or '[0]')"
             )
         return spec
     if isinstance(spec, str):

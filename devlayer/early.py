@@ -50,6 +50,8 @@ def apply(env: MutableMapping[str, str] | None = None) -> dict[str, str]:
     for var in names:
         if f"{var}={marker}" in env.get(_MARKER, "").split(";"):
             continue
+        if len(names) > 1 and var in env and not env[var].strip():
+            continue  # that vendor's devices are hidden on purpose; leave them hidden
         done[var] = narrow_visibility(env.get(var), indices)
     env.update(done)
     if done:

@@ -93,7 +93,6 @@ class ProcessInfo:
             "WORLD_SIZE": str(self.world_size),
             "LOCAL_RANK": str(self.local_rank),
             "LOCAL_WORLD_SIZE": str(self.local_world_size),
-            "GROUP_RANK": str(self.node_rank),
             "MASTER_ADDR": self.master_addr,
         }
         if self.master_port is not None:
@@ -635,27 +634,40 @@ def detect(
         >>> detect({"RANK": "1", "WORLD_SIZE": "2", "MASTER_PORT": "29511"}).rank
         1
     """
-    force = force if force is not None else env.get("DEVLAYER_LAUNCHER") or None
-    disabled = {d.strip().lower() for d in disable if d.strip()}
-    disabled |= {
-        d.strip().lower() for d in env.get("DEVLAYER_DISABLE_LAUNCHERS", "").split(",") if d.strip()
-    }
-    disabled = {_ALIASES.get(d, d) for d in disabled}
+    force_origin = "force"
+    if force is None and env.get("DEVLAYER_LAUNCHER", "").strip():
+        force, force_origin = env["DEVLAYER_LAUNCHER"], "DEVLAYER_LAUNCHER"
+    if force is not None and force.strip().lower() == "auto":
+        force = None
+    known = ", ".join(["none", *LAUNCHERS])
+    disabled: set[str] = set()
+    for origin, names in (
+        ("disable", list(disable)),
+        ("DEVLAYER_DISABLE_LAUNCHERS", env.get("DEVLAYER_DISABLE_LAUNCHERS", "").split(",")),
+    ):
+        for raw in names:
+            name = _ALIASES.get(raw.strip().lower(), raw.strip().lower())
+            if not name:
+                continue
+            if name not in LAUNCHERS:
+                raise LaunchEnvError(
+                    f"{origin} names {raw.strip()!r}, which is not a launcher; known: {known}"
+                )
+            disabled.add(name)
 
     if force is not None:
         key = _ALIASES.get(force.strip().lower(), force.strip().lower())
         if key == "none":
-            return _single(env, ("DEVLAYER_LAUNCHER=none: launcher variables ignored",))
+            return _single(env, (f"{force_origin}=none: launcher variables ignored",))
         if key not in LAUNCHERS:
             raise LaunchEnvError(
-                f"DEVLAYER_LAUNCHER={force!r} is not a known launcher; known: "
-                f"{', '.join(['none', *LAUNCHERS])}"
+                f"{force_origin}={force!r} is not a known launcher; known: {known} (or auto)"
             )
         found = LAUNCHERS[key](env)
         if found is None:
             raise LaunchEnvError(
-                f"DEVLAYER_LAUNCHER={force!r} but the environment has none of that launcher's "
-                f"variables; unset DEVLAYER_LAUNCHER to auto-detect"
+                f"{force_origin}={force!r} but the environment has none of that launcher's "
+                f"variables; use {force_origin}=auto to auto-detect"
             )
         return _validate(found)
 
