@@ -65,8 +65,8 @@ def test_simulated_init_after_early_does_not_narrow_twice(clean_env):
     apply(env)
     for key in ("CUDA_VISIBLE_DEVICES", "DEVLAYER_VISIBILITY_APPLIED"):
         clean_env.setenv(key, env[key])
-    with simulate("cuda", 4, initialized=True) as fake:  # a library already started CUDA
-        with devlayer.init() as st:
-            assert st.visibility == ("CUDA_VISIBLE_DEVICES", "1,3")
-            assert fake.current == 0
+    # initialized=True: a library already started CUDA, which is fine after devlayer.early
+    with simulate("cuda", 4, initialized=True) as fake, devlayer.init() as st:
+        assert st.visibility == ("CUDA_VISIBLE_DEVICES", "1,3")
+        assert fake.current == 0
     assert env["CUDA_VISIBLE_DEVICES"] == "1,3"

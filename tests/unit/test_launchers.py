@@ -1156,5 +1156,5 @@ def test_launcher_auto_means_detect() -> None:
 
 
 def test_force_argument_is_named_as_such() -> None:
-    with pytest.raises(LaunchEnvError, match="^force='slurm' but the environment"):
+    with pytest.raises(LaunchEnvError, match=r"^force='slurm' but the environment"):
         detect({}, force="slurm")
