@@ -345,10 +345,9 @@ def init(
 
                 torch.set_default_device(dev)
                 undo.default_device_set = True
-            if info.launcher != "none":  # SLURM/MPI: tell libraries in torchrun's words
-                for name, value in info.torch_env().items():
-                    if name not in os.environ:
-                        undo.setenv(name, value)
+            for name, value in _interop_env(be, info).items():
+                if name not in os.environ:
+                    undo.setenv(name, value)
             owns = False
             if info.world_size > 1:
                 assert comm_name is not None
@@ -394,6 +393,22 @@ def _describe_key(key: tuple[Any, ...]) -> str:
     return ", ".join(
         f"{n}={v!r}" for n, v in zip(names, key, strict=True) if v is not None or n[0].islower()
     )
+
+
+def _interop_env(be: Backend, info: ProcessInfo) -> dict[str, str]:
+    """Variables that make other libraries agree with devlayer (only set when unset).
+
+    * SLURM/MPI ranks get torchrun's names (``RANK``, ``LOCAL_RANK``...), which most
+      libraries read.
+    * Multi-process CPU runs get ``ACCELERATE_USE_CPU=true``: otherwise an
+      ``accelerate.Accelerator`` created later sees no GPU and reports one process.
+    """
+    env: dict[str, str] = {}
+    if info.launcher != "none":
+        env.update(info.torch_env())
+    if be.device_type == "cpu" and info.world_size > 1:
+        env["ACCELERATE_USE_CPU"] = "true"
+    return env
 
 
 def _simulated(be: Backend) -> bool:

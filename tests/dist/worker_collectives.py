@@ -25,6 +25,13 @@ def check() -> dict[str, object]:
     assert out is t, "all_reduce must work in place and return the caller's tensor"
     assert t.tolist() == [sum(x + 1 for x in ranks), 10.0 * sum(ranks)], t
 
+    # A non-contiguous view is reduced through a contiguous copy and written back in place.
+    base = torch.zeros(2, 4)
+    base[:, ::2] = float(r + 1)
+    view = base[:, ::2]
+    assert devlayer.all_reduce(view, op="sum") is view
+    assert base[:, ::2].eq(float(sum(x + 1 for x in ranks))).all() and base[:, 1::2].eq(0).all()
+
     for op, expect in [
         ("mean", sum(ranks) / n),
         ("max", float(n - 1)),
