@@ -66,6 +66,14 @@ if TYPE_CHECKING:
         registered_backends,
         unregister_backend,
     )
+    from devlayer.train import (
+        Callback,
+        EarlyStopping,
+        Trainer,
+        prepare_loader,
+        prepare_model,
+        seed_everything,
+    )
 
 __all__ = [
     # set-up
@@ -91,6 +99,13 @@ __all__ = [
     "broadcast",
     "all_gather_object",
     "broadcast_object",
+    # training
+    "prepare_model",
+    "prepare_loader",
+    "Trainer",
+    "EarlyStopping",
+    "Callback",
+    "seed_everything",
     # launching
     "spawn",
     "RankFailedError",
@@ -144,6 +159,17 @@ _LAZY = {
         "devlayer.registry",
     ),
     **dict.fromkeys(("spawn", "RankFailedError"), "devlayer.multiproc"),
+    **dict.fromkeys(
+        (
+            "prepare_model",
+            "prepare_loader",
+            "Trainer",
+            "EarlyStopping",
+            "Callback",
+            "seed_everything",
+        ),
+        "devlayer.train",
+    ),
     **dict.fromkeys(
         (
             "State",

@@ -56,6 +56,7 @@ class _Ctx:
     device: torch.device
     device_types: frozenset[str]
     reduce_ops: Mapping[str, Any]
+    float_dtype: Any
     gather_into: Any
     dist: Any
     torch: Any
@@ -83,7 +84,11 @@ def _ctx() -> _Ctx:
     types = frozenset({"cpu", st.device.type})
     # torch 2.13 renamed all_gather_into_tensor to all_gather_single; 2.6 has only the old name.
     gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    _ctx_cache = _Ctx(st, st.world_size, st.rank, st.device, types, ops, gather_into, dist, torch)
+    # Python floats travel as float64, except on MPS, which has no float64.
+    float_dtype = torch.float32 if st.device.type == "mps" else torch.float64
+    _ctx_cache = _Ctx(
+        st, st.world_size, st.rank, st.device, types, ops, float_dtype, gather_into, dist, torch
+    )
     return _ctx_cache
 
 
@@ -183,7 +188,11 @@ def all_reduce(x: T, op: str = "sum") -> T:
         return _reduce_tensor(ctx, x, name)
     leaves: list[tuple[str, _Leaf]] = []
     skeleton = _flatten(x, "", leaves, torch)
+    if ctx.world == 1:
+        return _unflatten(skeleton, [_alone(path, leaf, name, torch) for path, leaf in leaves])
     results: list[object] = [None] * len(leaves)
+    # Python numbers join the tensors of their dtype (float -> float64, int -> int64), so a
+    # metrics dict costs one collective per dtype, numbers included.
     groups: dict[Any, list[int]] = {}
     for i, (path, leaf) in enumerate(leaves):
         if isinstance(leaf, torch.Tensor):
@@ -191,32 +200,42 @@ def all_reduce(x: T, op: str = "sum") -> T:
                 raise _int_mean(path, leaf)
             key: Any = leaf.dtype
         elif isinstance(leaf, float) or name == "mean":
-            key = "float"
+            key = ctx.float_dtype
         else:
-            key = "int"
+            key = torch.int64
         groups.setdefault(key, []).append(i)
-    for key, idxs in groups.items():
-        if isinstance(key, str):
-            dtype = torch.float64 if key == "float" else torch.int64
-            buf = torch.tensor(
-                [float(leaves[i][1]) if key == "float" else int(leaves[i][1]) for i in idxs],
-                dtype=dtype,
-                device=ctx.device,
-            )
-            _reduce_flat(ctx, buf, name)
-            for i, value in zip(idxs, buf.tolist(), strict=True):
-                results[i] = value
-        else:
-            tensors = [leaves[i][1] for i in idxs]
-            flat = torch.cat([t.reshape(-1).to(ctx.device) for t in tensors])
-            _reduce_flat(ctx, flat, name)
-            offset = 0
-            for i, t in zip(idxs, tensors, strict=True):
-                n = t.numel()
-                t.copy_(flat[offset : offset + n].view_as(t))
-                offset += n
-                results[i] = t
+    for dtype, idxs in groups.items():
+        parts = [
+            leaf.reshape(-1).to(ctx.device)
+            if isinstance(leaf, torch.Tensor)
+            else torch.tensor([leaf], dtype=dtype, device=ctx.device)
+            for leaf in (leaves[i][1] for i in idxs)
+        ]
+        flat = parts[0] if len(parts) == 1 else torch.cat(parts)
+        _reduce_flat(ctx, flat, name)
+        values: list[Any] | None = None
+        offset = 0
+        for i, part in zip(idxs, parts, strict=True):
+            leaf = leaves[i][1]
+            n = part.numel()
+            if isinstance(leaf, torch.Tensor):
+                if flat.data_ptr() != leaf.data_ptr():  # else it was reduced in place
+                    leaf.copy_(flat[offset : offset + n].view_as(leaf))
+                results[i] = leaf
+            else:
+                values = flat.tolist() if values is None else values
+                results[i] = values[offset]
+            offset += n
     return _unflatten(skeleton, results)
+
+
+def _alone(path: str, leaf: Any, name: str, torch: Any) -> Any:
+    """What a reduction over one rank gives: the value itself (mean of numbers: a float)."""
+    if isinstance(leaf, torch.Tensor):
+        if name == "mean" and not (leaf.is_floating_point() or leaf.is_complex()):
+            raise _int_mean(path, leaf)
+        return leaf
+    return float(leaf) if name == "mean" else leaf
 
 
 def _int_mean(path: str, t: Any) -> InvalidArgumentError:

@@ -34,6 +34,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+# Set by pytest or by torch itself on first use of some subsystems, not by devlayer.
+_NOT_OURS = {"PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"}
+
+
 @pytest.fixture(autouse=True)
 def _no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
     before = dict(os.environ)
@@ -54,7 +58,7 @@ def _no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
     changed = sorted(
         k
         for k in set(before) | set(after)
-        if before.get(k) != after.get(k) and k != "PYTEST_CURRENT_TEST"
+        if before.get(k) != after.get(k) and k not in _NOT_OURS
     )
     if changed:
         for k in changed:

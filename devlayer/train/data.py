@@ -1,0 +1,256 @@
+"""``prepare_loader``: a DataLoader that shards, splits the global batch and sets the epoch.
+
+What users of raw torchrun scripts do by hand (and forget): ``DistributedSampler``,
+``batch_size // world_size``, ``sampler.set_epoch(epoch)`` every epoch, a sensible
+``num_workers`` per rank, ``pin_memory`` on accelerators. :func:`prepare_loader` does all of
+it and returns a :class:`ShardedLoader`, which iterates like a DataLoader.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator, Sized
+from typing import Any
+
+from devlayer.errors import InvalidArgumentError
+
+__all__ = ["ShardedLoader", "auto_num_workers", "prepare_loader"]
+
+
+def auto_num_workers(
+    local_world_size: int = 1, env: dict[str, str] | None = None, cpus: int | None = None
+) -> int:
+    """DataLoader workers per rank: usable CPUs per rank minus one for the main process.
+
+    ``SLURM_CPUS_PER_TASK`` (CPUs of this rank's task) wins; otherwise the CPUs this process
+    may run on (``os.sched_getaffinity``) are divided among the local ranks.
+
+    Example:
+        >>> auto_num_workers(2, env={}, cpus=16)
+        7
+        >>> auto_num_workers(4, env={"SLURM_CPUS_PER_TASK": "8"}, cpus=64)
+        7
+    """
+    env = dict(os.environ) if env is None else env
+    per_task = env.get("SLURM_CPUS_PER_TASK", "").strip()
+    if per_task.isdigit() and int(per_task) > 0:
+        return max(int(per_task) - 1, 0)
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max((cpus or 1) // max(local_world_size, 1) - 1, 0)
+
+
+class _ResumableSampler:
+    """Wraps a DistributedSampler: ``set_epoch`` plus skipping the first N indices once."""
+
+    def __init__(self, sampler: Any) -> None:
+        self.sampler = sampler
+        self._skip = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def skip_next(self, n: int) -> None:
+        self._skip = n
+
+    def __iter__(self) -> Iterator[int]:
+        import torch
+
+        skip, self._skip = self._skip, 0
+        # DistributedSampler draws with a CPU generator, which fails under an accelerator
+        # default device (devlayer.init sets one); draw on the CPU explicitly.
+        with torch.device("cpu"):
+            indices = list(self.sampler)
+        return iter(indices[skip:])
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+class ShardedLoader:
+    """A DataLoader over this rank's shard that moves to the next epoch on each iteration.
+
+    Iterating calls ``set_epoch`` on the sampler with the current epoch (so every epoch is
+    shuffled differently, identically on all ranks) and then advances the epoch. Use
+    :meth:`set_epoch` to jump (e.g. when resuming) and :meth:`skip_batches` to resume in
+    the middle of an epoch. Other attributes are the underlying DataLoader's.
+
+    Attributes:
+        loader: The torch DataLoader.
+        epoch: The epoch the next iteration runs.
+        global_batch_size: Samples per step summed over ranks.
+        batch_size: Samples per step on this rank.
+    """
+
+    def __init__(
+        self,
+        loader: Any,
+        sampler: _ResumableSampler | None,
+        seed: int,
+        rank: int,
+        global_batch_size: int,
+    ) -> None:
+        self.loader = loader
+        self.resumable = sampler
+        self.seed = seed
+        self.rank = rank
+        self.epoch = 0
+        self.global_batch_size = global_batch_size
+        self.batch_size = loader.batch_size
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next iteration run ``epoch``."""
+        self.epoch = int(epoch)
+
+    def skip_batches(self, n: int) -> None:
+        """Skip the first ``n`` batches of the next iteration (mid-epoch resume)."""
+        if n < 0:
+            raise InvalidArgumentError(f"skip_batches({n}): n must be >= 0")
+        if self.resumable is None:
+            raise InvalidArgumentError("this loader has no sampler to skip batches with")
+        self.resumable.skip_next(n * self.loader.batch_size)
+
+    def __iter__(self) -> Iterator[Any]:
+        epoch = self.epoch
+        if self.resumable is not None:
+            self.resumable.set_epoch(epoch)
+        generator = getattr(self.loader, "generator", None)
+        if generator is not None:
+            # Worker seeds (augmentation) depend on (seed, rank, epoch), not on how much
+            # randomness the training loop consumed: resuming reproduces them exactly.
+            generator.manual_seed(_mix(self.seed, self.rank, epoch))
+        self.epoch = epoch + 1
+        return iter(self.loader)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.loader, name)
+
+
+def _mix(seed: int, rank: int, epoch: int) -> int:
+    return (int(seed) * 1_000_003 + rank * 10_007 + epoch) % (2**63)
+
+
+def prepare_loader(
+    dataset: Any,
+    batch_size: int | None = None,
+    *,
+    shuffle: bool | None = None,
+    drop_last: bool = False,
+    num_workers: int | str = "auto",
+    seed: int = 0,
+    per_rank: bool = False,
+    **loader_kwargs: Any,
+) -> ShardedLoader:
+    """A loader over this rank's shard of ``dataset`` with the global batch split evenly.
+
+    Args:
+        dataset: A map-style Dataset, or an existing DataLoader to re-shard (its dataset,
+            collate_fn and batch size are reused; a RandomSampler means ``shuffle=True``).
+        batch_size: The GLOBAL batch size, split evenly over the ranks (default: the
+            DataLoader's batch size). With ``per_rank=True`` it is the per-rank size.
+        shuffle: Shuffle each epoch (default True, or what the DataLoader did).
+        drop_last: Drop the last incomplete batch (and make shards equal by dropping
+            instead of padding).
+        num_workers: Workers per rank, or ``"auto"`` (usable CPUs per rank minus one,
+            respecting CPU affinity and ``SLURM_CPUS_PER_TASK``).
+        seed: Shuffling seed; shards are identical on all ranks for the same seed.
+        per_rank: Treat ``batch_size`` as per rank instead of global.
+        **loader_kwargs: Passed to ``torch.utils.data.DataLoader`` (``collate_fn``...).
+
+    Returns:
+        A :class:`ShardedLoader`. Every rank sees the same number of batches (the sampler
+        pads a shard by repeating samples when the dataset does not divide evenly).
+
+    Raises:
+        InvalidArgumentError: A global batch that the world size does not divide, a
+            non-positive batch size, or a missing batch size.
+
+    Example:
+        >>> import torch, devlayer
+        >>> from torch.utils.data import TensorDataset
+        >>> _ = devlayer.init(backend="cpu")
+        >>> loader = devlayer.prepare_loader(TensorDataset(torch.arange(10.)), 4, num_workers=0)
+        >>> [len(b[0]) for b in loader]
+        [4, 4, 2]
+        >>> _ = devlayer.shutdown()
+    """
+    import torch
+    from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+
+    import devlayer
+
+    if not devlayer.is_initialized():
+        devlayer.init()
+    st = devlayer.state()
+    world, rank = st.world_size, st.rank
+
+    if isinstance(dataset, DataLoader):
+        source = dataset
+        dataset = source.dataset
+        if batch_size is None:
+            batch_size = source.batch_size
+        if shuffle is None:
+            shuffle = isinstance(source.sampler, RandomSampler)
+        for key in (
+            "collate_fn",
+            "timeout",
+            "worker_init_fn",
+            "multiprocessing_context",
+            "prefetch_factor",
+        ):
+            if key not in loader_kwargs and getattr(source, key, None) is not None:
+                loader_kwargs[key] = getattr(source, key)
+        if loader_kwargs.get("prefetch_factor") is not None and num_workers in (0, "auto"):
+            loader_kwargs.pop("prefetch_factor", None)
+    if shuffle is None:
+        shuffle = True
+    if batch_size is None:
+        raise InvalidArgumentError(
+            "prepare_loader() needs batch_size (the global batch over all ranks) for a Dataset"
+        )
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InvalidArgumentError(f"batch_size={batch_size!r} must be an int >= 1")
+    if per_rank:
+        per_rank_batch = batch_size
+    else:
+        if batch_size % world:
+            raise InvalidArgumentError(
+                f"global batch_size={batch_size} does not split evenly over world_size={world} "
+                f"ranks; use a multiple of {world} (e.g. {math.ceil(batch_size / world) * world})"
+                f", or pass per_rank=True to give the per-rank batch size"
+            )
+        per_rank_batch = batch_size // world
+    if not isinstance(dataset, Sized):
+        raise InvalidArgumentError(
+            f"prepare_loader() needs a map-style dataset with __len__; got "
+            f"{type(dataset).__name__} (shard an IterableDataset yourself by rank)"
+        )
+    if num_workers == "auto":
+        workers = auto_num_workers(st.local_world_size)
+    elif isinstance(num_workers, int) and not isinstance(num_workers, bool) and num_workers >= 0:
+        workers = num_workers
+    else:
+        raise InvalidArgumentError(f"num_workers={num_workers!r}: use 'auto' or an int >= 0")
+
+    data: Any = dataset
+    sampler: Any = DistributedSampler(
+        data, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last
+    )
+    resumable = _ResumableSampler(sampler)
+    loader_kwargs.setdefault("pin_memory", st.device.type != "cpu")
+    if workers > 0:
+        loader_kwargs.setdefault("persistent_workers", True)
+    loader: Any = DataLoader(
+        data,
+        batch_size=per_rank_batch,
+        sampler=resumable,
+        num_workers=workers,
+        drop_last=drop_last,
+        generator=torch.Generator(device="cpu"),
+        **loader_kwargs,
+    )
+    return ShardedLoader(loader, resumable, seed, rank, per_rank_batch * world)

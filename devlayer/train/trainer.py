@@ -1,0 +1,744 @@
+"""``Trainer``: the hand-written DDP loop, written once, on devlayer's public API only.
+
+It does what the usual torchrun script does by hand — DDP wrapping, sharded loading with
+``set_epoch``, global-batch splitting, AMP, gradient accumulation with ``no_sync``,
+clipping, averaged validation metrics in ONE collective, early stopping, throughput —
+plus atomic checkpoints that resume bit-exactly. No vendor if-chains: the device comes
+from :func:`devlayer.device`, the collectives from :mod:`devlayer.comm`.
+
+Example:
+    >>> import torch, devlayer
+    >>> from torch.utils.data import TensorDataset
+    >>> x = torch.linspace(0, 1, 64).unsqueeze(1); y = 2 * x
+    >>> net = torch.nn.Linear(1, 1)
+    >>> opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    >>> trainer = devlayer.Trainer(net, opt, torch.nn.functional.mse_loss, batch_size=16,
+    ...                            max_epochs=20, progress=False, num_workers=0)
+    >>> history = trainer.fit(TensorDataset(x, y))
+    >>> history[-1]["train_loss"] < 0.01
+    True
+    >>> _ = devlayer.shutdown()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import devlayer
+from devlayer.errors import DevlayerError, InvalidArgumentError
+from devlayer.train.data import ShardedLoader, prepare_loader
+from devlayer.train.model import prepare_model, unwrap
+from devlayer.train.seed import seed_everything
+
+__all__ = ["Callback", "EarlyStopping", "Trainer", "resolve_precision"]
+
+log = logging.getLogger("devlayer.train")
+
+_PRECISIONS = {
+    "32": "32",
+    "32-true": "32",
+    "fp32": "32",
+    "no": "32",
+    "float32": "32",
+    "bf16": "bf16-mixed",
+    "bf16-mixed": "bf16-mixed",
+    "bfloat16": "bf16-mixed",
+    "16": "16-mixed",
+    "16-mixed": "16-mixed",
+    "fp16": "16-mixed",
+    "float16": "16-mixed",
+}
+
+
+def resolve_precision(precision: str | None, env: Mapping[str, str] | None = None) -> str:
+    """Normalize a precision name; ``None`` reads ``ACCELERATE_MIXED_PRECISION`` or gives "32".
+
+    Example:
+        >>> resolve_precision("bf16")
+        'bf16-mixed'
+        >>> resolve_precision(None, {"ACCELERATE_MIXED_PRECISION": "fp16"})
+        '16-mixed'
+
+    """
+    origin = "precision"
+    if precision is None:
+        env = os.environ if env is None else env
+        precision = env.get("ACCELERATE_MIXED_PRECISION") or "32"
+        origin = "ACCELERATE_MIXED_PRECISION"
+    key = str(precision).strip().lower()
+    if key not in _PRECISIONS:
+        raise InvalidArgumentError(
+            f"{origin}={precision!r} is not supported; use '32', 'bf16-mixed' or '16-mixed'"
+        )
+    return _PRECISIONS[key]
+
+
+@dataclass
+class EarlyStopping:
+    """Stop when a validation metric stops improving, or once it reaches a target.
+
+    Decided on metrics already averaged over all ranks, so every rank stops at the same
+    epoch.
+
+    Args:
+        monitor: A key of the epoch metrics, e.g. ``"val_loss"`` or ``"val_accuracy"``.
+        mode: ``"min"`` or ``"max"``.
+        patience: Epochs without improvement (or, with ``target``, epochs at or past the
+            target in a row) before stopping.
+        min_delta: Smallest change that counts as an improvement.
+        target: Stop after ``patience`` consecutive epochs that reach this value (the seed
+            tutorial's "target accuracy" rule).
+    """
+
+    monitor: str = "val_loss"
+    mode: str = "min"
+    patience: int = 3
+    min_delta: float = 0.0
+    target: float | None = None
+    best: float | None = None
+    bad_epochs: int = 0
+    hits: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("min", "max"):
+            raise InvalidArgumentError(f"EarlyStopping(mode={self.mode!r}): use 'min' or 'max'")
+        if self.patience < 1:
+            raise InvalidArgumentError(f"EarlyStopping(patience={self.patience}) must be >= 1")
+
+    def update(self, metrics: Mapping[str, Any]) -> bool:
+        """Record one epoch; True means stop now."""
+        if self.monitor not in metrics:
+            raise InvalidArgumentError(
+                f"EarlyStopping monitors {self.monitor!r}, but the epoch metrics are "
+                f"{sorted(metrics)}; pass val_data or monitor another key"
+            )
+        value = float(metrics[self.monitor])
+        better = (
+            (lambda a, b: a < b - self.min_delta)
+            if self.mode == "min"
+            else (lambda a, b: a > b + self.min_delta)
+        )
+        if self.target is not None:
+            reached = value <= self.target if self.mode == "min" else value >= self.target
+            self.hits = self.hits + 1 if reached else 0
+            return self.hits >= self.patience
+        if self.best is None or better(value, self.best):
+            self.best, self.bad_epochs = value, 0
+        else:
+            self.bad_epochs += 1
+        return self.bad_epochs >= self.patience
+
+    def state_dict(self) -> dict[str, Any]:
+        """The counters, for checkpoints."""
+        return {"best": self.best, "bad_epochs": self.bad_epochs, "hits": self.hits}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore the counters."""
+        self.best, self.bad_epochs, self.hits = state["best"], state["bad_epochs"], state["hits"]
+
+
+class Callback:
+    """Hooks the Trainer calls on every rank; override the ones you need."""
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        """Before the first epoch (after resuming)."""
+
+    def on_train_batch_end(self, trainer: Trainer, loss: Any) -> None:
+        """After each micro-batch; ``loss`` is a device tensor (reading it syncs)."""
+
+    def on_epoch_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+        """After validation, with the epoch's averaged metrics."""
+
+    def on_fit_end(self, trainer: Trainer, history: list[dict[str, Any]]) -> None:
+        """After the last epoch."""
+
+
+@dataclass
+class _Progress:
+    epoch: int = 0
+    batches_done: int = 0  # micro-batches consumed in the current epoch
+    global_step: int = 0  # optimizer steps
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Trainer:
+    """Train a model with DDP on whatever devlayer selected.
+
+    Args:
+        model: The ``torch.nn.Module``. It is moved and wrapped in place; after ``fit`` it
+            holds the trained weights.
+        optimizer: An optimizer over ``model``'s parameters.
+        loss_fn: ``loss_fn(model(x), y)`` for ``(x, y)`` batches. Also used for validation.
+        precision: ``"32"``, ``"bf16-mixed"`` or ``"16-mixed"`` (GradScaler only for fp16).
+            Default: ``ACCELERATE_MIXED_PRECISION`` or ``"32"``.
+        grad_accum: Micro-batches per optimizer step; all but the last skip the gradient
+            all-reduce (``no_sync``).
+        clip_grad: Max gradient norm (``None``: no clipping).
+        max_epochs: Epochs to run.
+        max_steps: Stop after this many optimizer steps.
+        batch_size: GLOBAL samples per optimizer step (over all ranks and micro-batches).
+        lr_scaling: ``"linear"`` or ``"sqrt"``: multiply learning rates by the world size
+            (or its square root) once at the start; ``None`` leaves them.
+        checkpoint_dir: Where to keep atomic checkpoints (rank 0 writes).
+        checkpoint_every: Save every N optimizer steps (also at each epoch end when set).
+        resume: ``"auto"`` (newest valid checkpoint in ``checkpoint_dir``), a path, or None.
+        seed: Seeds random/NumPy/torch per rank and the data order.
+        early_stopping: An :class:`EarlyStopping`.
+        metrics_file: JSON lines, one per epoch, written by rank 0.
+        progress: Show a progress bar and an epoch summary on rank 0.
+        callbacks: :class:`Callback` objects.
+        training_step: ``training_step(model, batch) -> loss`` instead of ``loss_fn``.
+        validation_step: ``validation_step(model, batch) -> dict of per-batch means``
+            (weighted by batch size when averaged); default: loss and accuracy from loss_fn.
+        scheduler: An LR scheduler stepped after each optimizer step.
+        num_workers: DataLoader workers per rank (``"auto"``).
+        log_every: Read the running loss (a device sync) every N optimizer steps.
+        reference_throughput: World-size-1 samples/s, to report scaling efficiency.
+        allow_world_size_change: Resume a checkpoint saved with another world size.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        optimizer: Any,
+        loss_fn: Callable[..., Any] | None = None,
+        *,
+        precision: str | None = None,
+        grad_accum: int = 1,
+        clip_grad: float | None = None,
+        max_epochs: int = 1,
+        max_steps: int | None = None,
+        batch_size: int | None = None,
+        lr_scaling: str | None = None,
+        checkpoint_dir: str | os.PathLike[str] | None = None,
+        checkpoint_every: int | None = None,
+        resume: str | os.PathLike[str] | None = "auto",
+        seed: int = 0,
+        early_stopping: EarlyStopping | None = None,
+        metrics_file: str | os.PathLike[str] | None = None,
+        progress: bool = True,
+        callbacks: Sequence[Callback] = (),
+        training_step: Callable[[Any, Any], Any] | None = None,
+        validation_step: Callable[[Any, Any], Mapping[str, Any]] | None = None,
+        scheduler: Any = None,
+        num_workers: int | str = "auto",
+        log_every: int = 50,
+        reference_throughput: float | None = None,
+        allow_world_size_change: bool = False,
+    ) -> None:
+        _positive("grad_accum", grad_accum)
+        _positive("max_epochs", max_epochs)
+        _positive("log_every", log_every)
+        if max_steps is not None:
+            _positive("max_steps", max_steps)
+        if checkpoint_every is not None:
+            _positive("checkpoint_every", checkpoint_every)
+            if checkpoint_dir is None:
+                raise InvalidArgumentError("checkpoint_every needs checkpoint_dir")
+        if clip_grad is not None and not clip_grad > 0:
+            raise InvalidArgumentError(f"clip_grad={clip_grad!r} must be a positive number")
+        if lr_scaling not in (None, "linear", "sqrt"):
+            raise InvalidArgumentError(f"lr_scaling={lr_scaling!r}: use 'linear', 'sqrt' or None")
+        if loss_fn is None and training_step is None:
+            raise InvalidArgumentError(
+                "Trainer needs loss_fn (called as loss_fn(model(x), y)) or training_step"
+            )
+        self.model = model
+        self.optimizer = optimizer
+        self.loss_fn = loss_fn
+        self.precision = resolve_precision(precision)
+        self.grad_accum = grad_accum
+        self.clip_grad = clip_grad
+        self.max_epochs = max_epochs
+        self.max_steps = max_steps
+        self.batch_size = batch_size
+        self.lr_scaling = lr_scaling
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self.checkpoint_every = checkpoint_every
+        self.resume = resume
+        self.seed = seed
+        self.early_stopping = early_stopping
+        self.metrics_file = Path(metrics_file) if metrics_file is not None else None
+        self.progress = progress
+        self.callbacks = list(callbacks)
+        self.training_step = training_step
+        self.validation_step = validation_step
+        self.scheduler = scheduler
+        self.num_workers = num_workers
+        self.log_every = log_every
+        self.reference_throughput = reference_throughput
+        self.allow_world_size_change = allow_world_size_change
+        self.state = _Progress()
+        self.ddp_model: Any = None
+        self.scaler: Any = None
+        self.stopped_early = False
+        self.resumed_from: Path | None = None
+        self._lr_scaled = False
+
+    # ------------------------------------------------------------------ set-up
+
+    def _setup(self) -> None:
+        import torch
+
+        if not devlayer.is_initialized():
+            devlayer.init()
+        st = devlayer.state()
+        seed_everything(self.seed)
+        self.device = st.device
+        # Metric sums accumulate in float64 on the device (float32 on MPS, which has no
+        # float64); with Python floats of the same dtype they cost one all_reduce per epoch.
+        self._acc_dtype = torch.float32 if self.device.type == "mps" else torch.float64
+        self.ddp_model = prepare_model(self.model)
+        self.autocast_dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(
+            self.precision
+        )
+        if self.autocast_dtype is not None:
+            self._check_autocast(torch)
+        if self.precision == "16-mixed":
+            self.scaler = torch.amp.GradScaler(self.device.type)
+        if self.lr_scaling and not self._lr_scaled:
+            factor = st.world_size if self.lr_scaling == "linear" else math.sqrt(st.world_size)
+            _scale_lr(self.optimizer, self.scheduler, factor)
+            self._lr_scaled = True
+            if st.is_main:
+                lrs = [g["lr"] for g in self.optimizer.param_groups]
+                log.warning(
+                    "lr_scaling=%s x%.3g over %d ranks: learning rate(s) %s",
+                    self.lr_scaling,
+                    factor,
+                    st.world_size,
+                    lrs,
+                )
+
+    def _check_autocast(self, torch: Any) -> None:
+        dev = self.device.type
+        try:
+            with torch.autocast(device_type=dev, dtype=self.autocast_dtype):
+                probe = torch.nn.functional.linear(
+                    torch.ones(2, 2, device=self.device), torch.ones(2, 2, device=self.device)
+                )
+            ok = probe.dtype == self.autocast_dtype
+        except (RuntimeError, AssertionError) as exc:
+            ok, why = False, str(exc).splitlines()[0]
+        else:
+            why = f"autocast produced {probe.dtype}"
+        if not ok:
+            raise DevlayerError(
+                f"precision={self.precision!r} is not supported on {dev} with torch "
+                f"{torch.__version__} ({why}); use precision='32' or 'bf16-mixed'"
+            )
+
+    def _loader(self, data: Any, *, shuffle: bool) -> ShardedLoader:
+        if isinstance(data, ShardedLoader):
+            return data
+        st = devlayer.state()
+        per_step = self.batch_size
+        if per_step is None:
+            per_step = getattr(data, "batch_size", None)
+            if per_step is None:
+                raise InvalidArgumentError(
+                    "Trainer needs batch_size (global samples per optimizer step) when "
+                    "train_data is a Dataset"
+                )
+        if per_step % (st.world_size * self.grad_accum):
+            raise InvalidArgumentError(
+                f"batch_size={per_step} must split evenly into world_size={st.world_size} x "
+                f"grad_accum={self.grad_accum} micro-batches; use a multiple of "
+                f"{st.world_size * self.grad_accum}"
+            )
+        return prepare_loader(
+            data,
+            per_step // self.grad_accum,
+            shuffle=shuffle,
+            seed=self.seed,
+            num_workers=self.num_workers,
+        )
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _store(self) -> Any:
+        from devlayer.train.checkpoint import CheckpointStore
+
+        assert self.checkpoint_dir is not None
+        return CheckpointStore(self.checkpoint_dir)
+
+    def _payload(self, rng_states: list[Any]) -> dict[str, Any]:
+        return {
+            "model": unwrap(self.ddp_model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "epoch": self.state.epoch,
+            "batches_done": self.state.batches_done,
+            "global_step": self.state.global_step,
+            "history": self.state.history,
+            "early_stopping": (
+                self.early_stopping.state_dict() if self.early_stopping is not None else None
+            ),
+            "rng": rng_states,
+        }
+
+    def save_checkpoint(self) -> Path | None:
+        """Write a checkpoint now (collective: call on every rank). Returns rank 0's path."""
+        from devlayer.train.checkpoint import CheckpointError, rng_state
+
+        rngs = devlayer.all_gather_object(rng_state())
+        path: Path | None = None
+        error: str | None = None
+        if devlayer.is_main():
+            try:
+                path = self._store().save(
+                    self._payload(rngs),
+                    step=self.state.global_step,
+                    epoch=self.state.epoch,
+                    world_size=devlayer.world_size(),
+                )
+            except CheckpointError as exc:
+                error = str(exc)
+        # Every rank learns the outcome, so a failed write fails the job everywhere alike.
+        error = devlayer.broadcast_object(error, src=0)
+        if error is not None:
+            raise CheckpointError(f"rank 0 could not save the checkpoint: {error}")
+        return path
+
+    def _resume(self) -> None:
+        if self.checkpoint_dir is None or self.resume is None:
+            return
+        store = self._store()
+        if self.resume == "auto":
+            if devlayer.is_main():
+                store.cleanup_temp()
+            path = store.latest()
+            if path is None:
+                return
+        else:
+            path = Path(self.resume)
+        payload, _manifest = store.load(
+            path,
+            map_location=self.device,
+            expected_world_size=devlayer.world_size(),
+            allow_world_size_change=self.allow_world_size_change,
+        )
+        self._apply(payload, same_world=_manifest.get("world_size") == devlayer.world_size())
+        self.resumed_from = path
+        if devlayer.is_main():
+            log.warning(
+                "resumed from %s (epoch %d, step %d)",
+                path,
+                self.state.epoch,
+                self.state.global_step,
+            )
+
+    def _apply(self, payload: Mapping[str, Any], *, same_world: bool) -> None:
+        from devlayer.train.checkpoint import set_rng_state
+
+        unwrap(self.ddp_model).load_state_dict(payload["model"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        if self.scaler is not None and payload.get("scaler") is not None:
+            self.scaler.load_state_dict(payload["scaler"])
+        if self.scheduler is not None and payload.get("scheduler") is not None:
+            self.scheduler.load_state_dict(payload["scheduler"])
+        if self.early_stopping is not None and payload.get("early_stopping") is not None:
+            self.early_stopping.load_state_dict(payload["early_stopping"])
+        self.state.history = list(payload.get("history", []))
+        if same_world:
+            self.state.epoch = int(payload["epoch"])
+            self.state.batches_done = int(payload["batches_done"])
+            self.state.global_step = int(payload["global_step"])
+            set_rng_state(payload["rng"][devlayer.rank()])
+        else:
+            # Another world size shards the data differently: restart the interrupted
+            # epoch from its beginning with fresh per-rank RNG (documented reset).
+            self.state.epoch = int(payload["epoch"])
+            self.state.batches_done = 0
+            self.state.global_step = int(payload["global_step"])
+
+    # ------------------------------------------------------------------ training
+
+    def _to_device(self, batch: Any) -> Any:
+        import torch
+
+        if isinstance(batch, torch.Tensor):
+            return batch.to(self.device, non_blocking=True)
+        if isinstance(batch, Mapping):
+            return type(batch)({k: self._to_device(v) for k, v in batch.items()})  # type: ignore[call-arg]
+        if isinstance(batch, (list, tuple)):
+            return type(batch)(self._to_device(v) for v in batch)
+        return batch
+
+    def _loss(self, batch: Any) -> Any:
+        if self.training_step is not None:
+            return self.training_step(self.ddp_model, batch)
+        if not isinstance(batch, (list, tuple)) or len(batch) != 2:
+            raise InvalidArgumentError(
+                f"loss_fn needs (x, y) batches; got {type(batch).__name__} of length "
+                f"{len(batch) if hasattr(batch, '__len__') else '?'}: pass training_step"
+            )
+        x, y = batch
+        assert self.loss_fn is not None
+        return self.loss_fn(self.ddp_model(x), y)
+
+    def _autocast(self) -> Any:
+        import torch
+
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def _optimizer_step(self) -> None:
+        import torch
+
+        if self.scaler is not None:
+            if self.clip_grad is not None:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            if self.clip_grad is not None:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad)
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.state.global_step += 1
+
+    def _train_epoch(self, loader: ShardedLoader, bar: Any) -> tuple[Any, int, float, bool]:
+        """One epoch; returns (loss sum on device, samples, seconds, stop_for_max_steps)."""
+        import torch
+
+        st = self.state
+        n_batches = len(loader)
+        loader.set_epoch(st.epoch)
+        if st.batches_done:
+            loader.skip_batches(st.batches_done)
+        self.ddp_model.train()
+        loss_sum = torch.zeros((), device=self.device, dtype=self._acc_dtype)
+        samples = 0
+        has_no_sync = hasattr(self.ddp_model, "no_sync")
+        started = time.perf_counter()
+        last_log_step, last_log_time, last_log_samples = st.global_step, started, 0
+        for batch in loader:
+            batch = self._to_device(batch)
+            index = st.batches_done
+            boundary = (index + 1) % self.grad_accum == 0 or index + 1 == n_batches
+            sync = (
+                contextlib.nullcontext()
+                if boundary or not has_no_sync
+                else (self.ddp_model.no_sync())
+            )
+            with sync:
+                with self._autocast():
+                    loss = self._loss(batch)
+                scaled = loss / self.grad_accum
+                if self.scaler is not None:
+                    scaled = self.scaler.scale(scaled)
+                scaled.backward()
+            size = _batch_len(batch)
+            loss_sum += loss.detach().to(self._acc_dtype) * size
+            samples += size
+            st.batches_done += 1
+            for cb in self.callbacks:
+                cb.on_train_batch_end(self, loss)
+            if bar is not None:
+                bar.update(1)
+            if not boundary:
+                continue
+            self._optimizer_step()
+            if bar is not None and st.global_step - last_log_step >= self.log_every:
+                now = time.perf_counter()
+                rate = (
+                    (samples - last_log_samples)
+                    * devlayer.world_size()
+                    / max(now - last_log_time, 1e-9)
+                )
+                bar.set_postfix(loss=f"{loss.item():.4g}", samples_s=f"{rate:.0f}")
+                last_log_step, last_log_time, last_log_samples = st.global_step, now, samples
+            if self.checkpoint_every and st.global_step % self.checkpoint_every == 0:
+                self.save_checkpoint()
+            if self.max_steps is not None and st.global_step >= self.max_steps:
+                return loss_sum, samples, time.perf_counter() - started, True
+        return loss_sum, samples, time.perf_counter() - started, False
+
+    def _validate(self, loader: ShardedLoader | None) -> dict[str, Any]:
+        """Per-rank sums of validation metrics (on the device, no collective here)."""
+        import torch
+
+        sums: dict[str, Any] = {}
+        if loader is None:
+            return sums
+        model = unwrap(self.ddp_model)  # no DDP: ranks may see different batch counts
+        model.eval()
+        count = 0
+        with torch.no_grad(), self._autocast():
+            for batch in loader:
+                batch = self._to_device(batch)
+                size = _batch_len(batch)
+                if self.validation_step is not None:
+                    values = dict(self.validation_step(model, batch))
+                else:
+                    x, y = batch
+                    out = model(x)
+                    assert self.loss_fn is not None
+                    values = {"val_loss": self.loss_fn(out, y)}
+                    if _is_classification(out, y):
+                        values["val_accuracy"] = (out.argmax(dim=-1) == y).float().mean()
+                for key, value in values.items():
+                    value = torch.as_tensor(value, device=self.device).detach()
+                    value = value.to(self._acc_dtype)
+                    sums[key] = sums.get(key, 0) + value * size
+                count += size
+        sums["_val_count"] = float(count)
+        return sums
+
+    def fit(self, train_data: Any, val_data: Any = None) -> list[dict[str, Any]]:
+        """Train; returns the history (one dict of averaged metrics per epoch).
+
+        Args:
+            train_data: A Dataset, DataLoader or :class:`~devlayer.train.data.ShardedLoader`.
+            val_data: Optional validation data, averaged over all ranks each epoch.
+
+        Returns:
+            ``[{"epoch", "train_loss", "val_loss", "val_accuracy", "samples_per_sec",
+            "epoch_time", "global_step", ...}, ...]`` including resumed epochs.
+        """
+        from tqdm.auto import tqdm
+
+        self._setup()
+        train_loader = self._loader(train_data, shuffle=True)
+        val_loader = self._loader(val_data, shuffle=False) if val_data is not None else None
+        self._resume()
+        for cb in self.callbacks:
+            cb.on_fit_start(self)
+        main = devlayer.is_main()
+        st = self.state
+        stop = self.stopped_early = False
+        if self.max_steps is not None and st.global_step >= self.max_steps:
+            stop = True
+        while not stop and st.epoch < self.max_epochs:
+            bar = None
+            if self.progress and main:
+                bar = tqdm(
+                    total=len(train_loader),
+                    initial=st.batches_done,
+                    leave=False,
+                    desc=f"epoch {st.epoch + 1}/{self.max_epochs}",
+                    mininterval=1.0,
+                    dynamic_ncols=True,
+                )
+            try:
+                loss_sum, samples, seconds, hit_max = self._train_epoch(train_loader, bar)
+            finally:
+                if bar is not None:
+                    bar.close()
+            sums = self._validate(val_loader)
+            sums["_train_loss"] = loss_sum
+            sums["_train_count"] = float(samples)
+            sums["_seconds"] = float(seconds)
+            sums = devlayer.all_reduce(sums, op="sum")  # ONE collective: all float64
+            metrics = self._epoch_metrics(sums)
+            st.history.append(metrics)
+            st.epoch += 1
+            st.batches_done = 0
+            if self.early_stopping is not None and self.early_stopping.update(metrics):
+                stop = self.stopped_early = True
+            stop = stop or hit_max
+            if self.checkpoint_dir is not None and (self.checkpoint_every or stop):
+                self.save_checkpoint()
+            for cb in self.callbacks:
+                cb.on_epoch_end(self, metrics)
+            if main:
+                self._report(metrics)
+        for cb in self.callbacks:
+            cb.on_fit_end(self, st.history)
+        return st.history
+
+    def _epoch_metrics(self, sums: Mapping[str, Any]) -> dict[str, Any]:
+        world = devlayer.world_size()
+        count = max(_num(sums["_train_count"]), 1)
+        seconds = _num(sums["_seconds"]) / world  # mean epoch time over ranks
+        samples = _num(sums["_train_count"])
+        metrics: dict[str, Any] = {
+            "epoch": self.state.epoch + 1,
+            "train_loss": _num(sums["_train_loss"]) / count,
+        }
+        val_count = _num(sums.get("_val_count", 0))
+        for key, value in sums.items():
+            if not key.startswith("_") and val_count:
+                metrics[key] = _num(value) / val_count
+        metrics["samples_per_sec"] = samples / seconds if seconds > 0 else 0.0
+        metrics["epoch_time"] = seconds
+        metrics["global_step"] = self.state.global_step
+        metrics["world_size"] = world
+        metrics["lr"] = float(self.optimizer.param_groups[0]["lr"])
+        if self.reference_throughput:
+            metrics["scaling_efficiency"] = metrics["samples_per_sec"] / (
+                world * self.reference_throughput
+            )
+        return metrics
+
+    def _report(self, metrics: dict[str, Any]) -> None:
+        if self.metrics_file is not None:
+            self.metrics_file.parent.mkdir(parents=True, exist_ok=True)
+            with self.metrics_file.open("a") as fh:
+                fh.write(json.dumps(metrics, sort_keys=True) + "\n")
+        if self.progress:
+            parts = [
+                f"epoch {metrics['epoch']}/{self.max_epochs}",
+                f"train_loss {metrics['train_loss']:.4f}",
+            ]
+            parts += [f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("val_")]
+            parts.append(f"{metrics['samples_per_sec']:.1f} samples/s")
+            parts.append(f"{metrics['epoch_time']:.2f}s")
+            if "scaling_efficiency" in metrics:
+                parts.append(f"scaling efficiency {metrics['scaling_efficiency']:.0%}")
+            print(" | ".join(parts), flush=True)
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _positive(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidArgumentError(f"{name}={value!r} must be an int >= 1")
+
+
+def _num(value: Any) -> float:
+    return float(value.item()) if hasattr(value, "item") else float(value)
+
+
+def _batch_len(batch: Any) -> int:
+    first = batch
+    while isinstance(first, (list, tuple)) and first:
+        first = first[0]
+    if isinstance(first, Mapping) and first:
+        first = next(iter(first.values()))
+    shape = getattr(first, "shape", None)
+    return int(shape[0]) if shape else 1
+
+
+def _is_classification(out: Any, y: Any) -> bool:
+    return (
+        getattr(out, "ndim", 0) == 2
+        and getattr(y, "ndim", -1) == 1
+        and not y.is_floating_point()
+        and out.shape[0] == y.shape[0]
+    )
+
+
+def _scale_lr(optimizer: Any, scheduler: Any, factor: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] *= factor
+        if "initial_lr" in group:
+            group["initial_lr"] *= factor
+    if scheduler is not None and hasattr(scheduler, "base_lrs"):
+        scheduler.base_lrs = [lr * factor for lr in scheduler.base_lrs]
