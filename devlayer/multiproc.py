@@ -12,6 +12,7 @@ traceback text. A ``timeout`` bounds the whole run, so a stuck rank cannot hang 
 from __future__ import annotations
 
 import multiprocessing as mp
+import pickle
 import os
 import queue as queue_mod
 import time
@@ -80,7 +81,9 @@ def _child(
         results.join_thread()
         os._exit(1)
     devlayer.shutdown()
-    results.put((rank, "ok", value))
+    # Plain pickle copies tensors by value; the queue's own pickler would share them
+    # through file descriptors that vanish when this process exits.
+    results.put((rank, "ok", pickle.dumps(value)))
 
 
 def spawn(
@@ -159,7 +162,7 @@ def _drain(results: Any, values: dict[int, Any]) -> tuple[int, str] | None:
         except queue_mod.Empty:
             return None
         if status == "ok":
-            values[rank] = payload
+            values[rank] = pickle.loads(payload)  # trusted: our own child process
         else:
             return rank, str(payload)
 

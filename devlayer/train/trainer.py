@@ -283,6 +283,9 @@ class Trainer:
         self.stopped_early = False
         self.resumed_from: Path | None = None
         self._lr_scaled = False
+        self._loss_sum: Any = None
+        self._samples = 0
+        self._resumed_sums = (0.0, 0)
 
     # ------------------------------------------------------------------ set-up
 
@@ -371,7 +374,7 @@ class Trainer:
         assert self.checkpoint_dir is not None
         return CheckpointStore(self.checkpoint_dir)
 
-    def _payload(self, rng_states: list[Any]) -> dict[str, Any]:
+    def _payload(self, rank_states: list[Any]) -> dict[str, Any]:
         return {
             "model": unwrap(self.ddp_model).state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -384,14 +387,20 @@ class Trainer:
             "early_stopping": (
                 self.early_stopping.state_dict() if self.early_stopping is not None else None
             ),
-            "rng": rng_states,
+            "ranks": rank_states,
         }
 
     def save_checkpoint(self) -> Path | None:
         """Write a checkpoint now (collective: call on every rank). Returns rank 0's path."""
         from devlayer.train.checkpoint import CheckpointError, rng_state
 
-        rngs = devlayer.all_gather_object(rng_state())
+        # Per rank: RNG states and the running sums of the epoch in progress.
+        mine = {
+            "rng": rng_state(),
+            "loss_sum": float(self._loss_sum.item()) if self._loss_sum is not None else 0.0,
+            "samples": self._samples,
+        }
+        rngs = devlayer.all_gather_object(mine)
         path: Path | None = None
         error: str | None = None
         if devlayer.is_main():
@@ -454,7 +463,9 @@ class Trainer:
             self.state.epoch = int(payload["epoch"])
             self.state.batches_done = int(payload["batches_done"])
             self.state.global_step = int(payload["global_step"])
-            set_rng_state(payload["rng"][devlayer.rank()])
+            mine = payload["ranks"][devlayer.rank()]
+            set_rng_state(mine["rng"])
+            self._resumed_sums = (float(mine["loss_sum"]), int(mine["samples"]))
         else:
             # Another world size shards the data differently: restart the interrupted
             # epoch from its beginning with fresh per-rank RNG (documented reset).
@@ -513,7 +524,7 @@ class Trainer:
         self.state.global_step += 1
 
     def _train_epoch(self, loader: ShardedLoader, bar: Any) -> tuple[Any, int, float, bool]:
-        """One epoch; returns (loss sum on device, samples, seconds, stop_for_max_steps)."""
+        """One epoch (or until max_steps); returns (loss sum, samples, seconds, completed)."""
         import torch
 
         st = self.state
@@ -522,8 +533,10 @@ class Trainer:
         if st.batches_done:
             loader.skip_batches(st.batches_done)
         self.ddp_model.train()
-        loss_sum = torch.zeros((), device=self.device, dtype=self._acc_dtype)
-        samples = 0
+        resumed_loss, samples = self._resumed_sums if st.batches_done else (0.0, 0)
+        self._resumed_sums = (0.0, 0)
+        loss_sum = torch.full((), resumed_loss, device=self.device, dtype=self._acc_dtype)
+        self._loss_sum = loss_sum
         has_no_sync = hasattr(self.ddp_model, "no_sync")
         started = time.perf_counter()
         last_log_step, last_log_time, last_log_samples = st.global_step, started, 0
@@ -546,6 +559,7 @@ class Trainer:
             size = _batch_len(batch)
             loss_sum += loss.detach().to(self._acc_dtype) * size
             samples += size
+            self._samples = samples
             st.batches_done += 1
             for cb in self.callbacks:
                 cb.on_train_batch_end(self, loss)
@@ -566,8 +580,8 @@ class Trainer:
             if self.checkpoint_every and st.global_step % self.checkpoint_every == 0:
                 self.save_checkpoint()
             if self.max_steps is not None and st.global_step >= self.max_steps:
-                return loss_sum, samples, time.perf_counter() - started, True
-        return loss_sum, samples, time.perf_counter() - started, False
+                break
+        return loss_sum, samples, time.perf_counter() - started, st.batches_done >= n_batches
 
     def _validate(self, loader: ShardedLoader | None) -> dict[str, Any]:
         """Per-rank sums of validation metrics (on the device, no collective here)."""
@@ -636,10 +650,16 @@ class Trainer:
                     dynamic_ncols=True,
                 )
             try:
-                loss_sum, samples, seconds, hit_max = self._train_epoch(train_loader, bar)
+                loss_sum, samples, seconds, completed = self._train_epoch(train_loader, bar)
             finally:
                 if bar is not None:
                     bar.close()
+            if not completed:  # max_steps reached inside the epoch: save where we are
+                if self.checkpoint_dir is not None:
+                    self.save_checkpoint()
+                break
+            self._loss_sum, self._samples = None, 0
+            hit_max = self.max_steps is not None and st.global_step >= self.max_steps
             sums = self._validate(val_loader)
             sums["_train_loss"] = loss_sum
             sums["_train_count"] = float(samples)

@@ -70,11 +70,14 @@ def test_vendor_files_do_not_import_each_other():
     "pattern", [r"weights_only\s*=\s*False", r"torch\.distributed\.rpc", r"pickle\.loads?\("]
 )
 def test_no_unsafe_loading_in_library(pattern):
+    # The one exception: devlayer.spawn unpickles results sent by its own child processes
+    # over a pipe (marked "# trusted:"); never data from disk or the network.
     hits = [
         f"{p.relative_to(ROOT)}:{n}"
         for p in _python_files("devlayer", "backends")
         for n, line in enumerate(p.read_text().splitlines(), 1)
         if re.search(pattern, line)
+        and not (p.name == "multiproc.py" and "# trusted: our own child process" in line)
     ]
     assert not hits, hits
 

@@ -1,0 +1,76 @@
+"""Training jobs run by the Trainer tests on 1 or 2 gloo ranks (importable for spawn)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import TensorDataset
+
+import devlayer
+
+
+def make_data(n: int = 96, seed: int = 0) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 4, generator=g) * 2 - 1
+    y = (x @ torch.tensor([[1.5], [-2.0], [0.5], [1.0]]) + 0.3).squeeze(1)
+    return TensorDataset(x, y.unsqueeze(1))
+
+
+def make_model() -> torch.nn.Module:
+    torch.manual_seed(1234)  # identical initial weights on every rank and run
+    return torch.nn.Sequential(
+        torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Dropout(0.1), torch.nn.Linear(16, 1)
+    )
+
+
+def train(
+    *,
+    max_epochs: int = 3,
+    batch_size: int = 16,
+    grad_accum: int = 1,
+    max_steps: int | None = None,
+    checkpoint_dir: str | None = None,
+    checkpoint_every: int | None = None,
+    metrics_file: str | None = None,
+    lr: float = 0.05,
+    resume: str | None = "auto",
+    val: bool = True,
+) -> dict[str, Any]:
+    """Fit the small regression; return weights, history and the rank."""
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=5, gamma=0.9)
+    trainer = devlayer.Trainer(
+        model,
+        opt,
+        torch.nn.functional.mse_loss,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        max_epochs=max_epochs,
+        max_steps=max_steps,
+        checkpoint_dir=checkpoint_dir,
+        checkpoint_every=checkpoint_every,
+        metrics_file=metrics_file,
+        resume=resume,
+        scheduler=sched,
+        progress=False,
+        num_workers=0,
+        seed=7,
+    )
+    history = trainer.fit(make_data(), make_data(48, seed=1) if val else None)
+    return {
+        "rank": devlayer.rank(),
+        "weights": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "history": history,
+        "resumed_from": str(trainer.resumed_from) if trainer.resumed_from else None,
+        "initialized_after_fit": devlayer.is_initialized(),
+    }
+
+
+def train_then_resume(checkpoint_dir: str, stop_after: int, **kw: Any) -> dict[str, Any]:
+    """Run until ``stop_after`` optimizer steps (a checkpoint is written), then resume."""
+    train(checkpoint_dir=checkpoint_dir, checkpoint_every=2, max_steps=stop_after, **kw)
+    assert any(Path(checkpoint_dir).iterdir())
+    return train(checkpoint_dir=checkpoint_dir, checkpoint_every=2, **kw)
