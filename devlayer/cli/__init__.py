@@ -2,6 +2,8 @@
 
 Subcommands:
     info    What devlayer sees here: versions, backends, devices, launcher, pitfalls.
+    launch  torchrun with devlayer's defaults: one process per device, loopback rendezvous
+            on a free port, the failing rank's exit code.
 """
 
 from __future__ import annotations
@@ -24,6 +26,11 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     info = sub.add_parser("info", help="show backends, devices, launcher and known pitfalls")
     info.add_argument("--json", action="store_true", help="machine-readable output")
+    from devlayer.cli import launch
+
+    launch.add_arguments(
+        sub.add_parser("launch", help="start a script on N local ranks (torchrun underneath)")
+    )
     return parser
 
 
@@ -31,9 +38,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``devlayer`` console script. Returns the exit code."""
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.command == "info":
-        from devlayer.cli.info import run
+    from devlayer.errors import DevlayerError
 
-        return run(as_json=args.json)
+    try:
+        if args.command == "info":
+            from devlayer.cli.info import run
+
+            return run(as_json=args.json)
+        if args.command == "launch":
+            from devlayer.cli.launch import run as launch
+
+            return launch(args)
+    except DevlayerError as exc:
+        print(f"devlayer {args.command}: error: {exc}", file=sys.stderr)
+        return 2
     parser.print_help(sys.stderr)
     return 2

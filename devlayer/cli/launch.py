@@ -1,0 +1,217 @@
+"""``devlayer launch``: torchrun with devlayer's defaults (built on ``torch.distributed.run``).
+
+Differences from plain ``torchrun``, all about fewer surprises:
+
+* ``--nproc auto`` starts one process per visible device of the selected backend (one on
+  CPU unless ``--nproc N`` asks for more).
+* ``--devices 1,3`` restricts the children to those devices through the vendor's
+  visibility variable (``CUDA_VISIBLE_DEVICES``, ``ZE_AFFINITY_MASK``...).
+* On one node the rendezvous store runs in this process, listening on 127.0.0.1 only, on
+  a free port (never a fixed 29500 that a second job on the machine would collide with).
+* ``OMP_NUM_THREADS`` defaults to cores / local ranks instead of torchrun's 1.
+* The exit code is the failing rank's, and one line names that rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Any
+
+from devlayer.devices import narrow_visibility, parse_devices, selected_indices
+from devlayer.errors import DevlayerError
+
+__all__ = ["add_arguments", "run"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``devlayer launch`` options."""
+    parser.add_argument(
+        "--nproc",
+        "--nproc-per-node",
+        default="auto",
+        dest="nproc",
+        help="processes on this node: 'auto' (one per visible device; 1 on cpu) or a number",
+    )
+    parser.add_argument("--backend", default=None, help="device backend for the children")
+    parser.add_argument(
+        "--devices",
+        default=None,
+        help="devices the children may use, e.g. '1,3' (vendor visibility)",
+    )
+    parser.add_argument("--nnodes", default="1", help="number of nodes (or MIN:MAX)")
+    parser.add_argument("--node-rank", type=int, default=0, help="this node's rank")
+    parser.add_argument("--master-addr", default=None, help="rank-0 node for multi-node runs")
+    parser.add_argument("--master-port", type=int, default=None, help="its port")
+    parser.add_argument("--rdzv-endpoint", default=None, help="HOST:PORT of a c10d rendezvous")
+    parser.add_argument("--rdzv-id", default=None, help="job id shared by all nodes")
+    parser.add_argument("--max-restarts", type=int, default=0, help="restarts on failure")
+    parser.add_argument(
+        "--monitor-interval", type=float, default=0.2, help="seconds between checks of the children"
+    )
+    parser.add_argument("script", help="the training script (or -m module)")
+    parser.add_argument("script_args", nargs=argparse.REMAINDER, help="its arguments")
+
+
+def _cores() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def _plan_devices(args: argparse.Namespace, env: dict[str, str]) -> tuple[int, dict[str, str]]:
+    """(processes per node, environment changes for the children)."""
+    from devlayer.registry import select_backend
+
+    changes: dict[str, str] = {}
+    if args.backend:
+        changes["DEVLAYER_BACKEND"] = args.backend
+    selection = select_backend(args.backend, env={**env, **changes})
+    be = selection.backend
+    spec = parse_devices(args.devices, origin="--devices")
+    indices = selected_indices(spec, None)
+    if indices is not None:
+        var = be.visibility_var(env)
+        if var is not None:
+            from devlayer.devices import check_exists
+
+            check_exists(spec, be.device_count(), device_type=be.device_type, origin="--devices")
+            changes[var] = narrow_visibility(env.get(var), indices)
+            changes["DEVLAYER_VISIBILITY_APPLIED"] = f"{var}={','.join(map(str, indices))}"
+    if args.nproc == "auto":
+        if not be.indexed:
+            nproc = 1
+        elif indices is not None:
+            nproc = len(indices)
+        else:
+            nproc = max(be.device_count(), 1)
+    else:
+        try:
+            nproc = int(args.nproc)
+        except ValueError:
+            raise DevlayerError(f"--nproc={args.nproc!r}: use 'auto' or a number >= 1") from None
+        if nproc < 1:
+            raise DevlayerError(f"--nproc={nproc}: use 'auto' or a number >= 1")
+    return nproc, changes
+
+
+def _loopback_store(timeout: timedelta) -> tuple[Any, int]:
+    """A TCP store served from this process on 127.0.0.1 only (the agents are clients)."""
+    import torch.distributed as dist
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(512)
+    port = sock.getsockname()[1]
+    store = dist.TCPStore(
+        "127.0.0.1",
+        port,
+        is_master=True,
+        timeout=timeout,
+        wait_for_workers=False,
+        master_listen_fd=sock.detach(),
+    )
+    return store, port
+
+
+def _describe_failure(error: Any) -> tuple[int, str]:
+    rank, failure = error.get_first_failure()
+    code = failure.exitcode
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return 128 - code, (
+            f"devlayer launch: rank {rank} (local rank {failure.local_rank}, pid {failure.pid}) "
+            f"was killed by {name}"
+        )
+    return code or 1, (
+        f"devlayer launch: rank {rank} (local rank {failure.local_rank}, pid {failure.pid}) "
+        f"exited with code {code}"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Start the job; returns the exit code (the first failing rank's, else 0)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser
+    from torch.distributed.run import run as torchrun
+
+    env = dict(os.environ)
+    nproc, changes = _plan_devices(args, env)
+    if "OMP_NUM_THREADS" not in env:
+        changes["OMP_NUM_THREADS"] = str(max(_cores() // nproc, 1))
+    os.environ.update(changes)  # inherited by the children torchrun starts
+
+    single_node = args.nnodes in ("1", "1:1") and not (args.rdzv_endpoint or args.master_addr)
+    argv = [
+        f"--nproc-per-node={nproc}",
+        f"--nnodes={args.nnodes}",
+        f"--max-restarts={args.max_restarts}",
+        f"--monitor-interval={args.monitor_interval}",
+    ]
+    store = None
+    if single_node:
+        # Everything listens on 127.0.0.1: the rendezvous store is served from this process
+        # (agents join as clients), and instead of torchrun's shared agent store (which
+        # listens on every interface) rank 0 hosts the workers' store through
+        # devlayer.init(), which binds loopback. A fresh store per attempt also means a
+        # restarted attempt never sees the keys of the one that died.
+        os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+        store, port = _loopback_store(timedelta(minutes=10))
+        argv += [
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint=127.0.0.1:{port}",
+            "--rdzv-conf=is_host=false",
+            f"--rdzv-id=devlayer-{os.getpid()}",
+            "--local-addr=127.0.0.1",
+        ]
+    elif args.rdzv_endpoint:
+        argv += [
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={args.rdzv_endpoint}",
+            f"--rdzv-id={args.rdzv_id or 'devlayer'}",
+            f"--node-rank={args.node_rank}",
+        ]
+    else:
+        if not args.master_addr:
+            raise DevlayerError(
+                f"--nnodes={args.nnodes} needs --master-addr (the rank-0 node) or "
+                f"--rdzv-endpoint HOST:PORT"
+            )
+        argv += [
+            f"--master-addr={args.master_addr}",
+            f"--master-port={args.master_port or 29500}",
+            f"--node-rank={args.node_rank}",
+        ]
+    script = args.script
+    rest = list(args.script_args)
+    if script == "-m":
+        if not rest:
+            raise DevlayerError("devlayer launch -m needs a module name")
+        argv += ["-m", rest.pop(0)]
+    else:
+        argv.append(script)
+    targs = get_args_parser().parse_args([*argv, *rest])
+    try:
+        torchrun(targs)
+    except ChildFailedError as exc:
+        code, line = _describe_failure(exc)
+        print(line, file=sys.stderr, flush=True)
+        return code
+    finally:
+        del store
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m devlayer.cli.launch``: the same as ``devlayer launch``."""
+    parser = argparse.ArgumentParser(prog="devlayer launch")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
