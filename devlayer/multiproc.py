@@ -12,8 +12,8 @@ traceback text. A ``timeout`` bounds the whole run, so a stuck rank cannot hang 
 from __future__ import annotations
 
 import multiprocessing as mp
-import pickle
 import os
+import pickle
 import queue as queue_mod
 import time
 import traceback

@@ -14,8 +14,13 @@ pytestmark = [pytest.mark.dist, pytest.mark.timeout(90)]
 
 
 def _env_rank(monkeypatch: pytest.MonkeyPatch, rank: int, world: int, port: int) -> None:
-    for key, value in {"RANK": rank, "WORLD_SIZE": world, "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": port, "DEVLAYER_LAUNCHER": "env"}.items():
+    for key, value in {
+        "RANK": rank,
+        "WORLD_SIZE": world,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": port,
+        "DEVLAYER_LAUNCHER": "env",
+    }.items():
         monkeypatch.setenv(key, str(value))
 
 
@@ -38,8 +43,9 @@ def _listeners_of_master_port() -> list[str]:
 
 @pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="needs Linux /proc/net")
 def test_single_node_store_listens_on_loopback_only(clean_env):
-    per_rank = devlayer.spawn(_listeners_of_master_port, nprocs=2, backend="cpu", timeout=20,
-                              join_timeout=60)
+    per_rank = devlayer.spawn(
+        _listeners_of_master_port, nprocs=2, backend="cpu", timeout=20, join_timeout=60
+    )
     for listeners in per_rank:
         assert listeners, "the store should be listening while the job runs"
         assert all(addr == "0100007F" for addr in listeners), listeners

@@ -16,7 +16,7 @@ if "--no-init" in sys.argv:  # simulated devices: only report the environment
     print("RESULT " + json.dumps({k: os.environ.get(k) for k in keys}), flush=True)
     sys.exit(0)
 
-import devlayer  # noqa: E402
+import devlayer
 
 
 def listeners(port: int) -> list[str]:
