@@ -1,0 +1,163 @@
+"""The training layer at world size 1 (fast, in-process): loader, precision, options."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+import devlayer
+from devlayer.train.data import auto_num_workers
+from devlayer.train.trainer import EarlyStopping, resolve_precision
+
+
+@pytest.fixture
+def cpu(clean_env):
+    with devlayer.init(backend="cpu") as st:
+        yield st
+
+
+def _data(n: int = 40) -> TensorDataset:
+    x = torch.arange(n, dtype=torch.float32).unsqueeze(1)
+    return TensorDataset(x, 2 * x)
+
+
+def test_prepare_loader_splits_global_batch_and_reshuffles_each_epoch(cpu):
+    loader = devlayer.prepare_loader(_data(), 8, num_workers=0, seed=3)
+    first = torch.cat([b[0] for b in loader]).flatten().tolist()
+    second = torch.cat([b[0] for b in loader]).flatten().tolist()
+    assert loader.batch_size == 8 and len(loader) == 5
+    assert sorted(first) == sorted(second) == list(map(float, range(40)))
+    assert first != second, "set_epoch must run automatically: epoch 2 is shuffled anew"
+    again = devlayer.prepare_loader(_data(), 8, num_workers=0, seed=3)
+    assert torch.cat([b[0] for b in again]).flatten().tolist() == first  # same seed, same order
+
+
+def test_prepare_loader_resumes_mid_epoch(cpu):
+    loader = devlayer.prepare_loader(_data(), 8, num_workers=0)
+    full = [b[0].flatten().tolist() for b in loader]
+    loader.set_epoch(0)
+    loader.skip_batches(2)
+    assert [b[0].flatten().tolist() for b in loader] == full[2:]
+
+
+def test_prepare_loader_rejects_indivisible_global_batch(clean_env):
+    with devlayer.init(backend="cpu"):
+        devlayer.prepare_loader(_data(), 7, num_workers=0)  # world 1 divides anything
+    clean_env.setenv("DEVLAYER_LAUNCHER", "none")
+    import devlayer.train.data as data_mod
+
+    class _Two:
+        world_size, rank, local_world_size = 2, 0, 1
+        device = torch.device("cpu")
+
+    clean_env.setattr(devlayer, "state", lambda: _Two())
+    clean_env.setattr(devlayer, "is_initialized", lambda: True)
+    with pytest.raises(devlayer.InvalidArgumentError) as info:
+        data_mod.prepare_loader(_data(), 7, num_workers=0)
+    assert "batch_size=7" in str(info.value) and "world_size=2" in str(info.value)
+    assert "per_rank=True" in str(info.value)
+
+
+def test_prepare_loader_reshards_an_existing_dataloader(cpu):
+    source = DataLoader(_data(), batch_size=10, shuffle=False)
+    loader = devlayer.prepare_loader(source, num_workers=0)
+    assert loader.batch_size == 10 and loader.global_batch_size == 10
+    assert [b[0].flatten()[0].item() for b in loader] == [0.0, 10.0, 20.0, 30.0]
+
+
+def test_auto_num_workers_respects_slurm_and_affinity():
+    assert auto_num_workers(2, env={}, cpus=16) == 7
+    assert auto_num_workers(4, env={"SLURM_CPUS_PER_TASK": "8"}, cpus=64) == 7
+    assert auto_num_workers(2, env={}, cpus=2) == 0
+
+
+def test_prepare_model_at_world_one_returns_the_module(cpu):
+    net = torch.nn.Linear(2, 2)
+    assert devlayer.prepare_model(net) is net
+    with pytest.raises(devlayer.InvalidArgumentError, match="torch.nn.Module"):
+        devlayer.prepare_model("not a model")
+
+
+def test_resolve_precision_names_and_env():
+    assert resolve_precision("32") == "32" and resolve_precision("bf16") == "bf16-mixed"
+    assert resolve_precision(None, {"ACCELERATE_MIXED_PRECISION": "bf16"}) == "bf16-mixed"
+    assert resolve_precision(None, {}) == "32"
+    with pytest.raises(devlayer.InvalidArgumentError, match="'fp8'"):
+        resolve_precision("fp8")
+
+
+def _fit(**kw):
+    torch.manual_seed(0)
+    net = torch.nn.Linear(1, 1)
+    opt = torch.optim.SGD(net.parameters(), lr=0.001)
+    trainer = devlayer.Trainer(net, opt, torch.nn.functional.mse_loss, batch_size=8,
+                               progress=False, num_workers=0, **kw)
+    return trainer, trainer.fit(_data(), _data())
+
+
+def test_bf16_mixed_trains_on_cpu(cpu):
+    _, history = _fit(precision="bf16-mixed", max_epochs=2)
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+
+
+def test_lr_scaling_logged_once_and_applied(cpu, caplog):
+    trainer, _ = _fit(lr_scaling="sqrt", max_epochs=1)
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.001)  # sqrt(1) = 1
+    assert "lr_scaling=sqrt" in caplog.text
+
+
+def test_early_stopping_with_target_and_patience(cpu):
+    stopper = EarlyStopping(monitor="val_loss", mode="min", target=1e9, patience=2)
+    trainer, history = _fit(max_epochs=10, early_stopping=stopper)
+    assert len(history) == 2 and trainer.stopped_early
+
+
+def test_early_stopping_counts_epochs_without_improvement():
+    stop = EarlyStopping(monitor="m", mode="max", patience=2)
+    assert [stop.update({"m": v}) for v in (1.0, 2.0, 1.5, 1.9)] == [False, False, False, True]
+    with pytest.raises(devlayer.InvalidArgumentError, match="'m'"):
+        EarlyStopping(monitor="m").update({"other": 1.0})
+
+
+def test_metrics_file_and_history(cpu, tmp_path):
+    path = tmp_path / "m.jsonl"
+    _, history = _fit(max_epochs=3, metrics_file=path)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert rows[-1]["train_loss"] == pytest.approx(history[-1]["train_loss"])
+    assert {"val_loss", "samples_per_sec", "epoch_time", "global_step"} <= set(rows[0])
+
+
+def test_accuracy_reported_for_classification(cpu):
+    x = torch.randn(32, 3)
+    y = (x[:, 0] > 0).long()
+    net = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    trainer = devlayer.Trainer(net, opt, torch.nn.functional.cross_entropy, batch_size=8,
+                               max_epochs=3, progress=False, num_workers=0)
+    history = trainer.fit(TensorDataset(x, y), TensorDataset(x, y))
+    assert 0.0 <= history[-1]["val_accuracy"] <= 1.0
+    assert history[-1]["val_accuracy"] > 0.7
+
+
+def test_bad_trainer_arguments_are_named():
+    net = torch.nn.Linear(1, 1)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    with pytest.raises(devlayer.InvalidArgumentError, match="grad_accum=0"):
+        devlayer.Trainer(net, opt, torch.nn.functional.mse_loss, grad_accum=0)
+    with pytest.raises(devlayer.InvalidArgumentError, match="loss_fn"):
+        devlayer.Trainer(net, opt)
+    with pytest.raises(devlayer.InvalidArgumentError, match="lr_scaling='cubic'"):
+        devlayer.Trainer(net, opt, torch.nn.functional.mse_loss, lr_scaling="cubic")
+
+
+def test_batch_size_must_split_into_micro_batches(cpu):
+    net = torch.nn.Linear(1, 1)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    trainer = devlayer.Trainer(net, opt, torch.nn.functional.mse_loss, batch_size=9,
+                               grad_accum=2, progress=False, num_workers=0)
+    with pytest.raises(devlayer.InvalidArgumentError, match="batch_size=9"):
+        trainer.fit(_data())
