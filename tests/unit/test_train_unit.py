@@ -161,3 +161,9 @@ def test_batch_size_must_split_into_micro_batches(cpu):
                                grad_accum=2, progress=False, num_workers=0)
     with pytest.raises(devlayer.InvalidArgumentError, match="batch_size=9"):
         trainer.fit(_data())
+
+
+def test_fp16_mixed_uses_a_grad_scaler(cpu):
+    trainer, history = _fit(precision="16-mixed", max_epochs=2)
+    assert trainer.scaler is not None and trainer.scaler.get_scale() > 0
+    assert all(h["train_loss"] == h["train_loss"] for h in history)  # no NaN
