@@ -2,6 +2,7 @@
 
 Subcommands:
     info    What devlayer sees here: versions, backends, devices, launcher, pitfalls.
+    doctor  info, plus a timed multi-rank smoke test under a launcher, with a diagnosis.
     launch  torchrun with devlayer's defaults: one process per device, loopback rendezvous
             on a free port, the failing rank's exit code.
 """
@@ -26,6 +27,14 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     info = sub.add_parser("info", help="show backends, devices, launcher and known pitfalls")
     info.add_argument("--json", action="store_true", help="machine-readable output")
+    doctor = sub.add_parser("doctor", help="info plus a multi-rank smoke test and diagnosis")
+    doctor.add_argument("--json", action="store_true", help="machine-readable output")
+    doctor.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        help="seconds for each step (rendezvous, barrier, ...)",
+    )
     from devlayer.cli import launch
 
     launch.add_arguments(
@@ -45,6 +54,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from devlayer.cli.info import run
 
             return run(as_json=args.json)
+        if args.command == "doctor":
+            from devlayer.cli.doctor import run as doctor
+
+            return doctor(as_json=args.json, timeout=args.timeout)
         if args.command == "launch":
             from devlayer.cli.launch import run as launch
 

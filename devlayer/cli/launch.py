@@ -54,8 +54,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--monitor-interval", type=float, default=0.2, help="seconds between checks of the children"
     )
-    parser.add_argument("script", help="the training script (or -m module)")
-    parser.add_argument("script_args", nargs=argparse.REMAINDER, help="its arguments")
+    parser.add_argument(
+        "-m", dest="module", default=None, help="run a module (like python -m) instead of a script"
+    )
+    parser.add_argument(
+        "script_args", nargs=argparse.REMAINDER, help="the script and its arguments"
+    )
 
 
 def _cores() -> int:
@@ -190,14 +194,15 @@ def run(args: argparse.Namespace) -> int:
             f"--master-port={args.master_port or 29500}",
             f"--node-rank={args.node_rank}",
         ]
-    script = args.script
     rest = list(args.script_args)
-    if script == "-m":
-        if not rest:
-            raise DevlayerError("devlayer launch -m needs a module name")
-        argv += ["-m", rest.pop(0)]
+    if rest and rest[0] == "--":
+        rest.pop(0)
+    if args.module:
+        argv += ["-m", args.module]
+    elif rest:
+        argv.append(rest.pop(0))
     else:
-        argv.append(script)
+        raise DevlayerError("devlayer launch needs a script (or -m module) to run")
     targs = get_args_parser().parse_args([*argv, *rest])
     try:
         torchrun(targs)

@@ -422,13 +422,25 @@ class Trainer:
     def _resume(self) -> None:
         if self.checkpoint_dir is None or self.resume is None:
             return
+        from devlayer.train.checkpoint import CheckpointError
+
         store = self._store()
         if self.resume == "auto":
+            # Rank 0 picks (and warns about skipped files) once; every rank loads the same.
+            choice: tuple[str, str | None] = ("ok", None)
             if devlayer.is_main():
-                store.cleanup_temp()
-            path = store.latest()
-            if path is None:
+                try:
+                    store.cleanup_temp()
+                    found = store.latest()
+                    choice = ("ok", str(found) if found is not None else None)
+                except CheckpointError as exc:
+                    choice = ("error", str(exc))
+            status, value = devlayer.broadcast_object(choice, src=0)
+            if status == "error":
+                raise CheckpointError(f"resume='auto' found no usable checkpoint: {value}")
+            if value is None:
                 return
+            path = Path(value)
         else:
             path = Path(self.resume)
         payload, _manifest = store.load(

@@ -1,0 +1,54 @@
+"""`devlayer doctor` passes on a healthy job and names the culprit on a broken one."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from devlayer.testing import free_port
+from tests.helpers import run_py, subprocess_env
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
+
+
+def _json_lines(stdout: str) -> list[dict]:
+    return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+
+
+def test_doctor_single_process_passes():
+    proc = run_py(["-m", "devlayer", "doctor"])
+    assert proc.returncode == 0, proc.stderr
+    assert "verdict: PASS" in proc.stdout
+
+
+def test_doctor_under_launch_two_ranks_reports_every_rank():
+    proc = run_py(
+        ["-m", "devlayer", "launch", "--nproc", "2", "-m", "devlayer", "doctor", "--json"],
+        timeout=150,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    (report,) = _json_lines(proc.stdout)  # rank 0 prints the report
+    assert report["ok"] is True
+    ranks = report["smoke_test"]["ranks"]
+    assert [r["rank"] for r in ranks] == [0, 1]
+    assert all(not r.get("failed_step") for r in ranks)
+    assert {"rendezvous", "barrier", "all_reduce"} <= set(ranks[0]["timings_ms"])
+
+
+def test_doctor_names_the_rank_that_never_arrives():
+    env = subprocess_env(RANK="0", WORLD_SIZE="2", MASTER_PORT=str(free_port()))
+    proc = run_py(["-m", "devlayer", "doctor", "--timeout", "3"], env=env, timeout=60)
+    assert proc.returncode == 1
+    assert "FAIL on rank 0 at step 'rendezvous'" in proc.stdout
+    assert "missing rank(s): 1" in proc.stdout
+    assert "suspect: MASTER_ADDR, MASTER_PORT, WORLD_SIZE" in proc.stdout
+
+
+def test_doctor_reports_a_broken_launcher_env():
+    env = subprocess_env(RANK="3", WORLD_SIZE="2", MASTER_PORT="29999")
+    proc = run_py(["-m", "devlayer", "doctor", "--json"], env=env)
+    assert proc.returncode == 1
+    (report,) = _json_lines(proc.stdout)
+    assert report["smoke_test"]["failed_step"] == "launcher"
+    assert "RANK=3" in report["smoke_test"]["error"]
