@@ -56,9 +56,7 @@ def _no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
             problems.append("a torch.distributed process group was left behind")
     after = dict(os.environ)
     changed = sorted(
-        k
-        for k in set(before) | set(after)
-        if before.get(k) != after.get(k) and k not in _NOT_OURS
+        k for k in set(before) | set(after) if before.get(k) != after.get(k) and k not in _NOT_OURS
     )
     if changed:
         for k in changed:

@@ -77,7 +77,7 @@ def test_auto_num_workers_respects_slurm_and_affinity():
 def test_prepare_model_at_world_one_returns_the_module(cpu):
     net = torch.nn.Linear(2, 2)
     assert devlayer.prepare_model(net) is net
-    with pytest.raises(devlayer.InvalidArgumentError, match="torch.nn.Module"):
+    with pytest.raises(devlayer.InvalidArgumentError, match=r"torch\.nn\.Module"):
         devlayer.prepare_model("not a model")
 
 
@@ -93,8 +93,9 @@ def _fit(**kw):
     torch.manual_seed(0)
     net = torch.nn.Linear(1, 1)
     opt = torch.optim.SGD(net.parameters(), lr=0.001)
-    trainer = devlayer.Trainer(net, opt, torch.nn.functional.mse_loss, batch_size=8,
-                               progress=False, num_workers=0, **kw)
+    trainer = devlayer.Trainer(
+        net, opt, torch.nn.functional.mse_loss, batch_size=8, progress=False, num_workers=0, **kw
+    )
     return trainer, trainer.fit(_data(), _data())
 
 
@@ -136,8 +137,15 @@ def test_accuracy_reported_for_classification(cpu):
     y = (x[:, 0] > 0).long()
     net = torch.nn.Linear(3, 2)
     opt = torch.optim.SGD(net.parameters(), lr=0.5)
-    trainer = devlayer.Trainer(net, opt, torch.nn.functional.cross_entropy, batch_size=8,
-                               max_epochs=3, progress=False, num_workers=0)
+    trainer = devlayer.Trainer(
+        net,
+        opt,
+        torch.nn.functional.cross_entropy,
+        batch_size=8,
+        max_epochs=3,
+        progress=False,
+        num_workers=0,
+    )
     history = trainer.fit(TensorDataset(x, y), TensorDataset(x, y))
     assert 0.0 <= history[-1]["val_accuracy"] <= 1.0
     assert history[-1]["val_accuracy"] > 0.7
@@ -157,8 +165,15 @@ def test_bad_trainer_arguments_are_named():
 def test_batch_size_must_split_into_micro_batches(cpu):
     net = torch.nn.Linear(1, 1)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
-    trainer = devlayer.Trainer(net, opt, torch.nn.functional.mse_loss, batch_size=9,
-                               grad_accum=2, progress=False, num_workers=0)
+    trainer = devlayer.Trainer(
+        net,
+        opt,
+        torch.nn.functional.mse_loss,
+        batch_size=9,
+        grad_accum=2,
+        progress=False,
+        num_workers=0,
+    )
     with pytest.raises(devlayer.InvalidArgumentError, match="batch_size=9"):
         trainer.fit(_data())
 
