@@ -3,6 +3,7 @@
 Subcommands:
     info    What devlayer sees here: versions, backends, devices, launcher, pitfalls.
     doctor  info, plus a timed multi-rank smoke test under a launcher, with a diagnosis.
+    bench   a collective size sweep (time, algbw, busbw), like nccl-tests.
     launch  torchrun with devlayer's defaults: one process per device, loopback rendezvous
             on a free port, the failing rank's exit code.
 """
@@ -35,7 +36,9 @@ def _parser() -> argparse.ArgumentParser:
         default=30.0,
         help="seconds for each step (rendezvous, barrier, ...)",
     )
-    from devlayer.cli import launch
+    from devlayer.cli import bench, launch
+
+    bench.add_arguments(sub.add_parser("bench", help="time a collective over message sizes"))
 
     launch.add_arguments(
         sub.add_parser("launch", help="start a script on N local ranks (torchrun underneath)")
@@ -58,6 +61,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from devlayer.cli.doctor import run as doctor
 
             return doctor(as_json=args.json, timeout=args.timeout)
+        if args.command == "bench":
+            from devlayer.cli.bench import run as bench_run
+
+            return bench_run(args)
         if args.command == "launch":
             from devlayer.cli.launch import run as launch
 
