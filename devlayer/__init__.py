@@ -39,6 +39,7 @@ if TYPE_CHECKING:
         broadcast,
         broadcast_object,
     )
+    from devlayer.farm import FarmResult, farm
     from devlayer.lifecycle import (
         State,
         backend,
@@ -108,6 +109,7 @@ __all__ = [
     "seed_everything",
     # launching
     "spawn",
+    "farm",
     "RankFailedError",
     # backends
     "Backend",
@@ -159,6 +161,7 @@ _LAZY = {
         "devlayer.registry",
     ),
     **dict.fromkeys(("spawn", "RankFailedError"), "devlayer.multiproc"),
+    **dict.fromkeys(("farm", "FarmResult"), "devlayer.farm"),
     **dict.fromkeys(
         (
             "prepare_model",

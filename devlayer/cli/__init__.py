@@ -4,6 +4,7 @@ Subcommands:
     info    What devlayer sees here: versions, backends, devices, launcher, pitfalls.
     doctor  info, plus a timed multi-rank smoke test under a launcher, with a diagnosis.
     bench   a collective size sweep (time, algbw, busbw), like nccl-tests.
+    farm    a queue of independent one-device jobs over the visible devices.
     launch  torchrun with devlayer's defaults: one process per device, loopback rendezvous
             on a free port, the failing rank's exit code.
 """
@@ -36,7 +37,9 @@ def _parser() -> argparse.ArgumentParser:
         default=30.0,
         help="seconds for each step (rendezvous, barrier, ...)",
     )
-    from devlayer.cli import bench, launch
+    from devlayer.cli import bench, farm, launch
+
+    farm.add_arguments(sub.add_parser("farm", help="run many one-device jobs, one per device"))
 
     bench.add_arguments(sub.add_parser("bench", help="time a collective over message sizes"))
 
@@ -65,6 +68,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from devlayer.cli.bench import run as bench_run
 
             return bench_run(args)
+        if args.command == "farm":
+            from devlayer.cli.farm import run as farm_run
+
+            return farm_run(args)
         if args.command == "launch":
             from devlayer.cli.launch import run as launch
 

@@ -16,6 +16,8 @@ MODULES = [
     "devlayer.lifecycle",
     "devlayer.comm",
     "devlayer.multiproc",
+    "devlayer.farm",
+    "devlayer.cli.bench",
     "devlayer.testing",
     "devlayer.train.data",
     "devlayer.train.model",
