@@ -110,6 +110,7 @@ __all__ = [
     # launching
     "spawn",
     "farm",
+    "FarmResult",
     "RankFailedError",
     # backends
     "Backend",
