@@ -9,6 +9,9 @@ Three things, all used by devlayer's own test suite:
   test selection, device mapping, visibility and error paths.
 * Launcher environments (:func:`torchrun_env`, :func:`slurm_env`, :func:`openmpi_env`,
   :func:`intelmpi_env`): realistic variable sets for one rank.
+* :func:`launcher_env`: a context manager that puts one of those environments (and nothing
+  else from a launcher) into ``os.environ`` and restores it afterwards.
+* :func:`run_ranks`: run a function on N real gloo ranks with a timeout.
 * :func:`free_port`: a free loopback TCP port.
 
 Example:
@@ -34,6 +37,8 @@ __all__ = [
     "free_port",
     "reset_simulation",
     "intelmpi_env",
+    "launcher_env",
+    "run_ranks",
     "openmpi_env",
     "runtimes_from_spec",
     "simulate",
@@ -354,3 +359,84 @@ def intelmpi_env(
         "I_MPI_HYDRA_TOPOLIB": "hwloc",
         "I_MPI_JOB_ID": "777",
     }
+
+
+_LAUNCHER_ENVS = {
+    "torchrun": torchrun_env,
+    "slurm": slurm_env,
+    "openmpi": openmpi_env,
+    "intelmpi": intelmpi_env,
+}
+_LAUNCHER_PREFIXES = (
+    "SLURM_",
+    "OMPI_",
+    "PMI_",
+    "PMIX_",
+    "MV2_",
+    "PALS_",
+    "TORCHELASTIC_",
+    "MPI_LOCAL",
+    "I_MPI_",
+)
+_LAUNCHER_NAMES = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "GROUP_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "NODE_RANK",
+)
+
+
+@contextlib.contextmanager
+def launcher_env(
+    kind: str, rank: int = 0, world_size: int = 2, **kwargs: object
+) -> Iterator[dict[str, str]]:
+    """Pretend this process was started by ``kind`` (``torchrun``, ``slurm``, ``openmpi``,
+    ``intelmpi``) as ``rank`` of ``world_size``; other launcher variables are hidden.
+
+    Example:
+        >>> import devlayer.launchers as launchers, os
+        >>> with launcher_env("slurm", 1, 4, nodelist="n[1-2]"):
+        ...     launchers.detect(os.environ).local_rank
+        1
+    """
+    import os
+
+    if kind not in _LAUNCHER_ENVS:
+        raise InvalidArgumentError(
+            f"launcher_env({kind!r}): use one of {', '.join(sorted(_LAUNCHER_ENVS))}"
+        )
+    values = _LAUNCHER_ENVS[kind](rank, world_size, **kwargs)  # type: ignore[operator]
+    saved = dict(os.environ)
+    for key in list(os.environ):
+        if key.startswith(_LAUNCHER_PREFIXES) or key in _LAUNCHER_NAMES:
+            del os.environ[key]
+    os.environ.update(values)
+    try:
+        yield values
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def run_ranks(fn: object, nprocs: int = 2, *args: object, timeout: float = 120.0) -> list[object]:
+    """Run ``fn(*args)`` on ``nprocs`` real CPU ranks (gloo); results in rank order.
+
+    A thin wrapper over :func:`devlayer.spawn` for tests: backend ``cpu``, collective
+    timeout and whole-run limit both bounded by ``timeout`` so a broken test fails instead
+    of hanging. ``fn`` must be importable (defined at module level).
+    """
+    from devlayer.multiproc import spawn
+
+    return spawn(
+        fn,
+        nprocs,
+        args,
+        backend="cpu",
+        timeout=timeout,  # type: ignore[arg-type]
+        join_timeout=timeout + 30,
+    )
