@@ -28,7 +28,8 @@ import contextlib
 import functools
 import os
 import socket
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 from devlayer.errors import InvalidArgumentError
 
@@ -423,7 +424,9 @@ def launcher_env(
         os.environ.update(saved)
 
 
-def run_ranks(fn: object, nprocs: int = 2, *args: object, timeout: float = 120.0) -> list[object]:
+def run_ranks(
+    fn: Callable[..., Any], nprocs: int = 2, *args: object, timeout: float = 120.0
+) -> list[Any]:
     """Run ``fn(*args)`` on ``nprocs`` real CPU ranks (gloo); results in rank order.
 
     A thin wrapper over :func:`devlayer.spawn` for tests: backend ``cpu``, collective
@@ -437,6 +440,6 @@ def run_ranks(fn: object, nprocs: int = 2, *args: object, timeout: float = 120.0
         nprocs,
         args,
         backend="cpu",
-        timeout=timeout,  # type: ignore[arg-type]
+        timeout=timeout,
         join_timeout=timeout + 30,
     )
