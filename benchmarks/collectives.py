@@ -45,6 +45,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -279,8 +280,8 @@ def bench_all_reduce(b: Bench, sizes: list[int]) -> str:
         # Zeros: a repeated in-place SUM stays 0, so no inf/NaN/denormal slows later calls.
         t = torch.zeros(nbytes // 4, dtype=torch.float32, device=b.device)
         impls: list[Impl] = [
-            ("raw", lambda t=t: dist.all_reduce(t)),
-            ("devlayer", lambda t=t: devlayer.all_reduce(t)),
+            ("raw", partial(dist.all_reduce, t)),
+            ("devlayer", partial(devlayer.all_reduce, t)),
         ]
         tm = b.run("all_reduce", {"bytes": nbytes, "dtype": "float32"}, impls)
         per_round = paired(tm.rounds["devlayer"], tm.rounds["raw"])
@@ -328,8 +329,8 @@ def bench_all_gather(b: Bench, sizes: list[int]) -> str:
 
         impls: list[Impl] = [
             ("raw", raw),
-            ("devlayer_same_shape", lambda t=t: devlayer.all_gather(t, same_shape=True)),
-            ("devlayer_default", lambda t=t: devlayer.all_gather(t)),
+            ("devlayer_same_shape", partial(devlayer.all_gather, t, same_shape=True)),
+            ("devlayer_default", partial(devlayer.all_gather, t)),
         ]
         tm = b.run("all_gather", {"bytes": nbytes, "dtype": "float32"}, impls)
         rows.append(
@@ -359,8 +360,8 @@ def bench_broadcast(b: Bench, sizes: list[int]) -> str:
     for nbytes in sizes:
         t = torch.ones(nbytes // 4, dtype=torch.float32, device=b.device)
         impls: list[Impl] = [
-            ("raw", lambda t=t: dist.broadcast(t, src=0)),
-            ("devlayer", lambda t=t: devlayer.broadcast(t, src=0)),
+            ("raw", partial(dist.broadcast, t, src=0)),
+            ("devlayer", partial(devlayer.broadcast, t, src=0)),
         ]
         tm = b.run("broadcast", {"bytes": nbytes, "dtype": "float32"}, impls)
         rows.append(
@@ -410,7 +411,7 @@ def bench_metric_dict(b: Bench) -> str:
         ("per_key_loop", per_key),
         ("hand_flattened", flattened),
         ("hand_flattened_in_place", flattened_in_place),
-        ("devlayer", lambda: devlayer.all_reduce(metrics, op="mean")),
+        ("devlayer", partial(devlayer.all_reduce, metrics, op="mean")),
     ]
     tm = b.run(
         "metric_dict", {"n_scalars": N_METRICS, "dtype": "float32"}, impls, common_iters=False

@@ -116,35 +116,70 @@ def _fail(ctx: _Ctx, what: str, exc: BaseException) -> CollectiveError:
 _Leaf = Any  # a tensor or a Python number
 
 
-def _flatten(obj: object, path: str, leaves: list[tuple[str, _Leaf]], torch: Any) -> object:
-    """Replace each leaf by its index in ``leaves``; return the skeleton."""
+class _LeafMark:
+    """Where a leaf sat in the caller's structure (one shared marker; order gives identity)."""
+
+
+_LEAF = _LeafMark()
+
+
+def _flatten(obj: object, leaves: list[_Leaf], torch: Any) -> object:
+    """Append the leaves of ``obj`` to ``leaves`` in order; return the structure with markers.
+
+    No per-leaf bookkeeping on this hot path: paths for error messages are found later by
+    :func:`_path_to`, only when there is an error to report.
+    """
     if isinstance(obj, (torch.Tensor, int, float)):  # bool is an int
-        leaves.append((path, obj))
-        return _Slot(len(leaves) - 1)
+        leaves.append(obj)
+        return _LEAF
     if isinstance(obj, Mapping):
-        return type(obj)(  # type: ignore[call-arg]
-            {k: _flatten(v, f"{path}[{k!r}]", leaves, torch) for k, v in obj.items()}
-        )
+        return type(obj)({k: _flatten(v, leaves, torch) for k, v in obj.items()})  # type: ignore[call-arg]
     if isinstance(obj, (list, tuple)):
-        items = [_flatten(v, f"{path}[{i}]", leaves, torch) for i, v in enumerate(obj)]
+        items = [_flatten(v, leaves, torch) for v in obj]
         if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
             return type(obj)(*items)  # type: ignore[arg-type]
         return type(obj)(items)
     raise InvalidArgumentError(
-        f"{path or 'value'} has type {type(obj).__name__}; collectives take tensors, Python "
+        f"a value of type {type(obj).__name__} was passed; collectives take tensors, Python "
         f"numbers and dict/list/tuple of them (use all_gather_object / broadcast_object for "
         f"other objects)"
     )
 
 
-@dataclass(frozen=True)
-class _Slot:
-    index: int
+def _checked_flatten(root: object, leaves: list[_Leaf], torch: Any) -> object:
+    try:
+        return _flatten(root, leaves, torch)
+    except InvalidArgumentError:
+        bad = _path_to(
+            root, lambda v: not isinstance(v, (torch.Tensor, int, float, Mapping, list, tuple))
+        )
+        raise InvalidArgumentError(
+            f"{bad[0] or 'value'} has type {type(bad[1]).__name__}; collectives take tensors, "
+            f"Python numbers and dict/list/tuple of them (use all_gather_object / "
+            f"broadcast_object for other objects)"
+        ) from None
 
 
-def _unflatten(skeleton: object, values: Sequence[object]) -> Any:
-    if isinstance(skeleton, _Slot):
-        return values[skeleton.index]
+def _path_to(obj: object, match: Any, path: str = "") -> tuple[str, object]:
+    """The first ``(path, value)`` in ``obj`` for which ``match(value)`` holds (slow path)."""
+    if match(obj):
+        return path, obj
+    items: Any = ()
+    if isinstance(obj, Mapping):
+        items = ((f"{path}[{k!r}]", v) for k, v in obj.items())
+    elif isinstance(obj, (list, tuple)):
+        items = ((f"{path}[{i}]", v) for i, v in enumerate(obj))
+    for sub_path, value in items:
+        found = _path_to(value, match, sub_path)
+        if found[0] or found[1] is not None:
+            return found
+    return "", None
+
+
+def _unflatten(skeleton: object, values: Any) -> Any:
+    """Rebuild the structure, taking leaves from the iterator ``values`` in order."""
+    if skeleton is _LEAF:
+        return next(values)
     if isinstance(skeleton, Mapping):
         return type(skeleton)({k: _unflatten(v, values) for k, v in skeleton.items()})  # type: ignore[call-arg]
     if isinstance(skeleton, tuple) and hasattr(skeleton, "_fields"):
@@ -152,6 +187,16 @@ def _unflatten(skeleton: object, values: Sequence[object]) -> Any:
     if isinstance(skeleton, (list, tuple)):
         return type(skeleton)(_unflatten(v, values) for v in skeleton)
     return skeleton
+
+
+def _copy_back(targets: list[Any], sources: Sequence[Any], torch: Any) -> None:
+    """``t.copy_(s)`` for every pair, in one fused call where torch has it."""
+    foreach = getattr(torch, "_foreach_copy_", None)
+    if foreach is not None and len(targets) > 1:
+        foreach(targets, list(sources))
+    else:
+        for t, src in zip(targets, sources, strict=True):
+            t.copy_(src)
 
 
 # --------------------------------------------------------------------------- all_reduce
@@ -186,54 +231,71 @@ def all_reduce(x: T, op: str = "sum") -> T:
     torch = ctx.torch
     if isinstance(x, torch.Tensor):
         return _reduce_tensor(ctx, x, name)
-    leaves: list[tuple[str, _Leaf]] = []
-    skeleton = _flatten(x, "", leaves, torch)
+    leaves: list[_Leaf] = []
+    obj: Any = x
+    flat_dict = type(obj) is dict and all(isinstance(v, torch.Tensor) for v in obj.values())
+    if flat_dict:
+        leaves.extend(obj.values())  # a flat dict of tensors: no structure to walk
+        skeleton: object = None
+    else:
+        skeleton = _checked_flatten(x, leaves, torch)
     if ctx.world == 1:
-        return _unflatten(skeleton, [_alone(path, leaf, name, torch) for path, leaf in leaves])
+        alone = [_alone(x, leaf, name, torch) for leaf in leaves]
+        return dict(zip(x, alone, strict=True)) if flat_dict else _unflatten(skeleton, iter(alone))  # type: ignore[call-overload, return-value]
     results: list[object] = [None] * len(leaves)
     # Python numbers join the tensors of their dtype (float -> float64, int -> int64), so a
     # metrics dict costs one collective per dtype, numbers included.
-    groups: dict[Any, list[int]] = {}
-    for i, (path, leaf) in enumerate(leaves):
+    groups: dict[Any, tuple[list[int], list[int]]] = {}
+    for i, leaf in enumerate(leaves):
         if isinstance(leaf, torch.Tensor):
             if name == "mean" and not (leaf.is_floating_point() or leaf.is_complex()):
-                raise _int_mean(path, leaf)
-            key: Any = leaf.dtype
-        elif isinstance(leaf, float) or name == "mean":
-            key = ctx.float_dtype
+                raise _int_mean(_path_to(x, lambda v, t=leaf: v is t)[0], leaf)
+            groups.setdefault(leaf.dtype, ([], []))[0].append(i)
         else:
-            key = torch.int64
-        groups.setdefault(key, []).append(i)
-    for dtype, idxs in groups.items():
-        parts = [
-            leaf.reshape(-1).to(ctx.device)
-            if isinstance(leaf, torch.Tensor)
-            else torch.tensor([leaf], dtype=dtype, device=ctx.device)
-            for leaf in (leaves[i][1] for i in idxs)
-        ]
+            key = ctx.float_dtype if isinstance(leaf, float) or name == "mean" else torch.int64
+            groups.setdefault(key, ([], []))[1].append(i)
+    for dtype, (tensor_idx, number_idx) in groups.items():
+        tensors = [leaves[i] for i in tensor_idx]
+        parts = []
+        scalars = bool(tensors) and all(t.dim() == 0 for t in tensors)
+        if tensors:
+            try:  # the common metrics case: 0-d tensors on one device, stacked in one call
+                packed = torch.stack(tensors) if scalars else None
+            except RuntimeError:  # tensors on different devices
+                packed = None
+            if packed is None:
+                packed = torch.cat([t.reshape(-1).to(ctx.device) for t in tensors])
+            parts.append(packed if packed.device == ctx.device else packed.to(ctx.device))
+        if number_idx:
+            parts.append(
+                torch.tensor([leaves[i] for i in number_idx], dtype=dtype, device=ctx.device)
+            )
         flat = parts[0] if len(parts) == 1 else torch.cat(parts)
         _reduce_flat(ctx, flat, name)
-        values: list[Any] | None = None
-        offset = 0
-        for i, part in zip(idxs, parts, strict=True):
-            leaf = leaves[i][1]
-            n = part.numel()
-            if isinstance(leaf, torch.Tensor):
-                if flat.data_ptr() != leaf.data_ptr():  # else it was reduced in place
-                    leaf.copy_(flat[offset : offset + n].view_as(leaf))
-                results[i] = leaf
+        n_tensor = parts[0].numel() if tensors else 0
+        if tensors:
+            head = flat[:n_tensor]
+            if scalars:
+                sources: Sequence[Any] = head.unbind()
             else:
-                values = flat.tolist() if values is None else values
-                results[i] = values[offset]
-            offset += n
-    return _unflatten(skeleton, results)
+                chunks = head.split([t.numel() for t in tensors])
+                sources = [c.view(t.shape) for c, t in zip(chunks, tensors, strict=True)]
+            _copy_back(tensors, sources, torch)
+            for i in tensor_idx:
+                results[i] = leaves[i]
+        if number_idx:
+            for i, value in zip(number_idx, flat[n_tensor:].tolist(), strict=True):
+                results[i] = value
+    if flat_dict:
+        return dict(zip(x, results, strict=True))  # type: ignore[call-overload, return-value]
+    return _unflatten(skeleton, iter(results))
 
 
-def _alone(path: str, leaf: Any, name: str, torch: Any) -> Any:
+def _alone(root: object, leaf: Any, name: str, torch: Any) -> Any:
     """What a reduction over one rank gives: the value itself (mean of numbers: a float)."""
     if isinstance(leaf, torch.Tensor):
         if name == "mean" and not (leaf.is_floating_point() or leaf.is_complex()):
-            raise _int_mean(path, leaf)
+            raise _int_mean(_path_to(root, lambda v: v is leaf)[0], leaf)
         return leaf
     return float(leaf) if name == "mean" else leaf
 
@@ -454,36 +516,37 @@ def broadcast(x: T, src: int = 0) -> T:
     ctx = _ctx()
     torch = ctx.torch
     src = _check_src(ctx, src)
-    if ctx.world == 1:
-        return x
     if isinstance(x, torch.Tensor):
-        _broadcast_tensors(ctx, [x], src)
+        if ctx.world > 1:
+            _broadcast_tensors(ctx, [x], src)
         return x
-    leaves: list[tuple[str, _Leaf]] = []
-    skeleton = _flatten(x, "", leaves, torch)
+    if ctx.world == 1:
+        _checked_flatten(x, [], torch)  # the same type errors as with several ranks
+        return x
+    leaves: list[_Leaf] = []
+    skeleton = _checked_flatten(x, leaves, torch)
     results: list[object] = [None] * len(leaves)
-    numbers = [i for i, (_, v) in enumerate(leaves) if not isinstance(v, torch.Tensor)]
+    numbers = [i for i, v in enumerate(leaves) if not isinstance(v, torch.Tensor)]
     if numbers:
-        codes = [c for i in numbers for c in _encode_number(torch, leaves[i][1])]
+        codes = [c for i in numbers for c in _encode_number(torch, leaves[i])]
         buf = torch.tensor(codes, dtype=torch.int64, device=ctx.device)
         _broadcast_tensors(ctx, [buf], src)
         pairs = buf.view(-1, 2).tolist()
         for i, (kind, bits) in zip(numbers, pairs, strict=True):
             results[i] = _decode_number(torch, kind, bits)
     by_dtype: dict[Any, list[int]] = {}
-    for i, (_, v) in enumerate(leaves):
+    for i, v in enumerate(leaves):
         if isinstance(v, torch.Tensor):
             by_dtype.setdefault(v.dtype, []).append(i)
     for idxs in by_dtype.values():
-        tensors = [leaves[i][1] for i in idxs]
+        tensors = [leaves[i] for i in idxs]
         flat = torch.cat([t.reshape(-1).to(ctx.device) for t in tensors])
         _broadcast_tensors(ctx, [flat], src)
-        offset = 0
-        for i, t in zip(idxs, tensors, strict=True):
-            t.copy_(flat[offset : offset + t.numel()].view_as(t))
-            offset += t.numel()
-            results[i] = t
-    return _unflatten(skeleton, results)
+        chunks = flat.split([t.numel() for t in tensors])
+        _copy_back(tensors, [c.view(t.shape) for c, t in zip(chunks, tensors, strict=True)], torch)
+        for i in idxs:
+            results[i] = leaves[i]
+    return _unflatten(skeleton, iter(results))
 
 
 def _broadcast_tensors(ctx: _Ctx, tensors: list[Any], src: int) -> None:

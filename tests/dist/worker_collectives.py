@@ -58,6 +58,15 @@ def check() -> dict[str, object]:
     assert mean["nested"]["pair"][1] == 2.0
     assert mean["nested"]["acc"] is metrics["nested"]["acc"]
 
+    # A flat dict of tensors (the fast path): 0-d metrics, and mixed shapes.
+    scalars = {f"m{i}": torch.tensor(float(r * i)) for i in range(8)}
+    out = devlayer.all_reduce(scalars, op="mean")
+    assert all(out[f"m{i}"].item() == i * sum(ranks) / n for i in range(8))
+    assert out["m3"] is scalars["m3"]
+    shaped = {"w": torch.full((2, 3), float(r)), "b": torch.tensor(float(r))}
+    devlayer.all_reduce(shaped, op="sum")
+    assert shaped["w"].eq(sum(ranks)).all() and shaped["b"].item() == sum(ranks)
+
     assert devlayer.all_reduce(r, op="max") == n - 1
     assert devlayer.all_reduce(3, op="sum") == 3 * n
 
