@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 import devlayer
@@ -46,6 +47,7 @@ def collect() -> dict[str, Any]:
         "launcher": None,
         "launcher_error": None,
         "visibility": {v: os.environ[v] for v in VISIBILITY_VARS if v in os.environ},
+        "runtime_initialized": False,
         "warnings": [],
     }
     warnings: list[str] = report["warnings"]
@@ -73,6 +75,7 @@ def collect() -> dict[str, Any]:
             names = [be.runtime.device_name(i) for i in range(count)]
         report["devices"] = {"type": be.device_type, "count": count, "names": names}
         report["comm"] = {c: bool(be.runtime.comm_available(c)) for c in COMMS}
+        report["runtime_initialized"] = bool(be.runtime.is_initialized())
         if getattr(be.runtime, "simulated", False):
             warnings.append(f"{be.name} is simulated (DEVLAYER_SIMULATE); no real device is used")
     except DevlayerError as exc:
@@ -99,6 +102,7 @@ def collect() -> dict[str, Any]:
         report["launcher_error"] = str(exc)
         warnings.append(f"launcher environment: {exc}")
         local_ranks = 1
+    warnings.extend(pitfalls(os.environ, torch.__version__, report))
     if os.environ.get("CUDA_VISIBLE_DEVICES") and os.environ.get("HIP_VISIBLE_DEVICES"):
         warnings.append(
             "CUDA_VISIBLE_DEVICES and HIP_VISIBLE_DEVICES are both set; on ROCm both apply, "
@@ -112,6 +116,51 @@ def collect() -> dict[str, Any]:
             f"will compete; use OMP_NUM_THREADS={max(cores // local_ranks, 1)}"
         )
     return report
+
+
+def pitfalls(env: Mapping[str, str], torch_version: str, report: Mapping[str, Any]) -> list[str]:
+    """Known traps, from the environment and what ``collect`` found (pure; tested alone)."""
+    out: list[str] = []
+    if "MIG-" in env.get("CUDA_VISIBLE_DEVICES", ""):
+        out.append(
+            "CUDA_VISIBLE_DEVICES names a MIG slice: a process sees one slice, and MIG is not "
+            "multi-GPU (NCCL cannot span slices); run one process per slice or use full GPUs"
+        )
+    selected = (report.get("selected") or {}).get("name")
+    if selected == "xpu":
+        mode = env.get("ZE_FLAT_DEVICE_HIERARCHY", "FLAT (default)")
+        out.append(
+            f"ZE_FLAT_DEVICE_HIERARCHY={mode}: in FLAT mode every tile is its own xpu device "
+            f"(a 2-tile GPU counts as 2); COMPOSITE shows one device per card"
+        )
+    if report.get("runtime_initialized"):
+        out.append(
+            f"the {selected} runtime is already initialized in this process: changes to its "
+            f"visibility variables no longer apply here (set them before the first device call)"
+        )
+    ipex = _dist_version("intel-extension-for-pytorch")
+    if ipex is not None and _minor(ipex) != _minor(torch_version):
+        out.append(
+            f"intel-extension-for-pytorch {ipex} does not match torch {torch_version}: IPEX "
+            f"{_minor(ipex)}.* needs torch {_minor(ipex)}.*"
+        )
+    backend = env.get("DEVLAYER_BACKEND", "").strip()
+    if backend and report.get("selection_error") and backend in report["selection_error"]:
+        out.append(f"DEVLAYER_BACKEND={backend!r} cannot be used: see selection error above")
+    return out
+
+
+def _dist_version(name: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _minor(version: str) -> str:
+    return ".".join(version.split("+")[0].split(".")[:2])
 
 
 def _text(report: dict[str, Any]) -> str:

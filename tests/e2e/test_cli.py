@@ -24,6 +24,7 @@ KEYS = {
     "launcher",
     "launcher_error",
     "visibility",
+    "runtime_initialized",
     "warnings",
 }
 
@@ -80,3 +81,31 @@ def test_info_text_and_version():
     assert proc.returncode == 0 and "backends (auto-detect order):" in proc.stdout
     version = run_py(["-m", "devlayer", "--version"])
     assert version.stdout.startswith("devlayer ")
+
+
+@pytest.mark.simulated
+def test_info_json_with_simulated_xpu_explains_tiles():
+    report = _info(DEVLAYER_SIMULATE="xpu:2", ZE_AFFINITY_MASK="0,1")
+    assert report["selected"]["name"] == "xpu"
+    assert report["devices"] == {
+        "type": "xpu",
+        "count": 2,
+        "names": ["Simulated XPU 0", "Simulated XPU 1"],
+    }
+    assert report["comm"]["xccl"] is True and report["comm"]["nccl"] is False
+    assert any("ZE_FLAT_DEVICE_HIERARCHY" in w and "tile" in w for w in report["warnings"])
+
+
+def test_pitfalls_mig_ipex_and_initialized_runtime(monkeypatch):
+    from devlayer.cli import info
+
+    monkeypatch.setattr(info, "_dist_version", lambda name: "2.8.10+xpu")
+    warnings = info.pitfalls(
+        {"CUDA_VISIBLE_DEVICES": "MIG-5c9a1b2e-0000-0000-0000-000000000000"},
+        "2.13.0+cpu",
+        {"selected": {"name": "cuda"}, "runtime_initialized": True},
+    )
+    text = "\n".join(warnings)
+    assert "MIG is not multi-GPU" in text
+    assert "intel-extension-for-pytorch 2.8.10+xpu does not match torch 2.13.0+cpu" in text
+    assert "already initialized" in text
