@@ -69,7 +69,9 @@ if TYPE_CHECKING:
     )
     from devlayer.train import (
         Callback,
+        CheckpointError,
         EarlyStopping,
+        PreemptedError,
         Trainer,
         prepare_loader,
         prepare_model,
@@ -107,6 +109,8 @@ __all__ = [
     "EarlyStopping",
     "Callback",
     "seed_everything",
+    "CheckpointError",
+    "PreemptedError",
     # launching
     "spawn",
     "farm",
@@ -171,6 +175,8 @@ _LAZY = {
             "EarlyStopping",
             "Callback",
             "seed_everything",
+            "CheckpointError",
+            "PreemptedError",
         ),
         "devlayer.train",
     ),

@@ -16,6 +16,12 @@ Python numbers come back as Python numbers. Everything works at world size 1, wh
 process group exists.
 
 Every rank must pass the same structure, dtypes and (except for ``all_gather``) shapes.
+With ``DEVLAYER_DEBUG=1`` every collective first exchanges a small signature (operation,
+reduce op, shapes or dtype groups, ``src``) and raises :class:`CollectiveError` on every
+rank when they differ, e.g. ``rank 0 all_reduce [2] float32 vs rank 1 all_reduce [3]
+float32``, instead of hanging or mixing up values. It costs one extra object collective
+per call; off (the default) it costs one attribute check. ``barrier`` is not checked: it
+must stay able to name a rank that never arrives.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from devlayer.errors import CollectiveError, InvalidArgumentError
-from devlayer.lifecycle import State, parse_timeout, state
+from devlayer.lifecycle import State, _env_flag, parse_timeout, state
 
 if TYPE_CHECKING:
     import torch
@@ -60,6 +66,7 @@ class _Ctx:
     gather_into: Any
     dist: Any
     torch: Any
+    debug: bool = False  # DEVLAYER_DEBUG=1: compare call signatures across ranks first
 
 
 _ctx_cache: _Ctx | None = None
@@ -86,8 +93,20 @@ def _ctx() -> _Ctx:
     gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     # Python floats travel as float64, except on MPS, which has no float64.
     float_dtype = torch.float32 if st.device.type == "mps" else torch.float64
+    # Read once per State: the per-call cost of debug mode being off is one attribute check.
+    debug = st.world_size > 1 and _env_flag("DEVLAYER_DEBUG", False)
     _ctx_cache = _Ctx(
-        st, st.world_size, st.rank, st.device, types, ops, float_dtype, gather_into, dist, torch
+        st,
+        st.world_size,
+        st.rank,
+        st.device,
+        types,
+        ops,
+        float_dtype,
+        gather_into,
+        dist,
+        torch,
+        debug,
     )
     return _ctx_cache
 
@@ -254,6 +273,8 @@ def all_reduce(x: T, op: str = "sum") -> T:
         else:
             key = ctx.float_dtype if isinstance(leaf, float) or name == "mean" else torch.int64
             groups.setdefault(key, ([], []))[1].append(i)
+    if ctx.debug:
+        _check_signatures(ctx, "all_reduce", name, _groups_text(groups, leaves), x)
     for dtype, (tensor_idx, number_idx) in groups.items():
         tensors = [leaves[i] for i in tensor_idx]
         parts = []
@@ -323,6 +344,8 @@ def _reduce_tensor(ctx: _Ctx, t: Any, name: str) -> Any:
         raise _int_mean("", t)
     if ctx.world == 1:
         return t
+    if ctx.debug:
+        _check_signatures(ctx, "all_reduce", name, _tensor_text(t))
     if t.device.type in ctx.device_types and t.is_contiguous():
         work = t
     else:
@@ -371,6 +394,8 @@ def all_gather(x: Any, *, same_shape: bool = False) -> list[Any]:
     ctx = _ctx()
     torch = ctx.torch
     if isinstance(x, (bool, int, float)):
+        if ctx.debug:
+            _check_signatures(ctx, "all_gather", payload="number")
         return _gather_numbers(ctx, x)
     if not isinstance(x, torch.Tensor):
         raise InvalidArgumentError(
@@ -379,6 +404,8 @@ def all_gather(x: Any, *, same_shape: bool = False) -> list[Any]:
         )
     if ctx.world == 1:
         return [x]
+    if ctx.debug:
+        _check_signatures(ctx, "all_gather", payload=_gather_text(x, same_shape))
     t = x if x.device.type in ctx.device_types else x.to(ctx.device)
     t = t.contiguous()
     parts = _gather_equal(ctx, t) if same_shape else _gather_uneven(ctx, t)
@@ -518,6 +545,8 @@ def broadcast(x: T, src: int = 0) -> T:
     src = _check_src(ctx, src)
     if isinstance(x, torch.Tensor):
         if ctx.world > 1:
+            if ctx.debug:
+                _check_signatures(ctx, "broadcast", payload=_tensor_text(x), src=src)
             _broadcast_tensors(ctx, [x], src)
         return x
     if ctx.world == 1:
@@ -525,6 +554,8 @@ def broadcast(x: T, src: int = 0) -> T:
         return x
     leaves: list[_Leaf] = []
     skeleton = _checked_flatten(x, leaves, torch)
+    if ctx.debug:
+        _check_signatures(ctx, "broadcast", payload=_broadcast_text(leaves, torch), src=src, root=x)
     results: list[object] = [None] * len(leaves)
     numbers = [i for i, v in enumerate(leaves) if not isinstance(v, torch.Tensor)]
     if numbers:
@@ -599,6 +630,117 @@ def barrier(timeout: float | timedelta | None = None) -> None:
         ) from exc
 
 
+# --------------------------------------------------------------------------- debug mode
+# Only reached when DEVLAYER_DEBUG=1 (ctx.debug); nothing here runs on the normal path.
+
+#: (operation, reduce op, shapes or dtype groups, src, one "path shape dtype" per leaf)
+_Signature = tuple[str, str, str, int | None, tuple[str, ...]]
+
+
+def _dtype_name(dtype: Any) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _tensor_text(t: Any) -> str:
+    return f"{list(t.shape)} {_dtype_name(t.dtype)}"
+
+
+def _gather_text(t: Any, same_shape: bool) -> str:
+    if same_shape:
+        return f"{_tensor_text(t)} (same_shape)"
+    # Only dim 0 may differ between ranks in an uneven all_gather.
+    dims = ", ".join(["*", *map(str, t.shape[1:])]) if t.dim() else ""
+    return f"[{dims}] {_dtype_name(t.dtype)}"
+
+
+def _groups_text(groups: Mapping[Any, tuple[list[int], list[int]]], leaves: list[_Leaf]) -> str:
+    """The (dtype, numel) groups an all_reduce of a container sends, in order."""
+    return " + ".join(
+        f"{_dtype_name(dtype)}[{sum(leaves[i].numel() for i in tensors) + len(numbers)}]"
+        for dtype, (tensors, numbers) in groups.items()
+    )
+
+
+def _broadcast_text(leaves: list[_Leaf], torch: Any) -> str:
+    numbers = sum(1 for v in leaves if not isinstance(v, torch.Tensor))
+    sizes: dict[Any, int] = {}
+    for v in leaves:
+        if isinstance(v, torch.Tensor):
+            sizes[v.dtype] = sizes.get(v.dtype, 0) + v.numel()
+    parts = [f"{numbers} number(s)"] if numbers else []
+    parts += [f"{_dtype_name(d)}[{n}]" for d, n in sizes.items()]
+    return " + ".join(parts) or "nothing"
+
+
+def _layout(obj: object, torch: Any, path: str = "") -> list[str]:
+    """One ``"<path> <shape> <dtype>"`` entry per leaf, in the order they are sent."""
+    if isinstance(obj, torch.Tensor):
+        return [f"{path or 'value'} {_tensor_text(obj)}"]
+    if isinstance(obj, (int, float)):
+        return [f"{path or 'value'} number"]
+    items: Any = ()
+    if isinstance(obj, Mapping):
+        items = ((f"{path}[{k!r}]", v) for k, v in obj.items())
+    elif isinstance(obj, (list, tuple)):
+        items = ((f"{path}[{i}]", v) for i, v in enumerate(obj))
+    return [entry for sub, value in items for entry in _layout(value, torch, sub)]
+
+
+def _check_signatures(
+    ctx: _Ctx,
+    kind: str,
+    op: str = "",
+    payload: str = "",
+    root: object = None,
+    *,
+    src: int | None = None,
+) -> None:
+    """Exchange this call's signature; raise the same CollectiveError on every rank if any
+    rank's differs (DEVLAYER_DEBUG=1 only).
+
+    ``root`` (a container) adds the path, shape and dtype of every leaf, so two dicts with
+    the same dtype groups but different keys or leaf shapes are caught too: they would
+    otherwise be reduced into each other's values without any error.
+    """
+    layout = tuple(_layout(root, ctx.torch)) if root is not None else ()
+    mine: _Signature = (kind, op, payload, src, layout)
+    sigs: list[Any] = [None] * ctx.world
+    try:
+        ctx.dist.all_gather_object(sigs, mine)
+    except RuntimeError as exc:
+        raise _fail(ctx, f"{kind} (DEVLAYER_DEBUG signature exchange)", exc) from exc
+    odd = [r for r, sig in enumerate(sigs) if sig != sigs[0]]
+    if not odd:
+        return
+    first, other = sigs[0], sigs[odd[0]]
+    more = f" (ranks {', '.join(map(str, odd))} all differ from rank 0)" if len(odd) > 1 else ""
+    raise CollectiveError(
+        f"collective mismatch (DEVLAYER_DEBUG=1): rank 0 {_signature_text(first, other)} vs "
+        f"rank {odd[0]} {_signature_text(other, first)}{more}. Every rank must call the same "
+        f"collectives in the same order with the same op, shapes, dtypes and src; the "
+        f"collective was not run (raised on rank {ctx.rank} of {ctx.world})"
+    )
+
+
+def _signature_text(sig: Any, other: Any) -> str:
+    """``sig`` for an error message; op, src and leaves only where they differ from ``other``."""
+    kind, op, payload, src, layout = sig
+    text = f"{kind}({op})" if op and op != other[1] else kind
+    if payload:
+        text += f" {payload}"
+    if src is not None and src != other[3]:
+        text += f" src={src}"
+    if payload == other[2] and layout != other[4]:
+        theirs = other[4]
+        i = next(
+            i
+            for i in range(max(len(layout), len(theirs)))
+            if i >= len(layout) or i >= len(theirs) or layout[i] != theirs[i]
+        )
+        text += f", leaf {i}: {layout[i]}" if i < len(layout) else f", no leaf {i}"
+    return text
+
+
 # --------------------------------------------------------------------------- objects
 
 
@@ -615,6 +757,8 @@ def all_gather_object(obj: Any) -> list[Any]:
     ctx = _ctx()
     if ctx.world == 1:
         return [obj]
+    if ctx.debug:
+        _check_signatures(ctx, "all_gather_object")
     out: list[Any] = [None] * ctx.world
     try:
         ctx.dist.all_gather_object(out, obj)
@@ -629,6 +773,8 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     src = _check_src(ctx, src)
     if ctx.world == 1:
         return obj
+    if ctx.debug:
+        _check_signatures(ctx, "broadcast_object", src=src)
     box = [obj]
     try:
         ctx.dist.broadcast_object_list(box, src=src)

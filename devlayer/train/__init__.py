@@ -7,13 +7,26 @@
 * :func:`seed_everything`: per-rank seeds.
 """
 
+from devlayer.train.checkpoint import (
+    CheckpointCorruptError,
+    CheckpointError,
+    CheckpointStore,
+    CheckpointVersionError,
+    CheckpointWorldSizeError,
+)
 from devlayer.train.data import ShardedLoader, auto_num_workers, prepare_loader
 from devlayer.train.model import prepare_model, unwrap
 from devlayer.train.seed import seed_everything
-from devlayer.train.trainer import Callback, EarlyStopping, Trainer
+from devlayer.train.trainer import Callback, EarlyStopping, PreemptedError, Trainer
 
 __all__ = [
     "Callback",
+    "CheckpointCorruptError",
+    "CheckpointError",
+    "CheckpointStore",
+    "CheckpointVersionError",
+    "CheckpointWorldSizeError",
+    "PreemptedError",
     "EarlyStopping",
     "ShardedLoader",
     "Trainer",

@@ -27,6 +27,8 @@ import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,7 +41,7 @@ from devlayer.train.data import ShardedLoader, prepare_loader
 from devlayer.train.model import prepare_model, unwrap
 from devlayer.train.seed import seed_everything
 
-__all__ = ["Callback", "EarlyStopping", "Trainer", "resolve_precision"]
+__all__ = ["Callback", "EarlyStopping", "PreemptedError", "Trainer", "resolve_precision"]
 
 log = logging.getLogger("devlayer.train")
 
@@ -80,6 +82,14 @@ def resolve_precision(precision: str | None, env: Mapping[str, str] | None = Non
             f"{origin}={precision!r} is not supported; use '32', 'bf16-mixed' or '16-mixed'"
         )
     return _PRECISIONS[key]
+
+
+class PreemptedError(DevlayerError):
+    """Training stopped because the job was asked to (SIGTERM): not a success.
+
+    Every rank raises it at the same step; a checkpoint was saved first when
+    ``checkpoint_dir`` is set, so the next run resumes with ``resume="auto"``.
+    """
 
 
 @dataclass
@@ -204,6 +214,9 @@ class Trainer:
         log_every: Read the running loss (a device sync) every N optimizer steps.
         reference_throughput: World-size-1 samples/s, to report scaling efficiency.
         allow_world_size_change: Resume a checkpoint saved with another world size.
+        preempt_check_every: On SIGTERM (preemption), all ranks agree to stop at the next
+            multiple of this many optimizer steps (one scalar all_reduce on the CPU per
+            check), save a checkpoint and raise :class:`PreemptedError`.
     """
 
     def __init__(
@@ -234,10 +247,12 @@ class Trainer:
         log_every: int = 50,
         reference_throughput: float | None = None,
         allow_world_size_change: bool = False,
+        preempt_check_every: int = 10,
     ) -> None:
         _positive("grad_accum", grad_accum)
         _positive("max_epochs", max_epochs)
         _positive("log_every", log_every)
+        _positive("preempt_check_every", preempt_check_every)
         if max_steps is not None:
             _positive("max_steps", max_steps)
         if checkpoint_every is not None:
@@ -277,6 +292,9 @@ class Trainer:
         self.log_every = log_every
         self.reference_throughput = reference_throughput
         self.allow_world_size_change = allow_world_size_change
+        self.preempt_check_every = preempt_check_every
+        self.preempted = False
+        self._signal: int | None = None
         self.state = _Progress()
         self.ddp_model: Any = None
         self.scaler: Any = None
@@ -589,6 +607,9 @@ class Trainer:
                 )
                 bar.set_postfix(loss=f"{loss.item():.4g}", samples_s=f"{rate:.0f}")
                 last_log_step, last_log_time, last_log_samples = st.global_step, now, samples
+            if st.global_step % self.preempt_check_every == 0 and self._agree_to_stop():
+                self.preempted = True
+                break
             if self.checkpoint_every and st.global_step % self.checkpoint_every == 0:
                 self.save_checkpoint()
             if self.max_steps is not None and st.global_step >= self.max_steps:
@@ -637,6 +658,10 @@ class Trainer:
             ``[{"epoch", "train_loss", "val_loss", "val_accuracy", "samples_per_sec",
             "epoch_time", "global_step", ...}, ...]`` including resumed epochs.
         """
+        with self._catch_termination():
+            return self._fit(train_data, val_data)
+
+    def _fit(self, train_data: Any, val_data: Any) -> list[dict[str, Any]]:
         from tqdm.auto import tqdm
 
         self._setup()
@@ -666,9 +691,11 @@ class Trainer:
             finally:
                 if bar is not None:
                     bar.close()
-            if not completed:  # max_steps reached inside the epoch: save where we are
+            if not completed:  # max_steps or preemption inside the epoch: save where we are
                 if self.checkpoint_dir is not None:
                     self.save_checkpoint()
+                if self.preempted:
+                    self._raise_preempted()
                 break
             self._loss_sum, self._samples = None, 0
             hit_max = self.max_steps is not None and st.global_step >= self.max_steps
@@ -693,6 +720,44 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_fit_end(self, st.history)
         return st.history
+
+    def _agree_to_stop(self) -> bool:
+        """True on every rank when any rank received a termination signal (collective)."""
+        local = self._signal is not None
+        if devlayer.world_size() == 1:
+            return local
+        import torch
+
+        flag = torch.tensor([1 if local else 0], dtype=torch.int32)  # CPU: no device sync
+        return bool(devlayer.all_reduce(flag, op="max").item())
+
+    def _raise_preempted(self) -> None:
+        where = (
+            f"; checkpoint saved in {self.checkpoint_dir} (resume='auto' continues)"
+            if self.checkpoint_dir is not None
+            else "; no checkpoint_dir, so progress since the start is lost"
+        )
+        raise PreemptedError(
+            f"training stopped at step {self.state.global_step} (epoch {self.state.epoch + 1}) "
+            f"because rank(s) received signal "
+            f"{signal.Signals(self._signal).name if self._signal else 'SIGTERM'}{where}"
+        )
+
+    @contextlib.contextmanager
+    def _catch_termination(self) -> Any:
+        """Turn SIGTERM into a flag checked at step boundaries (main thread only)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def on_signal(signum: int, frame: Any) -> None:
+            self._signal = signum
+
+        previous = signal.signal(signal.SIGTERM, on_signal)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
     def _epoch_metrics(self, sums: Mapping[str, Any]) -> dict[str, Any]:
         world = devlayer.world_size()

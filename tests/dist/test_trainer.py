@@ -66,3 +66,18 @@ def test_world_size_one_same_code(clean_env, tmp_path):
         result = train(max_epochs=2, metrics_file=str(tmp_path / "m.jsonl"))
     assert result["history"][-1]["world_size"] == 1
     assert len((tmp_path / "m.jsonl").read_text().splitlines()) == 2
+
+
+def test_f8_failed_checkpoint_write_fails_every_rank_alike(clean_env, tmp_path):
+    from devlayer.train.checkpoint import CheckpointStore
+    from tests.dist.trainer_worker import train_with_failing_second_save
+
+    ckpt = tmp_path / "ckpt"
+    errors = _spawn(train_with_failing_second_save, str(ckpt))
+    assert errors[0] == errors[1] != "no error"
+    assert errors[0].startswith("CheckpointError: rank 0 could not save the checkpoint")
+    assert "No space left on device" in errors[0]
+    store = CheckpointStore(ckpt)
+    assert [p.name for p in store.list()] == ["step-000000002"]  # the previous one survives
+    store.verify(store.list()[0])
+    assert not [p for p in ckpt.iterdir() if p.name.startswith(".tmp-")]

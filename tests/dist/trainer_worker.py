@@ -74,3 +74,30 @@ def train_then_resume(checkpoint_dir: str, stop_after: int, **kw: Any) -> dict[s
     train(checkpoint_dir=checkpoint_dir, checkpoint_every=2, max_steps=stop_after, **kw)
     assert any(Path(checkpoint_dir).iterdir())
     return train(checkpoint_dir=checkpoint_dir, checkpoint_every=2, **kw)
+
+
+def train_with_failing_second_save(checkpoint_dir: str) -> str:
+    """Rank 0's second checkpoint write hits ENOSPC; return the error every rank sees."""
+    import errno
+    import os
+
+    from devlayer.train import checkpoint
+
+    if devlayer.rank() == 0:
+        real_fsync, calls = os.fsync, {"saves": 0}
+
+        def before_commit(path: Path) -> None:
+            calls["saves"] += 1
+
+        def failing_fsync(fd: int) -> None:
+            if calls["saves"] >= 1:  # the first checkpoint is complete; fail the next one
+                raise OSError(errno.ENOSPC, "No space left on device")
+            real_fsync(fd)
+
+        checkpoint._before_commit = before_commit
+        checkpoint.os.fsync = failing_fsync  # type: ignore[attr-defined]
+    try:
+        train(checkpoint_dir=checkpoint_dir, checkpoint_every=2, max_epochs=1, val=False)
+    except devlayer.CheckpointError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return "no error"

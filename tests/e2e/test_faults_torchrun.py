@@ -1,0 +1,94 @@
+"""Faults under torchrun (issue 6: F1, F2, F3, F7): survive, resume exactly, or fail loudly."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+import torch
+
+from devlayer.train.checkpoint import CheckpointStore
+from tests.helpers import PY, ROOT, subprocess_env
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(300)]
+
+WORKER = str(ROOT / "tests" / "e2e" / "worker_fault_train.py")
+
+
+def _torchrun(tmp_path, name: str, *extra: str, restarts: int = 1):
+    ckpt, out = tmp_path / f"{name}-ckpt", tmp_path / f"{name}.pt"
+    cmd = [
+        PY,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        f"--max-restarts={restarts}",
+        "--monitor-interval=0.2",
+        WORKER,
+        str(ckpt),
+        str(out),
+        *extra,
+    ]
+    proc = subprocess.run(
+        cmd, env=subprocess_env(), cwd=ROOT, capture_output=True, text=True, timeout=280
+    )
+    return proc, ckpt, out
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """Final weights of an uninterrupted run with the same seed."""
+    tmp = tmp_path_factory.mktemp("ref")
+    proc, _, out = _torchrun(tmp, "ref")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return torch.load(out, weights_only=True)
+
+
+def _same(a, b) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("step", [5, 6], ids=["mid-epoch", "epoch-boundary"])
+def test_f1_sigkill_rank1_restart_resumes_bitwise(tmp_path, reference, step):
+    proc, _ckpt, out = _torchrun(tmp_path, "f1", "--kill-rank", "1", "--kill-at-step", str(step))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "resumed_from=" in proc.stdout and "resumed_from=None" not in proc.stdout
+    assert _same(torch.load(out, weights_only=True), reference)
+
+
+def test_f2_no_restarts_fails_fast_naming_rank_and_signal(tmp_path):
+    proc, ckpt, out = _torchrun(
+        tmp_path, "f2", "--kill-rank", "1", "--kill-at-step", "5", restarts=0
+    )
+    assert proc.returncode != 0
+    text = proc.stderr
+    assert "local_rank: 1" in text and "SIGKILL" in text, text[-3000:]
+    store = CheckpointStore(ckpt)
+    newest = store.latest()
+    assert newest is not None and newest.name == "step-000000004"
+    store.verify(newest)
+    assert not out.exists()
+
+
+def test_f3_kill_during_checkpoint_write_keeps_previous_and_cleans_temp(tmp_path, reference):
+    proc, ckpt, out = _torchrun(tmp_path, "f3", "--kill-in-write")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "resumed_from=" in proc.stdout and "step-000000002" in proc.stdout, (
+        proc.stdout[-3000:] + proc.stderr[-3000:]
+    )
+    assert _same(torch.load(out, weights_only=True), reference)
+    assert not [p for p in ckpt.iterdir() if p.name.startswith(".tmp-")]
+    store = CheckpointStore(ckpt)
+    for path in store.list():
+        store.verify(path)
+
+
+def test_f7_sigterm_stops_all_ranks_saves_and_exits_nonzero(tmp_path):
+    proc, ckpt, out = _torchrun(tmp_path, "f7", "--term-at-step", "3", restarts=0)
+    assert proc.returncode != 0
+    assert "PreemptedError" in proc.stderr
+    assert "received signal SIGTERM" in proc.stderr
+    assert not out.exists()
+    newest = CheckpointStore(ckpt).latest()
+    assert newest is not None and int(newest.name.split("-")[1]) >= 3
