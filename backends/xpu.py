@@ -17,6 +17,7 @@ import importlib.util
 from importlib import metadata
 
 from devlayer.errors import BackendUnavailableError
+from devlayer.launchers import ProcessInfo
 from devlayer.registry import Availability, Backend, Runtime
 
 from ._common import comm_available
@@ -125,6 +126,20 @@ class XpuBackend(Backend):
             f"(it ships xccl), or for older torch install {IPEX_DIST} and {CCL_DIST} "
             f"of the same minor version as torch ({minor(torch.__version__)}.*)"
         )
+
+    def comm_env(self, comm: str, process: ProcessInfo) -> dict[str, str]:
+        """oneCCL (``ccl``) reads its local rank and size from CCL_LOCAL_RANK/CCL_LOCAL_SIZE.
+
+        torchrun and SLURM do not set them; without them oneCCL may guess from MPI
+        variables that are absent and place ranks wrongly. devlayer sets them from the
+        launcher's local rank/size, only when the user has not.
+        """
+        if comm != "ccl":
+            return {}
+        return {
+            "CCL_LOCAL_RANK": str(process.local_rank),
+            "CCL_LOCAL_SIZE": str(process.local_world_size),
+        }
 
     def prepare(self, comm: str) -> None:
         """Import IPEX and the oneCCL bindings (in that order, after torch) for ``ccl``."""

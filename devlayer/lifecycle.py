@@ -351,6 +351,9 @@ def init(
             owns = False
             if info.world_size > 1:
                 assert comm_name is not None
+                for name, value in be.comm_env(comm_name, info).items():
+                    if name not in os.environ:
+                        undo.setenv(name, value)
                 be.prepare(comm_name)
                 owns = _create_process_group(be, comm_name, dev, info, tmo)
         except BaseException:

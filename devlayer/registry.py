@@ -38,6 +38,8 @@ from devlayer.errors import (
 if TYPE_CHECKING:
     import torch
 
+    from devlayer.launchers import ProcessInfo
+
 __all__ = [
     "Availability",
     "Backend",
@@ -189,6 +191,10 @@ class Backend:
     def comm_hint(self, comm: str) -> str:
         """What to do when ``comm`` is missing (overridden by vendors with specifics)."""
         return f"install a torch build with {comm} support, or choose another comm backend"
+
+    def comm_env(self, comm: str, process: ProcessInfo) -> dict[str, str]:
+        """Variables the vendor's comm library reads from the launcher (set only if unset)."""
+        return {}
 
     def install_hint(self) -> str:
         """What to install or check when this backend is unavailable (one sentence)."""

@@ -543,3 +543,22 @@ def test_simulated_fake_for_vendor_defaults() -> None:
     )
     assert cuda.comm_available("nccl") and not cuda.comm_available("xccl")
     assert xpu.comm_available("xccl")
+
+
+@pytest.mark.simulated
+def test_simulated_xpu_ccl_local_rank_variables_only_for_ccl():
+    from devlayer.launchers import ProcessInfo
+
+    be = devlayer.get_backend("xpu")
+    info = ProcessInfo(
+        rank=3,
+        world_size=4,
+        local_rank=1,
+        local_world_size=2,
+        num_nodes=2,
+        node_rank=1,
+        master_port=29500,
+    )
+    assert be.comm_env("ccl", info) == {"CCL_LOCAL_RANK": "1", "CCL_LOCAL_SIZE": "2"}
+    assert be.comm_env("xccl", info) == {}
+    assert devlayer.get_backend("cuda").comm_env("nccl", info) == {}
