@@ -70,6 +70,21 @@ class CudaBackend(Backend):
             return "HIP_VISIBLE_DEVICES"
         return "CUDA_VISIBLE_DEVICES"
 
+    def notes(self, env: Mapping[str, str], *, selected: bool) -> list[str]:
+        out = []
+        if "MIG-" in env.get("CUDA_VISIBLE_DEVICES", ""):
+            out.append(
+                "CUDA_VISIBLE_DEVICES names a MIG slice: a process sees one slice, and MIG is "
+                "not multi-GPU (NCCL cannot span slices); run one process per slice or use "
+                "full GPUs"
+            )
+        if env.get("CUDA_VISIBLE_DEVICES") and env.get("HIP_VISIBLE_DEVICES"):
+            out.append(
+                "CUDA_VISIBLE_DEVICES and HIP_VISIBLE_DEVICES are both set; on ROCm both "
+                "apply, one after the other. Set only one of them"
+            )
+        return out
+
     def comm_hint(self, comm: str) -> str:
         return (
             f"{comm} ships with the CUDA/ROCm builds of torch; a CPU-only build cannot use it. "

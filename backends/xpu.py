@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+from collections.abc import Mapping
 from importlib import metadata
 
 from devlayer.errors import BackendUnavailableError
@@ -126,6 +127,25 @@ class XpuBackend(Backend):
             f"(it ships xccl), or for older torch install {IPEX_DIST} and {CCL_DIST} "
             f"of the same minor version as torch ({minor(torch.__version__)}.*)"
         )
+
+    def notes(self, env: Mapping[str, str], *, selected: bool) -> list[str]:
+        out = []
+        if selected:
+            mode = env.get("ZE_FLAT_DEVICE_HIERARCHY", "FLAT (default)")
+            out.append(
+                f"ZE_FLAT_DEVICE_HIERARCHY={mode}: in FLAT mode every tile is its own xpu "
+                f"device (a 2-tile GPU counts as 2); COMPOSITE shows one device per card"
+            )
+        ipex = _version(IPEX_DIST)
+        if ipex is not None:
+            import torch
+
+            if minor(ipex) != minor(torch.__version__):
+                out.append(
+                    f"{IPEX_DIST} {ipex} does not match torch {torch.__version__}: IPEX "
+                    f"{minor(ipex)}.* needs torch {minor(ipex)}.*"
+                )
+        return out
 
     def comm_env(self, comm: str, process: ProcessInfo) -> dict[str, str]:
         """oneCCL (``ccl``) reads its local rank and size from CCL_LOCAL_RANK/CCL_LOCAL_SIZE.

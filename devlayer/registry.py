@@ -192,6 +192,10 @@ class Backend:
         """What to do when ``comm`` is missing (overridden by vendors with specifics)."""
         return f"install a torch build with {comm} support, or choose another comm backend"
 
+    def notes(self, env: Mapping[str, str], *, selected: bool) -> list[str]:
+        """Known pitfalls of this vendor for ``devlayer info`` (pure; no runtime calls)."""
+        return []
+
     def comm_env(self, comm: str, process: ProcessInfo) -> dict[str, str]:
         """Variables the vendor's comm library reads from the launcher (set only if unset)."""
         return {}

@@ -102,12 +102,7 @@ def collect() -> dict[str, Any]:
         report["launcher_error"] = str(exc)
         warnings.append(f"launcher environment: {exc}")
         local_ranks = 1
-    warnings.extend(pitfalls(os.environ, torch.__version__, report))
-    if os.environ.get("CUDA_VISIBLE_DEVICES") and os.environ.get("HIP_VISIBLE_DEVICES"):
-        warnings.append(
-            "CUDA_VISIBLE_DEVICES and HIP_VISIBLE_DEVICES are both set; on ROCm both apply, "
-            "one after the other. Set only one of them"
-        )
+    warnings.extend(pitfalls(os.environ, report))
     threads = os.environ.get("OMP_NUM_THREADS")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     if threads and threads.isdigit() and cores and int(threads) * local_ranks > cores:
@@ -118,49 +113,24 @@ def collect() -> dict[str, Any]:
     return report
 
 
-def pitfalls(env: Mapping[str, str], torch_version: str, report: Mapping[str, Any]) -> list[str]:
-    """Known traps, from the environment and what ``collect`` found (pure; tested alone)."""
+def pitfalls(env: Mapping[str, str], report: Mapping[str, Any]) -> list[str]:
+    """Known traps: every backend's own notes plus the vendor-neutral ones (pure)."""
     out: list[str] = []
-    if "MIG-" in env.get("CUDA_VISIBLE_DEVICES", ""):
-        out.append(
-            "CUDA_VISIBLE_DEVICES names a MIG slice: a process sees one slice, and MIG is not "
-            "multi-GPU (NCCL cannot span slices); run one process per slice or use full GPUs"
-        )
     selected = (report.get("selected") or {}).get("name")
-    if selected == "xpu":
-        mode = env.get("ZE_FLAT_DEVICE_HIERARCHY", "FLAT (default)")
-        out.append(
-            f"ZE_FLAT_DEVICE_HIERARCHY={mode}: in FLAT mode every tile is its own xpu device "
-            f"(a 2-tile GPU counts as 2); COMPOSITE shows one device per card"
-        )
+    for name, be in devlayer.registered_backends().items():
+        try:
+            out.extend(be.notes(env, selected=name == selected))
+        except Exception as exc:  # a plugin's notes must not break info
+            out.append(f"backend {name!r}: notes failed: {type(exc).__name__}: {exc}")
     if report.get("runtime_initialized"):
         out.append(
             f"the {selected} runtime is already initialized in this process: changes to its "
             f"visibility variables no longer apply here (set them before the first device call)"
         )
-    ipex = _dist_version("intel-extension-for-pytorch")
-    if ipex is not None and _minor(ipex) != _minor(torch_version):
-        out.append(
-            f"intel-extension-for-pytorch {ipex} does not match torch {torch_version}: IPEX "
-            f"{_minor(ipex)}.* needs torch {_minor(ipex)}.*"
-        )
     backend = env.get("DEVLAYER_BACKEND", "").strip()
     if backend and report.get("selection_error") and backend in report["selection_error"]:
         out.append(f"DEVLAYER_BACKEND={backend!r} cannot be used: see selection error above")
     return out
-
-
-def _dist_version(name: str) -> str | None:
-    from importlib import metadata
-
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def _minor(version: str) -> str:
-    return ".".join(version.split("+")[0].split(".")[:2])
 
 
 def _text(report: dict[str, Any]) -> str:

@@ -97,15 +97,20 @@ def test_info_json_with_simulated_xpu_explains_tiles():
 
 
 def test_pitfalls_mig_ipex_and_initialized_runtime(monkeypatch):
+    import devlayer.backends.xpu as xpu
+
     from devlayer.cli import info
 
-    monkeypatch.setattr(info, "_dist_version", lambda name: "2.8.10+xpu")
+    monkeypatch.setattr(xpu, "_version", lambda name: "2.8.10+xpu")
     warnings = info.pitfalls(
-        {"CUDA_VISIBLE_DEVICES": "MIG-5c9a1b2e-0000-0000-0000-000000000000"},
-        "2.13.0+cpu",
+        {
+            "CUDA_VISIBLE_DEVICES": "MIG-5c9a1b2e-0000-0000-0000-000000000000",
+            "HIP_VISIBLE_DEVICES": "0",
+        },
         {"selected": {"name": "cuda"}, "runtime_initialized": True},
     )
     text = "\n".join(warnings)
     assert "MIG is not multi-GPU" in text
-    assert "intel-extension-for-pytorch 2.8.10+xpu does not match torch 2.13.0+cpu" in text
+    assert "does not match torch" in text and "IPEX 2.8.* needs torch 2.8.*" in text
     assert "already initialized" in text
+    assert "HIP_VISIBLE_DEVICES are both set" in text
