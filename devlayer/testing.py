@@ -34,6 +34,8 @@ from typing import Any
 from devlayer.errors import InvalidArgumentError
 
 __all__ = [
+    "LAUNCHER_PREFIXES",
+    "LAUNCHER_VARIABLES",
     "FakeRuntime",
     "free_port",
     "reset_simulation",
@@ -368,7 +370,8 @@ _LAUNCHER_ENVS = {
     "openmpi": openmpi_env,
     "intelmpi": intelmpi_env,
 }
-_LAUNCHER_PREFIXES = (
+#: Prefixes and names of the variables launchers set (hidden by :func:`launcher_env`).
+LAUNCHER_PREFIXES = (
     "SLURM_",
     "OMPI_",
     "PMI_",
@@ -379,7 +382,7 @@ _LAUNCHER_PREFIXES = (
     "MPI_LOCAL",
     "I_MPI_",
 )
-_LAUNCHER_NAMES = (
+LAUNCHER_VARIABLES = (
     "RANK",
     "WORLD_SIZE",
     "LOCAL_RANK",
@@ -414,7 +417,7 @@ def launcher_env(
     values = _LAUNCHER_ENVS[kind](rank, world_size, **kwargs)  # type: ignore[operator]
     saved = dict(os.environ)
     for key in list(os.environ):
-        if key.startswith(_LAUNCHER_PREFIXES) or key in _LAUNCHER_NAMES:
+        if key.startswith(LAUNCHER_PREFIXES) or key in LAUNCHER_VARIABLES:
             del os.environ[key]
     os.environ.update(values)
     try:

@@ -2,38 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
+
+from devlayer.testing import LAUNCHER_PREFIXES, LAUNCHER_VARIABLES
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 
-_LAUNCH_PREFIXES = (
-    "SLURM_",
-    "OMPI_",
-    "PMI_",
-    "PMIX_",
-    "MV2_",
-    "PALS_",
-    "TORCHELASTIC_",
-    "DEVLAYER_",
-    "ACCELERATE_",
-    "MPI_LOCAL",
-    "I_MPI_",
-)
-_LAUNCH_NAMES = (
-    "RANK",
-    "WORLD_SIZE",
-    "LOCAL_RANK",
-    "LOCAL_WORLD_SIZE",
-    "GROUP_RANK",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-    "NODE_RANK",
-    "GROUP_WORLD_SIZE",
-)
+# devlayer's own launcher variables plus ours (DEVLAYER_*, ACCELERATE_*) for clean children.
+_LAUNCH_PREFIXES = (*LAUNCHER_PREFIXES, "DEVLAYER_", "ACCELERATE_")
+_LAUNCH_NAMES = LAUNCHER_VARIABLES
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
@@ -66,3 +50,30 @@ def run_py(
         env=env if env is not None else subprocess_env(),
         cwd=cwd or ROOT,
     )
+
+
+def rank_results(stdout: str, key: str = "rank") -> list[dict[str, Any]]:
+    """The ``RESULT {json}`` records ranks printed, sorted by ``key``.
+
+    Ranks share one stdout under torchrun, so lines may interleave: match the records.
+    """
+    found = [json.loads(m) for m in re.findall(r"RESULT (\{[^{}]*\})", stdout)]
+    return sorted(found, key=lambda r: int(r[key]))
+
+
+def listening_addresses(port: int) -> list[str]:
+    """Hex addresses in /proc/net/tcp{,6} that listen on ``port`` (0100007F = 127.0.0.1)."""
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        if os.path.exists(table):
+            with open(table) as fh:
+                for line in fh.read().splitlines()[1:]:
+                    parts = line.split()
+                    if parts[3] == "0A" and parts[1].endswith(f":{port:04X}"):
+                        found.append(parts[1].split(":")[0])
+    return found
+
+
+def torchrun(*args: str, nproc: int = 2) -> list[str]:
+    """``python -m torch.distributed.run --standalone --nproc-per-node=N ...`` as argv."""
+    return [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]

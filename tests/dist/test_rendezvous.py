@@ -9,6 +9,7 @@ import pytest
 
 import devlayer
 from devlayer.testing import free_port
+from tests.helpers import listening_addresses
 
 pytestmark = [pytest.mark.dist, pytest.mark.timeout(90)]
 
@@ -24,19 +25,8 @@ def _env_rank(monkeypatch: pytest.MonkeyPatch, rank: int, world: int, port: int)
         monkeypatch.setenv(key, str(value))
 
 
-def _listeners(port: int) -> list[str]:
-    found = []
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with open(table) as fh:
-            for line in fh.read().splitlines()[1:]:
-                parts = line.split()
-                if parts[3] == "0A" and parts[1].endswith(f":{port:04X}"):
-                    found.append(parts[1].split(":")[0])
-    return found
-
-
 def _listeners_of_master_port() -> list[str]:
-    listeners = _listeners(int(os.environ["MASTER_PORT"]))
+    listeners = listening_addresses(int(os.environ["MASTER_PORT"]))
     devlayer.barrier(timeout=20)
     return listeners
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import re
 import shutil
 import subprocess
 import sys
@@ -11,15 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import PY, ROOT, subprocess_env
+from tests.helpers import ROOT, rank_results, subprocess_env, torchrun
 
 pytest.importorskip("accelerate")
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
-
-
-def _results(stdout: str) -> list[dict[str, object]]:
-    found = [json.loads(m) for m in re.findall(r"RESULT (\{[^{}]*\})", stdout)]
-    return sorted(found, key=lambda r: r["rank"])  # type: ignore[arg-type,return-value]
 
 
 def _accelerate() -> list[str]:
@@ -53,20 +46,13 @@ def test_accelerate_launch_multi_process_on_cpu(tmp_path):
         timeout=200,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    results = _results(proc.stdout)
+    results = rank_results(proc.stdout)
     assert [r["rank"] for r in results] == [0, 1]
     assert {r["launcher"] for r in results} == {"accelerate"}
 
 
 def test_accelerator_after_init_agrees_with_devlayer(tmp_path):
-    cmd = [
-        PY,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node=2",
-        str(ROOT / "tests" / "e2e" / "worker_accelerate.py"),
-    ]
+    cmd = torchrun(str(ROOT / "tests" / "e2e" / "worker_accelerate.py"))
     proc = subprocess.run(
         cmd,
         env=subprocess_env(HOME=str(tmp_path)),
@@ -76,7 +62,7 @@ def test_accelerator_after_init_agrees_with_devlayer(tmp_path):
         timeout=200,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    results = _results(proc.stdout)
+    results = rank_results(proc.stdout)
     assert len(results) == 2
     for r in results:
         assert (r["acc_rank"], r["acc_world"], r["acc_local"]) == (

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from devlayer.train.checkpoint import CheckpointStore
-from tests.helpers import PY, ROOT, subprocess_env
+from tests.helpers import ROOT, subprocess_env, torchrun
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -17,19 +17,14 @@ WORKER = str(ROOT / "tests" / "e2e" / "worker_fault_train.py")
 
 def _torchrun(tmp_path, name: str, *extra: str, restarts: int = 1):
     ckpt, out = tmp_path / f"{name}-ckpt", tmp_path / f"{name}.pt"
-    cmd = [
-        PY,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node=2",
+    cmd = torchrun(
         f"--max-restarts={restarts}",
         "--monitor-interval=0.2",
         WORKER,
         str(ckpt),
         str(out),
         *extra,
-    ]
+    )
     proc = subprocess.run(
         cmd, env=subprocess_env(), cwd=ROOT, capture_output=True, text=True, timeout=280
     )

@@ -2,27 +2,19 @@
 
 from __future__ import annotations
 
-import json
-import re
-
 import pytest
 
-from tests.helpers import ROOT, run_py, subprocess_env
+from tests.helpers import ROOT, rank_results, run_py, subprocess_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
 WORKER = str(ROOT / "tests" / "e2e" / "worker_launch.py")
 
 
-def _results(stdout: str) -> list[dict]:
-    found = [json.loads(m) for m in re.findall(r"RESULT (\{[^{}]*\})", stdout)]
-    return sorted(found, key=lambda r: int(r["RANK"]))
-
-
 def test_launch_two_ranks_passes_arguments_and_rendezvous_on_loopback():
     proc = run_py(["-m", "devlayer", "launch", "--nproc", "2", WORKER, "--lr", "0.1"], timeout=150)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    results = _results(proc.stdout)
+    results = rank_results(proc.stdout, "RANK")
     assert [r["RANK"] for r in results] == [0, 1]
     assert all(r["args"] == ["--lr", "0.1"] for r in results)
     for r in results:
@@ -44,7 +36,7 @@ def test_launch_sets_omp_threads_to_cores_per_rank():
     import os
 
     expected = str(max(len(os.sched_getaffinity(0)) // 2, 1))
-    assert {r["omp"] for r in _results(proc.stdout)} == {expected}
+    assert {r["omp"] for r in rank_results(proc.stdout, "RANK")} == {expected}
 
 
 @pytest.mark.simulated
@@ -54,7 +46,7 @@ def test_launch_simulated_cuda_devices_auto_nproc_and_visibility():
         ["-m", "devlayer", "launch", "--devices", "1,3", WORKER, "--no-init"], env=env, timeout=150
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    results = _results(proc.stdout)
+    results = rank_results(proc.stdout, "RANK")
     assert [r["RANK"] for r in results] == ["0", "1"]  # auto: one per selected device
     assert {r["CUDA_VISIBLE_DEVICES"] for r in results} == {"1,3"}
     assert {r["DEVLAYER_VISIBILITY_APPLIED"] for r in results} == {"CUDA_VISIBLE_DEVICES=1,3"}

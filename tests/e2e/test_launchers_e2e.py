@@ -8,25 +8,17 @@
 
 from __future__ import annotations
 
-import json
-import re
 import socket
 import subprocess
 
 import pytest
 
 from devlayer.testing import free_port, intelmpi_env, openmpi_env, slurm_env
-from tests.helpers import PY, ROOT, subprocess_env
+from tests.helpers import PY, ROOT, rank_results, subprocess_env, torchrun
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
 WORKER = str(ROOT / "tests" / "dist" / "worker_collectives.py")
-
-
-def _results(stdout: str) -> list[dict[str, object]]:
-    # Ranks share one stdout under torchrun, so lines may interleave: match the records.
-    found = [json.loads(m) for m in re.findall(r"RESULT (\{[^{}]*\})", stdout)]
-    return sorted(found, key=lambda r: r["rank"])
 
 
 def _run_ranks(envs: list[dict[str, str]], timeout: float = 120) -> list[dict[str, object]]:
@@ -52,7 +44,7 @@ def _run_ranks(envs: list[dict[str, str]], timeout: float = 120) -> list[dict[st
             if p.poll() is None:
                 p.kill()
                 p.communicate()
-    return _results("".join(outs))
+    return rank_results("".join(outs))
 
 
 def _free_port_in(lo: int, hi: int) -> int:
@@ -67,12 +59,12 @@ def _free_port_in(lo: int, hi: int) -> int:
 
 
 def test_torchrun_two_ranks_all_collectives():
-    cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", WORKER, "30"]
+    cmd = torchrun(WORKER, "30")
     proc = subprocess.run(
         cmd, env=subprocess_env(), cwd=ROOT, capture_output=True, text=True, timeout=150
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    results = _results(proc.stdout)
+    results = rank_results(proc.stdout)
     assert [r["rank"] for r in results] == [0, 1]
     assert {r["launcher"] for r in results} == {"torchrun"}
     assert {r["comm"] for r in results} == {"gloo"}
@@ -108,5 +100,5 @@ def test_plain_python_is_one_process():
         [PY, WORKER], env=subprocess_env(), cwd=ROOT, capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 0, proc.stderr
-    (result,) = _results(proc.stdout)
+    (result,) = rank_results(proc.stdout)
     assert result["world_size"] == 1 and result["launcher"] == "none" and result["comm"] is None

@@ -6,23 +6,18 @@ import subprocess
 
 import pytest
 
-from tests.helpers import PY, ROOT, subprocess_env
+from tests.helpers import ROOT, subprocess_env, torchrun
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(240)]
 
 
 def test_torchrun_restarts_reinitialize_cleanly():
-    cmd = [
-        PY,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node=2",
+    cmd = torchrun(
         "--max-restarts=4",
         "--monitor-interval=0.2",
         str(ROOT / "tests" / "e2e" / "worker_restart.py"),
         "3",
-    ]
+    )
     proc = subprocess.run(
         cmd, env=subprocess_env(), cwd=ROOT, capture_output=True, text=True, timeout=220
     )

@@ -16,27 +16,15 @@ if "--no-init" in sys.argv:  # simulated devices: only report the environment
     print("RESULT " + json.dumps({k: os.environ.get(k) for k in keys}), flush=True)
     sys.exit(0)
 
-import devlayer
-
-
-def listeners(port: int) -> list[str]:
-    found = []
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        if os.path.exists(table):
-            with open(table) as fh:
-                for line in fh.read().splitlines()[1:]:
-                    parts = line.split()
-                    if parts[3] == "0A" and parts[1].endswith(f":{port:04X}"):
-                        found.append(parts[1].split(":")[0])
-    return found
-
+import devlayer  # after the no-init branch, which must not import torch
+from tests.helpers import listening_addresses
 
 with devlayer.init(timeout=30):
     report = {
         "RANK": devlayer.rank(),
         "args": sys.argv[1:],
         "omp": os.environ.get("OMP_NUM_THREADS"),
-        "listeners": listeners(int(os.environ["MASTER_PORT"])),
+        "listeners": listening_addresses(int(os.environ["MASTER_PORT"])),
     }
     print("RESULT " + json.dumps(report), flush=True)
     devlayer.barrier()
