@@ -422,7 +422,7 @@ def _apply_visibility(
     be: Backend, spec: _devices.DeviceSpec, origin: str, undo: _Undo
 ) -> tuple[str, str] | None:
     """Narrow the vendor's visibility variable before its runtime starts."""
-    indices = _devices.selected_indices(spec, None)
+    indices = _devices.selected_indices(spec)
     if indices is None:
         return None
     var = be.visibility_var(os.environ)
@@ -475,7 +475,7 @@ def _pick_device(
             f"({', '.join(f'{v}={os.environ.get(v)!r}' for v in be.visibility_vars)}); "
             f"check the visibility variables with `devlayer info`"
         )
-    wanted = _devices.selected_indices(spec, count)
+    wanted = _devices.selected_indices(spec)
     if wanted is not None and len(wanted) < info.local_world_size:
         raise DeviceError(
             f"{origin}={_show(spec)} selects {len(wanted)} device(s) but {info.local_world_size} "
@@ -611,7 +611,7 @@ def _is_loopback(addr: str) -> bool:
 def _port_in_use(where: str, port: object, src: Mapping[str, str]) -> RendezvousError:
     return RendezvousError(
         f"rank 0 cannot listen on {where}: port {port} is already in use "
-        f"(MASTER_PORT from {src.get('master_port', 'MASTER_PORT')}). Choose a free "
+        f"(MASTER_PORT: {src.get('master_port', 'MASTER_PORT')}). Choose a free "
         f"port (export MASTER_PORT=...), or stop the process holding it"
     )
 
@@ -623,6 +623,9 @@ def _listen_loopback(port: int, where: str, src: Mapping[str, str]) -> int:
     this machine needs to reach it.
     """
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # Rerunning a job on the same derived port must not wait for TIME_WAIT to expire
+    # (torch's own store sets SO_REUSEADDR too); a live listener still makes bind fail.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind(("127.0.0.1", port))
         sock.listen(512)

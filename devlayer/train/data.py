@@ -19,26 +19,35 @@ __all__ = ["ShardedLoader", "auto_num_workers", "prepare_loader"]
 
 
 def auto_num_workers(
-    local_world_size: int = 1, env: dict[str, str] | None = None, cpus: int | None = None
+    local_world_size: int = 1,
+    env: dict[str, str] | None = None,
+    cpus: int | None = None,
+    *,
+    one_task_per_rank: bool = False,
 ) -> int:
     """DataLoader workers per rank: usable CPUs per rank minus one for the main process.
 
-    ``SLURM_CPUS_PER_TASK`` (CPUs of this rank's task) wins; otherwise the CPUs this process
-    may run on (``os.sched_getaffinity``) are divided among the local ranks.
+    The CPUs come from ``SLURM_CPUS_PER_TASK`` when set, else from the CPUs this process may
+    run on (``os.sched_getaffinity``). When every rank is its own SLURM task
+    (``one_task_per_rank``, i.e. launched by srun) those CPUs are the rank's own; otherwise
+    (torchrun inside one srun task, or no SLURM) they are shared by the local ranks.
 
     Example:
         >>> auto_num_workers(2, env={}, cpus=16)
         7
-        >>> auto_num_workers(4, env={"SLURM_CPUS_PER_TASK": "8"}, cpus=64)
+        >>> auto_num_workers(4, env={"SLURM_CPUS_PER_TASK": "8"}, one_task_per_rank=True)
+        7
+        >>> auto_num_workers(4, env={"SLURM_CPUS_PER_TASK": "32"})  # torchrun in one task
         7
     """
     env = dict(os.environ) if env is None else env
     per_task = env.get("SLURM_CPUS_PER_TASK", "").strip()
     if per_task.isdigit() and int(per_task) > 0:
-        return max(int(per_task) - 1, 0)
-    if cpus is None:
+        cpus = int(per_task)
+    elif cpus is None:
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max((cpus or 1) // max(local_world_size, 1) - 1, 0)
+    sharing = 1 if one_task_per_rank else max(local_world_size, 1)
+    return max((cpus or 1) // sharing - 1, 0)
 
 
 class _ResumableSampler:
@@ -230,7 +239,9 @@ def prepare_loader(
             f"{type(dataset).__name__} (shard an IterableDataset yourself by rank)"
         )
     if num_workers == "auto":
-        workers = auto_num_workers(st.local_world_size)
+        workers = auto_num_workers(
+            st.local_world_size, one_task_per_rank=st.process.launcher == "slurm"
+        )
     elif isinstance(num_workers, int) and not isinstance(num_workers, bool) and num_workers >= 0:
         workers = num_workers
     else:

@@ -301,6 +301,7 @@ class Trainer:
         self.stopped_early = False
         self.resumed_from: Path | None = None
         self._lr_scaled = False
+        self._lr_factor = 1.0
         self._loss_sum: Any = None
         self._samples = 0
         self._resumed_sums = (0.0, 0)
@@ -330,7 +331,8 @@ class Trainer:
             factor = st.world_size if self.lr_scaling == "linear" else math.sqrt(st.world_size)
             _scale_lr(self.optimizer, self.scheduler, factor)
             self._lr_scaled = True
-            if st.is_main:
+            self._lr_factor = factor
+            if st.is_main and st.world_size > 1:
                 lrs = [g["lr"] for g in self.optimizer.param_groups]
                 log.warning(
                     "lr_scaling=%s x%.3g over %d ranks: learning rate(s) %s",
@@ -406,6 +408,7 @@ class Trainer:
                 self.early_stopping.state_dict() if self.early_stopping is not None else None
             ),
             "ranks": rank_states,
+            "lr_factor": self._lr_factor,
         }
 
     def save_checkpoint(self) -> Path | None:
@@ -482,6 +485,11 @@ class Trainer:
 
         unwrap(self.ddp_model).load_state_dict(payload["model"])
         self.optimizer.load_state_dict(payload["optimizer"])
+        saved_factor = float(payload.get("lr_factor", 1.0))
+        if saved_factor != self._lr_factor:
+            # Saved with another world size under lr_scaling: the optimizer state carries the
+            # old scaled rates; rescale them to this run's factor.
+            _scale_lr(self.optimizer, None, self._lr_factor / saved_factor)
         if self.scaler is not None and payload.get("scaler") is not None:
             self.scaler.load_state_dict(payload["scaler"])
         if self.scheduler is not None and payload.get("scheduler") is not None:
@@ -610,7 +618,12 @@ class Trainer:
             if st.global_step % self.preempt_check_every == 0 and self._agree_to_stop():
                 self.preempted = True
                 break
-            if self.checkpoint_every and st.global_step % self.checkpoint_every == 0:
+            last_of_epoch = st.batches_done >= n_batches  # the epoch-end save follows
+            if (
+                self.checkpoint_every
+                and st.global_step % self.checkpoint_every == 0
+                and not last_of_epoch
+            ):
                 self.save_checkpoint()
             if self.max_steps is not None and st.global_step >= self.max_steps:
                 break
@@ -711,7 +724,8 @@ class Trainer:
             if self.early_stopping is not None and self.early_stopping.update(metrics):
                 stop = self.stopped_early = True
             stop = stop or hit_max
-            if self.checkpoint_dir is not None and (self.checkpoint_every or stop):
+            finished = stop or st.epoch >= self.max_epochs
+            if self.checkpoint_dir is not None and (self.checkpoint_every or finished):
                 self.save_checkpoint()
             for cb in self.callbacks:
                 cb.on_epoch_end(self, metrics)

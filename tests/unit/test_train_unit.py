@@ -70,7 +70,8 @@ def test_prepare_loader_reshards_an_existing_dataloader(cpu):
 
 def test_auto_num_workers_respects_slurm_and_affinity():
     assert auto_num_workers(2, env={}, cpus=16) == 7
-    assert auto_num_workers(4, env={"SLURM_CPUS_PER_TASK": "8"}, cpus=64) == 7
+    assert auto_num_workers(4, env={"SLURM_CPUS_PER_TASK": "8"}, one_task_per_rank=True) == 7
+    assert auto_num_workers(4, env={"SLURM_CPUS_PER_TASK": "32"}) == 7  # torchrun in srun
     assert auto_num_workers(2, env={}, cpus=2) == 0
 
 
@@ -104,10 +105,21 @@ def test_bf16_mixed_trains_on_cpu(cpu):
     assert history[-1]["train_loss"] < history[0]["train_loss"]
 
 
-def test_lr_scaling_logged_once_and_applied(cpu, caplog):
+def test_lr_scaling_is_a_no_op_at_world_one(cpu, caplog):
     trainer, _ = _fit(lr_scaling="sqrt", max_epochs=1)
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.001)  # sqrt(1) = 1
-    assert "lr_scaling=sqrt" in caplog.text
+    assert "lr_scaling" not in caplog.text  # nothing to report over one rank
+
+
+def test_resume_rescales_lr_saved_under_another_world_size(cpu):
+    from devlayer.train.checkpoint import rng_state
+
+    trainer, _ = _fit(lr_scaling="linear", max_epochs=1)
+    payload = trainer._payload([{"rng": rng_state(), "loss_sum": 0.0, "samples": 0}])
+    payload["optimizer"]["param_groups"][0]["lr"] = 0.002  # saved on 2 ranks: lr x2
+    payload["lr_factor"] = 2.0
+    trainer._apply(payload, same_world=False)
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.001)
 
 
 def test_early_stopping_with_target_and_patience(cpu):
@@ -182,3 +194,13 @@ def test_fp16_mixed_uses_a_grad_scaler(cpu):
     trainer, history = _fit(precision="16-mixed", max_epochs=2)
     assert trainer.scaler is not None and trainer.scaler.get_scale() > 0
     assert all(h["train_loss"] == h["train_loss"] for h in history)  # no NaN
+
+
+def test_checkpoint_dir_alone_saves_the_finished_run(cpu, tmp_path):
+    from devlayer.train.checkpoint import CheckpointStore
+
+    trainer, history = _fit(max_epochs=2, checkpoint_dir=tmp_path)
+    store = CheckpointStore(tmp_path)
+    assert [p.name for p in store.list()] == [f"step-{history[-1]['global_step']:09d}"]
+    payload, manifest = store.load()
+    assert manifest["epoch"] == 2 and payload["batches_done"] == 0
