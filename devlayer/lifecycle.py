@@ -191,6 +191,36 @@ def check_torch_version(version: str | None = None) -> None:
         )
 
 
+#: Published advisories for torch releases devlayer still accepts (>= 2.6), as
+#: (first affected, first fixed, id, what). README "Security and trust" lists the same.
+#: torch < 2.6 is refused outright (CVE-2025-32434: code execution through torch.load even
+#: with weights_only=True).
+TORCH_ADVISORIES = (
+    ("2.6.0", "2.7.0", "CVE-2025-3730", "denial of service in ctc_loss"),
+    ("0", "2.9.1", "CVE-2025-2999", "memory corruption in unpack_sequence"),
+    ("0", "2.10.0", "CVE-2025-3001", "memory corruption in lstm_cell"),
+)
+
+
+def torch_advisories(version: str) -> list[str]:
+    """Known advisories that apply to torch ``version`` (one sentence each).
+
+    Example:
+        >>> torch_advisories("2.13.0")
+        []
+        >>> [a.split(":")[0] for a in torch_advisories("2.8.0")]
+        ['CVE-2025-2999', 'CVE-2025-3001']
+    """
+    from packaging.version import Version
+
+    v = Version(Version(version).base_version)
+    return [
+        f"{cve}: {what} (torch {first}..<{fixed}); upgrade to torch >= {fixed}"
+        for first, fixed, cve, what in TORCH_ADVISORIES
+        if Version(first) <= v < Version(fixed)
+    ]
+
+
 def parse_timeout(timeout: object, *, origin: str = "timeout") -> timedelta | None:
     """Seconds (int/float), a :class:`~datetime.timedelta` or ``None`` -> timedelta or None.
 
@@ -306,6 +336,7 @@ def init(
                 f"the set-up"
             )
         check_torch_version()
+        _warn_advisories()
         tmo = (
             parse_timeout(timeout)
             or parse_timeout(os.environ.get("DEVLAYER_TIMEOUT"), origin="DEVLAYER_TIMEOUT")
@@ -374,6 +405,24 @@ def init(
         )
         log.debug("devlayer initialized: %s", _current)
         return _current
+
+
+_advisories_warned = False
+
+
+def _warn_advisories() -> None:
+    global _advisories_warned
+    if _advisories_warned:
+        return
+    _advisories_warned = True
+    import warnings
+
+    import torch
+
+    for advisory in torch_advisories(torch.__version__):
+        warnings.warn(
+            f"torch {torch.__version__} has a published advisory: {advisory}", stacklevel=3
+        )
 
 
 def _freeze(value: object) -> object:

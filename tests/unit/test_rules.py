@@ -123,3 +123,19 @@ def test_wheel_install_maps_backends_into_devlayer(tmp_path):
     )
     assert run.returncode == 0, run.stderr
     assert "'cpu', 'cuda', 'mps', 'xpu'" in run.stdout
+
+
+def test_torch_version_gate_and_advisories():
+    import devlayer
+    from devlayer.lifecycle import check_torch_version, torch_advisories
+
+    with pytest.raises(devlayer.DevlayerError, match=r"torch 2\.5\.1\+cu121 is too old.*>= 2\.6"):
+        check_torch_version("2.5.1+cu121")
+    check_torch_version("2.6.0")
+    assert [a.split(":")[0] for a in torch_advisories("2.6.0")] == [
+        "CVE-2025-3730",
+        "CVE-2025-2999",
+        "CVE-2025-3001",
+    ]
+    assert torch_advisories("2.9.1") == [torch_advisories("2.9.1")[0]]
+    assert torch_advisories("2.10.0") == [] and torch_advisories("2.13.0+cpu") == []
