@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from devlayer.errors import DeviceError
 
@@ -109,7 +108,7 @@ def parse_devices(spec: object, *, origin: str = "devices") -> DeviceSpec:
     return tuple(indices)
 
 
-def selected_indices(spec: DeviceSpec, visible_count: int | None) -> tuple[int, ...] | None:
+def selected_indices(spec: DeviceSpec) -> tuple[int, ...] | None:
     """Indices among the visible devices that ``spec`` selects.
 
     Returns ``None`` when the spec is "all" (nothing to narrow). A count ``N`` selects
@@ -126,7 +125,7 @@ def check_exists(
     spec: DeviceSpec, visible_count: int, *, device_type: str, origin: str = "devices"
 ) -> None:
     """Raise DeviceError when ``spec`` names devices beyond ``visible_count``."""
-    wanted = selected_indices(spec, visible_count)
+    wanted = selected_indices(spec)
     if wanted is None:
         return
     missing = [i for i in wanted if i >= visible_count]
@@ -189,12 +188,3 @@ def device_index(local_rank: int, visible_count: int) -> int:
     if visible_count < 1:
         raise DeviceError(f"no devices are visible (count={visible_count}); cannot place a rank")
     return local_rank % visible_count
-
-
-@dataclass(frozen=True)
-class Visibility:
-    """A planned change to one visibility variable."""
-
-    variable: str
-    before: str | None
-    after: str

@@ -37,7 +37,7 @@ def apply(env: MutableMapping[str, str] | None = None) -> dict[str, str]:
     raw = env.get("DEVLAYER_DEVICES", "").strip()
     if not raw:
         return {}
-    indices = selected_indices(parse_devices(raw, origin="DEVLAYER_DEVICES"), None)
+    indices = selected_indices(parse_devices(raw, origin="DEVLAYER_DEVICES"))
     if indices is None:
         return {}
     backend = env.get("DEVLAYER_BACKEND", "").strip().lower()

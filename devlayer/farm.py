@@ -64,7 +64,7 @@ def plan_slots(
         spec = parse_devices(devices, origin="devices")
         count = be.device_count()
         check_exists(spec, count, device_type=be.device_type)
-        indices = selected_indices(spec, count) or tuple(range(count))
+        indices = selected_indices(spec) or tuple(range(count))
         if parallel is not None and parallel < len(indices):
             indices = indices[:parallel]
         return [

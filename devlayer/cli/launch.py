@@ -78,7 +78,7 @@ def _plan_devices(args: argparse.Namespace, env: dict[str, str]) -> tuple[int, d
     selection = select_backend(args.backend, env={**env, **changes})
     be = selection.backend
     spec = parse_devices(args.devices, origin="--devices")
-    indices = selected_indices(spec, None)
+    indices = selected_indices(spec)
     if indices is not None:
         var = be.visibility_var(env)
         if var is not None:

@@ -110,8 +110,8 @@ def test_device_error_types() -> None:
     [(None, None), (1, (0,)), (3, (0, 1, 2)), ((1, 3), (1, 3)), ((2,), (2,))],
 )
 def test_selected_indices(spec: object, indices: object) -> None:
-    assert selected_indices(spec, 4) == indices  # type: ignore[arg-type]
-    assert selected_indices(spec, None) == indices  # type: ignore[arg-type]
+    assert selected_indices(spec) == indices  # type: ignore[arg-type]
+    assert selected_indices(spec) == indices  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- visibility
@@ -154,10 +154,10 @@ def test_narrow_visibility_errors(current: str, indices: list[int], fragments: l
 
 def test_spec_composes_with_scheduler_visibility() -> None:
     # The module docstring's promise: with 4,5,6,7 visible, "1,3" is physical 5 and 7.
-    indices = selected_indices(parse_devices("1,3"), None)
+    indices = selected_indices(parse_devices("1,3"))
     assert indices is not None
     assert narrow_visibility("4,5,6,7", indices) == "5,7"
-    count = selected_indices(parse_devices(2), None)
+    count = selected_indices(parse_devices(2))
     assert count is not None
     assert narrow_visibility("4,5,6,7", count) == "4,5"
 
