@@ -19,19 +19,21 @@ Every rank must pass the same structure, dtypes and (except for ``all_gather``) 
 With ``DEVLAYER_DEBUG=1`` every collective first exchanges a small signature (operation,
 reduce op, shapes or dtype groups, ``src``) and raises :class:`CollectiveError` on every
 rank when they differ, e.g. ``rank 0 all_reduce [2] float32 vs rank 1 all_reduce [3]
-float32``, instead of hanging or mixing up values. It costs one extra object collective
-per call; off (the default) it costs one attribute check. ``barrier`` is not checked: it
-must stay able to name a rank that never arrives.
+float32``, instead of hanging or mixing up values. It costs two small extra gathers per
+call (JSON text in a byte tensor, no pickle); off (the default) it costs one attribute
+check. Set it on every rank. ``barrier`` is not checked: it must stay able to name a rank
+that never arrives.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from devlayer.errors import CollectiveError, InvalidArgumentError
+from devlayer.errors import CollectiveError, DevlayerError, InvalidArgumentError
 from devlayer.lifecycle import State, _env_flag, parse_timeout, state
 
 if TYPE_CHECKING:
@@ -94,7 +96,7 @@ def _ctx() -> _Ctx:
     # Python floats travel as float64, except on MPS, which has no float64.
     float_dtype = torch.float32 if st.device.type == "mps" else torch.float64
     # Read once per State: the per-call cost of debug mode being off is one attribute check.
-    debug = st.world_size > 1 and _env_flag("DEVLAYER_DEBUG", False)
+    debug = _env_flag("DEVLAYER_DEBUG", False) and st.world_size > 1
     _ctx_cache = _Ctx(
         st,
         st.world_size,
@@ -633,8 +635,8 @@ def barrier(timeout: float | timedelta | None = None) -> None:
 # --------------------------------------------------------------------------- debug mode
 # Only reached when DEVLAYER_DEBUG=1 (ctx.debug); nothing here runs on the normal path.
 
-#: (operation, reduce op, shapes or dtype groups, src, one "path shape dtype" per leaf)
-_Signature = tuple[str, str, str, int | None, tuple[str, ...]]
+#: [operation, reduce op, shapes or dtype groups, src, one "path shape dtype" per leaf]
+_Signature = list[Any]
 
 
 def _dtype_name(dtype: Any) -> str:
@@ -702,13 +704,9 @@ def _check_signatures(
     the same dtype groups but different keys or leaf shapes are caught too: they would
     otherwise be reduced into each other's values without any error.
     """
-    layout = tuple(_layout(root, ctx.torch)) if root is not None else ()
-    mine: _Signature = (kind, op, payload, src, layout)
-    sigs: list[Any] = [None] * ctx.world
-    try:
-        ctx.dist.all_gather_object(sigs, mine)
-    except RuntimeError as exc:
-        raise _fail(ctx, f"{kind} (DEVLAYER_DEBUG signature exchange)", exc) from exc
+    layout = _layout(root, ctx.torch) if root is not None else []
+    mine: _Signature = [kind, op, payload, src, layout]
+    sigs = _exchange(ctx, kind, mine)
     odd = [r for r, sig in enumerate(sigs) if sig != sigs[0]]
     if not odd:
         return
@@ -720,6 +718,18 @@ def _check_signatures(
         f"collectives in the same order with the same op, shapes, dtypes and src; the "
         f"collective was not run (raised on rank {ctx.rank} of {ctx.world})"
     )
+
+
+def _exchange(ctx: _Ctx, kind: str, mine: _Signature) -> list[_Signature]:
+    """Every rank's signature, as JSON text in a uint8 tensor: no pickle, so debug mode does
+    not make tensor collectives unpickle what peers send (README, "Security")."""
+    torch = ctx.torch
+    data = torch.frombuffer(bytearray(json.dumps(mine).encode()), dtype=torch.uint8)
+    try:
+        parts = _gather_uneven(ctx, data)  # the same two gathers whatever the signature
+    except DevlayerError as exc:
+        raise CollectiveError(f"{kind}: DEVLAYER_DEBUG signature exchange: {exc}") from exc
+    return [json.loads(p.cpu().numpy().tobytes()) for p in parts]
 
 
 def _signature_text(sig: Any, other: Any) -> str:

@@ -21,6 +21,7 @@ The module is not called ``state`` so that it cannot shadow the function ``devla
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import socket
@@ -581,7 +582,33 @@ def _create_process_group(
             f"creating the {pg_backend!r} process group failed on rank {info.rank} of "
             f"{info.world_size} ({info.master_addr}:{info.master_port}): {exc}"
         ) from exc
+    _guard_exit()
     return True
+
+
+_exit_guarded = False
+
+
+def _guard_exit() -> None:
+    """Register :func:`_let_workers_finish` to run at exit (once per process)."""
+    global _exit_guarded
+    if not _exit_guarded:
+        _exit_guarded = True
+        atexit.register(_let_workers_finish)
+
+
+def _let_workers_finish() -> None:
+    """Release the GIL for a moment before the interpreter finalizes.
+
+    A gloo worker thread destroys a finished collective's work after the caller returned,
+    which needs the GIL. If the interpreter is already finalizing, that thread is killed
+    and ``std::terminate`` aborts the process (SIGABRT, "terminate called without an active
+    exception") after a successful run, so torchrun reports a failure. DDP keeps the group
+    alive past ``destroy_process_group()``, so ``shutdown()`` alone does not prevent it;
+    seen in about 1 of 3 two-rank Trainer runs under torchrun here. Upstream:
+    pytorch/pytorch PR 179291 (abandoned).
+    """
+    time.sleep(0.05)
 
 
 # --------------------------------------------------------------------------- rendezvous
@@ -633,16 +660,27 @@ def rendezvous(info: ProcessInfo, timeout: timedelta) -> Any:
             f"Check that rank 0 is running and that {where} is reachable from this host"
         ) from exc
     store = dist.PrefixStore(f"devlayer/attempt{info.restart_count}/", base)
-    claims = store.add(f"rank{info.rank}", 1)
-    if claims > 1:
+    try:
+        claims = store.add(f"rank{info.rank}", 1)
+        if claims > 1:
+            raise RendezvousError(
+                f"two processes claim rank {info.rank} at {where} (rank from "
+                f"{src.get('rank', 'RANK')}); every process needs a distinct rank, or another "
+                f"job uses the same MASTER_PORT"
+            )
+        store.set(f"host{info.rank}", socket.gethostname())
+        store.add("joined", 1)
+        _wait_for_all(store, info, where, deadline, timeout)
+    except RendezvousError:
+        raise
+    except Exception as exc:  # the store's host went away (torch's DistNetworkError & co.)
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        host = "this process" if is_server else "rank 0" if not agent_store else "torchrun"
         raise RendezvousError(
-            f"two processes claim rank {info.rank} at {where} (rank from "
-            f"{src.get('rank', 'RANK')}); every process needs a distinct rank, or another job "
-            f"uses the same MASTER_PORT"
-        )
-    store.set(f"host{info.rank}", socket.gethostname())
-    store.add("joined", 1)
-    _wait_for_all(store, info, where, deadline, timeout)
+            f"rank {info.rank} lost the rendezvous store at {where} while the ranks were "
+            f"meeting ({text}); the store's host ({host}) probably exited or gave up: check its "
+            f"output for the first error"
+        ) from exc
     return store
 
 

@@ -81,3 +81,21 @@ def test_f8_failed_checkpoint_write_fails_every_rank_alike(clean_env, tmp_path):
     assert [p.name for p in store.list()] == ["step-000000002"]  # the previous one survives
     store.verify(store.list()[0])
     assert not [p for p in ckpt.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_d1_two_identical_runs_are_bitwise_identical(clean_env):
+    first, _ = _spawn(train, max_epochs=2)
+    second, _ = _spawn(train, max_epochs=2)
+    assert _same(first["weights"], second["weights"])
+
+
+def test_d2_per_rank_seeds_and_c8_single_writer(clean_env, tmp_path):
+    from tests.dist.trainer_worker import seeds_and_writers
+
+    r0, r1 = _spawn(seeds_and_writers, str(tmp_path / "a"))
+    again, _ = _spawn(seeds_and_writers, str(tmp_path / "b"))
+    assert r0["draw"] != r1["draw"], "ranks must draw different random numbers"
+    assert again["draw"] == r0["draw"], "a rerun with the same seed draws the same"
+    assert r0["first"] != r1["first"], "each rank gets its own shard"
+    assert r0["worker_base_seed"] != r1["worker_base_seed"], "worker seeds depend on the rank"
+    assert r0["writers"] and set(r0["writers"]) == {0} and r1["writers"] == []

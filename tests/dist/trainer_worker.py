@@ -101,3 +101,25 @@ def train_with_failing_second_save(checkpoint_dir: str) -> str:
     except devlayer.CheckpointError as exc:
         return f"{type(exc).__name__}: {exc}"
     return "no error"
+
+
+def seeds_and_writers(checkpoint_dir: str) -> dict[str, Any]:
+    """D2 and C8: what each rank draws after seeding, and which ranks wrote checkpoints."""
+    from devlayer.train import checkpoint
+
+    writers: list[int] = []
+    real_save = checkpoint.CheckpointStore.save
+
+    def spy(self: Any, *args: Any, **kwargs: Any) -> Any:
+        writers.append(devlayer.rank())
+        return real_save(self, *args, **kwargs)
+
+    checkpoint.CheckpointStore.save = spy  # type: ignore[method-assign]
+    devlayer.seed_everything(5)
+    draw = torch.rand(3).tolist()
+    loader = devlayer.prepare_loader(make_data(32), 8, num_workers=0, seed=5)
+    first_batch = next(iter(loader))[0].flatten().tolist()
+    base_seed = torch.empty((), dtype=torch.int64).random_(generator=loader.loader.generator)
+    train(checkpoint_dir=checkpoint_dir, checkpoint_every=2, max_epochs=1, val=False)
+    return {"draw": draw, "first": first_batch, "writers": writers,
+            "worker_base_seed": int(base_seed)}

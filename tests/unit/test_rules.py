@@ -139,3 +139,23 @@ def test_torch_version_gate_and_advisories():
     ]
     assert torch_advisories("2.9.1") == [torch_advisories("2.9.1")[0]]
     assert torch_advisories("2.10.0") == [] and torch_advisories("2.13.0+cpu") == []
+
+
+def test_object_collectives_only_in_the_documented_functions():
+    """Pickling collectives (they trust peers) live only in the two documented functions."""
+    pattern = re.compile(
+        r"\b(all_gather_object|broadcast_object_list|gather_object|"
+        r"scatter_object_list|send_object_list|recv_object_list)\("
+    )
+    hits = []
+    for path in _python_files("devlayer", "backends"):
+        current = ""
+        for line in path.read_text().splitlines():
+            if line.startswith("def "):
+                current = line.split("(")[0][4:]
+            if pattern.search(line.split("#")[0]) and "dist." in line:
+                hits.append((path.name, current))
+    assert hits and set(hits) <= {
+        ("comm.py", "all_gather_object"),
+        ("comm.py", "broadcast_object"),
+    }, hits

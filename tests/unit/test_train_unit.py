@@ -199,7 +199,7 @@ def test_fp16_mixed_uses_a_grad_scaler(cpu):
 def test_checkpoint_dir_alone_saves_the_finished_run(cpu, tmp_path):
     from devlayer.train.checkpoint import CheckpointStore
 
-    trainer, history = _fit(max_epochs=2, checkpoint_dir=tmp_path)
+    _, history = _fit(max_epochs=2, checkpoint_dir=tmp_path)
     store = CheckpointStore(tmp_path)
     assert [p.name for p in store.list()] == [f"step-{history[-1]['global_step']:09d}"]
     payload, manifest = store.load()
