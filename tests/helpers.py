@@ -77,3 +77,17 @@ def listening_addresses(port: int) -> list[str]:
 def torchrun(*args: str, nproc: int = 2) -> list[str]:
     """``python -m torch.distributed.run --standalone --nproc-per-node=N ...`` as argv."""
     return [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
+
+
+def free_port_in(lo: int, hi: int) -> int:
+    """A free loopback port in ``[lo, hi)`` (SLURM-style derived ports need a range)."""
+    import socket
+
+    for port in range(lo, hi):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {lo}..{hi - 1}")

@@ -7,13 +7,12 @@ a minute on two CPU cores.
 from __future__ import annotations
 
 import re
-import socket
 import subprocess
 
 import pytest
 
 from devlayer.testing import slurm_env
-from tests.helpers import PY, ROOT, run_py, subprocess_env
+from tests.helpers import PY, ROOT, free_port_in, run_py, subprocess_env
 
 pytestmark = pytest.mark.e2e
 
@@ -59,17 +58,6 @@ def _final(stdout: str) -> tuple[float, int]:
     return float(train_loss), int(world)
 
 
-def _free_port_in(lo: int, hi: int) -> int:
-    for port in range(lo, hi):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port")
-
-
 @pytest.fixture(scope="module")
 def one_rank_loss() -> float:
     """sin_fit's final loss on one process, for the world-size comparisons."""
@@ -103,7 +91,7 @@ def test_sin_fit_torchrun(one_rank_loss):
 def test_sin_fit_srun_shaped_two_tasks(one_rank_loss):
     # Two plain processes with the variables srun gives its tasks and no MASTER_ADDR/PORT:
     # devlayer derives the port 15000 + (job id + step id) mod 20000, so pick a free one.
-    job_id = _free_port_in(15000, 35000) - 15000
+    job_id = free_port_in(15000, 35000) - 15000
     procs = [
         subprocess.Popen(
             [PY, SIN_FIT, *SIN_ARGS],

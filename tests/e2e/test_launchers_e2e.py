@@ -8,13 +8,12 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 
 import pytest
 
 from devlayer.testing import free_port, intelmpi_env, openmpi_env, slurm_env
-from tests.helpers import PY, ROOT, rank_results, subprocess_env, torchrun
+from tests.helpers import PY, ROOT, free_port_in, rank_results, subprocess_env, torchrun
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
@@ -47,17 +46,6 @@ def _run_ranks(envs: list[dict[str, str]], timeout: float = 120) -> list[dict[st
     return rank_results("".join(outs))
 
 
-def _free_port_in(lo: int, hi: int) -> int:
-    for port in range(lo, hi):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port")
-
-
 def test_torchrun_two_ranks_all_collectives():
     cmd = torchrun(WORKER, "30")
     proc = subprocess.run(
@@ -71,7 +59,7 @@ def test_torchrun_two_ranks_all_collectives():
 
 
 def test_slurm_shaped_env_two_plain_processes_derives_master():
-    port = _free_port_in(15000, 35000)
+    port = free_port_in(15000, 35000)
     job_id = port - 15000  # devlayer derives MASTER_PORT = 15000 + job id + step (mod 20000)
     envs = [slurm_env(r, 2, nodelist="localhost", job_id=job_id) for r in range(2)]
     results = _run_ranks(envs)
