@@ -234,6 +234,7 @@ def parse_timeout(timeout: object, *, origin: str = "timeout") -> timedelta | No
     """
     if timeout is None:
         return None
+    shown = timeout  # what the user wrote, for messages (a variable's text stays text)
     if isinstance(timeout, str) and origin != "timeout":
         try:
             timeout = float(timeout)
@@ -249,7 +250,7 @@ def parse_timeout(timeout: object, *, origin: str = "timeout") -> timedelta | No
     seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else float(timeout)
     if not seconds > 0 or seconds == float("inf"):
         raise InvalidArgumentError(
-            f"{origin}={timeout!r} must be a positive, finite number of seconds (e.g. 300)"
+            f"{origin}={shown!r} must be a positive, finite number of seconds (e.g. 300)"
         )
     return timeout if isinstance(timeout, timedelta) else timedelta(seconds=seconds)
 
