@@ -77,6 +77,29 @@ class _ResumableSampler:
         return len(self.sampler)
 
 
+class _ExactShard:
+    """Every ``world``-th index from ``rank``, no repeats (for evaluation)."""
+
+    def __init__(self, n: int, world: int, rank: int, shuffle: bool, seed: int) -> None:
+        self.n, self.world, self.rank, self.shuffle, self.seed = n, world, rank, shuffle, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        import torch
+
+        order = list(range(self.n))
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        return iter(order[self.rank :: self.world])
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.n, self.world))
+
+
 class ShardedLoader:
     """A DataLoader over this rank's shard that moves to the next epoch on each iteration.
 
@@ -152,6 +175,7 @@ def prepare_loader(
     num_workers: int | str = "auto",
     seed: int = 0,
     per_rank: bool = False,
+    pad: bool = True,
     **loader_kwargs: Any,
 ) -> ShardedLoader:
     """A loader over this rank's shard of ``dataset`` with the global batch split evenly.
@@ -168,6 +192,9 @@ def prepare_loader(
             respecting CPU affinity and ``SLURM_CPUS_PER_TASK``).
         seed: Shuffling seed; shards are identical on all ranks for the same seed.
         per_rank: Treat ``batch_size`` as per rank instead of global.
+        pad: Repeat samples so every rank gets the same number of batches (needed when each
+            batch ends in a collective, as in training). ``False`` shards without repeats:
+            exact evaluation metrics, but ranks may see one batch more or less.
         **loader_kwargs: Passed to ``torch.utils.data.DataLoader`` (``collate_fn``...).
 
     Returns:
@@ -248,9 +275,13 @@ def prepare_loader(
         raise InvalidArgumentError(f"num_workers={num_workers!r}: use 'auto' or an int >= 0")
 
     data: Any = dataset
-    sampler: Any = DistributedSampler(
-        data, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last
-    )
+    sampler: Any
+    if pad or drop_last:
+        sampler = DistributedSampler(
+            data, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last
+        )
+    else:
+        sampler = _ExactShard(len(data), world, rank, shuffle, seed)
     resumable = _ResumableSampler(sampler)
     loader_kwargs.setdefault("pin_memory", st.device.type != "cpu")
     if workers > 0:

@@ -384,6 +384,7 @@ class Trainer:
             shuffle=shuffle,
             seed=self.seed,
             num_workers=self.num_workers,
+            pad=shuffle,  # training pads (same steps on every rank); evaluation is exact
         )
 
     # ------------------------------------------------------------------ checkpoints

@@ -204,3 +204,11 @@ def test_checkpoint_dir_alone_saves_the_finished_run(cpu, tmp_path):
     assert [p.name for p in store.list()] == [f"step-{history[-1]['global_step']:09d}"]
     payload, manifest = store.load()
     assert manifest["epoch"] == 2 and payload["batches_done"] == 0
+
+
+def test_exact_shards_for_evaluation_have_no_repeats():
+    from devlayer.train.data import _ExactShard
+
+    shards = [list(_ExactShard(7, 2, r, shuffle=True, seed=1)) for r in range(2)]
+    assert sorted(shards[0] + shards[1]) == list(range(7))  # every sample once, none twice
+    assert [len(_ExactShard(7, 2, r, False, 0)) for r in range(2)] == [4, 3]
