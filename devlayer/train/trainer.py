@@ -577,10 +577,12 @@ class Trainer:
         loss_sum = torch.full((), resumed_loss, device=self.device, dtype=self._acc_dtype)
         self._loss_sum = loss_sum
         has_no_sync = hasattr(self.ddp_model, "no_sync")
+        on_accelerator = self.device.type != "cpu"  # CPU batches are already in place
         started = time.perf_counter()
         last_log_step, last_log_time, last_log_samples = st.global_step, started, 0
         for batch in loader:
-            batch = self._to_device(batch)
+            if on_accelerator:
+                batch = self._to_device(batch)
             index = st.batches_done
             boundary = (index + 1) % self.grad_accum == 0 or index + 1 == n_batches
             sync = (
@@ -596,7 +598,7 @@ class Trainer:
                     scaled = self.scaler.scale(scaled)
                 scaled.backward()
             size = _batch_len(batch)
-            loss_sum += loss.detach().to(self._acc_dtype) * size
+            loss_sum.add_(loss.detach(), alpha=size)  # promotes into the float64 sum
             samples += size
             self._samples = samples
             st.batches_done += 1
