@@ -99,3 +99,21 @@ def test_d2_per_rank_seeds_and_c8_single_writer(clean_env, tmp_path):
     assert r0["first"] != r1["first"], "each rank gets its own shard"
     assert r0["worker_base_seed"] != r1["worker_base_seed"], "worker seeds depend on the rank"
     assert r0["writers"] and set(r0["writers"]) == {0} and r1["writers"] == []
+
+
+def test_c3_world_size_change_refused_unless_allowed(clean_env, tmp_path):
+    from devlayer.train.checkpoint import CheckpointStore, CheckpointWorldSizeError
+
+    ckpt = tmp_path / "ckpt"
+    _spawn(train, max_epochs=1, checkpoint_dir=str(ckpt), checkpoint_every=2, max_steps=5)
+    saved, manifest = CheckpointStore(ckpt).load()
+    assert manifest["world_size"] == 2
+    with devlayer.init(backend="cpu"):
+        with pytest.raises(CheckpointWorldSizeError, match="2.*1|1.*2"):
+            train(max_epochs=1, checkpoint_dir=str(ckpt))
+        result = train(max_epochs=2, checkpoint_dir=str(ckpt), allow_world_size_change=True)
+    # Weights and optimizer continued from the 2-rank checkpoint; the interrupted epoch
+    # restarted from its beginning on one rank (documented reset).
+    assert result["resumed_from"] is not None
+    assert result["history"][-1]["world_size"] == 1
+    assert result["history"][-1]["global_step"] == saved["global_step"] + 2 * 6

@@ -37,6 +37,7 @@ def train(
     lr: float = 0.05,
     resume: str | None = "auto",
     val: bool = True,
+    allow_world_size_change: bool = False,
 ) -> dict[str, Any]:
     """Fit the small regression; return weights, history and the rank."""
     model = make_model()
@@ -54,6 +55,7 @@ def train(
         checkpoint_every=checkpoint_every,
         metrics_file=metrics_file,
         resume=resume,
+        allow_world_size_change=allow_world_size_change,
         scheduler=sched,
         progress=False,
         num_workers=0,
