@@ -239,7 +239,7 @@ def main() -> None:
     wall0 = time.perf_counter()
     t_pg = time.perf_counter()
     if not dist.is_initialized():
-        dist.init_process_group("gloo" if not torch.cuda.is_available() else None)
+        dist.init_process_group()  # torch picks gloo for CPU and the vendor backend for GPUs
     t_pg = time.perf_counter() - t_pg
     devlayer.init()  # adopts the default process group
     rank, world = dist.get_rank(), dist.get_world_size()
