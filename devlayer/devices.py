@@ -27,7 +27,7 @@ from collections.abc import Sequence
 
 from devlayer.errors import DeviceError
 
-__all__ = ["DeviceSpec", "device_index", "narrow_visibility", "parse_devices"]
+__all__ = ["usable_cpus", "DeviceSpec", "device_index", "narrow_visibility", "parse_devices"]
 
 #: The parsed form: ``None`` = all visible devices, an int = the first N, a tuple = indices.
 DeviceSpec = int | tuple[int, ...] | None
@@ -188,3 +188,12 @@ def device_index(local_rank: int, visible_count: int) -> int:
     if visible_count < 1:
         raise DeviceError(f"no devices are visible (count={visible_count}); cannot place a rank")
     return local_rank % visible_count
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, e.g. a SLURM task's CPUs)."""
+    import os
+
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1

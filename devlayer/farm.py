@@ -21,7 +21,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from devlayer.devices import narrow_visibility, parse_devices, selected_indices
+from devlayer.devices import narrow_visibility, parse_devices, selected_indices, usable_cpus
 from devlayer.errors import InvalidArgumentError
 
 __all__ = ["FarmResult", "farm", "plan_slots"]
@@ -36,10 +36,6 @@ class FarmResult:
     slot: str
     returncode: int
     seconds: float
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def plan_slots(
@@ -71,10 +67,10 @@ def plan_slots(
             (f"{be.device_type}:{i}", {**base, var: narrow_visibility(env.get(var), [i])})
             for i in indices
         ]
-    slots = parallel or _cores()
+    slots = parallel or usable_cpus()
     if slots < 1:
         raise InvalidArgumentError(f"parallel={parallel!r} must be >= 1")
-    threads = str(max(_cores() // slots, 1))
+    threads = str(max(usable_cpus() // slots, 1))
     return [(f"{be.device_type}#{i}", {**base, "OMP_NUM_THREADS": threads}) for i in range(slots)]
 
 

@@ -637,7 +637,10 @@ def rendezvous(info: ProcessInfo, timeout: timedelta) -> Any:
     deadline = time.monotonic() + timeout.total_seconds()
     kwargs: dict[str, Any] = {}
     if is_server and _is_loopback(addr):
-        kwargs["master_listen_fd"] = _listen_loopback(int(port or 0), where, src)
+        try:
+            kwargs["master_listen_fd"], _ = loopback_listener(int(port or 0))
+        except OSError as exc:
+            raise _port_in_use(where, port, src) from exc
     try:
         base = dist.TCPStore(
             host_name=addr,
@@ -704,11 +707,15 @@ def _port_in_use(where: str, port: object, src: Mapping[str, str]) -> Rendezvous
     )
 
 
-def _listen_loopback(port: int, where: str, src: Mapping[str, str]) -> int:
-    """A socket listening on 127.0.0.1 only, handed to the TCP store by file descriptor.
+def loopback_listener(port: int = 0) -> tuple[int, int]:
+    """A socket listening on 127.0.0.1 only, for a TCP store's ``master_listen_fd``.
 
     torch's store server otherwise listens on every interface; on one node nothing outside
-    this machine needs to reach it.
+    this machine needs to reach it. Returns ``(file descriptor, port)``; the store owns the
+    descriptor from then on.
+
+    Raises:
+        OSError: The port is taken.
     """
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     # Rerunning a job on the same derived port must not wait for TIME_WAIT to expire
@@ -717,10 +724,11 @@ def _listen_loopback(port: int, where: str, src: Mapping[str, str]) -> int:
     try:
         sock.bind(("127.0.0.1", port))
         sock.listen(512)
-    except OSError as exc:
+    except OSError:
         sock.close()
-        raise _port_in_use(where, port, src) from exc
-    return sock.detach()  # the store owns the descriptor from now on
+        raise
+    bound = int(sock.getsockname()[1])
+    return sock.detach(), bound
 
 
 def _wait_for_all(

@@ -11,6 +11,7 @@ from typing import Any
 
 import devlayer
 from devlayer import DevlayerError
+from devlayer.devices import usable_cpus
 from devlayer.launchers import detect
 from devlayer.registry import entry_point_errors, select_backend
 
@@ -104,7 +105,7 @@ def collect() -> dict[str, Any]:
         local_ranks = 1
     warnings.extend(pitfalls(os.environ, report))
     threads = os.environ.get("OMP_NUM_THREADS")
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = usable_cpus()
     if threads and threads.isdigit() and cores and int(threads) * local_ranks > cores:
         warnings.append(
             f"OMP_NUM_THREADS={threads} x {local_ranks} local rank(s) > {cores} cores: threads "

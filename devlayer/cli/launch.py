@@ -17,13 +17,12 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import sys
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
-from devlayer.devices import narrow_visibility, parse_devices, selected_indices
+from devlayer.devices import narrow_visibility, parse_devices, selected_indices, usable_cpus
 from devlayer.errors import DevlayerError
 
 __all__ = ["add_arguments", "run"]
@@ -60,12 +59,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "script_args", nargs=argparse.REMAINDER, help="the script and its arguments"
     )
-
-
-def _cores() -> int:
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 def _plan_devices(args: argparse.Namespace, env: dict[str, str]) -> tuple[int, dict[str, str]]:
@@ -108,17 +101,16 @@ def _loopback_store(timeout: timedelta) -> tuple[Any, int]:
     """A TCP store served from this process on 127.0.0.1 only (the agents are clients)."""
     import torch.distributed as dist
 
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(512)
-    port = sock.getsockname()[1]
+    from devlayer.lifecycle import loopback_listener
+
+    fd, port = loopback_listener()
     store = dist.TCPStore(
         "127.0.0.1",
         port,
         is_master=True,
         timeout=timeout,
         wait_for_workers=False,
-        master_listen_fd=sock.detach(),
+        master_listen_fd=fd,
     )
     return store, port
 
@@ -150,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
     env = dict(os.environ)
     nproc, changes = _plan_devices(args, env)
     if "OMP_NUM_THREADS" not in env:
-        changes["OMP_NUM_THREADS"] = str(max(_cores() // nproc, 1))
+        changes["OMP_NUM_THREADS"] = str(max(usable_cpus() // nproc, 1))
     os.environ.update(changes)  # inherited by the children torchrun starts
 
     single_node = args.nnodes in ("1", "1:1") and not (args.rdzv_endpoint or args.master_addr)

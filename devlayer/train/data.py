@@ -13,6 +13,7 @@ import os
 from collections.abc import Iterator, Sized
 from typing import Any
 
+from devlayer.devices import usable_cpus
 from devlayer.errors import InvalidArgumentError
 
 __all__ = ["ShardedLoader", "auto_num_workers", "prepare_loader"]
@@ -45,7 +46,7 @@ def auto_num_workers(
     if per_task.isdigit() and int(per_task) > 0:
         cpus = int(per_task)
     elif cpus is None:
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        cpus = usable_cpus()
     sharing = 1 if one_task_per_rank else max(local_world_size, 1)
     return max((cpus or 1) // sharing - 1, 0)
 
