@@ -5,16 +5,23 @@ Run (CPU/gloo here; unchanged on GPUs, where ``devlayer.device()`` is the accele
     OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node=2 benchmarks/collectives.py
     OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node=2 -m benchmarks.collectives --quick
     ... --json benchmarks/results/collectives.jsonl   # raw records, one JSON object per line
+    ... --sections metric_dict                        # only some sections (comma-separated)
 
-Sections, all in one run:
+Sections (all by default; ``--sections`` picks some, always run in this order):
 
-1. ``all_reduce`` of one float32 tensor, 4 B .. 64 MiB: ``devlayer.all_reduce(t)`` vs
+1. ``all_reduce``: one float32 tensor, 4 B .. 64 MiB: ``devlayer.all_reduce(t)`` vs
    ``dist.all_reduce(t)``. ``all_gather`` (``same_shape=True`` and the default, uneven-capable
-   form) vs ``dist.all_gather_single``/``all_gather_into_tensor``, and ``broadcast`` vs
-   ``dist.broadcast``, for a few sizes.
-2. The mean of a dict of 64 scalar tensors: ``devlayer.all_reduce(d, op="mean")`` vs a
-   per-key ``dist.all_reduce`` + divide loop vs a hand-flattened ``torch.stack`` + one
-   ``all_reduce`` + divide.
+   form) vs ``dist.all_gather_single``/``all_gather_into_tensor`` (section ``all_gather``),
+   and ``broadcast`` vs ``dist.broadcast`` (section ``broadcast``), for a few sizes.
+2. ``metric_dict``: the mean of a dict of 64 scalar tensors: ``devlayer.all_reduce(d,
+   op="mean")`` vs a per-key ``dist.all_reduce`` + divide loop vs a hand-flattened
+   ``torch.stack`` + one ``all_reduce`` + divide, and the libraries users would pick
+   instead, each only when it is installed (``pip install -e '.[dev,bench]'``; otherwise its
+   row says "skipped: not installed"): HF Accelerate's ``accelerate.utils.reduce(d,
+   reduction="mean")``, Lightning Fabric's ``fabric.all_reduce(d, reduce_op="mean")`` and
+   PyTorch-Ignite's ``idist.all_reduce`` per key (it takes no dicts) + divide. Each library
+   adopts the process group this script created (none starts its own or spawns), and each
+   result is checked against devlayer's mean, on every rank, before anything is timed.
 
 Method: every implementation gets warm-up calls, then a calibrated number of calls per
 timed block (about ``--block-s`` seconds, at least one call; the same count on every rank,
@@ -35,6 +42,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
+import importlib.metadata
 import json
 import math
 import os
@@ -46,7 +55,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -377,6 +386,229 @@ def bench_broadcast(b: Bench, sizes: list[int]) -> str:
     return "### broadcast (float32, src=0)\n\n" + table(head, rows)
 
 
+# --------------------------------------------------------------------------- peers
+#
+# The libraries users would pick instead of devlayer for a metric dict's mean. All are
+# optional extras, imported only here. Each must adopt the process group this script
+# created with devlayer.init(): none may start a group of its own, or processes.
+
+# A dict's mean; what it returns is checked against devlayer's before it is timed.
+Mean = Callable[[dict[str, torch.Tensor]], object]
+
+
+class PeerSkipped(Exception):
+    """A peer library cannot be benchmarked here; the message says why."""
+
+
+@dataclass
+class Peer:
+    """One peer library's mean of a dict, or why it is not timed."""
+
+    impl: str  # the "impl" of its JSONL records
+    label: str  # its table row
+    setup: Callable[[Bench], Mean]
+    mean: Mean | None = None
+    skipped: str | None = None
+
+
+def _accelerate_mean(b: Bench) -> Mean:
+    try:
+        from accelerate import PartialState
+        from accelerate.utils import DistributedType
+        from accelerate.utils import reduce as accelerate_reduce
+    except ImportError as e:
+        raise PeerSkipped("not installed") from e
+    # PartialState calls init_process_group only while torch.distributed is not initialized,
+    # so here it adopts the existing group. reduce() asks PartialState() for every leaf, so
+    # the state must exist first. On the CPU it needs cpu=True: without it PartialState finds
+    # no accelerator, reports DistributedType.NO, and reduce() returns its input unreduced.
+    threads = torch.get_num_threads()
+    state = PartialState(cpu=b.device.type == "cpu")
+    # With OMP_NUM_THREADS unset PartialState also changes torch's thread count; keep ours
+    # so that the sections after this one run as they would without Accelerate.
+    torch.set_num_threads(threads)
+    if state.distributed_type == DistributedType.NO or state.num_processes != b.world:
+        raise PeerSkipped(
+            f"PartialState sees {state.distributed_type} with {state.num_processes} "
+            f"process(es), not the {b.world} of the existing group"
+        )
+    return partial(accelerate_reduce, reduction="mean")
+
+
+def _fabric_mean(b: Bench) -> Mean:
+    # "lightning" ships it as lightning.fabric; the standalone distribution as lightning_fabric.
+    for module in ("lightning.fabric", "lightning_fabric"):
+        try:
+            Fabric = importlib.import_module(module).Fabric
+            break
+        except ImportError:
+            continue
+    else:
+        raise PeerSkipped("not installed")
+    st = devlayer.state()
+    # The accelerator follows the device devlayer picked ("cpu", "cuda", "mps", ...); a
+    # device type Fabric has no accelerator for makes it raise, which skips it.
+    fabric = Fabric(
+        accelerator=b.device.type,
+        devices=st.local_world_size,
+        num_nodes=st.process.num_nodes,
+        strategy="ddp",
+    )
+    # Under torchrun (or SLURM) Fabric's cluster environment says the processes are created
+    # externally, so launch() spawns nothing, and its _init_dist_connection() returns early
+    # because torch.distributed is already initialized. Under a launcher Fabric does not
+    # know it would start processes itself: skip rather than let it.
+    env = getattr(fabric.strategy, "cluster_environment", None)
+    if env is None or not env.creates_processes_externally:
+        raise PeerSkipped(
+            f"Fabric's cluster environment ({type(env).__name__}) would start processes"
+        )
+    if fabric.device != b.device:
+        raise PeerSkipped(f"Fabric would use {fabric.device}, devlayer uses {b.device}")
+    group = dist.group.WORLD
+    fabric.launch()
+    if dist.group.WORLD is not group or (fabric.global_rank, fabric.world_size) != (
+        b.rank,
+        b.world,
+    ):
+        raise PeerSkipped(
+            f"after launch() Fabric is rank {fabric.global_rank} of {fabric.world_size} "
+            f"(same default group: {dist.group.WORLD is group}); expected {b.rank} of {b.world}"
+        )
+    return partial(fabric.all_reduce, reduce_op="mean")
+
+
+def _ignite_mean(b: Bench) -> Mean:
+    try:
+        import ignite.distributed as idist
+    except ImportError as e:
+        raise PeerSkipped("not installed") from e
+    # idist.sync() adopts the default group: the native model's create_from_context() wraps
+    # it when torch.distributed is initialized (idist.initialize() would refuse, as a default
+    # group exists). Its set-up makes and destroys one gloo subgroup to count the ranks per
+    # node; that is a collective, so every rank must get here.
+    idist.sync()
+    seen = (idist.model_name(), idist.get_rank(), idist.get_world_size())
+    if seen != ("native-dist", b.rank, b.world):
+        raise PeerSkipped(f"idist sees (model, rank, world size) = {seen}")
+    # Ignite's native model places collectives on its own idea of the device and copies
+    # other tensors there and back; only time it where that is devlayer's device.
+    if idist.device().type != b.device.type:
+        raise PeerSkipped(f"idist.device() is {idist.device()}, devlayer uses {b.device}")
+    world = b.world
+
+    def per_key(d: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        # idist.all_reduce takes one tensor or number; a dict raises TypeError (0.5.5).
+        out = {}
+        for k, v in d.items():
+            out[k] = cast(torch.Tensor, idist.all_reduce(v, op="SUM")).div_(world)
+        return out
+
+    return per_key
+
+
+PEERS = [
+    (
+        "accelerate_reduce",
+        'HF Accelerate: accelerate.utils.reduce(dict, reduction="mean") '
+        "(per key: clone, all_reduce, /=)",
+        _accelerate_mean,
+    ),
+    (
+        "fabric_all_reduce",
+        'Lightning Fabric: fabric.all_reduce(dict, reduce_op="mean") '
+        "(per key: barrier, all_reduce, div_)",
+        _fabric_mean,
+    ),
+    (
+        "ignite_per_key",
+        'PyTorch-Ignite: idist.all_reduce(t, op="SUM") + div_ per key (takes no dicts)',
+        _ignite_mean,
+    ),
+]
+
+
+def _agree(b: Bench, ok: list[bool]) -> list[bool]:
+    """True where every rank says True, so that all ranks time the same implementations."""
+    if not ok:
+        return []
+    flags = torch.tensor([float(x) for x in ok], dtype=torch.float64, device=b.device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+    return [x > 0 for x in flags.tolist()]
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [""])[0]
+
+
+def _mismatch(got: object, expected: dict[str, torch.Tensor]) -> str | None:
+    """Why ``got`` is not ``expected`` (devlayer's mean), or None when it is."""
+    if not isinstance(got, dict) or list(got) != list(expected):
+        return f"returned {type(got).__name__} {list(got) if isinstance(got, dict) else ''}"
+    bad = []
+    for k, e in expected.items():
+        g = got[k]
+        if not (
+            isinstance(g, torch.Tensor)
+            and g.shape == e.shape
+            and g.dtype == e.dtype
+            and torch.allclose(g.to(e.device), e, rtol=1e-5, atol=1e-6)
+        ):
+            bad.append(k)
+    if not bad:
+        return None
+    k = bad[0]
+    return (
+        f"{len(bad)} of {len(expected)} values differ from devlayer's mean "
+        f"(e.g. {k}: {got[k]!r} vs {expected[k]!r})"
+    )
+
+
+def setup_peers(b: Bench, metrics: dict[str, torch.Tensor]) -> list[Peer]:
+    """Set up each peer, then check its mean of ``metrics`` against devlayer's, untimed.
+
+    ``metrics`` must still hold each rank's own values (nothing reduced yet), so that a
+    peer that does not reduce at all fails the check.
+    """
+    peers = [Peer(impl, label, setup) for impl, label, setup in PEERS]
+    for peer in peers:
+        try:
+            peer.mean = peer.setup(b)
+        except PeerSkipped as e:
+            peer.skipped = f"skipped: {e}"
+        except Exception as e:  # the library's own set-up error: report it, time the rest
+            peer.skipped = f"skipped, set-up failed: {type(e).__name__}: {_first_line(e)}"
+    for peer, ok in zip(peers, _agree(b, [p.mean is not None for p in peers]), strict=True):
+        if not ok and peer.skipped is None:
+            peer.mean, peer.skipped = None, "skipped: set-up failed on another rank"
+    expected = devlayer.all_reduce({k: v.clone() for k, v in metrics.items()}, op="mean")
+    live = [(p, p.mean) for p in peers if p.mean is not None]
+    for peer, mean in live:
+        try:
+            peer.skipped = _mismatch(mean({k: v.clone() for k, v in metrics.items()}), expected)
+        except Exception as e:  # also reported, not raised: the other peers still get timed
+            peer.skipped = f"raised {type(e).__name__}: {_first_line(e)}"
+    for (peer, _), ok in zip(live, _agree(b, [p.skipped is None for p, _ in live]), strict=True):
+        if not ok:
+            peer.mean = None
+            peer.skipped = f"not timed, wrong result: {peer.skipped or 'on another rank'}"
+    for peer in peers:
+        if peer.skipped is not None:
+            b.records.append(
+                {
+                    "type": "skipped",
+                    "section": "metric_dict",
+                    "impl": peer.impl,
+                    "rank": b.rank,
+                    "reason": peer.skipped,
+                }
+            )
+    return peers
+
+
+# --------------------------------------------------------------------------- metric dict
+
+
 def bench_metric_dict(b: Bench) -> str:
     world = b.world
     gen = torch.Generator().manual_seed(1234 + b.rank)
@@ -385,6 +617,8 @@ def bench_metric_dict(b: Bench) -> str:
         f"metric_{i:02d}": torch.rand((), generator=gen).to(b.device) for i in range(N_METRICS)
     }
     values = list(metrics.values())
+    # Before anything reduces ``metrics`` in place: the check needs each rank's own values.
+    peers = setup_peers(b, metrics)
 
     def per_key() -> object:
         for v in values:
@@ -413,6 +647,7 @@ def bench_metric_dict(b: Bench) -> str:
         ("hand_flattened_in_place", flattened_in_place),
         ("devlayer", partial(devlayer.all_reduce, metrics, op="mean")),
     ]
+    impls += [(p.impl, partial(p.mean, metrics)) for p in peers if p.mean is not None]
     tm = b.run(
         "metric_dict", {"n_scalars": N_METRICS, "dtype": "float32"}, impls, common_iters=False
     )
@@ -429,34 +664,65 @@ def bench_metric_dict(b: Bench) -> str:
         judge = verdict_at_least if at_least else verdict_at_most
         return f"{text}; target {'>=' if at_least else '<='} {limit:g}x: {judge(lo, hi, limit)}"
 
+    def vs_devlayer(name: str) -> str:
+        return ratio_cells(name, "devlayer", None, at_least=False)
+
     rows = [
-        ["per-key loop (64 x dist.all_reduce + div_)", med_range(r["per_key_loop"]), "", ""],
+        [
+            "per-key loop (64 x dist.all_reduce + div_)",
+            med_range(r["per_key_loop"]),
+            "",
+            "",
+            vs_devlayer("per_key_loop"),
+        ],
         [
             "hand-flattened (stack, 1 all_reduce, div_)",
             med_range(r["hand_flattened"]),
             ratio_cells("per_key_loop", "hand_flattened", None, at_least=True),
             "",
+            vs_devlayer("hand_flattened"),
         ],
         [
             "context: hand-flattened + in-place write-back (_foreach_copy_)",
             med_range(r["hand_flattened_in_place"]),
             ratio_cells("per_key_loop", "hand_flattened_in_place", None, at_least=True),
             ratio_cells("hand_flattened_in_place", "hand_flattened", None, at_least=False),
+            vs_devlayer("hand_flattened_in_place"),
         ],
         [
             'devlayer.all_reduce(dict, op="mean")',
             med_range(r["devlayer"]),
             ratio_cells("per_key_loop", "devlayer", TARGET_DICT_SPEEDUP, at_least=True),
             ratio_cells("devlayer", "hand_flattened", TARGET_DICT_VS_FLAT, at_least=False),
+            "",
         ],
     ]
+    for p in peers:
+        if p.mean is None:
+            rows.append([p.label, p.skipped or "", "", "", ""])
+            continue
+        rows.append(
+            [
+                p.label,
+                med_range(r[p.impl]),
+                ratio_cells("per_key_loop", p.impl, None, at_least=True),
+                ratio_cells(p.impl, "hand_flattened", None, at_least=False),
+                vs_devlayer(p.impl),
+            ]
+        )
     head = [
         "implementation",
         "µs/call",
         "speedup vs per-key loop: repeats median [min, max]; rounds median (95 % CI)",
         "ratio vs hand-flattened: same layout",
+        "ratio vs devlayer (> 1: devlayer faster): same layout",
     ]
-    return f"### mean of a dict of {N_METRICS} float32 scalar tensors\n\n" + table(head, rows)
+    note = (
+        "Peer libraries are timed only where installed, each on the process group this "
+        "script created, after its result matched devlayer's mean on every rank."
+    )
+    title = f"### mean of a dict of {N_METRICS} float32 scalar tensors"
+    return f"{title}\n\n{note}\n\n" + table(head, rows)
 
 
 # --------------------------------------------------------------------------- environment
@@ -483,6 +749,7 @@ def environment(st: devlayer.State) -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "devlayer": devlayer.__version__,
+        **_peer_versions(),
         "backend": st.backend,
         "device": str(st.device),
         "comm": st.comm,
@@ -490,6 +757,29 @@ def environment(st: devlayer.State) -> dict[str, Any]:
         "loadavg_start": _loadavg(),
         "git": _git_state(),
     }
+
+
+# The peers' distributions (the metric_dict section), as installed; None when not installed.
+PEER_DISTRIBUTIONS = {
+    "accelerate": ("accelerate",),
+    "lightning": ("lightning", "lightning-fabric"),
+    "pytorch_ignite": ("pytorch-ignite",),
+}
+
+
+def _peer_versions() -> dict[str, str | None]:
+    """Versions from package metadata: cheap, and importing nothing."""
+    out: dict[str, str | None] = {}
+    for key, names in PEER_DISTRIBUTIONS.items():
+        out[key] = None
+        for name in names:
+            try:
+                version = importlib.metadata.version(name)
+            except importlib.metadata.PackageNotFoundError:
+                continue
+            out[key] = version if name == names[0] else f"{version} ({name})"
+            break
+    return out
 
 
 def _git_state() -> str | None:
@@ -536,7 +826,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--block-s", type=float, help="target seconds per timed block (default 0.015; quick 0.01)"
     )
+    p.add_argument(
+        "--sections",
+        type=_sections,
+        default=list(SECTIONS),
+        metavar="NAMES",
+        help=f"comma-separated sections to run, always in this order: {','.join(SECTIONS)} "
+        "(default: all)",
+    )
     return p.parse_args(argv)
+
+
+SECTIONS = ("all_reduce", "metric_dict", "all_gather", "broadcast")
+
+
+def _sections(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SECTIONS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected a comma-separated subset of {', '.join(SECTIONS)}"
+        )
+    return [n for n in SECTIONS if n in names]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -567,18 +878,20 @@ def main(argv: list[str] | None = None) -> int:
         )
         env = environment(st)
         t0 = time.perf_counter()
-        sections = [
-            bench_all_reduce(b, ar_sizes),
-            bench_metric_dict(b),
-            bench_all_gather(b, side_sizes),
-            bench_broadcast(b, side_sizes),
-        ]
+        run_section = {
+            "all_reduce": partial(bench_all_reduce, b, ar_sizes),
+            "metric_dict": partial(bench_metric_dict, b),
+            "all_gather": partial(bench_all_gather, b, side_sizes),
+            "broadcast": partial(bench_broadcast, b, side_sizes),
+        }
+        sections = [run_section[name]() for name in args.sections]
         env["wall_s"] = round(time.perf_counter() - t0, 1)
         env["loadavg_end"] = _loadavg()
         env["repeats"] = b.repeats
         env["rounds"] = b.rounds
         env["block_s"] = b.block_s
         env["quick"] = args.quick
+        env["sections"] = args.sections
         if st.is_main:
             print(_report(env, sections))
             if args.json:
@@ -589,12 +902,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _report(env: dict[str, Any], sections: list[str]) -> str:
+    peers = " · ".join(
+        f"{key.replace('_', '-')} {env[key] or 'not installed'}" for key in PEER_DISTRIBUTIONS
+    )
+    picked = "" if env["sections"] == list(SECTIONS) else f", sections {','.join(env['sections'])}"
     head = (
-        f"## devlayer collectives benchmark ({'quick' if env['quick'] else 'full'})\n\n"
+        f"## devlayer collectives benchmark ({'quick' if env['quick'] else 'full'}{picked})\n\n"
         f"{env['date_utc']} · {env['cpu_model']} ({env['cpu_cores']} cores) · "
         f"backend {env['backend']} ({env['device']}) · comm {env['comm']} · "
         f"world {env['world_size']} · torch {env['torch']} · devlayer {env['devlayer']} "
-        f"(git {env['git']}) · "
+        f"(git {env['git']}) · {peers} · "
         f"python {env['python']} · OMP_NUM_THREADS={env['omp_num_threads']} · "
         f"load average {env['loadavg_start']} (start), {env['loadavg_end']} (end)\n\n"
         f"Times: µs per call, slowest rank, median of {env['repeats']} repeats of "
