@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from devlayer.registry import Availability, Backend, Runtime
 
+from . import _ipex
 from ._common import comm_available
 
 if TYPE_CHECKING:
@@ -59,6 +60,12 @@ class CpuBackend(Backend):
         if comm == "mpi":
             return "torch must be built from source against an MPI library to use 'mpi'; use gloo"
         return "use comm='gloo', which every torch build has"
+
+    def optimize(self, model: Any, optimizer: Any, *, method: str, dtype: Any) -> tuple[Any, Any]:
+        """``method="ipex"``: ``ipex.optimize`` with IPEX's CPU build (oneDNN fusions)."""
+        if method != "ipex":
+            return super().optimize(model, optimizer, method=method, dtype=dtype)
+        return _ipex.optimize(model, optimizer, dtype)
 
     def device(self, index: int | None) -> torch.device:
         import torch

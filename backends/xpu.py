@@ -15,16 +15,17 @@ from __future__ import annotations
 import importlib
 import importlib.util
 from collections.abc import Mapping
-from importlib import metadata
+from typing import Any
 
 from devlayer.errors import BackendUnavailableError
 from devlayer.launchers import ProcessInfo
 from devlayer.registry import Availability, Backend, Runtime
 
+from . import _ipex
 from ._common import comm_available
+from ._ipex import IPEX_DIST, IPEX_MODULE, minor, mismatch
+from ._ipex import installed_version as _version
 
-IPEX_MODULE = "intel_extension_for_pytorch"
-IPEX_DIST = "intel-extension-for-pytorch"
 CCL_MODULE = "oneccl_bindings_for_pytorch"
 CCL_DIST = "oneccl_bind_pt"
 
@@ -34,18 +35,6 @@ def _installed(module: str) -> bool:
         return importlib.util.find_spec(module) is not None
     except (ImportError, ValueError):
         return False
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def minor(version: str) -> str:
-    """``"2.8.10+xpu"`` -> ``"2.8"``."""
-    return ".".join(version.split("+")[0].split(".")[:2])
 
 
 class XpuRuntime:
@@ -140,11 +129,9 @@ class XpuBackend(Backend):
         if ipex is not None:
             import torch
 
-            if minor(ipex) != minor(torch.__version__):
-                out.append(
-                    f"{IPEX_DIST} {ipex} does not match torch {torch.__version__}: IPEX "
-                    f"{minor(ipex)}.* needs torch {minor(ipex)}.*"
-                )
+            why = mismatch(ipex, torch.__version__)
+            if why is not None:
+                out.append(why)
         return out
 
     def comm_env(self, comm: str, process: ProcessInfo) -> dict[str, str]:
@@ -168,12 +155,9 @@ class XpuBackend(Backend):
         import torch
 
         ipex_version = _version(IPEX_DIST)
-        if ipex_version is not None and minor(ipex_version) != minor(torch.__version__):
-            raise BackendUnavailableError(
-                f"{IPEX_DIST} {ipex_version} does not match torch {torch.__version__}: IPEX "
-                f"{minor(ipex_version)}.* needs torch {minor(ipex_version)}.*; install "
-                f"{IPEX_DIST}=={minor(torch.__version__)}.* or torch=={minor(ipex_version)}.*"
-            )
+        why = mismatch(ipex_version, torch.__version__) if ipex_version is not None else None
+        if why is not None:
+            raise BackendUnavailableError(f"comm 'ccl': {why}")
         if ipex_version is not None:
             try:
                 importlib.import_module(IPEX_MODULE)
@@ -189,6 +173,12 @@ class XpuBackend(Backend):
             raise BackendUnavailableError(
                 f"comm 'ccl' needs {CCL_MODULE} ({CCL_DIST}): {exc}; {self.comm_hint(comm)}"
             ) from exc
+
+    def optimize(self, model: Any, optimizer: Any, *, method: str, dtype: Any) -> tuple[Any, Any]:
+        """``method="ipex"``: ``ipex.optimize`` for the XPU (IPEX's XPU build)."""
+        if method != "ipex":
+            return super().optimize(model, optimizer, method=method, dtype=dtype)
+        return _ipex.optimize(model, optimizer, dtype)
 
     def install_hint(self) -> str:
         return (

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from devlayer.farm import FarmResult, farm
     from devlayer.lifecycle import (
         State,
+        accelerator_module,
         backend,
         device,
         init,
@@ -95,6 +96,7 @@ __all__ = [
     "is_local_main",
     "device",
     "backend",
+    "accelerator_module",
     # collectives
     "barrier",
     "all_reduce",
@@ -183,6 +185,7 @@ _LAZY = {
     **dict.fromkeys(
         (
             "State",
+            "accelerator_module",
             "backend",
             "device",
             "init",

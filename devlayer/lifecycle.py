@@ -22,12 +22,13 @@ The module is not called ``state`` so that it cannot shadow the function ``devla
 from __future__ import annotations
 
 import atexit
+import importlib
 import logging
 import os
 import socket
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -45,10 +46,18 @@ from devlayer.launchers import ProcessInfo, detect
 from devlayer.registry import Backend, select_backend
 
 if TYPE_CHECKING:
+    from types import ModuleType
+
     import torch
 
+#: ``hook(module)`` for libraries that keep their own "accelerator module" (torch.cuda,
+#: torch.xpu...), or ``"package.module:function"`` naming one.
+AcceleratorHook = Callable[[Any], object] | str
+
 __all__ = [
+    "AcceleratorHook",
     "State",
+    "accelerator_module",
     "backend",
     "device",
     "init",
@@ -277,6 +286,7 @@ def init(
     *,
     comm: str | None = None,
     set_default_device: bool | None = None,
+    accelerator_hooks: Iterable[AcceleratorHook] | None = None,
 ) -> State:
     """Set up this process: backend, device, and (with several ranks) the process group.
 
@@ -296,6 +306,13 @@ def init(
         set_default_device: Make the device torch's default for new tensors
             (``torch.set_default_device``). Default: on for accelerators, off on cpu;
             ``DEVLAYER_SET_DEFAULT_DEVICE=0`` opts out.
+        accelerator_hooks: Callables called once as ``hook(module)`` with torch's module
+            for the selected device type (``torch.cuda``, ``torch.xpu``, ``torch.mps``,
+            ``torch.cpu``), for libraries that keep one, e.g.
+            ``[ptychi.device.set_torch_accelerator_module]``; ``"package.module:function"``
+            strings name a hook without importing it yourself. Default:
+            ``DEVLAYER_ACCELERATOR_HOOKS`` (comma-separated ``module:function``) or none;
+            ``()`` opts out of the variable.
 
     Returns:
         The :class:`State`, also available as :func:`devlayer.state`.
@@ -318,6 +335,7 @@ def init(
         True
     """
     global _current
+    hook_list = _hook_list(accelerator_hooks)
     # The key includes the DEVLAYER_* variables init() reads, so a changed environment is
     # not silently answered with the old State.
     key = (
@@ -326,6 +344,7 @@ def init(
         timeout,
         comm,
         set_default_device,
+        None if hook_list is None else tuple(hook_list),
         *(os.environ.get(v) for v in _KEY_ENV),
     )
     with _lock:
@@ -351,6 +370,7 @@ def init(
             spec = _devices.parse_devices(devices)
             spec_origin = "devices"
         comm = comm or os.environ.get("DEVLAYER_COMM", "").strip() or None
+        hooks = resolve_hooks(hook_list, os.environ)
 
         info = detect(os.environ)
         selection = select_backend(backend)
@@ -378,6 +398,7 @@ def init(
 
                 torch.set_default_device(dev)
                 undo.default_device_set = True
+            _call_hooks(hooks, be)
             for name, value in _interop_env(be, info).items():
                 if name not in os.environ:
                     undo.setenv(name, value)
@@ -433,17 +454,131 @@ def _freeze(value: object) -> object:
     return value
 
 
+def resolve_hooks(
+    hooks: Iterable[AcceleratorHook] | None, env: Mapping[str, str]
+) -> list[tuple[str, Callable[[Any], object]]]:
+    """``(name, callable)`` for each accelerator hook, importing ``"module:function"`` names.
+
+    Args:
+        hooks: The ``accelerator_hooks`` argument; None reads ``DEVLAYER_ACCELERATOR_HOOKS``.
+        env: The environment to read it from.
+
+    Raises:
+        InvalidArgumentError: A name that is not ``module:function``, cannot be imported,
+            or is not callable.
+
+    Example:
+        >>> [name for name, _ in resolve_hooks(None, {"DEVLAYER_ACCELERATOR_HOOKS": "os:getcwd"})]
+        ['os:getcwd']
+        >>> resolve_hooks((), {"DEVLAYER_ACCELERATOR_HOOKS": "os:getcwd"})
+        []
+    """
+    origin = "accelerator_hooks"
+    hooks = _hook_list(hooks)
+    if hooks is None:
+        raw = env.get("DEVLAYER_ACCELERATOR_HOOKS", "")
+        hooks = [part.strip() for part in raw.split(",") if part.strip()]
+        origin = "DEVLAYER_ACCELERATOR_HOOKS"
+    out: list[tuple[str, Callable[[Any], object]]] = []
+    for hook in hooks:
+        if callable(hook):
+            name = getattr(hook, "__qualname__", repr(hook))
+            out.append((f"{getattr(hook, '__module__', '?')}:{name}", hook))
+            continue
+        if not isinstance(hook, str) or hook.count(":") != 1:
+            raise InvalidArgumentError(
+                f"{origin} entry {hook!r} is neither a callable nor 'package.module:function' "
+                f"(e.g. 'ptychi.device:set_torch_accelerator_module')"
+            )
+        module_name, _, attr = hook.partition(":")
+        try:
+            target: Any = importlib.import_module(module_name)
+            for part in attr.split("."):
+                target = getattr(target, part)
+        except (ImportError, AttributeError) as exc:
+            raise InvalidArgumentError(
+                f"{origin} entry {hook!r} cannot be loaded ({exc}); check the spelling and that "
+                f"the package is installed in this environment"
+            ) from exc
+        if not callable(target):
+            raise InvalidArgumentError(
+                f"{origin} entry {hook!r} is a {type(target).__name__}, not a function"
+            )
+        out.append((hook, target))
+    return out
+
+
+def _hook_list(hooks: Iterable[AcceleratorHook] | AcceleratorHook | None) -> list[Any] | None:
+    """The hooks argument as a list (one hook may be passed bare); None stays None."""
+    if hooks is None:
+        return None
+    if isinstance(hooks, str) or callable(hooks):
+        return [hooks]
+    return list(hooks)
+
+
+def _call_hooks(hooks: list[tuple[str, Callable[[Any], object]]], be: Backend) -> None:
+    if not hooks:
+        return
+    module = _torch_module(be.device_type)
+    for name, hook in hooks:
+        try:
+            hook(module)
+        except Exception as exc:
+            raise DevlayerError(
+                f"accelerator hook {name} raised {type(exc).__name__}: {exc} (called with "
+                f"{module.__name__}); fix the hook or remove it from accelerator_hooks / "
+                f"DEVLAYER_ACCELERATOR_HOOKS"
+            ) from exc
+
+
+def _torch_module(device_type: str) -> ModuleType:
+    import torch
+
+    module = getattr(torch, device_type, None)
+    if module is None:
+        raise DevlayerError(
+            f"torch {torch.__version__} has no module torch.{device_type} for accelerator hooks"
+        )
+    return module
+
+
+def accelerator_module() -> ModuleType:
+    """torch's module for this rank's device type: ``torch.cuda``, ``torch.xpu``, ``torch.cpu``...
+
+    For code that calls ``synchronize()``, ``empty_cache()`` or ``memory_allocated()``
+    without naming a vendor (ROCm builds answer as ``torch.cuda``). Requires :func:`init`.
+
+    Example:
+        >>> import devlayer
+        >>> _ = devlayer.init(backend="cpu")
+        >>> devlayer.accelerator_module().__name__
+        'torch.cpu'
+        >>> _ = devlayer.shutdown()
+    """
+    return _torch_module(state().device.type)
+
+
 _KEY_ENV = (
     "DEVLAYER_BACKEND",
     "DEVLAYER_DEVICES",
     "DEVLAYER_COMM",
     "DEVLAYER_TIMEOUT",
     "DEVLAYER_SET_DEFAULT_DEVICE",
+    "DEVLAYER_ACCELERATOR_HOOKS",
 )
 
 
 def _describe_key(key: tuple[Any, ...]) -> str:
-    names = ("backend", "devices", "timeout", "comm", "set_default_device", *_KEY_ENV)
+    names = (
+        "backend",
+        "devices",
+        "timeout",
+        "comm",
+        "set_default_device",
+        "accelerator_hooks",
+        *_KEY_ENV,
+    )
     return ", ".join(
         f"{n}={v!r}" for n, v in zip(names, key, strict=True) if v is not None or n[0].islower()
     )

@@ -26,7 +26,7 @@ import os
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 from devlayer.errors import (
     BackendNotFoundError,
@@ -210,6 +210,28 @@ class Backend:
 
     def prepare(self, comm: str) -> None:
         """Import-order work before the process group for ``comm`` is created (IPEX, oneCCL)."""
+
+    def optimize(self, model: Any, optimizer: Any, *, method: str, dtype: Any) -> tuple[Any, Any]:
+        """Vendor model optimizations asked for by name (``Trainer(optimize="ipex")``).
+
+        Args:
+            model: The module, already on this backend's device.
+            optimizer: Its optimizer (or None).
+            method: The name the user passed, e.g. ``"ipex"``.
+            dtype: The mixed-precision dtype (``torch.bfloat16``/``torch.float16``) or
+                ``torch.float32``.
+
+        Returns:
+            ``(model, optimizer)`` to train with; the module is changed in place.
+
+        Raises:
+            InvalidArgumentError: This backend has no optimization called ``method``.
+        """
+        raise InvalidArgumentError(
+            f"optimize={method!r} is not available on backend {self.name!r}; 'ipex' works on "
+            f"the cpu and xpu backends, or pass a callable (model, optimizer) -> "
+            f"(model, optimizer), or leave optimize=None"
+        )
 
     def device_count(self) -> int:
         """Number of devices this process sees."""

@@ -3,10 +3,13 @@
 * Environment changes must go through ``monkeypatch``: a test that leaves a variable
   changed, or devlayer initialized, or a process group behind, fails.
 * ``gpu`` tests are skipped unless a real CUDA device exists.
+* ``ipex`` tests are skipped unless intel-extension-for-pytorch is installed
+  (``tox -e ipex``).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from collections.abc import Iterator
@@ -25,13 +28,24 @@ def _cuda_present() -> bool:
         return False
 
 
+def _ipex_installed() -> bool:
+    return importlib.util.find_spec("intel_extension_for_pytorch") is not None
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if _cuda_present():
-        return
-    skip = pytest.mark.skip(reason="needs a real CUDA device (pytest -m gpu on a GPU machine)")
+    skips = {}
+    if not _ipex_installed():
+        skips["ipex"] = pytest.mark.skip(
+            reason="needs intel-extension-for-pytorch (tox -e ipex; see docs/intel.md)"
+        )
+    if any("gpu" in item.keywords for item in items) and not _cuda_present():
+        skips["gpu"] = pytest.mark.skip(
+            reason="needs a real CUDA device (pytest -m gpu on a GPU machine)"
+        )
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        for marker, skip in skips.items():
+            if marker in item.keywords:
+                item.add_marker(skip)
 
 
 # Set by pytest or by torch itself on first use of some subsystems, not by devlayer.

@@ -217,6 +217,10 @@ class Trainer:
         preempt_check_every: On SIGTERM (preemption), all ranks agree to stop at the next
             multiple of this many optimizer steps (one scalar all_reduce on the CPU per
             check), save a checkpoint and raise :class:`PreemptedError`.
+        optimize: Vendor model optimizations applied once, after the model is on its
+            device and before DDP wraps it: ``"ipex"`` (``ipex.optimize`` on the cpu and
+            xpu backends; needs ``pip install devlayer[ipex]`` with the matching torch),
+            or a callable ``(model, optimizer) -> (model, optimizer)``. Default: None.
     """
 
     def __init__(
@@ -248,6 +252,7 @@ class Trainer:
         reference_throughput: float | None = None,
         allow_world_size_change: bool = False,
         preempt_check_every: int = 10,
+        optimize: str | Callable[[Any, Any], tuple[Any, Any]] | None = None,
     ) -> None:
         _positive("grad_accum", grad_accum)
         _positive("max_epochs", max_epochs)
@@ -263,6 +268,11 @@ class Trainer:
             raise InvalidArgumentError(f"clip_grad={clip_grad!r} must be a positive number")
         if lr_scaling not in (None, "linear", "sqrt"):
             raise InvalidArgumentError(f"lr_scaling={lr_scaling!r}: use 'linear', 'sqrt' or None")
+        if optimize is not None and not (isinstance(optimize, str) or callable(optimize)):
+            raise InvalidArgumentError(
+                f"optimize={optimize!r}: use 'ipex', a callable (model, optimizer) -> "
+                f"(model, optimizer), or None"
+            )
         if loss_fn is None and training_step is None:
             raise InvalidArgumentError(
                 "Trainer needs loss_fn (called as loss_fn(model(x), y)) or training_step"
@@ -293,6 +303,8 @@ class Trainer:
         self.reference_throughput = reference_throughput
         self.allow_world_size_change = allow_world_size_change
         self.preempt_check_every = preempt_check_every
+        self.optimize = optimize
+        self._optimized = False
         self.preempted = False
         self._signal: int | None = None
         self.state = _Progress()
@@ -319,12 +331,14 @@ class Trainer:
         # Metric sums accumulate in float64 on the device (float32 on MPS, which has no
         # float64); with Python floats of the same dtype they cost one all_reduce per epoch.
         self._acc_dtype = torch.float32 if self.device.type == "mps" else torch.float64
-        self.ddp_model = prepare_model(self.model)
         self.autocast_dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(
             self.precision
         )
         if self.autocast_dtype is not None:
             self._check_autocast(torch)
+        if self.optimize is not None and not self._optimized:
+            self._apply_optimize(torch, st.backend)
+        self.ddp_model = prepare_model(self.model)
         if self.precision == "16-mixed":
             self.scaler = torch.amp.GradScaler(self.device.type)
         if self.lr_scaling and not self._lr_scaled:
@@ -341,6 +355,30 @@ class Trainer:
                     st.world_size,
                     lrs,
                 )
+
+    def _apply_optimize(self, torch: Any, backend: str) -> None:
+        """Run the ``optimize=`` step once: on the device, before the DDP wrap."""
+        self.model.to(self.device)
+        if callable(self.optimize):
+            result = self.optimize(self.model, self.optimizer)
+            if not (isinstance(result, tuple) and len(result) == 2):
+                raise InvalidArgumentError(
+                    f"optimize={self.optimize!r} returned {type(result).__name__}; it must "
+                    f"return a (model, optimizer) tuple"
+                )
+            model, optimizer = result
+        else:
+            dtype = self.autocast_dtype or torch.float32
+            model, optimizer = devlayer.get_backend(backend).optimize(
+                self.model, self.optimizer, method=str(self.optimize), dtype=dtype
+            )
+        if not isinstance(model, torch.nn.Module):
+            raise InvalidArgumentError(
+                f"optimize={self.optimize!r} returned a {type(model).__name__} as the model; "
+                f"expected a torch.nn.Module"
+            )
+        self.model, self.optimizer = model, optimizer
+        self._optimized = True
 
     def _check_autocast(self, torch: Any) -> None:
         dev = self.device.type
