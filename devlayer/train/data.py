@@ -94,7 +94,7 @@ class _ExactShard:
         order = list(range(self.n))
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(self.n, generator=g).tolist()
+            order = torch.randperm(self.n, generator=g, device="cpu").tolist()
         return iter(order[self.rank :: self.world])
 
     def __len__(self) -> int:
@@ -154,7 +154,32 @@ class ShardedLoader:
             # randomness the training loop consumed: resuming reproduces them exactly.
             generator.manual_seed(_mix(self.seed, self.rank, epoch))
         self.epoch = epoch + 1
-        return iter(self.loader)
+        import torch
+
+        if torch.get_default_device().type == "cpu":
+            return iter(self.loader)
+        return self._on_cpu()
+
+    def _on_cpu(self) -> Iterator[Any]:
+        """Iterate with the CPU as torch's default device.
+
+        ``devlayer.init`` makes the accelerator the default device. The DataLoader builds its
+        base seed with ``torch.empty(...).random_(generator=<cpu generator>)``, which fails
+        on an accelerator default device; default collate would also build batches there
+        (and forked workers would touch the accelerator). Batches come out on the CPU, as
+        from any DataLoader; the training loop moves them.
+        """
+        import torch
+
+        with torch.device("cpu"):
+            it = iter(self.loader)
+        while True:
+            with torch.device("cpu"):
+                try:
+                    batch = next(it)
+                except StopIteration:
+                    return
+            yield batch
 
     def __len__(self) -> int:
         return len(self.loader)

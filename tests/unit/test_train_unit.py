@@ -212,3 +212,33 @@ def test_exact_shards_for_evaluation_have_no_repeats():
     shards = [list(_ExactShard(7, 2, r, shuffle=True, seed=1)) for r in range(2)]
     assert sorted(shards[0] + shards[1]) == list(range(7))  # every sample once, none twice
     assert [len(_ExactShard(7, 2, r, False, 0)) for r in range(2)] == [4, 3]
+
+
+@pytest.fixture
+def foreign_default_device():
+    """torch's default device set to something other than the CPU, as init() does on GPUs.
+
+    ``meta`` stands in for cuda/xpu: the DataLoader's CPU-generator seed draw and default
+    collate fail on it exactly as they do on an accelerator default device.
+    """
+    torch.set_default_device("meta")
+    try:
+        yield
+    finally:
+        torch.set_default_device(None)
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_loaders_iterate_on_cpu_under_an_accelerator_default_device(
+    cpu, foreign_default_device, shuffle
+):
+    # Labels are Python ints: default collate builds them with torch.tensor (a factory).
+    data = [(torch.tensor([float(i)], device="cpu"), i) for i in range(12)]
+    loader = devlayer.prepare_loader(data, 4, num_workers=0, seed=1, shuffle=shuffle)
+    batches = list(loader)
+    assert len(batches) == 3
+    assert all(x.device.type == "cpu" and y.device.type == "cpu" for x, y in batches)
+    assert sorted(int(v) for _, y in batches for v in y) == list(range(12))
+    assert torch.empty(1).device.type == "meta"  # the default is untouched afterwards
+    shard = devlayer.prepare_loader(data, 4, num_workers=0, shuffle=shuffle, pad=False)
+    assert sorted(int(v) for _, y in shard for v in y) == list(range(12))
