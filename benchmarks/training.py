@@ -127,14 +127,23 @@ def make_data(n: int) -> TensorDataset:
 
 
 class StepClock:
-    """Time stamps of every optimizer step, via ``register_step_post_hook``."""
+    """Time stamps of every optimizer step, via ``register_step_post_hook``.
+
+    Also records this process's CPU time (all threads: DDP's reducer, gloo) at each step;
+    ``StepClock.last`` is the most recent clock, read by ``main`` after a run.
+    """
+
+    last: StepClock | None = None
 
     def __init__(self, opt: torch.optim.Optimizer) -> None:
         self.stamps: list[float] = []
+        self.cpu: list[float] = []
         self._handle = opt.register_step_post_hook(self._hook)
+        StepClock.last = self
 
     def _hook(self, *_: Any) -> None:
         self.stamps.append(time.perf_counter())
+        self.cpu.append(time.process_time())
 
     def close(self) -> None:
         self._handle.remove()
@@ -411,7 +420,9 @@ def main() -> None:
 
     ds = make_data(n_samples)
     steps_per_epoch = -(-n_samples // GLOBAL_BATCH)
-    res: dict[str, dict[str, list[float]]] = {n: {"sps": [], "ttfs": [], "loss": []} for n in names}
+    res: dict[str, dict[str, list[float]]] = {
+        n: {"sps": [], "ttfs": [], "loss": [], "cpu": []} for n in names
+    }
     records: list[dict[str, Any]] = []
     for rep in range(repeats):
         order = names if rep % 2 == 0 else names[::-1]
@@ -428,10 +439,16 @@ def main() -> None:
             dist.all_reduce(local, op=dist.ReduceOp.MAX)  # slowest rank
             warm_s, ttfs = local.tolist()
             sps = warm_steps * GLOBAL_BATCH / warm_s
+            assert StepClock.last is not None
+            cpu = StepClock.last.cpu
+            cpu_t = torch.tensor([cpu[-1] - cpu[steps_per_epoch - 1]], dtype=torch.float64)
+            dist.all_reduce(cpu_t)
+            cpu_ms = float(cpu_t) / world / warm_steps * 1e3  # mean over ranks
             check_in_sync(name, model)
             loss = full_loss(model, ds)
             res[name]["sps"].append(sps)
             res[name]["ttfs"].append(ttfs * 1e3)
+            res[name]["cpu"].append(cpu_ms)
             res[name]["loss"].append(loss)
             records.append(
                 {
@@ -446,6 +463,7 @@ def main() -> None:
                     "warm_s": warm_s,
                     "samples_per_s": sps,
                     "time_to_first_step_s": ttfs,
+                    "cpu_ms_per_step": cpu_ms,
                     "final_loss_rank0": loss,
                 }
             )
@@ -479,6 +497,7 @@ def main() -> None:
                     med_range(res[name]["sps"], "{:.0f}"),
                     med_range(ratios, "{:.3f}") + "x",
                     med_range(res[name]["ttfs"]),
+                    med_range(res[name]["cpu"], "{:.2f}"),
                     med_range(res[name]["loss"], "{:.5f}"),
                 ]
             )
@@ -487,6 +506,7 @@ def main() -> None:
             "warm samples/s",
             "ratio vs hand-written",
             "time to first step (ms)",
+            "CPU ms/step (mean of ranks)",
             "final loss (full data set)",
         ]
         load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3

@@ -1,4 +1,4 @@
-"""``Trainer``: the hand-written DDP loop, written once, on devlayer's public API only.
+"""``Trainer``: the hand-written DDP loop, written once, on devlayer's public API.
 
 It does what the usual torchrun script does by hand — DDP wrapping, sharded loading with
 ``set_epoch``, global-batch splitting, AMP, gradient accumulation with ``no_sync``,
@@ -214,9 +214,10 @@ class Trainer:
         log_every: Read the running loss (a device sync) every N optimizer steps.
         reference_throughput: World-size-1 samples/s, to report scaling efficiency.
         allow_world_size_change: Resume a checkpoint saved with another world size.
-        preempt_check_every: On SIGTERM (preemption), all ranks agree to stop at the next
-            multiple of this many optimizer steps (one scalar all_reduce on the CPU per
-            check), save a checkpoint and raise :class:`PreemptedError`.
+        preempt_check_every: On SIGTERM (preemption), all ranks agree to stop within two
+            multiples of this many optimizer steps (one non-blocking scalar all_reduce on
+            the CPU per check, read at the next check), save a checkpoint and raise
+            :class:`PreemptedError`.
         optimize: Vendor model optimizations applied once, after the model is on its
             device and before DDP wraps it: ``"ipex"`` (``ipex.optimize`` on the cpu and
             xpu backends; needs ``pip install devlayer[ipex]`` with the matching torch),
@@ -307,6 +308,7 @@ class Trainer:
         self._optimized = False
         self.preempted = False
         self._signal: int | None = None
+        self._stop_check: tuple[Any, Any] | None = None  # (work, flag) of the last check
         self.state = _Progress()
         self.ddp_model: Any = None
         self.scaler: Any = None
@@ -764,7 +766,8 @@ class Trainer:
             st.batches_done = 0
             if self.early_stopping is not None and self.early_stopping.update(metrics):
                 stop = self.stopped_early = True
-            stop = stop or hit_max
+            # A stop agreed on the epoch's last step: finish the epoch's bookkeeping first.
+            stop = stop or hit_max or self.preempted
             finished = stop or st.epoch >= self.max_epochs
             if self.checkpoint_dir is not None and (self.checkpoint_every or finished):
                 self.save_checkpoint()
@@ -772,19 +775,42 @@ class Trainer:
                 cb.on_epoch_end(self, metrics)
             if main:
                 self._report(metrics)
+            if self.preempted:
+                self._raise_preempted()
+        self._settle_stop_check()  # no collective left in flight when fit returns
         for cb in self.callbacks:
             cb.on_fit_end(self, st.history)
         return st.history
 
     def _agree_to_stop(self) -> bool:
-        """True on every rank when any rank received a termination signal (collective)."""
+        """True on every rank when any rank had received a termination signal (collective).
+
+        Never blocks the step: each check starts a non-blocking MAX all_reduce of this
+        rank's flag (a CPU tensor, so no device sync) and reads the one started at the
+        previous check, which finished long ago. Every rank reads the same result at the
+        same step, so all stop together, one check interval after the signal at most.
+        """
         local = self._signal is not None
         if devlayer.world_size() == 1:
             return local
         import torch
+        import torch.distributed as dist
 
-        flag = torch.tensor([1 if local else 0], dtype=torch.int32)  # CPU: no device sync
-        return bool(devlayer.all_reduce(flag, op="max").item())
+        agreed = self._settle_stop_check()
+        if not agreed:
+            flag = torch.tensor([int(local)], dtype=torch.int32, device="cpu")
+            work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True)
+            self._stop_check = (work, flag)
+        return agreed
+
+    def _settle_stop_check(self) -> bool:
+        """Wait for the pending stop check, if any; True when some rank asked to stop."""
+        pending, self._stop_check = self._stop_check, None
+        if pending is None:
+            return False
+        work, flag = pending
+        work.wait()
+        return bool(flag.item())
 
     def _raise_preempted(self) -> None:
         where = (

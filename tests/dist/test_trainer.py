@@ -117,3 +117,19 @@ def test_c3_world_size_change_refused_unless_allowed(clean_env, tmp_path):
     assert result["resumed_from"] is not None
     assert result["history"][-1]["world_size"] == 1
     assert result["history"][-1]["global_step"] == saved["global_step"] + 2 * 6
+
+
+@pytest.mark.parametrize("check_every", [1, 2])
+def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step(clean_env, tmp_path, check_every):
+    from devlayer.train.checkpoint import CheckpointStore
+    from tests.dist.trainer_worker import preempt_one_rank
+
+    r0, r1 = _spawn(preempt_one_rank, str(tmp_path), check_every)
+    assert r0["step"] == r1["step"], (r0, r1)
+    # The signal lands after step 3; the flag goes out at the next check and is read at
+    # the check after it (18 steps in all, so stopping early is visible).
+    assert 3 < r0["step"] <= 3 + 2 * check_every
+    for r in (r0, r1):
+        assert r["error"] is not None and "received signal SIGTERM" in r["error"]
+    newest = CheckpointStore(tmp_path).latest()
+    assert newest is not None and int(newest.name.split("-")[1]) == r0["step"]

@@ -125,3 +125,34 @@ def seeds_and_writers(checkpoint_dir: str) -> dict[str, Any]:
     train(checkpoint_dir=checkpoint_dir, checkpoint_every=2, max_epochs=1, val=False)
     return {"draw": draw, "first": first_batch, "writers": writers,
             "worker_base_seed": int(base_seed)}
+
+
+def preempt_one_rank(checkpoint_dir: str, check_every: int) -> dict[str, Any]:
+    """Only rank 1 gets SIGTERM (after step 3); every rank must stop at the same step."""
+    import os
+    import signal
+
+    class TermRankOne(devlayer.Callback):
+        def on_train_batch_end(self, trainer: Any, loss: Any) -> None:
+            if devlayer.rank() == 1 and trainer.state.global_step == 3 and trainer._signal is None:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    model = make_model()
+    trainer = devlayer.Trainer(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.05),
+        torch.nn.functional.mse_loss,
+        batch_size=16,
+        max_epochs=3,
+        checkpoint_dir=checkpoint_dir,
+        preempt_check_every=check_every,
+        callbacks=[TermRankOne()],
+        progress=False,
+        num_workers=0,
+        resume=None,
+    )
+    try:
+        trainer.fit(make_data())
+    except devlayer.PreemptedError as exc:
+        return {"step": trainer.state.global_step, "error": str(exc)}
+    return {"step": trainer.state.global_step, "error": None}
