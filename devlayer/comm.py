@@ -618,13 +618,15 @@ def barrier(timeout: float | timedelta | None = None) -> None:
         return
     dist = ctx.dist
     try:
-        if ctx.st.comm == "gloo":
+        # monitored_barrier needs a plain gloo group; comm="gloo" on an accelerator makes a
+        # "<device>:gloo,cpu:gloo" group, which takes the ordinary barrier.
+        if dist.get_backend() == "gloo":
             dist.monitored_barrier(timeout=tmo, wait_all_ranks=True)
         else:
             work = dist.barrier(async_op=True)
             if not work.wait(tmo):
                 raise RuntimeError(f"barrier did not complete within {tmo.total_seconds():g}s")
-    except RuntimeError as exc:
+    except (RuntimeError, ValueError) as exc:
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CollectiveError(
             f"barrier failed on rank {ctx.rank} of {ctx.world} after at most "

@@ -18,7 +18,6 @@ from typing import Any
 
 import devlayer
 from devlayer.cli.info import _text, collect
-from devlayer.errors import DevlayerError
 
 __all__ = ["run", "smoke_test"]
 
@@ -70,7 +69,7 @@ def smoke_test(timeout: float) -> dict[str, Any]:
             )
         peers = _step(record, "all_gather", lambda: devlayer.all_gather_object(dict(record)))
         record["peers"] = peers
-    except (DevlayerError, RuntimeError):
+    except Exception:  # _step recorded the step, the error and the suspect
         pass
     return record
 

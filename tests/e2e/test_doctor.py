@@ -52,3 +52,26 @@ def test_doctor_reports_a_broken_launcher_env():
     (report,) = _json_lines(proc.stdout)
     assert report["smoke_test"]["failed_step"] == "launcher"
     assert "RANK=3" in report["smoke_test"]["error"]
+
+
+@pytest.mark.simulated
+def test_doctor_on_simulated_xpu_with_comm_gloo_reports_instead_of_crashing():
+    # comm="gloo" on an accelerator builds an "xpu:gloo,cpu:gloo" group, on which torch's
+    # monitored_barrier refuses to run: the barrier used to die there with a traceback.
+    # With a simulated XPU the barrier now passes and the all_reduce (a real xpu tensor,
+    # which this CPU build cannot make) fails: doctor must report it as a failed step.
+    env = subprocess_env(DEVLAYER_SIMULATE="xpu:2", DEVLAYER_COMM="gloo")
+    proc = run_py(
+        ["-m", "devlayer", "launch", "--nproc", "2", "-m", "devlayer", "doctor", "--json"],
+        env=env,
+        timeout=150,
+    )
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    reports = _json_lines(proc.stdout)
+    assert reports, proc.stdout[-2000:] + proc.stderr[-2000:]
+    for report in reports:
+        mine = report["smoke_test"]["this_rank"]
+        assert mine["backend"] == "xpu" and mine["comm"] == "gloo"
+        assert mine["failed_step"] == "all_reduce", mine
+        assert "barrier" in mine["timings_ms"]
