@@ -252,6 +252,10 @@ def all_reduce(x: T, op: str = "sum") -> T:
     torch = ctx.torch
     if isinstance(x, torch.Tensor):
         return _reduce_tensor(ctx, x, name)
+    if type(x) is dict and x and ctx.world > 1 and not ctx.debug:
+        done = _reduce_uniform_dict(ctx, x, name)
+        if done is not None:
+            return done  # type: ignore[return-value]
     leaves: list[_Leaf] = []
     obj: Any = x
     flat_dict = type(obj) is dict and all(isinstance(v, torch.Tensor) for v in obj.values())
@@ -312,6 +316,34 @@ def all_reduce(x: T, op: str = "sum") -> T:
     if flat_dict:
         return dict(zip(x, results, strict=True))  # type: ignore[call-overload, return-value]
     return _unflatten(skeleton, iter(results))
+
+
+def _reduce_uniform_dict(ctx: _Ctx, x: Any, name: str) -> dict[Any, Any] | None:
+    """The metrics fast path: a flat dict of same-dtype, same-shape tensors on one device.
+
+    One ``torch.stack``, one collective, one fused write-back, and no per-leaf Python beyond
+    reading each dtype. Returns None when the dict is not that simple; the general path
+    then handles it (and raises the errors with paths).
+    """
+    torch = ctx.torch
+    tensors = list(x.values())
+    try:
+        dtypes = {t.dtype for t in tensors}
+    except AttributeError:  # numbers or nested containers: the general path
+        return None
+    if len(dtypes) != 1:
+        return None
+    (dtype,) = dtypes
+    if name == "mean" and not (dtype.is_floating_point or dtype.is_complex):
+        return None
+    try:
+        packed = torch.stack(tensors)  # fails for mixed shapes or devices, or non-tensors
+    except (RuntimeError, TypeError):
+        return None
+    work = packed if packed.device == ctx.device else packed.to(ctx.device)
+    _reduce_flat(ctx, work, name)
+    _copy_back(tensors, work.unbind(), torch)
+    return dict(zip(x, tensors, strict=True))
 
 
 def _alone(root: object, leaf: Any, name: str, torch: Any) -> Any:

@@ -66,6 +66,19 @@ def check() -> dict[str, object]:
     shaped = {"w": torch.full((2, 3), float(r)), "b": torch.tensor(float(r))}
     devlayer.all_reduce(shaped, op="sum")
     assert shaped["w"].eq(sum(ranks)).all() and shaped["b"].item() == sum(ranks)
+    rows = {"a": torch.full((2,), float(r)), "b": torch.full((2,), 2.0 * r)}  # same shape
+    devlayer.all_reduce(rows, op="max")
+    assert rows["a"].tolist() == [n - 1.0] * 2 and rows["b"].tolist() == [2.0 * (n - 1)] * 2
+    mixed = {"f": torch.tensor(float(r)), "i": torch.tensor(r), "x": 1.5}  # dtypes, a number
+    mixed = devlayer.all_reduce(mixed, op="sum")
+    assert mixed["f"].item() == sum(ranks) and mixed["i"].item() == sum(ranks)
+    assert mixed["i"].dtype == torch.int64 and mixed["x"] == 1.5 * n
+    try:
+        devlayer.all_reduce({"a": torch.tensor(r), "b": torch.tensor(1)}, op="mean")
+    except devlayer.InvalidArgumentError as exc:
+        assert "['a']" in str(exc), exc  # the general path names the leaf
+    else:
+        raise AssertionError("mean of integer tensors must be refused")
 
     assert devlayer.all_reduce(r, op="max") == n - 1
     assert devlayer.all_reduce(3, op="sum") == 3 * n
