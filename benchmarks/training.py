@@ -57,7 +57,6 @@ import datetime
 import importlib.metadata
 import importlib.util
 import json
-import math
 import os
 import platform
 import resource
@@ -488,14 +487,12 @@ def main() -> None:
         ref = res[REF]["sps"] if REF in res else None
         rows = []
         for name in names:
-            ratios = (
-                [a / b for a, b in zip(res[name]["sps"], ref, strict=True)] if ref else [math.nan]
-            )
+            ratios = [a / b for a, b in zip(res[name]["sps"], ref, strict=True)] if ref else []
             rows.append(
                 [
                     name,
                     med_range(res[name]["sps"], "{:.0f}"),
-                    med_range(ratios, "{:.3f}") + "x",
+                    med_range(ratios, "{:.3f}") + "x" if ratios else "n/a (no reference run)",
                     med_range(res[name]["ttfs"]),
                     med_range(res[name]["cpu"], "{:.2f}"),
                     med_range(res[name]["loss"], "{:.5f}"),
