@@ -633,7 +633,8 @@ class Trainer:
             with sync:
                 with self._autocast():
                     loss = self._loss(batch)
-                scaled = loss / self.grad_accum
+                # No division at grad_accum=1: one autograd node less per step.
+                scaled = loss / self.grad_accum if self.grad_accum > 1 else loss
                 if self.scaler is not None:
                     scaled = self.scaler.scale(scaled)
                 scaled.backward()
