@@ -152,21 +152,8 @@ class XpuBackend(Backend):
         """Import IPEX and the oneCCL bindings (in that order, after torch) for ``ccl``."""
         if comm != "ccl":
             return
-        import torch
-
-        ipex_version = _version(IPEX_DIST)
-        why = mismatch(ipex_version, torch.__version__) if ipex_version is not None else None
-        if why is not None:
-            raise BackendUnavailableError(f"comm 'ccl': {why}")
-        if ipex_version is not None:
-            try:
-                importlib.import_module(IPEX_MODULE)
-            except ImportError as exc:  # installed (metadata found) but unimportable
-                raise BackendUnavailableError(
-                    f"comm 'ccl' imports {IPEX_MODULE} ({IPEX_DIST} {ipex_version} is "
-                    f"installed) first, and that import failed: {exc}; reinstall "
-                    f"{IPEX_DIST}=={minor(torch.__version__)}.* for torch {torch.__version__}"
-                ) from exc
+        if _ipex.installed_version(IPEX_DIST) is not None:
+            _ipex.import_ipex("comm 'ccl'")  # version check first, then the import
         try:
             importlib.import_module(CCL_MODULE)
         except ImportError as exc:

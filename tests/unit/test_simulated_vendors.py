@@ -312,20 +312,31 @@ def _xpu_module() -> object:
     return importlib.import_module(type(devlayer.get_backend("xpu")).__module__)
 
 
+def _fake_packages(sim: pytest.MonkeyPatch, ipex_version: str | None) -> list[str]:
+    """Pretend IPEX ``ipex_version`` is installed (None: not installed); record imports."""
+    xpu = _xpu_module()
+    helpers = importlib.import_module("devlayer.backends._ipex")
+    imported: list[str] = []
+    fake_importlib = SimpleNamespace(import_module=imported.append)
+    sim.setattr(helpers, "installed_version", lambda dist: ipex_version)
+    sim.setattr(helpers, "importlib", fake_importlib)
+    sim.setattr(xpu, "importlib", fake_importlib)
+    return imported
+
+
 def test_xpu_prepare_ccl_rejects_ipex_torch_mismatch(sim: pytest.MonkeyPatch) -> None:
     import torch
 
     xpu = _xpu_module()
-    ipex_dist = xpu.IPEX_DIST  # type: ignore[attr-defined]
-    sim.setattr(xpu, "_version", lambda dist: "2.8.10+xpu" if dist == ipex_dist else None)
-    imported: list[str] = []
-    sim.setattr(xpu, "importlib", SimpleNamespace(import_module=imported.append))
+    imported = _fake_packages(
+        sim, "2.8.10+xpu" if not torch.__version__.startswith("2.8") else "2.7.0"
+    )
     with pytest.raises(BackendUnavailableError) as info:
         devlayer.get_backend("xpu").prepare("ccl")
     msg = str(info.value)
-    assert "2.8.10+xpu" in msg
+    assert msg.startswith("comm 'ccl': intel-extension-for-pytorch ")
     assert torch.__version__ in msg
-    assert f"{ipex_dist}=={xpu.minor(torch.__version__)}.*" in msg  # type: ignore[attr-defined]
+    assert f"{xpu.IPEX_DIST}=={xpu.minor(torch.__version__)}.*" in msg  # type: ignore[attr-defined]
     assert imported == []  # refused before importing anything
 
 
@@ -333,10 +344,7 @@ def test_xpu_prepare_ccl_imports_ipex_then_bindings(sim: pytest.MonkeyPatch) -> 
     import torch
 
     xpu = _xpu_module()
-    matching = xpu.minor(torch.__version__) + ".10+xpu"  # type: ignore[attr-defined]
-    sim.setattr(xpu, "_version", lambda dist: matching)
-    imported: list[str] = []
-    sim.setattr(xpu, "importlib", SimpleNamespace(import_module=imported.append))
+    imported = _fake_packages(sim, xpu.minor(torch.__version__) + ".10+xpu")  # type: ignore[attr-defined]
     devlayer.get_backend("xpu").prepare("ccl")
     assert imported == [xpu.IPEX_MODULE, xpu.CCL_MODULE]  # type: ignore[attr-defined]
     imported.clear()
@@ -348,12 +356,13 @@ def test_xpu_prepare_ccl_missing_modules(sim: pytest.MonkeyPatch) -> None:
     import torch
 
     xpu = _xpu_module()
-    sim.setattr(xpu, "_version", lambda dist: None)
+    helpers = importlib.import_module("devlayer.backends._ipex")
+    sim.setattr(helpers, "installed_version", lambda dist: None)
     with pytest.raises(BackendUnavailableError, match="comm 'ccl' needs oneccl_bindings"):
         devlayer.get_backend("xpu").prepare("ccl")
     # IPEX metadata present but the module does not import: named, not a bare ImportError
     matching = xpu.minor(torch.__version__) + ".0+xpu"  # type: ignore[attr-defined]
-    sim.setattr(xpu, "_version", lambda dist: matching)
+    sim.setattr(helpers, "installed_version", lambda dist: matching)
     with pytest.raises(BackendUnavailableError, match="intel_extension_for_pytorch"):
         devlayer.get_backend("xpu").prepare("ccl")
 
