@@ -693,6 +693,7 @@ def _create_process_group(
                 f"world_size={world}, but the launcher says rank={info.rank}, "
                 f"world_size={info.world_size}; destroy it or let devlayer.init() create it"
             )
+        _guard_exit()  # an adopted gloo group aborts at exit after DDP just the same
         return False
     if be.device_type == "cpu":
         pg_backend = comm
