@@ -119,3 +119,31 @@ def test_xpu_ccl_path_imports_ipex_then_names_the_missing_bindings(
     assert "intel_extension_for_pytorch" in sys.modules  # imported first, for real
     msg = str(info.value)
     assert "comm 'ccl' needs oneccl_bindings_for_pytorch (oneccl_bind_pt)" in msg
+
+
+def _two_rank_ipex_fit() -> dict[str, Any]:
+    """One rank's part of a 2-rank fit with optimize="ipex" (importable for spawn)."""
+    net = _net()
+    trainer = devlayer.Trainer(
+        net,
+        torch.optim.SGD(net.parameters(), lr=0.2, momentum=0.9),
+        torch.nn.functional.cross_entropy,
+        batch_size=64,
+        max_epochs=4,
+        optimize="ipex",
+        progress=False,
+        num_workers=0,
+        resume=None,
+    )
+    history = trainer.fit(_data())
+    state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    return {"history": history, "weights": state}
+
+
+def test_trainer_optimize_ipex_under_ddp_on_two_ranks() -> None:
+    r0, r1 = devlayer.spawn(_two_rank_ipex_fit, nprocs=2, backend="cpu", join_timeout=180)
+    assert r0["weights"].keys() == r1["weights"].keys()
+    for key, value in r0["weights"].items():
+        assert torch.equal(value, r1["weights"][key]), f"replicas differ at {key}"
+    losses = [h["train_loss"] for h in r0["history"]]
+    assert losses[-1] < 0.5 * losses[0]
