@@ -428,3 +428,37 @@ def test_trainer_amp_on_cuda(no_launcher, tmp_path, precision, dtype):
     else:
         assert trainer.scaler is None and scaler_steps == []
         assert payload["scaler"] is None
+
+
+def test_trainer_steps_never_synchronize_the_gpu(no_launcher):
+    # The Trainer promises no host sync per step: the loss is summed on the device and read
+    # only every log_every steps, and the stop check is a CPU tensor. CUDA's sync debug
+    # mode turns any synchronizing call (.item(), a blocking copy) into an error; it is
+    # switched on after two warm-up steps and the run stops mid-epoch through max_steps,
+    # before the epoch-end metrics reduction, which does read values once per epoch.
+    class SyncGuard(devlayer.Callback):
+        def on_train_batch_end(self, trainer, loss):
+            if trainer.state.global_step == 2:
+                torch.cuda.set_sync_debug_mode("error")
+
+    data = _regression_data(n=1024)  # 16 steps per epoch of 64
+    model = torch.nn.Linear(8, 1, device="cpu")
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    try:
+        with devlayer.init():
+            trainer = devlayer.Trainer(
+                model,
+                opt,
+                torch.nn.functional.mse_loss,
+                batch_size=64,
+                max_steps=12,
+                callbacks=[SyncGuard()],
+                log_every=10**9,
+                resume=None,
+                progress=False,
+                num_workers=0,
+            )
+            trainer.fit(data)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert trainer.state.global_step == 12
