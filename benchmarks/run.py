@@ -41,6 +41,11 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+if __package__ in (None, ""):  # run as a file: make `benchmarks` importable
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.training import IMPLS, installed, med_range, table  # noqa: E402
+
 STEPS = ("startup", "collectives", "training", "memory")
 MODELS = ("mlp", "cnn")
 PEERS = ("accelerate", "lightning", "pytorch-ignite", "matplotlib")
@@ -152,18 +157,6 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def med_range(values: list[float], fmt: str = "{:.2f}") -> str:
-    return (
-        f"{fmt.format(statistics.median(values))} "
-        f"[{fmt.format(min(values))}, {fmt.format(max(values))}]"
-    )
-
-
-def table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
 def training_sps(records: list[dict[str, Any]]) -> dict[tuple[str, int, str], list[float]]:
@@ -403,9 +396,6 @@ def main(argv: list[str] | None = None) -> int:
                 cmd += ["--json", str(out / "training.jsonl")]
                 run_step(out, "training", cmd, args.timeout)
     if "memory" in steps:
-        sys.path.insert(0, str(ROOT))
-        from benchmarks.training import IMPLS, installed
-
         for impl, (_, module) in IMPLS.items():
             if not installed(module):
                 continue
