@@ -535,7 +535,10 @@ def _call_hooks(hooks: list[tuple[str, Callable[[Any], object]]], be: Backend) -
 def _torch_module(device_type: str) -> ModuleType:
     import torch
 
-    module = getattr(torch, device_type, None)
+    try:  # torch's own answer (plugins registered with torch included)
+        module = torch.get_device_module(device_type)
+    except (RuntimeError, AttributeError):
+        module = getattr(torch, device_type, None)
     if module is None:
         raise DevlayerError(
             f"torch {torch.__version__} has no module torch.{device_type} for accelerator hooks"

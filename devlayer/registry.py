@@ -121,6 +121,13 @@ class Backend:
         bind_device_id: Pass ``device_id`` to ``init_process_group`` (eager comm init).
         indexed: Devices have indices and each rank picks one (False for cpu and mps).
 
+    A vendor must define ``name``, ``device_type`` and :meth:`make_runtime`. It may override
+    :meth:`availability`, :meth:`default_comm`, :meth:`prepare`, :meth:`comm_env`,
+    :meth:`notes`, :meth:`optimize`, :meth:`comm_hint`, :meth:`install_hint` and
+    :meth:`device`, which have working defaults. :attr:`runtime`, :meth:`comm_backend`,
+    :meth:`visibility_var`, :meth:`device_count` and :meth:`set_device` are the base
+    class's shared logic on top of those.
+
     Example:
         >>> class MyNpu(Backend):
         ...     name, priority, device_type = "mynpu", 80, "mynpu"
