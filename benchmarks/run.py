@@ -1,6 +1,6 @@
 """Run the whole benchmark suite once and keep everything it measured.
 
-    python -m benchmarks.run --quick          # about 3 minutes on 2 CPU cores: a smoke run
+    python -m benchmarks.run --quick          # about 2 minutes on 2 CPU cores: a smoke run
     python -m benchmarks.run                  # the figures in docs/performance.md
     python -m benchmarks.run --only training,memory --nproc 4
 
@@ -360,7 +360,9 @@ def plots(out: Path) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    p.add_argument("--quick", action="store_true", help="short smoke run (about 3 minutes)")
+    p.add_argument(
+        "--quick", action="store_true", help="short smoke run (about 2 minutes on 2 cores)"
+    )
     p.add_argument("--nproc", type=int, default=2, help="ranks for the distributed steps")
     p.add_argument("--only", default=",".join(STEPS), help="comma-separated: " + ",".join(STEPS))
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="parent folder")

@@ -388,7 +388,7 @@ def main() -> None:
     args = p.parse_args()
     MODEL = args.model
     repeats = args.repeats or (3 if args.quick else 5)
-    default_n = {"mlp": (8192, 32768), "cnn": (4096, 8192)}[MODEL]
+    default_n = {"mlp": (4096, 32768), "cnn": (2048, 8192)}[MODEL]
     n_samples = args.samples or default_n[0 if args.quick else 1]
     epochs = args.epochs or (3 if args.quick else 4)
     if epochs < 2:
