@@ -65,14 +65,9 @@ class _ResumableSampler:
         self._skip = n
 
     def __iter__(self) -> Iterator[int]:
-        import torch
-
+        # Iterated by ShardedLoader, on the CPU as default device (see ShardedLoader._on_cpu).
         skip, self._skip = self._skip, 0
-        # DistributedSampler draws with a CPU generator, which fails under an accelerator
-        # default device (devlayer.init sets one); draw on the CPU explicitly.
-        with torch.device("cpu"):
-            indices = list(self.sampler)
-        return iter(indices[skip:])
+        return iter(list(self.sampler)[skip:])
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -94,7 +89,7 @@ class _ExactShard:
         order = list(range(self.n))
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(self.n, generator=g, device="cpu").tolist()
+            order = torch.randperm(self.n, generator=g).tolist()
         return iter(order[self.rank :: self.world])
 
     def __len__(self) -> int:
@@ -166,8 +161,9 @@ class ShardedLoader:
         ``devlayer.init`` makes the accelerator the default device. The DataLoader builds its
         base seed with ``torch.empty(...).random_(generator=<cpu generator>)``, which fails
         on an accelerator default device; default collate would also build batches there
-        (and forked workers would touch the accelerator). Batches come out on the CPU, as
-        from any DataLoader; the training loop moves them.
+        (and forked workers would touch the accelerator); the samplers draw with CPU
+        generators too. Batches come out on the CPU, as from any DataLoader; the training
+        loop moves them.
         """
         import torch
 

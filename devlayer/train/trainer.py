@@ -789,7 +789,7 @@ class Trainer:
         Never blocks the step: each check starts a non-blocking MAX all_reduce of this
         rank's flag (a CPU tensor, so no device sync) and reads the one started at the
         previous check, which finished long ago. Every rank reads the same result at the
-        same step, so all stop together, one check interval after the signal at most.
+        same step, so all stop together, at most two check intervals after the signal.
         """
         local = self._signal is not None
         if devlayer.world_size() == 1:
