@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.metadata
 import json
 import os
 import platform
@@ -44,7 +43,15 @@ ROOT = Path(__file__).resolve().parent.parent
 if __package__ in (None, ""):  # run as a file: make `benchmarks` importable
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.training import IMPLS, installed, med_range, table  # noqa: E402
+from benchmarks.training import (  # noqa: E402
+    IMPLS,
+    git_rev,
+    installed,
+    med_range,
+    peer_versions,
+    table,
+)
+from devlayer.devices import usable_cpus  # noqa: E402
 
 STEPS = ("startup", "collectives", "training", "memory")
 MODELS = ("mlp", "cnn")
@@ -118,35 +125,19 @@ def environment() -> dict[str, Any]:
             )
     except OSError:
         pass
-    versions = {}
-    for name in ("torch", "devlayer", *PEERS):
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
-    try:
-        git = subprocess.run(
-            ["git", "describe", "--always", "--dirty=+dirty"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        git = "unknown"
     accel = torch.accelerator.current_accelerator() if hasattr(torch, "accelerator") else None
     return {
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git": git,
+        "git": git_rev(),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpu_model": cpu,
         "cpu_count": os.cpu_count(),
-        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "usable_cpus": usable_cpus(),
         "omp_num_threads": _env()["OMP_NUM_THREADS"],
         "accelerator": str(accel) if accel is not None else None,
         "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None,
-        "versions": versions,
+        "versions": peer_versions(("torch", "devlayer", *PEERS)),
     }
 
 
@@ -242,7 +233,7 @@ def summary(out: Path, env: dict[str, Any], args: argparse.Namespace, wall: floa
         f"{env['date_utc']}, git {env['git']}, {env['cpu_model']} ({env['usable_cpus']} usable "
         f"CPUs), OMP_NUM_THREADS={env['omp_num_threads']}, accelerator {env['accelerator']}, "
         f"python {env['python']}, "
-        + ", ".join(f"{k} {val}" for k, val in v.items() if val)
+        + ", ".join(f"{k} {val}" for k, val in v.items())
         + f"; wall {wall:.0f} s. Raw data: {out.name}/*.jsonl; each step's tables: *.md.",
     ]
     if train:

@@ -292,9 +292,10 @@ def installed(module: str | None) -> bool:
     return module is None or importlib.util.find_spec(module) is not None
 
 
-def peer_versions() -> dict[str, str]:
+def peer_versions(dists: tuple[str, ...] = PEER_DISTS) -> dict[str, str]:
+    """Installed version of each distribution, or "not installed"."""
     out = {}
-    for dist_name in PEER_DISTS:
+    for dist_name in dists:
         try:
             out[dist_name] = importlib.metadata.version(dist_name)
         except importlib.metadata.PackageNotFoundError:
