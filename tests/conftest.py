@@ -98,3 +98,12 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
         if key.startswith(_LAUNCH_PREFIXES) or key in names:
             monkeypatch.delenv(key)
     return monkeypatch
+
+
+@pytest.fixture
+def sim(clean_env: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """clean_env, plus a private DEVLAYER_SIMULATE cache (its fakes keep state per spec)."""
+    from devlayer import testing
+
+    clean_env.setattr(testing, "_runtime_cache", {})
+    return clean_env

@@ -21,18 +21,10 @@ import torch
 from torch.utils.data import TensorDataset
 
 import devlayer
-from devlayer import testing
 from devlayer.errors import BackendUnavailableError, DevlayerError, InvalidArgumentError
 from devlayer.testing import simulate
 
 HAVE_IPEX = importlib.util.find_spec("intel_extension_for_pytorch") is not None
-
-
-@pytest.fixture
-def sim(clean_env: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
-    clean_env.setattr(testing, "_runtime_cache", {})
-    clean_env.delenv("DEVLAYER_ACCELERATOR_HOOKS", raising=False)
-    return clean_env
 
 
 @pytest.fixture

@@ -34,13 +34,6 @@ lifecycle = importlib.import_module(devlayer.init.__module__)
 VIS = ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ZE_AFFINITY_MASK")
 
 
-@pytest.fixture
-def sim(clean_env: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
-    """clean_env, plus a private DEVLAYER_SIMULATE cache (its fakes keep state per spec)."""
-    clean_env.setattr(testing, "_runtime_cache", {})
-    return clean_env
-
-
 class EnvRecordingRuntime(FakeRuntime):
     """Records the visibility variables as they were when set_device was called."""
 
