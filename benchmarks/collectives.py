@@ -49,7 +49,6 @@ import math
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -61,6 +60,10 @@ import torch
 import torch.distributed as dist
 
 import devlayer
+
+if __package__ in (None, ""):  # run as a file (torchrun benchmarks/collectives.py)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import git_state, med_range, table
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -198,14 +201,6 @@ class Bench:
 # --------------------------------------------------------------------------- statistics
 
 
-def med_range(values: list[float], fmt: str = "{:.1f}") -> str:
-    """``median [min, max]``."""
-    return (
-        f"{fmt.format(statistics.median(values))} "
-        f"[{fmt.format(min(values))}, {fmt.format(max(values))}]"
-    )
-
-
 def paired(a: list[float], b: list[float]) -> list[float]:
     """Ratios a/b of measurements taken next to each other (same repeat or same round)."""
     return [x / y for x, y in zip(a, b, strict=True)]
@@ -270,12 +265,6 @@ def fmt_bytes(n: int) -> str:
     if n >= KiB:
         return f"{n // KiB} KiB"
     return f"{n} B"
-
-
-def table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- sections
@@ -755,7 +744,7 @@ def environment(st: devlayer.State) -> dict[str, Any]:
         "comm": st.comm,
         "world_size": st.world_size,
         "loadavg_start": _loadavg(),
-        "git": _git_state(),
+        "git": git_state(),
     }
 
 
@@ -780,29 +769,6 @@ def _peer_versions() -> dict[str, str | None]:
             out[key] = version if name == names[0] else f"{version} ({name})"
             break
     return out
-
-
-def _git_state() -> str | None:
-    """Commit of the checkout under test, with "+dirty" when devlayer/ has local edits."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(devlayer.__file__)))
-    try:
-        head = subprocess.run(
-            ["git", "-C", root, "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", root, "status", "--porcelain", "--", "devlayer", "backends"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return head + ("+dirty" if dirty else "")
 
 
 def _loadavg() -> str | None:

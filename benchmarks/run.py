@@ -43,14 +43,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if __package__ in (None, ""):  # run as a file: make `benchmarks` importable
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.training import (  # noqa: E402
-    IMPLS,
-    git_rev,
-    installed,
-    med_range,
-    peer_versions,
-    table,
-)
+from benchmarks.common import git_state, med_range, table, versions  # noqa: E402
+from benchmarks.training import IMPLS, installed  # noqa: E402
 from devlayer.devices import usable_cpus  # noqa: E402
 
 STEPS = ("startup", "collectives", "training", "memory")
@@ -128,7 +122,7 @@ def environment() -> dict[str, Any]:
     accel = torch.accelerator.current_accelerator() if hasattr(torch, "accelerator") else None
     return {
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git": git_rev(),
+        "git": git_state(),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpu_model": cpu,
@@ -137,7 +131,7 @@ def environment() -> dict[str, Any]:
         "omp_num_threads": _env()["OMP_NUM_THREADS"],
         "accelerator": str(accel) if accel is not None else None,
         "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None,
-        "versions": peer_versions(("torch", "devlayer", *PEERS)),
+        "versions": versions(("torch", "devlayer", *PEERS)),
     }
 
 
@@ -233,7 +227,7 @@ def summary(out: Path, env: dict[str, Any], args: argparse.Namespace, wall: floa
         f"{env['date_utc']}, git {env['git']}, {env['cpu_model']} ({env['usable_cpus']} usable "
         f"CPUs), OMP_NUM_THREADS={env['omp_num_threads']}, accelerator {env['accelerator']}, "
         f"python {env['python']}, "
-        + ", ".join(f"{k} {val}" for k, val in v.items())
+        + ", ".join(f"{k} {val}" for k, val in v.items() if val)
         + f"; wall {wall:.0f} s. Raw data: {out.name}/*.jsonl; each step's tables: *.md.",
     ]
     if train:

@@ -61,7 +61,6 @@ import os
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -73,6 +72,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import devlayer
+
+if __package__ in (None, ""):  # run as a file (torchrun benchmarks/training.py)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import git_state, med_range, table, versions
 
 GLOBAL_BATCH = 256
 IN, HIDDEN, OUT = 64, 256, 10
@@ -292,17 +295,6 @@ def installed(module: str | None) -> bool:
     return module is None or importlib.util.find_spec(module) is not None
 
 
-def peer_versions(dists: tuple[str, ...] = PEER_DISTS) -> dict[str, str]:
-    """Installed version of each distribution, or "not installed"."""
-    out = {}
-    for dist_name in dists:
-        try:
-            out[dist_name] = importlib.metadata.version(dist_name)
-        except importlib.metadata.PackageNotFoundError:
-            out[dist_name] = "not installed"
-    return out
-
-
 def peak_rss_mb() -> float:
     """This process's peak resident set size (Linux ru_maxrss is in KiB; macOS in bytes)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -340,33 +332,6 @@ def full_loss(model: torch.nn.Module, ds: TensorDataset) -> float:
 
 
 # --------------------------------------------------------------------------- reporting
-
-
-def med_range(values: list[float], fmt: str = "{:.1f}") -> str:
-    return (
-        f"{fmt.format(statistics.median(values))} "
-        f"[{fmt.format(min(values))}, {fmt.format(max(values))}]"
-    )
-
-
-def table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def git_rev() -> str:
-    try:
-        rev = subprocess.run(
-            ["git", "describe", "--always", "--dirty=+dirty"],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=os.path.dirname(os.path.abspath(__file__)),
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        rev = "unknown"
-    return rev
 
 
 # --------------------------------------------------------------------------- main
@@ -508,7 +473,9 @@ def main() -> None:
             "final loss (full data set)",
         ]
         load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
-        versions = ", ".join(f"{k} {v}" for k, v in peer_versions().items())
+        installed_peers = ", ".join(
+            f"{k} {v or 'not installed'}" for k, v in versions(PEER_DISTS).items()
+        )
         print(
             f"## Training throughput: {MODEL}, backend {st.backend}, "
             f"comm {dist.get_backend_config()}, world size {world}\n\n"
@@ -516,8 +483,8 @@ def main() -> None:
             f"{n_samples} samples ({steps_per_epoch} steps/epoch), {epochs} epochs per run "
             f"(first excluded), {repeats} repeats; median [min, max] over repeats.\n"
             f"date {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M:%S} UTC, "
-            f"git {git_rev()}, python {platform.python_version()}, torch {torch.__version__}, "
-            f"{versions}, "
+            f"git {git_state()}, python {platform.python_version()}, torch {torch.__version__}, "
+            f"{installed_peers}, "
             f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, "
             f"load average {load[0]:.2f}, process group init {t_pg * 1e3:.0f} ms (untimed), "
             f"wall {wall:.1f} s\n"
