@@ -40,6 +40,7 @@ if TYPE_CHECKING:
         broadcast_object,
     )
     from devlayer.farm import FarmResult, farm
+    from devlayer.launchers import launched
     from devlayer.lifecycle import (
         State,
         accelerator_module,
@@ -114,6 +115,7 @@ __all__ = [
     "CheckpointError",
     "PreemptedError",
     # launching
+    "launched",
     "spawn",
     "farm",
     "FarmResult",
@@ -168,6 +170,7 @@ _LAZY = {
         "devlayer.registry",
     ),
     **dict.fromkeys(("spawn", "RankFailedError"), "devlayer.multiproc"),
+    "launched": "devlayer.launchers",
     **dict.fromkeys(("farm", "FarmResult"), "devlayer.farm"),
     **dict.fromkeys(
         (
@@ -205,7 +208,17 @@ _LAZY = {
 }
 
 
+# Public submodules, imported on first attribute access (``devlayer.launchers.detect(env)``
+# works after a plain ``import devlayer``). Not in __all__ or dir(): listing the package must
+# not import them (``devlayer.early`` applies DEVLAYER_DEVICES when imported).
+_SUBMODULES = frozenset(
+    ("backends", "cli", "comm", "devices", "early", "errors", "launchers", "testing", "train")
+)
+
+
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f"devlayer.{name}")  # the import binds the attribute
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'devlayer' has no attribute {name!r}")

@@ -1,8 +1,11 @@
 """Read the launcher's environment: who am I, how many are we, where do we meet.
 
 Everything here is a pure function of an environment mapping, so it is tested with plain
-dicts and never touches the process. :func:`detect` returns a frozen :class:`ProcessInfo`
-whose ``sources`` say which variable gave each value.
+dicts and never touches the process. One exception, read only when :func:`detect` is given
+this process's own ``os.environ``: MPICH's Hydra exports no job id, so a single-node
+MPICH job keys its port on the ``hydra_pmi_proxy`` process that started all its local
+ranks. :func:`detect` returns a frozen :class:`ProcessInfo` whose ``sources`` say which
+variable gave each value.
 
 Precedence (first match wins):
 
@@ -29,6 +32,7 @@ Example:
 
 from __future__ import annotations
 
+import os
 import zlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -41,6 +45,7 @@ __all__ = [
     "detect",
     "expand_nodelist",
     "expand_tasks_per_node",
+    "launched",
 ]
 
 LOOPBACK = "127.0.0.1"
@@ -306,6 +311,61 @@ def _master(
     return addr, port
 
 
+def _proc_parent(pid: int) -> tuple[str, int] | None:
+    """``(command name, parent pid)`` of ``pid`` from /proc (Linux), else None."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as fh:
+            stat = fh.read()
+    except OSError:
+        return None
+    # "pid (comm) state ppid ...": comm may hold spaces and parentheses; split at the last ')'.
+    head, _, tail = stat.rpartition(")")
+    fields = tail.split()
+    if "(" not in head or len(fields) < 2 or not fields[1].isdigit():
+        return None
+    return head.split("(", 1)[1], int(fields[1])
+
+
+def _ancestor_named(names: Iterable[str], pid: int | None = None) -> int | None:
+    """The pid of the nearest ancestor of ``pid`` (default: this process) named in ``names``.
+
+    Example:
+        >>> _ancestor_named(["no-such-launcher"]) is None
+        True
+    """
+    wanted = set(names)
+    start = current = os.getpid() if pid is None else pid
+    for _ in range(64):  # a process tree is never this deep; bounds the /proc walk
+        found = _proc_parent(current)
+        if found is None:
+            return None
+        name, ppid = found
+        if current != start and name in wanted:
+            return current
+        if ppid <= 1:
+            return None
+        current = ppid
+    return None
+
+
+def _hydra_port(env: Mapping[str, str]) -> tuple[int, str] | None:
+    """A per-job port for MPICH's Hydra on one node, from the proxy all local ranks share.
+
+    Hydra exports no job id (only ``PMI_RANK``, ``PMI_SIZE``, ``PMI_FD``,
+    ``MPI_LOCALRANKID``, ``MPI_LOCALNRANKS``), so two ``mpiexec -n 2`` jobs on one node
+    would meet on the same default port. Each job has its own ``hydra_pmi_proxy`` per node,
+    the ancestor of every local rank (also through ``bash -c`` wrappers). Read only for this
+    process's own environment, so :func:`detect` stays pure for the mappings tests pass.
+    """
+    if env is not os.environ:
+        return None
+    proxy = _ancestor_named(("hydra_pmi_proxy",))
+    if proxy is None:
+        return None
+    port = SLURM_PORT_BASE + zlib.crc32(f"hydra:{proxy}".encode()) % SLURM_PORT_SPAN
+    return port, f"derived from the hydra_pmi_proxy pid {proxy} (MPICH sets no job id)"
+
+
 def _job_port(env: Mapping[str, str], names: Iterable[str]) -> tuple[int, str] | None:
     """A port every rank of one job derives alike from the job's id."""
     for name in names:
@@ -406,8 +466,13 @@ def _mpi(
     local_size_vars: tuple[str, ...],
     node_vars: tuple[str, ...] = (),
     job_vars: tuple[str, ...] = (),
+    job_key: Callable[[Mapping[str, str]], tuple[int, str] | None] = lambda env: None,
 ) -> Callable[[Mapping[str, str]], ProcessInfo | None]:
-    """Build a detector for an MPI-style launcher from its variable names."""
+    """Build a detector for an MPI-style launcher from its variable names.
+
+    ``job_key(env)`` is the single-node port fallback for launchers whose environment
+    names no job (tried after ``job_vars``, before the default port).
+    """
 
     def detector(env: Mapping[str, str]) -> ProcessInfo | None:
         if not any(v in env for v in rank_vars):
@@ -431,7 +496,11 @@ def _mpi(
             r,
             single_node=num_nodes == 1,
             world_size=world,
-            fallback_port=lambda: _job_port(env, job_vars) or (DEFAULT_PORT, "default"),
+            fallback_port=lambda: (
+                _job_port(env, job_vars)
+                or (job_key(env) if num_nodes == 1 else None)
+                or (DEFAULT_PORT, "default")
+            ),
         )
         return ProcessInfo(
             rank,
@@ -482,6 +551,7 @@ _mpich = _mpi(
     ("MPI_LOCALRANKID",),
     ("MPI_LOCALNRANKS",),
     job_vars=("PMI_JOBID", "I_MPI_JOB_ID", "PBS_JOBID", "SLURM_JOB_ID"),
+    job_key=lambda env: _hydra_port(env),
 )
 _pmix = _mpi(
     "pmix",
@@ -755,3 +825,29 @@ def _srun_launched(env: Mapping[str, str], found: ProcessInfo, disabled: set[str
             f"(srun --mpi=...), so SLURM's node layout is used",
         ),
     )
+
+
+def launched(env: Mapping[str, str] | None = None) -> bool:
+    """True when a launcher started this process as one of several ranks.
+
+    torchrun, ``accelerate launch``, ``srun``, ``mpirun``/``mpiexec`` and
+    :func:`devlayer.spawn` children all count; plain ``python`` and the batch shell of
+    ``sbatch``/``salloc`` do not. Scripts that start their own ranks use it to decide:
+
+        main() if devlayer.launched() else devlayer.spawn(main, nprocs=2)
+
+    (:func:`devlayer.spawn` itself runs ``fn`` in place under a launcher.)
+
+    Args:
+        env: The environment to read; default ``os.environ``.
+
+    Raises:
+        LaunchEnvError: The launcher variables are inconsistent (as :func:`detect`).
+
+    Example:
+        >>> launched({})
+        False
+        >>> launched({"RANK": "0", "WORLD_SIZE": "2", "MASTER_PORT": "29511"})
+        True
+    """
+    return detect(os.environ if env is None else env).world_size > 1

@@ -7,6 +7,11 @@ The module is not called ``spawn`` so that it cannot shadow the function ``devla
 ``DEVLAYER_LAUNCHER=env``, calls ``devlayer.init()`` and then ``fn(*args)``. The first
 failure (exception or exit) stops the others and is raised in the parent with the child's
 traceback text. A ``timeout`` bounds the whole run, so a stuck rank cannot hang the parent.
+
+Under a launcher (``srun``, ``mpirun``, ``torchrun``, ...) that already started this process
+as one of several ranks, :func:`spawn` starts nothing: it runs ``fn`` in place as that rank
+(when ``nprocs`` matches the launcher's ranks per node) or refuses, so one script works both
+ways and never runs two separate jobs.
 """
 
 from __future__ import annotations
@@ -117,6 +122,14 @@ def spawn(
 
     Raises:
         RankFailedError: The first rank that raised or exited non-zero, with its traceback.
+        InvalidArgumentError: A launcher already started this process as one of several
+            ranks, with a number of ranks per node other than ``nprocs``.
+
+    Under a launcher: when ``srun``, ``mpirun``, ``torchrun`` (anything for which
+    :func:`devlayer.launched` is True) started this process as one of
+    ``local_world_size == nprocs`` ranks on its node, no process is started: ``fn`` runs
+    here as that rank (after ``devlayer.init()``) and every rank returns the results of the
+    whole world in rank order. ``join_timeout`` is then the launcher's business.
 
     Example:
         >>> import devlayer
@@ -125,9 +138,13 @@ def spawn(
     """
     if isinstance(nprocs, bool) or not isinstance(nprocs, int) or nprocs < 1:
         raise InvalidArgumentError(f"nprocs={nprocs!r} must be an int >= 1")
+    from devlayer.launchers import detect
     from devlayer.testing import free_port
 
     init_kwargs = {"backend": backend, "devices": devices, "timeout": timeout}
+    info = detect(os.environ)
+    if info.world_size > 1:
+        return _in_place(info, nprocs, fn, tuple(args), init_kwargs, dict(env or {}))
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
@@ -152,6 +169,52 @@ def spawn(
     if failure is not None:
         raise failure
     return [values.get(r) for r in range(nprocs)]
+
+
+def _in_place(
+    info: Any,
+    nprocs: int,
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    init_kwargs: Mapping[str, Any],
+    env: Mapping[str, str],
+) -> list[Any]:
+    """Run ``fn`` as the rank a launcher started; results of every rank, in rank order."""
+    if nprocs != info.local_world_size:
+        raise InvalidArgumentError(
+            f"devlayer.spawn(nprocs={nprocs}) in a process that {info.launcher} already "
+            f"started as rank {info.rank} of {info.world_size} ({info.local_world_size} on "
+            f"this node): spawning here would start {info.world_size * nprocs} processes in "
+            f"{info.world_size} separate jobs. Start the script with plain python to let "
+            f"spawn start the ranks, or let the launcher start {nprocs} per node (then spawn "
+            f"runs fn in place), or call fn directly when devlayer.launched() is True"
+        )
+    import devlayer
+
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    owns = not devlayer.is_initialized()
+    try:
+        devlayer.init(**init_kwargs)
+        try:
+            outcome: tuple[str, Any] = ("ok", fn(*args))
+        except Exception:
+            outcome = ("error", traceback.format_exc())
+        # Every rank reports, so a rank that raised is named everywhere instead of
+        # leaving its peers waiting in their next collective.
+        outcomes = devlayer.all_gather_object(outcome)
+        for rank, (status, payload) in enumerate(outcomes):
+            if status == "error":
+                raise _raised(rank, str(payload))
+        return [payload for _, payload in outcomes]
+    finally:
+        if owns:
+            devlayer.shutdown()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _drain(results: Any, values: dict[int, Any]) -> tuple[int, str] | None:

@@ -133,6 +133,26 @@ def _describe_failure(error: Any) -> tuple[int, str]:
     )
 
 
+def _refuse_nested(env: dict[str, str]) -> None:
+    """Refuse to start ranks from a process that is itself one of several ranks on its node.
+
+    ``srun -n 2 devlayer launch --nproc 2 train.py`` would start two separate 2-rank jobs.
+    One ``devlayer launch`` per node (``srun --ntasks-per-node=1``) stays allowed.
+    """
+    from devlayer.errors import LaunchEnvError
+    from devlayer.launchers import detect
+
+    info = detect(env)
+    if info.local_world_size > 1:
+        raise LaunchEnvError(
+            f"devlayer launch is running as rank {info.rank} of {info.world_size} "
+            f"({info.local_world_size} on this node) under {info.launcher}: every one of them "
+            f"would start its own job. Run the script directly under the launcher "
+            f"({info.launcher}), which already starts the ranks, or one devlayer launch per node "
+            f"(e.g. srun --ntasks-per-node=1 devlayer launch ...)"
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     """Start the job; returns the exit code (the first failing rank's, else 0)."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -140,6 +160,7 @@ def run(args: argparse.Namespace) -> int:
     from torch.distributed.run import run as torchrun
 
     env = dict(os.environ)
+    _refuse_nested(env)
     nproc, changes = _plan_devices(args, env)
     if "OMP_NUM_THREADS" not in env:
         changes["OMP_NUM_THREADS"] = str(max(usable_cpus() // nproc, 1))
