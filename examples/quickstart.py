@@ -6,7 +6,11 @@ Run it any way you like:
     torchrun --standalone --nproc-per-node=2 examples/quickstart.py
     srun -n 2 python examples/quickstart.py                        # SLURM
     mpirun -n 2 -x MASTER_PORT=29511 python examples/quickstart.py # OpenMPI, one node
-    DEVLAYER_BACKEND=cpu accelerate launch --cpu --num_processes 2 examples/quickstart.py
+    mpiexec -n 2 python examples/quickstart.py                     # MPICH / Intel MPI
+    accelerate launch --multi_gpu --num_processes 2 examples/quickstart.py  # CPU too
+
+(``accelerate launch --cpu --num_processes 2`` starts ONE process unless it is also given
+``--mpirun_hostfile``; ``--multi_gpu`` makes it start torchrun, which works on CPUs too.)
 """
 
 import torch
