@@ -7,6 +7,7 @@ Subcommands:
     farm    a queue of independent one-device jobs over the visible devices.
     launch  torchrun with devlayer's defaults: one process per device, loopback rendezvous
             on a free port, the failing rank's exit code.
+    plot    training curves and throughput from a Trainer metrics file, as one PNG.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
         default=30.0,
         help="seconds for each step (rendezvous, barrier, ...)",
     )
-    from devlayer.cli import bench, farm, launch
+    from devlayer.cli import bench, farm, launch, plot
 
     farm.add_arguments(sub.add_parser("farm", help="run many one-device jobs, one per device"))
 
@@ -45,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
 
     launch.add_arguments(
         sub.add_parser("launch", help="start a script on N local ranks (torchrun underneath)")
+    )
+    plot.add_arguments(
+        sub.add_parser("plot", help="training curves from a metrics file, as one PNG")
     )
     return parser
 
@@ -76,6 +80,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from devlayer.cli.launch import run as launch
 
             return launch(args)
+        if args.command == "plot":
+            from devlayer.cli.plot import run as plot_run
+
+            return plot_run(args)
     except DevlayerError as exc:
         print(f"devlayer {args.command}: error: {exc}", file=sys.stderr)
         return 2
