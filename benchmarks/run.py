@@ -15,6 +15,9 @@ Steps, each a fresh process (``torchrun --standalone`` for the distributed ones)
    Scaling efficiency (samples/s at N ranks / (N x samples/s at 1 rank)) comes from these.
 4. ``memory``: one ``training.py`` process per implementation (CNN, ``--nproc`` ranks, one
    repeat), so each peak RSS belongs to one implementation.
+5. ``fsdp``: ``benchmarks/fsdp.py`` once per strategy (DDP, devlayer's FSDP, Accelerate's
+   FSDP) at ``--nproc`` ranks: parameter + gradient + optimizer bytes per rank, peak RSS and
+   samples/s for a 50 M-parameter MLP (``--quick``: 4 M).
 
 Output: ``benchmarks/results/<UTC time>/`` with ``environment.json``, one ``<step>.jsonl``
 (raw records) and ``<step>.md`` (the step's printed tables) per step, ``summary.md`` (the
@@ -47,7 +50,7 @@ from benchmarks.common import git_state, med_range, table, versions  # noqa: E40
 from benchmarks.training import IMPLS, installed  # noqa: E402
 from devlayer.devices import usable_cpus  # noqa: E402
 
-STEPS = ("startup", "collectives", "training", "memory")
+STEPS = ("startup", "collectives", "training", "memory", "fsdp")
 MODELS = ("mlp", "cnn")
 PEERS = ("accelerate", "lightning", "pytorch-ignite", "matplotlib")
 TRAIN_REF = "hand-written DDP loop"
@@ -272,7 +275,49 @@ def summary(out: Path, env: dict[str, Any], args: argparse.Namespace, wall: floa
                 memory_rows(memory),
             ),
         ]
+    fsdp = read_jsonl(out / "fsdp.jsonl")
+    if fsdp:
+        parts += [
+            f"\n## DDP vs FSDP per rank ({args.nproc} ranks; MiB; parameters + gradients + "
+            "AdamW state held by the rank; target: FSDP <= 0.6x DDP)\n",
+            table(
+                [
+                    "strategy",
+                    "sharded",
+                    "params",
+                    "grads",
+                    "optimizer",
+                    "total",
+                    "vs DDP",
+                    "peak RSS",
+                    "samples/s",
+                ],
+                fsdp_rows(fsdp),
+            ),
+        ]
     return "\n".join(parts) + "\n"
+
+
+def fsdp_rows(records: list[dict[str, Any]]) -> list[list[str]]:
+    """One row per strategy: the largest rank's figures (ranks differ by a padding row)."""
+    by: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        if r.get("type") == "fsdp":
+            by[r["strategy"]].append(r)
+    ddp = max((r.get("total_mb", 0.0) for r in by.get("ddp", [])), default=0.0)
+    rows = []
+    for strategy, ranks in by.items():
+        if any("skipped" in r for r in ranks):
+            reason = next(r["skipped"] for r in ranks if "skipped" in r)
+            rows.append([strategy, f"skipped: {reason[:120]}", *[""] * 7])
+            continue
+        top = max(ranks, key=lambda r: r["total_mb"])
+        ratio = f"{top['total_mb'] / ddp:.2f}x" if ddp else "n/a"
+        sizes = [f"{top[k]:.0f}" for k in ("params_mb", "grads_mb", "optim_mb", "total_mb")]
+        rss = f"{max(r['peak_rss_mb'] for r in ranks):.0f}"
+        sharded = "yes" if top.get("sharded") else "no"
+        rows.append([strategy, sharded, *sizes, ratio, rss, f"{top['samples_per_s']:.1f}"])
+    return rows
 
 
 # --------------------------------------------------------------------------- plots
@@ -389,6 +434,10 @@ def main(argv: list[str] | None = None) -> int:
             cmd = _torchrun(args.nproc, "training.py", "--model", MEMORY_MODEL, "--quick")
             cmd += ["--impls", impl, "--repeats", "1", "--json", str(out / "memory.jsonl")]
             run_step(out, "memory", cmd, args.timeout)
+    if "fsdp" in steps:
+        for strategy in ("ddp", "fsdp", "accelerate-fsdp"):
+            cmd = _torchrun(args.nproc, "fsdp.py", "--strategy", strategy, *quick)
+            run_step(out, "fsdp", [*cmd, "--json", str(out / "fsdp.jsonl")], args.timeout)
     wall = time.perf_counter() - t0
     text = summary(out, env, args, wall)
     if not args.no_plots:

@@ -61,3 +61,24 @@ def test_collectives_benchmark_two_ranks(tmp_path: Path) -> None:
     assert {r["impl"] for r in results} == {"raw", "devlayer"}
     assert {r["section"] for r in results} == {"all_reduce"}
     assert "### all_reduce" in proc.stdout
+
+
+def test_fsdp_benchmark_two_ranks_holds_half_the_state(tmp_path: Path) -> None:
+    out = tmp_path / "fsdp.jsonl"
+    for strategy in ("ddp", "fsdp"):
+        argv = torchrun("benchmarks/fsdp.py", "--strategy", strategy, "--quick")
+        proc = _run([*argv, "--json", str(out)])
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    records = _records(out)
+    ddp = [r for r in records if r["strategy"] == "ddp"]
+    fsdp = [r for r in records if r["strategy"] == "fsdp"]
+    assert len(ddp) == len(fsdp) == 2
+    assert [r["sharded"] for r in fsdp] == [True, True] and not ddp[0]["sharded"]
+    # the same model and data: the same losses; each FSDP rank holds half the state
+    assert fsdp[0]["losses"] == pytest.approx(ddp[0]["losses"], rel=1e-4)
+    assert max(r["total_mb"] for r in fsdp) <= 0.55 * ddp[0]["total_mb"]
+
+    from benchmarks.run import fsdp_rows
+
+    rows = {row[0]: row for row in fsdp_rows(records)}
+    assert rows["fsdp"][1] == "yes" and rows["fsdp"][6].endswith("x")
