@@ -144,6 +144,36 @@ class _LeafMark:
 _LEAF = _LeafMark()
 
 
+@dataclass(frozen=True)
+class _MapSkel:
+    """A mapping in the skeleton: its type, the caller's key order, and its children in the
+    order their leaves were sent (:func:`_pairing_order`)."""
+
+    kind: type
+    keys: list[Any]
+    sent: list[Any]
+    children: list[object]
+
+
+def _pairing_order(d: Mapping[Any, Any]) -> list[Any]:
+    """The order in which a mapping's values are sent: the same on every rank, whatever
+    order each rank built its dict in (metric dicts are often built in data-dependent order).
+
+    String keys (the usual case) sort as strings. Any other mix of keys sorts by
+    ``(type name, repr(key))``, which is total and identical on every rank as long as the
+    keys' ``repr`` is (it is for numbers, strings, tuples of them, enums...; it is not for
+    objects whose repr shows their address: ``DEVLAYER_DEBUG=1`` catches those).
+    """
+    keys = list(d)
+    if all(type(k) is str for k in keys):
+        return sorted(keys)
+    return sorted(keys, key=_key_rank)
+
+
+def _key_rank(key: object) -> tuple[str, str, str]:
+    return type(key).__module__, type(key).__qualname__, repr(key)
+
+
 def _flatten(obj: object, leaves: list[_Leaf], torch: Any) -> object:
     """Append the leaves of ``obj`` to ``leaves`` in order; return the structure with markers.
 
@@ -154,7 +184,9 @@ def _flatten(obj: object, leaves: list[_Leaf], torch: Any) -> object:
         leaves.append(obj)
         return _LEAF
     if isinstance(obj, Mapping):
-        return type(obj)({k: _flatten(v, leaves, torch) for k, v in obj.items()})  # type: ignore[call-arg]
+        sent = _pairing_order(obj)
+        children = [_flatten(obj[k], leaves, torch) for k in sent]
+        return _MapSkel(type(obj), list(obj), sent, children)
     if isinstance(obj, (list, tuple)):
         items = [_flatten(v, leaves, torch) for v in obj]
         if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
@@ -201,8 +233,11 @@ def _unflatten(skeleton: object, values: Any) -> Any:
     """Rebuild the structure, taking leaves from the iterator ``values`` in order."""
     if skeleton is _LEAF:
         return next(values)
-    if isinstance(skeleton, Mapping):
-        return type(skeleton)({k: _unflatten(v, values) for k, v in skeleton.items()})  # type: ignore[call-arg]
+    if isinstance(skeleton, _MapSkel):
+        got = {
+            k: _unflatten(v, values) for k, v in zip(skeleton.sent, skeleton.children, strict=True)
+        }
+        return skeleton.kind({k: got[k] for k in skeleton.keys})  # the caller's key order
     if isinstance(skeleton, tuple) and hasattr(skeleton, "_fields"):
         return type(skeleton)(*(_unflatten(v, values) for v in skeleton))
     if isinstance(skeleton, (list, tuple)):
@@ -260,13 +295,15 @@ def all_reduce(x: T, op: str = "sum") -> T:
     obj: Any = x
     flat_dict = type(obj) is dict and all(isinstance(v, torch.Tensor) for v in obj.values())
     if flat_dict:
-        leaves.extend(obj.values())  # a flat dict of tensors: no structure to walk
+        # A flat dict of tensors: no structure to walk. Leaves go in pairing order; the
+        # tensors are reduced in place, so the result is the caller's dict, copied.
+        leaves.extend(obj[k] for k in _pairing_order(obj))
         skeleton: object = None
     else:
         skeleton = _checked_flatten(x, leaves, torch)
     if ctx.world == 1:
         alone = [_alone(x, leaf, name, torch) for leaf in leaves]
-        return dict(zip(x, alone, strict=True)) if flat_dict else _unflatten(skeleton, iter(alone))  # type: ignore[call-overload, return-value]
+        return dict(obj) if flat_dict else _unflatten(skeleton, iter(alone))  # type: ignore[return-value]
     results: list[object] = [None] * len(leaves)
     # Python numbers join the tensors of their dtype (float -> float64, int -> int64), so a
     # metrics dict costs one collective per dtype, numbers included.
@@ -314,7 +351,7 @@ def all_reduce(x: T, op: str = "sum") -> T:
             for i, value in zip(number_idx, flat[n_tensor:].tolist(), strict=True):
                 results[i] = value
     if flat_dict:
-        return dict(zip(x, results, strict=True))  # type: ignore[call-overload, return-value]
+        return dict(obj)  # type: ignore[return-value]
     return _unflatten(skeleton, iter(results))
 
 
@@ -326,7 +363,7 @@ def _reduce_uniform_dict(ctx: _Ctx, x: Any, name: str) -> dict[Any, Any] | None:
     then handles it (and raises the errors with paths).
     """
     torch = ctx.torch
-    tensors = list(x.values())
+    tensors = [x[k] for k in _pairing_order(x)]  # paired by key, not by position
     try:
         dtypes = {t.dtype for t in tensors}
     except AttributeError:  # numbers or nested containers: the general path
@@ -343,7 +380,7 @@ def _reduce_uniform_dict(ctx: _Ctx, x: Any, name: str) -> dict[Any, Any] | None:
     work = packed if packed.device == ctx.device else packed.to(ctx.device)
     _reduce_flat(ctx, work, name)
     _copy_back(tensors, work.unbind(), torch)
-    return dict(zip(x, tensors, strict=True))
+    return dict(x)
 
 
 def _alone(root: object, leaf: Any, name: str, torch: Any) -> Any:
@@ -715,8 +752,8 @@ def _layout(obj: object, torch: Any, path: str = "") -> list[str]:
     if isinstance(obj, (int, float)):
         return [f"{path or 'value'} number"]
     items: Any = ()
-    if isinstance(obj, Mapping):
-        items = ((f"{path}[{k!r}]", v) for k, v in obj.items())
+    if isinstance(obj, Mapping):  # in the order the leaves are sent
+        items = ((f"{path}[{k!r}]", obj[k]) for k in _pairing_order(obj))
     elif isinstance(obj, (list, tuple)):
         items = ((f"{path}[{i}]", v) for i, v in enumerate(obj))
     return [entry for sub, value in items for entry in _layout(value, torch, sub)]
