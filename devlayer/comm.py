@@ -171,10 +171,18 @@ def _pairing_order(d: Mapping[Any, Any]) -> list[Any]:
     keys' ``repr`` is (it is for numbers, strings, tuples of them, enums...; it is not for
     objects whose repr shows their address: ``DEVLAYER_DEBUG=1`` catches those).
     """
-    keys = list(d)
-    if all(type(k) is str for k in keys):
-        return sorted(keys)
-    return sorted(keys, key=_key_rank)
+    keys = tuple(d)
+    order = _ORDERS.get(keys)
+    if order is None:  # sorting is cached: a metrics dict has the same keys every step
+        order = sorted(keys) if all(type(k) is str for k in keys) else sorted(keys, key=_key_rank)
+        if len(_ORDERS) >= _ORDERS_MAX:
+            _ORDERS.clear()
+        _ORDERS[keys] = order
+    return order
+
+
+_ORDERS: dict[tuple[Any, ...], list[Any]] = {}  # the caller's key order -> pairing order
+_ORDERS_MAX = 512
 
 
 def _key_rank(key: object) -> tuple[str, str, str]:
