@@ -10,9 +10,11 @@ Run (CPU/gloo here; unchanged on GPUs, where ``devlayer.device()`` is the accele
 Sections (all by default; ``--sections`` picks some, always run in this order):
 
 1. ``all_reduce``: one float32 tensor, 4 B .. 64 MiB: ``devlayer.all_reduce(t)`` vs
-   ``dist.all_reduce(t)``. ``all_gather`` (``same_shape=True`` and the default, uneven-capable
-   form) vs ``dist.all_gather_single``/``all_gather_into_tensor`` (section ``all_gather``),
-   and ``broadcast`` vs ``dist.broadcast`` (section ``broadcast``), for a few sizes.
+   ``dist.all_reduce(t)``, and the same call with the argument check that
+   ``DEVLAYER_DEBUG=1`` adds (the cost of making that check always on). ``all_gather``
+   (``same_shape=True`` and the default, uneven-capable form) vs
+   ``dist.all_gather_single``/``all_gather_into_tensor`` (section ``all_gather``), and
+   ``broadcast`` vs ``dist.broadcast`` (section ``broadcast``), for a few sizes.
 2. ``metric_dict``: the mean of a dict of 64 scalar tensors: ``devlayer.all_reduce(d,
    op="mean")`` vs a per-key ``dist.all_reduce`` + divide loop vs a hand-flattened
    ``torch.stack`` + one ``all_reduce`` + divide, and the libraries users would pick
@@ -60,6 +62,7 @@ import torch
 import torch.distributed as dist
 
 import devlayer
+from devlayer import comm
 
 if __package__ in (None, ""):  # run as a file (torchrun benchmarks/collectives.py)
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -272,6 +275,18 @@ def fmt_bytes(n: int) -> str:
 OVERHEAD_HEAD = ["overhead: median [min, max] of repeats", "overhead: median (95 % CI) of rounds"]
 
 
+def checked_all_reduce(t: torch.Tensor) -> object:
+    """``devlayer.all_reduce(t)`` preceded by DEVLAYER_DEBUG's argument check.
+
+    The cheapest check that cannot itself crash gloo (which aborts on buffers of different
+    sizes): one all_reduce of a fixed two-int64 digest before the data. This row is what an
+    always-on check would cost; devlayer runs it only with ``DEVLAYER_DEBUG=1``.
+    """
+    ctx = comm._ctx()
+    comm._check_signatures(ctx, "all_reduce", "sum", comm._tensor_text(t))
+    return devlayer.all_reduce(t)
+
+
 def bench_all_reduce(b: Bench, sizes: list[int]) -> str:
     rows = []
     for nbytes in sizes:
@@ -280,6 +295,7 @@ def bench_all_reduce(b: Bench, sizes: list[int]) -> str:
         impls: list[Impl] = [
             ("raw", partial(dist.all_reduce, t)),
             ("devlayer", partial(devlayer.all_reduce, t)),
+            ("devlayer_checked", partial(checked_all_reduce, t)),
         ]
         tm = b.run("all_reduce", {"bytes": nbytes, "dtype": "float32"}, impls)
         per_round = paired(tm.rounds["devlayer"], tm.rounds["raw"])
@@ -297,10 +313,25 @@ def bench_all_reduce(b: Bench, sizes: list[int]) -> str:
                 overhead_repeats(paired(tm.repeats["devlayer"], tm.repeats["raw"])),
                 overhead_ci(per_round),
                 judged,
+                med_range(tm.repeats["devlayer_checked"]),
+                overhead_ci(paired(tm.rounds["devlayer_checked"], tm.rounds["raw"])),
             ]
         )
-    head = ["size", "raw µs/call", "devlayer µs/call", *OVERHEAD_HEAD, "target"]
-    return "### all_reduce (float32, op=sum)\n\n" + table(head, rows)
+    head = [
+        "size",
+        "raw µs/call",
+        "devlayer µs/call",
+        *OVERHEAD_HEAD,
+        "target",
+        "with DEVLAYER_DEBUG's check µs/call",
+        "its overhead vs raw (95 % CI)",
+    ]
+    note = (
+        "The last two columns time the argument check that DEVLAYER_DEBUG=1 adds (one "
+        "all_reduce of a two-int64 digest before the data): what the check would cost if it "
+        "were always on."
+    )
+    return f"### all_reduce (float32, op=sum)\n\n{note}\n\n" + table(head, rows)
 
 
 def _overhead_target(nbytes: int) -> float | None:

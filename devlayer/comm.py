@@ -16,17 +16,24 @@ Python numbers come back as Python numbers. Everything works at world size 1, wh
 process group exists.
 
 Every rank must pass the same structure, dtypes and (except for ``all_gather``) shapes.
-With ``DEVLAYER_DEBUG=1`` every collective first exchanges a small signature (operation,
-reduce op, shapes or dtype groups, ``src``) and raises :class:`CollectiveError` on every
-rank when they differ, e.g. ``rank 0 all_reduce [2] float32 vs rank 1 all_reduce [3]
-float32``, instead of hanging or mixing up values. It costs two small extra gathers per
-call (JSON text in a byte tensor, no pickle); off (the default) it costs one attribute
-check. Set it on every rank. ``barrier`` is not checked: it must stay able to name a rank
-that never arrives.
+Dict values are paired by key, so each rank may build its dicts in any key order; the
+result keeps the caller's order (string keys are sent sorted, other key mixes sorted by
+type and ``repr``). With ``DEVLAYER_DEBUG=1`` every collective first checks a small
+signature (operation, reduce op, shapes or dtype groups, keys, ``src``) and raises
+:class:`CollectiveError` on every rank when they differ, e.g. ``rank 0 all_reduce [2]
+float32 vs rank 1 all_reduce [3] float32``, instead of hanging, aborting or mixing up
+values. It costs one small extra collective per call (a digest of the signature; only when
+the digests differ are the signatures exchanged, as JSON text in a byte tensor, no
+pickle); off (the default) it costs one attribute check. Set it on every rank. It is not
+on by default because gloo aborts the process on buffers of different sizes, so a check
+has to run before the data, and that extra collective costs more than the overhead
+targets allow (docs/performance.md). ``barrier`` is not checked: it must stay able to
+name a rank that never arrives.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -144,6 +151,44 @@ class _LeafMark:
 _LEAF = _LeafMark()
 
 
+@dataclass(frozen=True)
+class _MapSkel:
+    """A mapping in the skeleton: its type, the caller's key order, and its children in the
+    order their leaves were sent (:func:`_pairing_order`)."""
+
+    kind: type
+    keys: list[Any]
+    sent: list[Any]
+    children: list[object]
+
+
+def _pairing_order(d: Mapping[Any, Any]) -> list[Any]:
+    """The order in which a mapping's values are sent: the same on every rank, whatever
+    order each rank built its dict in (metric dicts are often built in data-dependent order).
+
+    String keys (the usual case) sort as strings. Any other mix of keys sorts by
+    ``(type name, repr(key))``, which is total and identical on every rank as long as the
+    keys' ``repr`` is (it is for numbers, strings, tuples of them, enums...; it is not for
+    objects whose repr shows their address: ``DEVLAYER_DEBUG=1`` catches those).
+    """
+    keys = tuple(d)
+    order = _ORDERS.get(keys)
+    if order is None:  # sorting is cached: a metrics dict has the same keys every step
+        order = sorted(keys) if all(type(k) is str for k in keys) else sorted(keys, key=_key_rank)
+        if len(_ORDERS) >= _ORDERS_MAX:
+            _ORDERS.clear()
+        _ORDERS[keys] = order
+    return order
+
+
+_ORDERS: dict[tuple[Any, ...], list[Any]] = {}  # the caller's key order -> pairing order
+_ORDERS_MAX = 512
+
+
+def _key_rank(key: object) -> tuple[str, str, str]:
+    return type(key).__module__, type(key).__qualname__, repr(key)
+
+
 def _flatten(obj: object, leaves: list[_Leaf], torch: Any) -> object:
     """Append the leaves of ``obj`` to ``leaves`` in order; return the structure with markers.
 
@@ -154,7 +199,9 @@ def _flatten(obj: object, leaves: list[_Leaf], torch: Any) -> object:
         leaves.append(obj)
         return _LEAF
     if isinstance(obj, Mapping):
-        return type(obj)({k: _flatten(v, leaves, torch) for k, v in obj.items()})  # type: ignore[call-arg]
+        sent = _pairing_order(obj)
+        children = [_flatten(obj[k], leaves, torch) for k in sent]
+        return _MapSkel(type(obj), list(obj), sent, children)
     if isinstance(obj, (list, tuple)):
         items = [_flatten(v, leaves, torch) for v in obj]
         if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
@@ -201,8 +248,11 @@ def _unflatten(skeleton: object, values: Any) -> Any:
     """Rebuild the structure, taking leaves from the iterator ``values`` in order."""
     if skeleton is _LEAF:
         return next(values)
-    if isinstance(skeleton, Mapping):
-        return type(skeleton)({k: _unflatten(v, values) for k, v in skeleton.items()})  # type: ignore[call-arg]
+    if isinstance(skeleton, _MapSkel):
+        got = {
+            k: _unflatten(v, values) for k, v in zip(skeleton.sent, skeleton.children, strict=True)
+        }
+        return skeleton.kind({k: got[k] for k in skeleton.keys})  # the caller's key order
     if isinstance(skeleton, tuple) and hasattr(skeleton, "_fields"):
         return type(skeleton)(*(_unflatten(v, values) for v in skeleton))
     if isinstance(skeleton, (list, tuple)):
@@ -260,13 +310,15 @@ def all_reduce(x: T, op: str = "sum") -> T:
     obj: Any = x
     flat_dict = type(obj) is dict and all(isinstance(v, torch.Tensor) for v in obj.values())
     if flat_dict:
-        leaves.extend(obj.values())  # a flat dict of tensors: no structure to walk
+        # A flat dict of tensors: no structure to walk. Leaves go in pairing order; the
+        # tensors are reduced in place, so the result is the caller's dict, copied.
+        leaves.extend(obj[k] for k in _pairing_order(obj))
         skeleton: object = None
     else:
         skeleton = _checked_flatten(x, leaves, torch)
     if ctx.world == 1:
         alone = [_alone(x, leaf, name, torch) for leaf in leaves]
-        return dict(zip(x, alone, strict=True)) if flat_dict else _unflatten(skeleton, iter(alone))  # type: ignore[call-overload, return-value]
+        return dict(obj) if flat_dict else _unflatten(skeleton, iter(alone))  # type: ignore[return-value]
     results: list[object] = [None] * len(leaves)
     # Python numbers join the tensors of their dtype (float -> float64, int -> int64), so a
     # metrics dict costs one collective per dtype, numbers included.
@@ -314,7 +366,7 @@ def all_reduce(x: T, op: str = "sum") -> T:
             for i, value in zip(number_idx, flat[n_tensor:].tolist(), strict=True):
                 results[i] = value
     if flat_dict:
-        return dict(zip(x, results, strict=True))  # type: ignore[call-overload, return-value]
+        return dict(obj)  # type: ignore[return-value]
     return _unflatten(skeleton, iter(results))
 
 
@@ -326,7 +378,7 @@ def _reduce_uniform_dict(ctx: _Ctx, x: Any, name: str) -> dict[Any, Any] | None:
     then handles it (and raises the errors with paths).
     """
     torch = ctx.torch
-    tensors = list(x.values())
+    tensors = [x[k] for k in _pairing_order(x)]  # paired by key, not by position
     try:
         dtypes = {t.dtype for t in tensors}
     except AttributeError:  # numbers or nested containers: the general path
@@ -343,7 +395,7 @@ def _reduce_uniform_dict(ctx: _Ctx, x: Any, name: str) -> dict[Any, Any] | None:
     work = packed if packed.device == ctx.device else packed.to(ctx.device)
     _reduce_flat(ctx, work, name)
     _copy_back(tensors, work.unbind(), torch)
-    return dict(zip(x, tensors, strict=True))
+    return dict(x)
 
 
 def _alone(root: object, leaf: Any, name: str, torch: Any) -> Any:
@@ -715,8 +767,8 @@ def _layout(obj: object, torch: Any, path: str = "") -> list[str]:
     if isinstance(obj, (int, float)):
         return [f"{path or 'value'} number"]
     items: Any = ()
-    if isinstance(obj, Mapping):
-        items = ((f"{path}[{k!r}]", v) for k, v in obj.items())
+    if isinstance(obj, Mapping):  # in the order the leaves are sent
+        items = ((f"{path}[{k!r}]", obj[k]) for k in _pairing_order(obj))
     elif isinstance(obj, (list, tuple)):
         items = ((f"{path}[{i}]", v) for i, v in enumerate(obj))
     return [entry for sub, value in items for entry in _layout(value, torch, sub)]
@@ -740,7 +792,9 @@ def _check_signatures(
     """
     layout = _layout(root, ctx.torch) if root is not None else []
     mine: _Signature = [kind, op, payload, src, layout]
-    sigs = _exchange(ctx, kind, mine)
+    if _agree(ctx, kind, json.dumps(mine)):
+        return
+    sigs = _exchange(ctx, kind, mine)  # they differ somewhere: find out how, on every rank
     odd = [r for r, sig in enumerate(sigs) if sig != sigs[0]]
     if not odd:
         return
@@ -752,6 +806,25 @@ def _check_signatures(
         f"collectives in the same order with the same op, shapes, dtypes and src; the "
         f"collective was not run (raised on rank {ctx.rank} of {ctx.world})"
     )
+
+
+def _agree(ctx: _Ctx, kind: str, text: str) -> bool:
+    """Whether every rank's ``text`` has the same digest: ONE all_reduce of two int64.
+
+    MAX of ``[h, -h]`` gives the largest and the smallest digest at once; they are equal on
+    every rank or on none, so all ranks take the same branch (the slow exchange that names
+    both sides runs only on a mismatch). The buffer has the same size on every rank
+    whatever the call, so this collective itself can never be mismatched.
+    """
+    torch = ctx.torch
+    digest = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=7).digest(), "little")
+    buf = torch.tensor([digest, -digest], dtype=torch.int64, device=ctx.device)
+    try:
+        ctx.dist.all_reduce(buf, op=ctx.reduce_ops["max"])
+    except RuntimeError as exc:
+        raise _fail(ctx, f"{kind}: DEVLAYER_DEBUG signature check", exc) from exc
+    high, neg_low = buf.tolist()
+    return bool(high == -neg_low)
 
 
 def _exchange(ctx: _Ctx, kind: str, mine: _Signature) -> list[_Signature]:

@@ -145,21 +145,38 @@ def _finish(
     if not (main or failed_here):
         return 0 if ok else 1
     if as_json:
-        print(json.dumps(report, sort_keys=True, default=str), flush=True)
+        _emit(json.dumps(report, sort_keys=True, default=str))
         return 0 if ok else 1
-    print(_text(report))
+    lines = [_text(report)]
     smoke = report.get("smoke_test")
     if smoke and "ranks" in smoke:
-        print("\nsmoke test (init, barrier, all_reduce, all_gather):")
-        print(_table(smoke["ranks"]))
+        lines += ["\nsmoke test (init, barrier, all_reduce, all_gather):", _table(smoke["ranks"])]
     for p in (smoke or {}).get("ranks", [smoke] if smoke else []):
         if p and p.get("failed_step"):
-            print(
+            lines.append(
                 f"\nFAIL on rank {p.get('rank', launcher_rank(report))} at step "
                 f"{p['failed_step']!r}: {p.get('error')}\n  suspect: {p.get('suspect')}"
             )
-    print("\nverdict:", "PASS" if ok else "FAIL", flush=True)
+    lines.append(f"\nverdict: {'PASS' if ok else 'FAIL'}")
+    _emit("\n".join(lines))
     return 0 if ok else 1
+
+
+def _emit(text: str) -> None:
+    """Write ``text`` and its newline to stdout in one ``write`` call.
+
+    Several ranks share one stdout (a launcher passes its own to every rank). ``print``
+    writes the text and the newline separately when stdout is unbuffered
+    (``PYTHONUNBUFFERED=1``), so two ranks' lines could end up as ``{...}{...}`` on one
+    line. One ``os.write`` per report keeps each rank's output whole: a pipe write of at
+    most ``PIPE_BUF`` (4 KiB on Linux) is atomic, and a failing rank's report is about
+    1.5-3 KB.
+    """
+    data = (text + "\n").encode()
+    sys.stdout.flush()  # anything printed earlier goes first
+    fd = sys.stdout.fileno()
+    while data:
+        data = data[os.write(fd, data) :]
 
 
 def launcher_rank(report: dict[str, Any]) -> Any:

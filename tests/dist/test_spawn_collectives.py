@@ -7,14 +7,41 @@ import pytest
 import devlayer
 from tests.dist.worker_collectives import check
 
-pytestmark = [pytest.mark.dist, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.dist, pytest.mark.timeout(240)]
 
 
 def test_all_collectives_on_two_spawned_ranks(clean_env):
-    results = devlayer.spawn(check, nprocs=2, backend="cpu", timeout=30, join_timeout=90)
+    results = devlayer.spawn(check, nprocs=2, backend="cpu", timeout=30, join_timeout=150)
     assert [r["rank"] for r in results] == [0, 1]
     assert all(r["world_size"] == 2 and r["comm"] == "gloo" for r in results)
     assert all(r["launcher"] == "env" for r in results)
+
+
+def _rank_zero_finishes_last() -> dict[str, int]:
+    """Rank 0 returns only once rank 1's process is gone (its result already queued)."""
+    import os
+    import time
+
+    pids = devlayer.all_gather_object(os.getpid())
+    if devlayer.rank() == 0:
+        deadline = time.monotonic() + 60
+        while True:  # spawn reaps rank 1 once it exits; then its pid no longer exists
+            try:
+                os.kill(pids[1], 0)
+            except ProcessLookupError:
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"rank 1 (pid {pids[1]}) did not exit within 60 s")
+            time.sleep(0.05)
+    return {"rank": devlayer.rank(), "pid": os.getpid()}
+
+
+def test_spawn_returns_results_in_rank_order_not_completion_order(clean_env):
+    # Deterministic, not timing-based: rank 1 always completes first here.
+    results = devlayer.spawn(
+        _rank_zero_finishes_last, nprocs=2, backend="cpu", timeout=30, join_timeout=150
+    )
+    assert [r["rank"] for r in results] == [0, 1], results
 
 
 def _raise_on_rank_one() -> None:

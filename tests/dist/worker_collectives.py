@@ -80,6 +80,27 @@ def check() -> dict[str, object]:
     else:
         raise AssertionError("mean of integer tensors must be refused")
 
+    # Several leaves per dtype group, each with its own value per leaf and per rank, checked
+    # leaf by leaf: a write-back that swapped or shifted leaves inside a group would show.
+    k = sum(x + 1 for x in ranks)  # every leaf is base * (rank + 1): the sum is base * k
+    tree = {
+        "vecs": [torch.tensor([2.0, 3.0]) * (r + 1), torch.tensor(5.0) * (r + 1)],
+        "deep": {"col": torch.tensor([[7.0], [11.0]]) * (r + 1), "num": 13.0 * (r + 1)},
+        "pair": (torch.tensor([17, 19]) * (r + 1), 23 * (r + 1), torch.tensor(29) * (r + 1)),
+    }
+    got = devlayer.all_reduce(tree, op="sum")
+    assert got["vecs"][0].tolist() == [2.0 * k, 3.0 * k] and got["vecs"][1].item() == 5.0 * k
+    assert got["deep"]["col"].tolist() == [[7.0 * k], [11.0 * k]], got["deep"]["col"]
+    assert got["deep"]["num"] == 13.0 * k
+    assert got["pair"][0].tolist() == [17 * k, 19 * k] and got["pair"][1] == 23 * k
+    assert got["pair"][2].item() == 29 * k and got["pair"][2] is tree["pair"][2]
+    # 0-d tensors and numbers in one float64 group (the stacked write-back).
+    f64 = torch.float64
+    scalars64 = {f"s{p}": torch.tensor(float(p) * (r + 1), dtype=f64) for p in (31, 37, 41)}
+    got = devlayer.all_reduce({**scalars64, "n": 43.0 * (r + 1)}, op="sum")
+    assert [got[f"s{p}"].item() for p in (31, 37, 41)] == [31.0 * k, 37.0 * k, 41.0 * k]
+    assert got["n"] == 43.0 * k
+
     assert devlayer.all_reduce(r, op="max") == n - 1
     assert devlayer.all_reduce(3, op="sum") == 3 * n
 

@@ -13,7 +13,21 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
 
 def _json_lines(stdout: str) -> list[dict]:
-    return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    """Every line that starts a JSON object, parsed; each must hold exactly one report.
+
+    Strict on purpose: two ranks' reports run together on one line (``{...}{...}``) fail
+    here with the line shown, instead of being pieced apart.
+    """
+    reports = []
+    for line in stdout.splitlines():
+        if line.startswith("{"):
+            try:
+                reports.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise AssertionError(
+                    f"not one JSON report per line ({exc}): {line[:300]}"
+                ) from None
+    return reports
 
 
 def test_doctor_single_process_passes():
@@ -69,7 +83,9 @@ def test_doctor_on_simulated_xpu_with_comm_gloo_reports_instead_of_crashing():
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     reports = _json_lines(proc.stdout)
-    assert reports, proc.stdout[-2000:] + proc.stderr[-2000:]
+    # Both ranks fail, so each prints its own report, each on its own line.
+    ranks = sorted(report["smoke_test"]["this_rank"]["rank"] for report in reports)
+    assert ranks == [0, 1], proc.stdout[-2000:] + proc.stderr[-2000:]
     for report in reports:
         mine = report["smoke_test"]["this_rank"]
         assert mine["backend"] == "xpu" and mine["comm"] == "gloo"

@@ -63,3 +63,14 @@ def test_barrier_timeout_is_validated(cpu):
     with pytest.raises(devlayer.InvalidArgumentError, match="timeout=-1"):
         devlayer.barrier(timeout=-1)
     devlayer.barrier(timeout=1)
+
+
+def test_dict_results_keep_the_callers_key_order(cpu):
+    # Leaves are sent in key order (tests/dist/test_collective_mismatch.py); results are not.
+    value = {"b": 1, "a": torch.ones(2), 3: {"z": 2.0, "y": (4,)}, (1, "t"): 5}
+    out = devlayer.all_reduce(value, op="sum")
+    assert list(out) == ["b", "a", 3, (1, "t")] and list(out[3]) == ["z", "y"]
+    assert out["a"] is value["a"] and out[3]["y"] == (4,)
+    flat = {"y": torch.ones(()), "x": torch.zeros(())}
+    assert list(devlayer.all_reduce(flat)) == ["y", "x"]
+    assert list(devlayer.broadcast({"q": 1, "p": 2})) == ["q", "p"]
