@@ -85,7 +85,11 @@ def test_save_layout_and_manifest(tmp_path):
     assert _temps(tmp_path / "ck") == []
     m = json.loads((path / "manifest.json").read_text())
     data = (path / "state.pt").read_bytes()
-    assert m["format_version"] == FORMAT_VERSION == 1
+    assert m["format_version"] == FORMAT_VERSION == 2
+    assert m["run_id"] is None  # the store was given none
+    body = {k: v for k, v in m.items() if k != "manifest_sha256"}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    assert m["manifest_sha256"] == hashlib.sha256(canonical).hexdigest()
     assert (m["step"], m["epoch"], m["world_size"]) == (1234, 3, 4)
     assert m["torch_version"] == torch.__version__
     assert m["devlayer_version"] == devlayer.__version__
@@ -373,6 +377,7 @@ def test_malicious_pickle_with_correct_sha256_is_refused(tmp_path, container):
     data = state.read_bytes()
     m = json.loads((path / "manifest.json").read_text())
     m.update(sha256=hashlib.sha256(data).hexdigest(), size=len(data))
+    m["manifest_sha256"] = ckpt._manifest_digest(m)  # an attacker rewrites both
     (path / "manifest.json").write_text(json.dumps(m))
 
     assert store.verify(path)["sha256"] == m["sha256"]  # the bytes are as recorded
@@ -506,7 +511,8 @@ def test_failed_rename_of_same_step_restores_the_old_copy(tmp_path, monkeypatch)
 def test_cleanup_restores_a_copy_moved_aside_by_an_interrupted_resave(tmp_path):
     store = CheckpointStore(tmp_path)
     path = _save(store, 3)
-    os.replace(path, tmp_path / ".tmp-step-000000003.old.1.ab")  # crash after this rename
+    # A crash after this rename (by a process that has exited: pid 999999999 cannot exist).
+    os.replace(path, tmp_path / ".tmp-step-000000003.old.999999999.ab")
     assert store.list() == []
     with pytest.warns(CheckpointWarning, match="restored"):
         assert store.cleanup_temp() == []
