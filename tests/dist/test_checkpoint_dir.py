@@ -222,3 +222,20 @@ def test_r2_10_model_that_does_not_fit_names_checkpoint_and_shapes(tmp_path, cle
     # The lock went with the failed fit: the folder is usable again in this process.
     with CheckpointStore(ckpt).lock():
         pass
+
+
+def test_r2_10_manifest_step_is_cross_checked_with_the_trainer_state(tmp_path, clean_env):
+    """A manifest re-signed by hand with another step is refused against state.pt."""
+    from devlayer.train import checkpoint
+
+    ckpt = tmp_path / "ckpt"
+    with devlayer.init(backend="cpu"):
+        train(max_epochs=1, checkpoint_dir=str(ckpt), checkpoint_every=2, val=False)
+        forged = ckpt / "step-000000008"
+        os.replace(ckpt / "step-000000006", forged)
+        manifest = json.loads((forged / "manifest.json").read_text())
+        manifest["step"] = 8
+        manifest["manifest_sha256"] = checkpoint._manifest_digest(manifest)
+        (forged / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(CheckpointError, match="saved trainer state is at step 6"):
+            train(max_epochs=2, checkpoint_dir=str(ckpt), checkpoint_every=2, val=False)
