@@ -198,9 +198,12 @@ class Trainer:
         batch_size: GLOBAL samples per optimizer step (over all ranks and micro-batches).
         lr_scaling: ``"linear"`` or ``"sqrt"``: multiply learning rates by the world size
             (or its square root) once at the start; ``None`` leaves them.
-        checkpoint_dir: Where to keep atomic checkpoints (rank 0 writes).
+        checkpoint_dir: Where to keep atomic checkpoints (rank 0 writes). ``fit()`` checks
+            it is writable before the first step and locks it: one job per folder.
         checkpoint_every: Save every N optimizer steps (also at each epoch end when set).
-        resume: ``"auto"`` (newest valid checkpoint in ``checkpoint_dir``), a path, or None.
+        resume: ``"auto"`` (newest valid checkpoint in ``checkpoint_dir``, continuing its
+            run), a path, or None (a fresh run: refused when ``checkpoint_dir`` already
+            holds checkpoints). The rules: docs/checkpoints.md, "Run identity".
         seed: Seeds random/NumPy/torch per rank and the data order.
         early_stopping: An :class:`EarlyStopping`.
         metrics_file: JSON lines, one per epoch, written by rank 0.
