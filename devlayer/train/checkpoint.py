@@ -17,7 +17,10 @@ reads ``state.pt`` with ``torch.load(..., weights_only=True)`` only, so a checkp
 run code on the machine that loads it.
 
 The store is single-process: it runs no collectives. In a multi-rank job call it on rank 0
-and share the outcome (see ``docs/checkpoints.md``).
+and share the outcome (see ``docs/checkpoints.md``); :class:`TrainingCheckpoints` does that
+for the Trainer. One job writes a folder at a time: :meth:`CheckpointStore.lock` takes a
+POSIX record lock on ``.lock-<prefix>`` (dropped by the kernel when its process dies), and
+each manifest records a ``run_id`` so that resuming never continues another run by guess.
 
 Example:
     >>> import tempfile, torch
@@ -1278,6 +1281,8 @@ class CheckpointStore:
             CheckpointCorruptError: Checkpoints exist but none verifies (they are listed);
                 devlayer never silently starts from scratch. ``CheckpointVersionError``
                 instead when all of them are from a newer format.
+            CheckpointRunError: The manifests name more than one ``run_id``: resuming
+                would guess which run to continue.
 
         Example:
             >>> import tempfile

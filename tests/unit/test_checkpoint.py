@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import enum
 import errno
@@ -857,36 +858,25 @@ def test_r2_10_private_store_creates_owner_only_checkpoints(tmp_path):
         assert (shared / name).stat().st_mode & 0o777 == 0o644  # the umask's default
 
 
-class _FullAfter:
-    """A file that accepts ``room`` bytes, then fails like a full disk."""
-
-    def __init__(self, file: Any, room: int) -> None:
-        self.file, self.room = file, room
-
-    def write(self, data: Any) -> int:
-        n = memoryview(data).nbytes
-        if n > self.room:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        self.room -= n
-        return self.file.write(data)
-
-    def flush(self) -> None:
-        self.file.flush()
-
-
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
 def test_r2_4_full_disk_inside_torch_save_is_reported_as_such(tmp_path, monkeypatch):
     store = CheckpointStore(tmp_path)
     _save(store, 1)
     real_init = ckpt._HashingWriter.__init__
+    with contextlib.ExitStack() as files:
 
-    def full_disk(self: Any, file: Any) -> None:
-        real_init(self, _FullAfter(file, 600))
+        def onto_a_full_disk(self: Any, file: Any) -> None:
+            # every write: ENOSPC from the kernel
+            real_init(self, files.enter_context(open("/dev/full", "wb")))
 
-    monkeypatch.setattr(ckpt._HashingWriter, "__init__", full_disk)
-    # Through the real torch.save, which wraps the OSError in its own RuntimeError.
-    with pytest.raises(CheckpointError, match="No space left on device") as info:
-        _save(store, 2, payload={"w": torch.zeros(10_000)})
-    monkeypatch.undo()
+        monkeypatch.setattr(ckpt._HashingWriter, "__init__", onto_a_full_disk)
+        # The real torch.save swallows the OSError and fails with its own RuntimeError
+        # ("unexpected pos ..."); the report must still say the disk is full.
+        with pytest.raises(CheckpointError, match="No space left on device") as info:
+            _save(store, 2, payload={"w": torch.zeros(200_000)})
+        monkeypatch.undo()
+        with contextlib.suppress(OSError):
+            files.close()
     assert "could not serialize" not in str(info.value) and "disk is full" in str(info.value)
     assert info.value.__cause__.errno == errno.ENOSPC
     assert _temps(tmp_path) == [] and _names(store.list()) == ["step-000000001"]
