@@ -105,11 +105,11 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 _PREFIX = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
 _CHUNK = 1 << 20
-#: Largest manifest.json (and lock file) read; real ones are under 1 KiB.
+#: Largest manifest.json read; real ones are under 1 KiB.
 MANIFEST_LIMIT = 1 << 20
 #: Name of the lock file of a store, in its directory: ``.lock-<prefix>``.
 LOCK_PREFIX = ".lock-"
-_DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG}
 _NO_PERMISSION = {errno.EACCES, errno.EPERM, errno.EROFS}
 _LOCKS_UNSUPPORTED = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL}
 # fsync on a directory is not supported by every file system (some network and FUSE file

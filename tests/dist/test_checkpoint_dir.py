@@ -66,7 +66,8 @@ def _stop(proc: subprocess.Popen[str]) -> None:
 
 
 def test_r2_2_second_job_in_the_folder_is_refused_naming_the_holder(tmp_path):
-    """Two jobs in one folder: the second fails at once naming the first, which survives."""
+    """Two jobs in one folder: the second fails at once (every rank) naming the first, which
+    survives with all its checkpoints."""
     ckpt, release = tmp_path / "ckpt", tmp_path / "release"
     first = subprocess.Popen(
         _job_cmd(ckpt, "--nprocs", "2", "--hold-at-step", "3", "--hold-until", str(release)),
@@ -79,12 +80,17 @@ def test_r2_2_second_job_in_the_folder_is_refused_naming_the_holder(tmp_path):
     try:
         holder_pid = int(_wait_for_line(first, "HOLDING").split("pid=")[1])
         # The first job (2 ranks, rank 0 writes) is mid-run, a checkpoint of step 2 saved.
-        second = _run_job(ckpt, "--resume", "auto")
-        (result,) = rank_results(second.stdout)
-        assert result["error_type"] == "CheckpointInUseError", second.stdout + second.stderr
-        assert f"pid {holder_pid} on host {socket.gethostname()!r}" in result["error"]
-        assert str(ckpt) in result["error"] and "another checkpoint directory" in result["error"]
-        assert result["steps"] == 0
+        # A second 2-rank job in the same folder, as a scheduler might start by mistake.
+        second = _run_job(ckpt, "--nprocs", "2", "--resume", "auto")
+        results = rank_results(second.stdout)
+        assert len(results) == 2, second.stdout[-3000:] + second.stderr[-3000:]
+        for result in results:
+            assert result["error_type"] == "CheckpointInUseError", second.stdout[-3000:]
+            assert f"pid {holder_pid} on host {socket.gethostname()!r}" in result["error"]
+            assert str(ckpt) in result["error"]
+            assert "another checkpoint directory" in result["error"]
+            assert result["steps"] == 0
+        assert results[0]["error"] == results[1]["error"]
         release.touch()
         out, _ = first.communicate(timeout=300)
     finally:
@@ -119,9 +125,9 @@ def test_r2_2_fresh_run_never_writes_beside_another_run(tmp_path, clean_env):
     kw = {"checkpoint_dir": str(ckpt), "checkpoint_every": 2, "val": False}
     with devlayer.init(backend="cpu"):
         train(max_epochs=1, resume=None, **kw)
-        (run,) = CheckpointStore(ckpt).runs()
         with pytest.raises(CheckpointRunError) as info:
             train(max_epochs=1, resume=None, **kw)
+        (run,) = CheckpointStore(ckpt).runs()
         message = str(info.value)
         assert str(ckpt) in message and run in message
         assert "new checkpoint_dir" in message and "resume='auto'" in message
