@@ -198,9 +198,12 @@ class Trainer:
         batch_size: GLOBAL samples per optimizer step (over all ranks and micro-batches).
         lr_scaling: ``"linear"`` or ``"sqrt"``: multiply learning rates by the world size
             (or its square root) once at the start; ``None`` leaves them.
-        checkpoint_dir: Where to keep atomic checkpoints (rank 0 writes).
+        checkpoint_dir: Where to keep atomic checkpoints (rank 0 writes). ``fit()`` checks
+            it is writable before the first step and locks it: one job per folder.
         checkpoint_every: Save every N optimizer steps (also at each epoch end when set).
-        resume: ``"auto"`` (newest valid checkpoint in ``checkpoint_dir``), a path, or None.
+        resume: ``"auto"`` (newest valid checkpoint in ``checkpoint_dir``, continuing its
+            run), a path, or None (a fresh run: refused when ``checkpoint_dir`` already
+            holds checkpoints). The rules: docs/checkpoints.md, "Run identity".
         seed: Seeds random/NumPy/torch per rank and the data order.
         early_stopping: An :class:`EarlyStopping`.
         metrics_file: JSON lines, one per epoch, written by rank 0.
@@ -433,6 +436,8 @@ class Trainer:
         from devlayer.train.checkpoint import CheckpointStore
 
         assert self.checkpoint_dir is not None
+        if getattr(self, "_checkpoints", None) is not None:
+            return self._checkpoints.store  # holds the folder lock and the run id
         return CheckpointStore(self.checkpoint_dir)
 
     def _payload(self, rank_states: list[Any]) -> dict[str, Any]:
@@ -482,36 +487,26 @@ class Trainer:
         return path
 
     def _resume(self) -> None:
-        if self.checkpoint_dir is None or self.resume is None:
+        if self.checkpoint_dir is None:
             return
-        from devlayer.train.checkpoint import CheckpointError
+        from devlayer.train.checkpoint import TrainingCheckpoints
 
-        store = self._store()
-        if self.resume == "auto":
-            # Rank 0 picks (and warns about skipped files) once; every rank loads the same.
-            choice: tuple[str, str | None] = ("ok", None)
-            if devlayer.is_main():
-                try:
-                    store.cleanup_temp()
-                    found = store.latest()
-                    choice = ("ok", str(found) if found is not None else None)
-                except CheckpointError as exc:
-                    choice = ("error", str(exc))
-            status, value = devlayer.broadcast_object(choice, src=0)
-            if status == "error":
-                raise CheckpointError(f"resume='auto' found no usable checkpoint: {value}")
-            if value is None:
-                return
-            path = Path(value)
-        else:
-            path = Path(self.resume)
-        payload, _manifest = store.load(
-            path,
-            map_location=self.device,
-            expected_world_size=devlayer.world_size(),
-            allow_world_size_change=self.allow_world_size_change,
-        )
-        self._apply(payload, same_world=_manifest.get("world_size") == devlayer.world_size())
+        # Collective: rank 0 locks the folder, checks it is writable before any step and
+        # picks the checkpoint under the run rules (docs/checkpoints.md); all ranks agree.
+        self._checkpoints = TrainingCheckpoints(self.checkpoint_dir)
+        path = self._checkpoints.begin(self.resume)
+        if path is None:
+            return
+        with self._checkpoints.restoring(path):
+            payload, _manifest = self._checkpoints.store.load(
+                path,
+                map_location=self.device,
+                expected_world_size=devlayer.world_size(),
+                allow_world_size_change=self.allow_world_size_change,
+            )
+            self._checkpoints.check_payload(payload, _manifest, unwrap(self.ddp_model), path)
+            same_world = _manifest.get("world_size") == devlayer.world_size()
+            self._apply(payload, same_world=same_world)
         self.resumed_from = path
         if devlayer.is_main():
             log.warning(
@@ -716,7 +711,11 @@ class Trainer:
             "epoch_time", "global_step", ...}, ...]`` including resumed epochs.
         """
         with self._catch_termination():
-            return self._fit(train_data, val_data)
+            try:
+                return self._fit(train_data, val_data)
+            finally:
+                if getattr(self, "_checkpoints", None) is not None:
+                    self._checkpoints.end()  # release the checkpoint folder's lock
 
     def _fit(self, train_data: Any, val_data: Any) -> list[dict[str, Any]]:
         from tqdm.auto import tqdm

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import enum
 import errno
@@ -13,7 +14,10 @@ import os
 import pickle
 import random
 import re
+import shutil
 import signal
+import socket
+import subprocess
 import sys
 import textwrap
 from datetime import datetime
@@ -32,6 +36,8 @@ from devlayer.train.checkpoint import (
     FORMAT_VERSION,
     CheckpointCorruptError,
     CheckpointError,
+    CheckpointInUseError,
+    CheckpointRunError,
     CheckpointStore,
     CheckpointVersionError,
     CheckpointWarning,
@@ -85,7 +91,11 @@ def test_save_layout_and_manifest(tmp_path):
     assert _temps(tmp_path / "ck") == []
     m = json.loads((path / "manifest.json").read_text())
     data = (path / "state.pt").read_bytes()
-    assert m["format_version"] == FORMAT_VERSION == 1
+    assert m["format_version"] == FORMAT_VERSION == 2
+    assert m["run_id"] is None  # the store was given none
+    body = {k: v for k, v in m.items() if k != "manifest_sha256"}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    assert m["manifest_sha256"] == hashlib.sha256(canonical).hexdigest()
     assert (m["step"], m["epoch"], m["world_size"]) == (1234, 3, 4)
     assert m["torch_version"] == torch.__version__
     assert m["devlayer_version"] == devlayer.__version__
@@ -373,6 +383,7 @@ def test_malicious_pickle_with_correct_sha256_is_refused(tmp_path, container):
     data = state.read_bytes()
     m = json.loads((path / "manifest.json").read_text())
     m.update(sha256=hashlib.sha256(data).hexdigest(), size=len(data))
+    m["manifest_sha256"] = ckpt._manifest_digest(m)  # an attacker rewrites both
     (path / "manifest.json").write_text(json.dumps(m))
 
     assert store.verify(path)["sha256"] == m["sha256"]  # the bytes are as recorded
@@ -506,7 +517,8 @@ def test_failed_rename_of_same_step_restores_the_old_copy(tmp_path, monkeypatch)
 def test_cleanup_restores_a_copy_moved_aside_by_an_interrupted_resave(tmp_path):
     store = CheckpointStore(tmp_path)
     path = _save(store, 3)
-    os.replace(path, tmp_path / ".tmp-step-000000003.old.1.ab")  # crash after this rename
+    # A crash after this rename (by a process that has exited: pid 999999999 cannot exist).
+    os.replace(path, tmp_path / ".tmp-step-000000003.old.999999999.ab")
     assert store.list() == []
     with pytest.warns(CheckpointWarning, match="restored"):
         assert store.cleanup_temp() == []
@@ -685,3 +697,282 @@ def test_to_plain_makes_values_weights_only_safe(tmp_path):
     assert torch.load(buf, weights_only=True)["point"] == (1, 2)
     with pytest.raises(InvalidArgumentError, match=r"obj\['bad'\]\[0\] is a builtins\.object"):
         to_plain({"bad": [object()]})
+
+
+# -- round 2 (issue 14): the folder lock, run identity, bounded reads, full disks ------------
+
+
+def _child(code: str) -> subprocess.Popen[str]:
+    """A Python child running ``code`` (stdin kept open: closing it lets the child end)."""
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=subprocess_env(),
+    )
+
+
+HOLD_LOCK = """
+    import sys
+    from devlayer.train.checkpoint import CheckpointStore
+    store = CheckpointStore(sys.argv[1] if len(sys.argv) > 1 else {path!r})
+    store.acquire_lock()
+    print("LOCKED", flush=True)
+    sys.stdin.read()
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX record locks")
+@pytest.mark.timeout(120)
+def test_r2_2_lock_held_by_another_process_names_it(tmp_path):
+    holder = _child(HOLD_LOCK.format(path=str(tmp_path)))
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "LOCKED\n"
+        with pytest.raises(CheckpointInUseError) as info:
+            CheckpointStore(tmp_path).acquire_lock()
+        message = str(info.value)
+        assert f"pid {holder.pid} on host {socket.gethostname()!r}" in message
+        assert str(tmp_path) in message and "another checkpoint directory" in message
+        # cleanup_temp() still works beside it, but only on provably dead writers' entries.
+        assert CheckpointStore(tmp_path).cleanup_temp() == []
+    finally:
+        holder.communicate(timeout=60)
+    with CheckpointStore(tmp_path).lock() as store:  # released with its process
+        assert store.locked
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL is POSIX")
+@pytest.mark.timeout(120)
+def test_r2_2_lock_of_a_killed_process_is_recognised_as_stale(tmp_path):
+    holder = _child(HOLD_LOCK.format(path=str(tmp_path)))
+    assert holder.stdout is not None and holder.stdout.readline() == "LOCKED\n"
+    holder.kill()
+    holder.communicate(timeout=60)
+    recorded = json.loads((tmp_path / ".lock-step").read_text())
+    assert recorded["pid"] == holder.pid  # the file stays; the kernel dropped the lock
+    with CheckpointStore(tmp_path).lock():
+        assert json.loads((tmp_path / ".lock-step").read_text())["pid"] == os.getpid()
+
+
+def test_r2_2_one_lock_per_folder_within_a_process_too(tmp_path):
+    first = CheckpointStore(tmp_path)
+    with first.lock():
+        with pytest.raises(CheckpointInUseError, match="already in use by this process"):
+            CheckpointStore(tmp_path).acquire_lock()
+        assert first.locked  # the refused attempt did not drop the POSIX lock
+    CheckpointStore(tmp_path, prefix="best").acquire_lock()  # another prefix: its own lock
+
+
+@pytest.mark.timeout(120)
+def test_r2_2_cleanup_never_removes_a_live_process_temp_files(tmp_path):
+    store = CheckpointStore(tmp_path)
+    _save(store, 1)
+    tag = ckpt._host_tag()
+    writer = _child("import sys; sys.stdin.read()")  # a live process of this host
+    try:
+        live = tmp_path / f".tmp-step-000000002.new.{writer.pid}.{tag}.abcd1234"
+        live.mkdir()
+        (live / "state.pt").write_bytes(b"half written")
+        dead = tmp_path / f".tmp-step-000000003.new.999999999.{tag}.abcd1234"
+        dead.mkdir()
+        assert store.cleanup_temp() == [dead]
+        assert live.is_dir(), "another job's save in progress must survive cleanup"
+    finally:
+        writer.communicate(timeout=60)
+    assert store.cleanup_temp() == [live]  # its writer has exited now
+
+
+def test_r2_2_folder_name_must_match_the_manifest_step(tmp_path):
+    store = CheckpointStore(tmp_path, keep=2)
+    for step in (30, 32):
+        _save(store, step)
+    bogus = tmp_path / "step-99999999999"
+    shutil.copytree(tmp_path / "step-000000032", bogus)
+    with pytest.warns(CheckpointWarning, match="named for step 99999999999.*says step 32"):
+        assert store.latest() == tmp_path / "step-000000032"
+    with pytest.warns(CheckpointWarning, match="left .*step-99999999999 alone"):
+        _save(store, 34)
+    # Pruning ranked the real steps, not the misnamed folder: 32 and 34 are kept.
+    assert _names(store.list()) == ["step-000000032", "step-000000034", "step-99999999999"]
+
+
+def test_r2_2_latest_refuses_a_folder_holding_two_runs(tmp_path):
+    for step in (10, 20):
+        _save(CheckpointStore(tmp_path, keep=5, run_id="run-a"), step)
+    _save(CheckpointStore(tmp_path, keep=5, run_id="run-b"), 4)
+    store = CheckpointStore(tmp_path)
+    assert store.runs() == {"run-a": [10, 20], "run-b": [4]}
+    with pytest.raises(CheckpointRunError) as info:
+        store.latest()
+    assert "run 'run-a' (steps 10, 20)" in str(info.value)
+    assert "run 'run-b' (step 4)" in str(info.value)
+    assert str(tmp_path) in str(info.value)
+    with pytest.raises(InvalidArgumentError, match="run_id"):
+        CheckpointStore(tmp_path, run_id="no spaces/slashes")
+
+
+def test_r2_10_hand_edited_manifest_is_refused(tmp_path):
+    store = CheckpointStore(tmp_path)
+    _save(store, 5)
+    path = tmp_path / "step-000000007"
+    os.replace(tmp_path / "step-000000005", path)  # a consistent-looking hand edit
+    m = json.loads((path / "manifest.json").read_text())
+    m["step"] = 7
+    (path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(CheckpointCorruptError, match="was changed after it was written"):
+        store.verify(path)
+
+
+def test_r2_10_symlinked_step_folders_leave_no_temp_links(tmp_path):
+    store = CheckpointStore(tmp_path / "ck", keep=1)
+
+    def link_step_1(target: Path) -> None:  # a step folder kept on another disk, say
+        os.replace(store.path_for(1), target)
+        store.path_for(1).symlink_to(target)
+
+    _save(store, 1)
+    link_step_1(tmp_path / "a")
+    _save(store, 1)  # a re-save moves the link aside, then removes the link
+    assert _temps(tmp_path / "ck") == [] and not store.path_for(1).is_symlink()
+    link_step_1(tmp_path / "b")
+    _save(store, 2)  # pruning step 1 removes the link
+    assert _temps(tmp_path / "ck") == [] and _names(store.list()) == ["step-000000002"]
+    for target in ("a", "b"):  # what the links pointed to is never deleted through them
+        assert (tmp_path / target / "state.pt").is_file()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX modes")
+def test_r2_10_private_store_creates_owner_only_checkpoints(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = _save(CheckpointStore(tmp_path / "private", private=True), 1)
+        shared = _save(CheckpointStore(tmp_path / "shared"), 1)
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o700
+    assert (tmp_path / "private").stat().st_mode & 0o777 == 0o700
+    for name in ("state.pt", "manifest.json"):
+        assert (path / name).stat().st_mode & 0o777 == 0o600
+        assert (shared / name).stat().st_mode & 0o777 == 0o644  # the umask's default
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+def test_r2_4_full_disk_inside_torch_save_is_reported_as_such(tmp_path, monkeypatch):
+    store = CheckpointStore(tmp_path)
+    _save(store, 1)
+    real_init = ckpt._HashingWriter.__init__
+    with contextlib.ExitStack() as files:
+
+        def onto_a_full_disk(self: Any, file: Any) -> None:
+            # every write: ENOSPC from the kernel
+            real_init(self, files.enter_context(open("/dev/full", "wb")))
+
+        monkeypatch.setattr(ckpt._HashingWriter, "__init__", onto_a_full_disk)
+        # The real torch.save swallows the OSError and fails with its own RuntimeError
+        # ("unexpected pos ..."); the report must still say the disk is full.
+        with pytest.raises(CheckpointError, match="No space left on device") as info:
+            _save(store, 2, payload={"w": torch.zeros(200_000)})
+        monkeypatch.undo()
+        with contextlib.suppress(OSError):
+            files.close()
+    assert "could not serialize" not in str(info.value) and "disk is full" in str(info.value)
+    assert info.value.__cause__.errno == errno.ENOSPC
+    assert _temps(tmp_path) == [] and _names(store.list()) == ["step-000000001"]
+
+
+ENOSPC_JOB = """
+    import sys, torch
+    from devlayer.train.checkpoint import CheckpointStore, CheckpointError
+    try:
+        CheckpointStore(sys.argv[1]).save({"w": torch.zeros(200_000)}, step=1, epoch=0,
+                                          world_size=1)
+    except CheckpointError as exc:
+        print("ERROR", exc)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_r2_4_real_full_disk_says_no_space_left(tmp_path):
+    if shutil.which("unshare") is None or not sys.platform.startswith("linux"):
+        pytest.skip("needs unshare (Linux user and mount namespaces) for a tiny tmpfs")
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    script = tmp_path / "job.py"
+    script.write_text(textwrap.dedent(ENOSPC_JOB))
+    proc = subprocess.run(
+        [
+            "unshare",
+            "-rm",
+            "sh",
+            "-c",
+            f'mount -t tmpfs -o size=64k none "{mnt}" && "{sys.executable}" "{script}" "{mnt}/ck"',
+        ],
+        capture_output=True,
+        text=True,
+        timeout=100,
+        env=subprocess_env(),
+    )
+    if "ERROR" not in proc.stdout and proc.returncode != 0:
+        pytest.skip(f"no mount namespace here: {proc.stderr.strip()[-300:]}")
+    assert "No space left on device" in proc.stdout, proc.stdout + proc.stderr
+    assert "could not serialize" not in proc.stdout
+
+
+def _manifest_replaced_by(kind: str, path: Path) -> None:
+    manifest = path / "manifest.json"
+    manifest.unlink()
+    if kind == "fifo":
+        os.mkfifo(manifest)
+    elif kind == "/dev/zero":
+        manifest.symlink_to("/dev/zero")
+    else:  # a regular file far above the cap
+        with open(manifest, "wb") as f:
+            f.truncate(ckpt.MANIFEST_LIMIT * 64)
+
+
+LATEST_JOB = """
+    import resource, sys, warnings
+    from devlayer.train.checkpoint import CheckpointStore
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    used = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
+    resource.setrlimit(resource.RLIMIT_AS, (used + (512 << 20), hard))  # no memory blow-up
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        print("LATEST", CheckpointStore(sys.argv[1]).latest().name)
+    print("WARNED", " | ".join(str(w.message) for w in seen))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="FIFOs, /dev/zero, /proc")
+@pytest.mark.parametrize("kind", ["fifo", "/dev/zero", "huge"])
+@pytest.mark.timeout(120)
+def test_r2_5_manifest_that_is_no_small_regular_file_is_skipped(tmp_path, kind):
+    store = CheckpointStore(tmp_path / "ck")
+    _save(store, 1)
+    _manifest_replaced_by(kind, _save(store, 2))
+    script = tmp_path / "latest.py"
+    script.write_text(textwrap.dedent(LATEST_JOB))
+    try:
+        proc = run_py([str(script), str(tmp_path / "ck")], timeout=90)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"resume blocked on a manifest that is {kind}")
+    assert "LATEST step-000000001" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+    expected = {
+        "fifo": "is a FIFO (named pipe), expected a regular file",
+        "/dev/zero": "is a character device, expected a regular file",
+        "huge": f"is larger than {ckpt.MANIFEST_LIMIT} bytes",
+    }[kind]
+    assert expected in proc.stdout
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs are POSIX")
+@pytest.mark.timeout(60)
+def test_r2_5_state_that_is_a_fifo_is_refused_without_blocking(tmp_path):
+    store = CheckpointStore(tmp_path)
+    path = _save(store, 1)
+    (path / "state.pt").unlink()
+    os.mkfifo(path / "state.pt")
+    with pytest.raises(CheckpointCorruptError, match="is a FIFO"):
+        store.verify(path)
