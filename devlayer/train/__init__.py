@@ -10,6 +10,8 @@
 from devlayer.train.checkpoint import (
     CheckpointCorruptError,
     CheckpointError,
+    CheckpointInUseError,
+    CheckpointRunError,
     CheckpointStore,
     CheckpointVersionError,
     CheckpointWorldSizeError,
@@ -23,6 +25,8 @@ __all__ = [
     "Callback",
     "CheckpointCorruptError",
     "CheckpointError",
+    "CheckpointInUseError",
+    "CheckpointRunError",
     "CheckpointStore",
     "CheckpointVersionError",
     "CheckpointWorldSizeError",
