@@ -22,6 +22,7 @@ The module is not called ``state`` so that it cannot shadow the function ``devla
 from __future__ import annotations
 
 import atexit
+import errno
 import importlib
 import logging
 import os
@@ -893,20 +894,29 @@ def rendezvous(info: ProcessInfo, timeout: timedelta) -> Any:
     """
     import torch.distributed as dist
 
-    addr, port = info.master_addr, info.master_port
-    where = f"{addr}:{port}"
+    port = info.master_port
+    addr = _unbracket(info.master_addr)  # "[::1]" names the host ::1
+    where = f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
     src = info.sources
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
     is_server = info.rank == 0 and not agent_store
+    store_host = "torchrun's agent" if agent_store else "rank 0"
     deadline = time.monotonic() + timeout.total_seconds()
     kwargs: dict[str, Any] = {}
     if is_server and _is_loopback(addr):
         try:
-            kwargs["master_listen_fd"], _ = loopback_listener(int(port or 0))
+            kwargs["master_listen_fd"], _ = loopback_listener(int(port or 0), addr)
         except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise RendezvousError(
+                    f"rank 0 cannot listen on {where}: {exc.strerror or exc} (MASTER_ADDR from "
+                    f"{src.get('master_addr', 'MASTER_ADDR')}); name a loopback address this "
+                    f"host has, e.g. MASTER_ADDR=127.0.0.1"
+                ) from exc
             raise _port_in_use(where, port, src) from exc
-    try:
-        base = dist.TCPStore(
+
+    def make_store() -> Any:
+        return dist.TCPStore(
             host_name=addr,
             port=int(port or 0),
             world_size=info.world_size,
@@ -916,6 +926,16 @@ def rendezvous(info: ProcessInfo, timeout: timedelta) -> Any:
             multi_tenant="master_listen_fd" not in kwargs,
             **kwargs,
         )
+
+    try:
+        base = make_store() if is_server else _bounded(make_store, deadline)
+    except TimeoutError:
+        raise RendezvousError(
+            f"rank {info.rank} got no answer from a rendezvous store at {where} within "
+            f"{timeout.total_seconds():g}s: the connection was accepted but nothing answered "
+            f"as a torch store, so another program probably holds the port. "
+            f"{_store_host_hint(store_host, where)}"
+        ) from None
     except Exception as exc:
         text = str(exc)
         if is_server and ("in use" in text.lower() or "EADDRINUSE" in text):
@@ -925,7 +945,7 @@ def rendezvous(info: ProcessInfo, timeout: timedelta) -> Any:
             f"{timeout.total_seconds():g}s (MASTER_ADDR from "
             f"{src.get('master_addr', 'MASTER_ADDR')}, MASTER_PORT from "
             f"{src.get('master_port', 'MASTER_PORT')}): {text.splitlines()[0] if text else exc!r}. "
-            f"Check that rank 0 is running and that {where} is reachable from this host"
+            f"{_store_host_hint(store_host, where)}"
         ) from exc
     store = dist.PrefixStore(f"devlayer/attempt{info.restart_count}/", base)
     try:
@@ -943,13 +963,60 @@ def rendezvous(info: ProcessInfo, timeout: timedelta) -> Any:
         raise
     except Exception as exc:  # the store's host went away (torch's DistNetworkError & co.)
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        host = "this process" if is_server else "rank 0" if not agent_store else "torchrun"
+        if is_server:
+            hint = "this process hosts the store; see the first error above"
+        else:
+            hint = _store_host_hint(store_host, where)
         raise RendezvousError(
             f"rank {info.rank} lost the rendezvous store at {where} while the ranks were "
-            f"meeting ({text}); the store's host ({host}) probably exited or gave up: check its "
-            f"output for the first error"
+            f"meeting ({text}). {hint}"
         ) from exc
     return store
+
+
+def _bounded(make: Callable[[], Any], deadline: float) -> Any:
+    """``make()`` in a helper thread, given up at ``deadline`` (``time.monotonic()``).
+
+    torch's TCPStore client waits forever for an answer when the port is held by a program
+    that accepts connections but is not a store (seen with torch 2.13: a listener that
+    never answers kept rank 1 waiting past a 4 s timeout for over a minute). The call
+    releases the GIL, so the thread can be left behind (daemon) while the error is raised.
+
+    Raises:
+        TimeoutError: ``make()`` did not return by the deadline (plus one second for torch's
+            own timeout error to arrive first).
+    """
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = make()
+        except BaseException as exc:  # handed to the caller's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, name="devlayer-store-connect", daemon=True)
+    thread.start()
+    thread.join(max(deadline - time.monotonic(), 0.0) + 1.0)
+    if "error" in box:
+        raise box["error"]
+    if "value" in box:
+        return box["value"]
+    raise TimeoutError
+
+
+def _unbracket(addr: str) -> str:
+    """``"[::1]"`` -> ``"::1"`` (URL-style brackets around an IPv6 address)."""
+    addr = addr.strip()
+    return addr[1:-1] if addr.startswith("[") and addr.endswith("]") else addr
+
+
+def _store_host_hint(store_host: str, where: str) -> str:
+    """What a rank that cannot use the store should look at (issue 14: blame the cause)."""
+    return (
+        f"{store_host} (the store host) probably failed to start the store at {where} (a port "
+        f"in use, an address this host does not have) or exited: look at {store_host}'s "
+        f"output for its first error; otherwise check that {where} is reachable from here"
+    )
 
 
 def _is_loopback(addr: str) -> bool:
@@ -971,22 +1038,26 @@ def _port_in_use(where: str, port: object, src: Mapping[str, str]) -> Rendezvous
     )
 
 
-def loopback_listener(port: int = 0) -> tuple[int, int]:
-    """A socket listening on 127.0.0.1 only, for a TCP store's ``master_listen_fd``.
+def loopback_listener(port: int = 0, host: str = "127.0.0.1") -> tuple[int, int]:
+    """A socket listening on one loopback address only, for a TCP store's ``master_listen_fd``.
 
     torch's store server otherwise listens on every interface; on one node nothing outside
-    this machine needs to reach it. Returns ``(file descriptor, port)``; the store owns the
+    this machine needs to reach it. ``host`` is the loopback address ``MASTER_ADDR`` names
+    (``127.0.0.1``, ``127.0.0.2``, ``::1``...; ``localhost`` = ``127.0.0.1``), so clients that
+    connect there find it. Returns ``(file descriptor, port)``; the store owns the
     descriptor from then on.
 
     Raises:
-        OSError: The port is taken.
+        OSError: The port is taken, or this host has no such address.
     """
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    host = "127.0.0.1" if host in ("", "localhost") else _unbracket(host)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
     # Rerunning a job on the same derived port must not wait for TIME_WAIT to expire
     # (torch's own store sets SO_REUSEADDR too); a live listener still makes bind fail.
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind(("127.0.0.1", port))
+        sock.bind((host, port))
         sock.listen(512)
     except OSError:
         sock.close()
