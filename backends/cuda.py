@@ -85,6 +85,11 @@ class CudaBackend(Backend):
             )
         return out
 
+    def shares_devices_between_ranks(self, comm: str) -> bool:
+        # NCCL refuses two ranks on one GPU ("Duplicate GPU detected") in most versions;
+        # gloo on CUDA tensors does not care.
+        return comm != "nccl"
+
     def comm_hint(self, comm: str) -> str:
         return (
             f"{comm} ships with the CUDA/ROCm builds of torch; a CPU-only build cannot use it. "

@@ -23,14 +23,59 @@ Example:
 from __future__ import annotations
 
 import operator
+import re
+from collections import Counter
 from collections.abc import Sequence
 
 from devlayer.errors import DeviceError
 
-__all__ = ["usable_cpus", "DeviceSpec", "device_index", "narrow_visibility", "parse_devices"]
+__all__ = [
+    "usable_cpus",
+    "DeviceSpec",
+    "device_index",
+    "narrow_visibility",
+    "parse_devices",
+    "show_spec",
+]
 
 #: The parsed form: ``None`` = all visible devices, an int = the first N, a tuple = indices.
 DeviceSpec = int | tuple[int, ...] | None
+
+#: A whole number written with ASCII digits (``str.isdigit``/``int`` also accept others).
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+#: How many values an error message lists before it only counts the rest.
+_SHOWN = 5
+
+
+def _split_entries(text: str, spec: str, origin: str) -> list[str]:
+    """The comma-separated entries of ``text``; one trailing comma marks a one-entry list.
+
+    Raises:
+        DeviceError: An empty entry (``"0,,1"``, ``",1"``), which is a typo, not a device.
+    """
+    if not text:
+        return []
+    parts = [p.strip() for p in text.split(",")]
+    if len(parts) > 1 and parts[-1] == "":
+        parts.pop()  # "3," and "[3,]": the index 3
+    if "" in parts:
+        raise DeviceError(
+            f"{origin}={_short(spec)} has an empty entry between commas; list each device once, "
+            f"e.g. '0,1' (one trailing comma, as in '1,', marks a single index)"
+        )
+    return parts
+
+
+def _few(values: Sequence[int]) -> str:
+    """``"3, 4, 5, 6, 7, ... (4997 in all)"``: messages stay short for long lists."""
+    shown = ", ".join(map(str, values[:_SHOWN]))
+    return shown if len(values) <= _SHOWN else f"{shown}, ... ({len(values)} in all)"
+
+
+def _short(spec: object) -> str:
+    """``repr(spec)``, cut short for very long specs."""
+    text = repr(spec)
+    return text if len(text) <= 80 else f"{text[:60]}...({len(text)} characters)"
 
 
 def parse_devices(spec: object, *, origin: str = "devices") -> DeviceSpec:
@@ -49,7 +94,7 @@ def parse_devices(spec: object, *, origin: str = "devices") -> DeviceSpec:
     if spec is None:
         return None
     if isinstance(spec, bool):
-        raise DeviceError(f"{origin}={spec!r} is not a device spec; use 'auto', N or '1,3'")
+        raise DeviceError(f"{origin}={_short(spec)} is not a device spec; use 'auto', N or '1,3'")
     if isinstance(spec, int):
         if spec == -1:
             return None
@@ -63,24 +108,29 @@ def parse_devices(spec: object, *, origin: str = "devices") -> DeviceSpec:
         text = spec.strip().lower()
         if text in ("", "auto", "all", "-1"):
             return None
+        if any(ch.isdigit() and not ch.isascii() for ch in text):
+            # int() accepts Arabic-Indic, full-width and other digits; a device number never
+            # looks like that on purpose.
+            raise DeviceError(
+                f"{origin}={_short(spec)} contains non-ASCII digits; write device numbers with the "
+                f"digits 0-9 (e.g. 2 or '1,3')"
+            )
         as_list = text.startswith("[")  # "[2]" is index 2, like [2]; "2" is a count
         text = text.strip("[]()").strip()
         if "," not in text and not as_list:
-            try:
-                count = int(text)
-            except ValueError:
+            if not _INTEGER.fullmatch(text):
                 raise DeviceError(
-                    f"{origin}={spec!r} is not a device spec; use 'auto', a count such as 2, "
+                    f"{origin}={_short(spec)} is not a device spec; use 'auto', a count such as 2, "
                     f"or indices such as '1,3'"
-                ) from None
-            # Outside the try: DeviceError is a ValueError, and "0" deserves its own message.
-            return parse_devices(count, origin=origin)
-        items: Sequence[object] = [p.strip() for p in text.split(",") if p.strip()]
+                )
+            # DeviceError is a ValueError, and "0" deserves its own message.
+            return parse_devices(int(text), origin=origin)
+        items: Sequence[object] = _split_entries(text, spec, origin)
     elif isinstance(spec, Sequence) and not isinstance(spec, (bytes, bytearray)):
         items = list(spec)
     else:
         raise DeviceError(
-            f"{origin}={spec!r} has type {type(spec).__name__}; use 'auto', an int, "
+            f"{origin}={_short(spec)} has type {type(spec).__name__}; use 'auto', an int, "
             f"a string like '1,3' or a list of ints"
         )
     indices: list[int] = []
@@ -89,20 +139,23 @@ def parse_devices(spec: object, *, origin: str = "devices") -> DeviceSpec:
             if isinstance(item, bool):
                 raise ValueError
             # operator.index: 1.5 or 2.0 in a list is an error, not silently device 1 or 2.
+            if isinstance(item, str) and not _INTEGER.fullmatch(item.strip()):
+                raise ValueError
             value = int(item) if isinstance(item, str) else operator.index(item)  # type: ignore[arg-type]
         except (TypeError, ValueError):
             raise DeviceError(
-                f"{origin}={spec!r}: entry {item!r} is not a device index (a whole number >= 0)"
+                f"{origin}={_short(spec)}: entry {item!r} is not a device index (a whole number "
+                f">= 0, digits 0-9)"
             ) from None
         if value < 0:
-            raise DeviceError(f"{origin}={spec!r}: device index {value} is negative")
+            raise DeviceError(f"{origin}={_short(spec)}: device index {value} is negative")
         indices.append(value)
     if not indices:
-        raise DeviceError(f"{origin}={spec!r} lists no devices; use 'auto' for all of them")
-    dups = sorted({i for i in indices if indices.count(i) > 1})
+        raise DeviceError(f"{origin}={_short(spec)} lists no devices; use 'auto' for all of them")
+    dups = sorted(i for i, n in Counter(indices).items() if n > 1)  # linear, not list.count
     if dups:
         raise DeviceError(
-            f"{origin}={spec!r} lists device {', '.join(map(str, dups))} more than once; "
+            f"{origin}={_short(spec)} lists device {_few(dups)} more than once; "
             f"each device may appear once (ranks are mapped with local_rank % len(devices))"
         )
     return tuple(indices)
@@ -124,22 +177,40 @@ def selected_indices(spec: DeviceSpec) -> tuple[int, ...] | None:
 def check_exists(
     spec: DeviceSpec, visible_count: int, *, device_type: str, origin: str = "devices"
 ) -> None:
-    """Raise DeviceError when ``spec`` names devices beyond ``visible_count``."""
-    wanted = selected_indices(spec)
-    if wanted is None:
+    """Raise DeviceError when ``spec`` names devices beyond ``visible_count``.
+
+    A count is compared as a number, so ``devices=10**9`` never builds a list.
+    """
+    if spec is None:
         return
-    missing = [i for i in wanted if i >= visible_count]
+    have = f"indices 0..{visible_count - 1}" if visible_count else "indices none"
+    if isinstance(spec, int):
+        if spec > visible_count:
+            raise DeviceError(
+                f"{origin}={spec} asks for a count of {spec} {device_type} devices, but this "
+                f"process sees {visible_count} {device_type} device(s) ({have}); ask for at "
+                f"most {visible_count}, or use 'auto' for all of them"
+            )
+        return
+    missing = [i for i in spec if i >= visible_count]
     if missing:
-        have = f"0..{visible_count - 1}" if visible_count else "none"
         raise DeviceError(
-            f"{origin}={_show(spec)} asks for {device_type} device(s) "
-            f"{', '.join(map(str, missing))}, but this process sees {visible_count} "
-            f"{device_type} device(s) (indices {have}); pick indices that exist or use 'auto'"
+            f"{origin}={show_spec(spec)} asks for {device_type} device(s) {_few(missing)}, but "
+            f"this process sees {visible_count} {device_type} device(s) ({have}); pick indices "
+            f"that exist or use 'auto'"
         )
 
 
-def _show(spec: DeviceSpec) -> str:
+def show_spec(spec: DeviceSpec) -> str:
+    """A parsed spec as users write it (``[1,3]``, ``2``), cut short for long lists.
+
+    Example:
+        >>> show_spec((1, 3)), show_spec(2), show_spec(tuple(range(100)))
+        ('[1,3]', '2', '[0,1,2,3,4,...] (100 entries)')
+    """
     if isinstance(spec, tuple):
+        if len(spec) > _SHOWN:
+            return "[" + ",".join(map(str, spec[:_SHOWN])) + f",...] ({len(spec)} entries)"
         return "[" + ",".join(map(str, spec)) + "]"
     return repr(spec)
 

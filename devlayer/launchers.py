@@ -263,9 +263,16 @@ def _validate(info: ProcessInfo) -> ProcessInfo:
             f"({where('world_size')}={info.world_size})"
         )
     if not 0 <= info.local_rank < info.local_world_size:
+        size = f"{where('local_world_size')}={info.local_world_size}"
+        if src.get("local_world_size") in ("default", "assumed single node"):
+            size = (
+                f"a local world size of {info.local_world_size}: LOCAL_WORLD_SIZE is not set "
+                f"(nor the launcher's own), so all {where('world_size')}={info.world_size} ranks "
+                f"were assumed to run on this node. Export LOCAL_WORLD_SIZE=<ranks per node>"
+            )
         raise LaunchEnvError(
-            f"{where('local_rank')}={info.local_rank} is out of range for "
-            f"{where('local_world_size')}={info.local_world_size}"
+            f"{where('local_rank')}={info.local_rank} is out of range for {size}; local ranks "
+            f"run from 0 to {info.local_world_size - 1}"
         )
     if not 0 <= info.node_rank < max(info.num_nodes, 1):
         raise LaunchEnvError(
@@ -773,6 +780,8 @@ def detect(
             )
         return _single(env, notes)
 
+    if chosen.launcher in _MPI_FAMILY:
+        _check_mpi_families_agree(env, chosen, disabled)
     if hand is not None or hand_error is not None:
         # Compare only what was really exported: when LOCAL_RANK is absent the env detector
         # assumes one node, which says nothing about a multi-node srun step.
@@ -788,6 +797,36 @@ def detect(
             chosen, sources={**chosen.sources}, notes=(*chosen.notes, "RANK/WORLD_SIZE agree")
         )
     return _validate(chosen)
+
+
+def _check_mpi_families_agree(
+    env: Mapping[str, str], chosen: ProcessInfo, disabled: set[str]
+) -> None:
+    """Variables of two MPI families (``OMPI_*`` and ``PMI_RANK``...) must agree.
+
+    The first family in precedence order wins; when another one's variables are also set
+    (a stale export, a nested launch) and name a different rank or size, that is the same
+    conflict as a hand-set ``RANK``, not a silent choice. PMIx is not compared: OpenMPI and
+    ``srun --mpi=pmix`` set ``PMIX_RANK`` themselves, and its size may come from SLURM.
+    """
+    for name in _MPI_FAMILY:
+        if name in (chosen.launcher, "pmix") or name in disabled:
+            continue
+        try:
+            other = LAUNCHERS[name](env)
+        except LaunchEnvError:
+            continue  # incomplete variables of another family: nothing to compare
+        if other is None:
+            continue
+        for fieldname in ("rank", "world_size"):
+            mine, theirs = getattr(chosen, fieldname), getattr(other, fieldname)
+            if mine != theirs:
+                raise LaunchEnvError(
+                    f"conflicting launcher variables: {chosen.sources.get(fieldname)}={mine} "
+                    f"({chosen.launcher}) but {other.sources.get(fieldname)}={theirs} "
+                    f"({other.launcher}); unset the stale ones, or set "
+                    f"DEVLAYER_LAUNCHER={chosen.launcher} or ={other.launcher} to choose"
+                )
 
 
 def _hand_set(env: Mapping[str, str]) -> list[tuple[str, str, int]]:

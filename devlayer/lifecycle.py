@@ -22,6 +22,7 @@ The module is not called ``state`` so that it cannot shadow the function ``devla
 from __future__ import annotations
 
 import atexit
+import errno
 import importlib
 import logging
 import os
@@ -67,6 +68,7 @@ __all__ = [
     "local_rank",
     "local_world_size",
     "node_rank",
+    "num_nodes",
     "rank",
     "shutdown",
     "state",
@@ -77,6 +79,8 @@ log = logging.getLogger("devlayer")
 
 MIN_TORCH = (2, 6)
 DEFAULT_TIMEOUT = timedelta(minutes=10)
+#: The longest rendezvous/collective timeout accepted (``timeout=``, ``DEVLAYER_TIMEOUT``).
+MAX_TIMEOUT = timedelta(days=7)
 #: Marks that visibility was already narrowed in this process tree (by devlayer.early or a
 #: parent), so a child does not narrow relative indices twice.
 APPLIED_MARKER = "DEVLAYER_VISIBILITY_APPLIED"
@@ -140,6 +144,11 @@ class State:
     def node_rank(self) -> int:
         """Index of this node."""
         return self.process.node_rank
+
+    @property
+    def num_nodes(self) -> int:
+        """Number of nodes (machines) in the job."""
+        return self.process.num_nodes
 
     @property
     def is_main(self) -> bool:
@@ -234,8 +243,13 @@ def torch_advisories(version: str) -> list[str]:
 def parse_timeout(timeout: object, *, origin: str = "timeout") -> timedelta | None:
     """Seconds (int/float), a :class:`~datetime.timedelta` or ``None`` -> timedelta or None.
 
+    Accepted: more than zero and at most :data:`MAX_TIMEOUT` (a week). Larger values are
+    refused by name instead of overflowing inside ``timedelta`` or torch (``1e14`` raised a
+    raw ``OverflowError``; ``8e13`` was accepted and then failed at once).
+
     Raises:
-        InvalidArgumentError: Zero, negative, not finite, or another type.
+        InvalidArgumentError: Zero (or below a microsecond), negative, not finite, more than
+            a week, or another type.
 
     Example:
         >>> parse_timeout(5)
@@ -243,25 +257,47 @@ def parse_timeout(timeout: object, *, origin: str = "timeout") -> timedelta | No
     """
     if timeout is None:
         return None
-    shown = timeout  # what the user wrote, for messages (a variable's text stays text)
+    shown = _short_repr(timeout)  # what the user wrote (a variable's text stays text)
     if isinstance(timeout, str) and origin != "timeout":
         try:
             timeout = float(timeout)
         except ValueError:
             raise InvalidArgumentError(
-                f"{origin}={timeout!r} is not a number of seconds; use e.g. {origin}=300"
+                f"{origin}={shown} is not a number of seconds; use e.g. {origin}=300"
             ) from None
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float, timedelta)):
         raise InvalidArgumentError(
-            f"{origin}={timeout!r} has type {type(timeout).__name__}; pass seconds as a number "
+            f"{origin}={shown} has type {type(timeout).__name__}; pass seconds as a number "
             f"or a datetime.timedelta"
         )
-    seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else float(timeout)
+    if isinstance(timeout, timedelta):
+        seconds = timeout.total_seconds()
+    elif isinstance(timeout, int) and abs(timeout) > 10**15:  # float() may overflow
+        seconds = float(10**15 if timeout > 0 else -1)
+    else:
+        seconds = float(timeout)
     if not seconds > 0 or seconds == float("inf"):
         raise InvalidArgumentError(
-            f"{origin}={shown!r} must be a positive, finite number of seconds (e.g. 300)"
+            f"{origin}={shown} must be a positive, finite number of seconds (e.g. 300)"
         )
-    return timeout if isinstance(timeout, timedelta) else timedelta(seconds=seconds)
+    limit = MAX_TIMEOUT.total_seconds()
+    if seconds > limit:
+        raise InvalidArgumentError(
+            f"{origin}={shown} is more than a week; devlayer accepts timeouts up to "
+            f"{limit:.0f} seconds (7 days). Use a smaller value, e.g. {origin}=3600"
+        )
+    result = timeout if isinstance(timeout, timedelta) else timedelta(seconds=seconds)
+    if result <= timedelta(0):
+        raise InvalidArgumentError(
+            f"{origin}={shown} must be a positive number of seconds; it rounds to 0 at "
+            f"microsecond resolution (e.g. use 300)"
+        )
+    return result
+
+
+def _short_repr(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}...({len(text)} characters)"
 
 
 def _env_flag(name: str, default: bool) -> bool:
@@ -382,11 +418,14 @@ def init(
                 f"DEVLAYER_BACKEND=cpu for multi-process runs"
             )
         comm_name = be.comm_backend(comm) if info.world_size > 1 else None
+        _check_single_process_count(be, spec, spec_origin, info)
+        if spec_origin == "DEVLAYER_DEVICES":
+            _warn_count_or_index(be, spec, os.environ["DEVLAYER_DEVICES"], info)
 
         undo = _Undo()
         try:
             visibility = _apply_visibility(be, spec, spec_origin, undo)
-            index = _pick_device(be, spec, spec_origin, info)
+            index = _pick_device(be, spec, spec_origin, info, comm_name)
             dev = be.device(index)
             if index is not None:
                 be.set_device(index)
@@ -607,10 +646,67 @@ def _simulated(be: Backend) -> bool:
     return bool(getattr(be.runtime, "simulated", False))
 
 
+def _check_single_process_count(
+    be: Backend, spec: _devices.DeviceSpec, origin: str, info: ProcessInfo
+) -> None:
+    """Refuse ``devices=N`` (N > 1) in a process that no launcher started.
+
+    Lightning-style ``devices=2`` means two ranks; a plain ``python script.py`` is one rank
+    and would quietly use one device. Starting ranks from inside ``init()`` would surprise
+    more than an error that says how to start them.
+    """
+    if not isinstance(spec, int) or spec < 2 or info.launcher != "none":
+        return
+    raise DeviceError(
+        f"{origin}={spec} asks for a count of {spec} devices, one per rank, but no launcher "
+        f"started this single process, so it would use one (it sees {be.device_count()} "
+        f"{be.device_type} device(s)). Start N ranks with devlayer.spawn(fn, nprocs=N), "
+        f"`devlayer launch --nproc N script.py` or `torchrun --nproc-per-node=N script.py`; "
+        f"for one process use devices=1 or an index such as '1,'"
+    )
+
+
+_count_warned = False
+
+
+def _warn_count_or_index(
+    be: Backend, spec: _devices.DeviceSpec, raw: str, info: ProcessInfo
+) -> None:
+    """Warn once when ``DEVLAYER_DEVICES=N`` could also be read as the index N.
+
+    ``DEVLAYER_DEVICES=1`` is a count (device 0), as in Lightning; someone translating
+    ``CUDA_VISIBLE_DEVICES=1`` means device 1. Only when device N exists are both readings
+    possible; ``N,`` / ``[N]`` (an index) and ``0,1`` (indices) say which one is meant.
+    """
+    global _count_warned
+    if _count_warned or not isinstance(spec, int) or info.local_rank != 0:
+        return
+    if not be.indexed or be.visibility_var(os.environ) is None:
+        return
+    if spec >= be.device_count():  # no device N: the count is the only reading
+        return
+    _count_warned = True
+    import warnings
+
+    first = "device 0" if spec == 1 else f"devices 0..{spec - 1}"
+    listed = ",".join(map(str, range(spec))) + ("," if spec == 1 else "")
+    warnings.warn(
+        f"DEVLAYER_DEVICES={raw.strip()} is read as a count: the first {spec} visible "
+        f"{be.device_type} device(s) ({first}), not the device with index {spec} (as "
+        f"CUDA_VISIBLE_DEVICES={spec} would mean). For the index write "
+        f"DEVLAYER_DEVICES={spec}, (or [{spec}]); to keep the count without this warning "
+        f"write the indices, DEVLAYER_DEVICES={listed}",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
 def _apply_visibility(
     be: Backend, spec: _devices.DeviceSpec, origin: str, undo: _Undo
 ) -> tuple[str, str] | None:
     """Narrow the vendor's visibility variable before its runtime starts."""
+    if isinstance(spec, int):  # a count is checked as a number before any list is built
+        _devices.check_exists(spec, be.device_count(), device_type=be.device_type, origin=origin)
     indices = _devices.selected_indices(spec)
     if indices is None:
         return None
@@ -648,12 +744,15 @@ def _apply_visibility(
     return (var, new_value)
 
 
-def _show(spec: _devices.DeviceSpec) -> str:
-    return "[" + ",".join(map(str, spec)) + "]" if isinstance(spec, tuple) else repr(spec)
+_show = _devices.show_spec
 
 
 def _pick_device(
-    be: Backend, spec: _devices.DeviceSpec, origin: str, info: ProcessInfo
+    be: Backend,
+    spec: _devices.DeviceSpec,
+    origin: str,
+    info: ProcessInfo,
+    comm: str | None = None,
 ) -> int | None:
     if not be.indexed:
         return None
@@ -671,16 +770,43 @@ def _pick_device(
             f"ranks run on this node; list at least {info.local_world_size} devices or start "
             f"fewer ranks per node"
         )
-    if count < info.local_world_size and count > 1:
-        log.warning(
-            "%d local ranks share %d %s devices (rank -> local_rank %% %d); collectives such "
-            "as nccl refuse two ranks on one device",
-            info.local_world_size,
-            count,
-            be.device_type,
-            count,
-        )
+    if 1 < count < info.local_world_size:
+        _check_shared_devices(be, comm, count, info)
     return _devices.device_index(info.local_rank, count)
+
+
+_shared_warned = False
+
+
+def _check_shared_devices(be: Backend, comm: str | None, count: int, info: ProcessInfo) -> None:
+    """More ranks on this node than devices: an error where the comm refuses, else a warning.
+
+    One visible device per rank (``count == 1``) is left alone: that is how schedulers bind
+    one GPU to each task, where every rank sees a different device as device 0.
+    """
+    global _shared_warned
+    ranks = info.local_world_size
+    shown = min(ranks, 6)
+    mapping = ", ".join(
+        f"{be.device_type}:{_devices.device_index(r, count)}" for r in range(shown)
+    ) + (", ..." if ranks > shown else "")
+    what = (
+        f"{ranks} ranks run on this node but {count} {be.device_type} device(s) are visible, "
+        f"so ranks share devices (local rank -> device: {mapping})"
+    )
+    if (
+        comm is not None
+        and not be.shares_devices_between_ranks(comm)
+        and not _env_flag("DEVLAYER_ALLOW_SHARED_DEVICES", False)
+    ):
+        raise DeviceError(
+            f"{what}; the {comm!r} communication backend refuses two ranks on one device in "
+            f"most versions. Start at most {count} ranks per node or make more devices "
+            f"visible; set DEVLAYER_ALLOW_SHARED_DEVICES=1 to try anyway"
+        )
+    if info.rank == 0 and not _shared_warned:
+        _shared_warned = True
+        log.warning("%s; sharing a device between ranks is discouraged (slow, memory)", what)
 
 
 def _create_process_group(
@@ -768,20 +894,29 @@ def rendezvous(info: ProcessInfo, timeout: timedelta) -> Any:
     """
     import torch.distributed as dist
 
-    addr, port = info.master_addr, info.master_port
-    where = f"{addr}:{port}"
+    port = info.master_port
+    addr = _unbracket(info.master_addr)  # "[::1]" names the host ::1
+    where = f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
     src = info.sources
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
     is_server = info.rank == 0 and not agent_store
+    store_host = "torchrun's agent" if agent_store else "rank 0"
     deadline = time.monotonic() + timeout.total_seconds()
     kwargs: dict[str, Any] = {}
     if is_server and _is_loopback(addr):
         try:
-            kwargs["master_listen_fd"], _ = loopback_listener(int(port or 0))
+            kwargs["master_listen_fd"], _ = loopback_listener(int(port or 0), addr)
         except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise RendezvousError(
+                    f"rank 0 cannot listen on {where}: {exc.strerror or exc} (MASTER_ADDR from "
+                    f"{src.get('master_addr', 'MASTER_ADDR')}); name a loopback address this "
+                    f"host has, e.g. MASTER_ADDR=127.0.0.1"
+                ) from exc
             raise _port_in_use(where, port, src) from exc
-    try:
-        base = dist.TCPStore(
+
+    def make_store() -> Any:
+        return dist.TCPStore(
             host_name=addr,
             port=int(port or 0),
             world_size=info.world_size,
@@ -791,6 +926,16 @@ def rendezvous(info: ProcessInfo, timeout: timedelta) -> Any:
             multi_tenant="master_listen_fd" not in kwargs,
             **kwargs,
         )
+
+    try:
+        base = make_store() if is_server else _bounded(make_store, deadline)
+    except TimeoutError:
+        raise RendezvousError(
+            f"rank {info.rank} got no answer from a rendezvous store at {where} within "
+            f"{timeout.total_seconds():g}s: the connection was accepted but nothing answered "
+            f"as a torch store, so another program probably holds the port. "
+            f"{_store_host_hint(store_host, where)}"
+        ) from None
     except Exception as exc:
         text = str(exc)
         if is_server and ("in use" in text.lower() or "EADDRINUSE" in text):
@@ -800,7 +945,7 @@ def rendezvous(info: ProcessInfo, timeout: timedelta) -> Any:
             f"{timeout.total_seconds():g}s (MASTER_ADDR from "
             f"{src.get('master_addr', 'MASTER_ADDR')}, MASTER_PORT from "
             f"{src.get('master_port', 'MASTER_PORT')}): {text.splitlines()[0] if text else exc!r}. "
-            f"Check that rank 0 is running and that {where} is reachable from this host"
+            f"{_store_host_hint(store_host, where)}"
         ) from exc
     store = dist.PrefixStore(f"devlayer/attempt{info.restart_count}/", base)
     try:
@@ -818,13 +963,60 @@ def rendezvous(info: ProcessInfo, timeout: timedelta) -> Any:
         raise
     except Exception as exc:  # the store's host went away (torch's DistNetworkError & co.)
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        host = "this process" if is_server else "rank 0" if not agent_store else "torchrun"
+        if is_server:
+            hint = "this process hosts the store; see the first error above"
+        else:
+            hint = _store_host_hint(store_host, where)
         raise RendezvousError(
             f"rank {info.rank} lost the rendezvous store at {where} while the ranks were "
-            f"meeting ({text}); the store's host ({host}) probably exited or gave up: check its "
-            f"output for the first error"
+            f"meeting ({text}). {hint}"
         ) from exc
     return store
+
+
+def _bounded(make: Callable[[], Any], deadline: float) -> Any:
+    """``make()`` in a helper thread, given up at ``deadline`` (``time.monotonic()``).
+
+    torch's TCPStore client waits forever for an answer when the port is held by a program
+    that accepts connections but is not a store (seen with torch 2.13: a listener that
+    never answers kept rank 1 waiting past a 4 s timeout for over a minute). The call
+    releases the GIL, so the thread can be left behind (daemon) while the error is raised.
+
+    Raises:
+        TimeoutError: ``make()`` did not return by the deadline (plus one second for torch's
+            own timeout error to arrive first).
+    """
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = make()
+        except BaseException as exc:  # handed to the caller's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, name="devlayer-store-connect", daemon=True)
+    thread.start()
+    thread.join(max(deadline - time.monotonic(), 0.0) + 1.0)
+    if "error" in box:
+        raise box["error"]
+    if "value" in box:
+        return box["value"]
+    raise TimeoutError
+
+
+def _unbracket(addr: str) -> str:
+    """``"[::1]"`` -> ``"::1"`` (URL-style brackets around an IPv6 address)."""
+    addr = addr.strip()
+    return addr[1:-1] if addr.startswith("[") and addr.endswith("]") else addr
+
+
+def _store_host_hint(store_host: str, where: str) -> str:
+    """What a rank that cannot use the store should look at (issue 14: blame the cause)."""
+    return (
+        f"{store_host} (the store host) probably failed to start the store at {where} (a port "
+        f"in use, an address this host does not have) or exited: look at {store_host}'s "
+        f"output for its first error; otherwise check that {where} is reachable from here"
+    )
 
 
 def _is_loopback(addr: str) -> bool:
@@ -846,22 +1038,26 @@ def _port_in_use(where: str, port: object, src: Mapping[str, str]) -> Rendezvous
     )
 
 
-def loopback_listener(port: int = 0) -> tuple[int, int]:
-    """A socket listening on 127.0.0.1 only, for a TCP store's ``master_listen_fd``.
+def loopback_listener(port: int = 0, host: str = "127.0.0.1") -> tuple[int, int]:
+    """A socket listening on one loopback address only, for a TCP store's ``master_listen_fd``.
 
     torch's store server otherwise listens on every interface; on one node nothing outside
-    this machine needs to reach it. Returns ``(file descriptor, port)``; the store owns the
+    this machine needs to reach it. ``host`` is the loopback address ``MASTER_ADDR`` names
+    (``127.0.0.1``, ``127.0.0.2``, ``::1``...; ``localhost`` = ``127.0.0.1``), so clients that
+    connect there find it. Returns ``(file descriptor, port)``; the store owns the
     descriptor from then on.
 
     Raises:
-        OSError: The port is taken.
+        OSError: The port is taken, or this host has no such address.
     """
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    host = "127.0.0.1" if host in ("", "localhost") else _unbracket(host)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
     # Rerunning a job on the same derived port must not wait for TIME_WAIT to expire
     # (torch's own store sets SO_REUSEADDR too); a live listener still makes bind fail.
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind(("127.0.0.1", port))
+        sock.bind((host, port))
         sock.listen(512)
     except OSError:
         sock.close()
@@ -996,6 +1192,18 @@ def local_world_size() -> int:
 def node_rank() -> int:
     """Index of this node."""
     return state().process.node_rank
+
+
+def num_nodes() -> int:
+    """Number of nodes in the job, e.g. for printing ``nodes x devices per node``.
+
+    Example:
+        >>> import devlayer
+        >>> with devlayer.init(backend="cpu"):
+        ...     f"{devlayer.num_nodes()} x {devlayer.local_world_size()}"
+        '1 x 1'
+    """
+    return state().process.num_nodes
 
 
 def is_main() -> bool:

@@ -123,6 +123,7 @@ class Backend:
 
     A vendor must define ``name``, ``device_type`` and :meth:`make_runtime`. It may override
     :meth:`availability`, :meth:`default_comm`, :meth:`prepare`, :meth:`comm_env`,
+    :meth:`shares_devices_between_ranks`,
     :meth:`notes`, :meth:`optimize`, :meth:`comm_hint`, :meth:`install_hint` and
     :meth:`device`, which have working defaults. :attr:`runtime`, :meth:`comm_backend`,
     :meth:`visibility_var`, :meth:`device_count` and :meth:`set_device` are the base
@@ -239,6 +240,14 @@ class Backend:
             f"the cpu and xpu backends, or pass a callable (model, optimizer) -> "
             f"(model, optimizer), or leave optimize=None"
         )
+
+    def shares_devices_between_ranks(self, comm: str) -> bool:
+        """Whether the process-group backend ``comm`` lets two ranks use one device.
+
+        ``False`` makes ``init()`` refuse more ranks per node than visible devices (unless
+        ``DEVLAYER_ALLOW_SHARED_DEVICES=1``); ``True`` only warns.
+        """
+        return True
 
     def device_count(self) -> int:
         """Number of devices this process sees."""
@@ -479,6 +488,11 @@ def select_backend(name: str | None = None, env: Mapping[str, str] | None = None
     """
     env = os.environ if env is None else env
     origin = "backend"
+    if name is not None and not isinstance(name, str):
+        raise InvalidArgumentError(
+            f"backend={_short_repr(name)} has type {type(name).__name__}; pass a backend name "
+            f"such as 'cuda', 'xpu' or 'cpu', or None for auto-detection"
+        )
     if name is not None and name.strip().lower() == "auto":
         name = None  # "auto" is the same as no argument (init()'s documented contract)
     if name is None and env.get("DEVLAYER_BACKEND", "").strip():
@@ -505,6 +519,11 @@ def select_backend(name: str | None = None, env: Mapping[str, str] | None = None
     raise BackendUnavailableError(
         "no backend is available: " + "; ".join(f"{n}: {r}" for n, r in skipped)
     )
+
+
+def _short_repr(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}...({len(text)} characters)"
 
 
 # --------------------------------------------------------------------------- simulation

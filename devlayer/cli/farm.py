@@ -2,6 +2,11 @@
 
 devlayer farm --devices 0,1 --count 8 -- python job.py --trial {}
 devlayer farm --jobs params.txt -- python job.py {}      # one job per line ({} = line)
+
+Jobs are argv lists, never run through a shell. A job line is split into words as a shell
+would split it (``shlex.split``, so quotes group words); an argument that is exactly ``{}``
+becomes those words. A ``{}`` inside a larger argument (``sh -c "python job.py {}"``) gets
+the words quoted for a shell (``shlex.join``), so a line such as ``x; rm -rf ~`` stays data.
 """
 
 from __future__ import annotations
@@ -28,8 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument(
         "--jobs",
-        help="file with one job per line ('-' = stdin); the line "
-        "replaces {} in the command (or is appended)",
+        help="file with one job per line ('-' = stdin); the line's words (split like a "
+        "shell, never run by one) replace an argument {} (or are appended); a {} inside an "
+        "argument gets them quoted for a shell",
     )
     group.add_argument("--count", type=int, help="run N jobs; {} becomes 0..N-1")
     parser.add_argument("job", nargs=argparse.REMAINDER, help="-- then the job command")
@@ -56,8 +62,8 @@ def _commands(args: argparse.Namespace) -> list[list[str]]:
             for part in template:
                 if part == "{}":
                     argv.extend(item)
-                else:
-                    argv.append(part.replace("{}", " ".join(item)))
+                else:  # inside a larger argument, e.g. `sh -c "python job.py {}"`
+                    argv.append(part.replace("{}", shlex.join(item)))
             out.append(argv)
         else:
             out.append([*template, *item])

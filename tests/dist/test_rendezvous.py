@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 
 import pytest
 
 import devlayer
 from devlayer.testing import free_port
-from tests.helpers import listening_addresses
+from tests.helpers import PY, ROOT, listening_addresses, rank_results, subprocess_env
 
 pytestmark = [pytest.mark.dist, pytest.mark.timeout(90)]
 
@@ -69,3 +70,110 @@ def test_unreachable_master_names_address_and_port(clean_env):
     _env_rank(clean_env, 1, 2, port)
     with pytest.raises(devlayer.RendezvousError, match=f"127.0.0.1:{port}"):
         devlayer.init(backend="cpu", timeout=3)
+
+
+# --------------------------------------------------------------------------- issue 14 (6, 9)
+
+_WORKER = """
+import json, os, sys
+import devlayer
+from tests.helpers import listening_addresses
+try:
+    devlayer.init(backend="cpu", timeout=float(sys.argv[1]))
+except devlayer.DevlayerError as exc:
+    print("ERROR", type(exc).__name__, exc, flush=True)
+    sys.exit(3)
+listeners = listening_addresses(int(os.environ["MASTER_PORT"]))
+total = devlayer.all_reduce(__import__("torch").ones(1)).item()
+devlayer.barrier(timeout=20)
+print("RESULT " + json.dumps({"rank": devlayer.rank(), "sum": total, "listeners": listeners}))
+devlayer.shutdown()
+"""
+
+
+def _start_ranks(addr: str, port: int, world: int, timeout: float) -> list[subprocess.Popen]:
+    procs = []
+    for rank in range(world):
+        env = subprocess_env(
+            RANK=str(rank),
+            WORLD_SIZE=str(world),
+            MASTER_ADDR=addr,
+            MASTER_PORT=str(port),
+            DEVLAYER_LAUNCHER="env",
+        )
+        procs.append(
+            subprocess.Popen(
+                [PY, "-c", _WORKER, str(timeout)],
+                env=env,
+                cwd=ROOT,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    return procs
+
+
+def _outputs(procs: list[subprocess.Popen], limit: float) -> list[tuple[int, str]]:
+    out = []
+    for proc in procs:
+        try:
+            text, _ = proc.communicate(timeout=limit)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            text, _ = proc.communicate()
+        out.append((proc.returncode, text))
+    return out
+
+
+def _ipv6_loopback() -> bool:
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+# /proc/net/tcp{,6} spelling of each address (little-endian words).
+_PROC_ADDR = {
+    "127.0.0.2": "0200007F",
+    "::1": "00000000000000000000000001000000",
+    "[::1]": "00000000000000000000000001000000",
+}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="needs Linux /proc/net")
+@pytest.mark.parametrize("addr", ["::1", "[::1]", "127.0.0.2"])
+def test_store_binds_the_loopback_address_master_addr_names(addr):
+    if ":" in addr and not _ipv6_loopback():
+        pytest.skip("no IPv6 loopback here")
+    # Before: the store always bound 127.0.0.1, so rank 1 waited the whole timeout.
+    procs = _start_ranks(addr, free_port(), 2, timeout=20)
+    results = _outputs(procs, 90)
+    for code, text in results:
+        assert code == 0, text
+    records = rank_results("".join(text for _, text in results))
+    assert [r["rank"] for r in records] == [0, 1]
+    assert all(r["sum"] == 2.0 for r in records)
+    for record in records:  # listening on the named address only, not on every interface
+        assert record["listeners"] == [_PROC_ADDR[addr]], record
+
+
+@pytest.mark.timeout(120)
+def test_other_ranks_say_that_rank_0_failed_when_the_port_is_busy():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        procs = _start_ranks("127.0.0.1", port, 2, timeout=6)
+        (code0, out0), (code1, out1) = _outputs(procs, 90)
+    assert code0 == 3 and f"port {port} is already in use" in out0, out0
+    assert code1 == 3, out1
+    line = next(l for l in out1.splitlines() if l.startswith("ERROR"))
+    assert "RendezvousError" in line
+    assert f"rank 0 (the store host) probably failed to start the store at 127.0.0.1:{port}" in line
+    assert "rank 0's output" in line

@@ -87,3 +87,46 @@ def test_farm_jobs_file_and_exit_code(tmp_path):
     )
     assert proc.returncode == 1
     assert "1/2 jobs succeeded" in proc.stdout
+
+
+def test_job_line_inside_a_shell_command_is_quoted_for_the_shell(tmp_path):
+    # Issue 14: `{}` inside an argument was replaced unquoted, so a job line ran as shell code.
+    jobs = tmp_path / "jobs.txt"
+    jobs.write_text("'x; touch pwned' two\n")
+    proc = run_py(
+        [
+            "-m",
+            "devlayer",
+            "farm",
+            "--backend",
+            "cpu",
+            "--parallel",
+            "1",
+            "--jobs",
+            str(jobs),
+            "--",
+            "sh",
+            "-c",
+            "echo got {}",
+        ],
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert not (tmp_path / "pwned").exists()
+    assert "got x; touch pwned two" in proc.stdout
+
+
+def test_job_line_as_whole_arguments_is_argv_not_shell(monkeypatch):
+    import io
+    from argparse import Namespace
+
+    from devlayer.cli.farm import _commands
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("'a b' c\nplain\n"))
+    args = Namespace(job=["--", "prog", "{}", "--tag={}"], count=None, jobs="-")
+    # A whole `{}` becomes the line's words (argv, no shell); inside an argument the line
+    # is quoted for a shell, and a simple one-word line stays as it is.
+    assert _commands(args) == [
+        ["prog", "a b", "c", "--tag='a b' c"],
+        ["prog", "plain", "--tag=plain"],
+    ]

@@ -191,11 +191,12 @@ def test_check_exists_missing_index() -> None:
     assert "use 'auto'" in msg
 
 
-def test_check_exists_count_too_large_names_each_missing_device() -> None:
+def test_check_exists_count_too_large_says_a_count_was_asked() -> None:
+    # Issue 13: "asks for xpu device(s) 2, 3" read as if indices 2 and 3 were asked for.
     with pytest.raises(DeviceError) as err:
         check_exists(4, 2, device_type="xpu", origin="DEVLAYER_DEVICES")
     msg = str(err.value)
-    assert msg.startswith("DEVLAYER_DEVICES=4 asks for xpu device(s) 2, 3,")
+    assert msg.startswith("DEVLAYER_DEVICES=4 asks for a count of 4 xpu devices,")
     assert "sees 2 xpu device(s) (indices 0..1)" in msg
 
 
