@@ -45,6 +45,9 @@ DeviceSpec = int | tuple[int, ...] | None
 _INTEGER = re.compile(r"[+-]?[0-9]+")
 #: How many values an error message lists before it only counts the rest.
 _SHOWN = 5
+#: More devices than any node has: ``devlayer.early``, which cannot ask torch how many
+#: exist, refuses a larger count before building a list of that many indices.
+MAX_DEVICE_COUNT = 65536
 
 
 def _split_entries(text: str, spec: str, origin: str) -> list[str]:

@@ -18,7 +18,13 @@ from __future__ import annotations
 import os
 from collections.abc import MutableMapping
 
-from devlayer.devices import narrow_visibility, parse_devices, selected_indices
+from devlayer.devices import (
+    MAX_DEVICE_COUNT,
+    narrow_visibility,
+    parse_devices,
+    selected_indices,
+)
+from devlayer.errors import DeviceError
 
 __all__ = ["apply"]
 
@@ -37,7 +43,13 @@ def apply(env: MutableMapping[str, str] | None = None) -> dict[str, str]:
     raw = env.get("DEVLAYER_DEVICES", "").strip()
     if not raw:
         return {}
-    indices = selected_indices(parse_devices(raw, origin="DEVLAYER_DEVICES"))
+    spec = parse_devices(raw, origin="DEVLAYER_DEVICES")
+    if isinstance(spec, int) and spec > MAX_DEVICE_COUNT:  # before any list is built
+        raise DeviceError(
+            f"DEVLAYER_DEVICES={spec} asks for a count of {spec} devices; no node has more "
+            f"than {MAX_DEVICE_COUNT}: use 'auto' for all of them or a smaller count"
+        )
+    indices = selected_indices(spec)
     if indices is None:
         return {}
     backend = env.get("DEVLAYER_BACKEND", "").strip().lower()

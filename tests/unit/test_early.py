@@ -70,3 +70,16 @@ def test_simulated_init_after_early_does_not_narrow_twice(clean_env):
         assert st.visibility == ("CUDA_VISIBLE_DEVICES", "1,3")
         assert fake.current == 0
     assert env["CUDA_VISIBLE_DEVICES"] == "1,3"
+
+
+def test_early_refuses_a_huge_count_before_building_any_list():
+    """DEVLAYER_DEVICES=1000000000 with import devlayer.early: a short error, not an OOM."""
+    from devlayer.devices import MAX_DEVICE_COUNT
+    from devlayer.early import apply
+
+    env = {"DEVLAYER_DEVICES": "1000000000"}
+    with pytest.raises(devlayer.DeviceError) as err:
+        apply(env)
+    assert "1000000000" in str(err.value) and str(MAX_DEVICE_COUNT) in str(err.value)
+    assert len(str(err.value)) < 300
+    assert "CUDA_VISIBLE_DEVICES" not in env
