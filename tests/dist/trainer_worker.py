@@ -82,7 +82,7 @@ def train(
         history = trainer.fit(make_data(), make_data(48, seed=1) if val else None)
     return {
         "stdout": out.getvalue(),
-        "stop_reason": trainer.stop_reason,
+        "stop_reason": getattr(trainer, "stop_reason", None),
         "global_step": trainer.state.global_step,
         "rank": devlayer.rank(),
         "weights": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},

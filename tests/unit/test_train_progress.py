@@ -10,7 +10,6 @@ import textwrap
 import pytest
 
 import devlayer
-from devlayer.train.trainer import resolve_progress_interval
 
 SCRIPT = textwrap.dedent(
     """
@@ -46,7 +45,8 @@ def _run(tmp_path, env_interval: str | None) -> tuple[str, str]:
             timeout=240,
         )
     assert proc.returncode == 0, err.read_text()
-    return out.read_text(), err.read_text()
+    # Bytes: reading as text would turn a carriage return into a newline.
+    return out.read_bytes().decode(), err.read_bytes().decode()
 
 
 @pytest.mark.timeout(300)
@@ -75,6 +75,8 @@ def test_default_interval_prints_no_per_batch_lines_in_a_short_run(clean_env, tm
 
 
 def test_progress_interval_from_argument_env_or_default():
+    from devlayer.train.trainer import resolve_progress_interval
+
     assert resolve_progress_interval(None, {}) == 30.0
     assert resolve_progress_interval(None, {"DEVLAYER_PROGRESS_INTERVAL": " 2.5 "}) == 2.5
     assert resolve_progress_interval(0, {"DEVLAYER_PROGRESS_INTERVAL": "9"}) == 0.0
