@@ -209,12 +209,17 @@ class Callback:
         """After each micro-batch; ``loss`` is a device tensor (reading it syncs)."""
 
     def on_train_epoch_end(self, trainer: Trainer) -> None:
-        """After an epoch's last training step (or the run's last, mid-epoch), before
-        validation and the epoch's metrics reduction."""
+        """After an epoch's last training step (or the run's last), before validation.
+
+        Runs before the epoch's one metrics reduction, also when ``max_steps`` ended the
+        run inside the epoch.
+        """
 
     def on_epoch_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
-        """After validation, with the epoch's averaged metrics (``"partial": True`` when
-        ``max_steps`` ended training inside the epoch)."""
+        """After validation, with the epoch's averaged metrics.
+
+        ``metrics["partial"]`` is True when ``max_steps`` ended training inside the epoch.
+        """
 
     def on_fit_end(self, trainer: Trainer, history: list[dict[str, Any]]) -> None:
         """After the last epoch."""
