@@ -41,7 +41,14 @@ from devlayer.train.data import ShardedLoader, prepare_loader
 from devlayer.train.model import prepare_model, unwrap
 from devlayer.train.seed import seed_everything
 
-__all__ = ["Callback", "EarlyStopping", "PreemptedError", "Trainer", "resolve_precision"]
+__all__ = [
+    "Callback",
+    "EarlyStopping",
+    "PreemptedError",
+    "Trainer",
+    "resolve_precision",
+    "resolve_progress_interval",
+]
 
 log = logging.getLogger("devlayer.train")
 
@@ -82,6 +89,42 @@ def resolve_precision(precision: str | None, env: Mapping[str, str] | None = Non
             f"{origin}={precision!r} is not supported; use '32', 'bf16-mixed' or '16-mixed'"
         )
     return _PRECISIONS[key]
+
+
+PROGRESS_INTERVAL_ENV = "DEVLAYER_PROGRESS_INTERVAL"
+_DEFAULT_PROGRESS_INTERVAL = 30.0
+
+
+def resolve_progress_interval(
+    interval: float | None, env: Mapping[str, str] | None = None
+) -> float:
+    """Seconds between plain progress lines; ``None`` reads ``DEVLAYER_PROGRESS_INTERVAL``.
+
+    Example:
+        >>> resolve_progress_interval(None, {})
+        30.0
+        >>> resolve_progress_interval(None, {"DEVLAYER_PROGRESS_INTERVAL": "5"})
+        5.0
+
+    """
+    origin: str = "progress_interval"
+    value: Any = interval
+    if interval is None:
+        env = os.environ if env is None else env
+        value = env.get(PROGRESS_INTERVAL_ENV, "").strip()
+        if not value:
+            return _DEFAULT_PROGRESS_INTERVAL
+        origin = PROGRESS_INTERVAL_ENV
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if isinstance(value, bool) or not math.isfinite(seconds) or seconds < 0:
+        raise InvalidArgumentError(
+            f"{origin}={value!r} is not a number of seconds >= 0; use e.g. 30 (0: a line "
+            f"per micro-batch)"
+        )
+    return seconds
 
 
 class PreemptedError(DevlayerError):
@@ -165,8 +208,18 @@ class Callback:
     def on_train_batch_end(self, trainer: Trainer, loss: Any) -> None:
         """After each micro-batch; ``loss`` is a device tensor (reading it syncs)."""
 
+    def on_train_epoch_end(self, trainer: Trainer) -> None:
+        """After an epoch's last training step (or the run's last), before validation.
+
+        Runs before the epoch's one metrics reduction, also when ``max_steps`` ended the
+        run inside the epoch.
+        """
+
     def on_epoch_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
-        """After validation, with the epoch's averaged metrics."""
+        """After validation, with the epoch's averaged metrics.
+
+        ``metrics["partial"]`` is True when ``max_steps`` ended training inside the epoch.
+        """
 
     def on_fit_end(self, trainer: Trainer, history: list[dict[str, Any]]) -> None:
         """After the last epoch."""
@@ -191,10 +244,14 @@ class Trainer:
         precision: ``"32"``, ``"bf16-mixed"`` or ``"16-mixed"`` (GradScaler only for fp16).
             Default: ``ACCELERATE_MIXED_PRECISION`` or ``"32"``.
         grad_accum: Micro-batches per optimizer step; all but the last skip the gradient
-            all-reduce (``no_sync``).
+            all-reduce (``no_sync``). An epoch's last, shorter window still makes a step,
+            averaged over the micro-batches it has.
         clip_grad: Max gradient norm (``None``: no clipping).
-        max_epochs: Epochs to run.
-        max_steps: Stop after this many optimizer steps.
+        max_epochs: Epochs to run. Default: 1, or no bound when ``max_steps`` is given.
+        max_steps: Optimizer steps to run, across as many epochs as needed (a stop inside
+            an epoch still validates and records that partial epoch). With both bounds
+            the first one reached ends training; ``trainer.stop_reason`` and the last
+            history entry's ``"stopped_by"`` say which.
         batch_size: GLOBAL samples per optimizer step (over all ranks and micro-batches).
         lr_scaling: ``"linear"`` or ``"sqrt"``: multiply learning rates by the world size
             (or its square root) once at the start; ``None`` leaves them.
@@ -207,7 +264,12 @@ class Trainer:
         seed: Seeds random/NumPy/torch per rank and the data order.
         early_stopping: An :class:`EarlyStopping`.
         metrics_file: JSON lines, one per epoch, written by rank 0.
-        progress: Show a progress bar and an epoch summary on rank 0.
+        progress: Show progress and an epoch summary on rank 0: a tqdm bar when stderr is
+            a terminal, otherwise (a job log) one plain line every ``progress_interval``
+            seconds.
+        progress_interval: Seconds between plain progress lines when stderr is not a
+            terminal. Default: ``DEVLAYER_PROGRESS_INTERVAL`` or 30; 0 prints one line per
+            micro-batch.
         callbacks: :class:`Callback` objects.
         training_step: ``training_step(model, batch) -> loss`` instead of ``loss_fn``.
         validation_step: ``validation_step(model, batch) -> dict of per-batch means``
@@ -236,7 +298,7 @@ class Trainer:
         precision: str | None = None,
         grad_accum: int = 1,
         clip_grad: float | None = None,
-        max_epochs: int = 1,
+        max_epochs: int | None = None,
         max_steps: int | None = None,
         batch_size: int | None = None,
         lr_scaling: str | None = None,
@@ -247,6 +309,7 @@ class Trainer:
         early_stopping: EarlyStopping | None = None,
         metrics_file: str | os.PathLike[str] | None = None,
         progress: bool = True,
+        progress_interval: float | None = None,
         callbacks: Sequence[Callback] = (),
         training_step: Callable[[Any, Any], Any] | None = None,
         validation_step: Callable[[Any, Any], Mapping[str, Any]] | None = None,
@@ -259,7 +322,8 @@ class Trainer:
         optimize: str | Callable[[Any, Any], tuple[Any, Any]] | None = None,
     ) -> None:
         _positive("grad_accum", grad_accum)
-        _positive("max_epochs", max_epochs)
+        if max_epochs is not None:
+            _positive("max_epochs", max_epochs)
         _positive("log_every", log_every)
         _positive("preempt_check_every", preempt_check_every)
         if max_steps is not None:
@@ -287,7 +351,8 @@ class Trainer:
         self.precision = resolve_precision(precision)
         self.grad_accum = grad_accum
         self.clip_grad = clip_grad
-        self.max_epochs = max_epochs
+        # No bound at all keeps the old default of one epoch; max_steps alone is the bound.
+        self.max_epochs = 1 if max_epochs is None and max_steps is None else max_epochs
         self.max_steps = max_steps
         self.batch_size = batch_size
         self.lr_scaling = lr_scaling
@@ -298,6 +363,7 @@ class Trainer:
         self.early_stopping = early_stopping
         self.metrics_file = Path(metrics_file) if metrics_file is not None else None
         self.progress = progress
+        self.progress_interval = resolve_progress_interval(progress_interval)
         self.callbacks = list(callbacks)
         self.training_step = training_step
         self.validation_step = validation_step
@@ -316,6 +382,7 @@ class Trainer:
         self.ddp_model: Any = None
         self.scaler: Any = None
         self.stopped_early = False
+        self.stop_reason: str | None = None
         self.resumed_from: Path | None = None
         self._lr_scaled = False
         self._lr_factor = 1.0
@@ -620,6 +687,9 @@ class Trainer:
                 batch = self._to_device(batch)
             index = st.batches_done
             boundary = (index + 1) % self.grad_accum == 0 or index + 1 == n_batches
+            # The epoch's last window may be shorter: average over the micro-batches it has,
+            # so its step weighs its samples as grad_accum=1 would.
+            window = min(self.grad_accum, n_batches - (index - index % self.grad_accum))
             sync = (
                 contextlib.nullcontext()
                 if boundary or not has_no_sync
@@ -629,7 +699,7 @@ class Trainer:
                 with self._autocast():
                     loss = self._loss(batch)
                 # No division at grad_accum=1: one autograd node less per step.
-                scaled = loss / self.grad_accum if self.grad_accum > 1 else loss
+                scaled = loss / window if window > 1 else loss
                 if self.scaler is not None:
                     scaled = self.scaler.scale(scaled)
                 scaled.backward()
@@ -640,9 +710,9 @@ class Trainer:
             st.batches_done += 1
             for cb in self.callbacks:
                 cb.on_train_batch_end(self, loss)
-            if bar is not None:
-                bar.update(1)
             if not boundary:
+                if bar is not None:
+                    bar.update(1)
                 continue
             self._optimizer_step()
             if bar is not None and st.global_step - last_log_step >= self.log_every:
@@ -654,17 +724,21 @@ class Trainer:
                 )
                 bar.set_postfix(loss=f"{loss.item():.4g}", samples_s=f"{rate:.0f}")
                 last_log_step, last_log_time, last_log_samples = st.global_step, now, samples
+            if bar is not None:  # after the step and its loss, so a progress line has both
+                bar.update(1)
             if st.global_step % self.preempt_check_every == 0 and self._agree_to_stop():
                 self.preempted = True
                 break
-            last_of_epoch = st.batches_done >= n_batches  # the epoch-end save follows
+            # The epoch-end (or end-of-run) save follows these: no second write of the step.
+            last_of_epoch = st.batches_done >= n_batches
+            last_step = self.max_steps is not None and st.global_step >= self.max_steps
             if (
                 self.checkpoint_every
                 and st.global_step % self.checkpoint_every == 0
-                and not last_of_epoch
+                and not (last_of_epoch or last_step)
             ):
                 self.save_checkpoint()
-            if self.max_steps is not None and st.global_step >= self.max_steps:
+            if last_step:
                 break
         return loss_sum, samples, time.perf_counter() - started, st.batches_done >= n_batches
 
@@ -718,8 +792,6 @@ class Trainer:
                     self._checkpoints.end()  # release the checkpoint folder's lock
 
     def _fit(self, train_data: Any, val_data: Any) -> list[dict[str, Any]]:
-        from tqdm.auto import tqdm
-
         self._setup()
         train_loader = self._loader(train_data, shuffle=True)
         val_loader = self._loader(val_data, shuffle=False) if val_data is not None else None
@@ -728,47 +800,43 @@ class Trainer:
             cb.on_fit_start(self)
         main = devlayer.is_main()
         st = self.state
-        stop = self.stopped_early = False
-        if self.max_steps is not None and st.global_step >= self.max_steps:
-            stop = True
-        while not stop and st.epoch < self.max_epochs:
-            bar = None
-            if self.progress and main:
-                bar = tqdm(
-                    total=len(train_loader),
-                    initial=st.batches_done,
-                    leave=False,
-                    desc=f"epoch {st.epoch + 1}/{self.max_epochs}",
-                    mininterval=1.0,
-                    dynamic_ncols=True,
+        self.stopped_early = False
+        self.stop_reason = self._bound_reached()
+        if self.stop_reason is None:
+            self._continue_history()
+            if self.max_epochs is None and len(train_loader) == 0:
+                raise InvalidArgumentError(
+                    f"train_data gives 0 batches per epoch on rank {devlayer.rank()}, so "
+                    f"max_steps={self.max_steps} can never be reached; pass more data"
                 )
+        while self.stop_reason is None:
+            bar = self._progress_bar(len(train_loader)) if self.progress and main else None
             try:
                 loss_sum, samples, seconds, completed = self._train_epoch(train_loader, bar)
             finally:
                 if bar is not None:
                     bar.close()
-            if not completed:  # max_steps or preemption inside the epoch: save where we are
+            if not completed and self.preempted:  # inside the epoch: save where we are
                 if self.checkpoint_dir is not None:
                     self.save_checkpoint()
-                if self.preempted:
-                    self._raise_preempted()
-                break
-            self._loss_sum, self._samples = None, 0
-            hit_max = self.max_steps is not None and st.global_step >= self.max_steps
-            sums = self._validate(val_loader)
-            sums["_train_loss"] = loss_sum
-            sums["_train_count"] = float(samples)
-            sums["_seconds"] = float(seconds)
-            sums = devlayer.all_reduce(sums, op="sum")  # ONE collective: all float64
-            metrics = self._epoch_metrics(sums)
-            st.history.append(metrics)
-            st.epoch += 1
-            st.batches_done = 0
-            if self.early_stopping is not None and self.early_stopping.update(metrics):
-                stop = self.stopped_early = True
-            # A stop agreed on the epoch's last step: finish the epoch's bookkeeping first.
-            stop = stop or hit_max or self.preempted
-            finished = stop or st.epoch >= self.max_epochs
+                self._raise_preempted()
+            for cb in self.callbacks:
+                cb.on_train_epoch_end(self)
+            metrics = self._end_epoch(
+                val_loader, loss_sum, samples, seconds, completed, len(train_loader)
+            )
+            if completed:
+                st.epoch += 1
+                st.batches_done = 0
+                if self.early_stopping is not None and self.early_stopping.update(metrics):
+                    self.stopped_early = True
+            self.stop_reason = self._bound_reached() or (
+                "early_stopping" if self.stopped_early else None
+            )
+            if self.stop_reason is not None:
+                metrics["stopped_by"] = self.stop_reason
+            # A preemption agreed on the epoch's last step: finish its bookkeeping first.
+            finished = self.stop_reason is not None or self.preempted
             if self.checkpoint_dir is not None and (self.checkpoint_every or finished):
                 self.save_checkpoint()
             for cb in self.callbacks:
@@ -778,9 +846,125 @@ class Trainer:
             if self.preempted:
                 self._raise_preempted()
         self._settle_stop_check()  # no collective left in flight when fit returns
+        if main and self.progress:
+            print(self._stop_summary(), flush=True)
         for cb in self.callbacks:
             cb.on_fit_end(self, st.history)
         return st.history
+
+    def _bound_reached(self) -> str | None:
+        """``"max_steps"`` or ``"max_epochs"`` when that bound is reached (steps first)."""
+        return next((b for b in ("max_steps", "max_epochs") if self._reached(b)), None)
+
+    def _reached(self, bound: str) -> bool:
+        st = self.state
+        if bound == "max_steps":
+            return self.max_steps is not None and st.global_step >= self.max_steps
+        return self.max_epochs is not None and st.epoch >= self.max_epochs
+
+    def _continue_history(self) -> None:
+        """Training goes on from a checkpoint: its last entry no longer ends the run.
+
+        A partial epoch (``max_steps`` stopped inside it) is dropped: this run trains the
+        rest of that epoch and records it whole, resumed loss sums included.
+        """
+        history = self.state.history
+        if history and history[-1].get("partial"):
+            history.pop()
+        elif history:
+            history[-1] = {k: v for k, v in history[-1].items() if k != "stopped_by"}
+
+    def _end_epoch(
+        self,
+        val_loader: ShardedLoader | None,
+        loss_sum: Any,
+        samples: int,
+        seconds: float,
+        completed: bool,
+        n_batches: int,
+    ) -> dict[str, Any]:
+        """Validate, reduce the epoch's metrics in ONE collective and append them.
+
+        A partial epoch keeps its running sums (a checkpoint of that position follows) and
+        validates under a saved RNG state, so resuming from it continues bit-exactly.
+        """
+        from devlayer.train.checkpoint import rng_state, set_rng_state
+
+        if completed:
+            self._loss_sum, self._samples = None, 0
+            sums = self._validate(val_loader)
+        else:
+            saved = rng_state()
+            sums = self._validate(val_loader)
+            set_rng_state(saved)
+        sums["_train_loss"] = loss_sum.clone()  # reduced in place; the running sum stays
+        sums["_train_count"] = float(samples)
+        sums["_seconds"] = float(seconds)
+        sums = devlayer.all_reduce(sums, op="sum")  # ONE collective: all float64
+        metrics = self._epoch_metrics(sums)
+        if not completed:
+            metrics["partial"] = True
+            metrics["batches"] = self.state.batches_done
+            metrics["batches_per_epoch"] = n_batches
+        self.state.history.append(metrics)
+        return metrics
+
+    def _progress_bar(self, total: int) -> Any:
+        """A tqdm bar on a terminal; plain timed lines in a job log (no carriage returns)."""
+        import sys
+
+        st = self.state
+        desc = f"epoch {st.epoch + 1}" + (
+            f"/{self.max_epochs}" if self.max_epochs is not None else ""
+        )
+        stream = sys.stderr
+        if _is_terminal(stream):
+            from tqdm.auto import tqdm
+
+            return tqdm(
+                total=total,
+                initial=st.batches_done,
+                leave=False,
+                desc=desc,
+                mininterval=1.0,
+                dynamic_ncols=True,
+                file=stream,
+            )
+        return _LineProgress(
+            total=total,
+            initial=st.batches_done,
+            desc=desc,
+            interval=self.progress_interval,
+            stream=stream,
+            step=lambda: self._step_text(),
+        )
+
+    def _step_text(self) -> str:
+        step = self.state.global_step
+        return f"step {step}/{self.max_steps}" if self.max_steps is not None else f"step {step}"
+
+    def _stop_summary(self) -> str:
+        """The run's last line: which bound (or early stopping) ended it, and where."""
+        st = self.state
+        last = st.history[-1] if st.history else {}
+        where = f"step {st.global_step}, epoch {last.get('epoch', st.epoch)}"
+        if last.get("partial"):
+            where += f" after {last['batches']}/{last['batches_per_epoch']} batches"
+        bounds = {"max_steps": self.max_steps, "max_epochs": self.max_epochs}
+        reason = self.stop_reason
+        if reason in bounds:
+            text = f"stopped: {reason}={bounds[reason]} reached at {where}"
+        elif reason == "early_stopping" and self.early_stopping is not None:
+            text = f"stopped: early stopping on {self.early_stopping.monitor} at {where}"
+        else:
+            text = f"stopped at {where}"
+        for other, value in bounds.items():
+            if value is not None and other != reason:
+                hit = "reached too" if self._reached(other) else "not reached"
+                text += f"; {other}={value} {hit}"
+        if self.resumed_from is not None:
+            text += f" (resumed from {self.resumed_from})"
+        return text
 
     def _agree_to_stop(self) -> bool:
         """True on every rank when any rank had received a termination signal (collective).
@@ -870,19 +1054,75 @@ class Trainer:
             with self.metrics_file.open("a") as fh:
                 fh.write(json.dumps(metrics, sort_keys=True) + "\n")
         if self.progress:
-            parts = [
-                f"epoch {metrics['epoch']}/{self.max_epochs}",
-                f"train_loss {metrics['train_loss']:.4f}",
-            ]
+            epoch = f"epoch {metrics['epoch']}"
+            if self.max_epochs is not None:
+                epoch += f"/{self.max_epochs}"
+            if metrics.get("partial"):
+                epoch += f" (partial: {metrics['batches']}/{metrics['batches_per_epoch']} batches)"
+            parts = [epoch, f"train_loss {metrics['train_loss']:.4f}"]
             parts += [f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("val_")]
             parts.append(f"{metrics['samples_per_sec']:.1f} samples/s")
             parts.append(f"{metrics['epoch_time']:.2f}s")
             if "scaling_efficiency" in metrics:
                 parts.append(f"scaling efficiency {metrics['scaling_efficiency']:.0%}")
+            parts.append(self._step_text())
             print(" | ".join(parts), flush=True)
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+class _LineProgress:
+    """tqdm's ``update`` / ``set_postfix`` / ``close`` as plain lines for job logs.
+
+    A SLURM ``%x-%j.out`` file is not a terminal: tqdm's carriage-return frames pile up in
+    it. This prints one line per ``interval`` seconds instead (checked at each update, so
+    it never wakes up on its own), with no carriage return.
+    """
+
+    def __init__(
+        self,
+        *,
+        total: int,
+        initial: int,
+        desc: str,
+        interval: float,
+        stream: Any,
+        step: Callable[[], str],
+    ) -> None:
+        self.total, self.n, self.desc = total, initial, desc
+        self.interval, self.stream, self.step = interval, stream, step
+        self.postfix: dict[str, Any] = {}
+        self.started = self._last = time.monotonic()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = time.monotonic()
+        if now - self._last >= self.interval:
+            self._last = now
+            self._emit(now)
+
+    def set_postfix(self, **values: Any) -> None:
+        self.postfix = values
+
+    def close(self) -> None:
+        """Nothing to clear: the epoch summary line follows."""
+
+    def _emit(self, now: float) -> None:
+        parts = [self.desc, f"batch {self.n}/{self.total}", self.step()]
+        parts += [f"{k} {v}" for k, v in self.postfix.items()]
+        parts.append(f"{now - self.started:.0f}s")
+        print(" | ".join(parts), file=self.stream, flush=True)
+
+
+def _is_terminal(stream: Any) -> bool:
+    """A terminal, or a Jupyter kernel's stream (where tqdm.auto draws a widget)."""
+    if type(stream).__module__.startswith("ipykernel"):
+        return True
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
 
 
 def _positive(name: str, value: Any) -> None:

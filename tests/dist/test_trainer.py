@@ -109,7 +109,7 @@ def test_c3_world_size_change_refused_unless_allowed(clean_env, tmp_path):
     saved, manifest = CheckpointStore(ckpt).load()
     assert manifest["world_size"] == 2
     with devlayer.init(backend="cpu"):
-        with pytest.raises(CheckpointWorldSizeError, match="2.*1|1.*2"):
+        with pytest.raises(CheckpointWorldSizeError, match=r"2.*1|1.*2"):
             train(max_epochs=1, checkpoint_dir=str(ckpt))
         result = train(max_epochs=2, checkpoint_dir=str(ckpt), allow_world_size_change=True)
     # Weights and optimizer continued from the 2-rank checkpoint; the interrupted epoch

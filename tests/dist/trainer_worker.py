@@ -25,9 +25,22 @@ def make_model() -> torch.nn.Module:
     )
 
 
+def full_set_loss(
+    weights: dict[str, torch.Tensor], data: TensorDataset, model: torch.nn.Module | None = None
+) -> float:
+    """The exact mean squared error of ``model`` (default ``make_model()``) with ``weights``
+    over all of ``data``."""
+    model = make_model() if model is None else model
+    model.load_state_dict(weights)
+    model.eval()
+    x, y = data.tensors
+    with torch.no_grad():
+        return float(((model(x).double() - y.double()) ** 2).mean())
+
+
 def train(
     *,
-    max_epochs: int = 3,
+    max_epochs: int | None = 3,
     batch_size: int = 16,
     grad_accum: int = 1,
     max_steps: int | None = None,
@@ -38,8 +51,12 @@ def train(
     resume: str | None = "auto",
     val: bool = True,
     allow_world_size_change: bool = False,
+    progress: bool = False,
 ) -> dict[str, Any]:
-    """Fit the small regression; return weights, history and the rank."""
+    """Fit the small regression; return weights, history, the rank and what it printed."""
+    import contextlib
+    import io
+
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=5, gamma=0.9)
@@ -57,12 +74,16 @@ def train(
         resume=resume,
         allow_world_size_change=allow_world_size_change,
         scheduler=sched,
-        progress=False,
+        progress=progress,
         num_workers=0,
         seed=7,
     )
-    history = trainer.fit(make_data(), make_data(48, seed=1) if val else None)
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        history = trainer.fit(make_data(), make_data(48, seed=1) if val else None)
     return {
+        "stdout": out.getvalue(),
+        "stop_reason": getattr(trainer, "stop_reason", None),
+        "global_step": trainer.state.global_step,
         "rank": devlayer.rank(),
         "weights": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "history": history,
@@ -71,11 +92,13 @@ def train(
     }
 
 
-def train_then_resume(checkpoint_dir: str, stop_after: int, **kw: Any) -> dict[str, Any]:
+def train_then_resume(
+    checkpoint_dir: str, stop_after: int, final_max_steps: int | None = None, **kw: Any
+) -> dict[str, Any]:
     """Run until ``stop_after`` optimizer steps (a checkpoint is written), then resume."""
     train(checkpoint_dir=checkpoint_dir, checkpoint_every=2, max_steps=stop_after, **kw)
     assert any(Path(checkpoint_dir).iterdir())
-    return train(checkpoint_dir=checkpoint_dir, checkpoint_every=2, **kw)
+    return train(checkpoint_dir=checkpoint_dir, checkpoint_every=2, max_steps=final_max_steps, **kw)
 
 
 def train_with_failing_second_save(checkpoint_dir: str) -> str:
@@ -123,8 +146,12 @@ def seeds_and_writers(checkpoint_dir: str) -> dict[str, Any]:
     first_batch = next(iter(loader))[0].flatten().tolist()
     base_seed = torch.empty((), dtype=torch.int64).random_(generator=loader.loader.generator)
     train(checkpoint_dir=checkpoint_dir, checkpoint_every=2, max_epochs=1, val=False)
-    return {"draw": draw, "first": first_batch, "writers": writers,
-            "worker_base_seed": int(base_seed)}
+    return {
+        "draw": draw,
+        "first": first_batch,
+        "writers": writers,
+        "worker_base_seed": int(base_seed),
+    }
 
 
 def preempt_one_rank(checkpoint_dir: str, check_every: int) -> dict[str, Any]:
@@ -156,3 +183,95 @@ def preempt_one_rank(checkpoint_dir: str, check_every: int) -> dict[str, Any]:
     except devlayer.PreemptedError as exc:
         return {"step": trainer.state.global_step, "error": str(exc)}
     return {"step": trainer.state.global_step, "error": None}
+
+
+# ---------------------------------------------------------------- issue 13: guard tests
+
+
+def _linear_trainer(data_seed: int = 0, **kw: Any) -> tuple[Any, torch.nn.Module]:
+    """A dropout-free model: runs on 1 and 2 ranks see the same global batches."""
+    torch.manual_seed(99)
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainer = devlayer.Trainer(
+        model,
+        opt,
+        torch.nn.functional.mse_loss,
+        progress=False,
+        num_workers=0,
+        resume=None,
+        seed=3,
+        **kw,
+    )
+    return trainer, model
+
+
+def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def count_gradient_allreduces(grad_accum: int) -> dict[str, Any]:
+    """Gradient all-reduces (DDP comm-hook calls) after each micro-batch of one epoch."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    calls = {"n": 0}
+
+    def counting_hook(state, bucket):  # type: ignore[no-untyped-def]  # DDP checks annotations
+        calls["n"] += 1
+        return default_hooks.allreduce_hook(state, bucket)
+
+    per_batch: list[int] = []
+
+    class Count(devlayer.Callback):
+        def on_fit_start(self, trainer: Any) -> None:
+            trainer.ddp_model.register_comm_hook(None, counting_hook)
+
+        def on_train_batch_end(self, trainer: Any, loss: Any) -> None:
+            per_batch.append(calls["n"] - sum(per_batch))
+
+    trainer, _ = _linear_trainer(
+        batch_size=16, grad_accum=grad_accum, max_epochs=1, callbacks=[Count()]
+    )
+    trainer.fit(make_data())
+    return {"per_batch": per_batch, "steps": trainer.state.global_step, "total": calls["n"]}
+
+
+def lr_scaling_run(mode: str | None, lr: float) -> dict[str, Any]:
+    """Two epochs with a LambdaLR (recomputed from base_lrs each step) under ``lr_scaling``."""
+    torch.manual_seed(99)
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    trainer = devlayer.Trainer(
+        model,
+        opt,
+        torch.nn.functional.mse_loss,
+        batch_size=16,
+        max_epochs=2,
+        lr_scaling=mode,
+        scheduler=sched,
+        progress=False,
+        num_workers=0,
+        resume=None,
+        seed=3,
+    )
+    history = trainer.fit(make_data())
+    return {
+        "lrs": [h["lr"] for h in history],
+        "group_lr": opt.param_groups[0]["lr"],
+        "weights": _weights(model),
+    }
+
+
+def short_last_window(grad_accum: int) -> dict[str, Any]:
+    """12 samples, global batch 8: on 2 ranks that is 3 micro-batches of 2 at grad_accum=2."""
+    trainer, model = _linear_trainer(batch_size=8, grad_accum=grad_accum, max_epochs=2)
+    history = trainer.fit(make_data(12))
+    return {"steps": [h["global_step"] for h in history], "weights": _weights(model)}
+
+
+def odd_validation_set() -> dict[str, Any]:
+    """Validation on 7 samples over 2 ranks (4 + 3, in micro-batches of 2): the weighting."""
+    trainer, model = _linear_trainer(batch_size=4, max_epochs=1)
+    history = trainer.fit(make_data(16), make_data(7, seed=5))
+    return {"val_loss": history[-1]["val_loss"], "weights": _weights(model)}

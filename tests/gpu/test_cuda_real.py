@@ -434,12 +434,16 @@ def test_trainer_steps_never_synchronize_the_gpu(no_launcher):
     # The Trainer promises no host sync per step: the loss is summed on the device and read
     # only every log_every steps, and the stop check is a CPU tensor. CUDA's sync debug
     # mode turns any synchronizing call (.item(), a blocking copy) into an error; it is
-    # switched on after two warm-up steps and the run stops mid-epoch through max_steps,
-    # before the epoch-end metrics reduction, which does read values once per epoch.
+    # switched on after two warm-up steps and off again when the run's last step is done
+    # (it stops mid-epoch through max_steps), before the metrics reduction of that partial
+    # epoch, which does read values once.
     class SyncGuard(devlayer.Callback):
         def on_train_batch_end(self, trainer, loss):
             if trainer.state.global_step == 2:
                 torch.cuda.set_sync_debug_mode("error")
+
+        def on_train_epoch_end(self, trainer):
+            torch.cuda.set_sync_debug_mode("default")
 
     data = _regression_data(n=1024)  # 16 steps per epoch of 64
     model = torch.nn.Linear(8, 1, device="cpu")

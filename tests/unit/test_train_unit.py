@@ -242,3 +242,52 @@ def test_loaders_iterate_on_cpu_under_an_accelerator_default_device(
     assert torch.empty(1).device.type == "meta"  # the default is untouched afterwards
     shard = devlayer.prepare_loader(data, 4, num_workers=0, shuffle=shuffle, pad=False)
     assert sorted(int(v) for _, y in shard for v in y) == list(range(12))
+
+
+def test_max_steps_with_no_batches_is_an_error_not_a_hang(cpu):
+    net = torch.nn.Linear(1, 1)
+    trainer = devlayer.Trainer(
+        net,
+        torch.optim.SGD(net.parameters(), lr=0.1),
+        torch.nn.functional.mse_loss,
+        batch_size=8,
+        max_steps=5,
+        progress=False,
+        num_workers=0,
+    )
+    with pytest.raises(devlayer.InvalidArgumentError, match=r"0 batches.*max_steps=5"):
+        trainer.fit(_data(0))
+
+
+def test_bounds_default_and_validation():
+    net = torch.nn.Linear(1, 1)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    mse = torch.nn.functional.mse_loss
+    assert devlayer.Trainer(net, opt, mse).max_epochs == 1
+    only_steps = devlayer.Trainer(net, opt, mse, max_steps=50)
+    assert only_steps.max_epochs is None and only_steps.max_steps == 50
+    with pytest.raises(devlayer.InvalidArgumentError, match="max_epochs=0"):
+        devlayer.Trainer(net, opt, mse, max_epochs=0)
+    with pytest.raises(devlayer.InvalidArgumentError, match="max_steps=0"):
+        devlayer.Trainer(net, opt, mse, max_steps=0)
+
+
+def test_early_stopping_is_named_as_the_stop_reason(cpu, capsys):
+    stopper = EarlyStopping(monitor="val_loss", mode="min", target=1e9, patience=2)
+    net = torch.nn.Linear(1, 1)
+    trainer = devlayer.Trainer(
+        net,
+        torch.optim.SGD(net.parameters(), lr=0.001),
+        torch.nn.functional.mse_loss,
+        batch_size=8,
+        max_epochs=10,
+        max_steps=1000,
+        early_stopping=stopper,
+        num_workers=0,
+    )
+    history = trainer.fit(_data(), _data())
+    assert trainer.stop_reason == "early_stopping" and history[-1]["stopped_by"] == "early_stopping"
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "stopped: early stopping on val_loss at step 10, epoch 2; max_steps=1000 not reached; "
+        "max_epochs=10 not reached"
+    )
