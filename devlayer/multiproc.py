@@ -139,7 +139,7 @@ def spawn(
     if isinstance(nprocs, bool) or not isinstance(nprocs, int) or nprocs < 1:
         raise InvalidArgumentError(f"nprocs={nprocs!r} must be an int >= 1")
     from devlayer.launchers import detect
-    from devlayer.testing import free_port
+    from devlayer.net import free_port
 
     init_kwargs = {"backend": backend, "devices": devices, "timeout": timeout}
     info = detect(os.environ)

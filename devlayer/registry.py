@@ -9,8 +9,8 @@ A *backend* is one device vendor: ``cuda`` (NVIDIA and ROCm builds), ``xpu``, ``
     mynpu = "mynpu_devlayer:NpuBackend"
 
 A backend asks its vendor's torch module everything through one object, its
-:class:`Runtime`. That object is the *hardware seam*: tests replace it (see
-:mod:`devlayer.testing`) to simulate devices that are not there.
+:class:`Runtime`. That object is the *hardware seam*: :mod:`devlayer.simulation` replaces it
+(``DEVLAYER_SIMULATE``, ``devlayer.testing.simulate``) to simulate devices that are not there.
 
 Selection order: explicit ``backend=`` argument, then ``DEVLAYER_BACKEND``, then
 auto-detection by descending :attr:`Backend.priority` among available backends
@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
+from devlayer import simulation
 from devlayer.errors import (
     BackendNotFoundError,
     BackendUnavailableError,
@@ -155,7 +156,7 @@ class Backend:
     @property
     def runtime(self) -> Runtime:
         """The runtime in use: a simulated one if a test installed it, else the real one."""
-        simulated = _simulated_runtime(self.name)
+        simulated = simulation.runtime_for(self.name)
         if simulated is not None:
             return simulated
         if self._runtime is None:
@@ -278,7 +279,6 @@ _backends: dict[str, Backend] = {}
 _loaded_builtins = False
 _loaded_entry_points = False
 _entry_point_errors: dict[str, str] = {}
-_simulated: dict[str, Runtime] = {}
 
 
 def _as_backend(obj: object, origin: str) -> Backend:
@@ -524,26 +524,3 @@ def select_backend(name: str | None = None, env: Mapping[str, str] | None = None
 def _short_repr(value: object) -> str:
     text = repr(value)
     return text if len(text) <= 40 else f"{text[:20]}...({len(text)} characters)"
-
-
-# --------------------------------------------------------------------------- simulation
-
-
-def _simulated_runtime(name: str) -> Runtime | None:
-    if name in _simulated:
-        return _simulated[name]
-    spec = os.environ.get("DEVLAYER_SIMULATE")
-    if spec:
-        from devlayer.testing import runtimes_from_spec
-
-        return runtimes_from_spec(spec).get(name)
-    return None
-
-
-def _set_simulated(name: str, runtime: Runtime | None) -> None:
-    """Install (or remove, with ``None``) a simulated runtime; used by devlayer.testing."""
-    with _lock:
-        if runtime is None:
-            _simulated.pop(name, None)
-        else:
-            _simulated[name] = runtime

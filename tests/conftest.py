@@ -103,7 +103,7 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
 @pytest.fixture
 def sim(clean_env: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     """clean_env, plus a private DEVLAYER_SIMULATE cache (its fakes keep state per spec)."""
-    from devlayer import testing
+    from devlayer import simulation
 
-    clean_env.setattr(testing, "_runtime_cache", {})
+    clean_env.setattr(simulation, "_runtime_cache", {})
     return clean_env

@@ -1387,14 +1387,14 @@ def _sigterm_stops(what: str) -> Iterator[None]:
 
     The Trainer turns SIGTERM into a flag read between optimizer steps; before the first
     step nothing reads it, so a resume stuck on a slow or hung file system would ignore it.
-    Here it raises :class:`~devlayer.train.trainer.PreemptedError` at once instead.
+    Here it raises :class:`~devlayer.train.errors.PreemptedError` at once instead.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def stop(signum: int, frame: Any) -> None:
-        from devlayer.train.trainer import PreemptedError
+        from devlayer.train.errors import PreemptedError
 
         raise PreemptedError(
             f"received {signal.Signals(signum).name} while {what}; stopped before training "
@@ -1411,7 +1411,7 @@ def _sigterm_stops(what: str) -> Iterator[None]:
 def _error_class(name: str) -> type[Exception]:
     """The exception class a rank re-raises for rank 0's error ``name``."""
     if name == "PreemptedError":
-        from devlayer.train.trainer import PreemptedError
+        from devlayer.train.errors import PreemptedError
 
         return PreemptedError
     cls = globals().get(name)

@@ -38,6 +38,7 @@ from typing import Any
 import devlayer
 from devlayer.errors import DevlayerError, InvalidArgumentError
 from devlayer.train.data import ShardedLoader, prepare_loader
+from devlayer.train.errors import PreemptedError
 from devlayer.train.model import prepare_model, unwrap
 from devlayer.train.seed import seed_everything
 
@@ -125,14 +126,6 @@ def resolve_progress_interval(
             f"per micro-batch)"
         )
     return seconds
-
-
-class PreemptedError(DevlayerError):
-    """Training stopped because the job was asked to (SIGTERM): not a success.
-
-    Every rank raises it at the same step; a checkpoint was saved first when
-    ``checkpoint_dir`` is set, so the next run resumes with ``resume="auto"``.
-    """
 
 
 @dataclass

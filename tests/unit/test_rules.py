@@ -185,3 +185,74 @@ def test_object_collectives_only_in_the_documented_functions():
         ("comm.py", "all_gather_object"),
         ("comm.py", "broadcast_object"),
     }, hits
+
+
+def _imports(path: Path) -> list[tuple[int, str]]:
+    """``(line, module)`` for every import in ``path`` (``from a import b`` gives a.b too)."""
+    import ast
+
+    found: list[tuple[int, str]] = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found.append((node.lineno, node.module))
+            found += [(node.lineno, f"{node.module}.{alias.name}") for alias in node.names]
+    return found
+
+
+def test_library_never_imports_its_test_helpers():
+    """devlayer.testing is for users' tests; the library and the backends never import it.
+
+    (Simulation, which the library does need, lives in devlayer.simulation; socket helpers
+    in devlayer.net.)
+    """
+    offenders = [
+        f"{path.relative_to(ROOT)}:{line}: {module}"
+        for path in _python_files("devlayer", "backends")
+        if path.name != "testing.py"
+        for line, module in _imports(path)
+        if module == "devlayer.testing" or module.startswith("devlayer.testing.")
+    ]
+    assert not offenders, offenders
+
+
+def test_the_library_import_graph_has_no_cycle():
+    """Module-level and function-level imports between devlayer modules form no cycle."""
+    modules = {
+        ("devlayer." + ".".join(p.relative_to(ROOT / "devlayer").with_suffix("").parts)).replace(
+            ".__init__", ""
+        ): p
+        for p in _python_files("devlayer")
+    }
+    modules["devlayer"] = ROOT / "devlayer" / "__init__.py"
+    graph = {
+        # an import of a module's own parent package is Python's doing, not a dependency
+        name: {
+            m
+            for _, m in _imports(path)
+            if m in modules and m != name and not name.startswith(m + ".")
+        }
+        for name, path in modules.items()
+        if name != "devlayer"  # the package's lazy table names every module by design
+    }
+    for deps in graph.values():
+        deps.discard("devlayer")
+    state: dict[str, int] = {}
+    cycle: list[str] = []
+
+    def visit(node: str, stack: list[str]) -> bool:
+        state[node] = 1
+        for dep in sorted(graph.get(node, ())):
+            if state.get(dep) == 1:
+                cycle.extend([*stack[stack.index(dep) :], dep] if dep in stack else [node, dep])
+                return True
+            if dep not in state and visit(dep, [*stack, dep]):
+                return True
+        state[node] = 2
+        return False
+
+    for name in sorted(graph):
+        if name not in state and visit(name, [name]):
+            break
+    assert not cycle, " -> ".join(cycle)
