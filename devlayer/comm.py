@@ -40,8 +40,9 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from devlayer.config import env_flag, parse_timeout
 from devlayer.errors import CollectiveError, DevlayerError, InvalidArgumentError
-from devlayer.lifecycle import State, _env_flag, parse_timeout, state
+from devlayer.lifecycle import State, state
 
 if TYPE_CHECKING:
     import torch
@@ -103,7 +104,7 @@ def _ctx() -> _Ctx:
     # Python floats travel as float64, except on MPS, which has no float64.
     float_dtype = torch.float32 if st.device.type == "mps" else torch.float64
     # Read once per State: the per-call cost of debug mode being off is one attribute check.
-    debug = _env_flag("DEVLAYER_DEBUG", False) and st.world_size > 1
+    debug = env_flag("DEVLAYER_DEBUG", False) and st.world_size > 1
     _ctx_cache = _Ctx(
         st,
         st.world_size,

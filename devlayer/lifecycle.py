@@ -22,38 +22,39 @@ The module is not called ``state`` so that it cannot shadow the function ``devla
 from __future__ import annotations
 
 import atexit
-import errno
 import importlib
 import logging
 import os
-import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from devlayer import devices as _devices
+from devlayer.config import DEFAULT_TIMEOUT, env_flag, parse_timeout
 from devlayer.errors import (
     DeviceError,
     DevlayerError,
     InitOrderError,
-    InvalidArgumentError,
     NotInitializedError,
     RendezvousError,
 )
+from devlayer.hooks import AcceleratorHook, as_hook_list, call_hooks, resolve_hooks, torch_module
 from devlayer.launchers import ProcessInfo, detect
 from devlayer.registry import Backend, select_backend
+from devlayer.rendezvous import rendezvous
+from devlayer.torchcompat import (
+    check_torch_version,
+    torch_advisories,
+)
 
 if TYPE_CHECKING:
     from types import ModuleType
 
     import torch
 
-#: ``hook(module)`` for libraries that keep their own "accelerator module" (torch.cuda,
-#: torch.xpu...), or ``"package.module:function"`` naming one.
-AcceleratorHook = Callable[[Any], object] | str
 
 __all__ = [
     "AcceleratorHook",
@@ -77,10 +78,6 @@ __all__ = [
 
 log = logging.getLogger("devlayer")
 
-MIN_TORCH = (2, 6)
-DEFAULT_TIMEOUT = timedelta(minutes=10)
-#: The longest rendezvous/collective timeout accepted (``timeout=``, ``DEVLAYER_TIMEOUT``).
-MAX_TIMEOUT = timedelta(days=7)
 #: Marks that visibility was already narrowed in this process tree (by devlayer.early or a
 #: parent), so a child does not narrow relative indices twice.
 APPLIED_MARKER = "DEVLAYER_VISIBILITY_APPLIED"
@@ -189,129 +186,6 @@ _undo = _Undo()
 # --------------------------------------------------------------------------- validation
 
 
-def check_torch_version(version: str | None = None) -> None:
-    """Refuse torch older than 2.6, whose ``torch.load`` is unsafe by default.
-
-    Raises:
-        DevlayerError: Naming the version found and the fix.
-    """
-    from packaging.version import Version
-
-    if version is None:
-        import torch
-
-        version = torch.__version__
-    release = Version(version).release
-    if tuple(release[:2]) < MIN_TORCH:
-        raise DevlayerError(
-            f"torch {version} is too old: devlayer needs torch >= 2.6, where torch.load defaults "
-            f"to weights_only=True (older releases can run code from checkpoint files); "
-            f"upgrade with `pip install 'torch>=2.6'`"
-        )
-
-
-#: Published advisories for torch releases devlayer still accepts (>= 2.6), as
-#: (first affected, first fixed, id, what). README "Security and trust" lists the same.
-#: torch < 2.6 is refused outright (CVE-2025-32434: code execution through torch.load even
-#: with weights_only=True).
-TORCH_ADVISORIES = (
-    ("2.6.0", "2.7.0", "CVE-2025-3730", "denial of service in ctc_loss"),
-    ("0", "2.9.1", "CVE-2025-2999", "memory corruption in unpack_sequence"),
-    ("0", "2.10.0", "CVE-2025-3001", "memory corruption in lstm_cell"),
-)
-
-
-def torch_advisories(version: str) -> list[str]:
-    """Known advisories that apply to torch ``version`` (one sentence each).
-
-    Example:
-        >>> torch_advisories("2.13.0")
-        []
-        >>> [a.split(":")[0] for a in torch_advisories("2.8.0")]
-        ['CVE-2025-2999', 'CVE-2025-3001']
-    """
-    from packaging.version import Version
-
-    v = Version(Version(version).base_version)
-    return [
-        f"{cve}: {what} (torch {first}..<{fixed}); upgrade to torch >= {fixed}"
-        for first, fixed, cve, what in TORCH_ADVISORIES
-        if Version(first) <= v < Version(fixed)
-    ]
-
-
-def parse_timeout(timeout: object, *, origin: str = "timeout") -> timedelta | None:
-    """Seconds (int/float), a :class:`~datetime.timedelta` or ``None`` -> timedelta or None.
-
-    Accepted: more than zero and at most :data:`MAX_TIMEOUT` (a week). Larger values are
-    refused by name instead of overflowing inside ``timedelta`` or torch (``1e14`` raised a
-    raw ``OverflowError``; ``8e13`` was accepted and then failed at once).
-
-    Raises:
-        InvalidArgumentError: Zero (or below a microsecond), negative, not finite, more than
-            a week, or another type.
-
-    Example:
-        >>> parse_timeout(5)
-        datetime.timedelta(seconds=5)
-    """
-    if timeout is None:
-        return None
-    shown = _short_repr(timeout)  # what the user wrote (a variable's text stays text)
-    if isinstance(timeout, str) and origin != "timeout":
-        try:
-            timeout = float(timeout)
-        except ValueError:
-            raise InvalidArgumentError(
-                f"{origin}={shown} is not a number of seconds; use e.g. {origin}=300"
-            ) from None
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float, timedelta)):
-        raise InvalidArgumentError(
-            f"{origin}={shown} has type {type(timeout).__name__}; pass seconds as a number "
-            f"or a datetime.timedelta"
-        )
-    if isinstance(timeout, timedelta):
-        seconds = timeout.total_seconds()
-    elif isinstance(timeout, int) and abs(timeout) > 10**15:  # float() may overflow
-        seconds = float(10**15 if timeout > 0 else -1)
-    else:
-        seconds = float(timeout)
-    if not seconds > 0 or seconds == float("inf"):
-        raise InvalidArgumentError(
-            f"{origin}={shown} must be a positive, finite number of seconds (e.g. 300)"
-        )
-    limit = MAX_TIMEOUT.total_seconds()
-    if seconds > limit:
-        raise InvalidArgumentError(
-            f"{origin}={shown} is more than a week; devlayer accepts timeouts up to "
-            f"{limit:.0f} seconds (7 days). Use a smaller value, e.g. {origin}=3600"
-        )
-    result = timeout if isinstance(timeout, timedelta) else timedelta(seconds=seconds)
-    if result <= timedelta(0):
-        raise InvalidArgumentError(
-            f"{origin}={shown} must be a positive number of seconds; it rounds to 0 at "
-            f"microsecond resolution (e.g. use 300)"
-        )
-    return result
-
-
-def _short_repr(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else f"{text[:20]}...({len(text)} characters)"
-
-
-def _env_flag(name: str, default: bool) -> bool:
-    raw = os.environ.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    value = raw.strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    raise InvalidArgumentError(f"{name}={raw!r} is not a boolean; use 1 or 0")
-
-
 # --------------------------------------------------------------------------- init
 
 
@@ -371,7 +245,7 @@ def init(
         True
     """
     global _current
-    hook_list = _hook_list(accelerator_hooks)
+    hook_list = as_hook_list(accelerator_hooks)
     # The key includes the DEVLAYER_* variables init() reads, so a changed environment is
     # not silently answered with the old State.
     key = (
@@ -431,13 +305,13 @@ def init(
                 be.set_device(index)
             want_default = set_default_device
             if want_default is None:
-                want_default = _env_flag("DEVLAYER_SET_DEFAULT_DEVICE", be.device_type != "cpu")
+                want_default = env_flag("DEVLAYER_SET_DEFAULT_DEVICE", be.device_type != "cpu")
             if want_default and be.device_type != "cpu" and not _simulated(be):
                 import torch
 
                 torch.set_default_device(dev)
                 undo.default_device_set = True
-            _call_hooks(hooks, be)
+            call_hooks(hooks, be)
             for name, value in _interop_env(be, info).items():
                 if name not in os.environ:
                     undo.setenv(name, value)
@@ -493,98 +367,6 @@ def _freeze(value: object) -> object:
     return value
 
 
-def resolve_hooks(
-    hooks: Iterable[AcceleratorHook] | None, env: Mapping[str, str]
-) -> list[tuple[str, Callable[[Any], object]]]:
-    """``(name, callable)`` for each accelerator hook, importing ``"module:function"`` names.
-
-    Args:
-        hooks: The ``accelerator_hooks`` argument; None reads ``DEVLAYER_ACCELERATOR_HOOKS``.
-        env: The environment to read it from.
-
-    Raises:
-        InvalidArgumentError: A name that is not ``module:function``, cannot be imported,
-            or is not callable.
-
-    Example:
-        >>> [name for name, _ in resolve_hooks(None, {"DEVLAYER_ACCELERATOR_HOOKS": "os:getcwd"})]
-        ['os:getcwd']
-        >>> resolve_hooks((), {"DEVLAYER_ACCELERATOR_HOOKS": "os:getcwd"})
-        []
-    """
-    origin = "accelerator_hooks"
-    hooks = _hook_list(hooks)
-    if hooks is None:
-        raw = env.get("DEVLAYER_ACCELERATOR_HOOKS", "")
-        hooks = [part.strip() for part in raw.split(",") if part.strip()]
-        origin = "DEVLAYER_ACCELERATOR_HOOKS"
-    out: list[tuple[str, Callable[[Any], object]]] = []
-    for hook in hooks:
-        if callable(hook):
-            name = getattr(hook, "__qualname__", repr(hook))
-            out.append((f"{getattr(hook, '__module__', '?')}:{name}", hook))
-            continue
-        if not isinstance(hook, str) or hook.count(":") != 1:
-            raise InvalidArgumentError(
-                f"{origin} entry {hook!r} is neither a callable nor 'package.module:function' "
-                f"(e.g. 'ptychi.device:set_torch_accelerator_module')"
-            )
-        module_name, _, attr = hook.partition(":")
-        try:
-            target: Any = importlib.import_module(module_name)
-            for part in attr.split("."):
-                target = getattr(target, part)
-        except (ImportError, AttributeError) as exc:
-            raise InvalidArgumentError(
-                f"{origin} entry {hook!r} cannot be loaded ({exc}); check the spelling and that "
-                f"the package is installed in this environment"
-            ) from exc
-        if not callable(target):
-            raise InvalidArgumentError(
-                f"{origin} entry {hook!r} is a {type(target).__name__}, not a function"
-            )
-        out.append((hook, target))
-    return out
-
-
-def _hook_list(hooks: Iterable[AcceleratorHook] | AcceleratorHook | None) -> list[Any] | None:
-    """The hooks argument as a list (one hook may be passed bare); None stays None."""
-    if hooks is None:
-        return None
-    if isinstance(hooks, str) or callable(hooks):
-        return [hooks]
-    return list(hooks)
-
-
-def _call_hooks(hooks: list[tuple[str, Callable[[Any], object]]], be: Backend) -> None:
-    if not hooks:
-        return
-    module = _torch_module(be.device_type)
-    for name, hook in hooks:
-        try:
-            hook(module)
-        except Exception as exc:
-            raise DevlayerError(
-                f"accelerator hook {name} raised {type(exc).__name__}: {exc} (called with "
-                f"{module.__name__}); fix the hook or remove it from accelerator_hooks / "
-                f"DEVLAYER_ACCELERATOR_HOOKS"
-            ) from exc
-
-
-def _torch_module(device_type: str) -> ModuleType:
-    import torch
-
-    try:  # torch's own answer (plugins registered with torch included)
-        module = torch.get_device_module(device_type)
-    except (RuntimeError, AttributeError):
-        module = getattr(torch, device_type, None)
-    if module is None:
-        raise DevlayerError(
-            f"torch {torch.__version__} has no module torch.{device_type} for accelerator hooks"
-        )
-    return module
-
-
 def accelerator_module() -> ModuleType:
     """torch's module for this rank's device type: ``torch.cuda``, ``torch.xpu``, ``torch.cpu``...
 
@@ -598,7 +380,7 @@ def accelerator_module() -> ModuleType:
         'torch.cpu'
         >>> _ = devlayer.shutdown()
     """
-    return _torch_module(state().device.type)
+    return torch_module(state().device.type)
 
 
 _KEY_ENV = (
@@ -797,7 +579,7 @@ def _check_shared_devices(be: Backend, comm: str | None, count: int, info: Proce
     if (
         comm is not None
         and not be.shares_devices_between_ranks(comm)
-        and not _env_flag("DEVLAYER_ALLOW_SHARED_DEVICES", False)
+        and not env_flag("DEVLAYER_ALLOW_SHARED_DEVICES", False)
     ):
         raise DeviceError(
             f"{what}; the {comm!r} communication backend refuses two ranks on one device in "
@@ -878,230 +660,6 @@ def _let_workers_finish() -> None:
 
 
 # --------------------------------------------------------------------------- rendezvous
-
-
-def rendezvous(info: ProcessInfo, timeout: timedelta) -> Any:
-    """Connect to (rank 0: host) the TCP store and wait until every rank checked in.
-
-    Each torchelastic restart gets its own key prefix, so a restarted job never reads
-    the addresses of the attempt that died (torchrun reuses its agent's store).
-
-    Returns:
-        A ``torch.distributed.PrefixStore`` ready for ``init_process_group``.
-
-    Raises:
-        RendezvousError: Port in use, address unreachable, a rank missing or duplicated.
-    """
-    import torch.distributed as dist
-
-    port = info.master_port
-    addr = _unbracket(info.master_addr)  # "[::1]" names the host ::1
-    where = f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
-    src = info.sources
-    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
-    is_server = info.rank == 0 and not agent_store
-    store_host = "torchrun's agent" if agent_store else "rank 0"
-    deadline = time.monotonic() + timeout.total_seconds()
-    kwargs: dict[str, Any] = {}
-    if is_server and _is_loopback(addr):
-        try:
-            kwargs["master_listen_fd"], _ = loopback_listener(int(port or 0), addr)
-        except OSError as exc:
-            if exc.errno != errno.EADDRINUSE:
-                raise RendezvousError(
-                    f"rank 0 cannot listen on {where}: {exc.strerror or exc} (MASTER_ADDR from "
-                    f"{src.get('master_addr', 'MASTER_ADDR')}); name a loopback address this "
-                    f"host has, e.g. MASTER_ADDR=127.0.0.1"
-                ) from exc
-            raise _port_in_use(where, port, src) from exc
-
-    def make_store() -> Any:
-        return dist.TCPStore(
-            host_name=addr,
-            port=int(port or 0),
-            world_size=info.world_size,
-            is_master=is_server,
-            timeout=timeout,
-            wait_for_workers=False,
-            multi_tenant="master_listen_fd" not in kwargs,
-            **kwargs,
-        )
-
-    try:
-        base = make_store() if is_server else _bounded(make_store, deadline)
-    except TimeoutError:
-        raise RendezvousError(
-            f"rank {info.rank} got no answer from a rendezvous store at {where} within "
-            f"{timeout.total_seconds():g}s: the connection was accepted but nothing answered "
-            f"as a torch store, so another program probably holds the port. "
-            f"{_store_host_hint(store_host, where)}"
-        ) from None
-    except Exception as exc:
-        text = str(exc)
-        if is_server and ("in use" in text.lower() or "EADDRINUSE" in text):
-            raise _port_in_use(where, port, src) from exc
-        raise RendezvousError(
-            f"rank {info.rank} could not reach the rendezvous store at {where} within "
-            f"{timeout.total_seconds():g}s (MASTER_ADDR from "
-            f"{src.get('master_addr', 'MASTER_ADDR')}, MASTER_PORT from "
-            f"{src.get('master_port', 'MASTER_PORT')}): {text.splitlines()[0] if text else exc!r}. "
-            f"{_store_host_hint(store_host, where)}"
-        ) from exc
-    store = dist.PrefixStore(f"devlayer/attempt{info.restart_count}/", base)
-    try:
-        claims = store.add(f"rank{info.rank}", 1)
-        if claims > 1:
-            raise RendezvousError(
-                f"two processes claim rank {info.rank} at {where} (rank from "
-                f"{src.get('rank', 'RANK')}); every process needs a distinct rank, or another "
-                f"job uses the same MASTER_PORT"
-            )
-        store.set(f"host{info.rank}", socket.gethostname())
-        store.add("joined", 1)
-        _wait_for_all(store, info, where, deadline, timeout)
-    except RendezvousError:
-        raise
-    except Exception as exc:  # the store's host went away (torch's DistNetworkError & co.)
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if is_server:
-            hint = "this process hosts the store; see the first error above"
-        else:
-            hint = _store_host_hint(store_host, where)
-        raise RendezvousError(
-            f"rank {info.rank} lost the rendezvous store at {where} while the ranks were "
-            f"meeting ({text}). {hint}"
-        ) from exc
-    return store
-
-
-def _bounded(make: Callable[[], Any], deadline: float) -> Any:
-    """``make()`` in a helper thread, given up at ``deadline`` (``time.monotonic()``).
-
-    torch's TCPStore client waits forever for an answer when the port is held by a program
-    that accepts connections but is not a store (seen with torch 2.13: a listener that
-    never answers kept rank 1 waiting past a 4 s timeout for over a minute). The call
-    releases the GIL, so the thread can be left behind (daemon) while the error is raised.
-
-    Raises:
-        TimeoutError: ``make()`` did not return by the deadline (plus one second for torch's
-            own timeout error to arrive first).
-    """
-    box: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            box["value"] = make()
-        except BaseException as exc:  # handed to the caller's thread
-            box["error"] = exc
-
-    thread = threading.Thread(target=run, name="devlayer-store-connect", daemon=True)
-    thread.start()
-    thread.join(max(deadline - time.monotonic(), 0.0) + 1.0)
-    if "error" in box:
-        raise box["error"]
-    if "value" in box:
-        return box["value"]
-    raise TimeoutError
-
-
-def _unbracket(addr: str) -> str:
-    """``"[::1]"`` -> ``"::1"`` (URL-style brackets around an IPv6 address)."""
-    addr = addr.strip()
-    return addr[1:-1] if addr.startswith("[") and addr.endswith("]") else addr
-
-
-def _store_host_hint(store_host: str, where: str) -> str:
-    """What a rank that cannot use the store should look at (issue 14: blame the cause)."""
-    return (
-        f"{store_host} (the store host) probably failed to start the store at {where} (a port "
-        f"in use, an address this host does not have) or exited: look at {store_host}'s "
-        f"output for its first error; otherwise check that {where} is reachable from here"
-    )
-
-
-def _is_loopback(addr: str) -> bool:
-    import ipaddress
-
-    if addr == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(addr).is_loopback
-    except ValueError:
-        return False
-
-
-def _port_in_use(where: str, port: object, src: Mapping[str, str]) -> RendezvousError:
-    return RendezvousError(
-        f"rank 0 cannot listen on {where}: port {port} is already in use "
-        f"(MASTER_PORT: {src.get('master_port', 'MASTER_PORT')}). Choose a free "
-        f"port (export MASTER_PORT=...), or stop the process holding it"
-    )
-
-
-def loopback_listener(port: int = 0, host: str = "127.0.0.1") -> tuple[int, int]:
-    """A socket listening on one loopback address only, for a TCP store's ``master_listen_fd``.
-
-    torch's store server otherwise listens on every interface; on one node nothing outside
-    this machine needs to reach it. ``host`` is the loopback address ``MASTER_ADDR`` names
-    (``127.0.0.1``, ``127.0.0.2``, ``::1``...; ``localhost`` = ``127.0.0.1``), so clients that
-    connect there find it. Returns ``(file descriptor, port)``; the store owns the
-    descriptor from then on.
-
-    Raises:
-        OSError: The port is taken, or this host has no such address.
-    """
-    host = "127.0.0.1" if host in ("", "localhost") else _unbracket(host)
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    # Rerunning a job on the same derived port must not wait for TIME_WAIT to expire
-    # (torch's own store sets SO_REUSEADDR too); a live listener still makes bind fail.
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-        sock.listen(512)
-    except OSError:
-        sock.close()
-        raise
-    bound = int(sock.getsockname()[1])
-    return sock.detach(), bound
-
-
-def _wait_for_all(
-    store: Any, info: ProcessInfo, where: str, deadline: float, timeout: timedelta
-) -> None:
-    next_note = time.monotonic() + 30.0
-    delay = 0.002
-    while True:
-        joined = store.add("joined", 0)
-        if joined == info.world_size:
-            return
-        now = time.monotonic()
-        if joined > info.world_size:
-            raise RendezvousError(
-                f"{joined} processes joined at {where} but WORLD_SIZE={info.world_size}; "
-                f"another job is using the same MASTER_PORT, or WORLD_SIZE is too small"
-            )
-        if now >= deadline:
-            missing = [r for r in range(info.world_size) if not store.check([f"host{r}"])]
-            raise RendezvousError(
-                f"expected {info.world_size} ranks (WORLD_SIZE from "
-                f"{info.sources.get('world_size', 'WORLD_SIZE')}) at {where}, but only "
-                f"{joined} joined within {timeout.total_seconds():g}s; missing rank(s): "
-                f"{', '.join(map(str, missing))}. Start as many processes as WORLD_SIZE says, "
-                f"or check why those ranks did not start"
-            )
-        if now >= next_note:
-            log.warning(
-                "rank %d: waiting at %s for %d more rank(s) (%d of %d joined)",
-                info.rank,
-                where,
-                info.world_size - joined,
-                joined,
-                info.world_size,
-            )
-            next_note = now + 30.0
-        time.sleep(delay)
-        delay = min(delay * 2, 0.05)
 
 
 # --------------------------------------------------------------------------- shutdown
@@ -1224,3 +782,27 @@ def device() -> torch.device:
 def backend() -> str:
     """Name of the backend in use."""
     return state().backend
+
+
+# Names that moved out of this module (issue 15); they keep working for one release.
+_MOVED = {
+    "TORCH_ADVISORIES": "devlayer.torchcompat",
+    "MIN_TORCH": "devlayer.torchcompat",
+    "MAX_TIMEOUT": "devlayer.config",
+    "loopback_listener": "devlayer.rendezvous",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _MOVED.get(name)
+    if module is None:
+        raise AttributeError(f"module 'devlayer.lifecycle' has no attribute {name!r}")
+    import warnings
+
+    warnings.warn(
+        f"devlayer.lifecycle.{name} moved to {module}.{name}; the old name goes in the next "
+        f"release",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return getattr(importlib.import_module(module), name)

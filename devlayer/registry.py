@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 from devlayer import simulation
+from devlayer.config import short_repr
 from devlayer.errors import (
     BackendNotFoundError,
     BackendUnavailableError,
@@ -490,7 +491,7 @@ def select_backend(name: str | None = None, env: Mapping[str, str] | None = None
     origin = "backend"
     if name is not None and not isinstance(name, str):
         raise InvalidArgumentError(
-            f"backend={_short_repr(name)} has type {type(name).__name__}; pass a backend name "
+            f"backend={short_repr(name)} has type {type(name).__name__}; pass a backend name "
             f"such as 'cuda', 'xpu' or 'cpu', or None for auto-detection"
         )
     if name is not None and name.strip().lower() == "auto":
@@ -519,8 +520,3 @@ def select_backend(name: str | None = None, env: Mapping[str, str] | None = None
     raise BackendUnavailableError(
         "no backend is available: " + "; ".join(f"{n}: {r}" for n, r in skipped)
     )
-
-
-def _short_repr(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else f"{text[:20]}...({len(text)} characters)"

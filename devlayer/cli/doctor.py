@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 import devlayer
-from devlayer.cli.info import _text, collect
+from devlayer.cli.info import collect, text_report
 
 __all__ = ["run", "smoke_test"]
 
@@ -147,7 +147,7 @@ def _finish(
     if as_json:
         _emit(json.dumps(report, sort_keys=True, default=str))
         return 0 if ok else 1
-    lines = [_text(report)]
+    lines = [text_report(report)]
     smoke = report.get("smoke_test")
     if smoke and "ranks" in smoke:
         lines += ["\nsmoke test (init, barrier, all_reduce, all_gather):", _table(smoke["ranks"])]

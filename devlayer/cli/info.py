@@ -134,7 +134,7 @@ def pitfalls(env: Mapping[str, str], report: Mapping[str, Any]) -> list[str]:
     return out
 
 
-def _text(report: dict[str, Any]) -> str:
+def text_report(report: dict[str, Any]) -> str:
     lines = [
         f"devlayer {report['devlayer']}  torch {report['torch']}  python {report['python']}",
         "",
@@ -179,5 +179,5 @@ def run(*, as_json: bool = False) -> int:
         json.dump(report, sys.stdout, indent=2, sort_keys=True)
         sys.stdout.write("\n")
     else:
-        print(_text(report))
+        print(text_report(report))
     return 0

@@ -101,7 +101,7 @@ def _loopback_store(timeout: timedelta) -> tuple[Any, int]:
     """A TCP store served from this process on 127.0.0.1 only (the agents are clients)."""
     import torch.distributed as dist
 
-    from devlayer.lifecycle import loopback_listener
+    from devlayer.rendezvous import loopback_listener
 
     fd, port = loopback_listener()
     store = dist.TCPStore(

@@ -153,7 +153,7 @@ def test_wheel_install_maps_backends_into_devlayer(tmp_path):
 
 def test_torch_version_gate_and_advisories():
     import devlayer
-    from devlayer.lifecycle import check_torch_version, torch_advisories
+    from devlayer.torchcompat import check_torch_version, torch_advisories
 
     with pytest.raises(devlayer.DevlayerError, match=r"torch 2\.5\.1\+cu121 is too old.*>= 2\.6"):
         check_torch_version("2.5.1+cu121")
@@ -256,3 +256,37 @@ def test_the_library_import_graph_has_no_cycle():
         if name not in state and visit(name, [name]):
             break
     assert not cycle, " -> ".join(cycle)
+
+
+def test_names_moved_out_of_lifecycle_still_work_with_a_deprecation_warning():
+    import devlayer.lifecycle as lifecycle
+    from devlayer import config, torchcompat
+
+    with pytest.warns(DeprecationWarning, match="devlayer.torchcompat.TORCH_ADVISORIES"):
+        assert lifecycle.TORCH_ADVISORIES is torchcompat.TORCH_ADVISORIES
+    with pytest.warns(DeprecationWarning, match="devlayer.config.MAX_TIMEOUT"):
+        assert lifecycle.MAX_TIMEOUT == config.MAX_TIMEOUT
+    with pytest.raises(AttributeError):
+        lifecycle.no_such_name  # noqa: B018
+
+
+def test_no_module_imports_another_modules_private_names():
+    """``from devlayer.x import _name`` couples to what x may change at will (issue 15).
+
+    Relative imports inside ``backends/`` (``from ._common import ...``) are one package's
+    own business and allowed.
+    """
+    import ast
+
+    offenders = []
+    for path in _python_files("devlayer", "backends"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                offenders += [
+                    f"{path.relative_to(ROOT)}:{node.lineno}: {node.module}.{a.name}"
+                    for a in node.names
+                    if node.module.startswith("devlayer")
+                    and a.name.startswith("_")
+                    and not a.name.startswith("__")
+                ]
+    assert not offenders, offenders

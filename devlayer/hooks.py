@@ -1,0 +1,118 @@
+"""Accelerator hooks: hand torch's device module to libraries that keep their own.
+
+Pty-Chi and similar projects ask users to call ``set_torch_accelerator_module(torch.xpu)``
+by hand; ``init(accelerator_hooks=...)`` or ``DEVLAYER_ACCELERATOR_HOOKS`` do it with the
+module of the device type devlayer chose, so the script names no vendor.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from devlayer.errors import DevlayerError, InvalidArgumentError
+
+if TYPE_CHECKING:
+    from types import ModuleType
+
+    from devlayer.registry import Backend
+
+__all__ = ["AcceleratorHook", "as_hook_list", "call_hooks", "resolve_hooks", "torch_module"]
+
+
+#: ``hook(module)`` for libraries that keep their own "accelerator module" (torch.cuda,
+#: torch.xpu...), or ``"package.module:function"`` naming one.
+AcceleratorHook = Callable[[Any], object] | str
+
+
+def resolve_hooks(
+    hooks: Iterable[AcceleratorHook] | None, env: Mapping[str, str]
+) -> list[tuple[str, Callable[[Any], object]]]:
+    """``(name, callable)`` for each accelerator hook, importing ``"module:function"`` names.
+
+    Args:
+        hooks: The ``accelerator_hooks`` argument; None reads ``DEVLAYER_ACCELERATOR_HOOKS``.
+        env: The environment to read it from.
+
+    Raises:
+        InvalidArgumentError: A name that is not ``module:function``, cannot be imported,
+            or is not callable.
+
+    Example:
+        >>> [name for name, _ in resolve_hooks(None, {"DEVLAYER_ACCELERATOR_HOOKS": "os:getcwd"})]
+        ['os:getcwd']
+        >>> resolve_hooks((), {"DEVLAYER_ACCELERATOR_HOOKS": "os:getcwd"})
+        []
+    """
+    origin = "accelerator_hooks"
+    hooks = as_hook_list(hooks)
+    if hooks is None:
+        raw = env.get("DEVLAYER_ACCELERATOR_HOOKS", "")
+        hooks = [part.strip() for part in raw.split(",") if part.strip()]
+        origin = "DEVLAYER_ACCELERATOR_HOOKS"
+    out: list[tuple[str, Callable[[Any], object]]] = []
+    for hook in hooks:
+        if callable(hook):
+            name = getattr(hook, "__qualname__", repr(hook))
+            out.append((f"{getattr(hook, '__module__', '?')}:{name}", hook))
+            continue
+        if not isinstance(hook, str) or hook.count(":") != 1:
+            raise InvalidArgumentError(
+                f"{origin} entry {hook!r} is neither a callable nor 'package.module:function' "
+                f"(e.g. 'ptychi.device:set_torch_accelerator_module')"
+            )
+        module_name, _, attr = hook.partition(":")
+        try:
+            target: Any = importlib.import_module(module_name)
+            for part in attr.split("."):
+                target = getattr(target, part)
+        except (ImportError, AttributeError) as exc:
+            raise InvalidArgumentError(
+                f"{origin} entry {hook!r} cannot be loaded ({exc}); check the spelling and that "
+                f"the package is installed in this environment"
+            ) from exc
+        if not callable(target):
+            raise InvalidArgumentError(
+                f"{origin} entry {hook!r} is a {type(target).__name__}, not a function"
+            )
+        out.append((hook, target))
+    return out
+
+
+def as_hook_list(hooks: Iterable[AcceleratorHook] | AcceleratorHook | None) -> list[Any] | None:
+    """The hooks argument as a list (one hook may be passed bare); None stays None."""
+    if hooks is None:
+        return None
+    if isinstance(hooks, str) or callable(hooks):
+        return [hooks]
+    return list(hooks)
+
+
+def call_hooks(hooks: list[tuple[str, Callable[[Any], object]]], be: Backend) -> None:
+    if not hooks:
+        return
+    module = torch_module(be.device_type)
+    for name, hook in hooks:
+        try:
+            hook(module)
+        except Exception as exc:
+            raise DevlayerError(
+                f"accelerator hook {name} raised {type(exc).__name__}: {exc} (called with "
+                f"{module.__name__}); fix the hook or remove it from accelerator_hooks / "
+                f"DEVLAYER_ACCELERATOR_HOOKS"
+            ) from exc
+
+
+def torch_module(device_type: str) -> ModuleType:
+    import torch
+
+    try:  # torch's own answer (plugins registered with torch included)
+        module = torch.get_device_module(device_type)
+    except (RuntimeError, AttributeError):
+        module = getattr(torch, device_type, None)
+    if module is None:
+        raise DevlayerError(
+            f"torch {torch.__version__} has no module torch.{device_type} for accelerator hooks"
+        )
+    return module

@@ -1,0 +1,249 @@
+"""Rendezvous: rank 0 hosts torch's TCP store on loopback (one node) and every rank checks in.
+
+A missing or duplicated rank is named instead of waited for; a port another program holds
+is reported at once; other ranks learn that rank 0 failed. Used by ``init()`` when devlayer
+creates the process group itself.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Mapping
+from datetime import timedelta
+from typing import Any
+
+from devlayer.errors import RendezvousError
+from devlayer.launchers import ProcessInfo
+
+__all__ = ["loopback_listener", "rendezvous"]
+
+log = logging.getLogger("devlayer")
+
+
+def rendezvous(info: ProcessInfo, timeout: timedelta) -> Any:
+    """Connect to (rank 0: host) the TCP store and wait until every rank checked in.
+
+    Each torchelastic restart gets its own key prefix, so a restarted job never reads
+    the addresses of the attempt that died (torchrun reuses its agent's store).
+
+    Returns:
+        A ``torch.distributed.PrefixStore`` ready for ``init_process_group``.
+
+    Raises:
+        RendezvousError: Port in use, address unreachable, a rank missing or duplicated.
+    """
+    import torch.distributed as dist
+
+    port = info.master_port
+    addr = _unbracket(info.master_addr)  # "[::1]" names the host ::1
+    where = f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+    src = info.sources
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    is_server = info.rank == 0 and not agent_store
+    store_host = "torchrun's agent" if agent_store else "rank 0"
+    deadline = time.monotonic() + timeout.total_seconds()
+    kwargs: dict[str, Any] = {}
+    if is_server and _is_loopback(addr):
+        try:
+            kwargs["master_listen_fd"], _ = loopback_listener(int(port or 0), addr)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise RendezvousError(
+                    f"rank 0 cannot listen on {where}: {exc.strerror or exc} (MASTER_ADDR from "
+                    f"{src.get('master_addr', 'MASTER_ADDR')}); name a loopback address this "
+                    f"host has, e.g. MASTER_ADDR=127.0.0.1"
+                ) from exc
+            raise _port_in_use(where, port, src) from exc
+
+    def make_store() -> Any:
+        return dist.TCPStore(
+            host_name=addr,
+            port=int(port or 0),
+            world_size=info.world_size,
+            is_master=is_server,
+            timeout=timeout,
+            wait_for_workers=False,
+            multi_tenant="master_listen_fd" not in kwargs,
+            **kwargs,
+        )
+
+    try:
+        base = make_store() if is_server else _bounded(make_store, deadline)
+    except TimeoutError:
+        raise RendezvousError(
+            f"rank {info.rank} got no answer from a rendezvous store at {where} within "
+            f"{timeout.total_seconds():g}s: the connection was accepted but nothing answered "
+            f"as a torch store, so another program probably holds the port. "
+            f"{_store_host_hint(store_host, where)}"
+        ) from None
+    except Exception as exc:
+        text = str(exc)
+        if is_server and ("in use" in text.lower() or "EADDRINUSE" in text):
+            raise _port_in_use(where, port, src) from exc
+        raise RendezvousError(
+            f"rank {info.rank} could not reach the rendezvous store at {where} within "
+            f"{timeout.total_seconds():g}s (MASTER_ADDR from "
+            f"{src.get('master_addr', 'MASTER_ADDR')}, MASTER_PORT from "
+            f"{src.get('master_port', 'MASTER_PORT')}): {text.splitlines()[0] if text else exc!r}. "
+            f"{_store_host_hint(store_host, where)}"
+        ) from exc
+    store = dist.PrefixStore(f"devlayer/attempt{info.restart_count}/", base)
+    try:
+        claims = store.add(f"rank{info.rank}", 1)
+        if claims > 1:
+            raise RendezvousError(
+                f"two processes claim rank {info.rank} at {where} (rank from "
+                f"{src.get('rank', 'RANK')}); every process needs a distinct rank, or another "
+                f"job uses the same MASTER_PORT"
+            )
+        store.set(f"host{info.rank}", socket.gethostname())
+        store.add("joined", 1)
+        _wait_for_all(store, info, where, deadline, timeout)
+    except RendezvousError:
+        raise
+    except Exception as exc:  # the store's host went away (torch's DistNetworkError & co.)
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if is_server:
+            hint = "this process hosts the store; see the first error above"
+        else:
+            hint = _store_host_hint(store_host, where)
+        raise RendezvousError(
+            f"rank {info.rank} lost the rendezvous store at {where} while the ranks were "
+            f"meeting ({text}). {hint}"
+        ) from exc
+    return store
+
+
+def _bounded(make: Callable[[], Any], deadline: float) -> Any:
+    """``make()`` in a helper thread, given up at ``deadline`` (``time.monotonic()``).
+
+    torch's TCPStore client waits forever for an answer when the port is held by a program
+    that accepts connections but is not a store (seen with torch 2.13: a listener that
+    never answers kept rank 1 waiting past a 4 s timeout for over a minute). The call
+    releases the GIL, so the thread can be left behind (daemon) while the error is raised.
+
+    Raises:
+        TimeoutError: ``make()`` did not return by the deadline (plus one second for torch's
+            own timeout error to arrive first).
+    """
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = make()
+        except BaseException as exc:  # handed to the caller's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, name="devlayer-store-connect", daemon=True)
+    thread.start()
+    thread.join(max(deadline - time.monotonic(), 0.0) + 1.0)
+    if "error" in box:
+        raise box["error"]
+    if "value" in box:
+        return box["value"]
+    raise TimeoutError
+
+
+def _unbracket(addr: str) -> str:
+    """``"[::1]"`` -> ``"::1"`` (URL-style brackets around an IPv6 address)."""
+    addr = addr.strip()
+    return addr[1:-1] if addr.startswith("[") and addr.endswith("]") else addr
+
+
+def _store_host_hint(store_host: str, where: str) -> str:
+    """What a rank that cannot use the store should look at (issue 14: blame the cause)."""
+    return (
+        f"{store_host} (the store host) probably failed to start the store at {where} (a port "
+        f"in use, an address this host does not have) or exited: look at {store_host}'s "
+        f"output for its first error; otherwise check that {where} is reachable from here"
+    )
+
+
+def _is_loopback(addr: str) -> bool:
+    import ipaddress
+
+    if addr == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(addr).is_loopback
+    except ValueError:
+        return False
+
+
+def _port_in_use(where: str, port: object, src: Mapping[str, str]) -> RendezvousError:
+    return RendezvousError(
+        f"rank 0 cannot listen on {where}: port {port} is already in use "
+        f"(MASTER_PORT: {src.get('master_port', 'MASTER_PORT')}). Choose a free "
+        f"port (export MASTER_PORT=...), or stop the process holding it"
+    )
+
+
+def loopback_listener(port: int = 0, host: str = "127.0.0.1") -> tuple[int, int]:
+    """A socket listening on one loopback address only, for a TCP store's ``master_listen_fd``.
+
+    torch's store server otherwise listens on every interface; on one node nothing outside
+    this machine needs to reach it. ``host`` is the loopback address ``MASTER_ADDR`` names
+    (``127.0.0.1``, ``127.0.0.2``, ``::1``...; ``localhost`` = ``127.0.0.1``), so clients that
+    connect there find it. Returns ``(file descriptor, port)``; the store owns the
+    descriptor from then on.
+
+    Raises:
+        OSError: The port is taken, or this host has no such address.
+    """
+    host = "127.0.0.1" if host in ("", "localhost") else _unbracket(host)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    # Rerunning a job on the same derived port must not wait for TIME_WAIT to expire
+    # (torch's own store sets SO_REUSEADDR too); a live listener still makes bind fail.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(512)
+    except OSError:
+        sock.close()
+        raise
+    bound = int(sock.getsockname()[1])
+    return sock.detach(), bound
+
+
+def _wait_for_all(
+    store: Any, info: ProcessInfo, where: str, deadline: float, timeout: timedelta
+) -> None:
+    next_note = time.monotonic() + 30.0
+    delay = 0.002
+    while True:
+        joined = store.add("joined", 0)
+        if joined == info.world_size:
+            return
+        now = time.monotonic()
+        if joined > info.world_size:
+            raise RendezvousError(
+                f"{joined} processes joined at {where} but WORLD_SIZE={info.world_size}; "
+                f"another job is using the same MASTER_PORT, or WORLD_SIZE is too small"
+            )
+        if now >= deadline:
+            missing = [r for r in range(info.world_size) if not store.check([f"host{r}"])]
+            raise RendezvousError(
+                f"expected {info.world_size} ranks (WORLD_SIZE from "
+                f"{info.sources.get('world_size', 'WORLD_SIZE')}) at {where}, but only "
+                f"{joined} joined within {timeout.total_seconds():g}s; missing rank(s): "
+                f"{', '.join(map(str, missing))}. Start as many processes as WORLD_SIZE says, "
+                f"or check why those ranks did not start"
+            )
+        if now >= next_note:
+            log.warning(
+                "rank %d: waiting at %s for %d more rank(s) (%d of %d joined)",
+                info.rank,
+                where,
+                info.world_size - joined,
+                joined,
+                info.world_size,
+            )
+            next_note = now + 30.0
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
