@@ -35,16 +35,12 @@ Example:
 
 from __future__ import annotations
 
-import collections
 import contextlib
-import dataclasses
-import enum
 import errno
 import hashlib
 import json
 import os
 import pickle
-import random
 import re
 import secrets
 import shutil
@@ -56,14 +52,24 @@ import threading
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime, timezone
-from pathlib import Path, PurePath
-from types import ModuleType
+from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, NoReturn, cast
 
 import torch
 
 import devlayer
 from devlayer.errors import DevlayerError, InvalidArgumentError
+from devlayer.train.errors import (
+    CheckpointCorruptError,
+    CheckpointError,
+    CheckpointInUseError,
+    CheckpointRunError,
+    CheckpointVersionError,
+    CheckpointWarning,
+    CheckpointWorldSizeError,
+)
+from devlayer.train.plain import to_plain
+from devlayer.train.rng import rng_state, set_rng_state
 
 if TYPE_CHECKING:
     from torch.serialization import MAP_LOCATION as MapLocation
@@ -115,34 +121,6 @@ _LOCKS_UNSUPPORTED = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSU
 # fsync on a directory is not supported by every file system (some network and FUSE file
 # systems answer EINVAL); that is not a failed write, so those answers are ignored.
 _DIR_FSYNC_UNSUPPORTED = {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP}
-
-
-class CheckpointError(DevlayerError):
-    """A checkpoint could not be written, found or read; the message names the path."""
-
-
-class CheckpointCorruptError(CheckpointError):
-    """A checkpoint is incomplete, damaged, or holds objects that would run code on load."""
-
-
-class CheckpointVersionError(CheckpointError):
-    """A checkpoint was written in a newer format than this devlayer reads."""
-
-
-class CheckpointWorldSizeError(CheckpointError):
-    """A checkpoint was saved with a different number of ranks than this run has."""
-
-
-class CheckpointInUseError(CheckpointError):
-    """Another job (or another store in this process) holds the checkpoint folder's lock."""
-
-
-class CheckpointRunError(CheckpointError):
-    """The folder holds checkpoints of another run than the one this job would continue."""
-
-
-class CheckpointWarning(UserWarning):
-    """A checkpoint was skipped or only partly restored; the message says which and why."""
 
 
 def _int_arg(name: str, value: object, minimum: int) -> int:
@@ -802,7 +780,7 @@ class CheckpointStore:
             ...     CheckpointStore(store.directory).acquire_lock()
             Traceback (most recent call last):
             ...
-            devlayer.train.checkpoint.CheckpointInUseError: ...
+            devlayer.train.errors.CheckpointInUseError: ...
         """
         self.acquire_lock()
         try:
@@ -1338,7 +1316,7 @@ class CheckpointStore:
             >>> store.load(expected_world_size=1)
             Traceback (most recent call last):
             ...
-            devlayer.train.checkpoint.CheckpointWorldSizeError: ...
+            devlayer.train.errors.CheckpointWorldSizeError: ...
             >>> payload, _ = store.load(expected_world_size=1, allow_world_size_change=True)
             >>> payload["t"].tolist()
             [0, 1, 2]
@@ -1614,216 +1592,4 @@ def model_state_mismatch(
 # -- random number generators ------------------------------------------------------------
 
 
-def _numpy() -> ModuleType | None:
-    try:
-        import numpy
-    except ImportError:
-        return None
-    return numpy
-
-
-def _accelerator() -> torch.device | None:
-    """This rank's accelerator when devlayer runs on one, else None."""
-    if not devlayer.is_initialized():
-        return None
-    dev = devlayer.device()
-    return None if dev.type == "cpu" else dev
-
-
-def rng_state() -> dict[str, Any]:
-    """Capture the random number generators of this process.
-
-    Python's ``random``, NumPy's global generator (when NumPy is installed), torch's CPU
-    generator and, when devlayer is initialized on an accelerator, that device's generator
-    (through ``torch.get_device_module``). The result holds only tensors, ints, floats,
-    strings, ``None``, tuples, lists and dicts, so it saves and loads with
-    ``weights_only=True``.
-
-    Returns:
-        ``{"python": ..., "torch": ByteTensor, "numpy": {...}, "device": {...}}`` (the last
-        two only when available).
-
-    Example:
-        >>> import torch
-        >>> state = rng_state()
-        >>> a = torch.rand(3)
-        >>> set_rng_state(state)
-        >>> torch.equal(torch.rand(3), a)
-        True
-    """
-    version, internal, gauss = random.getstate()
-    state: dict[str, Any] = {
-        "python": (version, tuple(internal), gauss),
-        "torch": torch.get_rng_state(),
-    }
-    np = _numpy()
-    if np is not None:
-        name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
-        state["numpy"] = {
-            "bit_generator": str(name),
-            "keys": [int(k) for k in keys],  # an ndarray would need a numpy safe global
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "cached_gaussian": float(cached),
-        }
-    dev = _accelerator()
-    if dev is not None:
-        module = torch.get_device_module(dev.type)
-        if hasattr(module, "get_rng_state"):
-            state["device"] = {"type": dev.type, "state": module.get_rng_state(dev).cpu()}
-    return state
-
-
-def set_rng_state(state: Mapping[str, Any]) -> None:
-    """Restore generators captured by :func:`rng_state`.
-
-    Parts that are missing are left alone. An accelerator state is restored only on the same
-    device type; otherwise (e.g. resuming a GPU run on CPU) it is skipped with a
-    :class:`CheckpointWarning`, as is a NumPy state when NumPy is not installed.
-
-    Args:
-        state: The dict from :func:`rng_state` (also after a save / load round trip, with
-            tensors on any device).
-
-    Raises:
-        InvalidArgumentError: ``state`` is not a mapping.
-
-    Example:
-        >>> import random
-        >>> s = rng_state(); x = random.random(); set_rng_state(s)
-        >>> random.random() == x
-        True
-    """
-    if not isinstance(state, Mapping):
-        raise InvalidArgumentError(
-            f"state is a {type(state).__name__}, expected the dict returned by rng_state()"
-        )
-    if "python" in state:
-        version, internal, gauss = state["python"]
-        random.setstate((int(version), tuple(int(x) for x in internal), gauss))
-    if "torch" in state:
-        torch.set_rng_state(torch.as_tensor(state["torch"], dtype=torch.uint8).cpu())
-    if "numpy" in state:
-        np = _numpy()
-        if np is None:
-            warnings.warn(
-                "the RNG state holds a NumPy state but NumPy is not installed; skipped it",
-                CheckpointWarning,
-                stacklevel=2,
-            )
-        else:
-            s = state["numpy"]
-            np.random.set_state(
-                (
-                    s["bit_generator"],
-                    np.asarray(s["keys"], dtype=np.uint32),
-                    int(s["pos"]),
-                    int(s["has_gauss"]),
-                    float(s["cached_gaussian"]),
-                )
-            )
-    if "device" in state:
-        saved = state["device"]
-        dev = _accelerator()
-        if dev is None or dev.type != saved["type"]:
-            here = "cpu" if dev is None else dev.type
-            warnings.warn(
-                f"the RNG state was saved on a {saved['type']} device and this process runs "
-                f"on {here}; the device generator was not restored (the run stays valid but "
-                "its random numbers differ from an uninterrupted run)",
-                CheckpointWarning,
-                stacklevel=2,
-            )
-        else:
-            module = torch.get_device_module(dev.type)
-            module.set_rng_state(torch.as_tensor(saved["state"], dtype=torch.uint8).cpu(), dev)
-
-
 # -- plain values ---------------------------------------------------------------------------
-
-
-def to_plain(obj: Any) -> Any:
-    """A copy of ``obj`` made only of what ``torch.load(weights_only=True)`` accepts.
-
-    Tensors, ``torch.Size`` / dtype / device, ``None``, bools, ints, floats, complex, str and
-    bytes are kept; dicts (``OrderedDict`` kept, with a state_dict's ``_metadata``), lists,
-    tuples and sets are converted element by element. Converted: enums to their value, NumPy
-    scalars to Python numbers and arrays to tensors (object arrays to lists), namedtuples to
-    tuples, dataclass instances to dicts, paths to strings. ``state_dict()`` results of
-    modules, optimizers, LR schedulers and ``GradScaler`` are already plain.
-
-    Args:
-        obj: The value to convert.
-
-    Returns:
-        The converted value (tensors are not copied).
-
-    Raises:
-        InvalidArgumentError: A value of another type; the message names where it is.
-
-    Example:
-        >>> import enum
-        >>> class Phase(enum.Enum):
-        ...     TRAIN = "train"
-        >>> to_plain({"phase": Phase.TRAIN, "sizes": (1, 2)})
-        {'phase': 'train', 'sizes': (1, 2)}
-    """
-    return _plain(obj, "obj")
-
-
-_ATOMS = (type(None), bool, int, float, complex, str, bytes)
-
-
-def _plain(obj: Any, where: str) -> Any:
-    if type(obj) in _ATOMS or isinstance(
-        obj, (torch.Tensor, torch.Size, torch.dtype, torch.device)
-    ):
-        return obj
-    if isinstance(obj, enum.Enum):
-        return _plain(obj.value, where)
-    np = _numpy()
-    if np is not None:
-        if isinstance(obj, np.generic):
-            return _plain(obj.item(), where)
-        if isinstance(obj, np.ndarray):
-            if obj.dtype == object:
-                return _plain(obj.tolist(), where)
-            return torch.from_numpy(np.array(obj, copy=True))
-    # Subclasses of int / float / str (other than enums) pickle as their own class.
-    if isinstance(obj, int):  # bool is covered: no class can subclass it
-        return int(obj)
-    if isinstance(obj, float):
-        return float(obj)
-    if isinstance(obj, complex):
-        return complex(obj)
-    if isinstance(obj, str):
-        return str(obj)
-    if isinstance(obj, bytes):
-        return bytes(obj)
-    if isinstance(obj, Mapping):
-        out: dict[Any, Any] = (
-            collections.OrderedDict() if isinstance(obj, collections.OrderedDict) else {}
-        )
-        for key, value in obj.items():
-            out[_plain(key, f"{where} key")] = _plain(value, f"{where}[{key!r}]")
-        metadata = getattr(obj, "_metadata", None)  # state_dict version info
-        if isinstance(out, collections.OrderedDict) and isinstance(metadata, Mapping):
-            out._metadata = _plain(metadata, f"{where}._metadata")  # type: ignore[attr-defined]
-        return out
-    if isinstance(obj, (list, tuple)):
-        items = [_plain(v, f"{where}[{i}]") for i, v in enumerate(obj)]
-        return items if isinstance(obj, list) else tuple(items)
-    if isinstance(obj, (set, frozenset)):
-        return {_plain(v, f"{where} item") for v in obj}
-    if isinstance(obj, PurePath):
-        return str(obj)
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {
-            f.name: _plain(getattr(obj, f.name), f"{where}.{f.name}")
-            for f in dataclasses.fields(obj)
-        }
-    raise InvalidArgumentError(
-        f"{where} is a {type(obj).__module__}.{type(obj).__qualname__}, which "
-        "torch.load(weights_only=True) refuses; store its state_dict() or convert it to "
-        "tensors, numbers, strings, lists and dicts"
-    )

@@ -1,10 +1,19 @@
-"""Errors of the training layer that more than one of its modules raises."""
+"""Errors (and the warning) of the training layer, shared by its modules."""
 
 from __future__ import annotations
 
 from devlayer.errors import DevlayerError
 
-__all__ = ["PreemptedError"]
+__all__ = [
+    "CheckpointCorruptError",
+    "CheckpointError",
+    "CheckpointInUseError",
+    "CheckpointRunError",
+    "CheckpointVersionError",
+    "CheckpointWarning",
+    "CheckpointWorldSizeError",
+    "PreemptedError",
+]
 
 
 class PreemptedError(DevlayerError):
@@ -14,3 +23,31 @@ class PreemptedError(DevlayerError):
     ``checkpoint_dir`` is set, so the next run resumes with ``resume="auto"``. Raised by
     the Trainer's loop and, during a resume, by the checkpoint code.
     """
+
+
+class CheckpointError(DevlayerError):
+    """A checkpoint could not be written, found or read; the message names the path."""
+
+
+class CheckpointCorruptError(CheckpointError):
+    """A checkpoint is incomplete, damaged, or holds objects that would run code on load."""
+
+
+class CheckpointVersionError(CheckpointError):
+    """A checkpoint was written in a newer format than this devlayer reads."""
+
+
+class CheckpointWorldSizeError(CheckpointError):
+    """A checkpoint was saved with a different number of ranks than this run has."""
+
+
+class CheckpointInUseError(CheckpointError):
+    """Another job (or another store in this process) holds the checkpoint folder's lock."""
+
+
+class CheckpointRunError(CheckpointError):
+    """The folder holds checkpoints of another run than the one this job would continue."""
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint was skipped or only partly restored; the message says which and why."""
