@@ -7,6 +7,8 @@ launcher did:
     python examples/sin_fit.py --nprocs 2                          # starts 2 local ranks
     torchrun --standalone --nproc-per-node=2 examples/sin_fit.py   # torchrun's 2 ranks
     srun -n 2 python examples/sin_fit.py                           # SLURM's 2 tasks
+    mpirun -n 2 python examples/sin_fit.py                         # OpenMPI, one node
+    mpiexec -n 2 python examples/sin_fit.py                        # MPICH / Intel MPI
 
 ``--batch-size`` is the GLOBAL batch: the samples of one optimizer step summed over all
 ranks. Each rank gets ``batch_size / world_size`` of them and DDP averages the gradients,
@@ -20,13 +22,11 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 
 import torch
 from torch.utils.data import TensorDataset
 
 import devlayer
-from devlayer.launchers import detect
 
 
 def make_data(n: int, *, offset: float = 0.0) -> TensorDataset:
@@ -121,15 +121,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 if __name__ == "__main__":
     args = parse_args()
-    job = detect(os.environ)
-    if args.nprocs > 1 and job.world_size == 1:
-        # No launcher started several ranks (plain python, or a one-task srun step): start
-        # them here. Each child runs devlayer.init(backend=...) and then main(args).
-        devlayer.spawn(main, nprocs=args.nprocs, args=(args,), backend=args.backend)
+    if devlayer.launched() or args.nprocs == 1:
+        main(args)  # torchrun, srun or mpirun started the ranks (--nprocs is not used), or one
     else:
-        if job.rank == 0 and args.nprocs > 1 and args.nprocs != job.world_size:
-            print(
-                f"--nprocs {args.nprocs} ignored: {job.launcher} started {job.world_size} ranks",
-                flush=True,
-            )
-        main(args)
+        devlayer.spawn(main, nprocs=args.nprocs, args=(args,), backend=args.backend)

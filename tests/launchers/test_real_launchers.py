@@ -325,15 +325,22 @@ def _docstring_commands(path: Path) -> list[str]:
     ]
 
 
-def test_quickstart_docstring_lines_start_the_ranks_they_promise(slurm):
-    """Issue 13.7: every launch line in examples/quickstart.py starts as many ranks as it says."""
+@pytest.mark.parametrize(
+    ("example", "extra", "pattern"),
+    [
+        ("quickstart.py", [], r"(\d+) rank\(s\) on cpu"),
+        ("sin_fit.py", ["--epochs", "2"], r"final train_loss .* world_size (\d+)"),
+    ],
+)
+def test_example_docstring_lines_start_the_ranks_they_promise(slurm, example, extra, pattern):
+    """Issue 13.7: every launch line in an example's docstring starts the ranks it says."""
     import shlex
 
-    commands = _docstring_commands(ROOT / "examples" / "quickstart.py")
+    commands = _docstring_commands(ROOT / "examples" / example)
     assert len(commands) >= 5, commands
     for command in commands:
         argv = shlex.split(command)
-        want = 1 if argv[0] == "python" else 2
+        want = 2 if any(a in ("2", "--nproc-per-node=2") for a in argv) else 1
         exe = {
             "python": [PY],
             "torchrun": [PY, "-m", "torch.distributed.run"],
@@ -347,6 +354,7 @@ def test_quickstart_docstring_lines_start_the_ranks_they_promise(slurm):
             from devlayer.testing import free_port
 
             argv[argv.index("MASTER_PORT=29511")] = f"MASTER_PORT={free_port()}"
-        proc = _run([*exe, *argv], cwd=ROOT)
+        proc = _run([*exe, *argv, *extra], cwd=ROOT)
         assert proc.returncode == 0, f"{command}: {proc.stderr[-2000:]}"
-        assert f"{want} rank(s) on cpu" in proc.stdout, f"{command}: {proc.stdout}"
+        found = re.search(pattern, proc.stdout)
+        assert found and int(found.group(1)) == want, f"{command}: {proc.stdout[-2000:]}"
