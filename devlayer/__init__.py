@@ -81,69 +81,6 @@ if TYPE_CHECKING:
         seed_everything,
     )
 
-__all__ = [
-    # set-up
-    "init",
-    "shutdown",
-    "State",
-    "state",
-    "is_initialized",
-    # where am I
-    "rank",
-    "world_size",
-    "local_rank",
-    "local_world_size",
-    "node_rank",
-    "num_nodes",
-    "is_main",
-    "is_local_main",
-    "device",
-    "backend",
-    "accelerator_module",
-    # collectives
-    "barrier",
-    "all_reduce",
-    "all_gather",
-    "broadcast",
-    "all_gather_object",
-    "broadcast_object",
-    # training
-    "prepare_model",
-    "prepare_loader",
-    "Trainer",
-    "EarlyStopping",
-    "Callback",
-    "seed_everything",
-    "CheckpointError",
-    "PreemptedError",
-    # launching
-    "launched",
-    "spawn",
-    "farm",
-    "FarmResult",
-    "RankFailedError",
-    # backends
-    "Backend",
-    "Availability",
-    "Runtime",
-    "register_backend",
-    "unregister_backend",
-    "registered_backends",
-    "available_backends",
-    "get_backend",
-    # errors
-    "DevlayerError",
-    "BackendNotFoundError",
-    "BackendUnavailableError",
-    "CollectiveError",
-    "DeviceError",
-    "InitOrderError",
-    "InvalidArgumentError",
-    "LaunchEnvError",
-    "NotInitializedError",
-    "RendezvousError",
-    "__version__",
-]
 
 # name -> module that defines it; resolved on first attribute access (PEP 562).
 _LAZY = {
@@ -210,6 +147,23 @@ _LAZY = {
     ),
 }
 
+
+#: The public names: the errors and the version (imported above, they cost nothing) and the
+#: lazy table. One list; README's API table is checked against it (tests/unit/test_rules.py).
+__all__ = [
+    "__version__",
+    "DevlayerError",
+    "BackendNotFoundError",
+    "BackendUnavailableError",
+    "CollectiveError",
+    "DeviceError",
+    "InitOrderError",
+    "InvalidArgumentError",
+    "LaunchEnvError",
+    "NotInitializedError",
+    "RendezvousError",
+    *_LAZY,
+]
 
 # Public submodules, imported on first attribute access (``devlayer.launchers.detect(env)``
 # works after a plain ``import devlayer``). Not in __all__ or dir(): listing the package must

@@ -290,3 +290,54 @@ def test_no_module_imports_another_modules_private_names():
                     and not a.name.startswith("__")
                 ]
     assert not offenders, offenders
+
+
+def _readme_api_names() -> set[str]:
+    """Names in the first column of README's API table and in its list of errors."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## API") : text.index("### From plain python")]
+    names: set[str] = set()
+    for line in section.splitlines():
+        if line.startswith("| `"):
+            first = line.split(" | ")[0]
+            for code in re.findall(r"`([^`]+)`", first):
+                names.update(re.findall(r"(?<![.\w])([A-Za-z_]\w*)(?=\(|$| )", code))
+    errors = section[section.index("Errors all derive") :].split("\n\n")[0]
+    names.update(re.findall(r"`(?:devlayer\.)?(\w+Error)`", errors))
+    import builtins
+
+    return names - set(dir(builtins))  # "(also `ValueError`)" names a base class
+
+
+def test_readme_api_table_and_all_name_the_same_names():
+    """The public surface has one list users read (README) and one Python reads (__all__)."""
+    import devlayer
+
+    readme = _readme_api_names()
+    exported = set(devlayer.__all__)
+    assert exported - readme == set(), (
+        f"in __all__ but not in README's API table: {exported - readme}"
+    )
+    assert readme - exported == set(), (
+        f"in README's API table but not in __all__: {readme - exported}"
+    )
+
+
+def test_every_lazy_name_is_typed_and_resolves():
+    """__init__'s TYPE_CHECKING imports (for type checkers) and its lazy table agree."""
+    import ast
+
+    import devlayer
+
+    tree = ast.parse((ROOT / "devlayer" / "__init__.py").read_text())
+    typed = {
+        alias.asname or alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING"
+        for sub in node.body
+        if isinstance(sub, ast.ImportFrom)
+        for alias in sub.names
+    }
+    assert typed == set(devlayer._LAZY), typed ^ set(devlayer._LAZY)
+    for name in devlayer.__all__:
+        assert getattr(devlayer, name) is not None, name
