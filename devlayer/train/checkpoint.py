@@ -67,9 +67,11 @@ from devlayer.train.errors import (
     CheckpointVersionError,
     CheckpointWarning,
     CheckpointWorldSizeError,
+    PreemptedError,
 )
 from devlayer.train.plain import to_plain
 from devlayer.train.rng import rng_state, set_rng_state
+from devlayer.train.signals import on_sigterm
 
 if TYPE_CHECKING:
     from torch.serialization import MAP_LOCATION as MapLocation
@@ -1367,30 +1369,20 @@ def _sigterm_stops(what: str) -> Iterator[None]:
     step nothing reads it, so a resume stuck on a slow or hung file system would ignore it.
     Here it raises :class:`~devlayer.train.errors.PreemptedError` at once instead.
     """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
 
     def stop(signum: int, frame: Any) -> None:
-        from devlayer.train.errors import PreemptedError
-
         raise PreemptedError(
             f"received {signal.Signals(signum).name} while {what}; stopped before training "
             "(nothing new to save)"
         )
 
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
+    with on_sigterm(stop):
         yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _error_class(name: str) -> type[Exception]:
     """The exception class a rank re-raises for rank 0's error ``name``."""
     if name == "PreemptedError":
-        from devlayer.train.errors import PreemptedError
-
         return PreemptedError
     cls = globals().get(name)
     if isinstance(cls, type) and issubclass(cls, CheckpointError):

@@ -28,7 +28,6 @@ import logging
 import math
 import os
 import signal
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ from devlayer.train.data import ShardedLoader, prepare_loader
 from devlayer.train.errors import PreemptedError
 from devlayer.train.model import prepare_model, unwrap
 from devlayer.train.seed import seed_everything
+from devlayer.train.signals import on_sigterm
 
 __all__ = [
     "Callback",
@@ -377,6 +377,7 @@ class Trainer:
         self.stopped_early = False
         self.stop_reason: str | None = None
         self.resumed_from: Path | None = None
+        self._checkpoints: Any = None  # TrainingCheckpoints: the folder's lock and run id
         self._lr_scaled = False
         self._lr_factor = 1.0
         self._loss_sum: Any = None
@@ -496,7 +497,7 @@ class Trainer:
         from devlayer.train.checkpoint import CheckpointStore
 
         assert self.checkpoint_dir is not None
-        if getattr(self, "_checkpoints", None) is not None:
+        if self._checkpoints is not None:
             return self._checkpoints.store  # holds the folder lock and the run id
         return CheckpointStore(self.checkpoint_dir)
 
@@ -781,7 +782,7 @@ class Trainer:
             try:
                 return self._fit(train_data, val_data)
             finally:
-                if getattr(self, "_checkpoints", None) is not None:
+                if self._checkpoints is not None:
                     self._checkpoints.end()  # release the checkpoint folder's lock
 
     def _fit(self, train_data: Any, val_data: Any) -> list[dict[str, Any]]:
@@ -881,7 +882,7 @@ class Trainer:
         A partial epoch keeps its running sums (a checkpoint of that position follows) and
         validates under a saved RNG state, so resuming from it continues bit-exactly.
         """
-        from devlayer.train.checkpoint import rng_state, set_rng_state
+        from devlayer.train.rng import rng_state, set_rng_state
 
         if completed:
             self._loss_sum, self._samples = None, 0
@@ -929,7 +930,7 @@ class Trainer:
             desc=desc,
             interval=self.progress_interval,
             stream=stream,
-            step=lambda: self._step_text(),
+            step=self._step_text,
         )
 
     def _step_text(self) -> str:
@@ -1004,18 +1005,12 @@ class Trainer:
     @contextlib.contextmanager
     def _catch_termination(self) -> Any:
         """Turn SIGTERM into a flag checked at step boundaries (main thread only)."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
 
         def on_signal(signum: int, frame: Any) -> None:
             self._signal = signum
 
-        previous = signal.signal(signal.SIGTERM, on_signal)
-        try:
+        with on_sigterm(on_signal):
             yield
-        finally:
-            signal.signal(signal.SIGTERM, previous)
 
     def _epoch_metrics(self, sums: Mapping[str, Any]) -> dict[str, Any]:
         world = devlayer.world_size()
