@@ -76,9 +76,15 @@ def parse_timeout(timeout: object, *, origin: str = "timeout") -> timedelta | No
     return result
 
 
-def short_repr(value: object) -> str:
+def short_repr(value: object, limit: int = 40) -> str:
+    """``repr(value)``, cut to about ``limit`` characters so an error message stays short.
+
+    Example:
+        >>> short_repr("x" * 100)
+        "'xxxxxxxxxxxxxxxxxxx...(102 characters)"
+    """
     text = repr(value)
-    return text if len(text) <= 40 else f"{text[:20]}...({len(text)} characters)"
+    return text if len(text) <= limit else f"{text[: limit // 2]}...({len(text)} characters)"
 
 
 def env_flag(name: str, default: bool) -> bool:

@@ -27,6 +27,7 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 
+from devlayer.config import short_repr
 from devlayer.errors import DeviceError
 
 __all__ = [
@@ -76,9 +77,7 @@ def _few(values: Sequence[int]) -> str:
 
 
 def _short(spec: object) -> str:
-    """``repr(spec)``, cut short for very long specs."""
-    text = repr(spec)
-    return text if len(text) <= 80 else f"{text[:60]}...({len(text)} characters)"
+    return short_repr(spec, limit=80)
 
 
 def parse_devices(spec: object, *, origin: str = "devices") -> DeviceSpec:
