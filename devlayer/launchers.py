@@ -369,8 +369,14 @@ def _hydra_port(env: Mapping[str, str]) -> tuple[int, str] | None:
     proxy = _ancestor_named(("hydra_pmi_proxy",))
     if proxy is None:
         return None
-    port = SLURM_PORT_BASE + zlib.crc32(f"hydra:{proxy}".encode()) % SLURM_PORT_SPAN
-    return port, f"derived from the hydra_pmi_proxy pid {proxy} (MPICH sets no job id)"
+    return _port_for(
+        f"hydra:{proxy}"
+    ), f"derived from the hydra_pmi_proxy pid {proxy} (MPICH sets no job id)"
+
+
+def _port_for(key: str) -> int:
+    """The port every rank of one job derives alike from the job's ``key``."""
+    return SLURM_PORT_BASE + zlib.crc32(key.encode()) % SLURM_PORT_SPAN
 
 
 def _job_port(env: Mapping[str, str], names: Iterable[str]) -> tuple[int, str] | None:
@@ -378,8 +384,7 @@ def _job_port(env: Mapping[str, str], names: Iterable[str]) -> tuple[int, str] |
     for name in names:
         value = env.get(name)
         if value:
-            port = SLURM_PORT_BASE + zlib.crc32(value.encode()) % SLURM_PORT_SPAN
-            return port, f"derived from {name}={value}"
+            return _port_for(value), f"derived from {name}={value}"
     return None
 
 
@@ -558,7 +563,7 @@ _mpich = _mpi(
     ("MPI_LOCALRANKID",),
     ("MPI_LOCALNRANKS",),
     job_vars=("PMI_JOBID", "I_MPI_JOB_ID", "PBS_JOBID", "SLURM_JOB_ID"),
-    job_key=lambda env: _hydra_port(env),
+    job_key=_hydra_port,
 )
 _pmix = _mpi(
     "pmix",
