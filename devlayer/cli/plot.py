@@ -33,7 +33,17 @@ __all__ = ["add_arguments", "plot_metrics", "read_metrics", "run"]
 
 _MAX_BYTES = 64 * 2**20  # a metrics file has one short line per epoch
 _LOSSES = ("train_loss", "val_loss")
-_NOT_METRICS = {"epoch", "global_step", "world_size", "epoch_time", "lr", "steps", "stopped_by"}
+#: Bookkeeping fields of a metrics line, not curves (``batches*``: a partial epoch's position).
+_NOT_METRICS = {
+    "epoch",
+    "global_step",
+    "world_size",
+    "epoch_time",
+    "lr",
+    "partial",
+    "batches",
+    "batches_per_epoch",
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

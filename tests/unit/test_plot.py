@@ -116,3 +116,17 @@ def test_without_matplotlib_the_message_says_how_to_install_it(tmp_path, capsys,
     err = capsys.readouterr().err
     assert "pip install 'devlayer[plot]'" in err
     assert not (tmp_path / "m.png").exists()
+
+
+def test_a_partial_epochs_position_is_not_drawn_as_a_metric(tmp_path):
+    """max_steps inside an epoch writes partial/batches/batches_per_epoch: bookkeeping."""
+    from devlayer.cli.plot import plot_metrics, read_metrics
+
+    f = tmp_path / "m.jsonl"
+    f.write_text(
+        '{"epoch": 1, "train_loss": 2.0, "val_loss": 2.5, "samples_per_sec": 9.0}\n'
+        '{"epoch": 2, "train_loss": 1.0, "val_loss": 1.5, "samples_per_sec": 9.0, '
+        '"partial": true, "batches": 3, "batches_per_epoch": 7, "stopped_by": "max_steps"}\n'
+    )
+    series = plot_metrics(read_metrics(f), tmp_path / "m.png")
+    assert sorted(series) == ["samples_per_sec", "train_loss", "val_loss"]
