@@ -54,6 +54,8 @@ __all__ = [
     "barrier",
     "broadcast",
     "broadcast_object",
+    "Vote",
+    "vote_any",
 ]
 
 T = TypeVar("T")
@@ -899,3 +901,55 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     except RuntimeError as exc:
         raise _fail(ctx, "broadcast_object", exc) from exc
     return box[0]
+
+
+# --------------------------------------------------------------------------- vote_any
+
+
+class Vote:
+    """A vote started by :func:`vote_any`; :meth:`result` waits for it and gives the outcome."""
+
+    def __init__(self, ctx: _Ctx, flag: Any, work: Any) -> None:
+        self._ctx, self._flag, self._work = ctx, flag, work
+
+    def result(self) -> bool:
+        """True on every rank when any rank voted True (waits if still in flight).
+
+        Raises:
+            CollectiveError: A peer rank failed or timed out.
+        """
+        if self._work is not None:
+            work, self._work = self._work, None
+            try:
+                work.wait()
+            except RuntimeError as exc:
+                raise _fail(self._ctx, "vote_any", exc) from exc
+        return bool(self._flag.item())
+
+
+def vote_any(flag: bool) -> Vote:
+    """Start a non-blocking vote of all ranks: is ``flag`` True on any of them?
+
+    A collective (every rank calls it, in the same order as its other collectives) that
+    never blocks the caller: it starts a MAX all_reduce of one CPU integer (no device
+    sync) and returns at once. Read the outcome later with :meth:`Vote.result`; every rank
+    reads the same value. The Trainer uses it to agree on a preemption stop at the same
+    step on every rank. ``DEVLAYER_DEBUG`` does not check it (a check would block).
+
+    Example:
+        >>> import devlayer
+        >>> _ = devlayer.init(backend="cpu")
+        >>> vote_any(True).result()
+        True
+        >>> _ = devlayer.shutdown()
+    """
+    ctx = _ctx()
+    torch = ctx.torch
+    box = torch.tensor([1 if flag else 0], dtype=torch.int32, device="cpu")
+    if ctx.world == 1:
+        return Vote(ctx, box, None)
+    try:
+        work = ctx.dist.all_reduce(box, op=ctx.reduce_ops["max"], async_op=True)
+    except RuntimeError as exc:
+        raise _fail(ctx, "vote_any", exc) from exc
+    return Vote(ctx, box, work)

@@ -36,7 +36,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import os
@@ -44,11 +43,6 @@ import pickle
 import re
 import secrets
 import shutil
-import signal
-import socket
-import stat
-import sys
-import threading
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime, timezone
@@ -58,7 +52,7 @@ from typing import IO, TYPE_CHECKING, Any, NoReturn, cast
 import torch
 
 import devlayer
-from devlayer.errors import DevlayerError, InvalidArgumentError
+from devlayer.errors import InvalidArgumentError
 from devlayer.train.errors import (
     CheckpointCorruptError,
     CheckpointError,
@@ -67,11 +61,22 @@ from devlayer.train.errors import (
     CheckpointVersionError,
     CheckpointWarning,
     CheckpointWorldSizeError,
-    PreemptedError,
 )
+from devlayer.train.files import (
+    HashingWriter,
+    find_os_error,
+    fsync_dir,
+    host_tag,
+    open_regular,
+    os_error_advice,
+    pid_alive,
+    read_regular,
+    remove_path,
+    sha256_file,
+)
+from devlayer.train.lock import LOCK_PREFIX, FolderLock
 from devlayer.train.plain import to_plain
 from devlayer.train.rng import rng_state, set_rng_state
-from devlayer.train.signals import on_sigterm
 
 if TYPE_CHECKING:
     from torch.serialization import MAP_LOCATION as MapLocation
@@ -86,8 +91,6 @@ __all__ = [
     "CheckpointVersionError",
     "CheckpointWarning",
     "CheckpointWorldSizeError",
-    "TrainingCheckpoints",
-    "model_state_mismatch",
     "rng_state",
     "set_rng_state",
     "to_plain",
@@ -112,17 +115,8 @@ _REQUIRED_FIELDS: dict[str, int] = {"step": 0, "epoch": 0, "world_size": 1, "siz
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _PREFIX = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
-_CHUNK = 1 << 20
 #: Largest manifest.json read; real ones are under 1 KiB.
 MANIFEST_LIMIT = 1 << 20
-#: Name of the lock file of a store, in its directory: ``.lock-<prefix>``.
-LOCK_PREFIX = ".lock-"
-_DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG}
-_NO_PERMISSION = {errno.EACCES, errno.EPERM, errno.EROFS}
-_LOCKS_UNSUPPORTED = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL}
-# fsync on a directory is not supported by every file system (some network and FUSE file
-# systems answer EINVAL); that is not a failed write, so those answers are ignored.
-_DIR_FSYNC_UNSUPPORTED = {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP}
 
 
 def _int_arg(name: str, value: object, minimum: int) -> int:
@@ -135,171 +129,11 @@ def _int_arg(name: str, value: object, minimum: int) -> int:
     return value
 
 
-def _fsync_dir(path: Path) -> None:
-    """Make a rename or new entry in ``path`` durable (POSIX only)."""
-    if os.name != "posix":  # Windows cannot open a directory for fsync
-        return
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    except OSError as exc:
-        if exc.errno not in _DIR_FSYNC_UNSUPPORTED:
-            raise
-    finally:
-        os.close(fd)
-
-
-class _HashingWriter:
-    """File-like object for torch.save that hashes what it writes.
-
-    torch wraps an ``OSError`` raised by ``write`` into its own ``RuntimeError``; the
-    writer keeps the original in :attr:`error`, so a full disk is reported as such.
-    """
-
-    def __init__(self, file: IO[bytes]) -> None:
-        self._file = file
-        self.sha256 = hashlib.sha256()
-        self.size = 0
-        self.error: OSError | None = None
-
-    def write(self, data: bytes) -> int:
-        self.sha256.update(data)
-        self.size += memoryview(data).nbytes  # torch hands over memoryviews
-        try:
-            return self._file.write(data)
-        except OSError as exc:
-            self.error = exc
-            raise
-
-    def flush(self) -> None:
-        try:
-            self._file.flush()
-        except OSError as exc:
-            self.error = exc
-            raise
-
-
-def _os_error(exc: BaseException | None) -> OSError | None:
-    """The first ``OSError`` in ``exc``'s chain (torch wraps it in a RuntimeError)."""
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, OSError):
-            return exc
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return None
-
-
-def _os_error_advice(exc: OSError) -> str:
-    """What to do about an OSError while writing, by its errno."""
-    if exc.errno in _DISK_FULL:
-        return "the disk is full (or over quota): free disk space or use another directory"
-    if exc.errno in _NO_PERMISSION:
-        return "the directory is not writable: fix its permissions or mount, or use another one"
-    return "check the disk and the directory"
-
-
-def _kind(mode: int) -> str:
-    for test, name in (
-        (stat.S_ISDIR, "a directory"),
-        (stat.S_ISFIFO, "a FIFO (named pipe)"),
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"),
-        (stat.S_ISSOCK, "a socket"),
-    ):
-        if test(mode):
-            return name
-    return "not a regular file"
-
-
-def _open_regular(path: Path, fix: str) -> int:
-    """Open ``path`` for reading only if it is a regular file (never blocks on a FIFO).
-
-    Raises:
-        FileNotFoundError: ``path`` does not exist.
-        CheckpointCorruptError: ``path`` is a FIFO, device, socket or directory.
-        CheckpointError: Another OS error.
-    """
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
-    try:
-        fd = os.open(path, flags | getattr(os, "O_BINARY", 0))
-    except FileNotFoundError:
-        raise
-    except OSError as exc:
-        raise CheckpointError(f"cannot read {path}: {exc}; check permissions and mounts") from exc
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
-        os.close(fd)
-        raise CheckpointCorruptError(
-            f"{path} is {_kind(mode)}, expected a regular file (devlayer reads only regular "
-            f"files, so a pipe or a device cannot block or flood a resume); {fix}"
-        )
-    return fd
-
-
-def _read_regular(path: Path, limit: int, fix: str) -> bytes:
-    """The bytes of the regular file ``path``, refused when larger than ``limit``."""
-    fd = _open_regular(path, fix)
-    try:
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            raw = f.read(limit + 1)
-    except OSError as exc:
-        raise CheckpointError(f"cannot read {path}: {exc}; check permissions and mounts") from exc
-    finally:
-        os.close(fd)
-    if len(raw) > limit:
-        raise CheckpointCorruptError(
-            f"{path} is larger than {limit} bytes, expected a small JSON file; {fix}"
-        )
-    return raw
-
-
-def _sha256_file(path: Path, limit: int, fix: str) -> tuple[int, str]:
-    """Size and sha256 of the regular file ``path``, reading at most ``limit + 1`` bytes."""
-    digest = hashlib.sha256()
-    size = 0
-    fd = _open_regular(path, fix)
-    try:
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            while size <= limit and (chunk := f.read(min(_CHUNK, limit + 1 - size))):
-                digest.update(chunk)
-                size += len(chunk)
-    finally:
-        os.close(fd)
-    return size, digest.hexdigest()
-
-
 def _manifest_digest(manifest: Mapping[str, Any]) -> str:
     """sha256 of the manifest's own content (every field but ``manifest_sha256``)."""
     body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
     text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def _host_tag() -> str:
-    """8 hex digits naming this host in temporary names (host names may hold dots)."""
-    return hashlib.sha256(socket.gethostname().encode("utf-8")).hexdigest()[:8]
-
-
-def _alive(pid: int) -> bool:
-    """Whether a process ``pid`` exists on this host (zombies count as alive)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # e.g. PermissionError: it exists, owned by someone else
-        return True
-    return True
-
-
-def _remove(path: Path) -> None:
-    """Remove a file, a symlink (never what it points to) or a real folder tree."""
-    if path.is_symlink() or not path.is_dir():
-        path.unlink()
-    else:
-        shutil.rmtree(path)
 
 
 def _folder_step(folder: Path) -> int | None:
@@ -323,7 +157,7 @@ def _unsafe_globals(state_path: Path) -> list[str]:
         return []
 
 
-def _resolve(path: str | os.PathLike[str]) -> Path:
+def checkpoint_folder(path: str | os.PathLike[str]) -> Path:
     """The checkpoint folder for ``path`` (the folder itself or its ``state.pt``)."""
     p = Path(path)
     folder = p.parent if p.name == STATE_FILE and not p.is_dir() else p
@@ -343,7 +177,7 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
         "or restore it from a copy"
     )
     try:
-        raw = _read_regular(path, MANIFEST_LIMIT, fix)
+        raw = read_regular(path, MANIFEST_LIMIT, fix)
     except FileNotFoundError:
         raise CheckpointCorruptError(
             f"{path} is missing: the checkpoint is incomplete or was changed by hand; {fix}"
@@ -415,7 +249,7 @@ def _verify(folder: Path) -> dict[str, Any]:
     state = folder / STATE_FILE
     fix = f"delete {folder} (resume then uses the newest checkpoint that verifies)"
     try:
-        size, digest = _sha256_file(state, manifest["size"], fix)
+        size, digest = sha256_file(state, manifest["size"], fix)
     except FileNotFoundError:
         raise CheckpointCorruptError(
             f"{state} is missing (the manifest expects {manifest['size']} bytes); {fix}"
@@ -447,7 +281,7 @@ def _verify(folder: Path) -> dict[str, Any]:
 def _load_state(state: Path, map_location: MapLocation) -> Any:
     # weights_only=True only, never a fallback to full pickle and no extra safe globals:
     # a checkpoint is data, and loading one must not run code from it.
-    fd = _open_regular(state, f"delete {state.parent}")
+    fd = open_regular(state, f"delete {state.parent}")
     try:
         with os.fdopen(fd, "rb", closefd=False) as f:
             return torch.load(f, map_location=map_location, weights_only=True)
@@ -473,7 +307,7 @@ def _load_state(state: Path, map_location: MapLocation) -> Any:
 _Steps = list[int]  # ``list`` is a method name inside CheckpointStore
 
 
-def _listing(runs: Mapping[str, _Steps]) -> str:
+def describe_runs(runs: Mapping[str, _Steps]) -> str:
     """``run 'a' (steps 10, 20), run 'b' (step 4)`` for messages."""
     parts = []
     for run, steps in runs.items():
@@ -488,160 +322,6 @@ def _warn_skip(path: Path, error: CheckpointError) -> None:
         CheckpointWarning,
         stacklevel=4,
     )
-
-
-#: Lock files held by this process, by (st_dev, st_ino). POSIX record locks belong to the
-#: process, and closing ANY descriptor of a locked file drops them, so a second lock in the
-#: same process is refused from this table without ever opening the file again.
-_HELD: dict[tuple[int, int], str] = {}
-_HELD_GUARD = threading.Lock()
-
-
-def _job_id() -> str | None:
-    """The launcher's job id, when one is set (names the holder of a lock)."""
-    for key in ("TORCHELASTIC_RUN_ID", "SLURM_JOB_ID", "PBS_JOBID", "LSB_JOBID"):
-        value = os.environ.get(key)
-        if value and value != "none":
-            return f"{key}={value}"
-    return None
-
-
-def _describe_holder(raw: bytes) -> str:
-    try:
-        info = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        info = None
-    if not isinstance(info, dict):
-        return "a process that did not record itself"
-    where = f"pid {info.get('pid')} on host {info.get('host')!r}"
-    extra = [f"since {info['started']}"] if info.get("started") else []
-    if info.get("job"):
-        extra.append(str(info["job"]))
-    if info.get("argv"):
-        extra.append(f"command {' '.join(map(str, info['argv']))!r}")
-    pid = info.get("pid")
-    if info.get("host") == socket.gethostname() and isinstance(pid, int) and not _alive(pid):
-        extra.append(
-            "that process has exited, yet the lock is held: the file system keeps stale "
-            "locks (NFS) or the lock file was replaced"
-        )
-    return where + (f" ({', '.join(extra)})" if extra else "")
-
-
-class _FolderLock:
-    """An exclusive, non-blocking POSIX record lock on ``<directory>/.lock-<prefix>``.
-
-    The kernel drops the lock when the holding process exits, however it exits (SIGKILL
-    included), so a killed job never leaves a stale lock on a local file system. The file
-    itself stays (deleting a lock file races with the next job opening it); it records who
-    holds the lock, for the error message of the next job.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._fd: int | None = None
-        self._key: tuple[int, int] | None = None
-        self.enforced = False
-
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
-
-    def acquire(self) -> None:
-        """Take the lock, or raise :class:`CheckpointInUseError` naming the holder."""
-        with _HELD_GUARD:
-            try:
-                st = os.stat(self.path)
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                raise CheckpointError(f"cannot use lock file {self.path}: {exc}") from exc
-            else:
-                holder = _HELD.get((st.st_dev, st.st_ino))
-                if holder is not None:
-                    raise CheckpointInUseError(
-                        f"{self.path.parent} is already in use by this process ({holder}); "
-                        "finish that fit() or store.lock() first, or use another directory"
-                    )
-            self._acquire()
-
-    def _acquire(self) -> None:
-        flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
-        try:
-            fd = os.open(self.path, flags, 0o644)
-        except OSError as exc:
-            raise CheckpointError(
-                f"cannot create the lock file {self.path}: {exc}; {_os_error_advice(exc)}"
-            ) from exc
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise CheckpointError(
-                    f"{self.path} is {_kind(st.st_mode)}, expected the regular lock file "
-                    "devlayer creates; remove it and start again"
-                )
-            self.enforced = self._lock(fd)
-            info = {
-                "host": socket.gethostname(),
-                "pid": os.getpid(),
-                "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "job": _job_id(),
-                "argv": sys.argv[:4],
-            }
-            data = (json.dumps(info) + "\n").encode("utf-8")
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, data, 0)
-            os.fsync(fd)
-        except BaseException:
-            os.close(fd)  # drops the lock if we had taken it
-            raise
-        self._fd, self._key = fd, (st.st_dev, st.st_ino)
-        _HELD[self._key] = f"pid {os.getpid()}"
-
-    def _lock(self, fd: int) -> bool:
-        """Lock ``fd``; False (with a warning) where the file system has no locks."""
-        if sys.platform == "win32":  # pragma: no cover - no POSIX record locks
-            warnings.warn(
-                f"checkpoint folder locks are not available on Windows; {self.path.parent} is "
-                "not protected against a second job writing into it",
-                CheckpointWarning,
-                stacklevel=4,
-            )
-            return False
-        import fcntl
-
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno in (errno.EACCES, errno.EAGAIN):
-                raw = os.pread(fd, 4096, 0)
-                raise CheckpointInUseError(
-                    f"{self.path.parent} is in use by another job: {_describe_holder(raw)} "
-                    f"holds {self.path.name}. Two jobs writing one checkpoint folder destroy "
-                    "each other's checkpoints; wait for that job to end (its lock goes with "
-                    "its process, also when it is killed), stop it, or give this run another "
-                    "checkpoint directory"
-                ) from None
-            if exc.errno in _LOCKS_UNSUPPORTED:
-                warnings.warn(
-                    f"the file system of {self.path.parent} does not support file locks "
-                    f"({exc}); it is not protected against a second job writing into it",
-                    CheckpointWarning,
-                    stacklevel=4,
-                )
-                return False
-            raise CheckpointError(f"cannot lock {self.path}: {exc}") from exc
-        return True
-
-    def release(self) -> None:
-        """Drop the lock (closing the descriptor releases it); idempotent."""
-        fd, self._fd = self._fd, None
-        if fd is None:
-            return
-        with _HELD_GUARD:
-            if self._key is not None:
-                _HELD.pop(self._key, None)
-            os.close(fd)
 
 
 class CheckpointStore:
@@ -700,7 +380,7 @@ class CheckpointStore:
         self._temp_name = re.compile(
             rf"{re.escape(TEMP_PREFIX + prefix)}-(\d+)\.(new|old|del|probe)\.(.+)"
         )
-        self._lock = _FolderLock(self.directory / f"{LOCK_PREFIX}{prefix}")
+        self._lock = FolderLock(self.directory / f"{LOCK_PREFIX}{prefix}")
 
     @staticmethod
     def new_run_id() -> str:
@@ -721,7 +401,7 @@ class CheckpointStore:
 
     def _temp_path(self, final: Path, kind: str) -> Path:
         # pid and host say whose it is: cleanup_temp() never removes a live process's.
-        name = f"{TEMP_PREFIX}{final.name}.{kind}.{os.getpid()}.{_host_tag()}"
+        name = f"{TEMP_PREFIX}{final.name}.{kind}.{os.getpid()}.{host_tag()}"
         return self.directory / f"{name}.{secrets.token_hex(4)}"
 
     def _mkdir(self, path: Path, *, parents: bool = False) -> None:
@@ -756,7 +436,7 @@ class CheckpointStore:
         except OSError as exc:
             raise CheckpointError(
                 f"cannot create checkpoint directory {self.directory}: {exc}; "
-                f"{_os_error_advice(exc)}"
+                f"{os_error_advice(exc)}"
             ) from exc
         self._lock.acquire()
 
@@ -807,13 +487,13 @@ class CheckpointStore:
             finally:
                 os.close(fd)
             os.unlink(probe)
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 probe.unlink()
             raise CheckpointError(
                 f"checkpoint directory {self.directory} is not usable: {exc}; "
-                f"{_os_error_advice(exc)}. Checked before training, so no work is lost"
+                f"{os_error_advice(exc)}. Checked before training, so no work is lost"
             ) from exc
 
     # -- writing -------------------------------------------------------------------------
@@ -891,7 +571,7 @@ class CheckpointStore:
         except OSError as exc:
             raise CheckpointError(
                 f"cannot create a checkpoint folder in {self.directory}: {exc}; "
-                f"{_os_error_advice(exc)}"
+                f"{os_error_advice(exc)}"
             ) from exc
         try:
             self._write(
@@ -915,11 +595,11 @@ class CheckpointStore:
     def _failed(self, temp: Path, step: int, exc: Exception) -> NoReturn:
         """Remove the temporary folder and raise: OSErrors as CheckpointError, others as is."""
         shutil.rmtree(temp, ignore_errors=True)
-        os_error = _os_error(exc)
+        os_error = find_os_error(exc)
         if os_error is not None:
             raise CheckpointError(
                 f"could not write checkpoint step {step} into {self.directory}: {os_error}. "
-                f"Earlier checkpoints are untouched; {_os_error_advice(os_error)}, and save "
+                f"Earlier checkpoints are untouched; {os_error_advice(os_error)}, and save "
                 "again"
             ) from os_error
         raise exc
@@ -936,14 +616,14 @@ class CheckpointStore:
     ) -> None:
         """Write state.pt and manifest.json into ``temp`` and sync both and the folder."""
         with self._create(temp / STATE_FILE) as f:
-            writer = _HashingWriter(f)
+            writer = HashingWriter(f)
             try:
                 torch.save(payload, cast(IO[bytes], writer))
             except OSError:
                 raise
             except Exception as exc:
                 # torch wraps an OSError of the file (a full disk) in a RuntimeError.
-                os_error = writer.error or _os_error(exc)
+                os_error = writer.error or find_os_error(exc)
                 if os_error is not None:
                     raise os_error from exc
                 raise CheckpointError(
@@ -979,7 +659,7 @@ class CheckpointStore:
             f.write((json.dumps(manifest, indent=2, allow_nan=False) + "\n").encode("utf-8"))
             f.flush()
             os.fsync(f.fileno())
-        _fsync_dir(temp)
+        fsync_dir(temp)
 
     def _create(self, path: Path) -> IO[bytes]:
         """A new file for writing (``0600`` for a private store, else as the umask says)."""
@@ -1000,7 +680,7 @@ class CheckpointStore:
                 os.replace(aside, final)
             raise
         try:
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
         except OSError as exc:
             raise CheckpointError(
                 f"{final} was renamed into place but {self.directory} could not be synced "
@@ -1008,7 +688,7 @@ class CheckpointStore:
             ) from exc
         if aside is not None:
             with contextlib.suppress(OSError):
-                _remove(aside)  # a symlinked step folder: the link only
+                remove_path(aside)  # a symlinked step folder: the link only
 
     def _counts(self, path: Path) -> bool:
         """Whether ``path`` is a checkpoint that pruning may rank: its manifest reads and
@@ -1039,7 +719,7 @@ class CheckpointStore:
             gone = self._temp_path(path, "del")
             try:
                 os.replace(path, gone)
-                _remove(gone)
+                remove_path(gone)
             except OSError as exc:
                 warnings.warn(
                     f"could not delete old checkpoint {path} (keep={self.keep}): {exc}; "
@@ -1092,10 +772,10 @@ class CheckpointStore:
         parts = writer.split(".")
         pid = int(parts[0]) if parts[0].isdigit() else -1
         host = parts[1] if len(parts) >= 3 else None  # older names: <pid>.<hex>, no host
-        here = host == _host_tag()
+        here = host == host_tag()
         if here and pid == os.getpid():
             return True
-        if (here or host is None) and _alive(pid):
+        if (here or host is None) and pid_alive(pid):
             return False  # a live process here may be writing it right now
         return here or locked
 
@@ -1117,7 +797,7 @@ class CheckpointStore:
                         stacklevel=3,
                     )
                     continue
-                _remove(path)
+                remove_path(path)
                 removed.append(path)
             except OSError as exc:
                 failed.append(f"{path} ({exc})")
@@ -1127,7 +807,7 @@ class CheckpointStore:
                 "check permissions, or delete them by hand"
             )
         if removed:
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
         return removed
 
     # -- reading -------------------------------------------------------------------------
@@ -1185,9 +865,9 @@ class CheckpointStore:
             >>> store.verify(p)["world_size"]
             2
         """
-        return _verify(_resolve(path))
+        return _verify(checkpoint_folder(path))
 
-    def _latest(
+    def latest_verified(
         self, on_skip: Callable[[Path, CheckpointError], None] | None
     ) -> tuple[Path, dict[str, Any]] | None:
         candidates = self.list()
@@ -1196,7 +876,7 @@ class CheckpointStore:
         runs = self.runs()
         if len(runs) > 1:
             raise CheckpointRunError(
-                f"{self.directory} holds checkpoints of {len(runs)} runs ({_listing(runs)}); "
+                f"{self.directory} holds checkpoints of {len(runs)} runs ({describe_runs(runs)}); "
                 "resuming would continue one of them on a guess. Move the other run's "
                 "folders away (or delete them), or load one checkpoint by its path"
             )
@@ -1273,7 +953,7 @@ class CheckpointStore:
             >>> store.latest().name
             'step-000000001'
         """
-        found = self._latest(on_skip)
+        found = self.latest_verified(on_skip)
         return None if found is None else found[0]
 
     def load(
@@ -1326,7 +1006,7 @@ class CheckpointStore:
         if expected_world_size is not None:
             _int_arg("expected_world_size", expected_world_size, 1)
         if path is None:
-            found = self._latest(None)
+            found = self.latest_verified(None)
             if found is None:
                 raise CheckpointError(
                     f"no checkpoint to load in {self.directory} (looked for "
@@ -1335,7 +1015,7 @@ class CheckpointStore:
                 )
             folder, manifest = found
         else:
-            folder = _resolve(path)
+            folder = checkpoint_folder(path)
             manifest = _verify(folder)
         saved = manifest["world_size"]
         if (
@@ -1361,227 +1041,29 @@ class CheckpointStore:
 # -- the Trainer's folder: lock, probe, run identity, resume choice -----------------------
 
 
-@contextlib.contextmanager
-def _sigterm_stops(what: str) -> Iterator[None]:
-    """Make SIGTERM end the job while ``what`` runs (main thread only).
-
-    The Trainer turns SIGTERM into a flag read between optimizer steps; before the first
-    step nothing reads it, so a resume stuck on a slow or hung file system would ignore it.
-    Here it raises :class:`~devlayer.train.errors.PreemptedError` at once instead.
-    """
-
-    def stop(signum: int, frame: Any) -> None:
-        raise PreemptedError(
-            f"received {signal.Signals(signum).name} while {what}; stopped before training "
-            "(nothing new to save)"
-        )
-
-    with on_sigterm(stop):
-        yield
-
-
-def _error_class(name: str) -> type[Exception]:
-    """The exception class a rank re-raises for rank 0's error ``name``."""
-    if name == "PreemptedError":
-        return PreemptedError
-    cls = globals().get(name)
-    if isinstance(cls, type) and issubclass(cls, CheckpointError):
-        return cls
-    return CheckpointError
-
-
-def _fresh_run_refused(store: CheckpointStore) -> CheckpointRunError:
-    runs = store.runs()
-    steps = [p.name for p in store.list()]
-    held = _listing(runs) if runs else f"{len(steps)} checkpoint(s): {', '.join(steps[:4])}"
-    return CheckpointRunError(
-        f"{store.directory} already holds checkpoints of a run ({held}), and this is a fresh "
-        "run (resume=None): writing beside them would mix two runs, and a later "
-        "resume='auto' could continue the wrong one. Use a new checkpoint_dir, pass "
-        "resume='auto' to continue that run, or delete its step folders first"
-    )
-
-
-class TrainingCheckpoints:
-    """One ``fit()``'s checkpoint folder: lock, write probe, run identity, resume choice.
-
-    Collective: every rank creates one and calls :meth:`begin` and :meth:`end`. Rank 0
-    (the writer) does the file work and every rank learns its outcome, so all ranks raise
-    the same error or load the same checkpoint.
-
-    Args:
-        directory: The Trainer's ``checkpoint_dir``.
-        keep: Checkpoints kept.
-        prefix: Folder prefix.
-    """
-
-    def __init__(self, directory: str | os.PathLike[str], *, keep: int = 2, prefix: str = "step"):
-        self.store = CheckpointStore(directory, keep=keep, prefix=prefix)
-
-    def begin(self, resume: str | os.PathLike[str] | None) -> Path | None:
-        """Lock the folder, check it is writable, choose what to resume (collective).
-
-        On rank 0: create the folder, write and remove a probe file, take the folder lock
-        (held until :meth:`end`), remove leftovers of dead saves, then apply the run rules:
-        ``resume="auto"`` continues the newest verified checkpoint and its run id (a
-        folder holding several runs is refused), ``resume=None`` refuses a folder that
-        already holds checkpoints, and a path continues that checkpoint's run (refused
-        when the folder holds another run's checkpoints). A new run gets a new run id.
-
-        Args:
-            resume: ``"auto"``, ``None`` or the path of a checkpoint.
-
-        Returns:
-            The checkpoint every rank should load, or None for a fresh run.
-
-        Raises:
-            CheckpointError: On every rank alike, with rank 0's message; subclasses
-                :class:`CheckpointInUseError` (another job holds the folder),
-                :class:`CheckpointRunError` (another run's checkpoints) and the
-                verification errors keep their class.
-        """
-        outcome: tuple[Any, ...] | None = None
-        failure: BaseException | None = None
-        if devlayer.is_main():
-            try:
-                with _sigterm_stops(f"preparing checkpoint directory {self.store.directory}"):
-                    outcome = ("ok", *self._prepare(resume))
-            except Exception as exc:
-                self.store.release_lock()
-                failure, outcome = exc, ("error", type(exc).__name__, str(exc))
-        if devlayer.world_size() > 1:
-            outcome = devlayer.broadcast_object(outcome, src=0)
-        if failure is not None:
-            raise failure
-        assert outcome is not None
-        if outcome[0] == "error":
-            raise _error_class(outcome[1])(outcome[2])  # rank 0's error, word for word
-        _, path, run_id = outcome
-        self.store.run_id = run_id
-        return None if path is None else Path(path)
-
-    def _prepare(self, resume: str | os.PathLike[str] | None) -> tuple[str | None, str]:
-        store = self.store
-        store.check_writable()
-        store.acquire_lock()
-        store.cleanup_temp()
-        if resume is None:
-            if store.list():
-                raise _fresh_run_refused(store)
-            return None, store.new_run_id()
-        if isinstance(resume, str) and resume == "auto":
-            found = store._latest(None)
-            if found is None:
-                return None, store.new_run_id()
-            path, manifest = found
-        else:
-            path = _resolve(resume)
-            manifest = _verify(path)
-            others = {k: v for k, v in store.runs().items() if k != manifest.get("run_id")}
-            if others:
-                raise CheckpointRunError(
-                    f"resume={str(resume)!r} continues run {manifest.get('run_id')!r}, but "
-                    f"{store.directory} holds checkpoints of another run ({_listing(others)}); "
-                    "use another checkpoint_dir, or move that run's folders away"
-                )
-        return str(path), manifest.get("run_id") or store.new_run_id()
-
-    @contextlib.contextmanager
-    def restoring(self, path: Path) -> Iterator[None]:
-        """Around loading ``path`` into the Trainer on each rank.
-
-        SIGTERM stops the job (instead of waiting for a step that never comes), and a
-        state that does not fit (torch's ``size mismatch``, optimizer group errors) becomes
-        a :class:`CheckpointError` naming the checkpoint and the fix.
-        """
-        with _sigterm_stops(f"resuming from {path}"):
-            try:
-                yield
-            except DevlayerError:
-                raise
-            except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
-                raise CheckpointError(
-                    f"cannot restore {path} into this Trainer: {type(exc).__name__}: {exc}. "
-                    "It was saved with another model, optimizer or scheduler setup; build "
-                    "the same ones as the run that saved it, or start a fresh run in a new "
-                    "checkpoint_dir"
-                ) from exc
-
-    def check_payload(
-        self, payload: Mapping[str, Any], manifest: Mapping[str, Any], model: Any, path: Path
-    ) -> None:
-        """Cross-check a Trainer payload against its manifest and the model to restore.
-
-        Raises:
-            CheckpointCorruptError: The manifest's step differs from the saved trainer step.
-            CheckpointError: Missing, unexpected or differently shaped model entries; the
-                message lists them (saved shape vs this model's).
-        """
-        saved_step = payload.get("global_step")
-        if isinstance(saved_step, int) and saved_step != manifest["step"]:
-            raise CheckpointCorruptError(
-                f"{path}: the manifest says step {manifest['step']} but the saved trainer "
-                f"state is at step {saved_step}; the manifest was edited or belongs to "
-                f"another checkpoint. Delete {path} (resume then uses an older one)"
-            )
-        saved = payload.get("model")
-        if isinstance(saved, Mapping):
-            problems = model_state_mismatch(saved, model.state_dict())
-            if problems:
-                raise CheckpointError(
-                    f"{path} does not fit this model: {'; '.join(problems)}. It was saved "
-                    "from another architecture; build the same model as the run that saved "
-                    "it, or start a fresh run in a new checkpoint_dir"
-                )
-
-    def end(self) -> None:
-        """Release the folder lock (rank 0); safe to call on every rank, more than once."""
-        self.store.release_lock()
-
-
-def model_state_mismatch(
-    saved: Mapping[str, Any], current: Mapping[str, Any], *, limit: int = 8
-) -> list[str]:
-    """Why ``saved`` cannot be loaded into a model whose state_dict is ``current``.
-
-    Args:
-        saved: The state_dict in the checkpoint.
-        current: ``model.state_dict()`` of the model to restore.
-        limit: Most entries listed per kind.
-
-    Returns:
-        Human-readable problems (empty when keys and shapes match).
-
-    Example:
-        >>> import torch
-        >>> model_state_mismatch(torch.nn.Linear(2, 3).state_dict(),
-        ...                      torch.nn.Linear(2, 4).state_dict())
-        ['weight: saved (3, 2), this model (4, 2)', 'bias: saved (3,), this model (4,)']
-    """
-
-    def shape(value: Any) -> tuple[int, ...] | None:
-        return tuple(value.shape) if isinstance(value, torch.Tensor) else None
-
-    def some(keys: list[str]) -> str:
-        return ", ".join(keys[:limit]) + (
-            f" and {len(keys) - limit} more" if len(keys) > limit else ""
-        )
-
-    problems = [
-        f"{key}: saved {shape(saved[key])}, this model {shape(value)}"
-        for key, value in current.items()
-        if key in saved and shape(saved[key]) != shape(value)
-    ][:limit]
-    missing = [k for k in current if k not in saved]
-    unexpected = [k for k in saved if k not in current]
-    if missing:
-        problems.append(f"missing in the checkpoint: {some(missing)}")
-    if unexpected:
-        problems.append(f"not in this model: {some(unexpected)}")
-    return problems
-
-
 # -- random number generators ------------------------------------------------------------
 
 
 # -- plain values ---------------------------------------------------------------------------
+
+
+_MOVED = {
+    "TrainingCheckpoints": "devlayer.train.resume",
+    "model_state_mismatch": "devlayer.train.resume",
+}
+
+
+def __getattr__(name: str) -> Any:
+    # Moved in 0.2 (issue 15): the collective resume rules live in devlayer.train.resume.
+    # The old spelling works for one release, with a warning naming the new one.
+    module = _MOVED.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    warnings.warn(
+        f"devlayer.train.checkpoint.{name} moved to {module}.{name}; import it from there",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    import importlib
+
+    return getattr(importlib.import_module(module), name)

@@ -27,7 +27,7 @@ import json
 import logging
 import math
 import os
-import signal
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,12 +35,15 @@ from pathlib import Path
 from typing import Any
 
 import devlayer
-from devlayer.errors import DevlayerError, InvalidArgumentError
+from devlayer.errors import InvalidArgumentError
+from devlayer.train.callbacks import Callback, EarlyStopping
 from devlayer.train.data import ShardedLoader, prepare_loader
 from devlayer.train.errors import PreemptedError
 from devlayer.train.model import prepare_model, unwrap
+from devlayer.train.precision import Precision, resolve_precision
+from devlayer.train.preemption import Preemption
+from devlayer.train.progress import progress_bar, resolve_progress_interval
 from devlayer.train.seed import seed_everything
-from devlayer.train.signals import on_sigterm
 
 __all__ = [
     "Callback",
@@ -52,170 +55,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("devlayer.train")
-
-_PRECISIONS = {
-    "32": "32",
-    "32-true": "32",
-    "fp32": "32",
-    "no": "32",
-    "float32": "32",
-    "bf16": "bf16-mixed",
-    "bf16-mixed": "bf16-mixed",
-    "bfloat16": "bf16-mixed",
-    "16": "16-mixed",
-    "16-mixed": "16-mixed",
-    "fp16": "16-mixed",
-    "float16": "16-mixed",
-}
-
-
-def resolve_precision(precision: str | None, env: Mapping[str, str] | None = None) -> str:
-    """Normalize a precision name; ``None`` reads ``ACCELERATE_MIXED_PRECISION`` or gives "32".
-
-    Example:
-        >>> resolve_precision("bf16")
-        'bf16-mixed'
-        >>> resolve_precision(None, {"ACCELERATE_MIXED_PRECISION": "fp16"})
-        '16-mixed'
-
-    """
-    origin = "precision"
-    if precision is None:
-        env = os.environ if env is None else env
-        precision = env.get("ACCELERATE_MIXED_PRECISION") or "32"
-        origin = "ACCELERATE_MIXED_PRECISION"
-    key = str(precision).strip().lower()
-    if key not in _PRECISIONS:
-        raise InvalidArgumentError(
-            f"{origin}={precision!r} is not supported; use '32', 'bf16-mixed' or '16-mixed'"
-        )
-    return _PRECISIONS[key]
-
-
-PROGRESS_INTERVAL_ENV = "DEVLAYER_PROGRESS_INTERVAL"
-_DEFAULT_PROGRESS_INTERVAL = 30.0
-
-
-def resolve_progress_interval(
-    interval: float | None, env: Mapping[str, str] | None = None
-) -> float:
-    """Seconds between plain progress lines; ``None`` reads ``DEVLAYER_PROGRESS_INTERVAL``.
-
-    Example:
-        >>> resolve_progress_interval(None, {})
-        30.0
-        >>> resolve_progress_interval(None, {"DEVLAYER_PROGRESS_INTERVAL": "5"})
-        5.0
-
-    """
-    origin: str = "progress_interval"
-    value: Any = interval
-    if interval is None:
-        env = os.environ if env is None else env
-        value = env.get(PROGRESS_INTERVAL_ENV, "").strip()
-        if not value:
-            return _DEFAULT_PROGRESS_INTERVAL
-        origin = PROGRESS_INTERVAL_ENV
-    try:
-        seconds = float(value)
-    except (TypeError, ValueError):
-        seconds = math.nan
-    if isinstance(value, bool) or not math.isfinite(seconds) or seconds < 0:
-        raise InvalidArgumentError(
-            f"{origin}={value!r} is not a number of seconds >= 0; use e.g. 30 (0: a line "
-            f"per micro-batch)"
-        )
-    return seconds
-
-
-@dataclass
-class EarlyStopping:
-    """Stop when a validation metric stops improving, or once it reaches a target.
-
-    Decided on metrics already averaged over all ranks, so every rank stops at the same
-    epoch.
-
-    Args:
-        monitor: A key of the epoch metrics, e.g. ``"val_loss"`` or ``"val_accuracy"``.
-        mode: ``"min"`` or ``"max"``.
-        patience: Epochs without improvement (or, with ``target``, epochs at or past the
-            target in a row) before stopping.
-        min_delta: Smallest change that counts as an improvement.
-        target: Stop after ``patience`` consecutive epochs that reach this value (the seed
-            tutorial's "target accuracy" rule).
-    """
-
-    monitor: str = "val_loss"
-    mode: str = "min"
-    patience: int = 3
-    min_delta: float = 0.0
-    target: float | None = None
-    best: float | None = None
-    bad_epochs: int = 0
-    hits: int = 0
-
-    def __post_init__(self) -> None:
-        if self.mode not in ("min", "max"):
-            raise InvalidArgumentError(f"EarlyStopping(mode={self.mode!r}): use 'min' or 'max'")
-        if self.patience < 1:
-            raise InvalidArgumentError(f"EarlyStopping(patience={self.patience}) must be >= 1")
-
-    def update(self, metrics: Mapping[str, Any]) -> bool:
-        """Record one epoch; True means stop now."""
-        if self.monitor not in metrics:
-            raise InvalidArgumentError(
-                f"EarlyStopping monitors {self.monitor!r}, but the epoch metrics are "
-                f"{sorted(metrics)}; pass val_data or monitor another key"
-            )
-        value = float(metrics[self.monitor])
-        better = (
-            (lambda a, b: a < b - self.min_delta)
-            if self.mode == "min"
-            else (lambda a, b: a > b + self.min_delta)
-        )
-        if self.target is not None:
-            reached = value <= self.target if self.mode == "min" else value >= self.target
-            self.hits = self.hits + 1 if reached else 0
-            return self.hits >= self.patience
-        if self.best is None or better(value, self.best):
-            self.best, self.bad_epochs = value, 0
-        else:
-            self.bad_epochs += 1
-        return self.bad_epochs >= self.patience
-
-    def state_dict(self) -> dict[str, Any]:
-        """The counters, for checkpoints."""
-        return {"best": self.best, "bad_epochs": self.bad_epochs, "hits": self.hits}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore the counters."""
-        self.best, self.bad_epochs, self.hits = state["best"], state["bad_epochs"], state["hits"]
-
-
-class Callback:
-    """Hooks the Trainer calls on every rank; override the ones you need."""
-
-    def on_fit_start(self, trainer: Trainer) -> None:
-        """Before the first epoch (after resuming)."""
-
-    def on_train_batch_end(self, trainer: Trainer, loss: Any) -> None:
-        """After each micro-batch; ``loss`` is a device tensor (reading it syncs)."""
-
-    def on_train_epoch_end(self, trainer: Trainer) -> None:
-        """After an epoch's last training step (or the run's last), before validation.
-
-        Runs before the epoch's one metrics reduction, also when ``max_steps`` ended the
-        run inside the epoch.
-        """
-
-    def on_epoch_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
-        """After validation, with the epoch's averaged metrics.
-
-        ``metrics["partial"]`` is True when ``max_steps`` ended training inside the epoch.
-        """
-
-    def on_fit_end(self, trainer: Trainer, history: list[dict[str, Any]]) -> None:
-        """After the last epoch."""
 
 
 @dataclass
@@ -369,11 +208,10 @@ class Trainer:
         self.optimize = optimize
         self._optimized = False
         self.preempted = False
-        self._signal: int | None = None
-        self._stop_check: tuple[Any, Any] | None = None  # (work, flag) of the last check
+        self.preemption = Preemption(preempt_check_every)
+        self.amp: Precision | None = None  # decided in _setup, on the device
         self.state = _Progress()
         self.ddp_model: Any = None
-        self.scaler: Any = None
         self.stopped_early = False
         self.stop_reason: str | None = None
         self.resumed_from: Path | None = None
@@ -383,6 +221,11 @@ class Trainer:
         self._loss_sum: Any = None
         self._samples = 0
         self._resumed_sums = (0.0, 0)
+
+    @property
+    def scaler(self) -> Any:
+        """The fp16 ``GradScaler`` (``None`` at other precisions and before ``fit``)."""
+        return self.amp.scaler if self.amp is not None else None
 
     # ------------------------------------------------------------------ set-up
 
@@ -397,16 +240,11 @@ class Trainer:
         # Metric sums accumulate in float64 on the device (float32 on MPS, which has no
         # float64); with Python floats of the same dtype they cost one all_reduce per epoch.
         self._acc_dtype = torch.float32 if self.device.type == "mps" else torch.float64
-        self.autocast_dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(
-            self.precision
-        )
-        if self.autocast_dtype is not None:
-            self._check_autocast(torch)
+        self.amp = Precision(self.precision, self.device)
+        self.autocast_dtype = self.amp.dtype
         if self.optimize is not None and not self._optimized:
             self._apply_optimize(torch, st.backend)
         self.ddp_model = prepare_model(self.model)
-        if self.precision == "16-mixed":
-            self.scaler = torch.amp.GradScaler(self.device.type)
         if self.lr_scaling and not self._lr_scaled:
             factor = st.world_size if self.lr_scaling == "linear" else math.sqrt(st.world_size)
             _scale_lr(self.optimizer, self.scheduler, factor)
@@ -445,24 +283,6 @@ class Trainer:
             )
         self.model, self.optimizer = model, optimizer
         self._optimized = True
-
-    def _check_autocast(self, torch: Any) -> None:
-        dev = self.device.type
-        try:
-            with torch.autocast(device_type=dev, dtype=self.autocast_dtype):
-                probe = torch.nn.functional.linear(
-                    torch.ones(2, 2, device=self.device), torch.ones(2, 2, device=self.device)
-                )
-            ok = probe.dtype == self.autocast_dtype
-        except (RuntimeError, AssertionError) as exc:
-            ok, why = False, str(exc).splitlines()[0]
-        else:
-            why = f"autocast produced {probe.dtype}"
-        if not ok:
-            raise DevlayerError(
-                f"precision={self.precision!r} is not supported on {dev} with torch "
-                f"{torch.__version__} ({why}); use precision='32' or 'bf16-mixed'"
-            )
 
     def _loader(self, data: Any, *, shuffle: bool) -> ShardedLoader:
         if isinstance(data, ShardedLoader):
@@ -505,7 +325,7 @@ class Trainer:
         return {
             "model": unwrap(self.ddp_model).state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "scaler": self.amp.state_dict() if self.amp is not None else None,
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "epoch": self.state.epoch,
             "batches_done": self.state.batches_done,
@@ -550,7 +370,7 @@ class Trainer:
     def _resume(self) -> None:
         if self.checkpoint_dir is None:
             return
-        from devlayer.train.checkpoint import TrainingCheckpoints
+        from devlayer.train.resume import TrainingCheckpoints
 
         # Collective: rank 0 locks the folder, checks it is writable before any step and
         # picks the checkpoint under the run rules (docs/checkpoints.md); all ranks agree.
@@ -587,8 +407,8 @@ class Trainer:
             # Saved with another world size under lr_scaling: the optimizer state carries the
             # old scaled rates; rescale them to this run's factor.
             _scale_lr(self.optimizer, None, self._lr_factor / saved_factor)
-        if self.scaler is not None and payload.get("scaler") is not None:
-            self.scaler.load_state_dict(payload["scaler"])
+        if self.amp is not None:
+            self.amp.load_state_dict(payload.get("scaler"))
         if self.scheduler is not None and payload.get("scheduler") is not None:
             self.scheduler.load_state_dict(payload["scheduler"])
         if self.early_stopping is not None and payload.get("early_stopping") is not None:
@@ -633,26 +453,9 @@ class Trainer:
         assert self.loss_fn is not None
         return self.loss_fn(self.ddp_model(x), y)
 
-    def _autocast(self) -> Any:
-        import torch
-
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
-
     def _optimizer_step(self) -> None:
-        import torch
-
-        if self.scaler is not None:
-            if self.clip_grad is not None:
-                self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            if self.clip_grad is not None:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad)
-            self.optimizer.step()
+        assert self.amp is not None
+        self.amp.step(self.optimizer, self.model.parameters(), self.clip_grad)
         self.optimizer.zero_grad(set_to_none=True)
         if self.scheduler is not None:
             self.scheduler.step()
@@ -662,7 +465,8 @@ class Trainer:
         """One epoch (or until max_steps); returns (loss sum, samples, seconds, completed)."""
         import torch
 
-        st = self.state
+        st, amp = self.state, self.amp
+        assert amp is not None
         n_batches = len(loader)
         loader.set_epoch(st.epoch)
         if st.batches_done:
@@ -690,13 +494,10 @@ class Trainer:
                 else (self.ddp_model.no_sync())
             )
             with sync:
-                with self._autocast():
+                with amp.autocast():
                     loss = self._loss(batch)
                 # No division at grad_accum=1: one autograd node less per step.
-                scaled = loss / window if window > 1 else loss
-                if self.scaler is not None:
-                    scaled = self.scaler.scale(scaled)
-                scaled.backward()
+                amp.scale(loss / window if window > 1 else loss).backward()
             size = _batch_len(batch)
             loss_sum.add_(loss.detach(), alpha=size)  # promotes into the float64 sum
             samples += size
@@ -720,7 +521,7 @@ class Trainer:
                 last_log_step, last_log_time, last_log_samples = st.global_step, now, samples
             if bar is not None:  # after the step and its loss, so a progress line has both
                 bar.update(1)
-            if st.global_step % self.preempt_check_every == 0 and self._agree_to_stop():
+            if self.preemption.should_stop(st.global_step, devlayer.world_size()):
                 self.preempted = True
                 break
             # The epoch-end (or end-of-run) save follows these: no second write of the step.
@@ -746,7 +547,8 @@ class Trainer:
         model = unwrap(self.ddp_model)  # no DDP: ranks may see different batch counts
         model.eval()
         count = 0
-        with torch.no_grad(), self._autocast():
+        assert self.amp is not None
+        with torch.no_grad(), self.amp.autocast():
             for batch in loader:
                 batch = self._to_device(batch)
                 size = _batch_len(batch)
@@ -778,7 +580,7 @@ class Trainer:
             ``[{"epoch", "train_loss", "val_loss", "val_accuracy", "samples_per_sec",
             "epoch_time", "global_step", ...}, ...]`` including resumed epochs.
         """
-        with self._catch_termination():
+        with self.preemption.catch():
             try:
                 return self._fit(train_data, val_data)
             finally:
@@ -839,7 +641,7 @@ class Trainer:
                 self._report(metrics)
             if self.preempted:
                 self._raise_preempted()
-        self._settle_stop_check()  # no collective left in flight when fit returns
+        self.preemption.settle()  # no collective left in flight when fit returns
         if main and self.progress:
             print(self._stop_summary(), flush=True)
         for cb in self.callbacks:
@@ -905,31 +707,16 @@ class Trainer:
 
     def _progress_bar(self, total: int) -> Any:
         """A tqdm bar on a terminal; plain timed lines in a job log (no carriage returns)."""
-        import sys
-
         st = self.state
         desc = f"epoch {st.epoch + 1}" + (
             f"/{self.max_epochs}" if self.max_epochs is not None else ""
         )
-        stream = sys.stderr
-        if _is_terminal(stream):
-            from tqdm.auto import tqdm
-
-            return tqdm(
-                total=total,
-                initial=st.batches_done,
-                leave=False,
-                desc=desc,
-                mininterval=1.0,
-                dynamic_ncols=True,
-                file=stream,
-            )
-        return _LineProgress(
+        return progress_bar(
             total=total,
             initial=st.batches_done,
             desc=desc,
             interval=self.progress_interval,
-            stream=stream,
+            stream=sys.stderr,
             step=self._step_text,
         )
 
@@ -960,57 +747,10 @@ class Trainer:
             text += f" (resumed from {self.resumed_from})"
         return text
 
-    def _agree_to_stop(self) -> bool:
-        """True on every rank when any rank had received a termination signal (collective).
-
-        Never blocks the step: each check starts a non-blocking MAX all_reduce of this
-        rank's flag (a CPU tensor, so no device sync) and reads the one started at the
-        previous check, which finished long ago. Every rank reads the same result at the
-        same step, so all stop together, at most two check intervals after the signal.
-        """
-        local = self._signal is not None
-        if devlayer.world_size() == 1:
-            return local
-        import torch
-        import torch.distributed as dist
-
-        agreed = self._settle_stop_check()
-        if not agreed:
-            flag = torch.tensor([int(local)], dtype=torch.int32, device="cpu")
-            work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True)
-            self._stop_check = (work, flag)
-        return agreed
-
-    def _settle_stop_check(self) -> bool:
-        """Wait for the pending stop check, if any; True when some rank asked to stop."""
-        pending, self._stop_check = self._stop_check, None
-        if pending is None:
-            return False
-        work, flag = pending
-        work.wait()
-        return bool(flag.item())
-
     def _raise_preempted(self) -> None:
-        where = (
-            f"; checkpoint saved in {self.checkpoint_dir} (resume='auto' continues)"
-            if self.checkpoint_dir is not None
-            else "; no checkpoint_dir, so progress since the start is lost"
+        raise self.preemption.error(
+            step=self.state.global_step, epoch=self.state.epoch, checkpoint_dir=self.checkpoint_dir
         )
-        raise PreemptedError(
-            f"training stopped at step {self.state.global_step} (epoch {self.state.epoch + 1}) "
-            f"because rank(s) received signal "
-            f"{signal.Signals(self._signal).name if self._signal else 'SIGTERM'}{where}"
-        )
-
-    @contextlib.contextmanager
-    def _catch_termination(self) -> Any:
-        """Turn SIGTERM into a flag checked at step boundaries (main thread only)."""
-
-        def on_signal(signum: int, frame: Any) -> None:
-            self._signal = signum
-
-        with on_sigterm(on_signal):
-            yield
 
     def _epoch_metrics(self, sums: Mapping[str, Any]) -> dict[str, Any]:
         world = devlayer.world_size()
@@ -1058,59 +798,6 @@ class Trainer:
 
 
 # ---------------------------------------------------------------------- helpers
-
-
-class _LineProgress:
-    """tqdm's ``update`` / ``set_postfix`` / ``close`` as plain lines for job logs.
-
-    A SLURM ``%x-%j.out`` file is not a terminal: tqdm's carriage-return frames pile up in
-    it. This prints one line per ``interval`` seconds instead (checked at each update, so
-    it never wakes up on its own), with no carriage return.
-    """
-
-    def __init__(
-        self,
-        *,
-        total: int,
-        initial: int,
-        desc: str,
-        interval: float,
-        stream: Any,
-        step: Callable[[], str],
-    ) -> None:
-        self.total, self.n, self.desc = total, initial, desc
-        self.interval, self.stream, self.step = interval, stream, step
-        self.postfix: dict[str, Any] = {}
-        self.started = self._last = time.monotonic()
-
-    def update(self, n: int = 1) -> None:
-        self.n += n
-        now = time.monotonic()
-        if now - self._last >= self.interval:
-            self._last = now
-            self._emit(now)
-
-    def set_postfix(self, **values: Any) -> None:
-        self.postfix = values
-
-    def close(self) -> None:
-        """Nothing to clear: the epoch summary line follows."""
-
-    def _emit(self, now: float) -> None:
-        parts = [self.desc, f"batch {self.n}/{self.total}", self.step()]
-        parts += [f"{k} {v}" for k, v in self.postfix.items()]
-        parts.append(f"{now - self.started:.0f}s")
-        print(" | ".join(parts), file=self.stream, flush=True)
-
-
-def _is_terminal(stream: Any) -> bool:
-    """A terminal, or a Jupyter kernel's stream (where tqdm.auto draws a widget)."""
-    if type(stream).__module__.startswith("ipykernel"):
-        return True
-    try:
-        return bool(stream.isatty())
-    except (AttributeError, ValueError):  # no isatty, or a closed stream
-        return False
 
 
 def _positive(name: str, value: Any) -> None:

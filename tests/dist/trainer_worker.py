@@ -161,7 +161,11 @@ def preempt_one_rank(checkpoint_dir: str, check_every: int) -> dict[str, Any]:
 
     class TermRankOne(devlayer.Callback):
         def on_train_batch_end(self, trainer: Any, loss: Any) -> None:
-            if devlayer.rank() == 1 and trainer.state.global_step == 3 and trainer._signal is None:
+            if (
+                devlayer.rank() == 1
+                and trainer.state.global_step == 3
+                and trainer.preemption.signal is None
+            ):
                 os.kill(os.getpid(), signal.SIGTERM)
 
     model = make_model()

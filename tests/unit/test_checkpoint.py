@@ -769,7 +769,7 @@ def test_r2_2_one_lock_per_folder_within_a_process_too(tmp_path):
 def test_r2_2_cleanup_never_removes_a_live_process_temp_files(tmp_path):
     store = CheckpointStore(tmp_path)
     _save(store, 1)
-    tag = ckpt._host_tag()
+    tag = ckpt.host_tag()
     writer = _child("import sys; sys.stdin.read()")  # a live process of this host
     try:
         live = tmp_path / f".tmp-step-000000002.new.{writer.pid}.{tag}.abcd1234"
@@ -862,14 +862,14 @@ def test_r2_10_private_store_creates_owner_only_checkpoints(tmp_path):
 def test_r2_4_full_disk_inside_torch_save_is_reported_as_such(tmp_path, monkeypatch):
     store = CheckpointStore(tmp_path)
     _save(store, 1)
-    real_init = ckpt._HashingWriter.__init__
+    real_init = ckpt.HashingWriter.__init__
     with contextlib.ExitStack() as files:
 
         def onto_a_full_disk(self: Any, file: Any) -> None:
             # every write: ENOSPC from the kernel
             real_init(self, files.enter_context(open("/dev/full", "wb")))
 
-        monkeypatch.setattr(ckpt._HashingWriter, "__init__", onto_a_full_disk)
+        monkeypatch.setattr(ckpt.HashingWriter, "__init__", onto_a_full_disk)
         # The real torch.save swallows the OSError and fails with its own RuntimeError
         # ("unexpected pos ..."); the report must still say the disk is full.
         with pytest.raises(CheckpointError, match="No space left on device") as info:
@@ -976,3 +976,14 @@ def test_r2_5_state_that_is_a_fifo_is_refused_without_blocking(tmp_path):
     os.mkfifo(path / "state.pt")
     with pytest.raises(CheckpointCorruptError, match="is a FIFO"):
         store.verify(path)
+
+
+@pytest.mark.parametrize("name", ["TrainingCheckpoints", "model_state_mismatch"])
+def test_names_moved_to_train_resume_still_work_with_a_deprecation_warning(name):
+    import devlayer.train.resume as resume
+
+    with pytest.warns(DeprecationWarning, match=f"devlayer.train.resume.{name}"):
+        old = getattr(ckpt, name)
+    assert old is getattr(resume, name)
+    with pytest.raises(AttributeError, match="no_such_name"):
+        ckpt.no_such_name  # noqa: B018

@@ -217,6 +217,40 @@ def test_library_never_imports_its_test_helpers():
     assert not offenders, offenders
 
 
+#: The modules that may import torch.distributed, and why. Everything else goes through
+#: devlayer.comm (collectives) and devlayer.lifecycle (the process group).
+DIST_OWNERS = {
+    "devlayer/rendezvous.py": "the TCP store",
+    "devlayer/lifecycle.py": "creates and destroys the process group",
+    "devlayer/comm.py": "the collectives",
+    "devlayer/train/fsdp.py": "FSDP2 (fully_shard over a DeviceMesh)",
+    "devlayer/cli/launch.py": "runs torchrun itself (torch.distributed.run)",
+    "devlayer/registry.py": "torch's device -> comm backend map (a fact, no process group)",
+    "backends/_common.py": "which comm backends this torch has (a fact, no process group)",
+}
+
+
+def _dist_offenders(folders: tuple[str, ...], owners: dict[str, str]) -> list[str]:
+    return [
+        f"{path.relative_to(ROOT)}:{line}: {module}"
+        for path in _python_files(*folders)
+        if str(path.relative_to(ROOT)) not in owners
+        for line, module in _imports(path)
+        if module == "torch.distributed" or module.startswith("torch.distributed.")
+    ]
+
+
+def test_only_the_owning_modules_import_torch_distributed():
+    """The Trainer and the CLI talk to other ranks through comm, not torch.distributed."""
+    assert not _dist_offenders(("devlayer", "backends"), DIST_OWNERS)
+
+
+def test_the_torch_distributed_rule_catches_an_offender():
+    """The rule is not vacuous: without comm in the owners, comm.py is reported."""
+    owners = {k: v for k, v in DIST_OWNERS.items() if k != "devlayer/comm.py"}
+    assert any(o.startswith("devlayer/comm.py:") for o in _dist_offenders(("devlayer",), owners))
+
+
 def test_the_library_import_graph_has_no_cycle():
     """Module-level and function-level imports between devlayer modules form no cycle."""
     modules = {

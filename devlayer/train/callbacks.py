@@ -1,0 +1,115 @@
+"""Trainer hooks: the :class:`Callback` base class and :class:`EarlyStopping`.
+
+Callbacks run on every rank, at the same points of the loop; a callback that decides
+something (stop, save) must decide it from values that every rank shares (the epoch
+metrics are averaged over all ranks before ``on_epoch_end``).
+
+Example:
+    >>> stop = EarlyStopping(monitor="val_loss", patience=2)
+    >>> [stop.update({"val_loss": v}) for v in (1.0, 0.9, 0.95, 0.97)]
+    [False, False, False, True]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from devlayer.errors import InvalidArgumentError
+
+__all__ = ["Callback", "EarlyStopping"]
+
+
+@dataclass
+class EarlyStopping:
+    """Stop when a validation metric stops improving, or once it reaches a target.
+
+    Decided on metrics already averaged over all ranks, so every rank stops at the same
+    epoch.
+
+    Args:
+        monitor: A key of the epoch metrics, e.g. ``"val_loss"`` or ``"val_accuracy"``.
+        mode: ``"min"`` or ``"max"``.
+        patience: Epochs without improvement (or, with ``target``, epochs at or past the
+            target in a row) before stopping.
+        min_delta: Smallest change that counts as an improvement.
+        target: Stop after ``patience`` consecutive epochs that reach this value (the seed
+            tutorial's "target accuracy" rule).
+    """
+
+    monitor: str = "val_loss"
+    mode: str = "min"
+    patience: int = 3
+    min_delta: float = 0.0
+    target: float | None = None
+    best: float | None = None
+    bad_epochs: int = 0
+    hits: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("min", "max"):
+            raise InvalidArgumentError(f"EarlyStopping(mode={self.mode!r}): use 'min' or 'max'")
+        if self.patience < 1:
+            raise InvalidArgumentError(f"EarlyStopping(patience={self.patience}) must be >= 1")
+
+    def update(self, metrics: Mapping[str, Any]) -> bool:
+        """Record one epoch; True means stop now."""
+        if self.monitor not in metrics:
+            raise InvalidArgumentError(
+                f"EarlyStopping monitors {self.monitor!r}, but the epoch metrics are "
+                f"{sorted(metrics)}; pass val_data or monitor another key"
+            )
+        value = float(metrics[self.monitor])
+        better = (
+            (lambda a, b: a < b - self.min_delta)
+            if self.mode == "min"
+            else (lambda a, b: a > b + self.min_delta)
+        )
+        if self.target is not None:
+            reached = value <= self.target if self.mode == "min" else value >= self.target
+            self.hits = self.hits + 1 if reached else 0
+            return self.hits >= self.patience
+        if self.best is None or better(value, self.best):
+            self.best, self.bad_epochs = value, 0
+        else:
+            self.bad_epochs += 1
+        return self.bad_epochs >= self.patience
+
+    def state_dict(self) -> dict[str, Any]:
+        """The counters, for checkpoints."""
+        return {"best": self.best, "bad_epochs": self.bad_epochs, "hits": self.hits}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore the counters."""
+        self.best, self.bad_epochs, self.hits = state["best"], state["bad_epochs"], state["hits"]
+
+
+class Callback:
+    """Hooks the Trainer calls on every rank; override the ones you need.
+
+    ``trainer`` is the :class:`~devlayer.train.trainer.Trainer` (typed ``Any`` here so this
+    module does not import the one that imports it).
+    """
+
+    def on_fit_start(self, trainer: Any) -> None:
+        """Before the first epoch (after resuming)."""
+
+    def on_train_batch_end(self, trainer: Any, loss: Any) -> None:
+        """After each micro-batch; ``loss`` is a device tensor (reading it syncs)."""
+
+    def on_train_epoch_end(self, trainer: Any) -> None:
+        """After an epoch's last training step (or the run's last), before validation.
+
+        Runs before the epoch's one metrics reduction, also when ``max_steps`` ended the
+        run inside the epoch.
+        """
+
+    def on_epoch_end(self, trainer: Any, metrics: dict[str, Any]) -> None:
+        """After validation, with the epoch's averaged metrics.
+
+        ``metrics["partial"]`` is True when ``max_steps`` ended training inside the epoch.
+        """
+
+    def on_fit_end(self, trainer: Any, history: list[dict[str, Any]]) -> None:
+        """After the last epoch."""

@@ -1,0 +1,155 @@
+"""Progress output for the Trainer: a tqdm bar on a terminal, plain lines in a job log.
+
+A SLURM ``%x-%j.out`` file is not a terminal: tqdm's carriage-return frames pile up in it.
+:func:`progress_bar` picks tqdm for a terminal (or a Jupyter kernel) and
+:class:`LineProgress` otherwise: one line every ``DEVLAYER_PROGRESS_INTERVAL`` seconds.
+
+Example:
+    >>> import io
+    >>> bar = progress_bar(total=4, initial=0, desc="epoch 1", interval=0,
+    ...                    stream=io.StringIO(), step=lambda: "step 1")
+    >>> type(bar).__name__
+    'LineProgress'
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from devlayer.errors import InvalidArgumentError
+
+__all__ = [
+    "PROGRESS_INTERVAL_ENV",
+    "LineProgress",
+    "is_terminal",
+    "progress_bar",
+    "resolve_progress_interval",
+]
+
+PROGRESS_INTERVAL_ENV = "DEVLAYER_PROGRESS_INTERVAL"
+_DEFAULT_PROGRESS_INTERVAL = 30.0
+
+
+def resolve_progress_interval(
+    interval: float | None, env: Mapping[str, str] | None = None
+) -> float:
+    """Seconds between plain progress lines; ``None`` reads ``DEVLAYER_PROGRESS_INTERVAL``.
+
+    Example:
+        >>> resolve_progress_interval(None, {})
+        30.0
+        >>> resolve_progress_interval(None, {"DEVLAYER_PROGRESS_INTERVAL": "5"})
+        5.0
+
+    """
+    origin: str = "progress_interval"
+    value: Any = interval
+    if interval is None:
+        env = os.environ if env is None else env
+        value = env.get(PROGRESS_INTERVAL_ENV, "").strip()
+        if not value:
+            return _DEFAULT_PROGRESS_INTERVAL
+        origin = PROGRESS_INTERVAL_ENV
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if isinstance(value, bool) or not math.isfinite(seconds) or seconds < 0:
+        raise InvalidArgumentError(
+            f"{origin}={value!r} is not a number of seconds >= 0; use e.g. 30 (0: a line "
+            f"per micro-batch)"
+        )
+    return seconds
+
+
+class LineProgress:
+    """tqdm's ``update`` / ``set_postfix`` / ``close`` as plain lines for job logs.
+
+    A SLURM ``%x-%j.out`` file is not a terminal: tqdm's carriage-return frames pile up in
+    it. This prints one line per ``interval`` seconds instead (checked at each update, so
+    it never wakes up on its own), with no carriage return.
+    """
+
+    def __init__(
+        self,
+        *,
+        total: int,
+        initial: int,
+        desc: str,
+        interval: float,
+        stream: Any,
+        step: Callable[[], str],
+    ) -> None:
+        self.total, self.n, self.desc = total, initial, desc
+        self.interval, self.stream, self.step = interval, stream, step
+        self.postfix: dict[str, Any] = {}
+        self.started = self._last = time.monotonic()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = time.monotonic()
+        if now - self._last >= self.interval:
+            self._last = now
+            self._emit(now)
+
+    def set_postfix(self, **values: Any) -> None:
+        self.postfix = values
+
+    def close(self) -> None:
+        """Nothing to clear: the epoch summary line follows."""
+
+    def _emit(self, now: float) -> None:
+        parts = [self.desc, f"batch {self.n}/{self.total}", self.step()]
+        parts += [f"{k} {v}" for k, v in self.postfix.items()]
+        parts.append(f"{now - self.started:.0f}s")
+        print(" | ".join(parts), file=self.stream, flush=True)
+
+
+def is_terminal(stream: Any) -> bool:
+    """A terminal, or a Jupyter kernel's stream (where tqdm.auto draws a widget)."""
+    if type(stream).__module__.startswith("ipykernel"):
+        return True
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
+def progress_bar(
+    *,
+    total: int,
+    initial: int,
+    desc: str,
+    interval: float,
+    stream: Any,
+    step: Callable[[], str],
+) -> Any:
+    """A tqdm bar on a terminal; a :class:`LineProgress` (no carriage returns) elsewhere.
+
+    Args:
+        total: Micro-batches in the epoch.
+        initial: Micro-batches already done (a resumed epoch).
+        desc: The bar's label, e.g. ``"epoch 2/10"``.
+        interval: Seconds between plain lines (``LineProgress`` only).
+        stream: Where to write (``sys.stderr``).
+        step: Returns the optimizer-step text that plain lines end with.
+    """
+    if is_terminal(stream):
+        from tqdm.auto import tqdm
+
+        return tqdm(
+            total=total,
+            initial=initial,
+            leave=False,
+            desc=desc,
+            mininterval=1.0,
+            dynamic_ncols=True,
+            file=stream,
+        )
+    return LineProgress(
+        total=total, initial=initial, desc=desc, interval=interval, stream=stream, step=step
+    )
