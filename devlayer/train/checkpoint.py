@@ -52,6 +52,7 @@ from typing import IO, TYPE_CHECKING, Any, NoReturn, cast
 import torch
 
 import devlayer
+from devlayer.config import short_repr
 from devlayer.errors import InvalidArgumentError
 from devlayer.train.errors import (
     CheckpointCorruptError,
@@ -77,6 +78,7 @@ from devlayer.train.files import (
 from devlayer.train.lock import LOCK_PREFIX, FolderLock
 from devlayer.train.plain import to_plain
 from devlayer.train.rng import rng_state, set_rng_state
+from devlayer.train.sharded import SHARDS_DIR
 
 if TYPE_CHECKING:
     from torch.serialization import MAP_LOCATION as MapLocation
@@ -96,10 +98,13 @@ __all__ = [
     "to_plain",
 ]
 
-#: Version of the on-disk layout. A reader refuses manifests with a higher number.
-#: 2 added ``run_id`` and ``manifest_sha256`` (a checksum of the manifest itself); format 1
-#: manifests (no checksum) are still read.
-FORMAT_VERSION = 2
+#: Newest version of the on-disk layout; a reader refuses manifests with a higher number.
+#: 2 added ``run_id`` and ``manifest_sha256`` (a checksum of the manifest itself); 3 added
+#: ``shards`` (the files of a sharded checkpoint, see :mod:`devlayer.train.sharded`). A
+#: checkpoint without shards is still written as format 2, so older readers load it;
+#: format 1 manifests (no checksum) are still read.
+FORMAT_VERSION = 3
+_SINGLE_FILE_FORMAT = 2
 STATE_FILE = "state.pt"
 MANIFEST_FILE = "manifest.json"
 #: Every name that starts with this is work in progress (or left by a crash) and never a
@@ -113,6 +118,8 @@ _before_commit: Callable[[Path], None] | None = None
 
 _REQUIRED_FIELDS: dict[str, int] = {"step": 0, "epoch": 0, "world_size": 1, "size": 0}
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+#: A shard file name: one plain name inside ``shards/`` (never a path out of it).
+_SHARD_NAME = re.compile(r"(?!\.\.?$)[A-Za-z0-9_.-]{1,255}")
 _PREFIX = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
 #: Largest manifest.json read; real ones are under 1 KiB.
@@ -220,11 +227,13 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
     run_id = manifest.get("run_id")
     if run_id is not None and not (isinstance(run_id, str) and _RUN_ID.fullmatch(run_id)):
         bad.append(f"run_id={run_id!r}")
+    if "shards" in manifest and not _valid_shards(manifest["shards"]):
+        bad.append(f"shards={short_repr(manifest['shards'])}")
     if bad:
         raise CheckpointCorruptError(
             f"{path} has missing or invalid fields: {', '.join(bad)} (expected integers "
-            f"step >= 0, epoch >= 0, world_size >= 1, size >= 0, a 64-digit hex sha256 and "
-            f"a run_id string or null); {fix}"
+            f"step >= 0, epoch >= 0, world_size >= 1, size >= 0, a 64-digit hex sha256, "
+            f"a run_id string or null, and shards as {{file name: {{size, sha256}}}}); {fix}"
         )
     if version >= 2:
         recorded, actual = manifest.get("manifest_sha256"), _manifest_digest(manifest)
@@ -244,38 +253,59 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
     return manifest
 
 
+def _valid_shards(shards: object) -> bool:
+    return isinstance(shards, dict) and all(
+        isinstance(name, str)
+        and _SHARD_NAME.fullmatch(name) is not None
+        and isinstance(entry, dict)
+        and isinstance(entry.get("size"), int)
+        and not isinstance(entry.get("size"), bool)
+        and entry["size"] >= 0
+        and isinstance(entry.get("sha256"), str)
+        and _SHA256.fullmatch(entry["sha256"]) is not None
+        for name, entry in shards.items()
+    )
+
+
 def _verify(folder: Path) -> dict[str, Any]:
     manifest = _read_manifest(folder)
-    state = folder / STATE_FILE
+    _check_file(folder, STATE_FILE, manifest["size"], manifest["sha256"])
+    for name, entry in manifest.get("shards", {}).items():
+        _check_file(folder, f"{SHARDS_DIR}/{name}", entry["size"], entry["sha256"])
+    return manifest
+
+
+def _check_file(folder: Path, name: str, expected_size: int, expected_sha256: str) -> None:
+    """Raise unless ``folder/name`` is a regular file of that size and sha256."""
+    state = folder / name
     fix = f"delete {folder} (resume then uses the newest checkpoint that verifies)"
     try:
-        size, digest = sha256_file(state, manifest["size"], fix)
+        size, digest = sha256_file(state, expected_size, fix)
     except FileNotFoundError:
         raise CheckpointCorruptError(
-            f"{state} is missing (the manifest expects {manifest['size']} bytes); {fix}"
+            f"{state} is missing (the manifest expects {expected_size} bytes); {fix}"
         ) from None
     except CheckpointError:
         raise
     except OSError as exc:
         raise CheckpointError(f"cannot read {state}: {exc}; check permissions and mounts") from exc
-    if size != manifest["size"]:
+    if size != expected_size:
         what = (
             "is empty (0 bytes)"
             if size == 0
-            else f"has more than {manifest['size']} bytes"
-            if size > manifest["size"]
+            else f"has more than {expected_size} bytes"
+            if size > expected_size
             else f"has {size} bytes"
         )
         raise CheckpointCorruptError(
-            f"{state} {what}, the manifest says {manifest['size']}: the file is truncated "
+            f"{state} {what}, the manifest says {expected_size}: the file is truncated "
             f"or was replaced; {fix}"
         )
-    if digest != manifest["sha256"]:
+    if digest != expected_sha256:
         raise CheckpointCorruptError(
-            f"{state} has sha256 {digest}, the manifest says {manifest['sha256']}: the file "
+            f"{state} has sha256 {digest}, the manifest says {expected_sha256}: the file "
             f"was damaged or modified after it was written; {fix}"
         )
-    return manifest
 
 
 def _load_state(state: Path, map_location: MapLocation) -> Any:
@@ -506,6 +536,7 @@ class CheckpointStore:
         epoch: int,
         world_size: int,
         extra: Mapping[str, Any] | None = None,
+        temp: Path | None = None,
     ) -> Path:
         """Write one checkpoint atomically and prune old ones; returns its folder.
 
@@ -527,6 +558,10 @@ class CheckpointStore:
             epoch: Epoch (>= 0), recorded in the manifest.
             world_size: Number of ranks that trained (>= 1), checked on load.
             extra: JSON-serializable values to record in the manifest (e.g. metrics).
+            temp: A folder from :meth:`new_temp` that other writers already filled: its
+                ``shards/`` files (a sharded checkpoint, written by every rank) are
+                recorded in the manifest with their sizes and sha256 (format 3), and it
+                becomes the checkpoint together with ``state.pt``.
 
         Returns:
             The checkpoint folder.
@@ -564,15 +599,7 @@ class CheckpointStore:
             ) from exc
         data = payload if isinstance(payload, dict) else dict(payload)
         final = self.path_for(step)
-        try:
-            self._mkdir(self.directory, parents=True)
-            temp = self._temp_path(final, "new")
-            self._mkdir(temp)
-        except OSError as exc:
-            raise CheckpointError(
-                f"cannot create a checkpoint folder in {self.directory}: {exc}; "
-                f"{os_error_advice(exc)}"
-            ) from exc
+        temp = self.new_temp(step) if temp is None else temp
         try:
             self._write(
                 temp, data, step=step, epoch=epoch, world_size=world_size, extra=extra_plain
@@ -591,6 +618,27 @@ class CheckpointStore:
             self._failed(temp, step, exc)
         self._prune(final)
         return final
+
+    def new_temp(self, step: int) -> Path:
+        """Create the temporary folder of checkpoint ``step`` (``.tmp-...``, invisible).
+
+        :meth:`save` creates one itself; create it first only when other writers (every
+        rank's shards) must fill it before :meth:`save` (``temp=``) commits it.
+
+        Raises:
+            CheckpointError: The folder cannot be created (permissions, full disk).
+        """
+        _int_arg("step", step, 0)
+        try:
+            self._mkdir(self.directory, parents=True)
+            temp = self._temp_path(self.path_for(step), "new")
+            self._mkdir(temp)
+        except OSError as exc:
+            raise CheckpointError(
+                f"cannot create a checkpoint folder in {self.directory}: {exc}; "
+                f"{os_error_advice(exc)}"
+            ) from exc
+        return temp
 
     def _failed(self, temp: Path, step: int, exc: Exception) -> NoReturn:
         """Remove the temporary folder and raise: OSErrors as CheckpointError, others as is."""
@@ -641,8 +689,9 @@ class CheckpointStore:
                 "state_dict()s, tensors, numbers and strings instead (to_plain() converts "
                 "NumPy values, enums, namedtuples, dataclasses and paths)"
             )
+        shards = self._record_shards(temp)
         manifest: dict[str, Any] = {
-            "format_version": FORMAT_VERSION,
+            "format_version": FORMAT_VERSION if shards is not None else _SINGLE_FILE_FORMAT,
             "step": step,
             "epoch": epoch,
             "world_size": world_size,
@@ -654,12 +703,31 @@ class CheckpointStore:
             "run_id": self.run_id,
             "extra": extra,
         }
+        if shards is not None:
+            manifest["shards"] = shards
         manifest["manifest_sha256"] = _manifest_digest(manifest)
         with self._create(temp / MANIFEST_FILE) as f:
             f.write((json.dumps(manifest, indent=2, allow_nan=False) + "\n").encode("utf-8"))
             f.flush()
             os.fsync(f.fileno())
         fsync_dir(temp)
+
+    def _record_shards(self, temp: Path) -> dict[str, dict[str, Any]] | None:
+        """Size and sha256 of each file in ``temp/shards`` (``None``: no shards folder)."""
+        folder = temp / SHARDS_DIR
+        if not folder.is_dir():
+            return None
+        shards: dict[str, dict[str, Any]] = {}
+        for path in sorted(folder.iterdir()):
+            if not _SHARD_NAME.fullmatch(path.name):
+                raise CheckpointError(
+                    f"{path} is not a shard file name devlayer records; write only DCP's "
+                    f"files into {folder}"
+                )
+            size, digest = sha256_file(path, 1 << 62, f"remove {path}")
+            shards[path.name] = {"size": size, "sha256": digest}
+        fsync_dir(folder)
+        return shards
 
     def _create(self, path: Path) -> IO[bytes]:
         """A new file for writing (``0600`` for a private store, else as the umask says)."""

@@ -17,9 +17,11 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import secrets
 import shutil
 import socket
 import stat
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -37,6 +39,7 @@ __all__ = [
     "read_regular",
     "remove_path",
     "sha256_file",
+    "write_atomically",
 ]
 
 
@@ -212,3 +215,23 @@ def remove_path(path: Path) -> None:
         path.unlink()
     else:
         shutil.rmtree(path)
+
+
+def write_atomically(path: Path, write: Callable[[IO[bytes]], object]) -> None:
+    """Write ``path`` through ``write(file)`` so it appears complete or not at all.
+
+    The data goes to a hidden temporary file beside ``path``, is synced, then renamed over
+    ``path`` in one step and the folder synced; on any error the temporary file is removed
+    and ``path`` is untouched.
+    """
+    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        with open(temp, "xb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise

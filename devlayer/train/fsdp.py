@@ -15,12 +15,22 @@ Use it through ``devlayer.prepare_model(model, strategy="fsdp")``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from devlayer.errors import InvalidArgumentError
 
-__all__ = ["FSDP_MIN_PARAMS", "is_sharded", "local_numel", "shard_model"]
+__all__ = [
+    "FSDP_MIN_PARAMS",
+    "full_state_dict",
+    "is_sharded",
+    "local_numel",
+    "parameter_names",
+    "rebind_optimizer",
+    "shard_model",
+    "skip_grad_sync",
+]
 
 #: Default size threshold: a submodule with at least this many parameters of its own
 #: becomes an FSDP unit (FSDP1's size-based policy defaulted to 1e8, far too coarse for
@@ -198,3 +208,87 @@ def local_numel(model: Any) -> int:
         local = p.to_local() if hasattr(p, "to_local") else p
         total += local.numel()
     return total
+
+
+def parameter_names(model: Any) -> dict[int, str]:
+    """``id(parameter) -> name`` of ``model``'s parameters (taken before sharding)."""
+    return {id(p): name for name, p in model.named_parameters()}
+
+
+def rebind_optimizer(optimizer: Any, names: Mapping[int, str], model: Any) -> None:
+    """Point ``optimizer`` at ``model``'s parameters after sharding replaced them.
+
+    ``fully_shard`` swaps each parameter for a ``DTensor`` shard, so an optimizer built
+    before it holds the old tensors and would step nothing. The Trainer receives such an
+    optimizer; its param groups (and their options) are kept, each parameter is replaced
+    by the sharded one of the same name.
+
+    Args:
+        optimizer: Built over the model's parameters before sharding, not stepped yet.
+        names: :func:`parameter_names` of the model before sharding.
+        model: The sharded model.
+
+    Raises:
+        InvalidArgumentError: The optimizer already holds state, or holds a parameter that
+            is not the model's.
+    """
+    if optimizer.state:
+        raise InvalidArgumentError(
+            f"the optimizer already holds state for {len(optimizer.state)} parameter(s), "
+            "but strategy='fsdp' replaces the parameters with shards; build the optimizer "
+            "fresh and load its state through the Trainer's checkpoints (resume=...)"
+        )
+    current = dict(model.named_parameters())
+    for group in optimizer.param_groups:
+        rebound = []
+        for p in group["params"]:
+            name = names.get(id(p))
+            if name is None or name not in current:
+                raise InvalidArgumentError(
+                    f"the optimizer holds a parameter of shape {tuple(p.shape)} that is not "
+                    "one of the model's; build it from model.parameters()"
+                )
+            rebound.append(current[name])
+        group["params"] = rebound
+
+
+@contextlib.contextmanager
+def skip_grad_sync(model: Any) -> Iterator[None]:
+    """Accumulate gradients locally in this block (DDP ``no_sync`` or FSDP2's switch).
+
+    Under FSDP the unsharded gradients stay on each rank until a backward outside the
+    block reduce-scatters them all at once; a plain model (world size 1) needs nothing.
+    """
+    model = getattr(model, "_orig_mod", model)  # under torch.compile
+    if is_sharded(model):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    elif hasattr(model, "no_sync"):
+        with model.no_sync():
+            yield
+    else:
+        yield
+
+
+def full_state_dict(model: Any) -> dict[str, Any]:
+    """The plain model's complete ``state_dict`` on CPU, on rank 0 (collective when sharded).
+
+    Under FSDP every rank must call it: the shards are gathered piece by piece into rank 0's
+    CPU memory (other ranks get ``{}``), so no device ever holds the full model. For an
+    unsharded model (DDP or one rank) it is the module's own ``state_dict`` on CPU.
+    """
+    model = getattr(model, "_orig_mod", model)  # under torch.compile
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return dict(get_model_state_dict(model, options=options))
+    inner = getattr(model, "module", model)
+    inner = getattr(inner, "_orig_mod", inner)
+    return {k: v.detach().cpu() for k, v in inner.state_dict().items()}

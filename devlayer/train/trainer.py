@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -37,8 +38,10 @@ from typing import Any
 import devlayer
 from devlayer.errors import InvalidArgumentError
 from devlayer.train.callbacks import Callback, EarlyStopping
+from devlayer.train.compile import compile_options
 from devlayer.train.data import ShardedLoader, prepare_loader
 from devlayer.train.errors import PreemptedError
+from devlayer.train.fsdp import is_sharded, parameter_names, rebind_optimizer, skip_grad_sync
 from devlayer.train.model import prepare_model, unwrap
 from devlayer.train.precision import Precision, resolve_precision
 from devlayer.train.preemption import Preemption
@@ -115,6 +118,19 @@ class Trainer:
             multiples of this many optimizer steps (one non-blocking scalar all_reduce on
             the CPU per check, read at the next check), save a checkpoint and raise
             :class:`PreemptedError`.
+        strategy: ``"ddp"`` (replicas, the default) or ``"fsdp"``: the model, its gradients
+            and the optimizer state are sharded over the ranks (FSDP2, on every backend
+            that runs several processes); ``precision`` becomes FSDP's mixed-precision
+            policy (``"16-mixed"`` is refused: use ``"bf16-mixed"``), gradient
+            accumulation skips the reduce-scatter on the accumulating micro-batches, and
+            checkpoints are sharded (each rank writes its own shards; a checkpoint resumes
+            at another world size). Build ``optimizer`` from ``model.parameters()`` as
+            usual: the Trainer points it at the shards.
+        fsdp: Options of :func:`devlayer.train.fsdp.shard_model` (``modules``,
+            ``min_params``, ``cpu_offload``, ``reshard_after_forward``).
+        compile: ``True`` (or a dict of ``torch.compile`` options) compiles the wrapped
+            model. The compiler toolchain is checked first, with a clear error when it is
+            missing (instead of an inductor traceback at the first step).
         optimize: Vendor model optimizations applied once, after the model is on its
             device and before DDP wraps it: ``"ipex"`` (``ipex.optimize`` on the cpu and
             xpu backends; needs ``pip install devlayer[ipex]`` with the matching torch),
@@ -152,6 +168,9 @@ class Trainer:
         allow_world_size_change: bool = False,
         preempt_check_every: int = 10,
         optimize: str | Callable[[Any, Any], tuple[Any, Any]] | None = None,
+        strategy: str = "ddp",
+        fsdp: Mapping[str, Any] | None = None,
+        compile: bool | Mapping[str, Any] = False,
     ) -> None:
         _positive("grad_accum", grad_accum)
         if max_epochs is not None:
@@ -173,6 +192,7 @@ class Trainer:
                 f"optimize={optimize!r}: use 'ipex', a callable (model, optimizer) -> "
                 f"(model, optimizer), or None"
             )
+        _check_strategy(strategy, fsdp, resolve_precision(precision))
         if loss_fn is None and training_step is None:
             raise InvalidArgumentError(
                 "Trainer needs loss_fn (called as loss_fn(model(x), y)) or training_step"
@@ -206,6 +226,9 @@ class Trainer:
         self.allow_world_size_change = allow_world_size_change
         self.preempt_check_every = preempt_check_every
         self.optimize = optimize
+        self.strategy = strategy
+        self.fsdp = dict(fsdp or {})
+        self.compile_options = compile_options(compile)
         self._optimized = False
         self.preempted = False
         self.preemption = Preemption(preempt_check_every)
@@ -240,11 +263,23 @@ class Trainer:
         # Metric sums accumulate in float64 on the device (float32 on MPS, which has no
         # float64); with Python floats of the same dtype they cost one all_reduce per epoch.
         self._acc_dtype = torch.float32 if self.device.type == "mps" else torch.float64
-        self.amp = Precision(self.precision, self.device)
+        # FSDP casts the gathered parameters itself (its mixed-precision policy): no autocast.
+        sharded = self.strategy == "fsdp"
+        self.amp = Precision("32" if sharded else self.precision, self.device)
         self.autocast_dtype = self.amp.dtype
         if self.optimize is not None and not self._optimized:
             self._apply_optimize(torch, st.backend)
-        self.ddp_model = prepare_model(self.model)
+        if sharded:
+            names = parameter_names(self.model)
+            options = {"precision": self.precision, **self.fsdp}
+            self.ddp_model = prepare_model(self.model, "fsdp", fsdp=options)
+            rebind_optimizer(self.optimizer, names, self.ddp_model)
+        else:
+            self.ddp_model = prepare_model(self.model)
+        if self.compile_options is not None:
+            from devlayer.train.compile import compile_model
+
+            self.ddp_model = compile_model(self.ddp_model, self.compile_options, self.device)
         if self.lr_scaling and not self._lr_scaled:
             factor = st.world_size if self.lr_scaling == "linear" else math.sqrt(st.world_size)
             _scale_lr(self.optimizer, self.scheduler, factor)
@@ -322,9 +357,10 @@ class Trainer:
         return CheckpointStore(self.checkpoint_dir)
 
     def _payload(self, rank_states: list[Any]) -> dict[str, Any]:
+        sharded = self.strategy == "fsdp"  # model and optimizer go to the shards instead
         return {
-            "model": unwrap(self.ddp_model).state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": None if sharded else unwrap(self.ddp_model).state_dict(),
+            "optimizer": None if sharded else self.optimizer.state_dict(),
             "scaler": self.amp.state_dict() if self.amp is not None else None,
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "epoch": self.state.epoch,
@@ -349,6 +385,9 @@ class Trainer:
             "samples": self._samples,
         }
         rngs = devlayer.all_gather_object(mine)
+        temp: Path | None = None
+        if self.strategy == "fsdp":
+            temp = self._write_shards()
         path: Path | None = None
         error: str | None = None
         if devlayer.is_main():
@@ -358,6 +397,7 @@ class Trainer:
                     step=self.state.global_step,
                     epoch=self.state.epoch,
                     world_size=devlayer.world_size(),
+                    temp=temp,
                 )
             except CheckpointError as exc:
                 error = str(exc)
@@ -366,6 +406,72 @@ class Trainer:
         if error is not None:
             raise CheckpointError(f"rank 0 could not save the checkpoint: {error}")
         return path
+
+    def export(self, path: str | os.PathLike[str]) -> Path | None:
+        """Write the trained model's full ``state_dict`` to one file, for inference.
+
+        Collective: call it on every rank after ``fit()``. Under ``strategy="fsdp"`` the
+        shards are gathered into rank 0's CPU memory (never onto one device); rank 0 writes
+        the file atomically. It holds tensors only, so it loads into the plain model on
+        one process with ``torch.load(path, weights_only=True)``.
+
+        Args:
+            path: The file to write (its folder must exist).
+
+        Returns:
+            ``path`` on rank 0, ``None`` on the other ranks.
+
+        Raises:
+            InvalidArgumentError: ``fit()`` has not set the model up yet.
+            CheckpointError: Rank 0 could not write the file (every rank raises it).
+        """
+        import torch
+
+        from devlayer.train.errors import CheckpointError
+        from devlayer.train.files import os_error_advice, write_atomically
+        from devlayer.train.fsdp import full_state_dict
+
+        if self.ddp_model is None:
+            raise InvalidArgumentError("export() writes the trained model: call fit() first")
+        state = full_state_dict(self.ddp_model)
+        target, error = Path(path), None
+        if devlayer.is_main():
+            try:
+                write_atomically(target, lambda f: torch.save(state, f))
+            except OSError as exc:
+                error = f"{exc}; {os_error_advice(exc)}"
+        error = devlayer.broadcast_object(error, src=0)
+        if error is not None:
+            raise CheckpointError(f"rank 0 could not export the model to {target}: {error}")
+        return target if devlayer.is_main() else None
+
+    def _write_shards(self) -> Path:
+        """Every rank writes its shards into rank 0's new temporary checkpoint folder."""
+        from devlayer.train.errors import CheckpointError
+        from devlayer.train.sharded import SHARDS_DIR, write_shards
+
+        temp, error = None, None
+        if devlayer.is_main():
+            try:
+                temp = str(self._store().new_temp(self.state.global_step))
+            except CheckpointError as exc:
+                error = str(exc)
+        temp, error = devlayer.broadcast_object((temp, error), src=0)
+        if error is not None:
+            raise CheckpointError(f"rank 0 could not save the checkpoint: {error}")
+        folder = Path(temp)
+        try:
+            write_shards(
+                folder / SHARDS_DIR,
+                self.ddp_model,
+                self.optimizer,
+                world_size=devlayer.world_size(),
+            )
+        except BaseException:
+            if devlayer.is_main():
+                shutil.rmtree(folder, ignore_errors=True)  # never a half-written checkpoint
+            raise
+        return folder
 
     def _resume(self) -> None:
         if self.checkpoint_dir is None:
@@ -387,6 +493,7 @@ class Trainer:
             )
             self._checkpoints.check_payload(payload, _manifest, unwrap(self.ddp_model), path)
             same_world = _manifest.get("world_size") == devlayer.world_size()
+            self._load_shards(path, _manifest)
             self._apply(payload, same_world=same_world)
         self.resumed_from = path
         if devlayer.is_main():
@@ -397,11 +504,35 @@ class Trainer:
                 self.state.global_step,
             )
 
+    def _load_shards(self, path: Path, manifest: Mapping[str, Any]) -> None:
+        """Model and optimizer from a sharded checkpoint (any strategy, any world size)."""
+        from devlayer.train.errors import CheckpointError
+        from devlayer.train.sharded import SHARDS_DIR, read_shards
+
+        shards = manifest.get("shards")
+        if shards is None:
+            if self.strategy == "fsdp":
+                raise CheckpointError(
+                    f"{path} holds a full model (saved with strategy='ddp'), but this Trainer "
+                    "shards the model (strategy='fsdp') and resumes from sharded checkpoints "
+                    "only; resume it with strategy='ddp', or start a fresh run in a new "
+                    "checkpoint_dir"
+                )
+            return
+        read_shards(
+            path / SHARDS_DIR,
+            list(shards),
+            unwrap(self.ddp_model),
+            self.optimizer,
+            world_size=devlayer.world_size(),
+        )
+
     def _apply(self, payload: Mapping[str, Any], *, same_world: bool) -> None:
         from devlayer.train.checkpoint import set_rng_state
 
-        unwrap(self.ddp_model).load_state_dict(payload["model"])
-        self.optimizer.load_state_dict(payload["optimizer"])
+        if payload.get("model") is not None:  # else: loaded from the shards
+            unwrap(self.ddp_model).load_state_dict(payload["model"])
+            self.optimizer.load_state_dict(payload["optimizer"])
         saved_factor = float(payload.get("lr_factor", 1.0))
         if saved_factor != self._lr_factor:
             # Saved with another world size under lr_scaling: the optimizer state carries the
@@ -476,7 +607,6 @@ class Trainer:
         self._resumed_sums = (0.0, 0)
         loss_sum = torch.full((), resumed_loss, device=self.device, dtype=self._acc_dtype)
         self._loss_sum = loss_sum
-        has_no_sync = hasattr(self.ddp_model, "no_sync")
         on_accelerator = self.device.type != "cpu"  # CPU batches are already in place
         started = time.perf_counter()
         last_log_step, last_log_time, last_log_samples = st.global_step, started, 0
@@ -488,11 +618,7 @@ class Trainer:
             # The epoch's last window may be shorter: average over the micro-batches it has,
             # so its step weighs its samples as grad_accum=1 would.
             window = min(self.grad_accum, n_batches - (index - index % self.grad_accum))
-            sync = (
-                contextlib.nullcontext()
-                if boundary or not has_no_sync
-                else (self.ddp_model.no_sync())
-            )
+            sync = contextlib.nullcontext() if boundary else skip_grad_sync(self.ddp_model)
             with sync:
                 with amp.autocast():
                     loss = self._loss(batch)
@@ -548,26 +674,46 @@ class Trainer:
         model.eval()
         count = 0
         assert self.amp is not None
+        # A sharded model gathers its parameters in every forward, a collective: each rank
+        # must run as many forwards as the rank with the most batches (extra ones unused).
+        fillers = self._validation_fillers(len(loader)) if is_sharded(model) else 0
+        batch = None
         with torch.no_grad(), self.amp.autocast():
             for batch in loader:
                 batch = self._to_device(batch)
                 size = _batch_len(batch)
-                if self.validation_step is not None:
-                    values = dict(self.validation_step(model, batch))
-                else:
-                    x, y = batch
-                    out = model(x)
-                    assert self.loss_fn is not None
-                    values = {"val_loss": self.loss_fn(out, y)}
-                    if _is_classification(out, y):
-                        values["val_accuracy"] = (out.argmax(dim=-1) == y).float().mean()
+                values = self._validation_values(model, batch)
                 for key, value in values.items():
                     value = torch.as_tensor(value, device=self.device).detach()
                     value = value.to(self._acc_dtype)
                     sums[key] = sums.get(key, 0) + value * size
                 count += size
+            for _ in range(fillers):
+                self._validation_values(model, batch)
         sums["_val_count"] = float(count)
         return sums
+
+    def _validation_values(self, model: Any, batch: Any) -> dict[str, Any]:
+        if self.validation_step is not None:
+            return dict(self.validation_step(model, batch))
+        x, y = batch
+        out = model(x)
+        assert self.loss_fn is not None
+        values = {"val_loss": self.loss_fn(out, y)}
+        if _is_classification(out, y):
+            values["val_accuracy"] = (out.argmax(dim=-1) == y).float().mean()
+        return values
+
+    def _validation_fillers(self, batches: int) -> int:
+        """Forwards this rank runs after its last validation batch (sharded models only)."""
+        most = int(devlayer.all_reduce(batches, op="max"))
+        if batches == 0 and most > 0:
+            raise InvalidArgumentError(
+                f"val_data gives rank {devlayer.rank()} no batch while another rank has "
+                f"{most}; with strategy='fsdp' every rank must validate (each forward is a "
+                f"collective): pass at least {devlayer.world_size()} validation samples"
+            )
+        return most - batches
 
     def fit(self, train_data: Any, val_data: Any = None) -> list[dict[str, Any]]:
         """Train; returns the history (one dict of averaged metrics per epoch).
@@ -798,6 +944,26 @@ class Trainer:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _check_strategy(strategy: str, fsdp: Mapping[str, Any] | None, precision: str) -> None:
+    if strategy not in ("ddp", "fsdp"):
+        raise InvalidArgumentError(f"strategy={strategy!r}: use 'ddp' or 'fsdp'")
+    if strategy != "fsdp":
+        if fsdp is not None:
+            raise InvalidArgumentError("fsdp= options need strategy='fsdp'")
+        return
+    if fsdp is not None and "precision" in fsdp:
+        raise InvalidArgumentError(
+            "fsdp={'precision': ...}: the Trainer maps its own precision= to FSDP's "
+            "mixed-precision policy; pass precision='bf16-mixed' to the Trainer instead"
+        )
+    if precision == "16-mixed":
+        raise InvalidArgumentError(
+            "precision='16-mixed' with strategy='fsdp': fp16 needs a gradient scaler that "
+            "agrees across shards, which devlayer does not provide yet; use "
+            "precision='bf16-mixed' (no scaler needed) or strategy='ddp'"
+        )
 
 
 def _positive(name: str, value: Any) -> None:

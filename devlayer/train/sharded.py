@@ -1,0 +1,211 @@
+"""Sharded checkpoints for ``strategy="fsdp"``: every rank writes only its own shards.
+
+The model and optimizer state go through ``torch.distributed.checkpoint`` (DCP) into the
+``shards/`` folder of a checkpoint: each rank writes the pieces it holds, rank 0 adds DCP's
+``.metadata`` (which piece lives where), and no rank ever gathers the full model. Loading
+reads whichever pieces this rank's shards need, so a checkpoint written by 2 ranks resumes
+on 1 rank and the reverse (DCP reshards).
+
+devlayer's checkpoint promises hold for the shards too: they are written into the
+checkpoint's temporary folder and become visible only with it (one rename by rank 0),
+every file is recorded with its size and sha256 in ``manifest.json`` and checked before a
+load, and nothing is unpickled beyond plain data: tensors load as raw bytes, DCP's own
+small objects with ``torch.load(weights_only=True)``, and ``.metadata`` through
+:class:`MetadataUnpickler`, which builds only DCP's metadata record classes.
+
+Example:
+    >>> import pickle, io
+    >>> try:
+    ...     MetadataUnpickler(io.BytesIO(pickle.dumps(print))).load()
+    ... except pickle.UnpicklingError as exc:
+    ...     print(str(exc)[:44])
+    builtins.print is not part of DCP checkpoint
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+from collections.abc import Collection
+from pathlib import Path
+from typing import Any
+
+from devlayer.train.errors import CheckpointCorruptError, CheckpointError
+from devlayer.train.files import read_regular
+
+__all__ = [
+    "METADATA_LIMIT",
+    "SHARDS_DIR",
+    "MetadataUnpickler",
+    "VerifiedReader",
+    "read_shards",
+    "write_shards",
+]
+
+#: The folder, inside a checkpoint, that holds DCP's files.
+SHARDS_DIR = "shards"
+#: Largest ``.metadata`` read (it lists every tensor piece; large models stay far below).
+METADATA_LIMIT = 256 << 20
+
+_DCP_METADATA = "torch.distributed.checkpoint.metadata"
+#: Every class DCP (torch 2.6 - 2.13) puts into ``.metadata``: plain records, no code.
+_ALLOWED = frozenset(
+    {
+        (_DCP_METADATA, name)
+        for name in (
+            "Metadata",
+            "MetadataIndex",
+            "StorageMeta",
+            "TensorProperties",
+            "TensorStorageMetadata",
+            "ChunkStorageMetadata",
+            "BytesStorageMetadata",
+            "_MEM_FORMAT_ENCODING",
+        )
+    }
+    | {
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+        ("torch", "Size"),
+        ("torch.serialization", "_get_layout"),
+        ("pathlib", "PosixPath"),
+        ("pathlib", "WindowsPath"),
+        ("pathlib", "Path"),
+        ("collections", "OrderedDict"),
+    }
+)
+
+
+class MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP's ``.metadata`` and nothing else (the "restricting globals" recipe).
+
+    ``find_class`` resolves only DCP's metadata records, ``torch.Size``, torch dtypes and
+    path objects; any other global (a function, ``os.system``...) is refused before it is
+    looked up, so a crafted file cannot run code.
+    """
+
+    def find_class(self, module: str, name: str) -> Any:
+        """Resolve ``module.name`` only when it is one of DCP's metadata types."""
+        import torch
+
+        is_dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if (module, name) in _ALLOWED or is_dtype:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(
+            f"{module}.{name} is not part of DCP checkpoint metadata; devlayer refuses to "
+            "load it (a checkpoint must not run code)"
+        )
+
+
+def _reader_class() -> type:
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class _VerifiedReader(FileSystemReader):
+        def __init__(self, path: Path, files: Collection[str]) -> None:
+            super().__init__(path)
+            self._folder = Path(path)
+            self._files = frozenset(files)
+
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            rank = kwargs.get("rank")
+            name = ".metadata" if rank is None else f"__{rank}.metadata"
+            self._check(name)
+            fix = f"delete {self._folder.parent} (resume then uses the previous checkpoint)"
+            raw = read_regular(self._folder / name, METADATA_LIMIT, fix)
+            try:
+                metadata = MetadataUnpickler(io.BytesIO(raw)).load()
+            except Exception as exc:
+                raise CheckpointCorruptError(
+                    f"{self._folder / name} is not DCP metadata devlayer can read ({exc}); {fix}"
+                ) from exc
+            for info in (getattr(metadata, "storage_data", None) or {}).values():
+                self._check(str(getattr(info, "relative_path", "")))
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+        def _check(self, name: str) -> None:
+            if name not in self._files:
+                raise CheckpointCorruptError(
+                    f"{self._folder} refers to {name!r}, which its manifest does not list "
+                    f"(listed: {sorted(self._files)}); the checkpoint was changed after it "
+                    f"was written. Delete {self._folder.parent}"
+                )
+
+    return _VerifiedReader
+
+
+def VerifiedReader(path: Path, files: Collection[str]) -> Any:
+    """A DCP ``FileSystemReader`` that reads only the files ``files`` names (the manifest's).
+
+    Args:
+        path: The checkpoint's ``shards/`` folder.
+        files: The file names in it that the manifest recorded and verified.
+    """
+    return _reader_class()(path, files)
+
+
+def _first_failure(exc: BaseException) -> str:
+    """The lowest rank's error inside DCP's CheckpointException (it holds every rank's)."""
+    failures = getattr(exc, "failures", None) or {}
+    for rank, failure in sorted(failures.items()):
+        # DCP keeps (exception, stack summary) per failed rank.
+        inner = failure[0] if isinstance(failure, tuple) and failure else failure
+        return f"rank {rank}: {type(inner).__name__}: {inner}"
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def _state(model: Any, optimizer: Any) -> dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    return {"model": model_state, "optimizer": optimizer_state}
+
+
+def write_shards(folder: Path, model: Any, optimizer: Any, *, world_size: int) -> None:
+    """Write this rank's shards of ``model`` and ``optimizer`` into ``folder`` (collective).
+
+    Every rank calls it with the same ``folder`` (rank 0's temporary checkpoint folder);
+    it returns on every rank once rank 0 has written ``.metadata``.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    writer = dcp.FileSystemWriter(folder, single_file_per_rank=True, sync_files=True)
+    try:
+        dcp.save(_state(model, optimizer), storage_writer=writer, no_dist=world_size == 1)
+    except CheckpointException as exc:  # a BaseException: it would pass `except Exception`
+        raise CheckpointError(
+            f"writing the shards into {folder} failed: {_first_failure(exc)}; check the disk "
+            "and that every rank sees this folder (a shared file system on several nodes)"
+        ) from exc
+
+
+def read_shards(
+    folder: Path, files: Collection[str], model: Any, optimizer: Any, *, world_size: int
+) -> None:
+    """Load ``model`` and ``optimizer`` from the verified shards in ``folder`` (collective).
+
+    The saved pieces are cut to this run's shards, so the world size may differ from the
+    one that wrote them.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    state = _state(model, optimizer)
+    try:
+        dcp.load(state, storage_reader=VerifiedReader(folder, files), no_dist=world_size == 1)
+    except CheckpointException as exc:
+        raise CheckpointError(
+            f"cannot restore the shards in {folder}: {_first_failure(exc)}. It was saved "
+            "with another model or optimizer; build the same ones as the run that saved it, "
+            "or start a fresh run in a new checkpoint_dir"
+        ) from exc
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=state["model"],
+        optim_state_dict=state["optimizer"],
+    )

@@ -1,0 +1,79 @@
+"""Trainer(strategy=...) jobs for the FSDP Trainer tests, run on 1 or 2 gloo ranks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+import devlayer
+from devlayer.train.fsdp import full_state_dict, local_numel
+from tests.dist.trainer_worker import make_data, make_model
+
+
+class _Losses(devlayer.Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer: Any, loss: Any) -> None:
+        self.losses.append(float(loss.item()))
+
+
+def fit(
+    strategy: str,
+    *,
+    max_epochs: int | None = 2,
+    max_steps: int | None = None,
+    grad_accum: int = 1,
+    clip_grad: float | None = None,
+    checkpoint_dir: str | None = None,
+    checkpoint_every: int | None = None,
+    resume: str | None = "auto",
+    allow_world_size_change: bool = False,
+    precision: str | None = None,
+    export: str | None = None,
+    val_samples: int = 48,
+    batch_size: int = 16,
+) -> dict[str, Any]:
+    """Fit the small regression of trainer_worker; return per-step losses and the weights."""
+    model = make_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)  # state worth sharding
+    losses = _Losses()
+    trainer = devlayer.Trainer(
+        model,
+        opt,
+        torch.nn.functional.mse_loss,
+        strategy=strategy,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        clip_grad=clip_grad,
+        max_epochs=max_epochs,
+        max_steps=max_steps,
+        checkpoint_dir=checkpoint_dir,
+        checkpoint_every=checkpoint_every,
+        resume=resume,
+        allow_world_size_change=allow_world_size_change,
+        precision=precision,
+        callbacks=[losses],
+        progress=False,
+        num_workers=0,
+        seed=7,
+    )
+    history = trainer.fit(make_data(), make_data(val_samples, seed=1) if val_samples else None)
+    weights = full_state_dict(trainer.ddp_model)  # collective under FSDP; rank 0 gets it
+    exported = trainer.export(export) if export else None
+    with torch.no_grad():
+        probe = trainer.ddp_model(torch.linspace(-1, 1, 20).reshape(5, 4)).float()
+    return {
+        "rank": devlayer.rank(),
+        "losses": losses.losses,
+        "history": history,
+        "global_step": trainer.state.global_step,
+        "resumed_from": str(trainer.resumed_from) if trainer.resumed_from else None,
+        "weights": weights,
+        "local": local_numel(trainer.ddp_model),
+        "total": sum(p.numel() for p in make_model().parameters()),
+        "param_type": type(next(trainer.ddp_model.parameters())).__name__,
+        "exported": str(exported) if exported else None,
+        "probe": probe.tolist(),
+    }

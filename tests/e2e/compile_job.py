@@ -1,0 +1,47 @@
+"""Train the small regression with Trainer(compile=...) on one rank; print RESULT {json}."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+
+import devlayer
+from tests.dist.trainer_worker import make_data, make_model
+
+
+class _Losses(devlayer.Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer: object, loss: torch.Tensor) -> None:
+        self.losses.append(float(loss.item()))
+
+
+def run(compile: bool) -> list[float]:
+    model = make_model()
+    losses = _Losses()
+    trainer = devlayer.Trainer(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.05),
+        torch.nn.functional.mse_loss,
+        batch_size=16,
+        max_epochs=2,
+        compile=compile,
+        callbacks=[losses],
+        progress=False,
+        num_workers=0,
+        seed=7,
+    )
+    trainer.fit(make_data())
+    return losses.losses
+
+
+if __name__ == "__main__":
+    modes = [arg == "compiled" for arg in sys.argv[1:]]
+    try:
+        result = {"losses": [run(mode) for mode in modes]}
+    except devlayer.DevlayerError as exc:
+        result = {"error": type(exc).__name__, "message": str(exc)}
+    print("RESULT " + json.dumps(result), flush=True)
