@@ -8,7 +8,7 @@ import sys
 import torch
 
 import devlayer
-from tests.dist.trainer_worker import make_data, make_model
+from tests.dist.trainer_worker import make_data
 
 
 class _Losses(devlayer.Callback):
@@ -19,7 +19,14 @@ class _Losses(devlayer.Callback):
         self.losses.append(float(loss.item()))
 
 
-def run(compile: bool) -> list[float]:
+def make_model() -> torch.nn.Module:
+    # No dropout: inductor draws its own random numbers, so compiled dropout masks differ
+    # from eager ones (unless torch._inductor.config.fallback_random is set).
+    torch.manual_seed(1234)
+    return torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+
+
+def run(compile: bool) -> tuple[list[float], str]:
     model = make_model()
     losses = _Losses()
     trainer = devlayer.Trainer(
@@ -35,13 +42,14 @@ def run(compile: bool) -> list[float]:
         seed=7,
     )
     trainer.fit(make_data())
-    return losses.losses
+    return losses.losses, type(trainer.ddp_model).__name__
 
 
 if __name__ == "__main__":
     modes = [arg == "compiled" for arg in sys.argv[1:]]
     try:
-        result = {"losses": [run(mode) for mode in modes]}
+        runs = [run(mode) for mode in modes]
+        result = {"losses": [r[0] for r in runs], "models": [r[1] for r in runs]}
     except devlayer.DevlayerError as exc:
         result = {"error": type(exc).__name__, "message": str(exc)}
     print("RESULT " + json.dumps(result), flush=True)

@@ -39,6 +39,7 @@ def test_compiled_trainer_gives_the_losses_of_the_eager_one(tmp_path):
     assert len(compiled) == len(eager) == 12
     assert compiled == pytest.approx(eager, rel=1e-4, abs=1e-6)
     assert compiled[-1] < compiled[0]
+    assert out["models"] == ["Sequential", "OptimizedModule"]  # compile=True took effect
 
 
 def test_compile_without_a_compiler_names_what_is_missing(tmp_path):
