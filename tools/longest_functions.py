@@ -14,10 +14,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def functions(folders: list[str]) -> list[tuple[int, str]]:
-    """``(lines, "path:line name")`` for every function and method under ``folders``."""
+    """``(lines, "path:line name")`` for every function and method in ``folders`` (or files)."""
     found: list[tuple[int, str]] = []
     for folder in folders:
-        for path in sorted((ROOT / folder).rglob("*.py")):
+        base = ROOT / folder
+        for path in [base] if base.is_file() else sorted(base.rglob("*.py")):
             tree = ast.parse(path.read_text(), str(path))
             for node in ast.walk(tree):
                 if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
