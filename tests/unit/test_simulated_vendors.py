@@ -436,7 +436,9 @@ def _info(local_rank: int, local_world_size: int) -> ProcessInfo:
 def test_simulated_rank_mapping_wraps_local_rank(sim: pytest.MonkeyPatch, local_rank: int) -> None:
     with simulate("cuda", 4):
         be = devlayer.backends.get_backend("cuda")
-        assert lifecycle._pick_device(be, None, "devices", _info(local_rank, 8)) == local_rank % 4
+        info = _info(local_rank, 8)
+        plan = lifecycle._plan_devices(be, None, "devices", info)
+        assert lifecycle._pick_device(be, plan, info) == local_rank % 4
 
 
 @pytest.mark.simulated
@@ -453,19 +455,17 @@ def test_simulated_rank_mapping_from_launcher_env(
     info = detect(env)
     assert (info.launcher, info.local_rank) == ("env", 5)
     with simulate("cuda", 4), caplog.at_level(logging.WARNING, logger="devlayer"):
-        assert (
-            lifecycle._pick_device(devlayer.backends.get_backend("cuda"), None, "devices", info)
-            == 1
-        )
+        be = devlayer.backends.get_backend("cuda")
+        plan = lifecycle._plan_devices(be, None, "devices", info)
+        assert lifecycle._pick_device(be, plan, info) == 1
     # Sharing is reported once, by rank 0 (tests/unit/test_env_round2.py), not by rank 5.
     assert caplog.text == ""
     caplog.clear()
     # one device per task (scheduler binding): every local rank uses index 0, no warning
     with simulate("cuda", 1), caplog.at_level(logging.WARNING, logger="devlayer"):
-        assert (
-            lifecycle._pick_device(devlayer.backends.get_backend("cuda"), None, "devices", info)
-            == 0
-        )
+        be = devlayer.backends.get_backend("cuda")
+        plan = lifecycle._plan_devices(be, None, "devices", info)
+        assert lifecycle._pick_device(be, plan, info) == 0
     assert caplog.text == ""
 
 
@@ -477,9 +477,10 @@ def test_simulated_rank_mapping_after_visibility(sim: pytest.MonkeyPatch) -> Non
         undo = lifecycle._Undo()
         try:
             spec = (7, 6, 5, 4, 3, 2, 1, 0)
-            vis = lifecycle._apply_visibility(be, spec, "devices", undo)
+            plan = lifecycle._plan_devices(be, spec, "devices", info)
+            vis = lifecycle._apply_visibility(be, plan, undo)
             assert vis == ("CUDA_VISIBLE_DEVICES", "7,6,5,4,3,2,1,0")
-            assert lifecycle._pick_device(be, spec, "devices", info) == 5  # physical GPU 2
+            assert lifecycle._pick_device(be, plan, info) == 5  # physical GPU 2
         finally:
             lifecycle._restore(undo)
     assert "CUDA_VISIBLE_DEVICES" not in os.environ
@@ -490,7 +491,7 @@ def test_simulated_device_list_shorter_than_local_ranks(sim: pytest.MonkeyPatch)
     with simulate("cuda", 4):
         be = devlayer.backends.get_backend("cuda")
         with pytest.raises(DeviceError) as info:
-            lifecycle._pick_device(be, (0, 1), "DEVLAYER_DEVICES", _info(5, 8))
+            lifecycle._plan_devices(be, (0, 1), "DEVLAYER_DEVICES", _info(5, 8))
     msg = str(info.value)
     assert "DEVLAYER_DEVICES=[0,1] selects 2 device(s) but 8 ranks run on this node" in msg
 
@@ -501,7 +502,8 @@ def test_simulated_no_visible_devices_after_visibility(sim: pytest.MonkeyPatch) 
     with simulate("cuda", 0):
         be = devlayer.backends.get_backend("cuda")
         with pytest.raises(DeviceError, match="sees no devices"):
-            lifecycle._pick_device(be, None, "devices", _info(0, 1))
+            info = _info(0, 1)
+            lifecycle._pick_device(be, lifecycle._plan_devices(be, None, "devices", info), info)
 
 
 # --------------------------------------------------------------------------- init arguments
