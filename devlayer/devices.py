@@ -100,6 +100,8 @@ def parse_devices(spec: object, *, origin: str = "devices") -> DeviceSpec:
     Raises:
         DeviceError: Negative, duplicate or non-integer entries, an empty list, or a count of 0.
     """
+    # Long (about 70 lines): one ladder over the accepted input forms, each check beside
+    # its message, so the order in which a malformed spec is diagnosed reads top to bottom.
     if spec is None:
         return None
     if isinstance(spec, bool):

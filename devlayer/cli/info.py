@@ -32,6 +32,8 @@ VISIBILITY_VARS = (
 
 def collect() -> dict[str, Any]:
     """Gather the report as a JSON-ready dict (schema version :data:`SCHEMA_VERSION`)."""
+    # Long (about 80 lines): the report is built top to bottom, one block per key. Its backend
+    # part changes with the vendor-interface work of issue 15; it is split after that lands.
     import torch
 
     report: dict[str, Any] = {
