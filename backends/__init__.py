@@ -1,7 +1,54 @@
-"""Built-in vendor backends, one file each (installed as ``devlayer.backends``).
+"""Built-in vendor backends, one file each (installed as ``devlayer.backends``), and the registry.
 
 Only modules in this package touch ``torch.cuda``, ``torch.xpu``, ``torch.mps``, IPEX or
-oneCCL; a test enforces it. To add a vendor, add one file with a :class:`devlayer.Backend`
-subclass and one line to ``devlayer.registry.BUILTINS`` (or ship it as a plugin through the
-``devlayer.backends`` entry-point group).
+oneCCL; a test enforces it. To add a vendor, add one file with a
+:class:`devlayer.backends.Backend` subclass and one line to ``devlayer.registry.BUILTINS``
+(or ship it as a plugin through the ``devlayer.backends`` entry-point group).
+
+The registry's public names are here too, loaded on first use (importing this package
+imports neither torch nor a vendor module):
+
+Example:
+    >>> import devlayer.backends
+    >>> "cpu" in devlayer.backends.registered_backends()
+    True
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from devlayer.registry import (
+        Availability,
+        Backend,
+        Runtime,
+        available_backends,
+        get_backend,
+        register_backend,
+        registered_backends,
+        unregister_backend,
+    )
+
+#: The registry names this package re-exports (they live in ``devlayer.registry``).
+__all__ = [
+    "Availability",
+    "Backend",
+    "Runtime",
+    "available_backends",
+    "get_backend",
+    "register_backend",
+    "registered_backends",
+    "unregister_backend",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # PEP 562: ``devlayer.backends`` is imported by ``import devlayer`` (source checkouts),
+    # so the registry (and through it the vendors) loads only when one of its names is used.
+    if name not in __all__:
+        raise AttributeError(f"module 'devlayer.backends' has no attribute {name!r}")
+    value = getattr(importlib.import_module("devlayer.registry"), name)
+    globals()[name] = value
+    return value

@@ -62,7 +62,7 @@ import torch
 import torch.distributed as dist
 
 import devlayer
-from devlayer import comm
+from devlayer import collective_checks, comm
 
 if __package__ in (None, ""):  # run as a file (torchrun benchmarks/collectives.py)
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -283,7 +283,7 @@ def checked_all_reduce(t: torch.Tensor) -> object:
     always-on check would cost; devlayer runs it only with ``DEVLAYER_DEBUG=1``.
     """
     ctx = comm._ctx()
-    comm._check_signatures(ctx, "all_reduce", "sum", comm._tensor_text(t))
+    comm._check_signatures(ctx, "all_reduce", "sum", collective_checks.tensor_text(t))
     return devlayer.all_reduce(t)
 
 

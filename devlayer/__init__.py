@@ -17,18 +17,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from devlayer._version import __version__
-from devlayer.errors import (
-    BackendNotFoundError,
-    BackendUnavailableError,
-    CollectiveError,
-    DeviceError,
-    DevlayerError,
-    InitOrderError,
-    InvalidArgumentError,
-    LaunchEnvError,
-    NotInitializedError,
-    RendezvousError,
-)
+from devlayer.errors import BackendUnavailableError, CollectiveError, DevlayerError
 
 if TYPE_CHECKING:
     from devlayer.comm import (
@@ -39,7 +28,6 @@ if TYPE_CHECKING:
         broadcast,
         broadcast_object,
     )
-    from devlayer.farm import FarmResult, farm
     from devlayer.launchers import launched
     from devlayer.lifecycle import (
         State,
@@ -60,70 +48,11 @@ if TYPE_CHECKING:
         world_size,
     )
     from devlayer.multiproc import RankFailedError, spawn
-    from devlayer.registry import (
-        Availability,
-        Backend,
-        Runtime,
-        available_backends,
-        get_backend,
-        register_backend,
-        registered_backends,
-        unregister_backend,
-    )
-    from devlayer.train import (
-        Callback,
-        CheckpointError,
-        EarlyStopping,
-        PreemptedError,
-        Trainer,
-        prepare_loader,
-        prepare_model,
-        seed_everything,
-    )
+    from devlayer.train import Trainer, prepare_loader, prepare_model
 
 
 # name -> module that defines it; resolved on first attribute access (PEP 562).
 _LAZY = {
-    **dict.fromkeys(
-        (
-            "all_gather",
-            "all_gather_object",
-            "all_reduce",
-            "barrier",
-            "broadcast",
-            "broadcast_object",
-        ),
-        "devlayer.comm",
-    ),
-    **dict.fromkeys(
-        (
-            "Availability",
-            "Backend",
-            "Runtime",
-            "available_backends",
-            "get_backend",
-            "register_backend",
-            "registered_backends",
-            "unregister_backend",
-        ),
-        "devlayer.registry",
-    ),
-    **dict.fromkeys(("spawn", "RankFailedError"), "devlayer.multiproc"),
-    "launched": "devlayer.launchers",
-    **dict.fromkeys(("farm", "FarmResult"), "devlayer.farm"),
-    **dict.fromkeys(
-        (
-            "prepare_model",
-            "prepare_loader",
-            "Trainer",
-            "EarlyStopping",
-            "Callback",
-            "seed_everything",
-            "CheckpointError",
-            "PreemptedError",
-        ),
-        "devlayer.train",
-    ),
     **dict.fromkeys(
         (
             "State",
@@ -145,31 +74,86 @@ _LAZY = {
         ),
         "devlayer.lifecycle",
     ),
+    **dict.fromkeys(
+        (
+            "all_gather",
+            "all_gather_object",
+            "all_reduce",
+            "barrier",
+            "broadcast",
+            "broadcast_object",
+        ),
+        "devlayer.comm",
+    ),
+    **dict.fromkeys(("spawn", "RankFailedError"), "devlayer.multiproc"),
+    "launched": "devlayer.launchers",
+    **dict.fromkeys(("prepare_model", "prepare_loader", "Trainer"), "devlayer.train"),
 }
 
 
-#: The public names: the errors and the version (imported above, they cost nothing) and the
-#: lazy table. One list; README's API table is checked against it (tests/unit/test_rules.py).
+#: The public names: the version, the errors users catch (imported above, they cost nothing)
+#: and the lazy table. One list; README's API table is checked against it
+#: (tests/unit/test_rules.py).
 __all__ = [
     "__version__",
     "DevlayerError",
-    "BackendNotFoundError",
     "BackendUnavailableError",
     "CollectiveError",
-    "DeviceError",
-    "InitOrderError",
-    "InvalidArgumentError",
-    "LaunchEnvError",
-    "NotInitializedError",
-    "RendezvousError",
     *_LAZY,
 ]
+
+#: Names that moved off the top level (issue 15) -> where they live now. They keep working
+#: for one release with a DeprecationWarning that names the new spelling. (``devlayer.farm``
+#: is not here: it is the module now, and calling it still works; see devlayer/farm.py.)
+_MOVED = {
+    **dict.fromkeys(
+        (
+            "Availability",
+            "Backend",
+            "Runtime",
+            "available_backends",
+            "get_backend",
+            "register_backend",
+            "registered_backends",
+            "unregister_backend",
+        ),
+        "devlayer.backends",
+    ),
+    "FarmResult": "devlayer.farm",
+    **dict.fromkeys(
+        ("Callback", "CheckpointError", "EarlyStopping", "PreemptedError", "seed_everything"),
+        "devlayer.train",
+    ),
+    **dict.fromkeys(
+        (
+            "BackendNotFoundError",
+            "DeviceError",
+            "InitOrderError",
+            "InvalidArgumentError",
+            "LaunchEnvError",
+            "NotInitializedError",
+            "RendezvousError",
+        ),
+        "devlayer.errors",
+    ),
+}
 
 # Public submodules, imported on first attribute access (``devlayer.launchers.detect(env)``
 # works after a plain ``import devlayer``). Not in __all__ or dir(): listing the package must
 # not import them (``devlayer.early`` applies DEVLAYER_DEVICES when imported).
 _SUBMODULES = frozenset(
-    ("backends", "cli", "comm", "devices", "early", "errors", "launchers", "testing", "train")
+    (
+        "backends",
+        "cli",
+        "comm",
+        "devices",
+        "early",
+        "errors",
+        "farm",
+        "launchers",
+        "testing",
+        "train",
+    )
 )
 
 
@@ -177,11 +161,22 @@ def __getattr__(name: str) -> Any:
     if name in _SUBMODULES:
         return importlib.import_module(f"devlayer.{name}")  # the import binds the attribute
     module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'devlayer' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # later lookups skip __getattr__
-    return value
+    if module is not None:
+        value = getattr(importlib.import_module(module), name)
+        globals()[name] = value  # later lookups skip __getattr__
+        return value
+    new_home = _MOVED.get(name)
+    if new_home is not None:
+        import warnings
+
+        # Not cached in globals(): every old spelling in the caller's code is reported.
+        warnings.warn(
+            f"devlayer.{name} moved to {new_home}.{name}; the old name goes in the next release",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(importlib.import_module(new_home), name)
+    raise AttributeError(f"module 'devlayer' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:

@@ -40,9 +40,26 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from devlayer.collective_checks import (
+    Signature,
+    broadcast_text,
+    gather_text,
+    groups_text,
+    layout,
+    mismatch_error,
+    tensor_text,
+)
 from devlayer.config import env_flag, parse_timeout
 from devlayer.errors import CollectiveError, DevlayerError, InvalidArgumentError
 from devlayer.lifecycle import State, state
+from devlayer.tree import (
+    Leaf,
+    checked_flatten,
+    copy_back,
+    pairing_order,
+    path_to,
+    unflatten,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -142,137 +159,6 @@ def _fail(ctx: _Ctx, what: str, exc: BaseException) -> CollectiveError:
     )
 
 
-# --------------------------------------------------------------------------- flattening
-
-_Leaf = Any  # a tensor or a Python number
-
-
-class _LeafMark:
-    """Where a leaf sat in the caller's structure (one shared marker; order gives identity)."""
-
-
-_LEAF = _LeafMark()
-
-
-@dataclass(frozen=True)
-class _MapSkel:
-    """A mapping in the skeleton: its type, the caller's key order, and its children in the
-    order their leaves were sent (:func:`_pairing_order`)."""
-
-    kind: type
-    keys: list[Any]
-    sent: list[Any]
-    children: list[object]
-
-
-def _pairing_order(d: Mapping[Any, Any]) -> list[Any]:
-    """The order in which a mapping's values are sent: the same on every rank, whatever
-    order each rank built its dict in (metric dicts are often built in data-dependent order).
-
-    String keys (the usual case) sort as strings. Any other mix of keys sorts by
-    ``(type name, repr(key))``, which is total and identical on every rank as long as the
-    keys' ``repr`` is (it is for numbers, strings, tuples of them, enums...; it is not for
-    objects whose repr shows their address: ``DEVLAYER_DEBUG=1`` catches those).
-    """
-    keys = tuple(d)
-    order = _ORDERS.get(keys)
-    if order is None:  # sorting is cached: a metrics dict has the same keys every step
-        order = sorted(keys) if all(type(k) is str for k in keys) else sorted(keys, key=_key_rank)
-        if len(_ORDERS) >= _ORDERS_MAX:
-            _ORDERS.clear()
-        _ORDERS[keys] = order
-    return order
-
-
-_ORDERS: dict[tuple[Any, ...], list[Any]] = {}  # the caller's key order -> pairing order
-_ORDERS_MAX = 512
-
-
-def _key_rank(key: object) -> tuple[str, str, str]:
-    return type(key).__module__, type(key).__qualname__, repr(key)
-
-
-def _flatten(obj: object, leaves: list[_Leaf], torch: Any) -> object:
-    """Append the leaves of ``obj`` to ``leaves`` in order; return the structure with markers.
-
-    No per-leaf bookkeeping on this hot path: paths for error messages are found later by
-    :func:`_path_to`, only when there is an error to report.
-    """
-    if isinstance(obj, (torch.Tensor, int, float)):  # bool is an int
-        leaves.append(obj)
-        return _LEAF
-    if isinstance(obj, Mapping):
-        sent = _pairing_order(obj)
-        children = [_flatten(obj[k], leaves, torch) for k in sent]
-        return _MapSkel(type(obj), list(obj), sent, children)
-    if isinstance(obj, (list, tuple)):
-        items = [_flatten(v, leaves, torch) for v in obj]
-        if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
-            return type(obj)(*items)  # type: ignore[arg-type]
-        return type(obj)(items)
-    raise InvalidArgumentError(
-        f"a value of type {type(obj).__name__} was passed; collectives take tensors, Python "
-        f"numbers and dict/list/tuple of them (use all_gather_object / broadcast_object for "
-        f"other objects)"
-    )
-
-
-def _checked_flatten(root: object, leaves: list[_Leaf], torch: Any) -> object:
-    try:
-        return _flatten(root, leaves, torch)
-    except InvalidArgumentError:
-        bad = _path_to(
-            root, lambda v: not isinstance(v, (torch.Tensor, int, float, Mapping, list, tuple))
-        )
-        raise InvalidArgumentError(
-            f"{bad[0] or 'value'} has type {type(bad[1]).__name__}; collectives take tensors, "
-            f"Python numbers and dict/list/tuple of them (use all_gather_object / "
-            f"broadcast_object for other objects)"
-        ) from None
-
-
-def _path_to(obj: object, match: Any, path: str = "") -> tuple[str, object]:
-    """The first ``(path, value)`` in ``obj`` for which ``match(value)`` holds (slow path)."""
-    if match(obj):
-        return path, obj
-    items: Any = ()
-    if isinstance(obj, Mapping):
-        items = ((f"{path}[{k!r}]", v) for k, v in obj.items())
-    elif isinstance(obj, (list, tuple)):
-        items = ((f"{path}[{i}]", v) for i, v in enumerate(obj))
-    for sub_path, value in items:
-        found = _path_to(value, match, sub_path)
-        if found[0] or found[1] is not None:
-            return found
-    return "", None
-
-
-def _unflatten(skeleton: object, values: Any) -> Any:
-    """Rebuild the structure, taking leaves from the iterator ``values`` in order."""
-    if skeleton is _LEAF:
-        return next(values)
-    if isinstance(skeleton, _MapSkel):
-        got = {
-            k: _unflatten(v, values) for k, v in zip(skeleton.sent, skeleton.children, strict=True)
-        }
-        return skeleton.kind({k: got[k] for k in skeleton.keys})  # the caller's key order
-    if isinstance(skeleton, tuple) and hasattr(skeleton, "_fields"):
-        return type(skeleton)(*(_unflatten(v, values) for v in skeleton))
-    if isinstance(skeleton, (list, tuple)):
-        return type(skeleton)(_unflatten(v, values) for v in skeleton)
-    return skeleton
-
-
-def _copy_back(targets: list[Any], sources: Sequence[Any], torch: Any) -> None:
-    """``t.copy_(s)`` for every pair, in one fused call where torch has it."""
-    foreach = getattr(torch, "_foreach_copy_", None)
-    if foreach is not None and len(targets) > 1:
-        foreach(targets, list(sources))
-    else:
-        for t, src in zip(targets, sources, strict=True):
-            t.copy_(src)
-
-
 # --------------------------------------------------------------------------- all_reduce
 
 
@@ -309,68 +195,90 @@ def all_reduce(x: T, op: str = "sum") -> T:
         done = _reduce_uniform_dict(ctx, x, name)
         if done is not None:
             return done  # type: ignore[return-value]
-    leaves: list[_Leaf] = []
+    leaves: list[Leaf] = []
     obj: Any = x
     flat_dict = type(obj) is dict and all(isinstance(v, torch.Tensor) for v in obj.values())
     if flat_dict:
         # A flat dict of tensors: no structure to walk. Leaves go in pairing order; the
         # tensors are reduced in place, so the result is the caller's dict, copied.
-        leaves.extend(obj[k] for k in _pairing_order(obj))
+        leaves.extend(obj[k] for k in pairing_order(obj))
         skeleton: object = None
     else:
-        skeleton = _checked_flatten(x, leaves, torch)
+        skeleton = checked_flatten(x, leaves, torch)
     if ctx.world == 1:
         alone = [_alone(x, leaf, name, torch) for leaf in leaves]
-        return dict(obj) if flat_dict else _unflatten(skeleton, iter(alone))  # type: ignore[return-value]
+        return dict(obj) if flat_dict else unflatten(skeleton, iter(alone))  # type: ignore[return-value]
+    groups = _dtype_groups(ctx, leaves, name, x)
+    if ctx.debug:
+        _check_signatures(ctx, "all_reduce", name, groups_text(groups, leaves), x)
     results: list[object] = [None] * len(leaves)
-    # Python numbers join the tensors of their dtype (float -> float64, int -> int64), so a
-    # metrics dict costs one collective per dtype, numbers included.
+    for dtype, (tensor_idx, number_idx) in groups.items():
+        _reduce_group(ctx, leaves, results, dtype, tensor_idx, number_idx, name)
+    if flat_dict:
+        return dict(obj)  # type: ignore[return-value]
+    return unflatten(skeleton, iter(results))
+
+
+def _dtype_groups(
+    ctx: _Ctx, leaves: list[Leaf], name: str, root: object
+) -> dict[Any, tuple[list[int], list[int]]]:
+    """``dtype -> (tensor leaf indices, number leaf indices)``: one collective per dtype.
+
+    Python numbers join the tensors of their dtype (float -> float64, int -> int64), so a
+    metrics dict costs one collective per dtype, numbers included.
+    """
+    torch = ctx.torch
     groups: dict[Any, tuple[list[int], list[int]]] = {}
     for i, leaf in enumerate(leaves):
         if isinstance(leaf, torch.Tensor):
             if name == "mean" and not (leaf.is_floating_point() or leaf.is_complex()):
-                raise _int_mean(_path_to(x, lambda v, t=leaf: v is t)[0], leaf)
+                raise _int_mean(path_to(root, lambda v, t=leaf: v is t)[0], leaf)
             groups.setdefault(leaf.dtype, ([], []))[0].append(i)
         else:
             key = ctx.float_dtype if isinstance(leaf, float) or name == "mean" else torch.int64
             groups.setdefault(key, ([], []))[1].append(i)
-    if ctx.debug:
-        _check_signatures(ctx, "all_reduce", name, _groups_text(groups, leaves), x)
-    for dtype, (tensor_idx, number_idx) in groups.items():
-        tensors = [leaves[i] for i in tensor_idx]
-        parts = []
-        scalars = bool(tensors) and all(t.dim() == 0 for t in tensors)
-        if tensors:
-            try:  # the common metrics case: 0-d tensors on one device, stacked in one call
-                packed = torch.stack(tensors) if scalars else None
-            except RuntimeError:  # tensors on different devices
-                packed = None
-            if packed is None:
-                packed = torch.cat([t.reshape(-1).to(ctx.device) for t in tensors])
-            parts.append(packed if packed.device == ctx.device else packed.to(ctx.device))
-        if number_idx:
-            parts.append(
-                torch.tensor([leaves[i] for i in number_idx], dtype=dtype, device=ctx.device)
-            )
-        flat = parts[0] if len(parts) == 1 else torch.cat(parts)
-        _reduce_flat(ctx, flat, name)
-        n_tensor = parts[0].numel() if tensors else 0
-        if tensors:
-            head = flat[:n_tensor]
-            if scalars:
-                sources: Sequence[Any] = head.unbind()
-            else:
-                chunks = head.split([t.numel() for t in tensors])
-                sources = [c.view(t.shape) for c, t in zip(chunks, tensors, strict=True)]
-            _copy_back(tensors, sources, torch)
-            for i in tensor_idx:
-                results[i] = leaves[i]
-        if number_idx:
-            for i, value in zip(number_idx, flat[n_tensor:].tolist(), strict=True):
-                results[i] = value
-    if flat_dict:
-        return dict(obj)  # type: ignore[return-value]
-    return _unflatten(skeleton, iter(results))
+    return groups
+
+
+def _reduce_group(
+    ctx: _Ctx,
+    leaves: list[Leaf],
+    results: list[object],
+    dtype: Any,
+    tensor_idx: list[int],
+    number_idx: list[int],
+    name: str,
+) -> None:
+    """Reduce one dtype group in one collective; write tensors back and numbers to ``results``."""
+    torch = ctx.torch
+    tensors = [leaves[i] for i in tensor_idx]
+    parts = []
+    scalars = bool(tensors) and all(t.dim() == 0 for t in tensors)
+    if tensors:
+        try:  # the common metrics case: 0-d tensors on one device, stacked in one call
+            packed = torch.stack(tensors) if scalars else None
+        except RuntimeError:  # tensors on different devices
+            packed = None
+        if packed is None:
+            packed = torch.cat([t.reshape(-1).to(ctx.device) for t in tensors])
+        parts.append(packed if packed.device == ctx.device else packed.to(ctx.device))
+    if number_idx:
+        parts.append(torch.tensor([leaves[i] for i in number_idx], dtype=dtype, device=ctx.device))
+    flat = parts[0] if len(parts) == 1 else torch.cat(parts)
+    _reduce_flat(ctx, flat, name)
+    n_tensor = parts[0].numel() if tensors else 0
+    if tensors:
+        head = flat[:n_tensor]
+        if scalars:
+            sources: Sequence[Any] = head.unbind()
+        else:
+            chunks = head.split([t.numel() for t in tensors])
+            sources = [c.view(t.shape) for c, t in zip(chunks, tensors, strict=True)]
+        copy_back(tensors, sources, torch)
+        for i in tensor_idx:
+            results[i] = leaves[i]
+    for i, value in zip(number_idx, flat[n_tensor:].tolist() if number_idx else [], strict=True):
+        results[i] = value
 
 
 def _reduce_uniform_dict(ctx: _Ctx, x: Any, name: str) -> dict[Any, Any] | None:
@@ -381,7 +289,7 @@ def _reduce_uniform_dict(ctx: _Ctx, x: Any, name: str) -> dict[Any, Any] | None:
     then handles it (and raises the errors with paths).
     """
     torch = ctx.torch
-    tensors = [x[k] for k in _pairing_order(x)]  # paired by key, not by position
+    tensors = [x[k] for k in pairing_order(x)]  # paired by key, not by position
     try:
         dtypes = {t.dtype for t in tensors}
     except AttributeError:  # numbers or nested containers: the general path
@@ -397,7 +305,7 @@ def _reduce_uniform_dict(ctx: _Ctx, x: Any, name: str) -> dict[Any, Any] | None:
         return None
     work = packed if packed.device == ctx.device else packed.to(ctx.device)
     _reduce_flat(ctx, work, name)
-    _copy_back(tensors, work.unbind(), torch)
+    copy_back(tensors, work.unbind(), torch)
     return dict(x)
 
 
@@ -405,7 +313,7 @@ def _alone(root: object, leaf: Any, name: str, torch: Any) -> Any:
     """What a reduction over one rank gives: the value itself (mean of numbers: a float)."""
     if isinstance(leaf, torch.Tensor):
         if name == "mean" and not (leaf.is_floating_point() or leaf.is_complex()):
-            raise _int_mean(_path_to(root, lambda v: v is leaf)[0], leaf)
+            raise _int_mean(path_to(root, lambda v: v is leaf)[0], leaf)
         return leaf
     return float(leaf) if name == "mean" else leaf
 
@@ -434,7 +342,7 @@ def _reduce_tensor(ctx: _Ctx, t: Any, name: str) -> Any:
     if ctx.world == 1:
         return t
     if ctx.debug:
-        _check_signatures(ctx, "all_reduce", name, _tensor_text(t))
+        _check_signatures(ctx, "all_reduce", name, tensor_text(t))
     if t.device.type in ctx.device_types and t.is_contiguous():
         work = t
     else:
@@ -494,7 +402,7 @@ def all_gather(x: Any, *, same_shape: bool = False) -> list[Any]:
     if ctx.world == 1:
         return [x]
     if ctx.debug:
-        _check_signatures(ctx, "all_gather", payload=_gather_text(x, same_shape))
+        _check_signatures(ctx, "all_gather", payload=gather_text(x, same_shape))
     t = x if x.device.type in ctx.device_types else x.to(ctx.device)
     t = t.contiguous()
     parts = _gather_equal(ctx, t) if same_shape else _gather_uneven(ctx, t)
@@ -635,16 +543,16 @@ def broadcast(x: T, src: int = 0) -> T:
     if isinstance(x, torch.Tensor):
         if ctx.world > 1:
             if ctx.debug:
-                _check_signatures(ctx, "broadcast", payload=_tensor_text(x), src=src)
+                _check_signatures(ctx, "broadcast", payload=tensor_text(x), src=src)
             _broadcast_tensors(ctx, [x], src)
         return x
     if ctx.world == 1:
-        _checked_flatten(x, [], torch)  # the same type errors as with several ranks
+        checked_flatten(x, [], torch)  # the same type errors as with several ranks
         return x
-    leaves: list[_Leaf] = []
-    skeleton = _checked_flatten(x, leaves, torch)
+    leaves: list[Leaf] = []
+    skeleton = checked_flatten(x, leaves, torch)
     if ctx.debug:
-        _check_signatures(ctx, "broadcast", payload=_broadcast_text(leaves, torch), src=src, root=x)
+        _check_signatures(ctx, "broadcast", payload=broadcast_text(leaves, torch), src=src, root=x)
     results: list[object] = [None] * len(leaves)
     numbers = [i for i, v in enumerate(leaves) if not isinstance(v, torch.Tensor)]
     if numbers:
@@ -663,10 +571,10 @@ def broadcast(x: T, src: int = 0) -> T:
         flat = torch.cat([t.reshape(-1).to(ctx.device) for t in tensors])
         _broadcast_tensors(ctx, [flat], src)
         chunks = flat.split([t.numel() for t in tensors])
-        _copy_back(tensors, [c.view(t.shape) for c, t in zip(chunks, tensors, strict=True)], torch)
+        copy_back(tensors, [c.view(t.shape) for c, t in zip(chunks, tensors, strict=True)], torch)
         for i in idxs:
             results[i] = leaves[i]
-    return _unflatten(skeleton, iter(results))
+    return unflatten(skeleton, iter(results))
 
 
 def _broadcast_tensors(ctx: _Ctx, tensors: list[Any], src: int) -> None:
@@ -722,59 +630,8 @@ def barrier(timeout: float | timedelta | None = None) -> None:
 
 
 # --------------------------------------------------------------------------- debug mode
-# Only reached when DEVLAYER_DEBUG=1 (ctx.debug); nothing here runs on the normal path.
-
-#: [operation, reduce op, shapes or dtype groups, src, one "path shape dtype" per leaf]
-_Signature = list[Any]
-
-
-def _dtype_name(dtype: Any) -> str:
-    return str(dtype).replace("torch.", "")
-
-
-def _tensor_text(t: Any) -> str:
-    return f"{list(t.shape)} {_dtype_name(t.dtype)}"
-
-
-def _gather_text(t: Any, same_shape: bool) -> str:
-    if same_shape:
-        return f"{_tensor_text(t)} (same_shape)"
-    # Only dim 0 may differ between ranks in an uneven all_gather.
-    dims = ", ".join(["*", *map(str, t.shape[1:])]) if t.dim() else ""
-    return f"[{dims}] {_dtype_name(t.dtype)}"
-
-
-def _groups_text(groups: Mapping[Any, tuple[list[int], list[int]]], leaves: list[_Leaf]) -> str:
-    """The (dtype, numel) groups an all_reduce of a container sends, in order."""
-    return " + ".join(
-        f"{_dtype_name(dtype)}[{sum(leaves[i].numel() for i in tensors) + len(numbers)}]"
-        for dtype, (tensors, numbers) in groups.items()
-    )
-
-
-def _broadcast_text(leaves: list[_Leaf], torch: Any) -> str:
-    numbers = sum(1 for v in leaves if not isinstance(v, torch.Tensor))
-    sizes: dict[Any, int] = {}
-    for v in leaves:
-        if isinstance(v, torch.Tensor):
-            sizes[v.dtype] = sizes.get(v.dtype, 0) + v.numel()
-    parts = [f"{numbers} number(s)"] if numbers else []
-    parts += [f"{_dtype_name(d)}[{n}]" for d, n in sizes.items()]
-    return " + ".join(parts) or "nothing"
-
-
-def _layout(obj: object, torch: Any, path: str = "") -> list[str]:
-    """One ``"<path> <shape> <dtype>"`` entry per leaf, in the order they are sent."""
-    if isinstance(obj, torch.Tensor):
-        return [f"{path or 'value'} {_tensor_text(obj)}"]
-    if isinstance(obj, (int, float)):
-        return [f"{path or 'value'} number"]
-    items: Any = ()
-    if isinstance(obj, Mapping):  # in the order the leaves are sent
-        items = ((f"{path}[{k!r}]", obj[k]) for k in _pairing_order(obj))
-    elif isinstance(obj, (list, tuple)):
-        items = ((f"{path}[{i}]", v) for i, v in enumerate(obj))
-    return [entry for sub, value in items for entry in _layout(value, torch, sub)]
+# Only reached when DEVLAYER_DEBUG=1 (ctx.debug); the text and the comparison are in
+# devlayer.collective_checks, the collectives that exchange them here.
 
 
 def _check_signatures(
@@ -793,22 +650,14 @@ def _check_signatures(
     the same dtype groups but different keys or leaf shapes are caught too: they would
     otherwise be reduced into each other's values without any error.
     """
-    layout = _layout(root, ctx.torch) if root is not None else []
-    mine: _Signature = [kind, op, payload, src, layout]
+    leaves = layout(root, ctx.torch) if root is not None else []
+    mine: Signature = [kind, op, payload, src, leaves]
     if _agree(ctx, kind, json.dumps(mine)):
         return
     sigs = _exchange(ctx, kind, mine)  # they differ somewhere: find out how, on every rank
-    odd = [r for r, sig in enumerate(sigs) if sig != sigs[0]]
-    if not odd:
-        return
-    first, other = sigs[0], sigs[odd[0]]
-    more = f" (ranks {', '.join(map(str, odd))} all differ from rank 0)" if len(odd) > 1 else ""
-    raise CollectiveError(
-        f"collective mismatch (DEVLAYER_DEBUG=1): rank 0 {_signature_text(first, other)} vs "
-        f"rank {odd[0]} {_signature_text(other, first)}{more}. Every rank must call the same "
-        f"collectives in the same order with the same op, shapes, dtypes and src; the "
-        f"collective was not run (raised on rank {ctx.rank} of {ctx.world})"
-    )
+    error = mismatch_error(sigs, rank=ctx.rank)
+    if error is not None:
+        raise error
 
 
 def _agree(ctx: _Ctx, kind: str, text: str) -> bool:
@@ -830,7 +679,7 @@ def _agree(ctx: _Ctx, kind: str, text: str) -> bool:
     return bool(high == -neg_low)
 
 
-def _exchange(ctx: _Ctx, kind: str, mine: _Signature) -> list[_Signature]:
+def _exchange(ctx: _Ctx, kind: str, mine: Signature) -> list[Signature]:
     """Every rank's signature, as JSON text in a uint8 tensor: no pickle, so debug mode does
     not make tensor collectives unpickle what peers send (README, "Security")."""
     torch = ctx.torch
@@ -840,25 +689,6 @@ def _exchange(ctx: _Ctx, kind: str, mine: _Signature) -> list[_Signature]:
     except DevlayerError as exc:
         raise CollectiveError(f"{kind}: DEVLAYER_DEBUG signature exchange: {exc}") from exc
     return [json.loads(p.cpu().numpy().tobytes()) for p in parts]
-
-
-def _signature_text(sig: Any, other: Any) -> str:
-    """``sig`` for an error message; op, src and leaves only where they differ from ``other``."""
-    kind, op, payload, src, layout = sig
-    text = f"{kind}({op})" if op and op != other[1] else kind
-    if payload:
-        text += f" {payload}"
-    if src is not None and src != other[3]:
-        text += f" src={src}"
-    if payload == other[2] and layout != other[4]:
-        theirs = other[4]
-        i = next(
-            i
-            for i in range(max(len(layout), len(theirs)))
-            if i >= len(layout) or i >= len(theirs) or layout[i] != theirs[i]
-        )
-        text += f", leaf {i}: {layout[i]}" if i < len(layout) else f", no leaf {i}"
-    return text
 
 
 # --------------------------------------------------------------------------- objects

@@ -25,17 +25,21 @@ from __future__ import annotations
 import operator
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 from devlayer.config import short_repr
 from devlayer.errors import DeviceError
 
 __all__ = [
+    "APPLIED_MARKER",
+    "DevicePlan",
     "usable_cpus",
     "DeviceSpec",
     "device_index",
     "narrow_visibility",
     "parse_devices",
+    "plan_devices",
     "show_spec",
 ]
 
@@ -46,6 +50,9 @@ DeviceSpec = int | tuple[int, ...] | None
 _INTEGER = re.compile(r"[+-]?[0-9]+")
 #: How many values an error message lists before it only counts the rest.
 _SHOWN = 5
+#: Marks that visibility was already narrowed in this process tree (by devlayer.early, a
+#: parent, or ``devlayer launch``), so a child does not narrow relative indices twice.
+APPLIED_MARKER = "DEVLAYER_VISIBILITY_APPLIED"
 #: More devices than any node has: ``devlayer.early``, which cannot ask torch how many
 #: exist, refuses a larger count before building a list of that many indices.
 MAX_DEVICE_COUNT = 65536
@@ -93,6 +100,8 @@ def parse_devices(spec: object, *, origin: str = "devices") -> DeviceSpec:
     Raises:
         DeviceError: Negative, duplicate or non-integer entries, an empty list, or a count of 0.
     """
+    # Long (about 70 lines): one ladder over the accepted input forms, each check beside
+    # its message, so the order in which a malformed spec is diagnosed reads top to bottom.
     if spec is None:
         return None
     if isinstance(spec, bool):
@@ -261,6 +270,129 @@ def device_index(local_rank: int, visible_count: int) -> int:
     if visible_count < 1:
         raise DeviceError(f"no devices are visible (count={visible_count}); cannot place a rank")
     return local_rank % visible_count
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    """Which devices one rank uses, decided once by :func:`plan_devices` before any change.
+
+    ``init()`` applies it (sets ``variable=value`` and the marker, unless a parent already
+    did) and then binds the rank with :meth:`device_index`.
+
+    Attributes:
+        spec: The parsed device spec.
+        origin: Where it came from (``devices`` or ``DEVLAYER_DEVICES``), for messages.
+        indices: The selected indices among the visible devices; ``None`` = all of them.
+        variable: The vendor's visibility variable, when the spec narrows it.
+        value: Its new value; ``None`` when there is nothing to set (no narrowing, or a
+            parent process already narrowed it: then ``variable`` still names it).
+        marker: The entry for ``DEVLAYER_VISIBILITY_APPLIED`` that goes with ``value``.
+        local_rank: The rank on this node that the plan binds.
+
+    Example:
+        >>> plan = plan_devices((1, 3), device_type="cuda", visible=4,
+        ...                     variable="CUDA_VISIBLE_DEVICES", env={}, local_rank=1)
+        >>> plan.variable, plan.value, plan.device_index(visible=2)
+        ('CUDA_VISIBLE_DEVICES', '1,3', 1)
+    """
+
+    spec: DeviceSpec
+    origin: str
+    indices: tuple[int, ...] | None
+    variable: str | None
+    value: str | None
+    marker: str | None
+    local_rank: int
+
+    def visibility(self, env: Mapping[str, str]) -> tuple[str, str] | None:
+        """``(variable, value)`` as the rank will see it, or ``None`` when not narrowed."""
+        if self.variable is None:
+            return None
+        return (self.variable, self.value if self.value is not None else env.get(self.variable, ""))
+
+    def device_index(self, visible: int) -> int:
+        """The device this rank binds among the ``visible`` ones after narrowing."""
+        return device_index(self.local_rank, visible)
+
+
+def plan_devices(
+    spec: DeviceSpec,
+    *,
+    device_type: str,
+    visible: int,
+    variable: str | None,
+    env: Mapping[str, str],
+    local_rank: int = 0,
+    local_world_size: int = 1,
+    indexed: bool = True,
+    launched: bool = True,
+    origin: str = "devices",
+) -> DevicePlan:
+    """Check a parsed spec against what this process sees and plan the visibility change.
+
+    Pure: it reads ``env`` and changes nothing, so every check runs before ``init()``
+    changes anything.
+
+    Args:
+        spec: The parsed spec (:func:`parse_devices`).
+        device_type: ``cuda``, ``xpu``..., for messages.
+        visible: How many devices this process sees before narrowing.
+        variable: The vendor's visibility variable (``None``: the vendor has none, e.g.
+            cpu and mps, where only "device 0" makes sense).
+        env: The environment (its current ``variable`` value and ``DEVLAYER_VISIBILITY_APPLIED``).
+        local_rank: This rank on its node.
+        local_world_size: Ranks on this node: an indexed backend needs a device for each.
+        indexed: Whether the backend's devices have indices (``cuda:1``; not ``mps``).
+        launched: Whether a launcher started this process (``devices=2`` needs one).
+        origin: Where the spec came from, for messages.
+
+    Returns:
+        The :class:`DevicePlan`.
+
+    Raises:
+        DeviceError: Devices that do not exist, a count > 1 without a launcher, or fewer
+            selected devices than ranks on this node.
+    """
+    if isinstance(spec, int):  # a count is checked as a number before any list is built
+        _check_launched_for_count(spec, visible, device_type, launched, origin)
+        check_exists(spec, visible, device_type=device_type, origin=origin)
+    indices = selected_indices(spec)
+    if indices is None:
+        return DevicePlan(spec, origin, None, None, None, None, local_rank)
+    marker = None if variable is None else f"{variable}={','.join(map(str, indices))}"
+    applied = marker is not None and marker in env.get(APPLIED_MARKER, "").split(";")
+    if not applied:  # after a parent narrowed it, the indices are relative to its old value
+        check_exists(spec, visible, device_type=device_type, origin=origin)
+    if indexed and len(indices) < local_world_size:
+        raise DeviceError(
+            f"{origin}={show_spec(spec)} selects {len(indices)} device(s) but "
+            f"{local_world_size} ranks run on this node; list at least {local_world_size} "
+            f"devices or start fewer ranks per node"
+        )
+    if variable is None or applied:
+        return DevicePlan(spec, origin, indices, variable, None, None, local_rank)
+    value = narrow_visibility(env.get(variable), indices)
+    return DevicePlan(spec, origin, indices, variable, value, marker, local_rank)
+
+
+def _check_launched_for_count(
+    count: int, visible: int, device_type: str, launched: bool, origin: str
+) -> None:
+    """Refuse ``devices=N`` (N > 1) in a process that no launcher started.
+
+    Lightning-style ``devices=2`` means two ranks; a plain ``python script.py`` is one rank
+    and would quietly use one device. Starting ranks from inside ``init()`` would surprise
+    more than an error that says how to start them.
+    """
+    if count < 2 or launched:
+        return
+    raise DeviceError(
+        f"{origin}={count} asks for a count of {count} devices, one per rank, but no launcher "
+        f"started this single process, so it would use one (it sees {visible} "
+        f"{device_type} device(s)). Start N ranks with devlayer.spawn(fn, nprocs=N), "
+        f"`devlayer launch --nproc N script.py` or `torchrun --nproc-per-node=N script.py`; "
+        f"for one process use devices=1 or an index such as '1,'"
+    )
 
 
 def usable_cpus() -> int:

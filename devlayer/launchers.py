@@ -36,6 +36,7 @@ import os
 import zlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from devlayer.errors import LaunchEnvError
 
@@ -71,6 +72,9 @@ class ProcessInfo:
         restart_count: How often an elastic agent restarted the job (torchrun).
         sources: Which environment variable (or rule) gave each field.
         notes: Remarks for ``devlayer info`` (e.g. "sbatch shell without srun").
+        job_id: The launcher's or scheduler's job id as ``VARIABLE=value``
+            (``SLURM_JOB_ID=42``), or ``None``; also set for the one process of an
+            ``sbatch`` shell. For logs and lock files, never for arithmetic.
     """
 
     rank: int = 0
@@ -85,6 +89,7 @@ class ProcessInfo:
     restart_count: int = 0
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
     notes: tuple[str, ...] = field(default=(), compare=False)
+    job_id: str | None = field(default=None, compare=False)
 
     @property
     def is_distributed(self) -> bool:
@@ -108,13 +113,51 @@ class ProcessInfo:
 # --------------------------------------------------------------------------- helpers
 
 
-class _Reader:
-    """Reads integers and strings from an env mapping and records where each came from."""
+#: Job-id variables, most specific first, for launchers whose detector names none.
+_JOB_ID_VARS = ("TORCHELASTIC_RUN_ID", "SLURM_JOB_ID", "PBS_JOBID", "LSB_JOBID")
 
-    def __init__(self, env: Mapping[str, str], launcher: str) -> None:
+
+class _Reader:
+    """Reads one launcher's variables, records each field's value and source, builds the result.
+
+    Every detector reads its fields through ``int`` (or sets derived ones with ``put``) and
+    ends with :meth:`info`: the one place a :class:`ProcessInfo` is made.
+    """
+
+    def __init__(self, env: Mapping[str, str], launcher: str, job_vars: Iterable[str] = ()) -> None:
         self.env = env
         self.launcher = launcher
+        self.job_vars = (*job_vars, *_JOB_ID_VARS)
         self.sources: dict[str, str] = {}
+        self.values: dict[str, int] = {}
+
+    def put(self, fieldname: str, value: int, source: str | None = None) -> int:
+        """Record a field that no variable gave directly (a rule or an assumption)."""
+        self.values[fieldname] = value
+        if source is not None:
+            self.sources[fieldname] = source
+        return value
+
+    def info(self, **fields: Any) -> ProcessInfo:
+        """The :class:`ProcessInfo` of the fields read so far, plus ``fields``."""
+        return ProcessInfo(
+            **{**self.values, **fields},
+            launcher=self.launcher,
+            sources=self.sources,
+            job_id=self.job_id(),
+        )
+
+    def job_id(self) -> str | None:
+        """``VARIABLE=value`` of the first job-id variable set (``none``: torchrun's unset)."""
+        for name in self.job_vars:
+            value = self.env.get(name, "").strip()
+            if value and value != "none":
+                return f"{name}={value}"
+        return None
+
+    def check_counts(self) -> None:
+        """Report bad rank/size values before MASTER_ADDR/MASTER_PORT errors can hide them."""
+        _validate(self.info())
 
     def first(self, names: Iterable[str]) -> tuple[str, str] | None:
         for name in names:
@@ -134,6 +177,7 @@ class _Reader:
                     f"launcher's own command (torchrun, srun, mpirun)"
                 )
             self.sources.setdefault(fieldname, "default")
+            self.values[fieldname] = default
             return default
         name, raw = found
         try:
@@ -144,6 +188,7 @@ class _Reader:
                 f"(check what sets {name} in your job script)"
             ) from None
         self.sources[fieldname] = name
+        self.values[fieldname] = value
         return value
 
     def str(self, fieldname: str, names: Iterable[str] | str) -> str | None:
@@ -225,21 +270,6 @@ def _num_nodes(world: int, local_world: int) -> int:
     if local_world < 1 or world < 1:
         return 1
     return max(-(-world // local_world), 1)
-
-
-def _check_counts(
-    r: _Reader,
-    rank: int,
-    world: int,
-    local_rank: int,
-    local_world: int,
-    node_rank: int,
-    num_nodes: int,
-) -> None:
-    """Report bad rank/size values before MASTER_ADDR/MASTER_PORT errors can hide them."""
-    _validate(
-        ProcessInfo(rank, world, local_rank, local_world, node_rank, num_nodes, sources=r.sources)
-    )
 
 
 def _validate(info: ProcessInfo) -> ProcessInfo:
@@ -398,14 +428,14 @@ def _torchrun(env: Mapping[str, str]) -> ProcessInfo | None:
         return None
     name = "accelerate" if "ACCELERATE_MIXED_PRECISION" in env else "torchrun"
     r = _Reader(env, name)
-    rank = r.int("rank", "RANK")
+    r.int("rank", "RANK")
     world = r.int("world_size", "WORLD_SIZE")
-    local_rank = r.int("local_rank", "LOCAL_RANK")
+    r.int("local_rank", "LOCAL_RANK")
     local_world = r.int("local_world_size", "LOCAL_WORLD_SIZE", default=world)
-    node_rank = r.int("node_rank", "GROUP_RANK", default=0)
-    num_nodes = r.int("num_nodes", "GROUP_WORLD_SIZE", default=_num_nodes(world, local_world))
-    restarts = r.int("restart_count", "TORCHELASTIC_RESTART_COUNT", default=0)
-    _check_counts(r, rank, world, local_rank, local_world, node_rank, num_nodes)
+    r.int("node_rank", "GROUP_RANK", default=0)
+    r.int("num_nodes", "GROUP_WORLD_SIZE", default=_num_nodes(world, local_world))
+    r.int("restart_count", "TORCHELASTIC_RESTART_COUNT", default=0)
+    r.check_counts()
     addr = r.str("master_addr", "MASTER_ADDR")
     if addr is None:
         addr = LOOPBACK
@@ -418,19 +448,7 @@ def _torchrun(env: Mapping[str, str]) -> ProcessInfo | None:
             f"torchrun set RANK but not MASTER_PORT (WORLD_SIZE={world}); is this a torchrun "
             f"child? export MASTER_PORT=<free port, same on every rank>"
         )
-    return ProcessInfo(
-        rank,
-        world,
-        local_rank,
-        local_world,
-        node_rank,
-        num_nodes,
-        addr,
-        port,
-        name,
-        restarts,
-        r.sources,
-    )
+    return r.info(master_addr=addr, master_port=port)
 
 
 def _env(env: Mapping[str, str]) -> ProcessInfo | None:
@@ -440,34 +458,24 @@ def _env(env: Mapping[str, str]) -> ProcessInfo | None:
     rank = r.int("rank", "RANK")
     world = r.int("world_size", "WORLD_SIZE")
     if "LOCAL_RANK" in env:
-        local_rank = r.int("local_rank", "LOCAL_RANK")
+        r.int("local_rank", "LOCAL_RANK")
         local_world = r.int("local_world_size", "LOCAL_WORLD_SIZE", default=world)
     else:  # a hand-written env:// job on one machine
-        local_rank, local_world = rank, world
-        r.sources["local_rank"] = r.sources["local_world_size"] = "assumed single node"
-    num_nodes = _num_nodes(world, local_world)
+        r.put("local_rank", rank, "assumed single node")
+        local_world = r.put("local_world_size", world, "assumed single node")
+    num_nodes = r.put("num_nodes", _num_nodes(world, local_world))
     if r.first(("GROUP_RANK", "NODE_RANK")) is not None:
-        node_rank = r.int("node_rank", ("GROUP_RANK", "NODE_RANK"))
+        r.int("node_rank", ("GROUP_RANK", "NODE_RANK"))
     else:  # block placement, as torchrun and `devlayer launch` do
-        node_rank = rank // local_world if local_world > 0 else 0
-        r.sources["node_rank"] = "rank // local_world_size"
-    _check_counts(r, rank, world, local_rank, local_world, node_rank, num_nodes)
+        r.put("node_rank", rank // local_world if local_world > 0 else 0, _BLOCK_PLACEMENT)
+    r.check_counts()
     addr, port = _master(
         r, single_node=num_nodes == 1, world_size=world, fallback_port=lambda: None
     )
-    return ProcessInfo(
-        rank,
-        world,
-        local_rank,
-        local_world,
-        node_rank,
-        num_nodes,
-        addr,
-        port,
-        "env",
-        0,
-        r.sources,
-    )
+    return r.info(master_addr=addr, master_port=port)
+
+
+_BLOCK_PLACEMENT = "rank // local_world_size"
 
 
 def _mpi(
@@ -489,21 +497,20 @@ def _mpi(
     def detector(env: Mapping[str, str]) -> ProcessInfo | None:
         if not any(v in env for v in rank_vars):
             return None
-        r = _Reader(env, name)
+        r = _Reader(env, name, job_vars)
         rank = r.int("rank", rank_vars)
         world = r.int("world_size", size_vars)
         local_rank = r.int("local_rank", local_rank_vars, default=-1)
         local_world = r.int("local_world_size", local_size_vars, default=-1)
         if local_rank < 0 or local_world < 0:  # launcher did not say: assume one node
-            local_rank, local_world = rank, world
-            r.sources["local_rank"] = r.sources["local_world_size"] = "assumed single node"
-        num_nodes = _num_nodes(world, local_world)
+            r.put("local_rank", rank, "assumed single node")
+            local_world = r.put("local_world_size", world, "assumed single node")
+        num_nodes = r.put("num_nodes", _num_nodes(world, local_world))
         if node_vars and r.first(node_vars):
-            node_rank = r.int("node_rank", node_vars)
+            r.int("node_rank", node_vars)
         else:
-            node_rank = rank // local_world if local_world > 0 else 0
-            r.sources["node_rank"] = "rank // local_world_size"
-        _check_counts(r, rank, world, local_rank, local_world, node_rank, num_nodes)
+            r.put("node_rank", rank // local_world if local_world > 0 else 0, _BLOCK_PLACEMENT)
+        r.check_counts()
         addr, port = _master(
             r,
             single_node=num_nodes == 1,
@@ -514,19 +521,7 @@ def _mpi(
                 or (DEFAULT_PORT, "default")
             ),
         )
-        return ProcessInfo(
-            rank,
-            world,
-            local_rank,
-            local_world,
-            node_rank,
-            num_nodes,
-            addr,
-            port,
-            name,
-            0,
-            r.sources,
-        )
+        return r.info(master_addr=addr, master_port=port)
 
     return detector
 
@@ -603,10 +598,10 @@ def _slurm_is_srun(env: Mapping[str, str]) -> bool:
 def _slurm(env: Mapping[str, str]) -> ProcessInfo | None:
     if "SLURM_PROCID" not in env or not _slurm_is_srun(env):
         return None
-    r = _Reader(env, "slurm")
-    rank = r.int("rank", "SLURM_PROCID")
+    r = _Reader(env, "slurm", ("SLURM_JOB_ID", "SLURM_JOBID"))
+    r.int("rank", "SLURM_PROCID")
     world = r.int("world_size", ("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "SLURM_NPROCS"))
-    local_rank = r.int("local_rank", "SLURM_LOCALID")
+    r.int("local_rank", "SLURM_LOCALID")
     node_rank = r.int("node_rank", "SLURM_NODEID", default=0)
     num_nodes = r.int(
         "num_nodes", ("SLURM_STEP_NUM_NODES", "SLURM_JOB_NUM_NODES", "SLURM_NNODES"), default=1
@@ -619,11 +614,10 @@ def _slurm(env: Mapping[str, str]) -> ProcessInfo | None:
                 f"SLURM_NODEID={node_rank} but {per_node_var[0]}={per_node_var[1]!r} lists "
                 f"only {len(counts)} node(s)"
             )
-        local_world = counts[node_rank]
-        r.sources["local_world_size"] = f"{per_node_var[0]}[{node_rank}]"
+        r.put("local_world_size", counts[node_rank], f"{per_node_var[0]}[{node_rank}]")
     else:
-        local_world = r.int("local_world_size", "SLURM_NTASKS_PER_NODE", default=world)
-    _check_counts(r, rank, world, local_rank, local_world, node_rank, num_nodes)
+        r.int("local_world_size", "SLURM_NTASKS_PER_NODE", default=world)
+    r.check_counts()
     nodelist = r.first(("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST"))
     first_host = expand_nodelist(nodelist[1])[0] if nodelist else None
     step = env.get("SLURM_STEP_ID", env.get("SLURM_STEPID", "0"))
@@ -643,19 +637,7 @@ def _slurm(env: Mapping[str, str]) -> ProcessInfo | None:
         multi_node_addr=first_host,
         multi_node_addr_source=f"first node of {nodelist[0]}" if nodelist else "",
     )
-    return ProcessInfo(
-        rank,
-        world,
-        local_rank,
-        local_world,
-        node_rank,
-        num_nodes,
-        addr,
-        port,
-        "slurm",
-        0,
-        r.sources,
-    )
+    return r.info(master_addr=addr, master_port=port)
 
 
 def _as_int(value: str) -> int:
@@ -690,7 +672,9 @@ _MPI_FAMILY = ("openmpi", "mvapich", "pals", "mpich", "pmix")
 
 
 def _single(env: Mapping[str, str], notes: tuple[str, ...] = ()) -> ProcessInfo:
-    return ProcessInfo(launcher="none", sources={"rank": "single process"}, notes=notes)
+    r = _Reader(env, "none")
+    r.sources["rank"] = "single process"
+    return r.info(notes=notes)
 
 
 def detect(
@@ -721,7 +705,38 @@ def detect(
         force, force_origin = env["DEVLAYER_LAUNCHER"], "DEVLAYER_LAUNCHER"
     if force is not None and force.strip().lower() == "auto":
         force = None
-    known = ", ".join(["none", *LAUNCHERS])
+    disabled = _disabled(env, disable)
+    if force is not None:
+        return _forced(env, force, force_origin)
+    chosen, hand, hand_error = _first_match(env, disabled)
+    if chosen is None:
+        if hand_error is not None:
+            raise hand_error
+        if hand is not None:
+            return _validate(hand)
+        notes: tuple[str, ...] = ()
+        if "SLURM_JOB_ID" in env and "slurm" not in disabled:
+            notes = (
+                "SLURM allocation without srun (sbatch/salloc shell): running as one process; "
+                "start the script with srun or torchrun for several ranks",
+            )
+        return _single(env, notes)
+    if chosen.launcher in _MPI_FAMILY:
+        _check_mpi_families_agree(env, chosen, disabled)
+    if hand is not None or hand_error is not None:
+        _check_hand_set_agrees(env, chosen)
+        chosen = replace(
+            chosen, sources={**chosen.sources}, notes=(*chosen.notes, "RANK/WORLD_SIZE agree")
+        )
+    return _validate(chosen)
+
+
+def _known() -> str:
+    return ", ".join(["none", *LAUNCHERS])
+
+
+def _disabled(env: Mapping[str, str], disable: Iterable[str]) -> set[str]:
+    """The detectors to skip: ``disable`` and ``DEVLAYER_DISABLE_LAUNCHERS``, aliases resolved."""
     disabled: set[str] = set()
     for origin, names in (
         ("disable", list(disable)),
@@ -733,27 +748,34 @@ def detect(
                 continue
             if name not in LAUNCHERS:
                 raise LaunchEnvError(
-                    f"{origin} names {raw.strip()!r}, which is not a launcher; known: {known}"
+                    f"{origin} names {raw.strip()!r}, which is not a launcher; known: {_known()}"
                 )
             disabled.add(name)
+    return disabled
 
-    if force is not None:
-        key = _ALIASES.get(force.strip().lower(), force.strip().lower())
-        if key == "none":
-            return _single(env, (f"{force_origin}=none: launcher variables ignored",))
-        if key not in LAUNCHERS:
-            raise LaunchEnvError(
-                f"{force_origin}={force!r} is not a known launcher; known: {known} (or auto)"
-            )
-        found = LAUNCHERS[key](env)
-        if found is None:
-            raise LaunchEnvError(
-                f"{force_origin}={force!r} but the environment has none of that launcher's "
-                f"variables; use {force_origin}=auto to auto-detect"
-            )
-        return _validate(found)
 
-    chosen: ProcessInfo | None = None
+def _forced(env: Mapping[str, str], force: str, origin: str) -> ProcessInfo:
+    """The one detector ``force`` (or ``DEVLAYER_LAUNCHER``) names; ``none``: one process."""
+    key = _ALIASES.get(force.strip().lower(), force.strip().lower())
+    if key == "none":
+        return _single(env, (f"{origin}=none: launcher variables ignored",))
+    if key not in LAUNCHERS:
+        raise LaunchEnvError(
+            f"{origin}={force!r} is not a known launcher; known: {_known()} (or auto)"
+        )
+    found = LAUNCHERS[key](env)
+    if found is None:
+        raise LaunchEnvError(
+            f"{origin}={force!r} but the environment has none of that launcher's "
+            f"variables; use {origin}=auto to auto-detect"
+        )
+    return _validate(found)
+
+
+def _first_match(
+    env: Mapping[str, str], disabled: set[str]
+) -> tuple[ProcessInfo | None, ProcessInfo | None, LaunchEnvError | None]:
+    """``(first matching detector's info, hand-set env's info, hand-set env's error)``."""
     hand: ProcessInfo | None = None
     hand_error: LaunchEnvError | None = None
     for name, detector in LAUNCHERS.items():
@@ -770,38 +792,26 @@ def detect(
             continue
         found = detector(env)
         if found is not None:
+            # The first match wins; torchrun's also inside srun or mpirun.
             chosen = _srun_launched(env, found, disabled) if name in _MPI_FAMILY else found
-            break  # the first match wins; torchrun's also inside srun or mpirun
-    if chosen is None:
-        if hand_error is not None:
-            raise hand_error
-        if hand is not None:
-            return _validate(hand)
-        notes: tuple[str, ...] = ()
-        if "SLURM_JOB_ID" in env and "slurm" not in disabled:
-            notes = (
-                "SLURM allocation without srun (sbatch/salloc shell): running as one process; "
-                "start the script with srun or torchrun for several ranks",
-            )
-        return _single(env, notes)
+            return chosen, hand, hand_error
+    return None, hand, hand_error
 
-    if chosen.launcher in _MPI_FAMILY:
-        _check_mpi_families_agree(env, chosen, disabled)
-    if hand is not None or hand_error is not None:
-        # Compare only what was really exported: when LOCAL_RANK is absent the env detector
-        # assumes one node, which says nothing about a multi-node srun step.
-        for fieldname, var, mine in _hand_set(env):
-            theirs = getattr(chosen, fieldname)
-            if mine != theirs:
-                raise LaunchEnvError(
-                    f"conflicting launcher variables: {var}={mine} "
-                    f"but {chosen.sources.get(fieldname)}={theirs} ({chosen.launcher}); unset the "
-                    f"hand-set one, or set DEVLAYER_LAUNCHER=env or ={chosen.launcher} to choose"
-                )
-        chosen = replace(
-            chosen, sources={**chosen.sources}, notes=(*chosen.notes, "RANK/WORLD_SIZE agree")
-        )
-    return _validate(chosen)
+
+def _check_hand_set_agrees(env: Mapping[str, str], chosen: ProcessInfo) -> None:
+    """A hand-set RANK, WORLD_SIZE or LOCAL_RANK must agree with the launcher that matched.
+
+    Compare only what was really exported: when LOCAL_RANK is absent the env detector
+    assumes one node, which says nothing about a multi-node srun step.
+    """
+    for fieldname, var, mine in _hand_set(env):
+        theirs = getattr(chosen, fieldname)
+        if mine != theirs:
+            raise LaunchEnvError(
+                f"conflicting launcher variables: {var}={mine} "
+                f"but {chosen.sources.get(fieldname)}={theirs} ({chosen.launcher}); unset the "
+                f"hand-set one, or set DEVLAYER_LAUNCHER=env or ={chosen.launcher} to choose"
+            )
 
 
 def _check_mpi_families_agree(

@@ -78,9 +78,8 @@ __all__ = [
 
 log = logging.getLogger("devlayer")
 
-#: Marks that visibility was already narrowed in this process tree (by devlayer.early or a
-#: parent), so a child does not narrow relative indices twice.
-APPLIED_MARKER = "DEVLAYER_VISIBILITY_APPLIED"
+#: Marks that visibility was already narrowed in this process tree (see devlayer.devices).
+APPLIED_MARKER = _devices.APPLIED_MARKER
 
 
 @dataclass(frozen=True)
@@ -244,28 +243,13 @@ def init(
         >>> devlayer.shutdown()
         True
     """
+    # Long only by its docstring, the argument reference users read; each step is a helper.
     global _current
     hook_list = as_hook_list(accelerator_hooks)
-    # The key includes the DEVLAYER_* variables init() reads, so a changed environment is
-    # not silently answered with the old State.
-    key = (
-        backend,
-        _freeze(devices),
-        timeout,
-        comm,
-        set_default_device,
-        None if hook_list is None else tuple(hook_list),
-        *(os.environ.get(v) for v in _KEY_ENV),
-    )
+    key = _make_key(backend, devices, timeout, comm, set_default_device, hook_list)
     with _lock:
         if _current is not None:
-            if _current._key == key:
-                return _current
-            raise DevlayerError(
-                f"devlayer.init() was already called with {_describe_key(_current._key)}; now "
-                f"called with {_describe_key(key)}. Call devlayer.shutdown() first to change "
-                f"the set-up"
-            )
+            return _same_state(key)
         check_torch_version()
         _warn_advisories()
         tmo = (
@@ -273,56 +257,25 @@ def init(
             or parse_timeout(os.environ.get("DEVLAYER_TIMEOUT"), origin="DEVLAYER_TIMEOUT")
             or DEFAULT_TIMEOUT
         )
-        if devices is None and os.environ.get("DEVLAYER_DEVICES", "").strip():
-            spec = _devices.parse_devices(os.environ["DEVLAYER_DEVICES"], origin="DEVLAYER_DEVICES")
-            spec_origin = "DEVLAYER_DEVICES"
-        else:
-            spec = _devices.parse_devices(devices)
-            spec_origin = "devices"
+        spec, spec_origin = _device_spec(devices)
         comm = comm or os.environ.get("DEVLAYER_COMM", "").strip() or None
         hooks = resolve_hooks(hook_list, os.environ)
 
         info = detect(os.environ)
         selection = select_backend(backend)
         be = selection.backend
-        if info.world_size > 1 and not be.multi_process:
-            raise DeviceError(
-                f"backend {be.name!r} runs a single process, but the launcher started "
-                f"{info.world_size} ranks ({info.launcher}); launch one process, or use "
-                f"DEVLAYER_BACKEND=cpu for multi-process runs"
-            )
-        comm_name = be.comm_backend(comm) if info.world_size > 1 else None
-        _check_single_process_count(be, spec, spec_origin, info)
+        comm_name = _comm_name(be, comm, info)
+        plan = _plan_devices(be, spec, spec_origin, info)
         if spec_origin == "DEVLAYER_DEVICES":
-            _warn_count_or_index(be, spec, os.environ["DEVLAYER_DEVICES"], info)
+            _warn_count_or_index(be, plan, os.environ["DEVLAYER_DEVICES"], info)
 
         undo = _Undo()
         try:
-            visibility = _apply_visibility(be, spec, spec_origin, undo)
-            index = _pick_device(be, spec, spec_origin, info, comm_name)
-            dev = be.device(index)
-            if index is not None:
-                be.set_device(index)
-            want_default = set_default_device
-            if want_default is None:
-                want_default = env_flag("DEVLAYER_SET_DEFAULT_DEVICE", be.device_type != "cpu")
-            if want_default and be.device_type != "cpu" and not _simulated(be):
-                import torch
-
-                torch.set_default_device(dev)
-                undo.default_device_set = True
+            visibility = _apply_visibility(be, plan, undo)
+            index = _pick_device(be, plan, info, comm_name)
+            dev = _bind_device(be, index, set_default_device, undo)
             call_hooks(hooks, be)
-            for name, value in _interop_env(be, info).items():
-                if name not in os.environ:
-                    undo.setenv(name, value)
-            owns = False
-            if info.world_size > 1:
-                assert comm_name is not None
-                for name, value in be.comm_env(comm_name, info).items():
-                    if name not in os.environ:
-                        undo.setenv(name, value)
-                be.prepare(comm_name)
-                owns = _create_process_group(be, comm_name, dev, info, tmo)
+            owns = _connect(be, comm_name, dev, info, tmo, undo)
         except BaseException:
             _restore(undo)
             raise
@@ -341,6 +294,122 @@ def init(
         )
         log.debug("devlayer initialized: %s", _current)
         return _current
+
+
+def _make_key(
+    backend: str | None,
+    devices: object,
+    timeout: float | timedelta | None,
+    comm: str | None,
+    set_default_device: bool | None,
+    hook_list: list[AcceleratorHook] | None,
+) -> tuple[Any, ...]:
+    """What makes two ``init()`` calls the same set-up.
+
+    It includes the DEVLAYER_* variables init() reads, so a changed environment is not
+    silently answered with the old State.
+    """
+    return (
+        backend,
+        _freeze(devices),
+        timeout,
+        comm,
+        set_default_device,
+        None if hook_list is None else tuple(hook_list),
+        *(os.environ.get(v) for v in _KEY_ENV),
+    )
+
+
+def _same_state(key: tuple[Any, ...]) -> State:
+    """The current State when ``key`` matches the call that made it; else an error."""
+    assert _current is not None  # the caller holds the lock and checked
+    if _current._key == key:
+        return _current
+    raise DevlayerError(
+        f"devlayer.init() was already called with {_describe_key(_current._key)}; now "
+        f"called with {_describe_key(key)}. Call devlayer.shutdown() first to change "
+        f"the set-up"
+    )
+
+
+def _device_spec(devices: object) -> tuple[_devices.DeviceSpec, str]:
+    """The parsed device spec and where it came from: the argument, else DEVLAYER_DEVICES."""
+    if devices is None and os.environ.get("DEVLAYER_DEVICES", "").strip():
+        raw = os.environ["DEVLAYER_DEVICES"]
+        return _devices.parse_devices(raw, origin="DEVLAYER_DEVICES"), "DEVLAYER_DEVICES"
+    return _devices.parse_devices(devices), "devices"
+
+
+def _comm_name(be: Backend, comm: str | None, info: ProcessInfo) -> str | None:
+    """The process-group backend, or ``None`` at world size 1 (no process group)."""
+    if info.world_size > 1 and not be.multi_process:
+        raise DeviceError(
+            f"backend {be.name!r} runs a single process, but the launcher started "
+            f"{info.world_size} ranks ({info.launcher}); launch one process, or use "
+            f"DEVLAYER_BACKEND=cpu for multi-process runs"
+        )
+    return be.comm_backend(comm) if info.world_size > 1 else None
+
+
+def _plan_devices(
+    be: Backend, spec: _devices.DeviceSpec, origin: str, info: ProcessInfo
+) -> _devices.DevicePlan:
+    """The backend's facts for :func:`devlayer.devices.plan_devices`, asked once."""
+    return _devices.plan_devices(
+        spec,
+        origin=origin,
+        device_type=be.device_type,
+        visible=be.device_count(),
+        variable=be.visibility_var(os.environ),
+        env=os.environ,
+        local_rank=info.local_rank,
+        local_world_size=info.local_world_size,
+        indexed=be.indexed,
+        launched=info.launcher != "none",
+    )
+
+
+def _bind_device(
+    be: Backend, index: int | None, set_default_device: bool | None, undo: _Undo
+) -> torch.device:
+    """Make device ``index`` current (and torch's default device, where asked)."""
+    dev = be.device(index)
+    if index is not None:
+        be.set_device(index)
+    want_default = set_default_device
+    if want_default is None:
+        want_default = env_flag("DEVLAYER_SET_DEFAULT_DEVICE", be.device_type != "cpu")
+    if want_default and be.device_type != "cpu" and not _simulated(be):
+        import torch
+
+        torch.set_default_device(dev)
+        undo.default_device_set = True
+    return dev
+
+
+def _connect(
+    be: Backend,
+    comm_name: str | None,
+    dev: torch.device,
+    info: ProcessInfo,
+    timeout: timedelta,
+    undo: _Undo,
+) -> bool:
+    """Export the variables peers and libraries read; with several ranks, join the group.
+
+    Returns:
+        Whether devlayer created the process group (and so destroys it at shutdown).
+    """
+    for name, value in _interop_env(be, info).items():
+        if name not in os.environ:
+            undo.setenv(name, value)
+    if comm_name is None:
+        return False
+    for name, value in be.comm_env(comm_name, info).items():
+        if name not in os.environ:
+            undo.setenv(name, value)
+    be.prepare(comm_name)
+    return _create_process_group(be, comm_name, dev, info, timeout)
 
 
 _advisories_warned = False
@@ -428,31 +497,11 @@ def _simulated(be: Backend) -> bool:
     return bool(getattr(be.runtime, "simulated", False))
 
 
-def _check_single_process_count(
-    be: Backend, spec: _devices.DeviceSpec, origin: str, info: ProcessInfo
-) -> None:
-    """Refuse ``devices=N`` (N > 1) in a process that no launcher started.
-
-    Lightning-style ``devices=2`` means two ranks; a plain ``python script.py`` is one rank
-    and would quietly use one device. Starting ranks from inside ``init()`` would surprise
-    more than an error that says how to start them.
-    """
-    if not isinstance(spec, int) or spec < 2 or info.launcher != "none":
-        return
-    raise DeviceError(
-        f"{origin}={spec} asks for a count of {spec} devices, one per rank, but no launcher "
-        f"started this single process, so it would use one (it sees {be.device_count()} "
-        f"{be.device_type} device(s)). Start N ranks with devlayer.spawn(fn, nprocs=N), "
-        f"`devlayer launch --nproc N script.py` or `torchrun --nproc-per-node=N script.py`; "
-        f"for one process use devices=1 or an index such as '1,'"
-    )
-
-
 _count_warned = False
 
 
 def _warn_count_or_index(
-    be: Backend, spec: _devices.DeviceSpec, raw: str, info: ProcessInfo
+    be: Backend, plan: _devices.DevicePlan, raw: str, info: ProcessInfo
 ) -> None:
     """Warn once when ``DEVLAYER_DEVICES=N`` could also be read as the index N.
 
@@ -461,6 +510,7 @@ def _warn_count_or_index(
     possible; ``N,`` / ``[N]`` (an index) and ``0,1`` (indices) say which one is meant.
     """
     global _count_warned
+    spec = plan.spec
     if _count_warned or not isinstance(spec, int) or info.local_rank != 0:
         return
     if not be.indexed or be.visibility_var(os.environ) is None:
@@ -484,44 +534,32 @@ def _warn_count_or_index(
 
 
 def _apply_visibility(
-    be: Backend, spec: _devices.DeviceSpec, origin: str, undo: _Undo
+    be: Backend, plan: _devices.DevicePlan, undo: _Undo
 ) -> tuple[str, str] | None:
-    """Narrow the vendor's visibility variable before its runtime starts."""
-    if isinstance(spec, int):  # a count is checked as a number before any list is built
-        _devices.check_exists(spec, be.device_count(), device_type=be.device_type, origin=origin)
-    indices = _devices.selected_indices(spec)
-    if indices is None:
-        return None
-    var = be.visibility_var(os.environ)
-    if var is None:
-        # cpu and mps: one device; only "device 0" makes sense.
-        _devices.check_exists(spec, be.device_count(), device_type=be.device_type, origin=origin)
-        return None
-    marker = f"{var}={','.join(map(str, indices))}"
-    if marker in os.environ.get(APPLIED_MARKER, "").split(";"):
-        return (var, os.environ.get(var, ""))
-    _devices.check_exists(spec, be.device_count(), device_type=be.device_type, origin=origin)
-    new_value = _devices.narrow_visibility(os.environ.get(var), indices)
+    """Narrow the vendor's visibility variable as planned, before its runtime starts."""
+    var, new_value = plan.variable, plan.value
+    if var is None or new_value is None or plan.marker is None or plan.indices is None:
+        return plan.visibility(os.environ)  # nothing to change (or a parent changed it)
     if be.runtime.is_initialized():
         if os.environ.get(var) == new_value:
             return (var, new_value)
         raise InitOrderError(
             f"the {be.name} runtime was initialized before devlayer.init() could set "
-            f"{var}={new_value!r} (from {origin}={_show(spec)}); the runtime reads {var} only "
-            f"once, at its start. Something called into torch.{be.device_type} first (e.g. "
-            f"torch.{be.device_type}.is_available(), .to('{be.device_type}'), or a library "
-            f"import). Fix: call devlayer.init() before that, put `import devlayer.early` at "
-            f"the very top of the script with DEVLAYER_DEVICES set, or export {var} before "
-            f"starting Python"
+            f"{var}={new_value!r} (from {plan.origin}={_show(plan.spec)}); the runtime reads "
+            f"{var} only once, at its start. Something called into torch.{be.device_type} first "
+            f"(e.g. torch.{be.device_type}.is_available(), .to('{be.device_type}'), or a "
+            f"library import). Fix: call devlayer.init() before that, put `import "
+            f"devlayer.early` at the very top of the script with DEVLAYER_DEVICES set, or "
+            f"export {var} before starting Python"
         )
     undo.setenv(var, new_value)
-    undo.setenv(APPLIED_MARKER, marker)
+    undo.setenv(APPLIED_MARKER, plan.marker)
     seen = be.device_count()
-    if seen < len(indices):
+    if seen < len(plan.indices):
         raise DeviceError(
-            f"{origin}={_show(spec)}: after setting {var}={new_value!r} the {be.name} runtime "
-            f"sees {seen} device(s), expected {len(indices)}; check the indices with "
-            f"`devlayer info`"
+            f"{plan.origin}={_show(plan.spec)}: after setting {var}={new_value!r} the {be.name} "
+            f"runtime sees {seen} device(s), expected {len(plan.indices)}; check the indices "
+            f"with `devlayer info`"
         )
     return (var, new_value)
 
@@ -530,12 +568,9 @@ _show = _devices.show_spec
 
 
 def _pick_device(
-    be: Backend,
-    spec: _devices.DeviceSpec,
-    origin: str,
-    info: ProcessInfo,
-    comm: str | None = None,
+    be: Backend, plan: _devices.DevicePlan, info: ProcessInfo, comm: str | None = None
 ) -> int | None:
+    """The index this rank binds among the devices it sees after visibility was applied."""
     if not be.indexed:
         return None
     count = be.device_count()
@@ -545,16 +580,9 @@ def _pick_device(
             f"({', '.join(f'{v}={os.environ.get(v)!r}' for v in be.visibility_vars)}); "
             f"check the visibility variables with `devlayer info`"
         )
-    wanted = _devices.selected_indices(spec)
-    if wanted is not None and len(wanted) < info.local_world_size:
-        raise DeviceError(
-            f"{origin}={_show(spec)} selects {len(wanted)} device(s) but {info.local_world_size} "
-            f"ranks run on this node; list at least {info.local_world_size} devices or start "
-            f"fewer ranks per node"
-        )
     if 1 < count < info.local_world_size:
         _check_shared_devices(be, comm, count, info)
-    return _devices.device_index(info.local_rank, count)
+    return plan.device_index(count)
 
 
 _shared_warned = False

@@ -47,18 +47,7 @@ def rendezvous(info: ProcessInfo, timeout: timedelta) -> Any:
     is_server = info.rank == 0 and not agent_store
     store_host = "torchrun's agent" if agent_store else "rank 0"
     deadline = time.monotonic() + timeout.total_seconds()
-    kwargs: dict[str, Any] = {}
-    if is_server and _is_loopback(addr):
-        try:
-            kwargs["master_listen_fd"], _ = loopback_listener(int(port or 0), addr)
-        except OSError as exc:
-            if exc.errno != errno.EADDRINUSE:
-                raise RendezvousError(
-                    f"rank 0 cannot listen on {where}: {exc.strerror or exc} (MASTER_ADDR from "
-                    f"{src.get('master_addr', 'MASTER_ADDR')}); name a loopback address this "
-                    f"host has, e.g. MASTER_ADDR=127.0.0.1"
-                ) from exc
-            raise _port_in_use(where, port, src) from exc
+    kwargs = _listen(addr, port, where, src) if is_server and _is_loopback(addr) else {}
 
     def make_store() -> Any:
         return dist.TCPStore(
@@ -93,6 +82,34 @@ def rendezvous(info: ProcessInfo, timeout: timedelta) -> Any:
             f"{_store_host_hint(store_host, where)}"
         ) from exc
     store = dist.PrefixStore(f"devlayer/attempt{info.restart_count}/", base)
+    hint = (
+        "this process hosts the store; see the first error above"
+        if is_server
+        else _store_host_hint(store_host, where)
+    )
+    _check_in(store, info, where, deadline, timeout, hint)
+    return store
+
+
+def _listen(addr: str, port: int | None, where: str, src: Mapping[str, str]) -> dict[str, Any]:
+    """Rank 0 on loopback: listen on ``addr`` itself (not every interface) for the store."""
+    try:
+        return {"master_listen_fd": loopback_listener(int(port or 0), addr)[0]}
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise RendezvousError(
+                f"rank 0 cannot listen on {where}: {exc.strerror or exc} (MASTER_ADDR from "
+                f"{src.get('master_addr', 'MASTER_ADDR')}); name a loopback address this "
+                f"host has, e.g. MASTER_ADDR=127.0.0.1"
+            ) from exc
+        raise _port_in_use(where, port, src) from exc
+
+
+def _check_in(
+    store: Any, info: ProcessInfo, where: str, deadline: float, timeout: timedelta, hint: str
+) -> None:
+    """Claim this rank in the store and wait for the others; a duplicate rank is an error."""
+    src = info.sources
     try:
         claims = store.add(f"rank{info.rank}", 1)
         if claims > 1:
@@ -108,15 +125,10 @@ def rendezvous(info: ProcessInfo, timeout: timedelta) -> Any:
         raise
     except Exception as exc:  # the store's host went away (torch's DistNetworkError & co.)
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if is_server:
-            hint = "this process hosts the store; see the first error above"
-        else:
-            hint = _store_host_hint(store_host, where)
         raise RendezvousError(
             f"rank {info.rank} lost the rendezvous store at {where} while the ranks were "
             f"meeting ({text}). {hint}"
         ) from exc
-    return store
 
 
 def _bounded(make: Callable[[], Any], deadline: float) -> Any:

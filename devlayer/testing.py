@@ -18,7 +18,7 @@ Example:
     >>> import devlayer
     >>> from devlayer.testing import simulate
     >>> with simulate("cuda", 4):
-    ...     devlayer.get_backend("cuda").device_count()
+    ...     devlayer.backends.get_backend("cuda").device_count()
     4
 """
 

@@ -161,7 +161,7 @@ def main(args: argparse.Namespace) -> None:
             lr_scaling=args.lr_scaling,  # "linear": lr * world_size, once, at the start
             precision=args.precision,  # None: ACCELERATE_MIXED_PRECISION or "32"
             max_epochs=args.epochs,
-            early_stopping=devlayer.EarlyStopping(
+            early_stopping=devlayer.train.EarlyStopping(
                 monitor="val_accuracy",
                 mode="max",
                 target=args.target_accuracy,  # None: stop after `patience` flat epochs

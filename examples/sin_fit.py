@@ -49,7 +49,7 @@ def make_model(seed: int) -> torch.nn.Module:
     )
 
 
-class PrintEvery(devlayer.Callback):
+class PrintEvery(devlayer.train.Callback):
     """Rank 0 prints the averaged epoch metrics every ``every`` epochs."""
 
     def __init__(self, every: int) -> None:

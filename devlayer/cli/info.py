@@ -32,6 +32,8 @@ VISIBILITY_VARS = (
 
 def collect() -> dict[str, Any]:
     """Gather the report as a JSON-ready dict (schema version :data:`SCHEMA_VERSION`)."""
+    # Long (about 80 lines): the report is built top to bottom, one block per key. Its backend
+    # part changes with the vendor-interface work of issue 15; it is split after that lands.
     import torch
 
     report: dict[str, Any] = {
@@ -52,7 +54,7 @@ def collect() -> dict[str, Any]:
         "warnings": [],
     }
     warnings: list[str] = report["warnings"]
-    backends = devlayer.registered_backends()
+    backends = devlayer.backends.registered_backends()
     for name, be in backends.items():
         avail = be.availability()
         report["backends"].append(
@@ -118,7 +120,7 @@ def pitfalls(env: Mapping[str, str], report: Mapping[str, Any]) -> list[str]:
     """Known traps: every backend's own notes plus the vendor-neutral ones (pure)."""
     out: list[str] = []
     selected = (report.get("selected") or {}).get("name")
-    for name, be in devlayer.registered_backends().items():
+    for name, be in devlayer.backends.registered_backends().items():
         try:
             out.extend(be.notes(env, selected=name == selected))
         except Exception as exc:  # a plugin's notes must not break info

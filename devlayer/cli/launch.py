@@ -189,34 +189,9 @@ def run(args: argparse.Namespace) -> int:
             f"--rdzv-id=devlayer-{os.getpid()}",
             "--local-addr=127.0.0.1",
         ]
-    elif args.rdzv_endpoint:
-        argv += [
-            "--rdzv-backend=c10d",
-            f"--rdzv-endpoint={args.rdzv_endpoint}",
-            f"--rdzv-id={args.rdzv_id or 'devlayer'}",
-            f"--node-rank={args.node_rank}",
-        ]
     else:
-        if not args.master_addr:
-            raise DevlayerError(
-                f"--nnodes={args.nnodes} needs --master-addr (the rank-0 node) or "
-                f"--rdzv-endpoint HOST:PORT"
-            )
-        argv += [
-            f"--master-addr={args.master_addr}",
-            f"--master-port={args.master_port or 29500}",
-            f"--node-rank={args.node_rank}",
-        ]
-    rest = list(args.script_args)
-    if rest and rest[0] == "--":
-        rest.pop(0)
-    if args.module:
-        argv += ["-m", args.module]
-    elif rest:
-        argv.append(rest.pop(0))
-    else:
-        raise DevlayerError("devlayer launch needs a script (or -m module) to run")
-    targs = get_args_parser().parse_args([*argv, *rest])
+        argv += _multi_node_args(args)
+    targs = get_args_parser().parse_args([*argv, *_target_args(args)])
     try:
         torchrun(targs)
     except ChildFailedError as exc:
@@ -226,6 +201,39 @@ def run(args: argparse.Namespace) -> int:
     finally:
         del store
     return 0
+
+
+def _multi_node_args(args: argparse.Namespace) -> list[str]:
+    """torchrun's rendezvous options across nodes: an endpoint, or a master address."""
+    if args.rdzv_endpoint:
+        return [
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={args.rdzv_endpoint}",
+            f"--rdzv-id={args.rdzv_id or 'devlayer'}",
+            f"--node-rank={args.node_rank}",
+        ]
+    if not args.master_addr:
+        raise DevlayerError(
+            f"--nnodes={args.nnodes} needs --master-addr (the rank-0 node) or "
+            f"--rdzv-endpoint HOST:PORT"
+        )
+    return [
+        f"--master-addr={args.master_addr}",
+        f"--master-port={args.master_port or 29500}",
+        f"--node-rank={args.node_rank}",
+    ]
+
+
+def _target_args(args: argparse.Namespace) -> list[str]:
+    """``-m module`` or the script, then its own arguments (a leading ``--`` dropped)."""
+    rest = list(args.script_args)
+    if rest and rest[0] == "--":
+        rest.pop(0)
+    if args.module:
+        return ["-m", args.module, *rest]
+    if rest:
+        return rest
+    raise DevlayerError("devlayer launch needs a script (or -m module) to run")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

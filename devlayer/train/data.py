@@ -188,6 +188,66 @@ def _mix(seed: int, rank: int, epoch: int) -> int:
     return (int(seed) * 1_000_003 + rank * 10_007 + epoch) % (2**63)
 
 
+def _reuse_loader(
+    source: Any,
+    batch_size: int | None,
+    shuffle: bool | None,
+    num_workers: int | str,
+    loader_kwargs: dict[str, Any],
+) -> tuple[Any, int | None, bool | None]:
+    """``(dataset, batch_size, shuffle)`` of an existing DataLoader to re-shard.
+
+    Its collate_fn and worker settings go into ``loader_kwargs`` unless given there; a
+    RandomSampler means ``shuffle=True``.
+    """
+    from torch.utils.data import RandomSampler
+
+    if batch_size is None:
+        batch_size = source.batch_size
+    if shuffle is None:
+        shuffle = isinstance(source.sampler, RandomSampler)
+    for key in (
+        "collate_fn",
+        "timeout",
+        "worker_init_fn",
+        "multiprocessing_context",
+        "prefetch_factor",
+    ):
+        if key not in loader_kwargs and getattr(source, key, None) is not None:
+            loader_kwargs[key] = getattr(source, key)
+    if loader_kwargs.get("prefetch_factor") is not None and num_workers in (0, "auto"):
+        loader_kwargs.pop("prefetch_factor", None)
+    return source.dataset, batch_size, shuffle
+
+
+def _per_rank_batch(batch_size: int | None, world: int, per_rank: bool) -> int:
+    """This rank's batch: the global ``batch_size`` split evenly, or itself with ``per_rank``."""
+    if batch_size is None:
+        raise InvalidArgumentError(
+            "prepare_loader() needs batch_size (the global batch over all ranks) for a Dataset"
+        )
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InvalidArgumentError(f"batch_size={batch_size!r} must be an int >= 1")
+    if per_rank:
+        return batch_size
+    if batch_size % world:
+        raise InvalidArgumentError(
+            f"global batch_size={batch_size} does not split evenly over world_size={world} "
+            f"ranks; use a multiple of {world} (e.g. {math.ceil(batch_size / world) * world})"
+            f", or pass per_rank=True to give the per-rank batch size"
+        )
+    return batch_size // world
+
+
+def _workers(num_workers: int | str, local_world_size: int, launcher: str) -> int:
+    """Loader workers per rank: ``num_workers``, or ``"auto"`` from the CPUs this rank has."""
+    if num_workers == "auto":
+        return auto_num_workers(local_world_size, one_task_per_rank=launcher == "slurm")
+    if isinstance(num_workers, int) and not isinstance(num_workers, bool) and num_workers >= 0:
+        return num_workers
+    raise InvalidArgumentError(f"num_workers={num_workers!r}: use 'auto' or an int >= 0")
+
+
 def prepare_loader(
     dataset: Any,
     batch_size: int | None = None,
@@ -237,7 +297,7 @@ def prepare_loader(
         >>> _ = devlayer.shutdown()
     """
     import torch
-    from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+    from torch.utils.data import DataLoader, DistributedSampler
 
     import devlayer
 
@@ -247,54 +307,18 @@ def prepare_loader(
     world, rank = st.world_size, st.rank
 
     if isinstance(dataset, DataLoader):
-        source = dataset
-        dataset = source.dataset
-        if batch_size is None:
-            batch_size = source.batch_size
-        if shuffle is None:
-            shuffle = isinstance(source.sampler, RandomSampler)
-        for key in (
-            "collate_fn",
-            "timeout",
-            "worker_init_fn",
-            "multiprocessing_context",
-            "prefetch_factor",
-        ):
-            if key not in loader_kwargs and getattr(source, key, None) is not None:
-                loader_kwargs[key] = getattr(source, key)
-        if loader_kwargs.get("prefetch_factor") is not None and num_workers in (0, "auto"):
-            loader_kwargs.pop("prefetch_factor", None)
+        dataset, batch_size, shuffle = _reuse_loader(
+            dataset, batch_size, shuffle, num_workers, loader_kwargs
+        )
     if shuffle is None:
         shuffle = True
-    if batch_size is None:
-        raise InvalidArgumentError(
-            "prepare_loader() needs batch_size (the global batch over all ranks) for a Dataset"
-        )
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise InvalidArgumentError(f"batch_size={batch_size!r} must be an int >= 1")
-    if per_rank:
-        per_rank_batch = batch_size
-    else:
-        if batch_size % world:
-            raise InvalidArgumentError(
-                f"global batch_size={batch_size} does not split evenly over world_size={world} "
-                f"ranks; use a multiple of {world} (e.g. {math.ceil(batch_size / world) * world})"
-                f", or pass per_rank=True to give the per-rank batch size"
-            )
-        per_rank_batch = batch_size // world
+    per_rank_batch = _per_rank_batch(batch_size, world, per_rank)
     if not isinstance(dataset, Sized):
         raise InvalidArgumentError(
             f"prepare_loader() needs a map-style dataset with __len__; got "
             f"{type(dataset).__name__} (shard an IterableDataset yourself by rank)"
         )
-    if num_workers == "auto":
-        workers = auto_num_workers(
-            st.local_world_size, one_task_per_rank=st.process.launcher == "slurm"
-        )
-    elif isinstance(num_workers, int) and not isinstance(num_workers, bool) and num_workers >= 0:
-        workers = num_workers
-    else:
-        raise InvalidArgumentError(f"num_workers={num_workers!r}: use 'auto' or an int >= 0")
+    workers = _workers(num_workers, st.local_world_size, st.process.launcher)
 
     data: Any = dataset
     sampler: Any

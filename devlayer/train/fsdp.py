@@ -134,7 +134,7 @@ def shard_model(
     if isinstance(min_params, bool) or not isinstance(min_params, int) or min_params < 1:
         raise InvalidArgumentError(f"min_params={min_params!r} must be an int >= 1")
     st = devlayer.state()
-    backend = devlayer.get_backend(st.backend)
+    backend = devlayer.backends.get_backend(st.backend)
     if not backend.multi_process:
         raise InvalidArgumentError(
             f"strategy='fsdp' shards a model over several ranks, but the {st.backend!r} "

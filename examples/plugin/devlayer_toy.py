@@ -1,18 +1,18 @@
 """A toy devlayer backend plugin: one device, which is the CPU.
 
-It shows the whole vendor interface a plugin needs: a :class:`devlayer.Backend` subclass
+It shows the whole vendor interface a plugin needs: a :class:`devlayer.backends.Backend` subclass
 with a name, a priority, a torch device type and a runtime (the hardware seam). Its
 priority is below the built-in ``cpu`` (0), so auto-detection never picks it; select it
 with ``devlayer.init(backend="toy")`` or ``DEVLAYER_BACKEND=toy``.
 
 Example:
     >>> import devlayer
-    >>> devlayer.register_backend(ToyBackend).name
+    >>> devlayer.backends.register_backend(ToyBackend).name
     'toy'
     >>> with devlayer.init(backend="toy") as st:
     ...     (st.backend, str(st.device))
     ('toy', 'cpu')
-    >>> devlayer.unregister_backend("toy")
+    >>> devlayer.backends.unregister_backend("toy")
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ class ToyRuntime:
         return comm == "gloo"
 
 
-class ToyBackend(devlayer.Backend):
+class ToyBackend(devlayer.backends.Backend):
     """A backend that runs on the CPU under its own name."""
 
     name = "toy"

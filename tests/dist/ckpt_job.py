@@ -47,7 +47,7 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-class _Faults(devlayer.Callback):
+class _Faults(devlayer.train.Callback):
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.steps = 0

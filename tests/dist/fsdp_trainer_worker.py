@@ -7,11 +7,12 @@ from typing import Any
 import torch
 
 import devlayer
+from devlayer.train import Callback
 from devlayer.train.fsdp import full_state_dict, local_numel
 from tests.dist.trainer_worker import make_data, make_model
 
 
-class _Losses(devlayer.Callback):
+class _Losses(Callback):
     def __init__(self) -> None:
         self.losses: list[float] = []
 

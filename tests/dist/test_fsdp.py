@@ -55,7 +55,7 @@ def test_units_by_size_and_by_class():
 def test_bad_strategy_arguments_are_named(clean_env, kwargs, expected):
     import torch
 
-    with pytest.raises(devlayer.InvalidArgumentError) as err:
+    with pytest.raises(devlayer.errors.InvalidArgumentError) as err:
         devlayer.prepare_model(torch.nn.Linear(2, 1), **kwargs)
     assert expected in str(err.value)
     assert not devlayer.is_initialized()
@@ -73,7 +73,7 @@ def test_fsdp_options_are_checked_on_the_cpu_backend(clean_env):
             ({"min_params": 0}, "min_params=0 must be an int >= 1"),
             ({"modules": [int]}, "expected torch.nn.Module classes"),
         ]:
-            with pytest.raises(devlayer.InvalidArgumentError) as err:
+            with pytest.raises(devlayer.errors.InvalidArgumentError) as err:
                 devlayer.prepare_model(torch.nn.Linear(2, 1), "fsdp", fsdp=fsdp)
             assert expected in str(err.value)
 
@@ -84,7 +84,7 @@ def test_fsdp_on_a_one_process_backend_says_so(sim):
 
     with simulate("mps", 1), devlayer.init(backend="mps"):
         model = torch.nn.Linear(2, 1)
-        with pytest.raises(devlayer.InvalidArgumentError) as err:
+        with pytest.raises(devlayer.errors.InvalidArgumentError) as err:
             devlayer.prepare_model(model, "fsdp")
     assert "'mps' backend runs one process only" in str(err.value)
     assert next(model.parameters()).device.type == "cpu"  # refused before any move

@@ -50,14 +50,14 @@ def test_master_port_in_use_is_named_fast(clean_env):
         port = busy.getsockname()[1]
         _env_rank(clean_env, 0, 2, port)
         # timeout=30, yet the error must come at once: the test's own limit is 20 s.
-        with pytest.raises(devlayer.RendezvousError, match=f"port {port} is already in use"):
+        with pytest.raises(devlayer.errors.RendezvousError, match=f"port {port} is already in use"):
             devlayer.init(backend="cpu", timeout=30)
 
 
 @pytest.mark.timeout(20)
 def test_missing_rank_is_named_within_the_timeout(clean_env):
     _env_rank(clean_env, 0, 3, free_port())
-    with pytest.raises(devlayer.RendezvousError) as info:
+    with pytest.raises(devlayer.errors.RendezvousError) as info:
         devlayer.init(backend="cpu", timeout=2)
     message = str(info.value)
     assert "expected 3 ranks" in message and "only 1 joined" in message
@@ -68,7 +68,7 @@ def test_missing_rank_is_named_within_the_timeout(clean_env):
 def test_unreachable_master_names_address_and_port(clean_env):
     port = free_port()
     _env_rank(clean_env, 1, 2, port)
-    with pytest.raises(devlayer.RendezvousError, match=f"127.0.0.1:{port}"):
+    with pytest.raises(devlayer.errors.RendezvousError, match=f"127.0.0.1:{port}"):
         devlayer.init(backend="cpu", timeout=3)
 
 

@@ -78,5 +78,5 @@ def test_spawn_one_process(clean_env):
 
 
 def test_spawn_rejects_bad_nprocs():
-    with pytest.raises(devlayer.InvalidArgumentError, match="nprocs=0"):
+    with pytest.raises(devlayer.errors.InvalidArgumentError, match="nprocs=0"):
         devlayer.spawn(_world_one, nprocs=0)

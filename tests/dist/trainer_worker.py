@@ -123,7 +123,7 @@ def train_with_failing_second_save(checkpoint_dir: str) -> str:
         checkpoint.os.fsync = failing_fsync  # type: ignore[attr-defined]
     try:
         train(checkpoint_dir=checkpoint_dir, checkpoint_every=2, max_epochs=1, val=False)
-    except devlayer.CheckpointError as exc:
+    except devlayer.train.CheckpointError as exc:
         return f"{type(exc).__name__}: {exc}"
     return "no error"
 
@@ -140,7 +140,7 @@ def seeds_and_writers(checkpoint_dir: str) -> dict[str, Any]:
         return real_save(self, *args, **kwargs)
 
     checkpoint.CheckpointStore.save = spy  # type: ignore[method-assign]
-    devlayer.seed_everything(5)
+    devlayer.train.seed_everything(5)
     draw = torch.rand(3).tolist()
     loader = devlayer.prepare_loader(make_data(32), 8, num_workers=0, seed=5)
     first_batch = next(iter(loader))[0].flatten().tolist()
@@ -159,7 +159,7 @@ def preempt_one_rank(checkpoint_dir: str, check_every: int) -> dict[str, Any]:
     import os
     import signal
 
-    class TermRankOne(devlayer.Callback):
+    class TermRankOne(devlayer.train.Callback):
         def on_train_batch_end(self, trainer: Any, loss: Any) -> None:
             if (
                 devlayer.rank() == 1
@@ -184,7 +184,7 @@ def preempt_one_rank(checkpoint_dir: str, check_every: int) -> dict[str, Any]:
     )
     try:
         trainer.fit(make_data())
-    except devlayer.PreemptedError as exc:
+    except devlayer.train.PreemptedError as exc:
         return {"step": trainer.state.global_step, "error": str(exc)}
     return {"step": trainer.state.global_step, "error": None}
 
@@ -226,7 +226,7 @@ def count_gradient_allreduces(grad_accum: int) -> dict[str, Any]:
 
     per_batch: list[int] = []
 
-    class Count(devlayer.Callback):
+    class Count(devlayer.train.Callback):
         def on_fit_start(self, trainer: Any) -> None:
             trainer.ddp_model.register_comm_hook(None, counting_hook)
 

@@ -75,7 +75,7 @@ def check() -> dict[str, object]:
     assert mixed["i"].dtype == torch.int64 and mixed["x"] == 1.5 * n
     try:
         devlayer.all_reduce({"a": torch.tensor(r), "b": torch.tensor(1)}, op="mean")
-    except devlayer.InvalidArgumentError as exc:
+    except devlayer.errors.InvalidArgumentError as exc:
         assert "['a']" in str(exc), exc  # the general path names the leaf
     else:
         raise AssertionError("mean of integer tensors must be refused")

@@ -8,10 +8,11 @@ import sys
 import torch
 
 import devlayer
+from devlayer.train import Callback
 from tests.dist.trainer_worker import make_data
 
 
-class _Losses(devlayer.Callback):
+class _Losses(Callback):
     def __init__(self) -> None:
         self.losses: list[float] = []
 

@@ -37,7 +37,7 @@ args = p.parse_args()
 first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
 
 
-class Faults(devlayer.Callback):
+class Faults(devlayer.train.Callback):
     def __init__(self) -> None:
         self.termed = False
 

@@ -99,7 +99,7 @@ elif mode == "init-after-cuda":
     torch.zeros(1, device="cuda")
     try:
         devlayer.init(devices=json.loads(sys.argv[2]))
-    except devlayer.InitOrderError as exc:
+    except devlayer.errors.InitOrderError as exc:
         result["error"] = str(exc)
     else:
         result["error"] = None
@@ -152,7 +152,7 @@ def test_init_alone_selects_cuda_and_device_zero(no_launcher):
         assert devlayer.is_initialized() and devlayer.state() is st
         assert st.backend == devlayer.backend() == "cuda"
         assert st.reason.startswith("auto-detected"), st.reason
-        assert devlayer.available_backends()[0] == "cuda"
+        assert devlayer.backends.available_backends()[0] == "cuda"
         assert st.device == devlayer.device() == torch.device("cuda", 0)
         assert st.device_index == 0 and torch.cuda.current_device() == 0
         assert (st.rank, st.world_size, st.local_rank, st.local_world_size) == (0, 1, 0, 1)
@@ -161,7 +161,7 @@ def test_init_alone_selects_cuda_and_device_zero(no_launcher):
         # the cuda backend uses with several ranks is nccl.
         assert st.comm is None and not st.owns_process_group
         assert not torch.distributed.is_initialized()
-        assert devlayer.get_backend("cuda").comm_backend() == "nccl"
+        assert devlayer.backends.get_backend("cuda").comm_backend() == "nccl"
         assert st.visibility is None  # no devices= given: nothing narrowed
         # An accelerator becomes torch's default device (set_default_device defaults on).
         assert torch.get_default_device() == st.device
@@ -437,7 +437,7 @@ def test_trainer_steps_never_synchronize_the_gpu(no_launcher):
     # switched on after two warm-up steps and off again when the run's last step is done
     # (it stops mid-epoch through max_steps), before the metrics reduction of that partial
     # epoch, which does read values once.
-    class SyncGuard(devlayer.Callback):
+    class SyncGuard(devlayer.train.Callback):
         def on_train_batch_end(self, trainer, loss):
             if trainer.state.global_step == 2:
                 torch.cuda.set_sync_debug_mode("error")

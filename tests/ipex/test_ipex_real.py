@@ -115,7 +115,7 @@ def test_xpu_ccl_path_imports_ipex_then_names_the_missing_bindings(
 ) -> None:
     monkeypatch.delitem(sys.modules, "intel_extension_for_pytorch", raising=False)
     with pytest.raises(BackendUnavailableError) as info:
-        devlayer.get_backend("xpu").prepare("ccl")
+        devlayer.backends.get_backend("xpu").prepare("ccl")
     assert "intel_extension_for_pytorch" in sys.modules  # imported first, for real
     msg = str(info.value)
     assert "comm 'ccl' needs oneccl_bindings_for_pytorch (oneccl_bind_pt)" in msg

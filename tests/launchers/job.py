@@ -70,7 +70,7 @@ def train(directory: str, step_sleep: float, epochs: int) -> None:
     import torch
     from torch.utils.data import TensorDataset
 
-    class Pace(devlayer.Callback):
+    class Pace(devlayer.train.Callback):
         """Slow the steps down so a test can signal the job mid-run."""
 
         def on_train_batch_end(self, trainer: Any, loss: Any) -> None:
@@ -102,7 +102,7 @@ def train(directory: str, step_sleep: float, epochs: int) -> None:
         )
         try:
             history = trainer.fit(TensorDataset(x, y))
-        except devlayer.PreemptedError as exc:
+        except devlayer.train.PreemptedError as exc:
             record.update(preempted=str(exc), step=trainer.state.global_step)
             emit(record)
             sys.exit(3)

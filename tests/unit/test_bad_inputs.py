@@ -66,9 +66,9 @@ def _assert_nothing_opened(port: int) -> None:
 
 def test_b1_unknown_env_backend_names_value_and_registered_list(two_ranks, clean_env):
     clean_env.setenv("DEVLAYER_BACKEND", "cdua")
-    with pytest.raises(devlayer.BackendNotFoundError) as info:
+    with pytest.raises(devlayer.errors.BackendNotFoundError) as info:
         devlayer.init()
-    names = ", ".join(sorted(devlayer.registered_backends()))
+    names = ", ".join(sorted(devlayer.backends.registered_backends()))
     assert str(info.value) == (
         f"DEVLAYER_BACKEND='cdua' is not a registered backend; registered: {names} "
         f"(did you mean 'cuda'?)"
@@ -77,7 +77,9 @@ def test_b1_unknown_env_backend_names_value_and_registered_list(two_ranks, clean
 
 
 def test_b1_unknown_backend_argument(two_ranks):
-    with pytest.raises(devlayer.BackendNotFoundError, match=r"^backend='tpu' is not a registered"):
+    with pytest.raises(
+        devlayer.errors.BackendNotFoundError, match=r"^backend='tpu' is not a registered"
+    ):
         devlayer.init(backend="tpu")
     _assert_nothing_opened(two_ranks)
 
@@ -87,7 +89,7 @@ def test_b1_unknown_backend_argument(two_ranks):
 
 @pytest.mark.simulated
 def test_b2_device_index_that_does_not_exist(two_ranks):
-    with simulate("cuda", 2) as fake, pytest.raises(devlayer.DeviceError) as info:
+    with simulate("cuda", 2) as fake, pytest.raises(devlayer.errors.DeviceError) as info:
         devlayer.init(backend="cuda", devices=[7])
     message = str(info.value)
     assert "devices=[7]" in message and "device(s) 7" in message
@@ -99,7 +101,7 @@ def test_b2_device_index_that_does_not_exist(two_ranks):
 @pytest.mark.simulated
 @pytest.mark.parametrize(("spec", "shown"), [([0, 0], "[0,0]"), ("1,1", "[1,1]")])
 def test_b2_duplicate_devices(two_ranks, spec, shown):
-    with simulate("cuda", 2), pytest.raises(devlayer.DeviceError) as info:
+    with simulate("cuda", 2), pytest.raises(devlayer.errors.DeviceError) as info:
         devlayer.init(backend="cuda", devices=spec)
     assert "more than once" in str(info.value) and shown[1] in str(info.value)
     _assert_nothing_opened(two_ranks)
@@ -108,14 +110,14 @@ def test_b2_duplicate_devices(two_ranks, spec, shown):
 @pytest.mark.simulated
 def test_b2_devices_from_env_are_named_as_env(two_ranks, clean_env):
     clean_env.setenv("DEVLAYER_DEVICES", "7")
-    with simulate("cuda", 2), pytest.raises(devlayer.DeviceError, match="DEVLAYER_DEVICES"):
+    with simulate("cuda", 2), pytest.raises(devlayer.errors.DeviceError, match="DEVLAYER_DEVICES"):
         devlayer.init(backend="cuda")
     _assert_nothing_opened(two_ranks)
 
 
 @pytest.mark.simulated
 def test_b2_fewer_devices_than_local_ranks(two_ranks):
-    with simulate("cuda", 2), pytest.raises(devlayer.DeviceError) as info:
+    with simulate("cuda", 2), pytest.raises(devlayer.errors.DeviceError) as info:
         devlayer.init(backend="cuda", devices=[1])
     assert "selects 1 device(s) but 2 ranks run on this node" in str(info.value)
     _assert_nothing_opened(two_ranks)
@@ -196,7 +198,7 @@ def test_b8_bad_rank_and_world_values_are_named_before_any_socket(
         clean_env.delenv("DEVLAYER_LAUNCHER")
     for key, value in env.items():
         clean_env.setenv(key, value)
-    with pytest.raises(devlayer.LaunchEnvError) as info:
+    with pytest.raises(devlayer.errors.LaunchEnvError) as info:
         devlayer.init(backend="cpu")
     assert fragment in str(info.value)
     _assert_nothing_opened(two_ranks)
@@ -218,7 +220,7 @@ def test_b8_bad_rank_and_world_values_are_named_before_any_socket(
     ],
 )
 def test_b10_bad_timeout_is_named(two_ranks, timeout, fragment):
-    with pytest.raises(devlayer.InvalidArgumentError) as info:
+    with pytest.raises(devlayer.errors.InvalidArgumentError) as info:
         devlayer.init(backend="cpu", timeout=timeout)
     assert fragment in str(info.value)
     _assert_nothing_opened(two_ranks)
@@ -228,7 +230,7 @@ def test_b10_bad_timeout_is_named(two_ranks, timeout, fragment):
 def test_b10_bad_timeout_from_env_names_the_variable(two_ranks, clean_env, value):
     clean_env.setenv("DEVLAYER_TIMEOUT", value)
     # "0" is shown as 0.0 (parsed before the check): variable and number are named
-    with pytest.raises(devlayer.InvalidArgumentError, match=f"DEVLAYER_TIMEOUT='?{value}"):
+    with pytest.raises(devlayer.errors.InvalidArgumentError, match=f"DEVLAYER_TIMEOUT='?{value}"):
         devlayer.init(backend="cpu")
     _assert_nothing_opened(two_ranks)
 
@@ -236,7 +238,7 @@ def test_b10_bad_timeout_from_env_names_the_variable(two_ranks, clean_env, value
 def test_b10_barrier_timeout_is_validated(clean_env):
     with devlayer.init(backend="cpu"):
         for bad in (0, -1, "5"):
-            with pytest.raises(devlayer.InvalidArgumentError, match="timeout="):
+            with pytest.raises(devlayer.errors.InvalidArgumentError, match="timeout="):
                 devlayer.barrier(timeout=bad)  # type: ignore[arg-type]
 
 
@@ -279,7 +281,7 @@ def test_b10_init_twice_same_args_is_idempotent_different_args_refused(clean_env
     ],
 )
 def test_b10_collective_before_init_says_call_init(clean_env, call):
-    with pytest.raises(devlayer.NotInitializedError, match=r"call devlayer\.init\(\) first"):
+    with pytest.raises(devlayer.errors.NotInitializedError, match=r"call devlayer\.init\(\) first"):
         call()
 
 
@@ -293,6 +295,6 @@ def test_b10_shutdown_is_idempotent_and_says_whether_it_did_something(clean_env)
 
 def test_debug_flag_with_a_bad_value_is_named(clean_env):
     clean_env.setenv("DEVLAYER_DEBUG", "maybe")
-    bad = pytest.raises(devlayer.InvalidArgumentError, match="DEVLAYER_DEBUG='maybe'")
+    bad = pytest.raises(devlayer.errors.InvalidArgumentError, match="DEVLAYER_DEBUG='maybe'")
     with devlayer.init(backend="cpu"), bad:
         devlayer.all_reduce(1.0)

@@ -17,27 +17,29 @@ def cpu(clean_env):
 
 
 def test_collectives_before_init_say_what_to_do(clean_env):
-    with pytest.raises(devlayer.NotInitializedError, match=r"call devlayer\.init\(\) first"):
+    with pytest.raises(devlayer.errors.NotInitializedError, match=r"call devlayer\.init\(\) first"):
         devlayer.all_reduce(1.0)
-    with pytest.raises(devlayer.NotInitializedError):
+    with pytest.raises(devlayer.errors.NotInitializedError):
         devlayer.rank()
 
 
 def test_unknown_op_is_named(cpu):
-    with pytest.raises(devlayer.InvalidArgumentError, match="op='median'"):
+    with pytest.raises(devlayer.errors.InvalidArgumentError, match="op='median'"):
         devlayer.all_reduce(torch.ones(1), op="median")
     assert devlayer.all_reduce(2.0, op="avg") == 2.0  # alias of mean
 
 
 def test_bad_leaf_type_is_named_with_its_path(cpu):
-    with pytest.raises(devlayer.InvalidArgumentError, match=r"\['a'\]\['b'\] has type str"):
+    with pytest.raises(devlayer.errors.InvalidArgumentError, match=r"\['a'\]\['b'\] has type str"):
         devlayer.all_reduce({"a": {"b": "text"}, "c": 1.0})
-    with pytest.raises(devlayer.InvalidArgumentError, match=r"\[1\] has type NoneType"):
+    with pytest.raises(devlayer.errors.InvalidArgumentError, match=r"\[1\] has type NoneType"):
         devlayer.broadcast([1, None])
 
 
 def test_mean_of_integer_tensor_is_refused_with_its_path(cpu):
-    with pytest.raises(devlayer.InvalidArgumentError, match=r"\['count'\] with dtype torch.int64"):
+    with pytest.raises(
+        devlayer.errors.InvalidArgumentError, match=r"\['count'\] with dtype torch.int64"
+    ):
         devlayer.all_reduce({"loss": torch.ones(()), "count": torch.tensor(3)}, op="mean")
 
 
@@ -51,16 +53,16 @@ def test_structures_keep_their_types(cpu):
 
 
 def test_broadcast_and_gather_arguments(cpu):
-    with pytest.raises(devlayer.InvalidArgumentError, match="src=1"):
+    with pytest.raises(devlayer.errors.InvalidArgumentError, match="src=1"):
         devlayer.broadcast(1.0, src=1)
-    with pytest.raises(devlayer.InvalidArgumentError, match="all_gather_object"):
+    with pytest.raises(devlayer.errors.InvalidArgumentError, match="all_gather_object"):
         devlayer.all_gather("text")
     assert devlayer.all_gather(3) == [3]
     assert devlayer.broadcast_object({"k": 1}) == {"k": 1}
 
 
 def test_barrier_timeout_is_validated(cpu):
-    with pytest.raises(devlayer.InvalidArgumentError, match="timeout=-1"):
+    with pytest.raises(devlayer.errors.InvalidArgumentError, match="timeout=-1"):
         devlayer.barrier(timeout=-1)
     devlayer.barrier(timeout=1)
 

@@ -219,3 +219,40 @@ def test_doctests() -> None:
     result = doctest.testmod(devlayer.devices)
     assert result.attempted >= 5
     assert result.failed == 0
+
+
+def test_plan_narrows_relative_to_what_the_process_sees() -> None:
+    from devlayer.devices import APPLIED_MARKER, plan_devices
+
+    env = {"CUDA_VISIBLE_DEVICES": "4,5,6,7"}
+    plan = plan_devices(
+        (1, 3), device_type="cuda", visible=4, variable="CUDA_VISIBLE_DEVICES", env=env,
+        local_rank=3, local_world_size=2,
+    )  # fmt: skip
+    assert (plan.value, plan.marker) == ("5,7", "CUDA_VISIBLE_DEVICES=1,3")
+    assert plan.visibility(env) == ("CUDA_VISIBLE_DEVICES", "5,7")
+    assert plan.device_index(visible=2) == 1  # local rank 3 on 2 devices
+    # a parent applied it already: nothing to set, the current value is what the rank sees
+    env = {"CUDA_VISIBLE_DEVICES": "5,7", APPLIED_MARKER: "CUDA_VISIBLE_DEVICES=1,3"}
+    again = plan_devices(
+        (1, 3), device_type="cuda", visible=2, variable="CUDA_VISIBLE_DEVICES", env=env
+    )
+    assert again.value is None and again.visibility(env) == ("CUDA_VISIBLE_DEVICES", "5,7")
+    # all devices: nothing to narrow
+    assert (
+        plan_devices(None, device_type="cuda", visible=4, variable="X", env={}).visibility({})
+        is None
+    )
+
+
+def test_plan_refuses_before_anything_changes() -> None:
+    from devlayer.devices import plan_devices
+
+    with pytest.raises(DeviceError, match=r"devices=\[0,1\] selects 2 device\(s\) but 4 ranks"):
+        plan_devices(
+            (0, 1), device_type="cuda", visible=4, variable="V", env={}, local_world_size=4
+        )
+    with pytest.raises(DeviceError, match="no launcher started this single process"):
+        plan_devices(2, device_type="cuda", visible=4, variable="V", env={}, launched=False)
+    with pytest.raises(DeviceError, match=r"asks for cuda device\(s\) 5"):
+        plan_devices((5,), device_type="cuda", visible=4, variable="V", env={})

@@ -42,7 +42,7 @@ def test_apply_keeps_hidden_vendor_hidden():
 
 
 def test_apply_rejects_a_bad_spec():
-    with pytest.raises(devlayer.DeviceError, match="DEVLAYER_DEVICES="):
+    with pytest.raises(devlayer.errors.DeviceError, match="DEVLAYER_DEVICES="):
         apply({"DEVLAYER_DEVICES": "0,0"})
 
 
@@ -78,7 +78,7 @@ def test_early_refuses_a_huge_count_before_building_any_list():
     from devlayer.early import apply
 
     env = {"DEVLAYER_DEVICES": "1000000000"}
-    with pytest.raises(devlayer.DeviceError) as err:
+    with pytest.raises(devlayer.errors.DeviceError) as err:
         apply(env)
     assert "1000000000" in str(err.value) and str(MAX_DEVICE_COUNT) in str(err.value)
     assert len(str(err.value)) < 300

@@ -362,7 +362,7 @@ def test_shared_devices_warn_once_on_rank_0_when_allowed(clean_env, caplog, extr
     clean_env.setattr(lifecycle, "_shared_warned", False)
     caplog.set_level(logging.WARNING, logger="devlayer")
     # Nobody else joins: the rendezvous gives up after 1 s, after the device was chosen.
-    with pytest.raises(devlayer.RendezvousError):
+    with pytest.raises(devlayer.errors.RendezvousError):
         devlayer.init(backend="cuda", timeout=1)
     notes = [r.getMessage() for r in caplog.records if "share" in r.getMessage()]
     if warned:
@@ -391,7 +391,7 @@ def test_device_follows_local_rank_not_global_rank_on_a_second_node(clean_env):
         MASTER_PORT=free_port(),
         DEVLAYER_LAUNCHER="env",
     )
-    with simulate("cuda", 4) as fake, pytest.raises(devlayer.RendezvousError):
+    with simulate("cuda", 4) as fake, pytest.raises(devlayer.errors.RendezvousError):
         devlayer.init(backend="cuda", timeout=1)  # nobody hosts the store: fails after 1 s
     assert fake.current == 0
     assert ("set_device", 0) in fake.calls
@@ -407,5 +407,5 @@ def test_num_nodes_is_public_and_on_state(clean_env):
 
 
 def test_num_nodes_needs_init(clean_env):
-    with pytest.raises(devlayer.NotInitializedError):
+    with pytest.raises(devlayer.errors.NotInitializedError):
         devlayer.num_nodes()

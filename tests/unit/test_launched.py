@@ -26,7 +26,7 @@ def test_launched_is_true_under_every_launcher(clean_env, kind):
 def test_spawn_with_other_rank_count_than_the_launcher_refuses_before_starting(clean_env):
     with (
         launcher_env("slurm", 0, 3, nodelist="n1"),
-        pytest.raises(devlayer.InvalidArgumentError) as err,
+        pytest.raises(devlayer.errors.InvalidArgumentError) as err,
     ):
         devlayer.spawn(os.getpid, nprocs=2)
     text = str(err.value)

@@ -1158,3 +1158,29 @@ def test_launcher_auto_means_detect() -> None:
 def test_force_argument_is_named_as_such() -> None:
     with pytest.raises(LaunchEnvError, match=r"^force='slurm' but the environment"):
         detect({}, force="slurm")
+
+
+@pytest.mark.parametrize(
+    ("env", "job_id"),
+    [
+        ({}, None),
+        ({"SLURM_JOB_ID": "42"}, "SLURM_JOB_ID=42"),  # the sbatch shell: one process
+        (
+            {**torchrun_env(0, 2), "TORCHELASTIC_RUN_ID": "none", "SLURM_JOB_ID": "7"},
+            "SLURM_JOB_ID=7",
+        ),
+        ({**torchrun_env(0, 2), "TORCHELASTIC_RUN_ID": "abc"}, "TORCHELASTIC_RUN_ID=abc"),
+        (
+            {**slurm_env(0, 2), "SLURM_JOB_ID": "9", "TORCHELASTIC_RUN_ID": "x"},
+            "SLURM_JOB_ID=9",
+        ),
+        (
+            {**openmpi_env(0, 2), "OMPI_MCA_ess_base_jobid": "123"},
+            "OMPI_MCA_ess_base_jobid=123",
+        ),
+    ],
+)
+def test_process_info_names_the_job(env: dict[str, str], job_id: str | None) -> None:
+    info = detect(env)
+    assert info.job_id == job_id
+    assert info == dataclasses.replace(info, job_id="other")  # a label, not part of equality

@@ -44,11 +44,11 @@ def _load_toy() -> ModuleType:
 
 def test_toy_registered_by_hand(clean_env: pytest.MonkeyPatch, fresh_registry: None) -> None:
     toy = _load_toy()
-    backend = devlayer.register_backend(toy.ToyBackend)
+    backend = devlayer.backends.register_backend(toy.ToyBackend)
     assert backend.name == "toy"
-    names = list(devlayer.registered_backends())
+    names = list(devlayer.backends.registered_backends())
     assert names.index("toy") > names.index("cpu")  # priority -10: after cpu
-    assert devlayer.available_backends()[-2:] == ["cpu", "toy"]
+    assert devlayer.backends.available_backends()[-2:] == ["cpu", "toy"]
 
     with devlayer.init(backend="toy") as st:
         assert (st.backend, str(st.device), st.device_index, st.comm) == ("toy", "cpu", None, None)
@@ -59,7 +59,7 @@ def test_toy_registered_by_hand(clean_env: pytest.MonkeyPatch, fresh_registry: N
 
 
 def test_toy_selected_by_env(clean_env: pytest.MonkeyPatch, fresh_registry: None) -> None:
-    devlayer.register_backend(_load_toy().ToyBackend)
+    devlayer.backends.register_backend(_load_toy().ToyBackend)
     clean_env.setenv("DEVLAYER_BACKEND", "toy")
     with devlayer.init() as st:
         assert (st.backend, str(st.device)) == ("toy", "cpu")
@@ -84,7 +84,7 @@ CHILD = textwrap.dedent(
     from devlayer.registry import entry_point_errors
     out = {
         "module": devlayer_toy.__file__,
-        "registered": list(devlayer.registered_backends()),
+        "registered": list(devlayer.backends.registered_backends()),
         "errors": entry_point_errors(),
     }
     with devlayer.init() as st:

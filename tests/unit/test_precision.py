@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import devlayer
+from devlayer.errors import InvalidArgumentError
 from devlayer.train.precision import Precision, resolve_precision
 
 CPU = torch.device("cpu")
@@ -25,7 +26,7 @@ def test_names_and_aliases_resolve_and_unknown_names_are_refused():
         "bf16-mixed",
         "16-mixed",
     ]
-    with pytest.raises(devlayer.InvalidArgumentError, match=r"'fp8'.*'bf16-mixed'"):
+    with pytest.raises(InvalidArgumentError, match=r"'fp8'.*'bf16-mixed'"):
         resolve_precision("fp8")
 
 

@@ -27,7 +27,7 @@ BUILTIN_ORDER = ["cuda", "xpu", "mps", "cpu"]
 
 def _real_accelerator() -> bool:
     names = ("cuda", "xpu", "mps")
-    return any(registry._safe_availability(devlayer.get_backend(n)) for n in names)
+    return any(registry._safe_availability(devlayer.backends.get_backend(n)) for n in names)
 
 
 @pytest.fixture
@@ -54,7 +54,7 @@ def _ep(name: str, value: str) -> importlib.metadata.EntryPoint:
     return importlib.metadata.EntryPoint(name=name, value=value, group=registry.ENTRY_POINT_GROUP)
 
 
-class DemoBackend(devlayer.Backend):
+class DemoBackend(devlayer.backends.Backend):
     """A CPU-device backend for registration tests (priority below cpu)."""
 
     name = "demo"
@@ -72,9 +72,9 @@ class DemoBackend(devlayer.Backend):
 
 
 def test_registered_builtins_in_priority_order(clean_env: pytest.MonkeyPatch) -> None:
-    names = list(devlayer.registered_backends())
+    names = list(devlayer.backends.registered_backends())
     assert [n for n in names if n in BUILTIN_ORDER] == BUILTIN_ORDER
-    priorities = [b.priority for b in devlayer.registered_backends().values()]
+    priorities = [b.priority for b in devlayer.backends.registered_backends().values()]
     assert priorities == sorted(priorities, reverse=True)
 
 
@@ -82,14 +82,14 @@ def test_registered_builtins_exactly_without_plugins(
     clean_env: pytest.MonkeyPatch, fresh_registry: None
 ) -> None:
     _fake_entry_points(clean_env)
-    assert list(devlayer.registered_backends()) == BUILTIN_ORDER
+    assert list(devlayer.backends.registered_backends()) == BUILTIN_ORDER
     assert registry.entry_point_errors() == {}
 
 
 def test_available_backends_is_cpu_only_here(clean_env: pytest.MonkeyPatch) -> None:
     if _real_accelerator():
         pytest.skip("this machine has a real accelerator")
-    assert devlayer.available_backends() == ["cpu"]
+    assert devlayer.backends.available_backends() == ["cpu"]
 
 
 # --------------------------------------------------------------------------- selection
@@ -197,41 +197,41 @@ def test_init_with_unknown_env_backend(clean_env: pytest.MonkeyPatch) -> None:
 def test_register_duplicate_needs_replace(
     clean_env: pytest.MonkeyPatch, fresh_registry: None
 ) -> None:
-    first = devlayer.register_backend(DemoBackend)
-    assert devlayer.get_backend("demo") is first
-    assert list(devlayer.registered_backends())[-1] == "demo"  # priority -5: last
+    first = devlayer.backends.register_backend(DemoBackend)
+    assert devlayer.backends.get_backend("demo") is first
+    assert list(devlayer.backends.registered_backends())[-1] == "demo"  # priority -5: last
 
     with pytest.raises(DevlayerError, match=r"'demo' is already registered.*replace=True"):
-        devlayer.register_backend(DemoBackend)
-    assert devlayer.get_backend("demo") is first
+        devlayer.backends.register_backend(DemoBackend)
+    assert devlayer.backends.get_backend("demo") is first
 
     second = DemoBackend()
-    assert devlayer.register_backend(second, replace=True) is second
-    assert devlayer.get_backend("demo") is second
+    assert devlayer.backends.register_backend(second, replace=True) is second
+    assert devlayer.backends.get_backend("demo") is second
 
     # a built-in is protected the same way
     class FakeCuda(DemoBackend):
         name = "cuda"
 
     with pytest.raises(DevlayerError, match="'cuda' is already registered"):
-        devlayer.register_backend(FakeCuda)
+        devlayer.backends.register_backend(FakeCuda)
 
 
 def test_unregister(clean_env: pytest.MonkeyPatch, fresh_registry: None) -> None:
-    devlayer.register_backend(DemoBackend)
-    devlayer.unregister_backend("demo")
-    assert "demo" not in devlayer.registered_backends()
+    devlayer.backends.register_backend(DemoBackend)
+    devlayer.backends.unregister_backend("demo")
+    assert "demo" not in devlayer.backends.registered_backends()
     with pytest.raises(BackendNotFoundError, match="'demo'"):
-        devlayer.get_backend("demo")
-    devlayer.unregister_backend("demo")  # unknown names are ignored
-    devlayer.unregister_backend("cpu")
-    assert list(devlayer.registered_backends()) == ["cuda", "xpu", "mps"]
+        devlayer.backends.get_backend("demo")
+    devlayer.backends.unregister_backend("demo")  # unknown names are ignored
+    devlayer.backends.unregister_backend("cpu")
+    assert list(devlayer.backends.registered_backends()) == ["cuda", "xpu", "mps"]
 
 
 def test_registered_backend_selectable_by_init(
     clean_env: pytest.MonkeyPatch, fresh_registry: None
 ) -> None:
-    devlayer.register_backend(DemoBackend)
+    devlayer.backends.register_backend(DemoBackend)
     with devlayer.init(backend="demo") as st:
         assert (st.backend, str(st.device), st.comm) == ("demo", "cpu", None)
     assert select_backend(None, env={}).backend.name != "demo"  # never auto-detected
@@ -256,12 +256,12 @@ def test_register_rejects_unselectable_names(
 ) -> None:
     bad = type("Bad", (DemoBackend,), {"name": name, "device_type": device_type})
     with pytest.raises(InvalidArgumentError, match=re.escape(fragment)):
-        devlayer.register_backend(bad)
+        devlayer.backends.register_backend(bad)
 
 
 def test_register_rejects_non_backends(clean_env: pytest.MonkeyPatch, fresh_registry: None) -> None:
     with pytest.raises(InvalidArgumentError, match=r"expected a devlayer\.Backend"):
-        devlayer.register_backend(object())  # type: ignore[arg-type]
+        devlayer.backends.register_backend(object())  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- entry points
@@ -277,11 +277,11 @@ def test_broken_entry_points_do_not_break_builtins(
         _ep("cuda", f"{__name__}:DemoBackend"),  # shadows a built-in
         _ep("demo", f"{__name__}:DemoBackend"),  # a good one
     )
-    names = list(devlayer.registered_backends())
+    names = list(devlayer.backends.registered_backends())
     assert [n for n in names if n in BUILTIN_ORDER] == BUILTIN_ORDER
     assert "demo" in names
-    assert type(devlayer.get_backend("cuda")).__name__ == "CudaBackend"
-    assert devlayer.available_backends()[-2:] == ["cpu", "demo"]
+    assert type(devlayer.backends.get_backend("cuda")).__name__ == "CudaBackend"
+    assert devlayer.backends.available_backends()[-2:] == ["cpu", "demo"]
 
     errors = registry.entry_point_errors()
     assert set(errors) == {"broken", "notabackend", "cuda"}
@@ -291,7 +291,7 @@ def test_broken_entry_points_do_not_break_builtins(
 
     # asking for the broken plugin says why it is missing
     with pytest.raises(BackendNotFoundError) as info:
-        devlayer.get_backend("broken")
+        devlayer.backends.get_backend("broken")
     assert "'broken' is not a registered backend" in str(info.value)
     assert "plugin failed to load: ModuleNotFoundError" in str(info.value)
     with devlayer.init(backend="cpu") as st:
@@ -302,7 +302,7 @@ def test_entry_point_name_must_match_backend_name(
     clean_env: pytest.MonkeyPatch, fresh_registry: None
 ) -> None:
     _fake_entry_points(clean_env, _ep("democpu", f"{__name__}:DemoBackend"))
-    names = devlayer.registered_backends()
+    names = devlayer.backends.registered_backends()
     assert "democpu" not in names
     assert "demo" not in names
     err = registry.entry_point_errors()["democpu"]
@@ -317,7 +317,7 @@ def test_failing_entry_point_listing_does_not_break_builtins(
         raise ValueError("bad metadata")
 
     clean_env.setattr(importlib.metadata, "entry_points", entry_points)
-    assert list(devlayer.registered_backends()) == BUILTIN_ORDER
+    assert list(devlayer.backends.registered_backends()) == BUILTIN_ORDER
     assert "ValueError: bad metadata" in registry.entry_point_errors()["<entry points>"]
 
 

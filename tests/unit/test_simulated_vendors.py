@@ -64,7 +64,7 @@ def _torch_default_device() -> str:
 def test_simulated_cuda_auto_detected_over_cpu(sim: pytest.MonkeyPatch) -> None:
     before = _torch_default_device()
     with simulate("cuda", 4) as fake:
-        assert devlayer.available_backends()[:1] == ["cuda"]
+        assert devlayer.backends.available_backends()[:1] == ["cuda"]
         st = devlayer.init()
         assert st.backend == "cuda"
         assert str(st.device) == "cuda:0"
@@ -104,7 +104,7 @@ def test_simulated_devices_narrow_cuda_visible_devices(
         assert os.environ["CUDA_VISIBLE_DEVICES"] == "1,3"
         assert st.visibility == ("CUDA_VISIBLE_DEVICES", "1,3")
         assert str(st.device) == "cuda:0"
-        assert devlayer.get_backend("cuda").device_count() == 2
+        assert devlayer.backends.get_backend("cuda").device_count() == 2
         assert "CUDA_VISIBLE_DEVICES=1,3" in os.environ[lifecycle.APPLIED_MARKER]
         devlayer.shutdown()
     assert "CUDA_VISIBLE_DEVICES" not in os.environ
@@ -127,11 +127,11 @@ def test_simulated_devices_compose_with_scheduler_visibility(sim: pytest.MonkeyP
     sim.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
     fake = _cuda(8)  # 8 physical GPUs, the scheduler gave this job 4..7
     with simulate("cuda", runtime=fake):
-        assert devlayer.get_backend("cuda").device_count() == 4
+        assert devlayer.backends.get_backend("cuda").device_count() == 4
         with devlayer.init(devices="1,3") as st:
             assert st.visibility == ("CUDA_VISIBLE_DEVICES", "5,7")
             assert fake.env_at_set_device["CUDA_VISIBLE_DEVICES"] == "5,7"
-            assert devlayer.get_backend("cuda").device_count() == 2
+            assert devlayer.backends.get_backend("cuda").device_count() == 2
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "4,5,6,7"
 
 
@@ -214,7 +214,7 @@ def test_simulated_rocm_narrows_hip_visible_devices(sim: pytest.MonkeyPatch) -> 
     with simulate("cuda", 4, variant="rocm"), devlayer.init(devices="1,3") as st:
         assert st.visibility == ("HIP_VISIBLE_DEVICES", "1,3")
         assert "CUDA_VISIBLE_DEVICES" not in os.environ
-        assert devlayer.get_backend("cuda").device_count() == 2
+        assert devlayer.backends.get_backend("cuda").device_count() == 2
     assert "HIP_VISIBLE_DEVICES" not in os.environ
 
 
@@ -224,13 +224,13 @@ def test_simulated_rocm_narrows_the_variable_already_set(sim: pytest.MonkeyPatch
     with simulate("cuda", 4, variant="rocm"), devlayer.init(devices="1,3") as st:
         assert st.visibility == ("CUDA_VISIBLE_DEVICES", "1,3")
         assert "HIP_VISIBLE_DEVICES" not in os.environ
-        assert devlayer.get_backend("cuda").device_count() == 2
+        assert devlayer.backends.get_backend("cuda").device_count() == 2
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "0,1,2,3"
     # HIP_VISIBLE_DEVICES wins when both are set (HIP reads it first)
     sim.setenv("HIP_VISIBLE_DEVICES", "2,3")
     with simulate("cuda", 4, variant="rocm"), devlayer.init(devices=[1]) as st:
         assert st.visibility == ("HIP_VISIBLE_DEVICES", "3")
-        assert devlayer.get_backend("cuda").device_count() == 1
+        assert devlayer.backends.get_backend("cuda").device_count() == 1
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "0,1,2,3"
     assert os.environ["HIP_VISIBLE_DEVICES"] == "2,3"
 
@@ -247,7 +247,7 @@ def test_simulated_xpu_comm_choice(
     sim: pytest.MonkeyPatch, comm: tuple[str, ...], expected: str
 ) -> None:
     with simulate("xpu", 2, comm=comm):
-        assert devlayer.get_backend("xpu").comm_backend() == expected
+        assert devlayer.backends.get_backend("xpu").comm_backend() == expected
 
 
 @pytest.mark.simulated
@@ -269,7 +269,7 @@ def test_simulated_xpu_without_xccl_or_ccl(sim: pytest.MonkeyPatch) -> None:
 @pytest.mark.simulated
 def test_simulated_xpu_requested_comm_missing(sim: pytest.MonkeyPatch) -> None:
     with simulate("xpu", 2, comm=("xccl",)), pytest.raises(BackendUnavailableError) as info:
-        devlayer.get_backend("xpu").comm_backend("ccl")
+        devlayer.backends.get_backend("xpu").comm_backend("ccl")
     assert "communication backend 'ccl' is not available for backend 'xpu'" in str(info.value)
 
 
@@ -292,7 +292,7 @@ def test_simulated_xpu_tile_mask_narrowed_by_index(
 ) -> None:
     sim.setenv("ZE_AFFINITY_MASK", "0.0,0.1,1.0")  # three tiles of two cards
     with simulate("xpu", 2):
-        assert devlayer.get_backend("xpu").device_count() == 3
+        assert devlayer.backends.get_backend("xpu").device_count() == 3
         with devlayer.init(devices=devices) as st:
             assert st.visibility == ("ZE_AFFINITY_MASK", mask)
             assert os.environ["ZE_AFFINITY_MASK"] == mask
@@ -303,7 +303,7 @@ def test_simulated_xpu_tile_mask_narrowed_by_index(
 
 
 def _xpu_module() -> object:
-    return importlib.import_module(type(devlayer.get_backend("xpu")).__module__)
+    return importlib.import_module(type(devlayer.backends.get_backend("xpu")).__module__)
 
 
 def _fake_packages(sim: pytest.MonkeyPatch, ipex_version: str | None) -> list[str]:
@@ -326,7 +326,7 @@ def test_xpu_prepare_ccl_rejects_ipex_torch_mismatch(sim: pytest.MonkeyPatch) ->
         sim, "2.8.10+xpu" if not torch.__version__.startswith("2.8") else "2.7.0"
     )
     with pytest.raises(BackendUnavailableError) as info:
-        devlayer.get_backend("xpu").prepare("ccl")
+        devlayer.backends.get_backend("xpu").prepare("ccl")
     msg = str(info.value)
     assert msg.startswith("comm 'ccl': intel-extension-for-pytorch ")
     assert torch.__version__ in msg
@@ -339,10 +339,10 @@ def test_xpu_prepare_ccl_imports_ipex_then_bindings(sim: pytest.MonkeyPatch) -> 
 
     xpu = _xpu_module()
     imported = _fake_packages(sim, xpu.minor(torch.__version__) + ".10+xpu")  # type: ignore[attr-defined]
-    devlayer.get_backend("xpu").prepare("ccl")
+    devlayer.backends.get_backend("xpu").prepare("ccl")
     assert imported == [xpu.IPEX_MODULE, xpu.CCL_MODULE]  # type: ignore[attr-defined]
     imported.clear()
-    devlayer.get_backend("xpu").prepare("xccl")
+    devlayer.backends.get_backend("xpu").prepare("xccl")
     assert imported == []
 
 
@@ -353,19 +353,19 @@ def test_xpu_prepare_ccl_missing_modules(sim: pytest.MonkeyPatch) -> None:
     helpers = importlib.import_module("devlayer.backends._ipex")
     sim.setattr(helpers, "installed_version", lambda dist: None)
     with pytest.raises(BackendUnavailableError, match="comm 'ccl' needs oneccl_bindings"):
-        devlayer.get_backend("xpu").prepare("ccl")
+        devlayer.backends.get_backend("xpu").prepare("ccl")
     # IPEX metadata present but the module does not import: named, not a bare ImportError
     matching = xpu.minor(torch.__version__) + ".0+xpu"  # type: ignore[attr-defined]
     sim.setattr(helpers, "installed_version", lambda dist: matching)
     with pytest.raises(BackendUnavailableError, match="intel_extension_for_pytorch"):
-        devlayer.get_backend("xpu").prepare("ccl")
+        devlayer.backends.get_backend("xpu").prepare("ccl")
 
 
 @pytest.mark.simulated
 def test_simulated_xpu_unavailable_names_ipex_without_xpu_torch(sim: pytest.MonkeyPatch) -> None:
     sim.setattr(_xpu_module(), "_installed", lambda module: True)
     with simulate("xpu", 2, compiled=False):
-        avail = devlayer.get_backend("xpu").availability()
+        avail = devlayer.backends.get_backend("xpu").availability()
     assert not avail
     assert "intel_extension_for_pytorch is installed but torch has no XPU" in avail.reason
 
@@ -378,8 +378,8 @@ def test_simulated_via_env_spec(sim: pytest.MonkeyPatch) -> None:
     sim.setenv("DEVLAYER_SIMULATE", "cuda:4")
     fakes = testing.runtimes_from_spec("cuda:4")
     assert set(fakes) == {"cuda"}
-    assert devlayer.get_backend("cuda").runtime is fakes["cuda"]
-    assert devlayer.get_backend("cuda").device_count() == 4
+    assert devlayer.backends.get_backend("cuda").runtime is fakes["cuda"]
+    assert devlayer.backends.get_backend("cuda").device_count() == 4
     with devlayer.init(devices="2,3") as st:
         assert (st.backend, str(st.device)) == ("cuda", "cuda:0")
         assert fakes["cuda"].calls == [("set_device", 0)]
@@ -390,9 +390,9 @@ def test_simulated_via_env_spec(sim: pytest.MonkeyPatch) -> None:
 @pytest.mark.simulated
 def test_simulated_env_spec_with_comm(sim: pytest.MonkeyPatch) -> None:
     sim.setenv("DEVLAYER_SIMULATE", "xpu:2:ccl+gloo, cuda:0")
-    assert devlayer.available_backends()[:1] == ["xpu"]
-    assert devlayer.get_backend("xpu").comm_backend() == "ccl"
-    assert devlayer.get_backend("cuda").device_count() == 0
+    assert devlayer.backends.available_backends()[:1] == ["xpu"]
+    assert devlayer.backends.get_backend("xpu").comm_backend() == "ccl"
+    assert devlayer.backends.get_backend("cuda").device_count() == 0
 
 
 def test_simulate_env_spec_bad_count(sim: pytest.MonkeyPatch) -> None:
@@ -435,8 +435,10 @@ def _info(local_rank: int, local_world_size: int) -> ProcessInfo:
 @pytest.mark.parametrize("local_rank", range(8))
 def test_simulated_rank_mapping_wraps_local_rank(sim: pytest.MonkeyPatch, local_rank: int) -> None:
     with simulate("cuda", 4):
-        be = devlayer.get_backend("cuda")
-        assert lifecycle._pick_device(be, None, "devices", _info(local_rank, 8)) == local_rank % 4
+        be = devlayer.backends.get_backend("cuda")
+        info = _info(local_rank, 8)
+        plan = lifecycle._plan_devices(be, None, "devices", info)
+        assert lifecycle._pick_device(be, plan, info) == local_rank % 4
 
 
 @pytest.mark.simulated
@@ -453,13 +455,17 @@ def test_simulated_rank_mapping_from_launcher_env(
     info = detect(env)
     assert (info.launcher, info.local_rank) == ("env", 5)
     with simulate("cuda", 4), caplog.at_level(logging.WARNING, logger="devlayer"):
-        assert lifecycle._pick_device(devlayer.get_backend("cuda"), None, "devices", info) == 1
+        be = devlayer.backends.get_backend("cuda")
+        plan = lifecycle._plan_devices(be, None, "devices", info)
+        assert lifecycle._pick_device(be, plan, info) == 1
     # Sharing is reported once, by rank 0 (tests/unit/test_env_round2.py), not by rank 5.
     assert caplog.text == ""
     caplog.clear()
     # one device per task (scheduler binding): every local rank uses index 0, no warning
     with simulate("cuda", 1), caplog.at_level(logging.WARNING, logger="devlayer"):
-        assert lifecycle._pick_device(devlayer.get_backend("cuda"), None, "devices", info) == 0
+        be = devlayer.backends.get_backend("cuda")
+        plan = lifecycle._plan_devices(be, None, "devices", info)
+        assert lifecycle._pick_device(be, plan, info) == 0
     assert caplog.text == ""
 
 
@@ -467,13 +473,14 @@ def test_simulated_rank_mapping_from_launcher_env(
 def test_simulated_rank_mapping_after_visibility(sim: pytest.MonkeyPatch) -> None:
     be_name, info = "cuda", detect(torchrun_env(5, 8))
     with simulate(be_name, 8):
-        be = devlayer.get_backend(be_name)
+        be = devlayer.backends.get_backend(be_name)
         undo = lifecycle._Undo()
         try:
             spec = (7, 6, 5, 4, 3, 2, 1, 0)
-            vis = lifecycle._apply_visibility(be, spec, "devices", undo)
+            plan = lifecycle._plan_devices(be, spec, "devices", info)
+            vis = lifecycle._apply_visibility(be, plan, undo)
             assert vis == ("CUDA_VISIBLE_DEVICES", "7,6,5,4,3,2,1,0")
-            assert lifecycle._pick_device(be, spec, "devices", info) == 5  # physical GPU 2
+            assert lifecycle._pick_device(be, plan, info) == 5  # physical GPU 2
         finally:
             lifecycle._restore(undo)
     assert "CUDA_VISIBLE_DEVICES" not in os.environ
@@ -482,9 +489,9 @@ def test_simulated_rank_mapping_after_visibility(sim: pytest.MonkeyPatch) -> Non
 @pytest.mark.simulated
 def test_simulated_device_list_shorter_than_local_ranks(sim: pytest.MonkeyPatch) -> None:
     with simulate("cuda", 4):
-        be = devlayer.get_backend("cuda")
+        be = devlayer.backends.get_backend("cuda")
         with pytest.raises(DeviceError) as info:
-            lifecycle._pick_device(be, (0, 1), "DEVLAYER_DEVICES", _info(5, 8))
+            lifecycle._plan_devices(be, (0, 1), "DEVLAYER_DEVICES", _info(5, 8))
     msg = str(info.value)
     assert "DEVLAYER_DEVICES=[0,1] selects 2 device(s) but 8 ranks run on this node" in msg
 
@@ -493,9 +500,10 @@ def test_simulated_device_list_shorter_than_local_ranks(sim: pytest.MonkeyPatch)
 def test_simulated_no_visible_devices_after_visibility(sim: pytest.MonkeyPatch) -> None:
     sim.setenv("CUDA_VISIBLE_DEVICES", "")
     with simulate("cuda", 0):
-        be = devlayer.get_backend("cuda")
+        be = devlayer.backends.get_backend("cuda")
         with pytest.raises(DeviceError, match="sees no devices"):
-            lifecycle._pick_device(be, None, "devices", _info(0, 1))
+            info = _info(0, 1)
+            lifecycle._pick_device(be, lifecycle._plan_devices(be, None, "devices", info), info)
 
 
 # --------------------------------------------------------------------------- init arguments
@@ -553,7 +561,7 @@ def test_simulated_fake_for_vendor_defaults() -> None:
 def test_simulated_xpu_ccl_local_rank_variables_only_for_ccl():
     from devlayer.launchers import ProcessInfo
 
-    be = devlayer.get_backend("xpu")
+    be = devlayer.backends.get_backend("xpu")
     info = ProcessInfo(
         rank=3,
         world_size=4,
@@ -565,4 +573,4 @@ def test_simulated_xpu_ccl_local_rank_variables_only_for_ccl():
     )
     assert be.comm_env("ccl", info) == {"CCL_LOCAL_RANK": "1", "CCL_LOCAL_SIZE": "2"}
     assert be.comm_env("xccl", info) == {}
-    assert devlayer.get_backend("cuda").comm_env("nccl", info) == {}
+    assert devlayer.backends.get_backend("cuda").comm_env("nccl", info) == {}

@@ -80,8 +80,10 @@ def test_progress_interval_from_argument_env_or_default():
     assert resolve_progress_interval(None, {}) == 30.0
     assert resolve_progress_interval(None, {"DEVLAYER_PROGRESS_INTERVAL": " 2.5 "}) == 2.5
     assert resolve_progress_interval(0, {"DEVLAYER_PROGRESS_INTERVAL": "9"}) == 0.0
-    with pytest.raises(devlayer.InvalidArgumentError, match="DEVLAYER_PROGRESS_INTERVAL='soon'"):
+    with pytest.raises(
+        devlayer.errors.InvalidArgumentError, match="DEVLAYER_PROGRESS_INTERVAL='soon'"
+    ):
         resolve_progress_interval(None, {"DEVLAYER_PROGRESS_INTERVAL": "soon"})
     for bad in (-1, float("nan"), float("inf"), True):
-        with pytest.raises(devlayer.InvalidArgumentError, match="progress_interval="):
+        with pytest.raises(devlayer.errors.InvalidArgumentError, match="progress_interval="):
             resolve_progress_interval(bad, {})

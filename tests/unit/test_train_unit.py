@@ -55,7 +55,7 @@ def test_prepare_loader_rejects_indivisible_global_batch(clean_env):
 
     clean_env.setattr(devlayer, "state", lambda: _Two())
     clean_env.setattr(devlayer, "is_initialized", lambda: True)
-    with pytest.raises(devlayer.InvalidArgumentError) as info:
+    with pytest.raises(devlayer.errors.InvalidArgumentError) as info:
         data_mod.prepare_loader(_data(), 7, num_workers=0)
     assert "batch_size=7" in str(info.value) and "world_size=2" in str(info.value)
     assert "per_rank=True" in str(info.value)
@@ -78,7 +78,7 @@ def test_auto_num_workers_respects_slurm_and_affinity():
 def test_prepare_model_at_world_one_returns_the_module(cpu):
     net = torch.nn.Linear(2, 2)
     assert devlayer.prepare_model(net) is net
-    with pytest.raises(devlayer.InvalidArgumentError, match=r"torch\.nn\.Module"):
+    with pytest.raises(devlayer.errors.InvalidArgumentError, match=r"torch\.nn\.Module"):
         devlayer.prepare_model("not a model")
 
 
@@ -86,7 +86,7 @@ def test_resolve_precision_names_and_env():
     assert resolve_precision("32") == "32" and resolve_precision("bf16") == "bf16-mixed"
     assert resolve_precision(None, {"ACCELERATE_MIXED_PRECISION": "bf16"}) == "bf16-mixed"
     assert resolve_precision(None, {}) == "32"
-    with pytest.raises(devlayer.InvalidArgumentError, match="'fp8'"):
+    with pytest.raises(devlayer.errors.InvalidArgumentError, match="'fp8'"):
         resolve_precision("fp8")
 
 
@@ -131,7 +131,7 @@ def test_early_stopping_with_target_and_patience(cpu):
 def test_early_stopping_counts_epochs_without_improvement():
     stop = EarlyStopping(monitor="m", mode="max", patience=2)
     assert [stop.update({"m": v}) for v in (1.0, 2.0, 1.5, 1.9)] == [False, False, False, True]
-    with pytest.raises(devlayer.InvalidArgumentError, match="'m'"):
+    with pytest.raises(devlayer.errors.InvalidArgumentError, match="'m'"):
         EarlyStopping(monitor="m").update({"other": 1.0})
 
 
@@ -166,11 +166,11 @@ def test_accuracy_reported_for_classification(cpu):
 def test_bad_trainer_arguments_are_named():
     net = torch.nn.Linear(1, 1)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
-    with pytest.raises(devlayer.InvalidArgumentError, match="grad_accum=0"):
+    with pytest.raises(devlayer.errors.InvalidArgumentError, match="grad_accum=0"):
         devlayer.Trainer(net, opt, torch.nn.functional.mse_loss, grad_accum=0)
-    with pytest.raises(devlayer.InvalidArgumentError, match="loss_fn"):
+    with pytest.raises(devlayer.errors.InvalidArgumentError, match="loss_fn"):
         devlayer.Trainer(net, opt)
-    with pytest.raises(devlayer.InvalidArgumentError, match="lr_scaling='cubic'"):
+    with pytest.raises(devlayer.errors.InvalidArgumentError, match="lr_scaling='cubic'"):
         devlayer.Trainer(net, opt, torch.nn.functional.mse_loss, lr_scaling="cubic")
 
 
@@ -186,7 +186,7 @@ def test_batch_size_must_split_into_micro_batches(cpu):
         progress=False,
         num_workers=0,
     )
-    with pytest.raises(devlayer.InvalidArgumentError, match="batch_size=9"):
+    with pytest.raises(devlayer.errors.InvalidArgumentError, match="batch_size=9"):
         trainer.fit(_data())
 
 
@@ -255,7 +255,7 @@ def test_max_steps_with_no_batches_is_an_error_not_a_hang(cpu):
         progress=False,
         num_workers=0,
     )
-    with pytest.raises(devlayer.InvalidArgumentError, match=r"0 batches.*max_steps=5"):
+    with pytest.raises(devlayer.errors.InvalidArgumentError, match=r"0 batches.*max_steps=5"):
         trainer.fit(_data(0))
 
 
@@ -266,9 +266,9 @@ def test_bounds_default_and_validation():
     assert devlayer.Trainer(net, opt, mse).max_epochs == 1
     only_steps = devlayer.Trainer(net, opt, mse, max_steps=50)
     assert only_steps.max_epochs is None and only_steps.max_steps == 50
-    with pytest.raises(devlayer.InvalidArgumentError, match="max_epochs=0"):
+    with pytest.raises(devlayer.errors.InvalidArgumentError, match="max_epochs=0"):
         devlayer.Trainer(net, opt, mse, max_epochs=0)
-    with pytest.raises(devlayer.InvalidArgumentError, match="max_steps=0"):
+    with pytest.raises(devlayer.errors.InvalidArgumentError, match="max_steps=0"):
         devlayer.Trainer(net, opt, mse, max_steps=0)
 
 
