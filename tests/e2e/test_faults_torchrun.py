@@ -40,6 +40,15 @@ def reference(tmp_path_factory):
     return torch.load(out, weights_only=True)
 
 
+@pytest.fixture(scope="module")
+def fsdp_reference(tmp_path_factory):
+    """Final weights of an uninterrupted strategy="fsdp" run with the same seed."""
+    tmp = tmp_path_factory.mktemp("fsdp-ref")
+    proc, _, out = _torchrun(tmp, "ref", "--strategy", "fsdp")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return torch.load(out, weights_only=True)
+
+
 def _same(a, b) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -50,6 +59,27 @@ def test_f1_sigkill_rank1_restart_resumes_bitwise(tmp_path, reference, step):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "resumed_from=" in proc.stdout and "resumed_from=None" not in proc.stdout
     assert _same(torch.load(out, weights_only=True), reference)
+
+
+def test_f1_fsdp_sigkill_rank1_restart_resumes_bitwise_from_shards(tmp_path, fsdp_reference):
+    """strategy="fsdp": the restart resumes from sharded checkpoints and ends bitwise equal."""
+    proc, ckpt, out = _torchrun(
+        tmp_path, "f1", "--kill-rank", "1", "--kill-at-step", "5", "--strategy", "fsdp"
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "resumed_from=" in proc.stdout and "step-000000004" in proc.stdout, proc.stdout
+    assert _same(torch.load(out, weights_only=True), fsdp_reference)
+    newest = CheckpointStore(ckpt).latest()
+    assert newest is not None and (newest / "shards" / "__1_0.distcp").is_file()
+
+
+def test_f3_fsdp_kill_after_the_shards_before_the_rename_keeps_previous(tmp_path, fsdp_reference):
+    """Rank 0 dies after every rank wrote its shards but before the commit: not a checkpoint."""
+    proc, ckpt, out = _torchrun(tmp_path, "f3", "--kill-in-write", "--strategy", "fsdp")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "step-000000002" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert _same(torch.load(out, weights_only=True), fsdp_reference)
+    assert not [p for p in ckpt.iterdir() if p.name.startswith(".tmp-")]
 
 
 def test_f2_no_restarts_fails_fast_naming_rank_and_signal(tmp_path):

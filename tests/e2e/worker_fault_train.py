@@ -23,6 +23,7 @@ import torch
 
 import devlayer
 from devlayer.train import checkpoint
+from devlayer.train.fsdp import full_state_dict
 from tests.dist.trainer_worker import make_data, make_model
 
 p = argparse.ArgumentParser()
@@ -33,6 +34,7 @@ p.add_argument("--kill-at-step", type=int, default=None)
 p.add_argument("--kill-in-write", action="store_true")
 p.add_argument("--term-at-step", type=int, default=None)
 p.add_argument("--epochs", type=int, default=3)
+p.add_argument("--strategy", default="ddp")
 args = p.parse_args()
 first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
 
@@ -86,9 +88,11 @@ trainer = devlayer.Trainer(
     seed=7,
     callbacks=[Faults()],
     preempt_check_every=1,
+    strategy=args.strategy,
 )
 trainer.fit(make_data())
+weights = full_state_dict(trainer.ddp_model)  # collective under FSDP: rank 0 gets it all
 if devlayer.is_main():
-    torch.save(model.state_dict(), args.out)
+    torch.save(weights, args.out)
     print(f"DONE resumed_from={trainer.resumed_from}", flush=True)
 devlayer.shutdown()
