@@ -15,7 +15,7 @@ import importlib
 from importlib import metadata
 from typing import Any
 
-from devlayer.errors import BackendUnavailableError
+from devlayer.errors import BackendUnavailableError, InvalidArgumentError
 
 IPEX_MODULE = "intel_extension_for_pytorch"
 IPEX_DIST = "intel-extension-for-pytorch"
@@ -113,3 +113,25 @@ def optimize(model: Any, optimizer: Any, dtype: Any) -> tuple[Any, Any]:
         return ipex.optimize(model, dtype=dtype, inplace=True), None
     out_model, out_opt = ipex.optimize(model, optimizer=optimizer, dtype=dtype, inplace=True)
     return out_model, out_opt
+
+
+#: The device types IPEX has builds for.
+DEVICE_TYPES = ("cpu", "xpu")
+
+
+def trainer_optimize(model: Any, optimizer: Any, *, backend: Any, dtype: Any) -> tuple[Any, Any]:
+    """``Trainer(optimize="ipex")``: :func:`optimize` on the cpu and xpu backends.
+
+    Registered by name in :mod:`devlayer.train.optimize`, which loads this module only
+    when ``"ipex"`` is asked for.
+
+    Raises:
+        InvalidArgumentError: The backend's device is one IPEX has no build for.
+    """
+    if backend.device_type not in DEVICE_TYPES:
+        raise InvalidArgumentError(
+            f"optimize='ipex' is not available on backend {backend.name!r}; 'ipex' works on "
+            f"the cpu and xpu backends, or pass a callable (model, optimizer) -> "
+            f"(model, optimizer), or leave optimize=None"
+        )
+    return optimize(model, optimizer, dtype)

@@ -2,15 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 from devlayer.registry import Availability, Backend, Runtime
-
-from . import _ipex
-from ._common import comm_available
-
-if TYPE_CHECKING:
-    import torch
 
 
 class CpuRuntime:
@@ -35,9 +27,6 @@ class CpuRuntime:
 
         return platform.processor() or platform.machine() or "cpu"
 
-    def comm_available(self, comm: str) -> bool:
-        return comm_available(comm)
-
 
 class CpuBackend(Backend):
     """Every rank on the CPU, talking over gloo. Ranks share the one CPU device."""
@@ -45,7 +34,6 @@ class CpuBackend(Backend):
     name = "cpu"
     priority = 0
     device_type = "cpu"
-    indexed = False
 
     def make_runtime(self) -> Runtime:
         return CpuRuntime()
@@ -53,21 +41,9 @@ class CpuBackend(Backend):
     def availability(self) -> Availability:
         return Availability(True, "always available")
 
-    def default_comm(self) -> str:
-        return "gloo"
-
-    def comm_hint(self, comm: str) -> str:
+    def hint(self, comm: str | None = None) -> str:
         if comm == "mpi":
             return "torch must be built from source against an MPI library to use 'mpi'; use gloo"
-        return "use comm='gloo', which every torch build has"
-
-    def optimize(self, model: Any, optimizer: Any, *, method: str, dtype: Any) -> tuple[Any, Any]:
-        """``method="ipex"``: ``ipex.optimize`` with IPEX's CPU build (oneDNN fusions)."""
-        if method != "ipex":
-            return super().optimize(model, optimizer, method=method, dtype=dtype)
-        return _ipex.optimize(model, optimizer, dtype)
-
-    def device(self, index: int | None) -> torch.device:
-        import torch
-
-        return torch.device("cpu")
+        if comm is not None:
+            return "use comm='gloo', which every torch build has"
+        return super().hint()

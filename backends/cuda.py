@@ -6,8 +6,6 @@ from collections.abc import Mapping
 
 from devlayer.registry import Backend, Runtime
 
-from ._common import comm_available
-
 
 class CudaRuntime:
     """Asks ``torch.cuda``; device counts come from NVML / AMD SMI before initialization."""
@@ -44,9 +42,6 @@ class CudaRuntime:
 
         return str(torch.cuda.get_device_name(index))
 
-    def comm_available(self, comm: str) -> bool:
-        return comm_available(comm)
-
 
 class CudaBackend(Backend):
     """NVIDIA GPUs (comm ``nccl``) and AMD GPUs with a ROCm build (comm ``nccl`` = RCCL)."""
@@ -63,7 +58,7 @@ class CudaBackend(Backend):
     def visibility_var(self, env: Mapping[str, str]) -> str | None:
         # ROCm honours HIP_VISIBLE_DEVICES (and CUDA_VISIBLE_DEVICES) on top of
         # ROCR_VISIBLE_DEVICES; narrow the one the user or scheduler already set.
-        if self.runtime.variant == "rocm":
+        if getattr(self.runtime, "variant", "") == "rocm":
             for var in ("HIP_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES"):
                 if env.get(var, "").strip():
                     return var
@@ -90,13 +85,12 @@ class CudaBackend(Backend):
         # gloo on CUDA tensors does not care.
         return comm != "nccl"
 
-    def comm_hint(self, comm: str) -> str:
-        return (
-            f"{comm} ships with the CUDA/ROCm builds of torch; a CPU-only build cannot use it. "
-            f"Install a CUDA build of torch, or run with DEVLAYER_BACKEND=cpu (gloo)"
-        )
-
-    def install_hint(self) -> str:
+    def hint(self, comm: str | None = None) -> str:
+        if comm is not None:
+            return (
+                f"{comm} ships with the CUDA/ROCm builds of torch; a CPU-only build cannot use "
+                f"it. Install a CUDA build of torch, or run with DEVLAYER_BACKEND=cpu (gloo)"
+            )
         return (
             "Install a CUDA (or ROCm) build of torch and check the GPUs with `nvidia-smi` / "
             "`rocm-smi` (and CUDA_VISIBLE_DEVICES, which hides GPUs when empty)."

@@ -2,14 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from devlayer.registry import Backend, Runtime
-
-from ._common import comm_available
-
-if TYPE_CHECKING:
-    import torch
 
 
 class MpsRuntime:
@@ -36,9 +29,6 @@ class MpsRuntime:
     def device_name(self, index: int) -> str:
         return "Apple MPS"
 
-    def comm_available(self, comm: str) -> bool:
-        return comm_available(comm)
-
 
 class MpsBackend(Backend):
     """Apple GPUs. Single process: gloo cannot move MPS tensors between ranks."""
@@ -46,19 +36,12 @@ class MpsBackend(Backend):
     name = "mps"
     priority = 50
     device_type = "mps"
-    indexed = False
     multi_process = False
 
     def make_runtime(self) -> Runtime:
         return MpsRuntime()
 
-    def default_comm(self) -> str:
-        return "gloo"
-
-    def install_hint(self) -> str:
-        return "MPS needs macOS 12.3+ on Apple silicon with an arm64 torch build."
-
-    def device(self, index: int | None) -> torch.device:
-        import torch
-
-        return torch.device("mps")
+    def hint(self, comm: str | None = None) -> str:
+        if comm is None:
+            return "MPS needs macOS 12.3+ on Apple silicon with an arm64 torch build."
+        return super().hint(comm)

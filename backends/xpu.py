@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, MutableMapping
 
 from devlayer.errors import BackendUnavailableError
 from devlayer.launchers import ProcessInfo
-from devlayer.registry import Availability, Backend, Runtime
+from devlayer.registry import Availability, Backend, Runtime, torch_comm_available
 
 from . import _ipex
-from ._common import comm_available
 from ._ipex import IPEX_DIST, IPEX_MODULE, minor, mismatch
 from ._ipex import installed_version as _version
 
@@ -69,9 +67,10 @@ class XpuRuntime:
         return str(torch.xpu.get_device_name(index))
 
     def comm_available(self, comm: str) -> bool:
+        # torch learns of "ccl" only when the oneCCL bindings are imported (in prepare).
         if comm == "ccl":
-            return _installed(CCL_MODULE) or comm_available("ccl")
-        return comm_available(comm)
+            return _installed(CCL_MODULE) or torch_comm_available("ccl")
+        return torch_comm_available(comm)
 
 
 class XpuBackend(Backend):
@@ -98,17 +97,22 @@ class XpuBackend(Backend):
         return Availability(True, f"{count} xpu device(s)")
 
     def default_comm(self) -> str:
-        rt = self.runtime
-        if rt.comm_available("xccl"):
+        # torch maps xpu to xccl (torch >= 2.8); older torch needs IPEX + oneCCL's "ccl".
+        if self.comm_available("xccl"):
             return "xccl"
-        if rt.comm_available("ccl"):
+        if self.comm_available("ccl"):
             return "ccl"
         raise BackendUnavailableError(
             "xpu needs a communication backend for several ranks, and this install has "
-            f"neither xccl nor ccl: {self.comm_hint('xccl')}"
+            f"neither xccl nor ccl: {self.hint('xccl')}"
         )
 
-    def comm_hint(self, comm: str) -> str:
+    def hint(self, comm: str | None = None) -> str:
+        if comm is None:
+            return (
+                "Install torch >= 2.8 built for XPU (PyTorch's XPU wheel index) and the Intel "
+                "GPU driver; check with `sycl-ls`. See docs/intel.md."
+            )
         import torch
 
         return (
@@ -134,41 +138,31 @@ class XpuBackend(Backend):
                 out.append(why)
         return out
 
-    def comm_env(self, comm: str, process: ProcessInfo) -> dict[str, str]:
-        """oneCCL (``ccl``) reads its local rank and size from CCL_LOCAL_RANK/CCL_LOCAL_SIZE.
+    def prepare(
+        self,
+        comm: str,
+        process: ProcessInfo | None = None,
+        env: MutableMapping[str, str] | None = None,
+    ) -> None:
+        """For ``ccl``: oneCCL's local rank variables, then IPEX and the bindings, in order.
 
-        torchrun and SLURM do not set them; without them oneCCL may guess from MPI
-        variables that are absent and place ranks wrongly. devlayer sets them from the
-        launcher's local rank/size, only when the user has not.
+        oneCCL reads its local rank and size from CCL_LOCAL_RANK/CCL_LOCAL_SIZE. torchrun
+        and SLURM do not set them; without them oneCCL may guess from MPI variables that
+        are absent and place ranks wrongly. They are set from the launcher's local
+        rank/size, only when the user has not, before the bindings load oneCCL. Then
+        torch, ``intel_extension_for_pytorch`` and the bindings are imported in the order
+        the bindings require.
         """
         if comm != "ccl":
-            return {}
-        return {
-            "CCL_LOCAL_RANK": str(process.local_rank),
-            "CCL_LOCAL_SIZE": str(process.local_world_size),
-        }
-
-    def prepare(self, comm: str) -> None:
-        """Import IPEX and the oneCCL bindings (in that order, after torch) for ``ccl``."""
-        if comm != "ccl":
             return
+        if process is not None and env is not None:
+            env.setdefault("CCL_LOCAL_RANK", str(process.local_rank))
+            env.setdefault("CCL_LOCAL_SIZE", str(process.local_world_size))
         if _ipex.installed_version(IPEX_DIST) is not None:
             _ipex.import_ipex("comm 'ccl'")  # version check first, then the import
         try:
             importlib.import_module(CCL_MODULE)
         except ImportError as exc:
             raise BackendUnavailableError(
-                f"comm 'ccl' needs {CCL_MODULE} ({CCL_DIST}): {exc}; {self.comm_hint(comm)}"
+                f"comm 'ccl' needs {CCL_MODULE} ({CCL_DIST}): {exc}; {self.hint(comm)}"
             ) from exc
-
-    def optimize(self, model: Any, optimizer: Any, *, method: str, dtype: Any) -> tuple[Any, Any]:
-        """``method="ipex"``: ``ipex.optimize`` for the XPU (IPEX's XPU build)."""
-        if method != "ipex":
-            return super().optimize(model, optimizer, method=method, dtype=dtype)
-        return _ipex.optimize(model, optimizer, dtype)
-
-    def install_hint(self) -> str:
-        return (
-            "Install torch >= 2.8 built for XPU (PyTorch's XPU wheel index) and the Intel GPU "
-            "driver; check with `sycl-ls`. See docs/intel.md."
-        )

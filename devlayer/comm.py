@@ -52,6 +52,7 @@ from devlayer.collective_checks import (
 from devlayer.config import env_flag, parse_timeout
 from devlayer.errors import CollectiveError, DevlayerError, InvalidArgumentError
 from devlayer.lifecycle import State, state
+from devlayer.torchcompat import float_dtype as _float_dtype
 from devlayer.tree import (
     Leaf,
     checked_flatten,
@@ -121,7 +122,7 @@ def _ctx() -> _Ctx:
     # torch 2.13 renamed all_gather_into_tensor to all_gather_single; 2.6 has only the old name.
     gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     # Python floats travel as float64, except on MPS, which has no float64.
-    float_dtype = torch.float32 if st.device.type == "mps" else torch.float64
+    float_dtype = _float_dtype(st.device)
     # Read once per State: the per-call cost of debug mode being off is one attribute check.
     debug = env_flag("DEVLAYER_DEBUG", False) and st.world_size > 1
     _ctx_cache = _Ctx(

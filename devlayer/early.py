@@ -6,9 +6,10 @@ library that initializes CUDA on import, say), put this first::
     import devlayer.early  # noqa: F401  (must come before torch and friends)
 
 It reads ``DEVLAYER_DEVICES`` (and ``DEVLAYER_BACKEND`` to know the vendor) and narrows the
-visibility variable(s) right away, without importing torch. With no ``DEVLAYER_BACKEND``
-it narrows ``CUDA_VISIBLE_DEVICES`` (honoured by CUDA and ROCm) and ``ZE_AFFINITY_MASK``
-(Intel), which cannot both name real devices on one machine. It marks what it did in
+visibility variable(s) right away, without importing torch: the first of each backend's
+``visibility_vars``. With no ``DEVLAYER_BACKEND`` it narrows every backend's, e.g.
+``CUDA_VISIBLE_DEVICES`` (honoured by CUDA and ROCm) and ``ZE_AFFINITY_MASK`` (Intel),
+which cannot both name real devices on one machine. It marks what it did in
 ``DEVLAYER_VISIBILITY_APPLIED`` so that ``init()`` (and child processes) do not narrow the
 relative indices a second time. Importing it when ``DEVLAYER_DEVICES`` is unset does nothing.
 """
@@ -24,13 +25,24 @@ from devlayer.devices import (
     parse_devices,
     selected_indices,
 )
-from devlayer.errors import DeviceError
+from devlayer.errors import DeviceError, DevlayerError
+from devlayer.registry import get_backend, registered_backends
 
 __all__ = ["apply"]
 
-#: Visibility variable per built-in vendor, for use before torch is imported.
-_EARLY_VARS = {"cuda": ("CUDA_VISIBLE_DEVICES",), "xpu": ("ZE_AFFINITY_MASK",)}
 _MARKER = "DEVLAYER_VISIBILITY_APPLIED"
+
+
+def _early_vars(backend: str) -> tuple[str, ...]:
+    """The variable each backend narrows first (its class facts: no torch, no runtime)."""
+    if backend in ("", "auto"):
+        found = list(registered_backends().values())
+    else:
+        try:
+            found = [get_backend(backend, origin="DEVLAYER_BACKEND")]
+        except DevlayerError:  # init() reports an unknown name; nothing to narrow here
+            return ()
+    return tuple(dict.fromkeys(b.visibility_vars[0] for b in found if b.visibility_vars))
 
 
 def apply(env: MutableMapping[str, str] | None = None) -> dict[str, str]:
@@ -52,11 +64,7 @@ def apply(env: MutableMapping[str, str] | None = None) -> dict[str, str]:
     indices = selected_indices(spec)
     if indices is None:
         return {}
-    backend = env.get("DEVLAYER_BACKEND", "").strip().lower()
-    if backend in ("", "auto"):
-        names = tuple(v for vs in _EARLY_VARS.values() for v in vs)
-    else:
-        names = _EARLY_VARS.get(backend, ())
+    names = _early_vars(env.get("DEVLAYER_BACKEND", "").strip().lower())
     done: dict[str, str] = {}
     marker = ",".join(map(str, indices))
     for var in names:

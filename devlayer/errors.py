@@ -51,35 +51,36 @@ class BackendNotFoundError(DevlayerError, LookupError):
 
     @classmethod
     def for_name(
-        cls, name: str, registered: Iterable[str], *, origin: str = "backend"
+        cls,
+        name: str,
+        registered: Iterable[str],
+        *,
+        origin: str = "backend",
+        comm_of: str | None = None,
     ) -> BackendNotFoundError:
-        """Build the error for ``name`` with the registered names and a suggestion."""
+        """Build the error for ``name`` with the registered names and a suggestion.
+
+        Args:
+            name: The name that was asked for.
+            registered: The registered backend names.
+            origin: Where the name came from (``backend``, ``DEVLAYER_BACKEND``).
+            comm_of: When ``name`` is a communication backend (``nccl``), the device
+                backend that uses it (the registry asks torch), to suggest instead.
+        """
         names = sorted(registered)
         msg = f"{origin}={name!r} is not a registered backend; registered: {', '.join(names)}"
         close = difflib.get_close_matches(name.lower(), names, n=1, cutoff=0.5)
         if close:
             msg += f" (did you mean {close[0]!r}?)"
-        comm_hint = _COMM_NAMES.get(name.lower())
-        if comm_hint:
+        if comm_of:
             msg += (
                 f". {name!r} is a communication backend, not a device backend: "
-                f"use backend={comm_hint!r} (or comm={name.lower()!r})"
+                f"use backend={comm_of!r} (or comm={name.lower()!r})"
             )
         return cls(msg)
 
     def __str__(self) -> str:  # LookupError/KeyError would quote the message
         return str(self.args[0]) if self.args else ""
-
-
-# Names users pass from habit (perceptrain's backend="nccl") mapped to the device backend.
-_COMM_NAMES = {
-    "nccl": "cuda",
-    "rccl": "cuda",
-    "xccl": "xpu",
-    "ccl": "xpu",
-    "gloo": "cpu",
-    "mpi": "cpu",
-}
 
 
 class BackendUnavailableError(DevlayerError):

@@ -43,7 +43,7 @@ from devlayer.errors import (
 )
 from devlayer.hooks import AcceleratorHook, as_hook_list, call_hooks, resolve_hooks, torch_module
 from devlayer.launchers import ProcessInfo, detect
-from devlayer.registry import Backend, select_backend
+from devlayer.registry import Backend, prepare_comm, select_backend
 from devlayer.rendezvous import rendezvous
 from devlayer.torchcompat import (
     check_torch_version,
@@ -405,10 +405,7 @@ def _connect(
             undo.setenv(name, value)
     if comm_name is None:
         return False
-    for name, value in be.comm_env(comm_name, info).items():
-        if name not in os.environ:
-            undo.setenv(name, value)
-    be.prepare(comm_name)
+    prepare_comm(be, comm_name, info, undo.setenv)
     return _create_process_group(be, comm_name, dev, info, timeout)
 
 
@@ -513,7 +510,8 @@ def _warn_count_or_index(
     spec = plan.spec
     if _count_warned or not isinstance(spec, int) or info.local_rank != 0:
         return
-    if not be.indexed or be.visibility_var(os.environ) is None:
+    var = be.visibility_var(os.environ) if be.indexed else None
+    if var is None:
         return
     if spec >= be.device_count():  # no device N: the count is the only reading
         return
@@ -525,7 +523,7 @@ def _warn_count_or_index(
     warnings.warn(
         f"DEVLAYER_DEVICES={raw.strip()} is read as a count: the first {spec} visible "
         f"{be.device_type} device(s) ({first}), not the device with index {spec} (as "
-        f"CUDA_VISIBLE_DEVICES={spec} would mean). For the index write "
+        f"{var}={spec} would mean). For the index write "
         f"DEVLAYER_DEVICES={spec}, (or [{spec}]); to keep the count without this warning "
         f"write the indices, DEVLAYER_DEVICES={listed}",
         UserWarning,

@@ -22,11 +22,13 @@ creating a context.
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import threading
-from collections.abc import Mapping
+import warnings
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, cast, runtime_checkable
 
 from devlayer import simulation
 from devlayer.config import short_repr
@@ -83,13 +85,13 @@ class Availability:
 
 @runtime_checkable
 class Runtime(Protocol):
-    """What a backend asks of its vendor runtime: the single seam tests replace.
+    """What a backend asks of its vendor runtime: the single seam simulation replaces.
 
-    Attributes:
-        variant: Build flavour when one backend covers several (``"rocm"`` for HIP builds).
+    A runtime may also define ``comm_available(comm) -> bool`` when torch cannot tell
+    by itself (oneCCL's ``ccl`` before its bindings are imported); simulated runtimes
+    define it to fake ``nccl``/``xccl``. Without it, :meth:`Backend.comm_available`
+    asks ``torch.distributed.is_backend_available``.
     """
-
-    variant: str
 
     def compiled(self) -> bool:
         """True when torch was built with this vendor's support."""
@@ -106,30 +108,74 @@ class Runtime(Protocol):
     def device_name(self, index: int) -> str:
         """A human name for device ``index`` (e.g. ``NVIDIA H100 80GB HBM3``)."""
 
-    def comm_available(self, comm: str) -> bool:
-        """True when the process-group backend ``comm`` (nccl, xccl, ccl, gloo, mpi) exists."""
+
+def _deprecated(old: str, new: str) -> None:
+    warnings.warn(
+        f"Backend.{old} is deprecated and will be removed in the next release; {new}",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+
+
+def _overrides(backend: Backend, method: str) -> bool:
+    """Whether ``backend``'s class defines ``method`` itself rather than inheriting ours."""
+    return getattr(type(backend), method, None) is not getattr(Backend, method)
+
+
+def torch_comm_available(comm: str) -> bool:
+    """Whether torch.distributed has the process-group backend ``comm`` (vendor-neutral).
+
+    Example:
+        >>> torch_comm_available("gloo")
+        True
+    """
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return False
+    check = getattr(dist, "is_backend_available", None)
+    if check is not None:
+        return bool(check(comm))
+    return comm in dist.Backend.backend_list  # pragma: no cover (torch < 2.3)
+
+
+def torch_default_comm(device_type: str) -> str:
+    """The process-group backend torch maps ``device_type`` to; ``gloo`` when none.
+
+    Example:
+        >>> torch_default_comm("cpu")
+        'gloo'
+    """
+    try:
+        from torch.distributed import Backend as TorchBackend
+    except ImportError:  # torch built without distributed support
+        return "gloo"
+    return str(TorchBackend.default_device_backend_map.get(device_type, "gloo"))
 
 
 class Backend:
     """One device vendor. Subclass it in one file; register it with one line.
 
-    Class attributes:
+    What a vendor defines (``name``, ``device_type`` and :meth:`make_runtime` are required;
+    the rest have working defaults):
+
+    Attributes:
         name: Registry key and the value of ``DEVLAYER_BACKEND``.
         priority: Auto-detection order; higher is tried first.
         device_type: The torch device type (``"cuda"``, ``"xpu"``, ``"cpu"``...).
         visibility_vars: Environment variables that restrict visible devices; the first is
-            the one devlayer sets.
+            the one devlayer narrows. Devices have indices (each rank picks one) exactly
+            when there is such a variable: see :attr:`indexed`.
         multi_process: False when the device cannot be shared by several ranks (MPS).
         bind_device_id: Pass ``device_id`` to ``init_process_group`` (eager comm init).
-        indexed: Devices have indices and each rank picks one (False for cpu and mps).
 
-    A vendor must define ``name``, ``device_type`` and :meth:`make_runtime`. It may override
-    :meth:`availability`, :meth:`default_comm`, :meth:`prepare`, :meth:`comm_env`,
-    :meth:`shares_devices_between_ranks`,
-    :meth:`notes`, :meth:`optimize`, :meth:`comm_hint`, :meth:`install_hint` and
-    :meth:`device`, which have working defaults. :attr:`runtime`, :meth:`comm_backend`,
-    :meth:`visibility_var`, :meth:`device_count` and :meth:`set_device` are the base
-    class's shared logic on top of those.
+    and the methods :meth:`make_runtime`, :meth:`availability`, :meth:`default_comm`,
+    :meth:`shares_devices_between_ranks`, :meth:`prepare`, :meth:`hint`, :meth:`notes`
+    and :meth:`visibility_var`.
+
+    Provided by the base class, for callers (not meant to be overridden): :attr:`runtime`,
+    :attr:`indexed`, :meth:`comm_backend`, :meth:`comm_available`, :meth:`device_count`,
+    :meth:`set_device` and :meth:`device`.
 
     Example:
         >>> class MyNpu(Backend):
@@ -144,27 +190,15 @@ class Backend:
     visibility_vars: ClassVar[tuple[str, ...]] = ()
     multi_process: ClassVar[bool] = True
     bind_device_id: ClassVar[bool] = False
-    indexed: ClassVar[bool] = True
 
     def __init__(self, runtime: Runtime | None = None) -> None:
         self._runtime = runtime
 
-    # -- the seam -----------------------------------------------------------------------
+    # -- what a vendor defines -------------------------------------------------------------
     def make_runtime(self) -> Runtime:
         """Build the real runtime that asks torch; called once, lazily."""
         raise NotImplementedError(f"backend {self.name!r} defines no runtime")
 
-    @property
-    def runtime(self) -> Runtime:
-        """The runtime in use: a simulated one if a test installed it, else the real one."""
-        simulated = simulation.runtime_for(self.name)
-        if simulated is not None:
-            return simulated
-        if self._runtime is None:
-            self._runtime = self.make_runtime()
-        return self._runtime
-
-    # -- facts --------------------------------------------------------------------------
     def availability(self) -> Availability:
         """Can this backend run here? Never initializes the vendor runtime."""
         rt = self.runtime
@@ -174,6 +208,73 @@ class Backend:
         if count < 1:
             return Availability(False, f"no {self.device_type.upper()} devices visible")
         return Availability(True, f"{count} {self.device_type} device(s)")
+
+    def default_comm(self) -> str:
+        """The comm backend to use: torch's for this device type (``gloo`` when none)."""
+        return torch_default_comm(self.device_type)
+
+    def shares_devices_between_ranks(self, comm: str) -> bool:
+        """Whether the process-group backend ``comm`` lets two ranks use one device.
+
+        ``False`` makes ``init()`` refuse more ranks per node than visible devices (unless
+        ``DEVLAYER_ALLOW_SHARED_DEVICES=1``); ``True`` only warns.
+        """
+        return True
+
+    def prepare(
+        self,
+        comm: str,
+        process: ProcessInfo | None = None,
+        env: MutableMapping[str, str] | None = None,
+    ) -> None:
+        """Work before the process group for ``comm`` exists: variables, then imports.
+
+        Args:
+            comm: The process-group backend about to be created.
+            process: This rank's launcher facts (local rank and size...).
+            env: Where to set variables the comm library reads, with ``env.setdefault``
+                (a user's value wins); ``init()`` passes a view of ``os.environ`` that
+                ``shutdown()`` restores. Set them before importing the library.
+        """
+
+    def hint(self, comm: str | None = None) -> str:
+        """What to install or check: for this backend, or for a missing comm backend ``comm``."""
+        if comm is None:
+            return f"Check that torch was built with {self.device_type} support."
+        return f"install a torch build with {comm} support, or choose another comm backend"
+
+    def notes(self, env: Mapping[str, str], *, selected: bool) -> list[str]:
+        """Known pitfalls of this vendor for ``devlayer info`` (pure; no runtime calls)."""
+        return []
+
+    def visibility_var(self, env: Mapping[str, str]) -> str | None:
+        """The variable to narrow when restricting devices (``None`` = cannot restrict)."""
+        return self.visibility_vars[0] if self.visibility_vars else None
+
+    # -- provided by the base class ----------------------------------------------------------
+    @property
+    def runtime(self) -> Runtime:
+        """The runtime in use: a simulated one if a test installed it, else the real one."""
+        simulated = simulation.runtime_for(self.name)
+        if simulated is not None:
+            return cast("Runtime", simulated)
+        if self._runtime is None:
+            self._runtime = self.make_runtime()
+        return self._runtime
+
+    @property
+    def indexed(self) -> bool:
+        """Devices have indices and each rank picks one: true when there is a visibility
+        variable to narrow (False for cpu and mps). A subclass may still set it."""
+        return bool(self.visibility_vars)
+
+    def comm_available(self, comm: str) -> bool:
+        """Whether the process-group backend ``comm`` exists: asked of the runtime when it
+        knows (simulation, oneCCL), else of torch."""
+        check = getattr(self.runtime, "comm_available", None)
+        if check is not None:
+            return bool(check(comm))
+        return torch_comm_available(comm)
 
     def comm_backend(self, requested: str | None = None) -> str:
         """The process-group backend to use, checked against what torch has.
@@ -185,71 +286,12 @@ class Backend:
             BackendUnavailableError: The requested or default comm backend is missing.
         """
         comm = (requested or self.default_comm()).lower()
-        if not self.runtime.comm_available(comm):
+        if not self.comm_available(comm):
             raise BackendUnavailableError(
                 f"communication backend {comm!r} is not available for backend {self.name!r} "
-                f"in this torch build; {self.comm_hint(comm)}"
+                f"in this torch build; {hint_for(self, comm)}"
             )
         return comm
-
-    def default_comm(self) -> str:
-        """The comm backend torch maps this device type to (``gloo`` when torch has none)."""
-        from torch.distributed import Backend as TorchBackend
-
-        return str(TorchBackend.default_device_backend_map.get(self.device_type, "gloo"))
-
-    def comm_hint(self, comm: str) -> str:
-        """What to do when ``comm`` is missing (overridden by vendors with specifics)."""
-        return f"install a torch build with {comm} support, or choose another comm backend"
-
-    def notes(self, env: Mapping[str, str], *, selected: bool) -> list[str]:
-        """Known pitfalls of this vendor for ``devlayer info`` (pure; no runtime calls)."""
-        return []
-
-    def comm_env(self, comm: str, process: ProcessInfo) -> dict[str, str]:
-        """Variables the vendor's comm library reads from the launcher (set only if unset)."""
-        return {}
-
-    def install_hint(self) -> str:
-        """What to install or check when this backend is unavailable (one sentence)."""
-        return f"Check that torch was built with {self.device_type} support."
-
-    def visibility_var(self, env: Mapping[str, str]) -> str | None:
-        """The variable to narrow when restricting devices (``None`` = cannot restrict)."""
-        return self.visibility_vars[0] if self.visibility_vars else None
-
-    def prepare(self, comm: str) -> None:
-        """Import-order work before the process group for ``comm`` is created (IPEX, oneCCL)."""
-
-    def optimize(self, model: Any, optimizer: Any, *, method: str, dtype: Any) -> tuple[Any, Any]:
-        """Vendor model optimizations asked for by name (``Trainer(optimize="ipex")``).
-
-        Args:
-            model: The module, already on this backend's device.
-            optimizer: Its optimizer (or None).
-            method: The name the user passed, e.g. ``"ipex"``.
-            dtype: The mixed-precision dtype (``torch.bfloat16``/``torch.float16``) or
-                ``torch.float32``.
-
-        Returns:
-            ``(model, optimizer)`` to train with; the module is changed in place.
-
-        Raises:
-            InvalidArgumentError: This backend has no optimization called ``method``.
-        """
-        raise InvalidArgumentError(
-            f"optimize={method!r} is not available on backend {self.name!r}; 'ipex' works on "
-            f"the cpu and xpu backends, or pass a callable (model, optimizer) -> "
-            f"(model, optimizer), or leave optimize=None"
-        )
-
-    def shares_devices_between_ranks(self, comm: str) -> bool:
-        """Whether the process-group backend ``comm`` lets two ranks use one device.
-
-        ``False`` makes ``init()`` refuse more ranks per node than visible devices (unless
-        ``DEVLAYER_ALLOW_SHARED_DEVICES=1``); ``True`` only warns.
-        """
-        return True
 
     def device_count(self) -> int:
         """Number of devices this process sees."""
@@ -269,8 +311,115 @@ class Backend:
             else torch.device(self.device_type)
         )
 
+    # -- deprecated (one release) ------------------------------------------------------------
+    def install_hint(self) -> str:
+        """Deprecated: use :meth:`hint` with no argument."""
+        _deprecated("install_hint()", "define and call hint()")
+        return self.hint()
+
+    def comm_hint(self, comm: str) -> str:
+        """Deprecated: use ``hint(comm)``."""
+        _deprecated("comm_hint(comm)", "define and call hint(comm)")
+        return self.hint(comm)
+
+    def comm_env(self, comm: str, process: ProcessInfo) -> dict[str, str]:
+        """Deprecated: a backend sets its comm library's variables in :meth:`prepare`."""
+        _deprecated("comm_env()", "set variables with env.setdefault() in prepare()")
+        return {}
+
+    def optimize(self, model: Any, optimizer: Any, *, method: str, dtype: Any) -> tuple[Any, Any]:
+        """Deprecated: named model optimizations live in :mod:`devlayer.train.optimize`."""
+        _deprecated("optimize()", "see devlayer.train.optimize (Trainer(optimize=...))")
+        # A deprecated shim one layer up, kept for one release; nothing else in the
+        # registry knows about training.
+        from devlayer.train.optimize import apply_optimization
+
+        return apply_optimization(
+            method, model, optimizer, backend=self.name, dtype=dtype, legacy=False
+        )
+
     def __repr__(self) -> str:
         return f"<{type(self).__name__} name={self.name!r} priority={self.priority}>"
+
+
+def hint_for(backend: Backend, comm: str | None = None) -> str:
+    """``backend.hint(comm)``, or a subclass's own ``install_hint``/``comm_hint`` (deprecated)."""
+    legacy = "install_hint" if comm is None else "comm_hint"
+    if _overrides(backend, legacy):
+        _deprecated(f"{legacy}()", "rename it to hint(comm=None)")
+        return str(backend.install_hint() if comm is None else backend.comm_hint(comm))
+    return backend.hint(comm)
+
+
+class _Environ(MutableMapping[str, str]):
+    """``os.environ`` seen through a setter that records what it changed."""
+
+    def __init__(self, setenv: Callable[[str, str], None]) -> None:
+        self._setenv = setenv
+
+    def __getitem__(self, key: str) -> str:
+        return os.environ[key]
+
+    def __setitem__(self, key: str, value: str) -> None:
+        self._setenv(key, value)
+
+    def __delitem__(self, key: str) -> None:
+        raise InvalidArgumentError(f"prepare() may set {key}, not remove it")
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(os.environ)
+
+    def __len__(self) -> int:
+        return len(os.environ)
+
+
+def prepare_comm(
+    backend: Backend, comm: str, process: ProcessInfo, setenv: Callable[[str, str], None]
+) -> None:
+    """Run ``backend.prepare`` before the process group for ``comm`` is created.
+
+    ``setenv(name, value)`` sets a variable and records it for ``shutdown()``. Backends
+    written for the older interface still work, with a DeprecationWarning: their
+    ``comm_env()`` variables are set first (if unset), and a ``prepare(comm)`` of one
+    argument is called as such.
+    """
+    env = _Environ(setenv)
+    if _overrides(backend, "comm_env"):
+        _deprecated("comm_env()", "set variables with env.setdefault() in prepare()")
+        for name, value in type(backend).comm_env(backend, comm, process).items():
+            env.setdefault(name, value)
+    try:
+        params = list(inspect.signature(backend.prepare).parameters.values())
+    except (TypeError, ValueError):  # pragma: no cover (a C callable)
+        params = []
+    if params and len(params) < 3 and not any(p.kind is p.VAR_POSITIONAL for p in params):
+        _deprecated("prepare(comm)", "define prepare(comm, process=None, env=None)")
+        backend.prepare(comm)
+        return
+    backend.prepare(comm, process, env)
+
+
+def comm_owner(name: str, backends: Mapping[str, Backend]) -> str | None:
+    """The device backend to suggest for a process-group backend name (``nccl`` -> cuda).
+
+    Asked of torch: the registered backend whose device type torch maps ``name`` to (the
+    lowest priority when several share it, so ``gloo`` -> cpu), or, for a process-group
+    backend torch knows without a device (``mpi``), the lowest-priority backend.
+    """
+    key = name.strip().lower()
+    try:
+        from torch.distributed import Backend as TorchBackend
+    except ImportError:  # pragma: no cover (torch without distributed)
+        return None
+    by_priority = sorted(backends.values(), key=lambda b: b.priority)
+    mapped = {d for d, c in TorchBackend.default_device_backend_map.items() if c == key}
+    for be in by_priority:
+        if be.device_type in mapped:
+            return be.name
+    known = set(TorchBackend.backend_list) - {"undefined", "fake"}
+    if key in known and by_priority:
+        return by_priority[0].name
+    return None
 
 
 # --------------------------------------------------------------------------- registry
@@ -289,7 +438,8 @@ def _as_backend(obj: object, origin: str) -> Backend:
         obj = obj()
     if not isinstance(obj, Backend):
         raise InvalidArgumentError(
-            f"{origin} gave {obj!r}; expected a devlayer.Backend subclass, instance or factory"
+            f"{origin} gave {obj!r}; expected a devlayer.backends.Backend subclass, instance "
+            "or factory"
         )
     if not obj.name or not obj.device_type:
         raise InvalidArgumentError(
@@ -381,11 +531,11 @@ def register_backend(backend: Backend | type[Backend], *, replace: bool = False)
 
     Example:
         >>> import devlayer
-        >>> class Demo(devlayer.Backend):
+        >>> class Demo(devlayer.backends.Backend):
         ...     name, device_type = "demo-doc", "cpu"
-        >>> devlayer.register_backend(Demo).name
+        >>> devlayer.backends.register_backend(Demo).name
         'demo-doc'
-        >>> devlayer.unregister_backend("demo-doc")
+        >>> devlayer.backends.unregister_backend("demo-doc")
     """
     obj = _as_backend(backend, "register_backend()")
     with _lock:
@@ -411,7 +561,7 @@ def registered_backends() -> dict[str, Backend]:
 
     Example:
         >>> import devlayer
-        >>> sorted(devlayer.registered_backends())[:4]
+        >>> sorted(devlayer.backends.registered_backends())[:4]
         ['cpu', 'cuda', 'mps', 'xpu']
     """
     _ensure_loaded()
@@ -425,7 +575,7 @@ def available_backends() -> list[str]:
 
     Example:
         >>> import devlayer
-        >>> "cpu" in devlayer.available_backends()
+        >>> "cpu" in devlayer.backends.available_backends()
         True
     """
     return [name for name, b in registered_backends().items() if _safe_availability(b)]
@@ -453,7 +603,9 @@ def get_backend(name: str, *, origin: str = "backend") -> Backend:
     backends = registered_backends()
     key = name.strip().lower()
     if key not in backends:
-        err = BackendNotFoundError.for_name(name, backends, origin=origin)
+        err = BackendNotFoundError.for_name(
+            name, backends, origin=origin, comm_of=comm_owner(name, backends)
+        )
         with _lock:
             broken = _entry_point_errors.get(key)
         if broken is not None:
@@ -492,7 +644,7 @@ def select_backend(name: str | None = None, env: Mapping[str, str] | None = None
     if name is not None and not isinstance(name, str):
         raise InvalidArgumentError(
             f"backend={short_repr(name)} has type {type(name).__name__}; pass a backend name "
-            f"such as 'cuda', 'xpu' or 'cpu', or None for auto-detection"
+            f"({', '.join(registered_backends())}), or None for auto-detection"
         )
     if name is not None and name.strip().lower() == "auto":
         name = None  # "auto" is the same as no argument (init()'s documented contract)
@@ -505,7 +657,7 @@ def select_backend(name: str | None = None, env: Mapping[str, str] | None = None
             undo = "unset DEVLAYER_BACKEND" if origin == "DEVLAYER_BACKEND" else "pass backend=None"
             raise BackendUnavailableError(
                 f"{origin}={name!r} was requested but cannot run here: {avail.reason}. "
-                f"{backend.install_hint()} Or {undo} to auto-detect (cpu when nothing else)."
+                f"{hint_for(backend)} Or {undo} to auto-detect (cpu when nothing else)."
             )
         return Selection(backend, f"{origin}={name!r}")
     skipped: list[tuple[str, str]] = []
@@ -520,3 +672,23 @@ def select_backend(name: str | None = None, env: Mapping[str, str] | None = None
     raise BackendUnavailableError(
         "no backend is available: " + "; ".join(f"{n}: {r}" for n, r in skipped)
     )
+
+
+def _simulation_defaults(vendor: str) -> dict[str, Any]:
+    """A simulated ``vendor``'s visibility variables and comm backends, from its backend.
+
+    The visibility variables are the backend's own; the comm backends are the one torch
+    maps its device type to, and gloo (``cuda`` -> nccl + gloo, ``mps`` -> gloo).
+    """
+    backend = registered_backends().get(vendor)
+    if backend is None:
+        return {}
+    comm = torch_default_comm(backend.device_type)
+    return {
+        "visibility_var": backend.visibility_vars or None,
+        "comm": tuple(dict.fromkeys((comm, "gloo"))),
+    }
+
+
+# Only the backends know their vendors' defaults; the simulation (a leaf module) asks here.
+simulation.use_vendor_defaults(_simulation_defaults)

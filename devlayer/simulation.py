@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from devlayer.errors import InvalidArgumentError
@@ -27,6 +27,7 @@ __all__ = [
     "reset",
     "runtime_for",
     "runtimes_from_spec",
+    "use_vendor_defaults",
 ]
 
 
@@ -36,15 +37,18 @@ class FakeRuntime:
     Args:
         device_count: Physical devices. Once a visibility variable is set, the runtime
             reports only the entries of it that name one of these (see ``visibility_var``).
-        comm: Process-group backends it claims (default: the vendor's usual ones).
+        comm: Process-group backends it claims (:func:`fake_for`: the vendor's usual ones).
         compiled: Whether torch "was built" with this vendor.
         initialized: Whether the runtime "was already initialized".
-        variant: ``"rocm"`` to simulate a HIP build of torch.
+        variant: A build flavour the backend may ask about (the cuda backend: ``"rocm"``
+            for a HIP build of torch).
         names: Device names; defaults to ``Simulated <VENDOR> <i>``.
         visibility_var: When set, the count follows this variable's entries once it is set,
-            as a real runtime would after devlayer narrows visibility. A sequence of names
-            means the first one set wins (ROCm: ``HIP_VISIBLE_DEVICES``, then
-            ``CUDA_VISIBLE_DEVICES``).
+            as a real runtime would after devlayer narrows visibility. With a sequence of
+            names (a backend's ``visibility_vars``), every one that is set applies, from the
+            last to the first, each to the devices the ones after it left: the first, the
+            one devlayer narrows, applies on top (as ROCm applies ``ROCR_VISIBLE_DEVICES``,
+            then ``HIP_VISIBLE_DEVICES``, then ``CUDA_VISIBLE_DEVICES``).
 
     Attributes:
         current: The index passed to the last ``set_device`` call (``None`` before).
@@ -85,19 +89,19 @@ class FakeRuntime:
     def device_count(self) -> int:
         if not self._compiled:
             return 0
-        for var in self.visibility_vars:
+        visible = self.count
+        for var in reversed(self.visibility_vars):
             if var in os.environ:
-                value = os.environ[var].strip()
                 # A real runtime drops entries that do not exist (CUDA stops at the first).
-                entries = [e for e in value.split(",") if e.strip()]
-                visible = 0
+                entries = [e for e in os.environ[var].strip().split(",") if e.strip()]
+                seen = 0
                 for entry in entries:
                     head = entry.split(".")[0]
-                    if head.isdigit() and int(head) >= self.count:
+                    if head.isdigit() and int(head) >= visible:
                         break
-                    visible += 1
-                return visible
-        return self.count
+                    seen += 1
+                visible = seen
+        return visible
 
     def is_initialized(self) -> bool:
         return self.initialized
@@ -121,21 +125,33 @@ class FakeRuntime:
         return f"FakeRuntime({self.vendor}, devices={self.count}, comm={sorted(self.comm)})"
 
 
-_DEFAULT_COMM = {"cuda": ("nccl", "gloo"), "xpu": ("xccl", "gloo"), "mps": ("gloo",)}
-_DEFAULT_VISIBILITY = {"cuda": "CUDA_VISIBLE_DEVICES", "xpu": "ZE_AFFINITY_MASK"}
+_vendor_defaults: Callable[[str], Mapping[str, Any]] | None = None
+
+
+def use_vendor_defaults(defaults: Callable[[str], Mapping[str, Any]] | None) -> None:
+    """Say where :func:`fake_for` finds a vendor's defaults (``visibility_var``, ``comm``).
+
+    :mod:`devlayer.registry` installs its own on import: only the backends know their
+    vendors' visibility variables and comm backends; this module stays vendor-neutral.
+    """
+    global _vendor_defaults
+    _vendor_defaults = defaults
 
 
 def fake_for(
     vendor: str, count: int, *, comm: Iterable[str] | None = None, **kwargs: object
 ) -> FakeRuntime:
-    """A :class:`FakeRuntime` with the usual comm backends and visibility var of ``vendor``."""
-    kwargs.setdefault("visibility_var", _DEFAULT_VISIBILITY.get(vendor))
-    if kwargs.get("variant") == "rocm" and vendor == "cuda":
-        # HIP reads HIP_VISIBLE_DEVICES, and CUDA_VISIBLE_DEVICES when that is unset.
-        kwargs["visibility_var"] = ("HIP_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES")
+    """A :class:`FakeRuntime` with the usual comm backends and visibility vars of ``vendor``.
+
+    The defaults come from the registered backend called ``vendor`` (its visibility
+    variables; the comm backend torch maps its device type to, and gloo). An unknown
+    vendor gets gloo and no visibility variable.
+    """
+    defaults = _vendor_defaults(vendor) if _vendor_defaults is not None else {}
+    kwargs.setdefault("visibility_var", defaults.get("visibility_var"))
     return FakeRuntime(
         count,
-        comm=comm if comm is not None else _DEFAULT_COMM.get(vendor, ("gloo",)),
+        comm=comm if comm is not None else defaults.get("comm", ("gloo",)),
         vendor=vendor,
         **kwargs,  # type: ignore[arg-type]
     )
@@ -155,7 +171,7 @@ def _parse_spec(spec: str) -> tuple[tuple[str, int, tuple[str, ...]], ...]:
         except ValueError:
             raise InvalidArgumentError(
                 f"DEVLAYER_SIMULATE={spec!r}: {count_text!r} is not a device count; "
-                f"use e.g. 'cuda:4' or 'xpu:2:ccl'"
+                f"use e.g. '{vendor.strip()}:4' or '{vendor.strip()}:2:gloo'"
             ) from None
         comm = tuple(c for c in comm_text.split("+") if c)
         out.append((vendor.strip().lower(), count, comm))

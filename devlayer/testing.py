@@ -29,6 +29,7 @@ import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import devlayer.registry  # noqa: F401  (installs the vendor defaults that fake_for uses)
 from devlayer import simulation
 from devlayer.errors import InvalidArgumentError
 from devlayer.net import free_port

@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from devlayer.errors import DevlayerError
 
-__all__ = ["MIN_TORCH", "TORCH_ADVISORIES", "check_torch_version", "torch_advisories"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "MIN_TORCH",
+    "TORCH_ADVISORIES",
+    "check_torch_version",
+    "float_dtype",
+    "torch_advisories",
+]
 
 
 MIN_TORCH = (2, 6)
@@ -59,3 +70,28 @@ def torch_advisories(version: str) -> list[str]:
         for first, fixed, cve, what in TORCH_ADVISORIES
         if Version(first) <= v < Version(fixed)
     ]
+
+
+def float_dtype(device: torch.device) -> torch.dtype:
+    """The dtype for Python floats on ``device``: float64, or float32 where torch has none.
+
+    Asked of torch by allocating an empty float64 tensor there, so no vendor is named:
+    MPS refuses float64 with a TypeError ("the MPS framework doesn't support float64").
+    A device torch cannot reach here (a simulated one) keeps float64.
+
+    Example:
+        >>> import torch
+        >>> float_dtype(torch.device("cpu"))
+        torch.float64
+    """
+    import torch
+
+    if device.type == "cpu":
+        return torch.float64
+    try:
+        torch.empty(0, dtype=torch.float64, device=device)
+    except TypeError:
+        return torch.float32
+    except Exception:  # not reachable here (simulated): no dtype fact to learn
+        return torch.float64
+    return torch.float64

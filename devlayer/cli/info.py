@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -16,18 +17,26 @@ from devlayer.launchers import detect
 from devlayer.registry import entry_point_errors, select_backend
 
 SCHEMA_VERSION = 1
-COMMS = ("nccl", "xccl", "ccl", "gloo", "mpi")
-VISIBILITY_VARS = (
-    "CUDA_VISIBLE_DEVICES",
-    "HIP_VISIBLE_DEVICES",
-    "ROCR_VISIBLE_DEVICES",
-    "ZE_AFFINITY_MASK",
-    "ONEAPI_DEVICE_SELECTOR",
-    "ZE_FLAT_DEVICE_HIERARCHY",
-    "DEVLAYER_DEVICES",
-    "DEVLAYER_BACKEND",
-    "DEVLAYER_VISIBILITY_APPLIED",
-)
+#: devlayer's own variables shown with the backends' visibility variables.
+DEVLAYER_VARS = ("DEVLAYER_DEVICES", "DEVLAYER_BACKEND", "DEVLAYER_VISIBILITY_APPLIED")
+
+
+def visibility_vars() -> tuple[str, ...]:
+    """Every registered backend's visibility variables, then devlayer's own."""
+    names = [
+        v for be in devlayer.backends.registered_backends().values() for v in be.visibility_vars
+    ]
+    return tuple(dict.fromkeys([*names, *DEVLAYER_VARS]))
+
+
+def comm_names(be: Any) -> tuple[str, ...]:
+    """The process-group backends to report: torch's, and the backend's default."""
+    import torch.distributed as dist
+
+    names = [c for c in dist.Backend.backend_list if c not in ("undefined", "fake")]
+    with contextlib.suppress(DevlayerError):  # no comm at all: comm_backend reports it
+        names.append(be.default_comm())
+    return tuple(dict.fromkeys(names))
 
 
 def collect() -> dict[str, Any]:
@@ -49,7 +58,7 @@ def collect() -> dict[str, Any]:
         "comm": {},
         "launcher": None,
         "launcher_error": None,
-        "visibility": {v: os.environ[v] for v in VISIBILITY_VARS if v in os.environ},
+        "visibility": {v: os.environ[v] for v in visibility_vars() if v in os.environ},
         "runtime_initialized": False,
         "warnings": [],
     }
@@ -77,7 +86,7 @@ def collect() -> dict[str, Any]:
         if be.device_type not in ("cpu",):
             names = [be.runtime.device_name(i) for i in range(count)]
         report["devices"] = {"type": be.device_type, "count": count, "names": names}
-        report["comm"] = {c: bool(be.runtime.comm_available(c)) for c in COMMS}
+        report["comm"] = {c: bool(be.comm_available(c)) for c in comm_names(be)}
         report["runtime_initialized"] = bool(be.runtime.is_initialized())
         if getattr(be.runtime, "simulated", False):
             warnings.append(f"{be.name} is simulated (DEVLAYER_SIMULATE); no real device is used")

@@ -262,7 +262,9 @@ class Trainer:
         self.device = st.device
         # Metric sums accumulate in float64 on the device (float32 on MPS, which has no
         # float64); with Python floats of the same dtype they cost one all_reduce per epoch.
-        self._acc_dtype = torch.float32 if self.device.type == "mps" else torch.float64
+        from devlayer.torchcompat import float_dtype
+
+        self._acc_dtype = float_dtype(self.device)
         # FSDP casts the gathered parameters itself (its mixed-precision policy): no autocast.
         sharded = self.strategy == "fsdp"
         self.amp = Precision("32" if sharded else self.precision, self.device)
@@ -307,9 +309,11 @@ class Trainer:
                 )
             model, optimizer = result
         else:
+            from devlayer.train.optimize import apply_optimization
+
             dtype = self.autocast_dtype or torch.float32
-            model, optimizer = devlayer.get_backend(backend).optimize(
-                self.model, self.optimizer, method=str(self.optimize), dtype=dtype
+            model, optimizer = apply_optimization(
+                str(self.optimize), self.model, self.optimizer, backend=backend, dtype=dtype
             )
         if not isinstance(model, torch.nn.Module):
             raise InvalidArgumentError(

@@ -221,3 +221,60 @@ def test_optimize_ipex_version_mismatch_stops_before_importing(sim: pytest.Monke
     assert f"intel-extension-for-pytorch 2.8.0 does not match torch {torch.__version__}" in msg
     assert "torch==2.8.*" in msg
     assert imported == []
+
+
+def test_optimize_ipex_names_the_backends_it_serves() -> None:
+    from devlayer.train.optimize import apply_optimization
+
+    with pytest.raises(InvalidArgumentError) as info:
+        apply_optimization("ipex", None, None, backend="cuda", dtype=torch.float32)
+    msg = str(info.value)
+    assert "optimize='ipex' is not available on backend 'cuda'" in msg
+    assert "'ipex' works on the cpu and xpu backends" in msg
+
+
+def test_registered_optimization_runs_by_name(sim: pytest.MonkeyPatch) -> None:
+    from devlayer.train import optimize as opt_mod
+
+    sim.setattr(opt_mod, "OPTIMIZATIONS", dict(opt_mod.OPTIMIZATIONS))
+    seen: list[tuple[str, Any]] = []
+
+    def mine(model: Any, optimizer: Any, *, backend: Any, dtype: Any) -> tuple[Any, Any]:
+        seen.append((backend.name, dtype))
+        return model, optimizer
+
+    opt_mod.register_optimization("mine", mine)
+    with pytest.raises(InvalidArgumentError, match="already registered"):
+        opt_mod.register_optimization("mine", mine)
+    net = torch.nn.Linear(4, 1)
+    trainer = _trainer(net, torch.optim.SGD(net.parameters(), lr=0.1), optimize="mine")
+    with devlayer.init(backend="cpu"):
+        trainer.fit(_data())
+    assert seen == [("cpu", torch.float32)]
+
+
+def test_a_backend_with_its_own_optimize_is_still_honoured(sim: pytest.MonkeyPatch) -> None:
+    """The old vendor hook Backend.optimize keeps working for one release, with a warning."""
+    calls: list[str] = []
+
+    class Legacy(devlayer.backends.Backend):
+        name, device_type = "legacy-opt", "cpu"
+
+        def make_runtime(self) -> Any:
+            from devlayer.testing import FakeRuntime
+
+            return FakeRuntime(1)
+
+        def optimize(self, model: Any, optimizer: Any, *, method: str, dtype: Any) -> Any:
+            calls.append(method)
+            return model, optimizer
+
+    devlayer.backends.register_backend(Legacy)
+    try:
+        net = torch.nn.Linear(4, 1)
+        trainer = _trainer(net, torch.optim.SGD(net.parameters(), lr=0.1), optimize="turbo")
+        with devlayer.init(backend="legacy-opt"), pytest.warns(DeprecationWarning):
+            trainer.fit(_data())
+    finally:
+        devlayer.backends.unregister_backend("legacy-opt")
+    assert calls == ["turbo"]

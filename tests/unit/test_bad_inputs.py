@@ -128,7 +128,7 @@ def test_b2_fewer_devices_than_local_ranks(two_ranks):
 
 @pytest.mark.parametrize("comm", ["nccl", "xccl"])
 def test_b3_unavailable_comm_is_refused_before_any_socket(two_ranks, comm):
-    from backends._common import comm_available
+    from devlayer.registry import torch_comm_available as comm_available
 
     if comm_available(comm):
         pytest.skip(f"this torch build has {comm}")

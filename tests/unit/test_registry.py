@@ -260,7 +260,7 @@ def test_register_rejects_unselectable_names(
 
 
 def test_register_rejects_non_backends(clean_env: pytest.MonkeyPatch, fresh_registry: None) -> None:
-    with pytest.raises(InvalidArgumentError, match=r"expected a devlayer\.Backend"):
+    with pytest.raises(InvalidArgumentError, match=r"expected a devlayer\.backends\.Backend"):
         devlayer.backends.register_backend(object())  # type: ignore[arg-type]
 
 
@@ -286,7 +286,7 @@ def test_broken_entry_points_do_not_break_builtins(
     errors = registry.entry_point_errors()
     assert set(errors) == {"broken", "notabackend", "cuda"}
     assert errors["broken"].startswith("ModuleNotFoundError")
-    assert "expected a devlayer.Backend" in errors["notabackend"]
+    assert "expected a devlayer.backends.Backend" in errors["notabackend"]
     assert "already registered" in errors["cuda"]
 
     # asking for the broken plugin says why it is missing
@@ -343,3 +343,120 @@ def test_import_devlayer_loads_no_backend_and_no_torch() -> None:
     assert proc.returncode == 0, proc.stderr
     seen = json.loads(proc.stdout.strip().splitlines()[-1])
     assert seen == {"torch": [], "backends": [], "registry": False, "env_changed": False}
+
+
+# --------------------------------------------------------------------------- the interface
+
+
+def test_derived_members_of_the_builtins() -> None:
+    """indexed follows visibility_vars; default comm is torch's map (gloo where none)."""
+    from torch.distributed import Backend as TorchBackend
+
+    backends = devlayer.backends.registered_backends()
+    assert [n for n, b in backends.items() if b.indexed] == ["cuda", "xpu"]
+    assert backends["cpu"].default_comm() == "gloo"
+    assert backends["mps"].default_comm() == TorchBackend.default_device_backend_map.get(
+        "mps", "gloo"
+    )
+    assert backends["cuda"].default_comm() == "nccl"
+
+
+@pytest.mark.parametrize(("name", "owner"), [("nccl", "cuda"), ("gloo", "cpu"), ("mpi", "cpu")])
+def test_comm_names_map_to_the_backend_torch_says(name: str, owner: str) -> None:
+    assert registry.comm_owner(name, devlayer.backends.registered_backends()) == owner
+    assert registry.comm_owner("cdua", devlayer.backends.registered_backends()) is None
+
+
+def test_old_style_backend_is_honoured_with_deprecation_warnings(
+    clean_env: pytest.MonkeyPatch,
+) -> None:
+    """A plugin written for the previous interface keeps working, and is told what moved."""
+    from devlayer.launchers import ProcessInfo
+    from devlayer.registry import hint_for, prepare_comm
+
+    prepared: list[str] = []
+
+    class Old(devlayer.backends.Backend):
+        name, device_type = "old-style", "cpu"
+
+        def make_runtime(self) -> registry.Runtime:
+            from devlayer.testing import FakeRuntime
+
+            return FakeRuntime(1)
+
+        def install_hint(self) -> str:
+            return "install old-style"
+
+        def comm_hint(self, comm: str) -> str:
+            return f"old-style has no {comm}"
+
+        def comm_env(self, comm: str, process: ProcessInfo) -> dict[str, str]:
+            return {"OLD_STYLE_RANK": str(process.local_rank), "OLD_STYLE_SET": "mine?"}
+
+        def prepare(self, comm: str) -> None:  # type: ignore[override]
+            prepared.append(comm)
+
+    be = Old()
+    with pytest.warns(DeprecationWarning, match="install_hint"):
+        assert hint_for(be) == "install old-style"
+    with (
+        pytest.warns(DeprecationWarning, match="comm_hint"),
+        pytest.raises(BackendUnavailableError, match="old-style has no nccl"),
+    ):
+        be.comm_backend("nccl")
+    clean_env.setenv("OLD_STYLE_SET", "user's")
+    seen: dict[str, str] = {}
+    info = ProcessInfo(rank=0, world_size=2, local_rank=1, local_world_size=2)
+    with pytest.warns(DeprecationWarning) as record:
+        prepare_comm(be, "gloo", info, seen.__setitem__)
+    assert {"comm_env", "prepare(comm)"} <= {
+        m for w in record for m in ("comm_env", "prepare(comm)") if m in str(w.message)
+    }
+    assert seen == {"OLD_STYLE_RANK": "1"}  # the user's OLD_STYLE_SET wins
+    assert prepared == ["gloo"]
+    # The moved names still answer on any backend, with a warning.
+    cpu = devlayer.backends.get_backend("cpu")
+    with pytest.warns(DeprecationWarning, match="hint"):
+        assert cpu.install_hint() == cpu.hint()
+    with pytest.warns(DeprecationWarning, match="prepare"):
+        assert cpu.comm_env("gloo", info) == {}
+
+
+def test_prepare_comm_sets_variables_through_the_recorder(clean_env: pytest.MonkeyPatch) -> None:
+    from devlayer.launchers import ProcessInfo
+    from devlayer.registry import prepare_comm
+
+    class Env(devlayer.backends.Backend):
+        name, device_type = "env-demo", "cpu"
+
+        def prepare(self, comm, process=None, env=None):  # type: ignore[no-untyped-def]
+            assert env is not None and process is not None
+            env.setdefault("ENV_DEMO_RANK", str(process.local_rank))
+            env.setdefault("ENV_DEMO_KEPT", "devlayer's")
+
+    clean_env.setenv("ENV_DEMO_KEPT", "user's")
+    seen: dict[str, str] = {}
+    info = ProcessInfo(rank=0, world_size=2, local_rank=1, local_world_size=2)
+    prepare_comm(Env(), "gloo", info, seen.__setitem__)
+    assert seen == {"ENV_DEMO_RANK": "1"}
+
+
+def test_float_dtype_asks_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """float64 where torch allocates it; float32 where it refuses with a TypeError (MPS)."""
+    import torch
+
+    from devlayer.torchcompat import float_dtype
+
+    assert float_dtype(torch.device("cpu")) is torch.float64
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise TypeError("Cannot convert a MPS Tensor to float64 dtype")
+
+    monkeypatch.setattr(torch, "empty", refuse)
+    assert float_dtype(torch.device("meta")) is torch.float32
+
+    def unreachable(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("Torch not compiled with this device")
+
+    monkeypatch.setattr(torch, "empty", unreachable)
+    assert float_dtype(torch.device("meta")) is torch.float64

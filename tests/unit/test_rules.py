@@ -80,6 +80,75 @@ def test_vendor_api_rule_catches_code_not_docs(tmp_path: Path) -> None:
     assert hits == [3, 4]
 
 
+#: Vendor names as they appear in code: device types, comm backends, visibility variables.
+VENDOR_LITERALS = re.compile(
+    r"\b(cuda|xpu|mps|rocm|hip|nccl|rccl|xccl|ccl)\b|"
+    r"\b(CUDA|HIP|ROCR)_VISIBLE_DEVICES\b|\bZE_AFFINITY_MASK\b|\bONEAPI_DEVICE_SELECTOR\b|"
+    r"\bZE_FLAT_DEVICE_HIERARCHY\b",
+    re.IGNORECASE,
+)
+
+#: The named places outside backends/ that may spell a vendor: (file, top-level name).
+#: registry.BUILTINS is the documented list of built-in backends (one line per vendor).
+VENDOR_LITERAL_ALLOWED = {("devlayer/registry.py", "BUILTINS")}
+
+
+def _vendor_literals(path: Path, allowed: set[str] = frozenset()) -> list[tuple[int, str]]:
+    """``(line, text)`` of string constants naming a vendor, outside docstrings and outside
+    top-level assignments to a name in ``allowed``."""
+    import ast
+
+    tree = ast.parse(path.read_text(), str(path))
+    skip: set[int] = set()
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (
+            isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+            and body
+            and isinstance(body[0], ast.Expr)
+            and isinstance(body[0].value, ast.Constant)
+        ):
+            skip.add(id(body[0].value))  # a docstring: documentation may name vendors
+    for stmt in tree.body:
+        targets = getattr(stmt, "targets", None) or [getattr(stmt, "target", None)]
+        if any(isinstance(t, ast.Name) and t.id in allowed for t in targets):
+            skip.update(id(n) for n in ast.walk(stmt))
+    return [
+        (node.lineno, node.value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant)
+        and isinstance(node.value, str)
+        and id(node) not in skip
+        and VENDOR_LITERALS.search(node.value)
+    ]
+
+
+def test_no_vendor_literals_outside_backends():
+    """Adding a vendor is one file in backends/ and one BUILTINS line: nothing else in the
+    library spells "cuda", "nccl", "CUDA_VISIBLE_DEVICES" or "mps" (issue 15)."""
+    offenders = []
+    for path in _python_files("devlayer"):
+        rel = path.relative_to(ROOT).as_posix()
+        allowed = {name for file, name in VENDOR_LITERAL_ALLOWED if file == rel}
+        offenders += [f"{rel}:{n}: {text[:80]!r}" for n, text in _vendor_literals(path, allowed)]
+    assert not offenders, "vendor literals outside backends/:\n" + "\n".join(offenders)
+
+
+def test_vendor_literal_rule_catches_code_not_docs(tmp_path: Path) -> None:
+    src = tmp_path / "m.py"
+    src.write_text(
+        '"""Docs may say cuda and CUDA_VISIBLE_DEVICES."""\n'
+        "TABLE = {'cuda': 'nccl'}\n"
+        "ALLOWED = ('xpu',)\n"
+        "def f(t):\n"
+        '    """On mps too."""\n'
+        "    return 'float32' if t == 'mps' else f'{t}:gloo'  # cuda in a comment\n"
+        "MSG = f'set HIP_VISIBLE_DEVICES={1}'\n"
+        "OK = 'NCCL_SOCKET_IFNAME and cpu:gloo'\n"
+    )
+    assert sorted(n for n, _ in _vendor_literals(src, {"ALLOWED"})) == [2, 2, 6, 7]
+
+
 def test_vendor_files_do_not_import_each_other():
     for path in _python_files("backends"):
         text = path.read_text()
@@ -235,6 +304,7 @@ DIST_OWNERS = {
     "devlayer/train/fsdp.py": "FSDP2 (fully_shard over a DeviceMesh)",
     "devlayer/train/sharded.py": "sharded checkpoints (torch.distributed.checkpoint)",
     "devlayer/cli/launch.py": "runs torchrun itself (torch.distributed.run)",
+    "devlayer/cli/info.py": "lists the comm backends torch knows (a fact, no process group)",
     "devlayer/registry.py": "torch's device -> comm backend map (a fact, no process group)",
     "backends/_common.py": "which comm backends this torch has (a fact, no process group)",
 }

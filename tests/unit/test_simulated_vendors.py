@@ -545,14 +545,19 @@ def test_init_timeout_from_env(clean_env: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.simulated
-def test_simulated_fake_for_vendor_defaults() -> None:
+def test_simulated_fake_for_vendor_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     cuda, xpu = fake_for("cuda", 2), fake_for("xpu", 2)
     assert cuda.visibility_var == "CUDA_VISIBLE_DEVICES"
     assert xpu.visibility_var == "ZE_AFFINITY_MASK"
-    assert fake_for("cuda", 2, variant="rocm").visibility_vars == (
-        "HIP_VISIBLE_DEVICES",
-        "CUDA_VISIBLE_DEVICES",
-    )
+    # The defaults come from the backends (their visibility_vars; torch's comm for the device).
+    assert cuda.visibility_vars == devlayer.backends.get_backend("cuda").visibility_vars
+    # A ROCm fake reads HIP_VISIBLE_DEVICES, and CUDA_VISIBLE_DEVICES on top of it.
+    rocm = fake_for("cuda", 4, variant="rocm")
+    assert {"HIP_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES"} <= set(rocm.visibility_vars)
+    monkeypatch.setenv("HIP_VISIBLE_DEVICES", "1,2,3")
+    assert rocm.device_count() == 3
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,2")
+    assert rocm.device_count() == 2
     assert cuda.comm_available("nccl") and not cuda.comm_available("xccl")
     assert xpu.comm_available("xccl")
 
@@ -571,6 +576,13 @@ def test_simulated_xpu_ccl_local_rank_variables_only_for_ccl():
         node_rank=1,
         master_port=29500,
     )
-    assert be.comm_env("ccl", info) == {"CCL_LOCAL_RANK": "1", "CCL_LOCAL_SIZE": "2"}
-    assert be.comm_env("xccl", info) == {}
-    assert devlayer.backends.get_backend("cuda").comm_env("nccl", info) == {}
+    # prepare() sets them (only where unset) before it imports the oneCCL bindings, which
+    # are not installed here.
+    env: dict[str, str] = {"CCL_LOCAL_SIZE": "mine"}
+    with pytest.raises(BackendUnavailableError):
+        be.prepare("ccl", info, env)
+    assert env == {"CCL_LOCAL_RANK": "1", "CCL_LOCAL_SIZE": "mine"}
+    env = {}
+    be.prepare("xccl", info, env)
+    devlayer.backends.get_backend("cuda").prepare("nccl", info, env)
+    assert env == {}
