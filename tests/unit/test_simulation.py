@@ -458,7 +458,7 @@ def test_simulated_rank_mapping_from_launcher_env(
         be = devlayer.backends.get_backend("cuda")
         plan = lifecycle._plan_devices(be, None, "devices", info)
         assert lifecycle._pick_device(be, plan, info) == 1
-    # Sharing is reported once, by rank 0 (tests/unit/test_env_round2.py), not by rank 5.
+    # Sharing is reported once, by rank 0 (tests/unit/test_lifecycle.py), not by rank 5.
     assert caplog.text == ""
     caplog.clear()
     # one device per task (scheduler binding): every local rank uses index 0, no warning
