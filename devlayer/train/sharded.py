@@ -24,9 +24,11 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import io
 import pickle
-from collections.abc import Collection
+import warnings
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -156,6 +158,15 @@ def _first_failure(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
+@contextlib.contextmanager
+def _one_process(world_size: int) -> Iterator[None]:
+    """At world size 1 (no process group) DCP warns that it assumes one process: it is right."""
+    with warnings.catch_warnings():
+        if world_size == 1:
+            warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        yield
+
+
 def _state(model: Any, optimizer: Any) -> dict[str, Any]:
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -174,7 +185,8 @@ def write_shards(folder: Path, model: Any, optimizer: Any, *, world_size: int) -
 
     writer = dcp.FileSystemWriter(folder, single_file_per_rank=True, sync_files=True)
     try:
-        dcp.save(_state(model, optimizer), storage_writer=writer, no_dist=world_size == 1)
+        with _one_process(world_size):
+            dcp.save(_state(model, optimizer), storage_writer=writer, no_dist=world_size == 1)
     except CheckpointException as exc:  # a BaseException: it would pass `except Exception`
         raise CheckpointError(
             f"writing the shards into {folder} failed: {_first_failure(exc)}; check the disk "
@@ -196,7 +208,9 @@ def read_shards(
 
     state = _state(model, optimizer)
     try:
-        dcp.load(state, storage_reader=VerifiedReader(folder, files), no_dist=world_size == 1)
+        with _one_process(world_size):
+            reader = VerifiedReader(folder, files)
+            dcp.load(state, storage_reader=reader, no_dist=world_size == 1)
     except CheckpointException as exc:
         raise CheckpointError(
             f"cannot restore the shards in {folder}: {_first_failure(exc)}. It was saved "

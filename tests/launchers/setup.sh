@@ -38,6 +38,8 @@ command -v mpirun.openmpi >/dev/null || need+=(openmpi-bin)
 command -v mpiexec.hydra >/dev/null || need+=(mpich)
 command -v slurmctld >/dev/null || need+=(slurm-wlm)
 command -v munged >/dev/null || need+=(munge)
+# Not a launcher: the C++ compiler torch.compile needs for CPU code (tests/e2e/test_compile.py).
+command -v c++ >/dev/null || need+=(g++)
 if [ "${#need[@]}" -gt 0 ]; then
     echo "installing: ${need[*]}"
     export DEBIAN_FRONTEND=noninteractive
