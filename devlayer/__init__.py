@@ -181,31 +181,3 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
-
-
-def _extend_path_for_source_checkout() -> None:
-    # In a source checkout (editable installs included) the vendor modules sit in the
-    # top-level backends/ folder; an installed wheel has them in devlayer/backends/.
-    # Make ``devlayer.backends`` resolve in both layouts.
-    import os
-
-    here = os.path.dirname(__file__)
-    if not os.path.isdir(os.path.join(here, "backends")):
-        root = os.path.join(os.path.dirname(here), "backends")
-        if os.path.isfile(os.path.join(root, "__init__.py")):
-            import importlib.util
-            import sys
-
-            if "devlayer.backends" not in sys.modules:
-                spec = importlib.util.spec_from_file_location(
-                    "devlayer.backends",
-                    os.path.join(root, "__init__.py"),
-                    submodule_search_locations=[root],
-                )
-                if spec is not None and spec.loader is not None:
-                    module = importlib.util.module_from_spec(spec)
-                    sys.modules["devlayer.backends"] = module
-                    spec.loader.exec_module(module)
-
-
-_extend_path_for_source_checkout()

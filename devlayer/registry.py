@@ -465,7 +465,17 @@ def _load_builtins() -> None:
         if name in _backends:
             continue
         module, _, attr = target.partition(":")
-        _backends[name] = _as_backend(getattr(importlib.import_module(module), attr), target)
+        try:
+            loaded = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name not in ("devlayer.backends", module):
+                raise
+            raise DevlayerError(
+                f"cannot import {module}: the built-in backends are missing. In a source "
+                "checkout they live in the top-level backends/ folder, which only an install "
+                "maps to devlayer.backends; run `pip install -e .` there (or install the wheel)"
+            ) from exc
+        _backends[name] = _as_backend(getattr(loaded, attr), target)
     _loaded_builtins = True
 
 

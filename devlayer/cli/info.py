@@ -41,8 +41,6 @@ def comm_names(be: Any) -> tuple[str, ...]:
 
 def collect() -> dict[str, Any]:
     """Gather the report as a JSON-ready dict (schema version :data:`SCHEMA_VERSION`)."""
-    # Long (about 80 lines): the report is built top to bottom, one block per key. Its backend
-    # part changes with the vendor-interface work of issue 15; it is split after that lands.
     import torch
 
     report: dict[str, Any] = {
@@ -62,9 +60,24 @@ def collect() -> dict[str, Any]:
         "runtime_initialized": False,
         "warnings": [],
     }
+    _add_backends(report)
+    local_ranks = _add_launcher(report)
     warnings: list[str] = report["warnings"]
-    backends = devlayer.backends.registered_backends()
-    for name, be in backends.items():
+    warnings.extend(pitfalls(os.environ, report))
+    threads = os.environ.get("OMP_NUM_THREADS")
+    cores = usable_cpus()
+    if threads and threads.isdigit() and cores and int(threads) * local_ranks > cores:
+        warnings.append(
+            f"OMP_NUM_THREADS={threads} x {local_ranks} local rank(s) > {cores} cores: threads "
+            f"will compete; use OMP_NUM_THREADS={max(cores // local_ranks, 1)}"
+        )
+    return report
+
+
+def _add_backends(report: dict[str, Any]) -> None:
+    """Every registered backend's availability, then the selected one's devices and comms."""
+    warnings: list[str] = report["warnings"]
+    for name, be in devlayer.backends.registered_backends().items():
         avail = be.availability()
         report["backends"].append(
             {
@@ -93,36 +106,31 @@ def collect() -> dict[str, Any]:
     except DevlayerError as exc:
         report["selection_error"] = str(exc)
         warnings.append(f"backend selection failed: {exc}")
+
+
+def _add_launcher(report: dict[str, Any]) -> int:
+    """What the launcher's environment says; returns the ranks on this node (1 if unknown)."""
     try:
         info = detect(os.environ)
-        report["launcher"] = {
-            "name": info.launcher,
-            "rank": info.rank,
-            "world_size": info.world_size,
-            "local_rank": info.local_rank,
-            "local_world_size": info.local_world_size,
-            "node_rank": info.node_rank,
-            "num_nodes": info.num_nodes,
-            "master_addr": info.master_addr,
-            "master_port": info.master_port,
-            "sources": dict(info.sources),
-            "notes": list(info.notes),
-        }
-        warnings.extend(info.notes)
-        local_ranks = info.local_world_size
     except DevlayerError as exc:
         report["launcher_error"] = str(exc)
-        warnings.append(f"launcher environment: {exc}")
-        local_ranks = 1
-    warnings.extend(pitfalls(os.environ, report))
-    threads = os.environ.get("OMP_NUM_THREADS")
-    cores = usable_cpus()
-    if threads and threads.isdigit() and cores and int(threads) * local_ranks > cores:
-        warnings.append(
-            f"OMP_NUM_THREADS={threads} x {local_ranks} local rank(s) > {cores} cores: threads "
-            f"will compete; use OMP_NUM_THREADS={max(cores // local_ranks, 1)}"
-        )
-    return report
+        report["warnings"].append(f"launcher environment: {exc}")
+        return 1
+    report["launcher"] = {
+        "name": info.launcher,
+        "rank": info.rank,
+        "world_size": info.world_size,
+        "local_rank": info.local_rank,
+        "local_world_size": info.local_world_size,
+        "node_rank": info.node_rank,
+        "num_nodes": info.num_nodes,
+        "master_addr": info.master_addr,
+        "master_port": info.master_port,
+        "sources": dict(info.sources),
+        "notes": list(info.notes),
+    }
+    report["warnings"].extend(info.notes)
+    return info.local_world_size
 
 
 def pitfalls(env: Mapping[str, str], report: Mapping[str, Any]) -> list[str]:

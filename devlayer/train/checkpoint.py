@@ -178,11 +178,34 @@ def checkpoint_folder(path: str | os.PathLike[str]) -> Path:
 
 
 def _read_manifest(folder: Path) -> dict[str, Any]:
+    """The manifest of ``folder``, parsed and checked field by field (never trusted as is)."""
     path = folder / MANIFEST_FILE
     fix = (
         f"delete {folder} (resume then uses the newest checkpoint that verifies) "
         "or restore it from a copy"
     )
+    manifest = _manifest_json(path, fix)
+    _check_version(folder, path, manifest, fix)
+    _check_fields(path, manifest, fix)
+    if manifest["format_version"] >= 2:
+        recorded, actual = manifest.get("manifest_sha256"), _manifest_digest(manifest)
+        if recorded != actual:
+            raise CheckpointCorruptError(
+                f"{path} was changed after it was written: its manifest_sha256 is "
+                f"{recorded!r}, its content hashes to {actual} (a hand-edited step, size or "
+                f"sha256 is never trusted); {fix}"
+            )
+    claimed = _folder_step(folder)
+    if claimed is not None and claimed != manifest["step"]:
+        raise CheckpointCorruptError(
+            f"{folder} is named for step {claimed} but its manifest says step "
+            f"{manifest['step']}: the folder was renamed or copied by hand, and using it would "
+            f"misorder resume and pruning; rename it back to step {manifest['step']} or {fix}"
+        )
+    return manifest
+
+
+def _manifest_json(path: Path, fix: str) -> dict[str, Any]:
     try:
         raw = read_regular(path, MANIFEST_LIMIT, fix)
     except FileNotFoundError:
@@ -201,6 +224,10 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
         raise CheckpointCorruptError(
             f"{path} holds a JSON {type(manifest).__name__}, expected an object; {fix}"
         )
+    return manifest
+
+
+def _check_version(folder: Path, path: Path, manifest: Mapping[str, Any], fix: str) -> None:
     version = manifest.get("format_version")
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise CheckpointCorruptError(
@@ -214,6 +241,9 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
             f"this devlayer {devlayer.__version__} reads formats up to {FORMAT_VERSION}: "
             "upgrade devlayer (pip install -U devlayer) to load it"
         )
+
+
+def _check_fields(path: Path, manifest: Mapping[str, Any], fix: str) -> None:
     bad = [
         f"{key}={manifest.get(key, '<missing>')!r}"
         for key, minimum in _REQUIRED_FIELDS.items()
@@ -235,22 +265,6 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
             f"step >= 0, epoch >= 0, world_size >= 1, size >= 0, a 64-digit hex sha256, "
             f"a run_id string or null, and shards as {{file name: {{size, sha256}}}}); {fix}"
         )
-    if version >= 2:
-        recorded, actual = manifest.get("manifest_sha256"), _manifest_digest(manifest)
-        if recorded != actual:
-            raise CheckpointCorruptError(
-                f"{path} was changed after it was written: its manifest_sha256 is "
-                f"{recorded!r}, its content hashes to {actual} (a hand-edited step, size or "
-                f"sha256 is never trusted); {fix}"
-            )
-    claimed = _folder_step(folder)
-    if claimed is not None and claimed != manifest["step"]:
-        raise CheckpointCorruptError(
-            f"{folder} is named for step {claimed} but its manifest says step "
-            f"{manifest['step']}: the folder was renamed or copied by hand, and using it would "
-            f"misorder resume and pruning; rename it back to step {manifest['step']} or {fix}"
-        )
-    return manifest
 
 
 def _valid_shards(shards: object) -> bool:

@@ -52,11 +52,13 @@ _HELD_GUARD = threading.Lock()
 
 def _job_id() -> str | None:
     """The launcher's job id, when one is set (names the holder of a lock)."""
-    for key in ("TORCHELASTIC_RUN_ID", "SLURM_JOB_ID", "PBS_JOBID", "LSB_JOBID"):
-        value = os.environ.get(key)
-        if value and value != "none":
-            return f"{key}={value}"
-    return None
+    from devlayer.errors import DevlayerError
+    from devlayer.launchers import detect
+
+    try:
+        return detect(os.environ).job_id
+    except DevlayerError:  # an inconsistent launcher environment: the lock works without it
+        return None
 
 
 def _describe_holder(raw: bytes) -> str:

@@ -172,31 +172,25 @@ class Trainer:
         fsdp: Mapping[str, Any] | None = None,
         compile: bool | Mapping[str, Any] = False,
     ) -> None:
-        _positive("grad_accum", grad_accum)
-        if max_epochs is not None:
-            _positive("max_epochs", max_epochs)
-        _positive("log_every", log_every)
-        _positive("preempt_check_every", preempt_check_every)
-        if max_steps is not None:
-            _positive("max_steps", max_steps)
-        if checkpoint_every is not None:
-            _positive("checkpoint_every", checkpoint_every)
-            if checkpoint_dir is None:
-                raise InvalidArgumentError("checkpoint_every needs checkpoint_dir")
-        if clip_grad is not None and not clip_grad > 0:
-            raise InvalidArgumentError(f"clip_grad={clip_grad!r} must be a positive number")
-        if lr_scaling not in (None, "linear", "sqrt"):
-            raise InvalidArgumentError(f"lr_scaling={lr_scaling!r}: use 'linear', 'sqrt' or None")
-        if optimize is not None and not (isinstance(optimize, str) or callable(optimize)):
-            raise InvalidArgumentError(
-                f"optimize={optimize!r}: use 'ipex', a callable (model, optimizer) -> "
-                f"(model, optimizer), or None"
-            )
-        _check_strategy(strategy, fsdp, resolve_precision(precision))
-        if loss_fn is None and training_step is None:
-            raise InvalidArgumentError(
-                "Trainer needs loss_fn (called as loss_fn(model(x), y)) or training_step"
-            )
+        # Long only by its 33 documented options: the checks are in _check_options, the
+        # per-run state in _reset_run_state; what is left assigns the options.
+        _check_options(
+            grad_accum=grad_accum,
+            max_epochs=max_epochs,
+            max_steps=max_steps,
+            log_every=log_every,
+            preempt_check_every=preempt_check_every,
+            checkpoint_every=checkpoint_every,
+            checkpoint_dir=checkpoint_dir,
+            clip_grad=clip_grad,
+            lr_scaling=lr_scaling,
+            optimize=optimize,
+            strategy=strategy,
+            fsdp=fsdp,
+            precision=precision,
+            loss_fn=loss_fn,
+            training_step=training_step,
+        )
         self.model = model
         self.optimizer = optimizer
         self.loss_fn = loss_fn
@@ -229,9 +223,13 @@ class Trainer:
         self.strategy = strategy
         self.fsdp = dict(fsdp or {})
         self.compile_options = compile_options(compile)
+        self._reset_run_state()
+
+    def _reset_run_state(self) -> None:
+        """What ``fit()`` builds up: position, wrapped model, precision, stop flags."""
         self._optimized = False
         self.preempted = False
-        self.preemption = Preemption(preempt_check_every)
+        self.preemption = Preemption(self.preempt_check_every)
         self.amp: Precision | None = None  # decided in _setup, on the device
         self.state = _Progress()
         self.ddp_model: Any = None
@@ -600,8 +598,7 @@ class Trainer:
         """One epoch (or until max_steps); returns (loss sum, samples, seconds, completed)."""
         import torch
 
-        st, amp = self.state, self.amp
-        assert amp is not None
+        st = self.state
         n_batches = len(loader)
         loader.set_epoch(st.epoch)
         if st.batches_done:
@@ -613,21 +610,11 @@ class Trainer:
         self._loss_sum = loss_sum
         on_accelerator = self.device.type != "cpu"  # CPU batches are already in place
         started = time.perf_counter()
-        last_log_step, last_log_time, last_log_samples = st.global_step, started, 0
+        rate = _RateLog(st.global_step, started)
         for batch in loader:
             if on_accelerator:
                 batch = self._to_device(batch)
-            index = st.batches_done
-            boundary = (index + 1) % self.grad_accum == 0 or index + 1 == n_batches
-            # The epoch's last window may be shorter: average over the micro-batches it has,
-            # so its step weighs its samples as grad_accum=1 would.
-            window = min(self.grad_accum, n_batches - (index - index % self.grad_accum))
-            sync = contextlib.nullcontext() if boundary else skip_grad_sync(self.ddp_model)
-            with sync:
-                with amp.autocast():
-                    loss = self._loss(batch)
-                # No division at grad_accum=1: one autograd node less per step.
-                amp.scale(loss / window if window > 1 else loss).backward()
+            loss, boundary = self._micro_step(batch, n_batches)
             size = _batch_len(batch)
             loss_sum.add_(loss.detach(), alpha=size)  # promotes into the float64 sum
             samples += size
@@ -635,37 +622,49 @@ class Trainer:
             st.batches_done += 1
             for cb in self.callbacks:
                 cb.on_train_batch_end(self, loss)
-            if not boundary:
-                if bar is not None:
-                    bar.update(1)
-                continue
-            self._optimizer_step()
-            if bar is not None and st.global_step - last_log_step >= self.log_every:
-                now = time.perf_counter()
-                rate = (
-                    (samples - last_log_samples)
-                    * devlayer.world_size()
-                    / max(now - last_log_time, 1e-9)
-                )
-                bar.set_postfix(loss=f"{loss.item():.4g}", samples_s=f"{rate:.0f}")
-                last_log_step, last_log_time, last_log_samples = st.global_step, now, samples
+            if boundary:
+                self._optimizer_step()
+                if bar is not None and st.global_step - rate.step >= self.log_every:
+                    bar.set_postfix(loss=f"{loss.item():.4g}", samples_s=rate.text(st, samples))
             if bar is not None:  # after the step and its loss, so a progress line has both
                 bar.update(1)
-            if self.preemption.should_stop(st.global_step, devlayer.world_size()):
-                self.preempted = True
-                break
-            # The epoch-end (or end-of-run) save follows these: no second write of the step.
-            last_of_epoch = st.batches_done >= n_batches
-            last_step = self.max_steps is not None and st.global_step >= self.max_steps
-            if (
-                self.checkpoint_every
-                and st.global_step % self.checkpoint_every == 0
-                and not (last_of_epoch or last_step)
-            ):
-                self.save_checkpoint()
-            if last_step:
+            if boundary and self._end_of_step(n_batches):
                 break
         return loss_sum, samples, time.perf_counter() - started, st.batches_done >= n_batches
+
+    def _micro_step(self, batch: Any, n_batches: int) -> tuple[Any, bool]:
+        """Forward and backward of one micro-batch; returns its loss and whether it ends
+        an accumulation window (then the optimizer steps and gradients are reduced)."""
+        assert self.amp is not None
+        index = self.state.batches_done
+        boundary = (index + 1) % self.grad_accum == 0 or index + 1 == n_batches
+        # The epoch's last window may be shorter: average over the micro-batches it has,
+        # so its step weighs its samples as grad_accum=1 would.
+        window = min(self.grad_accum, n_batches - (index - index % self.grad_accum))
+        sync = contextlib.nullcontext() if boundary else skip_grad_sync(self.ddp_model)
+        with sync:
+            with self.amp.autocast():
+                loss = self._loss(batch)
+            # No division at grad_accum=1: one autograd node less per step.
+            self.amp.scale(loss / window if window > 1 else loss).backward()
+        return loss, boundary
+
+    def _end_of_step(self, n_batches: int) -> bool:
+        """After an optimizer step: preemption check and periodic save; True stops the epoch."""
+        st = self.state
+        if self.preemption.should_stop(st.global_step, devlayer.world_size()):
+            self.preempted = True
+            return True
+        # The epoch-end (or end-of-run) save follows these: no second write of the step.
+        last_of_epoch = st.batches_done >= n_batches
+        last_step = self.max_steps is not None and st.global_step >= self.max_steps
+        if (
+            self.checkpoint_every
+            and st.global_step % self.checkpoint_every == 0
+            and not (last_of_epoch or last_step)
+        ):
+            self.save_checkpoint()
+        return last_step
 
     def _validate(self, loader: ShardedLoader | None) -> dict[str, Any]:
         """Per-rank sums of validation metrics (on the device, no collective here)."""
@@ -948,6 +947,65 @@ class Trainer:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+class _RateLog:
+    """Samples/s over all ranks since the previous progress postfix."""
+
+    def __init__(self, step: int, now: float) -> None:
+        self.step, self.time, self.samples = step, now, 0
+
+    def text(self, state: _Progress, samples: int) -> str:
+        now = time.perf_counter()
+        rate = (samples - self.samples) * devlayer.world_size() / max(now - self.time, 1e-9)
+        self.step, self.time, self.samples = state.global_step, now, samples
+        return f"{rate:.0f}"
+
+
+def _check_options(
+    *,
+    grad_accum: int,
+    max_epochs: int | None,
+    max_steps: int | None,
+    log_every: int,
+    preempt_check_every: int,
+    checkpoint_every: int | None,
+    checkpoint_dir: object,
+    clip_grad: float | None,
+    lr_scaling: str | None,
+    optimize: object,
+    strategy: str,
+    fsdp: Mapping[str, Any] | None,
+    precision: str | None,
+    loss_fn: object,
+    training_step: object,
+) -> None:
+    """Refuse Trainer options that cannot work, naming the value and what to pass instead."""
+    _positive("grad_accum", grad_accum)
+    if max_epochs is not None:
+        _positive("max_epochs", max_epochs)
+    _positive("log_every", log_every)
+    _positive("preempt_check_every", preempt_check_every)
+    if max_steps is not None:
+        _positive("max_steps", max_steps)
+    if checkpoint_every is not None:
+        _positive("checkpoint_every", checkpoint_every)
+        if checkpoint_dir is None:
+            raise InvalidArgumentError("checkpoint_every needs checkpoint_dir")
+    if clip_grad is not None and not clip_grad > 0:
+        raise InvalidArgumentError(f"clip_grad={clip_grad!r} must be a positive number")
+    if lr_scaling not in (None, "linear", "sqrt"):
+        raise InvalidArgumentError(f"lr_scaling={lr_scaling!r}: use 'linear', 'sqrt' or None")
+    if optimize is not None and not (isinstance(optimize, str) or callable(optimize)):
+        raise InvalidArgumentError(
+            f"optimize={optimize!r}: use 'ipex', a callable (model, optimizer) -> "
+            f"(model, optimizer), or None"
+        )
+    _check_strategy(strategy, fsdp, resolve_precision(precision))
+    if loss_fn is None and training_step is None:
+        raise InvalidArgumentError(
+            "Trainer needs loss_fn (called as loss_fn(model(x), y)) or training_step"
+        )
 
 
 def _check_strategy(strategy: str, fsdp: Mapping[str, Any] | None, precision: str) -> None:

@@ -460,3 +460,22 @@ def test_float_dtype_asks_torch(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(torch, "empty", unreachable)
     assert float_dtype(torch.device("meta")) is torch.float64
+
+
+def test_a_checkout_without_an_install_is_told_to_install(monkeypatch):
+    """The top-level backends/ folder becomes devlayer.backends only through an install
+    (no import-time sys.modules hook): without one, the error says so and what to run."""
+    from devlayer import registry
+
+    real = registry.importlib.import_module
+
+    def missing(name: str, *args: object) -> object:
+        if name.startswith("devlayer.backends"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name="devlayer.backends")
+        return real(name, *args)
+
+    monkeypatch.setattr(registry, "_loaded_builtins", False)
+    monkeypatch.setattr(registry, "_backends", {})
+    monkeypatch.setattr(registry.importlib, "import_module", missing)
+    with pytest.raises(devlayer.DevlayerError, match=r"pip install -e \."):
+        registry._load_builtins()
