@@ -17,6 +17,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from devlayer._version import __version__
+from devlayer.config import moved_name
 from devlayer.errors import BackendUnavailableError, CollectiveError, DevlayerError
 
 if TYPE_CHECKING:
@@ -165,18 +166,8 @@ def __getattr__(name: str) -> Any:
         value = getattr(importlib.import_module(module), name)
         globals()[name] = value  # later lookups skip __getattr__
         return value
-    new_home = _MOVED.get(name)
-    if new_home is not None:
-        import warnings
-
-        # Not cached in globals(): every old spelling in the caller's code is reported.
-        warnings.warn(
-            f"devlayer.{name} moved to {new_home}.{name}; the old name goes in the next release",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return getattr(importlib.import_module(new_home), name)
-    raise AttributeError(f"module 'devlayer' has no attribute {name!r}")
+    # Not cached in globals(): every old spelling in the caller's code is reported.
+    return moved_name("devlayer", name, _MOVED)
 
 
 def __dir__() -> list[str]:

@@ -22,7 +22,6 @@ The module is not called ``state`` so that it cannot shadow the function ``devla
 from __future__ import annotations
 
 import atexit
-import importlib
 import logging
 import os
 import threading
@@ -33,7 +32,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from devlayer import devices as _devices
-from devlayer.config import DEFAULT_TIMEOUT, env_flag, parse_timeout
+from devlayer.config import DEFAULT_TIMEOUT, env_flag, moved_name, parse_timeout
 from devlayer.errors import (
     DeviceError,
     DevlayerError,
@@ -820,15 +819,4 @@ _MOVED = {
 
 
 def __getattr__(name: str) -> Any:
-    module = _MOVED.get(name)
-    if module is None:
-        raise AttributeError(f"module 'devlayer.lifecycle' has no attribute {name!r}")
-    import warnings
-
-    warnings.warn(
-        f"devlayer.lifecycle.{name} moved to {module}.{name}; the old name goes in the next "
-        f"release",
-        DeprecationWarning,
-        stacklevel=2,
-    )
-    return getattr(importlib.import_module(module), name)
+    return moved_name(__name__, name, _MOVED)

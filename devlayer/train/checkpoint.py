@@ -52,7 +52,7 @@ from typing import IO, TYPE_CHECKING, Any, NoReturn, cast
 import torch
 
 import devlayer
-from devlayer.config import short_repr
+from devlayer.config import moved_name, short_repr
 from devlayer.errors import InvalidArgumentError
 from devlayer.train.errors import (
     CheckpointCorruptError,
@@ -1136,16 +1136,5 @@ _MOVED = {
 
 
 def __getattr__(name: str) -> Any:
-    # Moved in 0.2 (issue 15): the collective resume rules live in devlayer.train.resume.
-    # The old spelling works for one release, with a warning naming the new one.
-    module = _MOVED.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    warnings.warn(
-        f"devlayer.train.checkpoint.{name} moved to {module}.{name}; import it from there",
-        DeprecationWarning,
-        stacklevel=2,
-    )
-    import importlib
-
-    return getattr(importlib.import_module(module), name)
+    # Moved in issue 15: the collective resume rules live in devlayer.train.resume.
+    return moved_name(__name__, name, _MOVED)
