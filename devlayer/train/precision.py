@@ -24,7 +24,7 @@ from typing import Any
 
 from devlayer.errors import DevlayerError, InvalidArgumentError
 
-__all__ = ["Precision", "resolve_precision"]
+__all__ = ["Precision", "ShardedGradScaler", "resolve_precision"]
 
 _PRECISIONS = {
     "32": "32",
@@ -71,31 +71,40 @@ class Precision:
     Args:
         precision: A name :func:`resolve_precision` accepts (already resolved is fine).
         device: The device training runs on.
+        sharded: The model is sharded (FSDP): its mixed-precision policy casts the
+            parameters, so there is no autocast, and fp16 uses a
+            :class:`ShardedGradScaler`, which all ranks agree on.
 
     Raises:
-        DevlayerError: The device cannot autocast to the requested dtype.
+        DevlayerError: The device cannot compute in the requested dtype.
     """
 
-    def __init__(self, precision: str, device: Any) -> None:
+    def __init__(self, precision: str, device: Any, *, sharded: bool = False) -> None:
         import torch
 
         self.name = resolve_precision(precision)
         self.device = device
-        #: ``torch.bfloat16`` / ``torch.float16`` under mixed precision, else ``None``.
-        self.dtype: Any = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(self.name)
-        if self.dtype is not None:
-            self._check_device(torch)
-        #: The ``torch.amp.GradScaler`` for fp16 (``None`` otherwise).
-        self.scaler: Any = torch.amp.GradScaler(device.type) if self.name == "16-mixed" else None
+        low = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(self.name)
+        #: The autocast dtype (``None``: full precision, or a sharded model that FSDP casts).
+        self.dtype: Any = low
+        if low is not None:
+            self._check_device(torch, low)
+        if sharded:
+            self.dtype = None
+        #: fp16's loss scaler: ``torch.amp.GradScaler``, or :class:`ShardedGradScaler`
+        #: for a sharded model; ``None`` at other precisions.
+        self.scaler: Any = None
+        if self.name == "16-mixed":
+            self.scaler = ShardedGradScaler() if sharded else torch.amp.GradScaler(device.type)
 
-    def _check_device(self, torch: Any) -> None:
+    def _check_device(self, torch: Any, low: Any) -> None:
         dev = self.device.type
         try:
-            with torch.autocast(device_type=dev, dtype=self.dtype):
+            with torch.autocast(device_type=dev, dtype=low):
                 probe = torch.nn.functional.linear(
                     torch.ones(2, 2, device=self.device), torch.ones(2, 2, device=self.device)
                 )
-            ok = probe.dtype == self.dtype
+            ok = probe.dtype == low
         except (RuntimeError, AssertionError) as exc:
             ok, why = False, str(exc).splitlines()[0]
         else:
@@ -126,6 +135,15 @@ class Precision:
         """
         import torch
 
+        if isinstance(self.scaler, ShardedGradScaler):
+            params = list(parameters)
+            finite = self.scaler.unscale(params)
+            if finite:
+                if clip_grad is not None:
+                    torch.nn.utils.clip_grad_norm_(params, clip_grad)
+                optimizer.step()
+            self.scaler.update(finite)
+            return
         if self.scaler is not None:
             if clip_grad is not None:
                 self.scaler.unscale_(optimizer)
@@ -145,3 +163,82 @@ class Precision:
         """Restore the scaler's state (ignored without a scaler or a saved state)."""
         if self.scaler is not None and state is not None:
             self.scaler.load_state_dict(state)
+
+
+class ShardedGradScaler:
+    """fp16 loss scaling for sharded gradients, with one decision for all ranks.
+
+    ``torch.amp.GradScaler`` checks only the gradients this process holds. With FSDP each
+    rank holds a different shard, so one rank could find an inf and skip the step while
+    another steps: the shards would silently stop belonging to one model. Here the
+    "found inf" flag is all-reduced (MAX, one integer) before anyone steps, so every rank
+    skips the same steps and keeps the same scale. The rules are ``GradScaler``'s: start
+    at 2**16, halve on inf/NaN, double after ``growth_interval`` finite steps in a row.
+
+    Example:
+        >>> scaler = ShardedGradScaler(init_scale=8.0)
+        >>> scaler.update(False); scaler.get_scale()
+        4.0
+    """
+
+    def __init__(
+        self,
+        init_scale: float = 2.0**16,
+        growth_factor: float = 2.0,
+        backoff_factor: float = 0.5,
+        growth_interval: int = 2000,
+    ) -> None:
+        self._scale = float(init_scale)
+        self._growth_tracker = 0
+        self.growth_factor, self.backoff_factor = growth_factor, backoff_factor
+        self.growth_interval = growth_interval
+
+    def get_scale(self) -> float:
+        """The current loss scale."""
+        return self._scale
+
+    def scale(self, loss: Any) -> Any:
+        """``loss`` times the scale (call ``backward()`` on it)."""
+        return loss * self._scale
+
+    def unscale(self, parameters: list[Any]) -> bool:
+        """Divide the gradients by the scale; False on every rank when any rank saw inf/NaN.
+
+        A collective: every rank calls it at every optimizer step.
+        """
+        import torch
+
+        from devlayer.comm import all_reduce
+
+        local = [_local(p.grad) for p in parameters if p.grad is not None]
+        bad = any(not bool(torch.isfinite(g).all()) for g in local)
+        if all_reduce(int(bad), op="max"):
+            return False
+        for g in local:
+            g.mul_(1.0 / self._scale)
+        return True
+
+    def update(self, finite: bool) -> None:
+        """Back off after a skipped step; grow after ``growth_interval`` good ones."""
+        if not finite:
+            self._scale *= self.backoff_factor
+            self._growth_tracker = 0
+            return
+        self._growth_tracker += 1
+        if self._growth_tracker >= self.growth_interval:
+            self._scale *= self.growth_factor
+            self._growth_tracker = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """Scale and growth tracker as plain values (for checkpoints)."""
+        return {"scale": self._scale, "growth_tracker": self._growth_tracker}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` gave."""
+        self._scale = float(state["scale"])
+        self._growth_tracker = int(state["growth_tracker"])
+
+
+def _local(tensor: Any) -> Any:
+    """This rank's part of a ``DTensor`` (a plain tensor is all of itself)."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor

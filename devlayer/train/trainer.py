@@ -265,7 +265,7 @@ class Trainer:
         self._acc_dtype = float_dtype(self.device)
         # FSDP casts the gathered parameters itself (its mixed-precision policy): no autocast.
         sharded = self.strategy == "fsdp"
-        self.amp = Precision("32" if sharded else self.precision, self.device)
+        self.amp = Precision(self.precision, self.device, sharded=sharded)
         self.autocast_dtype = self.amp.dtype
         if self.optimize is not None and not self._optimized:
             self._apply_optimize(torch, st.backend)
@@ -1019,12 +1019,6 @@ def _check_strategy(strategy: str, fsdp: Mapping[str, Any] | None, precision: st
         raise InvalidArgumentError(
             "fsdp={'precision': ...}: the Trainer maps its own precision= to FSDP's "
             "mixed-precision policy; pass precision='bf16-mixed' to the Trainer instead"
-        )
-    if precision == "16-mixed":
-        raise InvalidArgumentError(
-            "precision='16-mixed' with strategy='fsdp': fp16 needs a gradient scaler that "
-            "agrees across shards, which devlayer does not provide yet; use "
-            "precision='bf16-mixed' (no scaler needed) or strategy='ddp'"
         )
 
 

@@ -13,11 +13,17 @@ from tests.dist.trainer_worker import make_data, make_model
 
 
 class _Losses(Callback):
-    def __init__(self) -> None:
+    def __init__(self, inf_at_step: int | None = None, inf_ranks: tuple[int, ...] = ()) -> None:
         self.losses: list[float] = []
+        self.inf_at_step, self.inf_ranks = inf_at_step, inf_ranks
 
     def on_train_batch_end(self, trainer: Any, loss: Any) -> None:
         self.losses.append(float(loss.item()))
+        # After backward, before the optimizer step: an inf in this rank's shard only.
+        if trainer.state.global_step == self.inf_at_step and devlayer.rank() in self.inf_ranks:
+            grad = next(p.grad for p in trainer.ddp_model.parameters() if p.grad is not None)
+            local = grad.to_local() if hasattr(grad, "to_local") else grad
+            local.view(-1)[0] = float("inf")
 
 
 def fit(
@@ -35,11 +41,13 @@ def fit(
     export: str | None = None,
     val_samples: int = 48,
     batch_size: int = 16,
+    inf_at_step: int | None = None,
+    inf_ranks: tuple[int, ...] = (),
 ) -> dict[str, Any]:
     """Fit the small regression of trainer_worker; return per-step losses and the weights."""
     model = make_model()
     opt = torch.optim.AdamW(model.parameters(), lr=0.01)  # state worth sharding
-    losses = _Losses()
+    losses = _Losses(inf_at_step, inf_ranks)
     trainer = devlayer.Trainer(
         model,
         opt,
@@ -77,4 +85,5 @@ def fit(
         "param_type": type(next(trainer.ddp_model.parameters())).__name__,
         "exported": str(exported) if exported else None,
         "probe": probe.tolist(),
+        "scale": trainer.scaler.get_scale() if trainer.scaler is not None else None,
     }

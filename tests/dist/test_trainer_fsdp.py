@@ -55,6 +55,20 @@ def test_fsdp_validation_with_uneven_batches_per_rank_is_exact(clean_env):
     )
 
 
+def test_fsdp_fp16_skips_a_step_on_every_rank_when_one_rank_sees_an_inf(clean_env):
+    """An inf in rank 1's shard only: every rank skips that step (one all-reduced flag), so
+    the result equals a run where both ranks saw it; a per-rank scaler would diverge."""
+    kw = {"precision": "16-mixed", "max_epochs": 2, "val_samples": 0, "inf_at_step": 3}
+    one = _run(2, "fsdp", inf_ranks=(1,), **kw)
+    both = _run(2, "fsdp", inf_ranks=(0, 1), **kw)
+    clean = _run(2, "fsdp", **{**kw, "inf_at_step": None})
+    assert one[0]["scale"] == one[1]["scale"] == clean[0]["scale"] / 2  # backed off once
+    assert _equal(one[0]["weights"], both[0]["weights"])
+    assert not _equal(one[0]["weights"], clean[0]["weights"])  # the step was skipped
+    history = clean[0]["history"]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]  # fp16 FSDP trains
+
+
 def _manifest(folder: Path) -> dict:
     return json.loads((folder / "manifest.json").read_text())
 

@@ -103,3 +103,29 @@ def test_checkpoint_state_round_trips_the_scale():
     other.load_state_dict(amp.state_dict())
     assert other.scaler.get_scale() == 128.0
     assert Precision("32", CPU).state_dict() is None
+
+
+def test_sharded_scaler_skips_backs_off_grows_and_round_trips():
+    """World size 1 (the all-reduce is a no-op): the scaler's own rules."""
+    from devlayer.train.precision import ShardedGradScaler
+
+    with devlayer.init(backend="cpu"):
+        amp = Precision("16-mixed", CPU, sharded=True)
+        assert isinstance(amp.scaler, ShardedGradScaler) and amp.dtype is None  # FSDP casts
+        net, opt = _net_with_grads(amp)
+        before = [p.detach().clone() for p in net.parameters()]
+        net.weight.grad[0, 0] = float("nan")
+        amp.step(opt, net.parameters(), clip_grad=None)
+        assert all(torch.equal(a, p) for a, p in zip(before, net.parameters(), strict=True))
+        assert amp.scaler.get_scale() == 2.0**15
+        net, opt = _net_with_grads(amp)
+        grads = [p.grad.clone() / 2.0**15 for p in net.parameters()]
+        amp.step(opt, net.parameters(), clip_grad=None)  # finite: unscaled, then stepped
+        assert all(torch.allclose(p.grad, g) for p, g in zip(net.parameters(), grads, strict=True))
+    scaler = ShardedGradScaler(init_scale=4.0, growth_interval=2)
+    scaler.update(True)
+    scaler.update(True)
+    assert scaler.get_scale() == 8.0
+    other = ShardedGradScaler()
+    other.load_state_dict(scaler.state_dict())
+    assert other.state_dict() == {"scale": 8.0, "growth_tracker": 0}

@@ -134,7 +134,6 @@ def test_an_fsdp_trainer_refuses_a_full_model_checkpoint_and_ddp_reads_shards(cp
     [
         ({"strategy": "zero"}, "strategy='zero': use 'ddp' or 'fsdp'"),
         ({"fsdp": {"min_params": 10}}, "fsdp= options need strategy='fsdp'"),
-        ({"strategy": "fsdp", "precision": "16-mixed"}, "precision='16-mixed' with strategy"),
         ({"strategy": "fsdp", "fsdp": {"precision": "bf16-mixed"}}, "maps its own precision="),
         ({"compile": "yes"}, "compile='yes': use True, False or a dict"),
     ],
