@@ -75,6 +75,9 @@ def _last_error(stderr: str) -> str:
 
 @pytest.mark.timeout(60)
 def test_f4_rank_raises_while_peer_waits_in_all_reduce():
+    """Rank 1 raises while rank 0 waits in all_reduce (timeout 5 s): rank 1 exits non-zero with
+    its own traceback, and rank 0 exits non-zero with "CollectiveError: all_reduce failed on rank
+    0 of 2" instead of hanging in the collective or failing with a raw torch error."""
     (rc0, out0, err0), (rc1, out1, err1) = _run_ranks("raise")
     # rank 1: its own traceback, non-zero exit
     assert rc1 != 0, out1 + err1
@@ -94,6 +97,9 @@ def test_f4_rank_raises_while_peer_waits_in_all_reduce():
 
 @pytest.mark.timeout(60)
 def test_f5_missing_rank_at_barrier_is_named_and_every_rank_exits_non_zero():
+    """Rank 1 reaches barrier(timeout=5) 7 s late: rank 0's CollectiveError names rank 1 as the
+    rank that failed to pass the barrier, and the late rank exits non-zero on its own as soon as
+    it reaches the barrier, so no rank hangs or exits 0."""
     # rank 1 reaches barrier(timeout=5) 7 s late: rank 0's monitored barrier gives up first.
     (rc0, out0, err0), (rc1, out1, err1) = _run_ranks("late", "7")
     assert rc0 != 0 and "DONE" not in out0, out0 + err0
@@ -112,6 +118,8 @@ def test_f5_missing_rank_at_barrier_is_named_and_every_rank_exits_non_zero():
 
 @pytest.mark.timeout(60)
 def test_b9_fewer_processes_than_world_size_names_expected_joined_and_missing():
+    """WORLD_SIZE=3 with only 2 processes: both ranks (the store host and the other) fail with
+    RendezvousError naming 3 expected, 2 joined and missing rank 2, instead of a bare timeout."""
     # Rank 1 gives up first (3 s), while rank 0, which hosts the store, still waits (6 s):
     # both see the store and must name the expected and joined counts and the missing rank.
     # (The margins absorb up to 3 s of start-up skew between the two processes.)
@@ -125,6 +133,8 @@ def test_b9_fewer_processes_than_world_size_names_expected_joined_and_missing():
 
 @pytest.mark.timeout(60)
 def test_b9_rank_waiting_when_the_store_host_gives_up_gets_a_rendezvous_error():
+    """The store host (rank 0) gives up first, naming missing rank 2, and exits; rank 1, still
+    waiting on the vanished store, also fails with RendezvousError, not a raw connection error."""
     # Rank 0 gives up after 4 s and exits; rank 1 (timeout 8 s) is still polling its store.
     (rc0, _, err0), (rc1, out1, err1) = _run_ranks("join", "4", "8", world=3, nprocs=2)
     assert rc0 != 0 and "missing rank(s): 2." in _last_error(err0), err0[-3000:]
@@ -228,6 +238,8 @@ def debug_run(spawned: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 @pytest.mark.timeout(240)
 def test_f6_debug_mode_names_both_shapes_on_every_rank(debug_run):
+    """DEVLAYER_DEBUG=1, all_reduce of shape [2] on rank 0 and [3] on rank 1: both ranks raise the
+    same CollectiveError naming both shapes, instead of hanging or reducing mismatched tensors."""
     expected = "rank 0 all_reduce [2] float32 vs rank 1 all_reduce [3] float32"
     for result in debug_run:
         assert result["debug"] is True
@@ -249,12 +261,17 @@ _MISMATCHES = {
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("case", sorted(_MISMATCHES))
 def test_f6_debug_mode_names_op_keys_dtypes_src_and_operation(debug_run, case):
+    """DEVLAYER_DEBUG=1: a different reduce op, tree key, int vs float leaf, broadcast src,
+    all_gather trailing dim or operation raises CollectiveError on every rank naming both ranks'
+    signatures; a signature field left out of the comparison fails its case."""
     for result in debug_run:
         assert _MISMATCHES[case] in result.get(case, "(no CollectiveError)"), result.get(case)
 
 
 @pytest.mark.timeout(240)
 def test_f6_matching_calls_work_in_debug_mode(debug_run):
+    """In debug mode every collective with matching arguments returns the right values (checked
+    on both ranks by check()), and after the refused mismatches the group still all-reduces."""
     # check() ran every collective and asserted its values on both ranks; after the refused
     # calls the group still reduces correctly (1 + 2 on every rank).
     assert [r["after"] for r in debug_run] == [[3.0, 3.0, 3.0]] * 2
@@ -262,6 +279,9 @@ def test_f6_matching_calls_work_in_debug_mode(debug_run):
 
 @pytest.mark.timeout(240)
 def test_f10_indivisible_dataset_same_number_of_steps_on_every_rank(spawned):
+    """7 samples on 2 ranks: both ranks get the same number of batches (padded, or dropped with
+    drop_last), no sample is lost without drop_last, and the Trainer takes the same 8 steps with
+    the same losses on both, so a per-batch collective cannot hang on the uneven split."""
     r0, r1 = (r["uneven"] for r in spawned)
     # global batch 2 -> 1 per rank; the sampler pads 7 to 8: 4 batches on each rank
     assert r0["2/False"][:2] == r1["2/False"][:2] == (4, 4)

@@ -69,6 +69,9 @@ def test_world_size_one_same_code(clean_env, tmp_path):
 
 
 def test_f8_failed_checkpoint_write_fails_every_rank_alike(clean_env, tmp_path):
+    """Rank 0's second checkpoint write hits ENOSPC: both ranks raise the same CheckpointError
+    naming rank 0 and the full disk, the previous checkpoint stays newest and verifies, and no
+    temp folder is left behind."""
     from devlayer.train.checkpoint import CheckpointStore
     from tests.dist.trainer_worker import train_with_failing_second_save
 
@@ -84,12 +87,16 @@ def test_f8_failed_checkpoint_write_fails_every_rank_alike(clean_env, tmp_path):
 
 
 def test_d1_two_identical_runs_are_bitwise_identical(clean_env):
+    """Two 2-rank runs with the same seed end with bitwise-identical weights; any unseeded
+    randomness in model init, data order or training would make them differ."""
     first, _ = _spawn(train, max_epochs=2)
     second, _ = _spawn(train, max_epochs=2)
     assert _same(first["weights"], second["weights"])
 
 
 def test_d2_per_rank_seeds_and_c8_single_writer(clean_env, tmp_path):
+    """After seeding, ranks draw different random numbers, data shards and loader worker seeds,
+    and a rerun draws the same (D2); only rank 0 calls CheckpointStore.save (C8, one writer)."""
     from tests.dist.trainer_worker import seeds_and_writers
 
     r0, r1 = _spawn(seeds_and_writers, str(tmp_path / "a"))
@@ -102,6 +109,9 @@ def test_d2_per_rank_seeds_and_c8_single_writer(clean_env, tmp_path):
 
 
 def test_c3_world_size_change_refused_unless_allowed(clean_env, tmp_path):
+    """A 2-rank checkpoint is refused at world size 1 with CheckpointWorldSizeError naming both
+    sizes; with allow_world_size_change=True the Trainer resumes it on one rank and replays the
+    interrupted epoch from its start (the documented reset)."""
     from devlayer.train.checkpoint import CheckpointStore, CheckpointWorldSizeError
 
     ckpt = tmp_path / "ckpt"

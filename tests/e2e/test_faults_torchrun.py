@@ -55,6 +55,9 @@ def _same(a, b) -> bool:
 
 @pytest.mark.parametrize("step", [5, 6], ids=["mid-epoch", "epoch-boundary"])
 def test_f1_sigkill_rank1_restart_resumes_bitwise(tmp_path, reference, step):
+    """torchrun --max-restarts=1, rank 1 SIGKILLed after step 5 (mid-epoch) or 6 (epoch
+    boundary): the job restarts, resumes from a checkpoint, exits 0 and ends with weights
+    bitwise equal to an uninterrupted run."""
     proc, _ckpt, out = _torchrun(tmp_path, "f1", "--kill-rank", "1", "--kill-at-step", str(step))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "resumed_from=" in proc.stdout and "resumed_from=None" not in proc.stdout
@@ -83,6 +86,8 @@ def test_f3_fsdp_kill_after_the_shards_before_the_rename_keeps_previous(tmp_path
 
 
 def test_f2_no_restarts_fails_fast_naming_rank_and_signal(tmp_path):
+    """torchrun --max-restarts=0, rank 1 SIGKILLed after step 5: the job exits non-zero, the error
+    names local rank 1 and SIGKILL, and step 4's checkpoint is still the newest and verifies."""
     proc, ckpt, out = _torchrun(
         tmp_path, "f2", "--kill-rank", "1", "--kill-at-step", "5", restarts=0
     )
@@ -97,6 +102,9 @@ def test_f2_no_restarts_fails_fast_naming_rank_and_signal(tmp_path):
 
 
 def test_f3_kill_during_checkpoint_write_keeps_previous_and_cleans_temp(tmp_path, reference):
+    """Rank 0 is SIGKILLed between serializing its second checkpoint and the rename: the restart
+    resumes from step 2, ends bitwise equal to an uninterrupted run, leaves no .tmp- folder, and
+    every checkpoint left verifies."""
     proc, ckpt, out = _torchrun(tmp_path, "f3", "--kill-in-write")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "resumed_from=" in proc.stdout and "step-000000002" in proc.stdout, (
@@ -110,6 +118,9 @@ def test_f3_kill_during_checkpoint_write_keeps_previous_and_cleans_temp(tmp_path
 
 
 def test_f7_sigterm_stops_all_ranks_saves_and_exits_nonzero(tmp_path):
+    """SIGTERM to the torchrun agent after step 3 (no restarts): the ranks stop with
+    PreemptedError naming SIGTERM, the job exits non-zero without finishing, and a checkpoint
+    of step 3 or later is written."""
     proc, ckpt, out = _torchrun(tmp_path, "f7", "--term-at-step", "3", restarts=0)
     assert proc.returncode != 0
     assert "PreemptedError" in proc.stderr

@@ -65,6 +65,8 @@ def _assert_nothing_opened(port: int) -> None:
 
 
 def test_b1_unknown_env_backend_names_value_and_registered_list(two_ranks, clean_env):
+    """DEVLAYER_BACKEND='cdua' raises BackendNotFoundError whose exact message names the value,
+    every registered backend and the suggestion 'cuda', before any socket is opened."""
     clean_env.setenv("DEVLAYER_BACKEND", "cdua")
     with pytest.raises(devlayer.errors.BackendNotFoundError) as info:
         devlayer.init()
@@ -77,6 +79,8 @@ def test_b1_unknown_env_backend_names_value_and_registered_list(two_ranks, clean
 
 
 def test_b1_unknown_backend_argument(two_ranks):
+    """backend='tpu' as an argument raises BackendNotFoundError naming it as backend='tpu',
+    before any socket is opened."""
     with pytest.raises(
         devlayer.errors.BackendNotFoundError, match=r"^backend='tpu' is not a registered"
     ):
@@ -89,6 +93,8 @@ def test_b1_unknown_backend_argument(two_ranks):
 
 @pytest.mark.simulated
 def test_b2_device_index_that_does_not_exist(two_ranks):
+    """devices=[7] with 2 simulated cuda devices raises DeviceError naming the index and the
+    device count, before any device is selected and before any socket is opened."""
     with simulate("cuda", 2) as fake, pytest.raises(devlayer.errors.DeviceError) as info:
         devlayer.init(backend="cuda", devices=[7])
     message = str(info.value)
@@ -101,6 +107,8 @@ def test_b2_device_index_that_does_not_exist(two_ranks):
 @pytest.mark.simulated
 @pytest.mark.parametrize(("spec", "shown"), [([0, 0], "[0,0]"), ("1,1", "[1,1]")])
 def test_b2_duplicate_devices(two_ranks, spec, shown):
+    """The same device listed twice ([0, 0] or "1,1") raises DeviceError saying it appears more
+    than once, before any socket is opened."""
     with simulate("cuda", 2), pytest.raises(devlayer.errors.DeviceError) as info:
         devlayer.init(backend="cuda", devices=spec)
     assert "more than once" in str(info.value) and shown[1] in str(info.value)
@@ -109,6 +117,8 @@ def test_b2_duplicate_devices(two_ranks, spec, shown):
 
 @pytest.mark.simulated
 def test_b2_devices_from_env_are_named_as_env(two_ranks, clean_env):
+    """DEVLAYER_DEVICES=7 (no such device) raises DeviceError naming the variable, so the user
+    sees the bad value came from the environment, before any socket is opened."""
     clean_env.setenv("DEVLAYER_DEVICES", "7")
     with simulate("cuda", 2), pytest.raises(devlayer.errors.DeviceError, match="DEVLAYER_DEVICES"):
         devlayer.init(backend="cuda")
@@ -117,6 +127,8 @@ def test_b2_devices_from_env_are_named_as_env(two_ranks, clean_env):
 
 @pytest.mark.simulated
 def test_b2_fewer_devices_than_local_ranks(two_ranks):
+    """devices=[1] for 2 local ranks raises DeviceError saying 1 device is selected for 2 ranks
+    on the node, before any socket, instead of putting both ranks on one device."""
     with simulate("cuda", 2), pytest.raises(devlayer.errors.DeviceError) as info:
         devlayer.init(backend="cuda", devices=[1])
     assert "selects 1 device(s) but 2 ranks run on this node" in str(info.value)
@@ -128,6 +140,8 @@ def test_b2_fewer_devices_than_local_ranks(two_ranks):
 
 @pytest.mark.parametrize("comm", ["nccl", "xccl"])
 def test_b3_unavailable_comm_is_refused_before_any_socket(two_ranks, comm):
+    """comm='nccl' / 'xccl' on a torch build without it raises BackendUnavailableError naming the
+    comm and the fix comm='gloo', before any socket; it never switches to gloo silently."""
     from devlayer.registry import torch_comm_available as comm_available
 
     if comm_available(comm):
@@ -140,6 +154,8 @@ def test_b3_unavailable_comm_is_refused_before_any_socket(two_ranks, comm):
 
 
 def test_b3_unavailable_comm_from_env(two_ranks, clean_env):
+    """DEVLAYER_COMM=nccl on a torch build without nccl raises BackendUnavailableError before any
+    socket, as the comm= argument does."""
     clean_env.setenv("DEVLAYER_COMM", "nccl")
     if torch.distributed.is_nccl_available():
         pytest.skip("this torch build has nccl")
@@ -150,6 +166,8 @@ def test_b3_unavailable_comm_from_env(two_ranks, clean_env):
 
 @pytest.mark.simulated
 def test_b3_cuda_without_nccl_never_falls_back_to_gloo(two_ranks):
+    """Simulated cuda whose torch has only gloo: init(backend="cuda") raises
+    BackendUnavailableError for nccl instead of silently running on gloo."""
     with (
         simulate("cuda", 2, comm=("gloo",)),
         pytest.raises(devlayer.BackendUnavailableError) as info,
@@ -161,6 +179,8 @@ def test_b3_cuda_without_nccl_never_falls_back_to_gloo(two_ranks):
 
 @pytest.mark.simulated
 def test_b3_xpu_without_xccl_or_ccl(two_ranks):
+    """Simulated xpu whose torch has only gloo: init(backend="xpu") raises BackendUnavailableError
+    saying neither xccl nor ccl is available, instead of silently running on gloo."""
     with (
         simulate("xpu", 2, comm=("gloo",)),
         pytest.raises(devlayer.BackendUnavailableError) as info,
@@ -194,6 +214,9 @@ def test_b3_xpu_without_xccl_or_ccl(two_ranks):
 def test_b8_bad_rank_and_world_values_are_named_before_any_socket(
     two_ranks, clean_env, env, fragment
 ):
+    """Out-of-range, negative or non-integer RANK, WORLD_SIZE, LOCAL_RANK or MASTER_PORT (hand-set
+    or under torchrun's variables) makes init() raise LaunchEnvError naming the variable and its
+    value, before any socket is opened."""
     if "TORCHELASTIC_RUN_ID" in env:
         clean_env.delenv("DEVLAYER_LAUNCHER")
     for key, value in env.items():
@@ -220,6 +243,8 @@ def test_b8_bad_rank_and_world_values_are_named_before_any_socket(
     ],
 )
 def test_b10_bad_timeout_is_named(two_ranks, timeout, fragment):
+    """timeout= of 0, negative, inf, nan, a str, a bool or a list raises InvalidArgumentError
+    naming the value (or its type), before any socket is opened."""
     with pytest.raises(devlayer.errors.InvalidArgumentError) as info:
         devlayer.init(backend="cpu", timeout=timeout)
     assert fragment in str(info.value)
@@ -228,6 +253,8 @@ def test_b10_bad_timeout_is_named(two_ranks, timeout, fragment):
 
 @pytest.mark.parametrize("value", ["soon", "0", "-1"])
 def test_b10_bad_timeout_from_env_names_the_variable(two_ranks, clean_env, value):
+    """A bad DEVLAYER_TIMEOUT ('soon', '0', '-1') raises InvalidArgumentError naming the variable
+    and its value, before any socket is opened."""
     clean_env.setenv("DEVLAYER_TIMEOUT", value)
     # "0" is shown as 0.0 (parsed before the check): variable and number are named
     with pytest.raises(devlayer.errors.InvalidArgumentError, match=f"DEVLAYER_TIMEOUT='?{value}"):
@@ -236,6 +263,7 @@ def test_b10_bad_timeout_from_env_names_the_variable(two_ranks, clean_env, value
 
 
 def test_b10_barrier_timeout_is_validated(clean_env):
+    """barrier(timeout=...) refuses 0, -1 and "5" with InvalidArgumentError, as init() does."""
     with devlayer.init(backend="cpu"):
         for bad in (0, -1, "5"):
             with pytest.raises(devlayer.errors.InvalidArgumentError, match="timeout="):
@@ -243,6 +271,8 @@ def test_b10_barrier_timeout_is_validated(clean_env):
 
 
 def test_b10_init_twice_same_args_is_idempotent_different_args_refused(clean_env):
+    """A second init() with the same arguments returns the same State; with another timeout it
+    raises DevlayerError naming both argument sets and leaves the first State in place."""
     first = devlayer.init(backend="cpu", timeout=30)
     try:
         assert devlayer.init(backend="cpu", timeout=30) is first
@@ -281,11 +311,15 @@ def test_b10_init_twice_same_args_is_idempotent_different_args_refused(clean_env
     ],
 )
 def test_b10_collective_before_init_says_call_init(clean_env, call):
+    """Every collective, rank() and device() called before init() raises NotInitializedError
+    saying to call devlayer.init() first, not a torch error about the default process group."""
     with pytest.raises(devlayer.errors.NotInitializedError, match=r"call devlayer\.init\(\) first"):
         call()
 
 
 def test_b10_shutdown_is_idempotent_and_says_whether_it_did_something(clean_env):
+    """shutdown() returns False when nothing is initialized, True right after init(), and False
+    again on a second call, without raising."""
     assert devlayer.shutdown() is False  # nothing initialized
     devlayer.init(backend="cpu")
     assert devlayer.shutdown() is True

@@ -727,6 +727,9 @@ HOLD_LOCK = """
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX record locks")
 @pytest.mark.timeout(120)
 def test_r2_2_lock_held_by_another_process_names_it(tmp_path):
+    """While another live process holds the folder lock, acquire_lock() raises
+    CheckpointInUseError naming its pid, host and the fix, cleanup_temp() removes nothing, and
+    the lock is free again once the holder exits."""
     holder = _child(HOLD_LOCK.format(path=str(tmp_path)))
     try:
         assert holder.stdout is not None and holder.stdout.readline() == "LOCKED\n"
@@ -746,6 +749,8 @@ def test_r2_2_lock_held_by_another_process_names_it(tmp_path):
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL is POSIX")
 @pytest.mark.timeout(120)
 def test_r2_2_lock_of_a_killed_process_is_recognised_as_stale(tmp_path):
+    """A lock holder killed with SIGKILL leaves its lock file but not the lock: the next store
+    takes the lock at once and records its own pid, so a crashed job never blocks the next."""
     holder = _child(HOLD_LOCK.format(path=str(tmp_path)))
     assert holder.stdout is not None and holder.stdout.readline() == "LOCKED\n"
     holder.kill()
@@ -757,6 +762,9 @@ def test_r2_2_lock_of_a_killed_process_is_recognised_as_stale(tmp_path):
 
 
 def test_r2_2_one_lock_per_folder_within_a_process_too(tmp_path):
+    """A second store on a folder this process already locked raises CheckpointInUseError (POSIX
+    locks alone would let it through), the refusal keeps the first lock held, and another prefix
+    gets its own lock."""
     first = CheckpointStore(tmp_path)
     with first.lock():
         with pytest.raises(CheckpointInUseError, match="already in use by this process"):
@@ -767,6 +775,8 @@ def test_r2_2_one_lock_per_folder_within_a_process_too(tmp_path):
 
 @pytest.mark.timeout(120)
 def test_r2_2_cleanup_never_removes_a_live_process_temp_files(tmp_path):
+    """cleanup_temp() removes a temp folder whose writer pid is dead but keeps one whose writer on
+    this host is alive, until that writer exits: another job's save in progress is never lost."""
     store = CheckpointStore(tmp_path)
     _save(store, 1)
     tag = ckpt.host_tag()
@@ -785,6 +795,8 @@ def test_r2_2_cleanup_never_removes_a_live_process_temp_files(tmp_path):
 
 
 def test_r2_2_folder_name_must_match_the_manifest_step(tmp_path):
+    """A folder named step-99999999999 holding step 32 is skipped by latest() with a warning, and
+    pruning ranks only folders whose manifest matches their name, so it keeps steps 32 and 34."""
     store = CheckpointStore(tmp_path, keep=2)
     for step in (30, 32):
         _save(store, step)
@@ -799,6 +811,9 @@ def test_r2_2_folder_name_must_match_the_manifest_step(tmp_path):
 
 
 def test_r2_2_latest_refuses_a_folder_holding_two_runs(tmp_path):
+    """latest() on a folder holding checkpoints of two run ids raises CheckpointRunError naming the
+    folder and each run with its steps, instead of resuming whichever is newest; a run_id with
+    spaces or slashes is refused."""
     for step in (10, 20):
         _save(CheckpointStore(tmp_path, keep=5, run_id="run-a"), step)
     _save(CheckpointStore(tmp_path, keep=5, run_id="run-b"), 4)
@@ -814,6 +829,8 @@ def test_r2_2_latest_refuses_a_folder_holding_two_runs(tmp_path):
 
 
 def test_r2_10_hand_edited_manifest_is_refused(tmp_path):
+    """A step folder renamed with its manifest's step edited to match is refused by verify() as
+    "changed after it was written", because the manifest's own sha256 no longer matches."""
     store = CheckpointStore(tmp_path)
     _save(store, 5)
     path = tmp_path / "step-000000007"
@@ -826,6 +843,8 @@ def test_r2_10_hand_edited_manifest_is_refused(tmp_path):
 
 
 def test_r2_10_symlinked_step_folders_leave_no_temp_links(tmp_path):
+    """When a step folder is a symlink, a same-step re-save and pruning remove only the link,
+    leave no .tmp- link behind and never delete the folder it points to."""
     store = CheckpointStore(tmp_path / "ck", keep=1)
 
     def link_step_1(target: Path) -> None:  # a step folder kept on another disk, say
@@ -845,6 +864,8 @@ def test_r2_10_symlinked_step_folders_leave_no_temp_links(tmp_path):
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX modes")
 def test_r2_10_private_store_creates_owner_only_checkpoints(tmp_path):
+    """CheckpointStore(private=True) creates folders 0700 and files 0600 even under umask 022,
+    while a default store follows the umask (files 0644)."""
     old = os.umask(0o022)
     try:
         path = _save(CheckpointStore(tmp_path / "private", private=True), 1)
@@ -860,6 +881,9 @@ def test_r2_10_private_store_creates_owner_only_checkpoints(tmp_path):
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
 def test_r2_4_full_disk_inside_torch_save_is_reported_as_such(tmp_path, monkeypatch):
+    """ENOSPC on every write inside the real torch.save (which turns it into a RuntimeError) is
+    reported as "No space left on device ... disk is full", not "could not serialize", with no
+    temp folder left and the previous checkpoint kept."""
     store = CheckpointStore(tmp_path)
     _save(store, 1)
     real_init = ckpt.HashingWriter.__init__
@@ -895,6 +919,8 @@ ENOSPC_JOB = """
 
 @pytest.mark.timeout(120)
 def test_r2_4_real_full_disk_says_no_space_left(tmp_path):
+    """Saving onto a real 64 KiB tmpfs (in a mount namespace; skipped without one) reports "No
+    space left on device", not "could not serialize"."""
     if shutil.which("unshare") is None or not sys.platform.startswith("linux"):
         pytest.skip("needs unshare (Linux user and mount namespaces) for a tiny tmpfs")
     mnt = tmp_path / "tiny"
@@ -949,6 +975,9 @@ LATEST_JOB = """
 @pytest.mark.parametrize("kind", ["fifo", "/dev/zero", "huge"])
 @pytest.mark.timeout(120)
 def test_r2_5_manifest_that_is_no_small_regular_file_is_skipped(tmp_path, kind):
+    """A manifest.json that is a FIFO, a symlink to /dev/zero or an oversized file is skipped by
+    latest() with a warning saying what it is, and the previous step is used, without blocking
+    (timeout) or exhausting memory (child under a memory limit)."""
     store = CheckpointStore(tmp_path / "ck")
     _save(store, 1)
     _manifest_replaced_by(kind, _save(store, 2))
@@ -970,6 +999,8 @@ def test_r2_5_manifest_that_is_no_small_regular_file_is_skipped(tmp_path, kind):
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs are POSIX")
 @pytest.mark.timeout(60)
 def test_r2_5_state_that_is_a_fifo_is_refused_without_blocking(tmp_path):
+    """A state.pt that is a FIFO is refused by verify() with CheckpointCorruptError saying so,
+    instead of blocking forever on opening it."""
     store = CheckpointStore(tmp_path)
     path = _save(store, 1)
     (path / "state.pt").unlink()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import re
 import subprocess
 import sys
@@ -538,3 +539,22 @@ def test_the_project_uses_no_moved_top_level_name():
             text = text[:start] + text[text.index("\n\n", start) :]
         offenders += [f"{path.relative_to(ROOT)}: {m.group(0)}" for m in old.finditer(text)]
     assert not offenders, "old top-level spellings:\n" + "\n".join(offenders)
+
+
+def test_tests_with_a_reliability_id_say_what_they_prove():
+    """Every test named for a reliability ID (test_f4_..., test_r2_2_...) has a docstring.
+
+    Issue 15: the ID in the name points at docs/reliability.md; the docstring says what the
+    test proves, so a reader need not decode the ID or the assertions.
+    """
+    named = re.compile(r"test_(r\d|[a-z]\d+)_")
+    missing = []
+    for path in sorted((ROOT / "tests").rglob("test_*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if (
+                isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+                and named.match(node.name)
+                and not ast.get_docstring(node)
+            ):
+                missing.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}")
+    assert not missing, "tests with a reliability ID but no docstring:\n" + "\n".join(missing)
