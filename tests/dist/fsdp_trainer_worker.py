@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 import devlayer
-from devlayer.train import Callback
+from devlayer.train import Callback, EarlyStopping
 from devlayer.train.fsdp import full_state_dict, local_numel
 from tests.dist.trainer_worker import make_data, make_model
 
@@ -43,6 +43,7 @@ def fit(
     batch_size: int = 16,
     inf_at_step: int | None = None,
     inf_ranks: tuple[int, ...] = (),
+    early_stop: bool = False,
 ) -> dict[str, Any]:
     """Fit the small regression of trainer_worker; return per-step losses and the weights."""
     model = make_model()
@@ -64,6 +65,8 @@ def fit(
         allow_world_size_change=allow_world_size_change,
         precision=precision,
         callbacks=[losses],
+        # min_delta so large that no epoch improves: stop after the second epoch.
+        early_stopping=EarlyStopping("val_loss", patience=1, min_delta=1e9) if early_stop else None,
         progress=False,
         num_workers=0,
         seed=7,
@@ -78,6 +81,7 @@ def fit(
         "losses": losses.losses,
         "history": history,
         "global_step": trainer.state.global_step,
+        "stop_reason": trainer.stop_reason,
         "resumed_from": str(trainer.resumed_from) if trainer.resumed_from else None,
         "weights": weights,
         "local": local_numel(trainer.ddp_model),

@@ -143,3 +143,22 @@ def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step(clean_env, tmp_pa
         assert r["error"] is not None and "received signal SIGTERM" in r["error"]
     newest = CheckpointStore(tmp_path).latest()
     assert newest is not None and int(newest.name.split("-")[1]) == r0["step"]
+
+
+def test_fsdp_sigterm_on_one_rank_stops_every_rank_at_the_same_step_with_shards(
+    clean_env, tmp_path
+):
+    """strategy="fsdp": the agreed stop and its checkpoint work as under DDP, the checkpoint
+    is sharded (every rank wrote its shard), and a new run resumes from it."""
+    from devlayer.train.checkpoint import CheckpointStore
+    from tests.dist.trainer_worker import preempt_one_rank
+
+    r0, r1 = _spawn(preempt_one_rank, str(tmp_path), 2, "fsdp")
+    assert r0["step"] == r1["step"] and 3 < r0["step"] <= 7, (r0, r1)
+    assert all("received signal SIGTERM" in (r["error"] or "") for r in (r0, r1))
+    newest = CheckpointStore(tmp_path).latest()
+    assert newest is not None and int(newest.name.split("-")[1]) == r0["step"]
+    assert sorted(p.name for p in (newest / "shards").glob("*.distcp")) == [
+        "__0_0.distcp",
+        "__1_0.distcp",
+    ]

@@ -69,6 +69,13 @@ def test_fsdp_fp16_skips_a_step_on_every_rank_when_one_rank_sees_an_inf(clean_en
     assert history[-1]["train_loss"] < history[0]["train_loss"]  # fp16 FSDP trains
 
 
+def test_fsdp_early_stopping_stops_every_rank_at_the_same_epoch(clean_env):
+    """Decided on metrics averaged over the ranks, as under DDP: both stop after epoch 2."""
+    out = _run(2, "fsdp", max_epochs=5, early_stop=True)
+    assert [r["stop_reason"] for r in out] == ["early_stopping", "early_stopping"]
+    assert [len(r["history"]) for r in out] == [2, 2]
+
+
 def _manifest(folder: Path) -> dict:
     return json.loads((folder / "manifest.json").read_text())
 

@@ -154,7 +154,7 @@ def seeds_and_writers(checkpoint_dir: str) -> dict[str, Any]:
     }
 
 
-def preempt_one_rank(checkpoint_dir: str, check_every: int) -> dict[str, Any]:
+def preempt_one_rank(checkpoint_dir: str, check_every: int, strategy: str = "ddp") -> dict[str, Any]:
     """Only rank 1 gets SIGTERM (after step 3); every rank must stop at the same step."""
     import os
     import signal
@@ -177,6 +177,7 @@ def preempt_one_rank(checkpoint_dir: str, check_every: int) -> dict[str, Any]:
         max_epochs=3,
         checkpoint_dir=checkpoint_dir,
         preempt_check_every=check_every,
+        strategy=strategy,
         callbacks=[TermRankOne()],
         progress=False,
         num_workers=0,
