@@ -412,10 +412,13 @@ class Trainer:
     def export(self, path: str | os.PathLike[str]) -> Path | None:
         """Write the trained model's full ``state_dict`` to one file, for inference.
 
-        Collective: call it on every rank after ``fit()``. Under ``strategy="fsdp"`` the
-        shards are gathered into rank 0's CPU memory (never onto one device); rank 0 writes
-        the file atomically. It holds tensors only, so it loads into the plain model on
-        one process with ``torch.load(path, weights_only=True)``.
+        Rank 0 writes the file atomically. It holds tensors only, so it loads into the
+        plain model on one process with ``torch.load(path, weights_only=True)``.
+
+        Under ``strategy="fsdp"`` this is a collective: every rank must call it, because
+        the shards are gathered (into rank 0's CPU memory, never onto one device), and a
+        failed write raises on every rank. Under DDP it runs no collective, so the usual
+        ``if devlayer.is_main(): trainer.export(path)`` works too.
 
         Args:
             path: The file to write (its folder must exist).
@@ -425,7 +428,7 @@ class Trainer:
 
         Raises:
             InvalidArgumentError: ``fit()`` has not set the model up yet.
-            CheckpointError: Rank 0 could not write the file (every rank raises it).
+            CheckpointError: Rank 0 could not write the file.
         """
         import torch
 
@@ -435,6 +438,9 @@ class Trainer:
 
         if self.ddp_model is None:
             raise InvalidArgumentError("export() writes the trained model: call fit() first")
+        collective = is_sharded(unwrap(self.ddp_model))
+        if not collective and not devlayer.is_main():
+            return None
         state = full_state_dict(self.ddp_model)
         target, error = Path(path), None
         if devlayer.is_main():
@@ -442,7 +448,8 @@ class Trainer:
                 write_atomically(target, lambda f: torch.save(state, f))
             except OSError as exc:
                 error = f"{exc}; {os_error_advice(exc)}"
-        error = devlayer.broadcast_object(error, src=0)
+        if collective:
+            error = devlayer.broadcast_object(error, src=0)
         if error is not None:
             raise CheckpointError(f"rank 0 could not export the model to {target}: {error}")
         return target if devlayer.is_main() else None

@@ -44,6 +44,7 @@ def fit(
     inf_at_step: int | None = None,
     inf_ranks: tuple[int, ...] = (),
     early_stop: bool = False,
+    export_on_main_only: bool = False,
 ) -> dict[str, Any]:
     """Fit the small regression of trainer_worker; return per-step losses and the weights."""
     model = make_model()
@@ -73,7 +74,8 @@ def fit(
     )
     history = trainer.fit(make_data(), make_data(val_samples, seed=1) if val_samples else None)
     weights = full_state_dict(trainer.ddp_model)  # collective under FSDP; rank 0 gets it
-    exported = trainer.export(export) if export else None
+    on_this_rank = export and (devlayer.is_main() or not export_on_main_only)
+    exported = trainer.export(export) if on_this_rank else None
     with torch.no_grad():
         probe = trainer.ddp_model(torch.linspace(-1, 1, 20).reshape(5, 4)).float()
     return {

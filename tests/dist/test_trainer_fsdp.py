@@ -170,3 +170,14 @@ def test_fsdp_export_loads_into_the_plain_model_with_weights_only(clean_env, tmp
         probe = model(torch.linspace(-1, 1, 20).reshape(5, 4))
     assert torch.allclose(probe, torch.tensor(out[0]["probe"]), rtol=1e-5, atol=1e-6)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]  # no temp file left
+
+
+def test_ddp_export_called_on_rank_zero_alone_needs_no_other_rank(clean_env, tmp_path):
+    """The usual `if is_main(): save` pattern: under DDP export() runs no collective, so
+    rank 0 alone writes the file instead of waiting for the others until the timeout."""
+    path = tmp_path / "model.pt"
+    out = _run(2, "ddp", max_epochs=1, export=str(path), export_on_main_only=True)
+    assert out[0]["exported"] == str(path) and out[1]["exported"] is None
+    model = make_model()
+    model.load_state_dict(torch.load(path, weights_only=True))
+    assert _equal(model.state_dict(), out[0]["weights"])
