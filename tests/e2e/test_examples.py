@@ -142,6 +142,33 @@ def test_cifar_resnet_torchrun_two_ranks_bf16_with_reference():
     assert float(efficiency) == pytest.approx(float(throughput) / 200 * 100, rel=0.01)
 
 
+@pytest.mark.timeout(120)
+def test_cifar_resnet_torchrun_two_ranks_fsdp_checkpoint_and_export(tmp_path):
+    """The README's FSDP line as a user runs it: sharded blocks, a sharded checkpoint, and
+    an exported file that loads into the plain ResNet with weights_only=True."""
+    import importlib.util
+
+    import torch
+
+    export = tmp_path / "model.pt"
+    ckpt = tmp_path / "ckpt"
+    args = [*CIFAR_ARGS, "--strategy", "fsdp", "--checkpoint-dir", str(ckpt)]
+    out = _ok(_torchrun(CIFAR, *args, "--export", str(export), timeout=110))
+    ((_, world),) = SUMMARY.findall(out)
+    assert world == "2" and f"exported the trained weights to {export}" in out
+    (step,) = [p for p in ckpt.iterdir() if p.name.startswith("step-")]
+    assert sorted(p.name for p in (step / "shards").glob("*.distcp")) == [
+        "__0_0.distcp",
+        "__1_0.distcp",
+    ]
+    spec = importlib.util.spec_from_file_location("cifar_resnet", CIFAR)
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    model = example.ResNet18(num_classes=10, width=4)
+    model.load_state_dict(torch.load(export, weights_only=True))  # strict: every key
+
+
 @pytest.mark.timeout(60)
 def test_custom_loop_torchrun_two_ranks():
     out = _ok(_torchrun(CUSTOM, "--epochs", "2", timeout=50))
