@@ -36,7 +36,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import pickle
@@ -52,8 +51,9 @@ from typing import IO, TYPE_CHECKING, Any, NoReturn, cast
 import torch
 
 import devlayer
-from devlayer.config import moved_name, short_repr
+from devlayer.config import moved_name
 from devlayer.errors import InvalidArgumentError
+from devlayer.train import manifest as manifests
 from devlayer.train.errors import (
     CheckpointCorruptError,
     CheckpointError,
@@ -71,14 +71,18 @@ from devlayer.train.files import (
     open_regular,
     os_error_advice,
     pid_alive,
-    read_regular,
     remove_path,
     sha256_file,
 )
 from devlayer.train.lock import LOCK_PREFIX, FolderLock
+from devlayer.train.manifest import (
+    FORMAT_VERSION,
+    MANIFEST_FILE,
+    SHARDS_DIR,
+    STATE_FILE,
+)
 from devlayer.train.plain import to_plain
 from devlayer.train.rng import rng_state, set_rng_state
-from devlayer.train.sharded import SHARDS_DIR
 
 if TYPE_CHECKING:
     from torch.serialization import MAP_LOCATION as MapLocation
@@ -98,15 +102,6 @@ __all__ = [
     "to_plain",
 ]
 
-#: Newest version of the on-disk layout; a reader refuses manifests with a higher number.
-#: 2 added ``run_id`` and ``manifest_sha256`` (a checksum of the manifest itself); 3 added
-#: ``shards`` (the files of a sharded checkpoint, see :mod:`devlayer.train.sharded`). A
-#: checkpoint without shards is still written as format 2, so older readers load it;
-#: format 1 manifests (no checksum) are still read.
-FORMAT_VERSION = 3
-_SINGLE_FILE_FORMAT = 2
-STATE_FILE = "state.pt"
-MANIFEST_FILE = "manifest.json"
 #: Every name that starts with this is work in progress (or left by a crash) and never a
 #: checkpoint: list() and latest() skip it, cleanup_temp() removes it.
 TEMP_PREFIX = ".tmp-"
@@ -116,14 +111,7 @@ TEMP_PREFIX = ".tmp-"
 _before_commit: Callable[[Path], None] | None = None
 
 
-_REQUIRED_FIELDS: dict[str, int] = {"step": 0, "epoch": 0, "world_size": 1, "size": 0}
-_SHA256 = re.compile(r"[0-9a-f]{64}")
-#: A shard file name: one plain name inside ``shards/`` (never a path out of it).
-_SHARD_NAME = re.compile(r"(?!\.\.?$)[A-Za-z0-9_.-]{1,255}")
 _PREFIX = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
-#: Largest manifest.json read; real ones are under 1 KiB.
-MANIFEST_LIMIT = 1 << 20
 
 
 def _int_arg(name: str, value: object, minimum: int) -> int:
@@ -134,19 +122,6 @@ def _int_arg(name: str, value: object, minimum: int) -> int:
     if value < minimum:
         raise InvalidArgumentError(f"{name}={value} is out of range; pass an int >= {minimum}")
     return value
-
-
-def _manifest_digest(manifest: Mapping[str, Any]) -> str:
-    """sha256 of the manifest's own content (every field but ``manifest_sha256``)."""
-    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
-    text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def _folder_step(folder: Path) -> int | None:
-    """The step a folder's name claims (``...-<digits>``), or None for another name."""
-    head, sep, digits = folder.name.rpartition("-")
-    return int(digits) if sep and head and digits.isdigit() else None
 
 
 def _unsafe_globals(state_path: Path) -> list[str]:
@@ -175,151 +150,6 @@ def checkpoint_folder(path: str | os.PathLike[str]) -> Path:
             "check the path, or use CheckpointStore.latest() to find the newest one"
         )
     return folder
-
-
-def _read_manifest(folder: Path) -> dict[str, Any]:
-    """The manifest of ``folder``, parsed and checked field by field (never trusted as is)."""
-    path = folder / MANIFEST_FILE
-    fix = (
-        f"delete {folder} (resume then uses the newest checkpoint that verifies) "
-        "or restore it from a copy"
-    )
-    manifest = _manifest_json(path, fix)
-    _check_version(folder, path, manifest, fix)
-    _check_fields(path, manifest, fix)
-    if manifest["format_version"] >= 2:
-        recorded, actual = manifest.get("manifest_sha256"), _manifest_digest(manifest)
-        if recorded != actual:
-            raise CheckpointCorruptError(
-                f"{path} was changed after it was written: its manifest_sha256 is "
-                f"{recorded!r}, its content hashes to {actual} (a hand-edited step, size or "
-                f"sha256 is never trusted); {fix}"
-            )
-    claimed = _folder_step(folder)
-    if claimed is not None and claimed != manifest["step"]:
-        raise CheckpointCorruptError(
-            f"{folder} is named for step {claimed} but its manifest says step "
-            f"{manifest['step']}: the folder was renamed or copied by hand, and using it would "
-            f"misorder resume and pruning; rename it back to step {manifest['step']} or {fix}"
-        )
-    return manifest
-
-
-def _manifest_json(path: Path, fix: str) -> dict[str, Any]:
-    try:
-        raw = read_regular(path, MANIFEST_LIMIT, fix)
-    except FileNotFoundError:
-        raise CheckpointCorruptError(
-            f"{path} is missing: the checkpoint is incomplete or was changed by hand; {fix}"
-        ) from None
-    if not raw:
-        raise CheckpointCorruptError(f"{path} is empty (0 bytes), expected JSON; {fix}")
-    try:
-        manifest = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise CheckpointCorruptError(
-            f"{path} is not valid JSON ({len(raw)} bytes: {exc}); {fix}"
-        ) from exc
-    if not isinstance(manifest, dict):
-        raise CheckpointCorruptError(
-            f"{path} holds a JSON {type(manifest).__name__}, expected an object; {fix}"
-        )
-    return manifest
-
-
-def _check_version(folder: Path, path: Path, manifest: Mapping[str, Any], fix: str) -> None:
-    version = manifest.get("format_version")
-    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise CheckpointCorruptError(
-            f"{path} has format_version={version!r}, expected an integer from 1 to "
-            f"{FORMAT_VERSION}; {fix}"
-        )
-    if version > FORMAT_VERSION:
-        raise CheckpointVersionError(
-            f"{folder} was written by a newer devlayer "
-            f"({manifest.get('devlayer_version', 'unknown version')}, format {version}); "
-            f"this devlayer {devlayer.__version__} reads formats up to {FORMAT_VERSION}: "
-            "upgrade devlayer (pip install -U devlayer) to load it"
-        )
-
-
-def _check_fields(path: Path, manifest: Mapping[str, Any], fix: str) -> None:
-    bad = [
-        f"{key}={manifest.get(key, '<missing>')!r}"
-        for key, minimum in _REQUIRED_FIELDS.items()
-        if isinstance(manifest.get(key), bool)
-        or not isinstance(manifest.get(key), int)
-        or manifest[key] < minimum
-    ]
-    sha = manifest.get("sha256")
-    if not isinstance(sha, str) or not _SHA256.fullmatch(sha):
-        bad.append(f"sha256={sha!r}")
-    run_id = manifest.get("run_id")
-    if run_id is not None and not (isinstance(run_id, str) and _RUN_ID.fullmatch(run_id)):
-        bad.append(f"run_id={run_id!r}")
-    if "shards" in manifest and not _valid_shards(manifest["shards"]):
-        bad.append(f"shards={short_repr(manifest['shards'])}")
-    if bad:
-        raise CheckpointCorruptError(
-            f"{path} has missing or invalid fields: {', '.join(bad)} (expected integers "
-            f"step >= 0, epoch >= 0, world_size >= 1, size >= 0, a 64-digit hex sha256, "
-            f"a run_id string or null, and shards as {{file name: {{size, sha256}}}}); {fix}"
-        )
-
-
-def _valid_shards(shards: object) -> bool:
-    return isinstance(shards, dict) and all(
-        isinstance(name, str)
-        and _SHARD_NAME.fullmatch(name) is not None
-        and isinstance(entry, dict)
-        and isinstance(entry.get("size"), int)
-        and not isinstance(entry.get("size"), bool)
-        and entry["size"] >= 0
-        and isinstance(entry.get("sha256"), str)
-        and _SHA256.fullmatch(entry["sha256"]) is not None
-        for name, entry in shards.items()
-    )
-
-
-def _verify(folder: Path) -> dict[str, Any]:
-    manifest = _read_manifest(folder)
-    _check_file(folder, STATE_FILE, manifest["size"], manifest["sha256"])
-    for name, entry in manifest.get("shards", {}).items():
-        _check_file(folder, f"{SHARDS_DIR}/{name}", entry["size"], entry["sha256"])
-    return manifest
-
-
-def _check_file(folder: Path, name: str, expected_size: int, expected_sha256: str) -> None:
-    """Raise unless ``folder/name`` is a regular file of that size and sha256."""
-    state = folder / name
-    fix = f"delete {folder} (resume then uses the newest checkpoint that verifies)"
-    try:
-        size, digest = sha256_file(state, expected_size, fix)
-    except FileNotFoundError:
-        raise CheckpointCorruptError(
-            f"{state} is missing (the manifest expects {expected_size} bytes); {fix}"
-        ) from None
-    except CheckpointError:
-        raise
-    except OSError as exc:
-        raise CheckpointError(f"cannot read {state}: {exc}; check permissions and mounts") from exc
-    if size != expected_size:
-        what = (
-            "is empty (0 bytes)"
-            if size == 0
-            else f"has more than {expected_size} bytes"
-            if size > expected_size
-            else f"has {size} bytes"
-        )
-        raise CheckpointCorruptError(
-            f"{state} {what}, the manifest says {expected_size}: the file is truncated "
-            f"or was replaced; {fix}"
-        )
-    if digest != expected_sha256:
-        raise CheckpointCorruptError(
-            f"{state} has sha256 {digest}, the manifest says {expected_sha256}: the file "
-            f"was damaged or modified after it was written; {fix}"
-        )
 
 
 def _load_state(state: Path, map_location: MapLocation) -> Any:
@@ -411,7 +241,8 @@ class CheckpointStore:
                 f"prefix={prefix!r} cannot name checkpoint folders; use letters, digits, "
                 "'_', '.' and '-', not starting with '.' or '-' (e.g. 'step')"
             )
-        if run_id is not None and not (isinstance(run_id, str) and _RUN_ID.fullmatch(run_id)):
+        valid_run_id = isinstance(run_id, str) and manifests.RUN_ID.fullmatch(run_id)
+        if run_id is not None and not valid_run_id:
             raise InvalidArgumentError(
                 f"run_id={run_id!r} cannot be recorded; use up to 128 letters, digits and "
                 "'_', '.', ':', '-' (e.g. CheckpointStore.new_run_id())"
@@ -704,8 +535,9 @@ class CheckpointStore:
                 "NumPy values, enums, namedtuples, dataclasses and paths)"
             )
         shards = self._record_shards(temp)
+        version = FORMAT_VERSION if shards is not None else manifests.SINGLE_FILE_FORMAT
         manifest: dict[str, Any] = {
-            "format_version": FORMAT_VERSION if shards is not None else _SINGLE_FILE_FORMAT,
+            "format_version": version,
             "step": step,
             "epoch": epoch,
             "world_size": world_size,
@@ -719,7 +551,7 @@ class CheckpointStore:
         }
         if shards is not None:
             manifest["shards"] = shards
-        manifest["manifest_sha256"] = _manifest_digest(manifest)
+        manifest["manifest_sha256"] = manifests.digest(manifest)
         with self._create(temp / MANIFEST_FILE) as f:
             f.write((json.dumps(manifest, indent=2, allow_nan=False) + "\n").encode("utf-8"))
             f.flush()
@@ -733,7 +565,7 @@ class CheckpointStore:
             return None
         shards: dict[str, dict[str, Any]] = {}
         for path in sorted(folder.iterdir()):
-            if not _SHARD_NAME.fullmatch(path.name):
+            if not manifests.SHARD_NAME.fullmatch(path.name):
                 raise CheckpointError(
                     f"{path} is not a shard file name devlayer records; write only DCP's "
                     f"files into {folder}"
@@ -777,7 +609,7 @@ class CheckpointStore:
         names the step of the folder's name (a renamed folder must not push real steps out).
         """
         try:
-            _read_manifest(path)
+            manifests.read(path)
         except CheckpointError:
             return False
         return True
@@ -947,7 +779,7 @@ class CheckpointStore:
             >>> store.verify(p)["world_size"]
             2
         """
-        return _verify(checkpoint_folder(path))
+        return manifests.verify(checkpoint_folder(path))
 
     def latest_verified(
         self, on_skip: Callable[[Path, CheckpointError], None] | None
@@ -966,7 +798,7 @@ class CheckpointStore:
         failures: list[tuple[Path, CheckpointError]] = []
         for path in reversed(candidates):
             try:
-                return path, _verify(path)
+                return path, manifests.verify(path)
             except CheckpointError as exc:
                 failures.append((path, exc))
                 skip(path, exc)
@@ -998,7 +830,7 @@ class CheckpointStore:
         found: dict[str, _Steps] = {}
         for path in self.list():
             try:
-                manifest = _read_manifest(path)
+                manifest = manifests.read(path)
             except CheckpointError:
                 continue
             if manifest.get("run_id") is not None:
@@ -1098,7 +930,7 @@ class CheckpointStore:
             folder, manifest = found
         else:
             folder = checkpoint_folder(path)
-            manifest = _verify(folder)
+            manifest = manifests.verify(folder)
         saved = manifest["world_size"]
         if (
             expected_world_size is not None
@@ -1120,18 +952,10 @@ class CheckpointStore:
         return payload, manifest
 
 
-# -- the Trainer's folder: lock, probe, run identity, resume choice -----------------------
-
-
-# -- random number generators ------------------------------------------------------------
-
-
-# -- plain values ---------------------------------------------------------------------------
-
-
 _MOVED = {
     "TrainingCheckpoints": "devlayer.train.resume",
     "model_state_mismatch": "devlayer.train.resume",
+    "MANIFEST_LIMIT": "devlayer.train.manifest",
 }
 
 

@@ -34,6 +34,7 @@ from typing import Any
 
 from devlayer.train.errors import CheckpointCorruptError, CheckpointError
 from devlayer.train.files import read_regular
+from devlayer.train.manifest import SHARDS_DIR
 
 __all__ = [
     "METADATA_LIMIT",
@@ -44,8 +45,6 @@ __all__ = [
     "write_shards",
 ]
 
-#: The folder, inside a checkpoint, that holds DCP's files.
-SHARDS_DIR = "shards"
 #: Largest ``.metadata`` read (it lists every tensor piece; large models stay far below).
 METADATA_LIMIT = 256 << 20
 

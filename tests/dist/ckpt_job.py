@@ -70,9 +70,9 @@ class _Faults(devlayer.train.Callback):
 
 
 def _block_resume(fifo: str) -> None:
-    from devlayer.train import checkpoint
+    from devlayer.train import manifest
 
-    real = checkpoint._verify
+    real = manifest.verify
 
     def hung_verify(folder: Path) -> dict[str, Any]:
         print("RESUMING", flush=True)
@@ -80,7 +80,7 @@ def _block_resume(fifo: str) -> None:
             pass
         return real(folder)
 
-    checkpoint._verify = hung_verify  # type: ignore[assignment]
+    manifest.verify = hung_verify  # type: ignore[assignment]
 
 
 def job(args: argparse.Namespace) -> None:

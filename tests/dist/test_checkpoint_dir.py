@@ -232,7 +232,7 @@ def test_r2_10_model_that_does_not_fit_names_checkpoint_and_shapes(tmp_path, cle
 
 def test_r2_10_manifest_step_is_cross_checked_with_the_trainer_state(tmp_path, clean_env):
     """A manifest re-signed by hand with another step is refused against state.pt."""
-    from devlayer.train import checkpoint
+    from devlayer.train import manifest as manifests
 
     ckpt = tmp_path / "ckpt"
     with devlayer.init(backend="cpu"):
@@ -241,7 +241,7 @@ def test_r2_10_manifest_step_is_cross_checked_with_the_trainer_state(tmp_path, c
         os.replace(ckpt / "step-000000006", forged)
         manifest = json.loads((forged / "manifest.json").read_text())
         manifest["step"] = 8
-        manifest["manifest_sha256"] = checkpoint._manifest_digest(manifest)
+        manifest["manifest_sha256"] = manifests.digest(manifest)
         (forged / "manifest.json").write_text(json.dumps(manifest))
         with pytest.raises(CheckpointError, match="saved trainer state is at step 6"):
             train(max_epochs=2, checkpoint_dir=str(ckpt), checkpoint_every=2, val=False)

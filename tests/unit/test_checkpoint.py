@@ -32,6 +32,7 @@ import torch
 import devlayer
 from devlayer.errors import InvalidArgumentError
 from devlayer.train import checkpoint as ckpt
+from devlayer.train import manifest as manifests
 from devlayer.train.checkpoint import (
     FORMAT_VERSION,
     CheckpointCorruptError,
@@ -383,7 +384,7 @@ def test_malicious_pickle_with_correct_sha256_is_refused(tmp_path, container):
     data = state.read_bytes()
     m = json.loads((path / "manifest.json").read_text())
     m.update(sha256=hashlib.sha256(data).hexdigest(), size=len(data))
-    m["manifest_sha256"] = ckpt._manifest_digest(m)  # an attacker rewrites both
+    m["manifest_sha256"] = manifests.digest(m)  # an attacker rewrites both
     (path / "manifest.json").write_text(json.dumps(m))
 
     assert store.verify(path)["sha256"] == m["sha256"]  # the bytes are as recorded
@@ -955,7 +956,7 @@ def _manifest_replaced_by(kind: str, path: Path) -> None:
         manifest.symlink_to("/dev/zero")
     else:  # a regular file far above the cap
         with open(manifest, "wb") as f:
-            f.truncate(ckpt.MANIFEST_LIMIT * 64)
+            f.truncate(manifests.MANIFEST_LIMIT * 64)
 
 
 LATEST_JOB = """
@@ -991,7 +992,7 @@ def test_r2_5_manifest_that_is_no_small_regular_file_is_skipped(tmp_path, kind):
     expected = {
         "fifo": "is a FIFO (named pipe), expected a regular file",
         "/dev/zero": "is a character device, expected a regular file",
-        "huge": f"is larger than {ckpt.MANIFEST_LIMIT} bytes",
+        "huge": f"is larger than {manifests.MANIFEST_LIMIT} bytes",
     }[kind]
     assert expected in proc.stdout
 

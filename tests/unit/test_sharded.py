@@ -20,6 +20,7 @@ import torch
 
 import devlayer
 from devlayer.train import checkpoint as ckpt
+from devlayer.train import manifest
 from devlayer.train.errors import CheckpointCorruptError, CheckpointError
 from devlayer.train.sharded import MetadataUnpickler
 from tests.dist.trainer_worker import make_data, make_model
@@ -55,7 +56,7 @@ def _rewrite(folder: Path, name: str, data: bytes) -> None:
     (folder / "shards" / name).write_bytes(data)
     m = json.loads((folder / "manifest.json").read_text())
     m["shards"][name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    m["manifest_sha256"] = ckpt._manifest_digest(m)
+    m["manifest_sha256"] = manifest.digest(m)
     (folder / "manifest.json").write_text(json.dumps(m))
 
 
@@ -106,7 +107,7 @@ def test_a_shard_file_the_manifest_does_not_list_is_never_read(cpu, tmp_path):
     folder = tmp_path / "step-000000004"
     m = json.loads((folder / "manifest.json").read_text())
     del m["shards"]["__0_0.distcp"]
-    m["manifest_sha256"] = ckpt._manifest_digest(m)
+    m["manifest_sha256"] = manifest.digest(m)
     (folder / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(CheckpointError, match=r"refers to '__0_0.distcp', which its manifest"):
         _fit(tmp_path, max_steps=6)
@@ -118,7 +119,7 @@ def test_a_shard_name_that_leaves_the_folder_makes_the_manifest_invalid(cpu, tmp
     folder = tmp_path / "step-000000004"
     m = json.loads((folder / "manifest.json").read_text())
     m["shards"][name] = {"size": 0, "sha256": "0" * 64}
-    m["manifest_sha256"] = ckpt._manifest_digest(m)
+    m["manifest_sha256"] = manifest.digest(m)
     (folder / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(CheckpointCorruptError, match="shards="):
         ckpt.CheckpointStore(tmp_path).verify(folder)
