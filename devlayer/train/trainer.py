@@ -23,7 +23,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -42,7 +41,15 @@ from devlayer.train.compile import compile_options
 from devlayer.train.data import ShardedLoader, prepare_loader
 from devlayer.train.errors import PreemptedError
 from devlayer.train.fsdp import is_sharded, parameter_names, rebind_optimizer, skip_grad_sync
+from devlayer.train.metrics import (
+    append_metrics,
+    batch_len,
+    epoch_line,
+    epoch_metrics,
+    is_classification,
+)
 from devlayer.train.model import prepare_model, unwrap
+from devlayer.train.options import check_options
 from devlayer.train.precision import Precision, resolve_precision
 from devlayer.train.preemption import Preemption
 from devlayer.train.progress import progress_bar, resolve_progress_interval
@@ -174,7 +181,7 @@ class Trainer:
     ) -> None:
         # Long only by its 33 documented options: the checks are in _check_options, the
         # per-run state in _reset_run_state; what is left assigns the options.
-        _check_options(
+        check_options(
             grad_accum=grad_accum,
             max_epochs=max_epochs,
             max_steps=max_steps,
@@ -622,7 +629,7 @@ class Trainer:
             if on_accelerator:
                 batch = self._to_device(batch)
             loss, boundary = self._micro_step(batch, n_batches)
-            size = _batch_len(batch)
+            size = batch_len(batch)
             loss_sum.add_(loss.detach(), alpha=size)  # promotes into the float64 sum
             samples += size
             self._samples = samples
@@ -691,7 +698,7 @@ class Trainer:
         with torch.no_grad(), self.amp.autocast():
             for batch in loader:
                 batch = self._to_device(batch)
-                size = _batch_len(batch)
+                size = batch_len(batch)
                 values = self._validation_values(model, batch)
                 for key, value in values.items():
                     value = torch.as_tensor(value, device=self.device).detach()
@@ -710,7 +717,7 @@ class Trainer:
         out = model(x)
         assert self.loss_fn is not None
         values = {"val_loss": self.loss_fn(out, y)}
-        if _is_classification(out, y):
+        if is_classification(out, y):
             values["val_accuracy"] = (out.argmax(dim=-1) == y).float().mean()
         return values
 
@@ -909,48 +916,20 @@ class Trainer:
         )
 
     def _epoch_metrics(self, sums: Mapping[str, Any]) -> dict[str, Any]:
-        world = devlayer.world_size()
-        count = max(_num(sums["_train_count"]), 1)
-        seconds = _num(sums["_seconds"]) / world  # mean epoch time over ranks
-        samples = _num(sums["_train_count"])
-        metrics: dict[str, Any] = {
-            "epoch": self.state.epoch + 1,
-            "train_loss": _num(sums["_train_loss"]) / count,
-        }
-        val_count = _num(sums.get("_val_count", 0))
-        for key, value in sums.items():
-            if not key.startswith("_") and val_count:
-                metrics[key] = _num(value) / val_count
-        metrics["samples_per_sec"] = samples / seconds if seconds > 0 else 0.0
-        metrics["epoch_time"] = seconds
-        metrics["global_step"] = self.state.global_step
-        metrics["world_size"] = world
-        metrics["lr"] = float(self.optimizer.param_groups[0]["lr"])
-        if self.reference_throughput:
-            metrics["scaling_efficiency"] = metrics["samples_per_sec"] / (
-                world * self.reference_throughput
-            )
-        return metrics
+        return epoch_metrics(
+            sums,
+            epoch=self.state.epoch + 1,
+            global_step=self.state.global_step,
+            world_size=devlayer.world_size(),
+            lr=float(self.optimizer.param_groups[0]["lr"]),
+            reference_throughput=self.reference_throughput,
+        )
 
     def _report(self, metrics: dict[str, Any]) -> None:
         if self.metrics_file is not None:
-            self.metrics_file.parent.mkdir(parents=True, exist_ok=True)
-            with self.metrics_file.open("a") as fh:
-                fh.write(json.dumps(metrics, sort_keys=True) + "\n")
+            append_metrics(self.metrics_file, metrics)
         if self.progress:
-            epoch = f"epoch {metrics['epoch']}"
-            if self.max_epochs is not None:
-                epoch += f"/{self.max_epochs}"
-            if metrics.get("partial"):
-                epoch += f" (partial: {metrics['batches']}/{metrics['batches_per_epoch']} batches)"
-            parts = [epoch, f"train_loss {metrics['train_loss']:.4f}"]
-            parts += [f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("val_")]
-            parts.append(f"{metrics['samples_per_sec']:.1f} samples/s")
-            parts.append(f"{metrics['epoch_time']:.2f}s")
-            if "scaling_efficiency" in metrics:
-                parts.append(f"scaling efficiency {metrics['scaling_efficiency']:.0%}")
-            parts.append(self._step_text())
-            print(" | ".join(parts), flush=True)
+            print(epoch_line(metrics, self.max_epochs, self._step_text()), flush=True)
 
 
 # ---------------------------------------------------------------------- helpers
@@ -967,94 +946,6 @@ class _RateLog:
         rate = (samples - self.samples) * devlayer.world_size() / max(now - self.time, 1e-9)
         self.step, self.time, self.samples = state.global_step, now, samples
         return f"{rate:.0f}"
-
-
-def _check_options(
-    *,
-    grad_accum: int,
-    max_epochs: int | None,
-    max_steps: int | None,
-    log_every: int,
-    preempt_check_every: int,
-    checkpoint_every: int | None,
-    checkpoint_dir: object,
-    clip_grad: float | None,
-    lr_scaling: str | None,
-    optimize: object,
-    strategy: str,
-    fsdp: Mapping[str, Any] | None,
-    precision: str | None,
-    loss_fn: object,
-    training_step: object,
-) -> None:
-    """Refuse Trainer options that cannot work, naming the value and what to pass instead."""
-    _positive("grad_accum", grad_accum)
-    if max_epochs is not None:
-        _positive("max_epochs", max_epochs)
-    _positive("log_every", log_every)
-    _positive("preempt_check_every", preempt_check_every)
-    if max_steps is not None:
-        _positive("max_steps", max_steps)
-    if checkpoint_every is not None:
-        _positive("checkpoint_every", checkpoint_every)
-        if checkpoint_dir is None:
-            raise InvalidArgumentError("checkpoint_every needs checkpoint_dir")
-    if clip_grad is not None and not clip_grad > 0:
-        raise InvalidArgumentError(f"clip_grad={clip_grad!r} must be a positive number")
-    if lr_scaling not in (None, "linear", "sqrt"):
-        raise InvalidArgumentError(f"lr_scaling={lr_scaling!r}: use 'linear', 'sqrt' or None")
-    if optimize is not None and not (isinstance(optimize, str) or callable(optimize)):
-        raise InvalidArgumentError(
-            f"optimize={optimize!r}: use 'ipex', a callable (model, optimizer) -> "
-            f"(model, optimizer), or None"
-        )
-    _check_strategy(strategy, fsdp, resolve_precision(precision))
-    if loss_fn is None and training_step is None:
-        raise InvalidArgumentError(
-            "Trainer needs loss_fn (called as loss_fn(model(x), y)) or training_step"
-        )
-
-
-def _check_strategy(strategy: str, fsdp: Mapping[str, Any] | None, precision: str) -> None:
-    if strategy not in ("ddp", "fsdp"):
-        raise InvalidArgumentError(f"strategy={strategy!r}: use 'ddp' or 'fsdp'")
-    if strategy != "fsdp":
-        if fsdp is not None:
-            raise InvalidArgumentError("fsdp= options need strategy='fsdp'")
-        return
-    if fsdp is not None and "precision" in fsdp:
-        raise InvalidArgumentError(
-            "fsdp={'precision': ...}: the Trainer maps its own precision= to FSDP's "
-            "mixed-precision policy; pass precision='bf16-mixed' to the Trainer instead"
-        )
-
-
-def _positive(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidArgumentError(f"{name}={value!r} must be an int >= 1")
-
-
-def _num(value: Any) -> float:
-    return float(value.item()) if hasattr(value, "item") else float(value)
-
-
-def _batch_len(batch: Any) -> int:
-    first = batch
-    while isinstance(first, (list, tuple)) and first:
-        first = first[0]
-    if isinstance(first, Mapping) and first:
-        first = next(iter(first.values()))
-    shape = getattr(first, "shape", None)
-    return int(shape[0]) if shape else 1
-
-
-def _is_classification(out: Any, y: Any) -> bool:
-    return (
-        getattr(out, "ndim", 0) == 2
-        and getattr(y, "ndim", -1) == 1
-        and not y.is_floating_point()
-        and out.shape[0] == y.shape[0]
-    )
 
 
 def _scale_lr(optimizer: Any, scheduler: Any, factor: float) -> None:
