@@ -211,8 +211,14 @@ class ShardedGradScaler:
         from devlayer.comm import all_reduce
 
         local = [_local(p.grad) for p in parameters if p.grad is not None]
-        bad = any(not bool(torch.isfinite(g).all()) for g in local)
-        if all_reduce(int(bad), op="max"):
+        # One flag on the device (no sync per gradient), one collective, one read.
+        flags = [(~torch.isfinite(g)).any() for g in local]
+        found = (
+            torch.stack(flags).any().to(torch.int32)
+            if flags
+            else torch.zeros((), dtype=torch.int32)
+        )
+        if all_reduce(found, op="max").item():
             return False
         for g in local:
             g.mul_(1.0 / self._scale)
