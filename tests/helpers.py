@@ -91,3 +91,15 @@ def free_port_in(lo: int, hi: int) -> int:
                 continue
             return port
     raise RuntimeError(f"no free port in {lo}..{hi - 1}")
+
+
+def missing_program(reason: str) -> None:
+    """A test needs a program CI installs: skip here with ``reason``, fail under ``CI=true``.
+
+    Tests of what users get must not go silently missing in CI (rule 8 of the guide).
+    """
+    import pytest
+
+    if os.environ.get("CI", "").strip().lower() in ("1", "true", "yes"):
+        pytest.fail(f"CI=true and {reason}: this test must run in CI, not skip")
+    pytest.skip(reason)

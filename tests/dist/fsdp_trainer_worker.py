@@ -12,7 +12,9 @@ from devlayer.train.fsdp import full_state_dict, local_numel
 from tests.dist.trainer_worker import make_data, make_model
 
 
-class _Losses(Callback):
+class LossLog(Callback):
+    """Records every micro-batch loss; optionally puts an inf into some ranks' gradient."""
+
     def __init__(self, inf_at_step: int | None = None, inf_ranks: tuple[int, ...] = ()) -> None:
         self.losses: list[float] = []
         self.inf_at_step, self.inf_ranks = inf_at_step, inf_ranks
@@ -49,7 +51,7 @@ def fit(
     """Fit the small regression of trainer_worker; return per-step losses and the weights."""
     model = make_model()
     opt = torch.optim.AdamW(model.parameters(), lr=0.01)  # state worth sharding
-    losses = _Losses(inf_at_step, inf_ranks)
+    losses = LossLog(inf_at_step, inf_ranks)
     trainer = devlayer.Trainer(
         model,
         opt,

@@ -8,16 +8,8 @@ import sys
 import torch
 
 import devlayer
-from devlayer.train import Callback
+from tests.dist.fsdp_trainer_worker import LossLog
 from tests.dist.trainer_worker import make_data
-
-
-class _Losses(Callback):
-    def __init__(self) -> None:
-        self.losses: list[float] = []
-
-    def on_train_batch_end(self, trainer: object, loss: torch.Tensor) -> None:
-        self.losses.append(float(loss.item()))
 
 
 def make_model() -> torch.nn.Module:
@@ -29,7 +21,7 @@ def make_model() -> torch.nn.Module:
 
 def run(compile: bool) -> tuple[list[float], str]:
     model = make_model()
-    losses = _Losses()
+    losses = LossLog()
     trainer = devlayer.Trainer(
         model,
         torch.optim.SGD(model.parameters(), lr=0.05),
