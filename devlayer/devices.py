@@ -288,6 +288,7 @@ class DevicePlan:
             parent process already narrowed it: then ``variable`` still names it).
         marker: The entry for ``DEVLAYER_VISIBILITY_APPLIED`` that goes with ``value``.
         local_rank: The rank on this node that the plan binds.
+        visible: Devices the backend saw before any narrowing (asked once, here).
 
     Example:
         >>> plan = plan_devices((1, 3), device_type="cuda", visible=4,
@@ -303,6 +304,7 @@ class DevicePlan:
     value: str | None
     marker: str | None
     local_rank: int
+    visible: int = 0
 
     def visibility(self, env: Mapping[str, str]) -> tuple[str, str] | None:
         """``(variable, value)`` as the rank will see it, or ``None`` when not narrowed."""
@@ -358,7 +360,7 @@ def plan_devices(
         check_exists(spec, visible, device_type=device_type, origin=origin)
     indices = selected_indices(spec)
     if indices is None:
-        return DevicePlan(spec, origin, None, None, None, None, local_rank)
+        return DevicePlan(spec, origin, None, None, None, None, local_rank, visible)
     marker = None if variable is None else f"{variable}={','.join(map(str, indices))}"
     applied = marker is not None and marker in env.get(APPLIED_MARKER, "").split(";")
     if not applied:  # after a parent narrowed it, the indices are relative to its old value
@@ -370,9 +372,9 @@ def plan_devices(
             f"devices or start fewer ranks per node"
         )
     if variable is None or applied:
-        return DevicePlan(spec, origin, indices, variable, None, None, local_rank)
+        return DevicePlan(spec, origin, indices, variable, None, None, local_rank, visible)
     value = narrow_visibility(env.get(variable), indices)
-    return DevicePlan(spec, origin, indices, variable, value, marker, local_rank)
+    return DevicePlan(spec, origin, indices, variable, value, marker, local_rank, visible)
 
 
 def _check_launched_for_count(

@@ -512,7 +512,7 @@ def _warn_count_or_index(
     var = be.visibility_var(os.environ) if be.indexed else None
     if var is None:
         return
-    if spec >= be.device_count():  # no device N: the count is the only reading
+    if spec >= plan.visible:  # no device N: the count is the only reading
         return
     _count_warned = True
     import warnings
