@@ -45,7 +45,7 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    # PEP 562: importing this package (as ``devlayer.backends.cuda`` does) must stay light,
+    # PEP 562: importing this package (as every vendor module does) must stay light,
     # so the registry (and through it the vendors) loads only when one of its names is used.
     if name not in __all__:
         raise AttributeError(f"module 'devlayer.backends' has no attribute {name!r}")
