@@ -153,7 +153,7 @@ def test_vendor_literal_rule_catches_code_not_docs(tmp_path: Path) -> None:
 def test_vendor_files_do_not_import_each_other():
     for path in _python_files("backends"):
         text = path.read_text()
-        # Vendor files stand alone; shared helpers are private modules (_common, _ipex).
+        # Vendor files stand alone; shared helpers are private modules (_ipex).
         others = {p.stem for p in (ROOT / "backends").glob("*.py")} - {path.stem}
         others = {o for o in others if not o.startswith("_")}
         for other in others:
@@ -307,7 +307,6 @@ DIST_OWNERS = {
     "devlayer/cli/launch.py": "runs torchrun itself (torch.distributed.run)",
     "devlayer/cli/info.py": "lists the comm backends torch knows (a fact, no process group)",
     "devlayer/registry.py": "torch's device -> comm backend map (a fact, no process group)",
-    "backends/_common.py": "which comm backends this torch has (a fact, no process group)",
 }
 
 
@@ -330,6 +329,85 @@ def test_the_torch_distributed_rule_catches_an_offender():
     """The rule is not vacuous: without comm in the owners, comm.py is reported."""
     owners = {k: v for k, v in DIST_OWNERS.items() if k != "devlayer/comm.py"}
     assert any(o.startswith("devlayer/comm.py:") for o in _dist_offenders(("devlayer",), owners))
+
+
+def test_the_rules_name_files_that_exist():
+    """A rule's list of exceptions names files that are there (a stale entry hides nothing)."""
+    missing = [f for f in DIST_OWNERS if not (ROOT / f).is_file()]
+    missing += [f for f, _ in VENDOR_LITERAL_ALLOWED if not (ROOT / f).is_file()]
+    assert not missing, missing
+
+
+#: docs/architecture.md's layers, bottom up: the first part of a module's name below
+#: devlayer -> its layer. A module may import its own layer and the ones below, never above.
+LAYERS = {
+    **dict.fromkeys(
+        (
+            "_version",
+            "errors",
+            "config",
+            "net",
+            "torchcompat",
+            "simulation",
+            "tree",
+            "collective_checks",
+        ),
+        0,
+    ),
+    **dict.fromkeys(("launchers", "devices", "registry", "hooks"), 1),
+    "backends": 2,
+    **dict.fromkeys(("rendezvous", "lifecycle", "comm", "multiproc", "farm", "early"), 3),
+    "train": 4,
+    "cli": 5,
+    "__main__": 5,
+}
+
+#: Outside the layers: the package's lazy table names every layer by design, and
+#: devlayer.testing is for users' tests (nothing in the library imports it).
+LAYERS_EXEMPT = {"devlayer/__init__.py", "devlayer/testing.py"}
+
+
+def _layer_of(module: str) -> int | None:
+    parts = module.split(".")
+    return LAYERS.get(parts[1]) if len(parts) > 1 and parts[0] == "devlayer" else None
+
+
+def _layer_offenders(files: dict[str, Path]) -> list[str]:
+    """Upward imports in ``files`` (path relative to the root -> the file to read)."""
+    offenders = []
+    for rel, path in files.items():
+        if rel in LAYERS_EXEMPT:
+            continue
+        own = 2 if rel.startswith("backends/") else _layer_of(rel[:-3].replace("/", "."))
+        if own is None:
+            offenders.append(f"{rel}: in no layer; add it to LAYERS and docs/architecture.md")
+            continue
+        offenders += [
+            f"{rel}:{line}: imports {module} (layer {_layer_of(module)}) from layer {own}"
+            for line, module in _imports(path)
+            if (_layer_of(module) or 0) > own
+        ]
+    return offenders
+
+
+def test_no_module_imports_a_layer_above_its_own():
+    """docs/architecture.md's layers, counting imports inside functions: the registry
+    (layer 1) never imports the training layer, the process layer never the CLI, and a
+    new module must be placed in a layer."""
+    files = {p.relative_to(ROOT).as_posix(): p for p in _python_files("devlayer", "backends")}
+    assert not _layer_offenders(files)
+
+
+def test_the_layer_rule_catches_an_upward_import(tmp_path: Path) -> None:
+    """The rule is not vacuous: a function-level import of devlayer.train in a layer-1
+    module is reported, and so is a module in no layer."""
+    upward = tmp_path / "registry.py"
+    upward.write_text("def f():\n    from devlayer.train.optimize import OPTIMIZATIONS\n")
+    found = _layer_offenders(
+        {"devlayer/registry.py": upward, "devlayer/newthing.py": tmp_path / "registry.py"}
+    )
+    assert "devlayer/registry.py:2: imports devlayer.train.optimize (layer 4) from layer 1" in found
+    assert any(o.startswith("devlayer/newthing.py: in no layer") for o in found), found
 
 
 def test_the_library_import_graph_has_no_cycle():
@@ -388,7 +466,7 @@ def test_names_moved_out_of_lifecycle_still_work_with_a_deprecation_warning():
 def test_no_module_imports_another_modules_private_names():
     """``from devlayer.x import _name`` couples to what x may change at will (issue 15).
 
-    Relative imports inside ``backends/`` (``from ._common import ...``) are one package's
+    Relative imports inside ``backends/`` (``from ._ipex import ...``) are one package's
     own business and allowed.
     """
     import ast
