@@ -451,18 +451,6 @@ def test_the_library_import_graph_has_no_cycle():
     assert not cycle, " -> ".join(cycle)
 
 
-def test_names_moved_out_of_lifecycle_still_work_with_a_deprecation_warning():
-    import devlayer.lifecycle as lifecycle
-    from devlayer import config, torchcompat
-
-    with pytest.warns(DeprecationWarning, match="devlayer.torchcompat.TORCH_ADVISORIES"):
-        assert lifecycle.TORCH_ADVISORIES is torchcompat.TORCH_ADVISORIES
-    with pytest.warns(DeprecationWarning, match="devlayer.config.MAX_TIMEOUT"):
-        assert lifecycle.MAX_TIMEOUT == config.MAX_TIMEOUT
-    with pytest.raises(AttributeError):
-        lifecycle.no_such_name  # noqa: B018
-
-
 def test_no_module_imports_another_modules_private_names():
     """``from devlayer.x import _name`` couples to what x may change at will (issue 15).
 
@@ -541,33 +529,86 @@ def test_the_top_level_stays_small():
     import devlayer
 
     assert len(devlayer.__all__) <= 32, sorted(devlayer.__all__)
-    assert not set(devlayer.__all__) & set(devlayer._MOVED)
 
 
-def test_moved_top_level_names_still_work_with_a_deprecation_warning():
+#: Spellings of the never-released 0.1.0 that were removed, not deprecated (STYLE.md 9; each
+#: is in CHANGELOG.md under "Removed" with its replacement): module -> names.
+REMOVED_NAMES = {
+    "devlayer": (
+        "Availability",
+        "Backend",
+        "Runtime",
+        "available_backends",
+        "get_backend",
+        "register_backend",
+        "registered_backends",
+        "unregister_backend",
+        "FarmResult",
+        "Callback",
+        "CheckpointError",
+        "EarlyStopping",
+        "PreemptedError",
+        "seed_everything",
+        "BackendNotFoundError",
+        "DeviceError",
+        "InitOrderError",
+        "InvalidArgumentError",
+        "LaunchEnvError",
+        "NotInitializedError",
+        "RendezvousError",
+    ),
+    "devlayer.lifecycle": ("TORCH_ADVISORIES", "MIN_TORCH", "MAX_TIMEOUT", "loopback_listener"),
+    "devlayer.train.checkpoint": ("TrainingCheckpoints", "model_state_mismatch", "MANIFEST_LIMIT"),
+    "devlayer.config": ("moved_name",),
+}
+
+
+@pytest.mark.parametrize(
+    ("module", "name"), [(m, name) for m, names in REMOVED_NAMES.items() for name in names]
+)
+def test_removed_spellings_are_gone_not_deprecated(module: str, name: str) -> None:
+    """No shims before the first release: an old spelling is an AttributeError, no warning."""
     import importlib
+    import warnings
 
-    import devlayer
-
-    for name, home in devlayer._MOVED.items():
-        with pytest.warns(DeprecationWarning, match=rf"devlayer\.{name} moved to {home}\.{name}"):
-            value = getattr(devlayer, name)
-        assert value is getattr(importlib.import_module(home), name), name
-    with pytest.raises(AttributeError, match="no_such_name"):
-        devlayer.no_such_name  # noqa: B018
+    mod = importlib.import_module(module)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(AttributeError, match=name):
+            getattr(mod, name)
 
 
-def test_devlayer_farm_is_the_module_and_calling_it_still_runs_the_queue():
+def test_the_changelog_names_every_removed_spelling():
+    """CHANGELOG.md's "Removed" names each removed spelling (module.name, and the Backend
+    hooks), so a reader of an old snippet finds its replacement."""
+    text = (ROOT / "CHANGELOG.md").read_text()
+    removed = text[text.index("### Removed") : text.index("## 0.1.0")]
+    spelled = [f"`{m}.{n}" for m, names in REMOVED_NAMES.items() for n in names]
+    spelled += [f"`Backend.{h}(" for h in ("install_hint", "comm_hint", "comm_env", "optimize")]
+    assert [s for s in spelled if s not in removed] == []
+
+
+def test_devlayer_farm_is_only_the_module():
+    """``devlayer.farm`` is the module; calling it is a TypeError, not the queue with a warning."""
     import devlayer
     import devlayer.farm
 
-    assert devlayer.farm is sys.modules["devlayer.farm"]
-    from devlayer import farm
+    module = devlayer.farm
+    assert module is sys.modules["devlayer.farm"] and callable(module.farm)
+    with pytest.raises(TypeError, match="not callable"):
+        module([[sys.executable, "-c", "pass"]], backend="cpu", parallel=1)
 
-    assert farm is devlayer.farm and callable(farm.farm)
-    with pytest.warns(DeprecationWarning, match=r"devlayer\.farm\.farm\(\.\.\.\)"):
-        results = devlayer.farm([[sys.executable, "-c", "pass"]], backend="cpu", parallel=1)
-    assert [r.returncode for r in results] == [0]
+
+def test_no_deprecation_warnings_in_the_library():
+    """Nothing in devlayer/ or backends/ warns of a deprecation: until a release there is
+    nobody to migrate (STYLE.md 9). A deprecation after a release edits this rule."""
+    offenders = [
+        f"{path.relative_to(ROOT)}:{n}: {code}"
+        for path in _python_files("devlayer", "backends")
+        for n, code in _code_lines(path).items()
+        if re.search(r"\b(Pending)?DeprecationWarning\b|\bFutureWarning\b", code)
+    ]
+    assert not offenders, offenders
 
 
 def test_devlayer_backends_re_exports_the_registry_lazily():
@@ -588,35 +629,24 @@ def test_devlayer_backends_re_exports_the_registry_lazily():
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
 
 
-#: Files whose owners switch them to the new spellings in their own branches (issue 15):
-#: registry.py's doctests and trainer.py's ``devlayer.get_backend``. Empty this set then.
-#: (Strings and comments do not count, except doctest lines: those run.)
-_OLD_SPELLINGS_PENDING = {"devlayer/registry.py", "devlayer/train/trainer.py"}
-
-
-def test_the_project_uses_no_moved_top_level_name():
-    """Library, tests, examples, benchmarks and docs use the new spellings (no warnings)."""
-    import devlayer
-
-    names = "|".join(sorted(devlayer._MOVED, key=len, reverse=True))
+def test_the_project_uses_no_removed_top_level_name():
+    """Library, tests, examples, benchmarks and docs use no removed top-level spelling
+    (``devlayer.register_backend``, calling ``devlayer.farm(...)``); CHANGELOG.md names them."""
+    names = "|".join(sorted(REMOVED_NAMES["devlayer"], key=len, reverse=True))
     old = re.compile(rf"(?<![\w.])devlayer\s?\.\s?(?:({names})\b|farm\s?\()")
     offenders = []
     for path in _python_files("devlayer", "backends", "tests", "examples", "benchmarks"):
         rel = str(path.relative_to(ROOT))
-        if rel in _OLD_SPELLINGS_PENDING or rel == "tests/unit/test_rules.py":  # tests them
-            continue
         raw = path.read_text().splitlines()
         lines = dict(_code_lines(path))
         lines.update({n: t for n, t in enumerate(raw, 1) if t.lstrip().startswith(">>>")})
         offenders += [f"{rel}:{n}: {raw[n - 1].strip()}" for n, t in lines.items() if old.search(t)]
     docs = [ROOT / "README.md", *(ROOT / "docs").rglob("*.md"), *(ROOT / "examples").rglob("*.md")]
     for path in docs:
-        text = path.read_text()
-        if path.name == "README.md":  # the paragraph that names the old spellings on purpose
-            start = text.index("**Moved names.**")
-            text = text[:start] + text[text.index("\n\n", start) :]
-        offenders += [f"{path.relative_to(ROOT)}: {m.group(0)}" for m in old.finditer(text)]
-    assert not offenders, "old top-level spellings:\n" + "\n".join(offenders)
+        offenders += [
+            f"{path.relative_to(ROOT)}: {m.group(0)}" for m in old.finditer(path.read_text())
+        ]
+    assert not offenders, "removed top-level spellings:\n" + "\n".join(offenders)
 
 
 def test_tests_with_a_reliability_id_say_what_they_prove():
