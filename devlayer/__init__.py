@@ -17,7 +17,6 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from devlayer._version import __version__
-from devlayer.config import moved_name
 from devlayer.errors import BackendUnavailableError, CollectiveError, DevlayerError
 
 if TYPE_CHECKING:
@@ -103,42 +102,6 @@ __all__ = [
     *_LAZY,
 ]
 
-#: Names that moved off the top level (issue 15) -> where they live now. They keep working
-#: for one release with a DeprecationWarning that names the new spelling. (``devlayer.farm``
-#: is not here: it is the module now, and calling it still works; see devlayer/farm.py.)
-_MOVED = {
-    **dict.fromkeys(
-        (
-            "Availability",
-            "Backend",
-            "Runtime",
-            "available_backends",
-            "get_backend",
-            "register_backend",
-            "registered_backends",
-            "unregister_backend",
-        ),
-        "devlayer.backends",
-    ),
-    "FarmResult": "devlayer.farm",
-    **dict.fromkeys(
-        ("Callback", "CheckpointError", "EarlyStopping", "PreemptedError", "seed_everything"),
-        "devlayer.train",
-    ),
-    **dict.fromkeys(
-        (
-            "BackendNotFoundError",
-            "DeviceError",
-            "InitOrderError",
-            "InvalidArgumentError",
-            "LaunchEnvError",
-            "NotInitializedError",
-            "RendezvousError",
-        ),
-        "devlayer.errors",
-    ),
-}
-
 # Public submodules, imported on first attribute access (``devlayer.launchers.detect(env)``
 # works after a plain ``import devlayer``). Not in __all__ or dir(): listing the package must
 # not import them (``devlayer.early`` applies DEVLAYER_DEVICES when imported).
@@ -166,8 +129,7 @@ def __getattr__(name: str) -> Any:
         value = getattr(importlib.import_module(module), name)
         globals()[name] = value  # later lookups skip __getattr__
         return value
-    # Not cached in globals(): every old spelling in the caller's code is reported.
-    return moved_name("devlayer", name, _MOVED)
+    raise AttributeError(f"module 'devlayer' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:

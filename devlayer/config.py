@@ -6,12 +6,8 @@ refusal names the argument or variable, the value seen and what is accepted.
 
 from __future__ import annotations
 
-import importlib
 import os
-import warnings
-from collections.abc import Mapping
 from datetime import timedelta
-from typing import Any
 
 from devlayer.errors import InvalidArgumentError
 
@@ -101,32 +97,3 @@ def env_flag(name: str, default: bool) -> bool:
     if value in ("0", "false", "no", "off"):
         return False
     raise InvalidArgumentError(f"{name}={raw!r} is not a boolean; use 1 or 0")
-
-
-def moved_name(module: str, name: str, moved: Mapping[str, str]) -> Any:
-    """``module.name`` for a module's ``__getattr__`` when the name moved to ``moved[name]``.
-
-    The old spelling keeps working for one release: it returns the object from its new
-    module and warns with a ``DeprecationWarning`` naming the new spelling.
-
-    Raises:
-        AttributeError: ``name`` never lived in ``module``.
-
-    Example:
-        >>> import warnings
-        >>> with warnings.catch_warnings(record=True) as seen:
-        ...     warnings.simplefilter("always")
-        ...     moved_name("old", "MAX_TIMEOUT", {"MAX_TIMEOUT": "devlayer.config"}).days
-        7
-        >>> str(seen[0].message)[:48]
-        'old.MAX_TIMEOUT moved to devlayer.config.MAX_TIM'
-    """
-    new_home = moved.get(name)
-    if new_home is None:
-        raise AttributeError(f"module {module!r} has no attribute {name!r}")
-    warnings.warn(
-        f"{module}.{name} moved to {new_home}.{name}; the old name goes in the next release",
-        DeprecationWarning,
-        stacklevel=3,  # the code that used the old name, past the module's __getattr__
-    )
-    return getattr(importlib.import_module(new_home), name)

@@ -12,46 +12,21 @@ Example:
     >>> [r.returncode for r in results]
     [0, 0]
 
-``devlayer.farm`` is this module. Before issue 15 the function was exported at the top level
-under the same name, so ``devlayer.farm(commands)`` meant the function or the module
-depending on whether something had imported the module yet. Now the name is always the
-module, and the module is callable: ``devlayer.farm(commands)`` still runs :func:`farm`,
-with a DeprecationWarning that names the new spelling ``devlayer.farm.farm(commands)``.
-The call goes in the next release; the module stays.
+``devlayer.farm`` is this module (not callable); the queue is :func:`devlayer.farm.farm`.
 """
 
 from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
-import types
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from devlayer.devices import narrow_visibility, parse_devices, selected_indices, usable_cpus
 from devlayer.errors import InvalidArgumentError
 
 __all__ = ["FarmResult", "farm", "plan_slots"]
-
-
-class _CallableModule(types.ModuleType):
-    """This module's type: calling the module is the deprecated top-level ``devlayer.farm()``."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> list[FarmResult]:
-        warnings.warn(
-            "devlayer.farm(...) moved to devlayer.farm.farm(...); calling the module goes in the "
-            "next release",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return farm(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
 
 
 @dataclass(frozen=True)

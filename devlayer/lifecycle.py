@@ -32,7 +32,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from devlayer import devices as _devices
-from devlayer.config import DEFAULT_TIMEOUT, env_flag, moved_name, parse_timeout
+from devlayer.config import DEFAULT_TIMEOUT, env_flag, parse_timeout
 from devlayer.errors import (
     DeviceError,
     DevlayerError,
@@ -807,16 +807,3 @@ def device() -> torch.device:
 def backend() -> str:
     """Name of the backend in use."""
     return state().backend
-
-
-# Names that moved out of this module (issue 15); they keep working for one release.
-_MOVED = {
-    "TORCH_ADVISORIES": "devlayer.torchcompat",
-    "MIN_TORCH": "devlayer.torchcompat",
-    "MAX_TIMEOUT": "devlayer.config",
-    "loopback_listener": "devlayer.rendezvous",
-}
-
-
-def __getattr__(name: str) -> Any:
-    return moved_name(__name__, name, _MOVED)

@@ -22,10 +22,8 @@ creating a context.
 from __future__ import annotations
 
 import importlib
-import inspect
 import os
 import threading
-import warnings
 from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, cast, runtime_checkable
@@ -107,19 +105,6 @@ class Runtime(Protocol):
 
     def device_name(self, index: int) -> str:
         """A human name for device ``index`` (e.g. ``NVIDIA H100 80GB HBM3``)."""
-
-
-def _deprecated(old: str, new: str) -> None:
-    warnings.warn(
-        f"Backend.{old} is deprecated and will be removed in the next release; {new}",
-        DeprecationWarning,
-        stacklevel=3,
-    )
-
-
-def _overrides(backend: Backend, method: str) -> bool:
-    """Whether ``backend``'s class defines ``method`` itself rather than inheriting ours."""
-    return getattr(type(backend), method, None) is not getattr(Backend, method)
 
 
 def torch_comm_available(comm: str) -> bool:
@@ -289,7 +274,7 @@ class Backend:
         if not self.comm_available(comm):
             raise BackendUnavailableError(
                 f"communication backend {comm!r} is not available for backend {self.name!r} "
-                f"in this torch build; {hint_for(self, comm)}"
+                f"in this torch build; {self.hint(comm)}"
             )
         return comm
 
@@ -311,44 +296,8 @@ class Backend:
             else torch.device(self.device_type)
         )
 
-    # -- deprecated (one release) ------------------------------------------------------------
-    def install_hint(self) -> str:
-        """Deprecated: use :meth:`hint` with no argument."""
-        _deprecated("install_hint()", "define and call hint()")
-        return self.hint()
-
-    def comm_hint(self, comm: str) -> str:
-        """Deprecated: use ``hint(comm)``."""
-        _deprecated("comm_hint(comm)", "define and call hint(comm)")
-        return self.hint(comm)
-
-    def comm_env(self, comm: str, process: ProcessInfo) -> dict[str, str]:
-        """Deprecated: a backend sets its comm library's variables in :meth:`prepare`."""
-        _deprecated("comm_env()", "set variables with env.setdefault() in prepare()")
-        return {}
-
-    def optimize(self, model: Any, optimizer: Any, *, method: str, dtype: Any) -> tuple[Any, Any]:
-        """Deprecated: named model optimizations live in :mod:`devlayer.train.optimize`."""
-        _deprecated("optimize()", "see devlayer.train.optimize (Trainer(optimize=...))")
-        # A deprecated shim one layer up, kept for one release; nothing else in the
-        # registry knows about training.
-        from devlayer.train.optimize import apply_optimization
-
-        return apply_optimization(
-            method, model, optimizer, backend=self.name, dtype=dtype, legacy=False
-        )
-
     def __repr__(self) -> str:
         return f"<{type(self).__name__} name={self.name!r} priority={self.priority}>"
-
-
-def hint_for(backend: Backend, comm: str | None = None) -> str:
-    """``backend.hint(comm)``, or a subclass's own ``install_hint``/``comm_hint`` (deprecated)."""
-    legacy = "install_hint" if comm is None else "comm_hint"
-    if _overrides(backend, legacy):
-        _deprecated(f"{legacy}()", "rename it to hint(comm=None)")
-        return str(backend.install_hint() if comm is None else backend.comm_hint(comm))
-    return backend.hint(comm)
 
 
 class _Environ(MutableMapping[str, str]):
@@ -376,27 +325,12 @@ class _Environ(MutableMapping[str, str]):
 def prepare_comm(
     backend: Backend, comm: str, process: ProcessInfo, setenv: Callable[[str, str], None]
 ) -> None:
-    """Run ``backend.prepare`` before the process group for ``comm`` is created.
+    """Run ``backend.prepare(comm, process, env)`` before the process group for ``comm`` exists.
 
-    ``setenv(name, value)`` sets a variable and records it for ``shutdown()``. Backends
-    written for the older interface still work, with a DeprecationWarning: their
-    ``comm_env()`` variables are set first (if unset), and a ``prepare(comm)`` of one
-    argument is called as such.
+    ``env`` is ``os.environ`` seen through ``setenv(name, value)``, which sets a variable and
+    records it for ``shutdown()``.
     """
-    env = _Environ(setenv)
-    if _overrides(backend, "comm_env"):
-        _deprecated("comm_env()", "set variables with env.setdefault() in prepare()")
-        for name, value in type(backend).comm_env(backend, comm, process).items():
-            env.setdefault(name, value)
-    try:
-        params = list(inspect.signature(backend.prepare).parameters.values())
-    except (TypeError, ValueError):  # pragma: no cover (a C callable)
-        params = []
-    if params and len(params) < 3 and not any(p.kind is p.VAR_POSITIONAL for p in params):
-        _deprecated("prepare(comm)", "define prepare(comm, process=None, env=None)")
-        backend.prepare(comm)
-        return
-    backend.prepare(comm, process, env)
+    backend.prepare(comm, process, _Environ(setenv))
 
 
 def comm_owner(name: str, backends: Mapping[str, Backend]) -> str | None:
@@ -667,7 +601,7 @@ def select_backend(name: str | None = None, env: Mapping[str, str] | None = None
             undo = "unset DEVLAYER_BACKEND" if origin == "DEVLAYER_BACKEND" else "pass backend=None"
             raise BackendUnavailableError(
                 f"{origin}={name!r} was requested but cannot run here: {avail.reason}. "
-                f"{hint_for(backend)} Or {undo} to auto-detect (cpu when nothing else)."
+                f"{backend.hint()} Or {undo} to auto-detect (cpu when nothing else)."
             )
         return Selection(backend, f"{origin}={name!r}")
     skipped: list[tuple[str, str]] = []

@@ -51,7 +51,6 @@ from typing import IO, TYPE_CHECKING, Any, NoReturn, cast
 import torch
 
 import devlayer
-from devlayer.config import moved_name
 from devlayer.errors import InvalidArgumentError
 from devlayer.train import manifest as manifests
 from devlayer.train.errors import (
@@ -950,15 +949,3 @@ class CheckpointStore:
                 "that CheckpointStore.save writes; it was not written by devlayer"
             )
         return payload, manifest
-
-
-_MOVED = {
-    "TrainingCheckpoints": "devlayer.train.resume",
-    "model_state_mismatch": "devlayer.train.resume",
-    "MANIFEST_LIMIT": "devlayer.train.manifest",
-}
-
-
-def __getattr__(name: str) -> Any:
-    # Moved in issue 15: the collective resume rules live in devlayer.train.resume.
-    return moved_name(__name__, name, _MOVED)

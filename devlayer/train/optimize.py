@@ -18,7 +18,6 @@ Example:
 from __future__ import annotations
 
 import importlib
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -63,7 +62,6 @@ def apply_optimization(
     *,
     backend: str,
     dtype: Any,
-    legacy: bool = True,
 ) -> tuple[Any, Any]:
     """Run the optimization called ``name`` for the backend called ``backend``.
 
@@ -74,8 +72,6 @@ def apply_optimization(
         backend: The selected backend's name.
         dtype: ``torch.bfloat16``/``torch.float16`` under mixed precision, else
             ``torch.float32``.
-        legacy: Honour a backend subclass's own ``optimize()`` method (the interface
-            before this module; deprecated).
 
     Returns:
         ``(model, optimizer)`` to train with.
@@ -85,15 +81,6 @@ def apply_optimization(
             backend.
     """
     be = devlayer.backends.get_backend(backend)
-    if legacy and type(be).optimize is not devlayer.backends.Backend.optimize:
-        warnings.warn(
-            f"{type(be).__name__}.optimize() is deprecated and will be ignored in the next "
-            f"release; register the optimization with "
-            f"devlayer.train.optimize.register_optimization instead",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return type(be).optimize(be, model, optimizer, method=name, dtype=dtype)
     fn = _resolve(name)
     if fn is None:
         known = ", ".join(repr(k) for k in sorted(OPTIMIZATIONS))

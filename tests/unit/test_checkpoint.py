@@ -1008,14 +1008,3 @@ def test_r2_5_state_that_is_a_fifo_is_refused_without_blocking(tmp_path):
     os.mkfifo(path / "state.pt")
     with pytest.raises(CheckpointCorruptError, match="is a FIFO"):
         store.verify(path)
-
-
-@pytest.mark.parametrize("name", ["TrainingCheckpoints", "model_state_mismatch"])
-def test_names_moved_to_train_resume_still_work_with_a_deprecation_warning(name):
-    import devlayer.train.resume as resume
-
-    with pytest.warns(DeprecationWarning, match=f"devlayer.train.resume.{name}"):
-        old = getattr(ckpt, name)
-    assert old is getattr(resume, name)
-    with pytest.raises(AttributeError, match="no_such_name"):
-        ckpt.no_such_name  # noqa: B018

@@ -253,28 +253,20 @@ def test_registered_optimization_runs_by_name(sim: pytest.MonkeyPatch) -> None:
     assert seen == [("cpu", torch.float32)]
 
 
-def test_a_backend_with_its_own_optimize_is_still_honoured(sim: pytest.MonkeyPatch) -> None:
-    """The old vendor hook Backend.optimize keeps working for one release, with a warning."""
-    calls: list[str] = []
+def test_a_backend_method_named_optimize_is_not_an_optimization() -> None:
+    """Named optimizations come only from devlayer.train.optimize: the 0.1.0 vendor hook
+    ``Backend.optimize`` is removed, so a backend's own method is never called."""
+    from devlayer.train.optimize import apply_optimization
 
     class Legacy(devlayer.backends.Backend):
         name, device_type = "legacy-opt", "cpu"
 
-        def make_runtime(self) -> Any:
-            from devlayer.testing import FakeRuntime
-
-            return FakeRuntime(1)
-
-        def optimize(self, model: Any, optimizer: Any, *, method: str, dtype: Any) -> Any:
-            calls.append(method)
-            return model, optimizer
+        def optimize(self, *args: Any, **kwargs: Any) -> Any:
+            raise AssertionError("a backend method is not an optimization")
 
     devlayer.backends.register_backend(Legacy)
     try:
-        net = torch.nn.Linear(4, 1)
-        trainer = _trainer(net, torch.optim.SGD(net.parameters(), lr=0.1), optimize="turbo")
-        with devlayer.init(backend="legacy-opt"), pytest.warns(DeprecationWarning):
-            trainer.fit(_data())
+        with pytest.raises(InvalidArgumentError, match="optimize='turbo' is not available"):
+            apply_optimization("turbo", None, None, backend="legacy-opt", dtype=torch.float32)
     finally:
         devlayer.backends.unregister_backend("legacy-opt")
-    assert calls == ["turbo"]

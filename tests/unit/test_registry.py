@@ -6,6 +6,7 @@ import importlib.metadata
 import json
 import re
 import textwrap
+import warnings
 from collections.abc import Iterator
 
 import pytest
@@ -20,7 +21,7 @@ from devlayer.errors import (
 )
 from devlayer.registry import select_backend
 from devlayer.testing import simulate
-from tests.helpers import run_py
+from tests.helpers import ROOT, run_py
 
 BUILTIN_ORDER = ["cuda", "xpu", "mps", "cpu"]
 
@@ -367,59 +368,40 @@ def test_comm_names_map_to_the_backend_torch_says(name: str, owner: str) -> None
     assert registry.comm_owner("cdua", devlayer.backends.registered_backends()) is None
 
 
-def test_old_style_backend_is_honoured_with_deprecation_warnings(
-    clean_env: pytest.MonkeyPatch,
-) -> None:
-    """A plugin written for the previous interface keeps working, and is told what moved."""
-    from devlayer.launchers import ProcessInfo
-    from devlayer.registry import hint_for, prepare_comm
+def _readme_backend_members() -> set[str]:
+    """The Backend members README's "Third-party backends" names: its table of what a vendor
+    defines, and the sentence listing what the base class provides for callers."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("### Third-party backends") : text.index("## Testing your own")]
+    names = set(re.findall(r"^\| `(\w+)", section, flags=re.MULTILINE))
+    provided = section[section.index("The base class provides") :].split(".")[0]
+    return names | set(re.findall(r"`(\w+)(?:\(\))?`", provided))
 
-    prepared: list[str] = []
+
+def test_the_backend_interface_is_the_one_readme_lists() -> None:
+    """Backend's public names are exactly README's: the 0.1.0 hooks (install_hint, comm_hint,
+    comm_env, optimize) are removed, not deprecated (CHANGELOG.md)."""
+    public = {n for n in dir(devlayer.backends.Backend) if not n.startswith("_")}
+    assert public == _readme_backend_members()
+
+
+def test_a_one_argument_prepare_is_not_adapted(clean_env: pytest.MonkeyPatch) -> None:
+    """``prepare(comm, process, env)`` is the one interface: a plugin with the 0.1.0
+    ``prepare(comm)`` fails loudly (TypeError) instead of being called another way."""
+    from devlayer.launchers import ProcessInfo
+    from devlayer.registry import prepare_comm
 
     class Old(devlayer.backends.Backend):
         name, device_type = "old-style", "cpu"
 
-        def make_runtime(self) -> registry.Runtime:
-            from devlayer.testing import FakeRuntime
-
-            return FakeRuntime(1)
-
-        def install_hint(self) -> str:
-            return "install old-style"
-
-        def comm_hint(self, comm: str) -> str:
-            return f"old-style has no {comm}"
-
-        def comm_env(self, comm: str, process: ProcessInfo) -> dict[str, str]:
-            return {"OLD_STYLE_RANK": str(process.local_rank), "OLD_STYLE_SET": "mine?"}
-
         def prepare(self, comm: str) -> None:  # type: ignore[override]
-            prepared.append(comm)
+            raise AssertionError("not called with one argument")
 
-    be = Old()
-    with pytest.warns(DeprecationWarning, match="install_hint"):
-        assert hint_for(be) == "install old-style"
-    with (
-        pytest.warns(DeprecationWarning, match="comm_hint"),
-        pytest.raises(BackendUnavailableError, match="old-style has no nccl"),
-    ):
-        be.comm_backend("nccl")
-    clean_env.setenv("OLD_STYLE_SET", "user's")
-    seen: dict[str, str] = {}
     info = ProcessInfo(rank=0, world_size=2, local_rank=1, local_world_size=2)
-    with pytest.warns(DeprecationWarning) as record:
-        prepare_comm(be, "gloo", info, seen.__setitem__)
-    assert {"comm_env", "prepare(comm)"} <= {
-        m for w in record for m in ("comm_env", "prepare(comm)") if m in str(w.message)
-    }
-    assert seen == {"OLD_STYLE_RANK": "1"}  # the user's OLD_STYLE_SET wins
-    assert prepared == ["gloo"]
-    # The moved names still answer on any backend, with a warning.
-    cpu = devlayer.backends.get_backend("cpu")
-    with pytest.warns(DeprecationWarning, match="hint"):
-        assert cpu.install_hint() == cpu.hint()
-    with pytest.warns(DeprecationWarning, match="prepare"):
-        assert cpu.comm_env("gloo", info) == {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(TypeError, match="prepare"):
+            prepare_comm(Old(), "gloo", info, {}.__setitem__)
 
 
 def test_prepare_comm_sets_variables_through_the_recorder(clean_env: pytest.MonkeyPatch) -> None:

@@ -153,7 +153,7 @@ def test_vendor_literal_rule_catches_code_not_docs(tmp_path: Path) -> None:
 def test_vendor_files_do_not_import_each_other():
     for path in _python_files("backends"):
         text = path.read_text()
-        # Vendor files stand alone; shared helpers are private modules (_common, _ipex).
+        # Vendor files stand alone; shared helpers are private modules (_ipex).
         others = {p.stem for p in (ROOT / "backends").glob("*.py")} - {path.stem}
         others = {o for o in others if not o.startswith("_")}
         for other in others:
@@ -307,7 +307,6 @@ DIST_OWNERS = {
     "devlayer/cli/launch.py": "runs torchrun itself (torch.distributed.run)",
     "devlayer/cli/info.py": "lists the comm backends torch knows (a fact, no process group)",
     "devlayer/registry.py": "torch's device -> comm backend map (a fact, no process group)",
-    "backends/_common.py": "which comm backends this torch has (a fact, no process group)",
 }
 
 
@@ -330,6 +329,85 @@ def test_the_torch_distributed_rule_catches_an_offender():
     """The rule is not vacuous: without comm in the owners, comm.py is reported."""
     owners = {k: v for k, v in DIST_OWNERS.items() if k != "devlayer/comm.py"}
     assert any(o.startswith("devlayer/comm.py:") for o in _dist_offenders(("devlayer",), owners))
+
+
+def test_the_rules_name_files_that_exist():
+    """A rule's list of exceptions names files that are there (a stale entry hides nothing)."""
+    missing = [f for f in DIST_OWNERS if not (ROOT / f).is_file()]
+    missing += [f for f, _ in VENDOR_LITERAL_ALLOWED if not (ROOT / f).is_file()]
+    assert not missing, missing
+
+
+#: docs/architecture.md's layers, bottom up: the first part of a module's name below
+#: devlayer -> its layer. A module may import its own layer and the ones below, never above.
+LAYERS = {
+    **dict.fromkeys(
+        (
+            "_version",
+            "errors",
+            "config",
+            "net",
+            "torchcompat",
+            "simulation",
+            "tree",
+            "collective_checks",
+        ),
+        0,
+    ),
+    **dict.fromkeys(("launchers", "devices", "registry", "hooks"), 1),
+    "backends": 2,
+    **dict.fromkeys(("rendezvous", "lifecycle", "comm", "multiproc", "farm", "early"), 3),
+    "train": 4,
+    "cli": 5,
+    "__main__": 5,
+}
+
+#: Outside the layers: the package's lazy table names every layer by design, and
+#: devlayer.testing is for users' tests (nothing in the library imports it).
+LAYERS_EXEMPT = {"devlayer/__init__.py", "devlayer/testing.py"}
+
+
+def _layer_of(module: str) -> int | None:
+    parts = module.split(".")
+    return LAYERS.get(parts[1]) if len(parts) > 1 and parts[0] == "devlayer" else None
+
+
+def _layer_offenders(files: dict[str, Path]) -> list[str]:
+    """Upward imports in ``files`` (path relative to the root -> the file to read)."""
+    offenders = []
+    for rel, path in files.items():
+        if rel in LAYERS_EXEMPT:
+            continue
+        own = 2 if rel.startswith("backends/") else _layer_of(rel[:-3].replace("/", "."))
+        if own is None:
+            offenders.append(f"{rel}: in no layer; add it to LAYERS and docs/architecture.md")
+            continue
+        offenders += [
+            f"{rel}:{line}: imports {module} (layer {_layer_of(module)}) from layer {own}"
+            for line, module in _imports(path)
+            if (_layer_of(module) or 0) > own
+        ]
+    return offenders
+
+
+def test_no_module_imports_a_layer_above_its_own():
+    """docs/architecture.md's layers, counting imports inside functions: the registry
+    (layer 1) never imports the training layer, the process layer never the CLI, and a
+    new module must be placed in a layer."""
+    files = {p.relative_to(ROOT).as_posix(): p for p in _python_files("devlayer", "backends")}
+    assert not _layer_offenders(files)
+
+
+def test_the_layer_rule_catches_an_upward_import(tmp_path: Path) -> None:
+    """The rule is not vacuous: a function-level import of devlayer.train in a layer-1
+    module is reported, and so is a module in no layer."""
+    upward = tmp_path / "registry.py"
+    upward.write_text("def f():\n    from devlayer.train.optimize import OPTIMIZATIONS\n")
+    found = _layer_offenders(
+        {"devlayer/registry.py": upward, "devlayer/newthing.py": tmp_path / "registry.py"}
+    )
+    assert "devlayer/registry.py:2: imports devlayer.train.optimize (layer 4) from layer 1" in found
+    assert any(o.startswith("devlayer/newthing.py: in no layer") for o in found), found
 
 
 def test_the_library_import_graph_has_no_cycle():
@@ -373,22 +451,10 @@ def test_the_library_import_graph_has_no_cycle():
     assert not cycle, " -> ".join(cycle)
 
 
-def test_names_moved_out_of_lifecycle_still_work_with_a_deprecation_warning():
-    import devlayer.lifecycle as lifecycle
-    from devlayer import config, torchcompat
-
-    with pytest.warns(DeprecationWarning, match="devlayer.torchcompat.TORCH_ADVISORIES"):
-        assert lifecycle.TORCH_ADVISORIES is torchcompat.TORCH_ADVISORIES
-    with pytest.warns(DeprecationWarning, match="devlayer.config.MAX_TIMEOUT"):
-        assert lifecycle.MAX_TIMEOUT == config.MAX_TIMEOUT
-    with pytest.raises(AttributeError):
-        lifecycle.no_such_name  # noqa: B018
-
-
 def test_no_module_imports_another_modules_private_names():
     """``from devlayer.x import _name`` couples to what x may change at will (issue 15).
 
-    Relative imports inside ``backends/`` (``from ._common import ...``) are one package's
+    Relative imports inside ``backends/`` (``from ._ipex import ...``) are one package's
     own business and allowed.
     """
     import ast
@@ -463,33 +529,86 @@ def test_the_top_level_stays_small():
     import devlayer
 
     assert len(devlayer.__all__) <= 32, sorted(devlayer.__all__)
-    assert not set(devlayer.__all__) & set(devlayer._MOVED)
 
 
-def test_moved_top_level_names_still_work_with_a_deprecation_warning():
+#: Spellings of the never-released 0.1.0 that were removed, not deprecated (STYLE.md 9; each
+#: is in CHANGELOG.md under "Removed" with its replacement): module -> names.
+REMOVED_NAMES = {
+    "devlayer": (
+        "Availability",
+        "Backend",
+        "Runtime",
+        "available_backends",
+        "get_backend",
+        "register_backend",
+        "registered_backends",
+        "unregister_backend",
+        "FarmResult",
+        "Callback",
+        "CheckpointError",
+        "EarlyStopping",
+        "PreemptedError",
+        "seed_everything",
+        "BackendNotFoundError",
+        "DeviceError",
+        "InitOrderError",
+        "InvalidArgumentError",
+        "LaunchEnvError",
+        "NotInitializedError",
+        "RendezvousError",
+    ),
+    "devlayer.lifecycle": ("TORCH_ADVISORIES", "MIN_TORCH", "MAX_TIMEOUT", "loopback_listener"),
+    "devlayer.train.checkpoint": ("TrainingCheckpoints", "model_state_mismatch", "MANIFEST_LIMIT"),
+    "devlayer.config": ("moved_name",),
+}
+
+
+@pytest.mark.parametrize(
+    ("module", "name"), [(m, name) for m, names in REMOVED_NAMES.items() for name in names]
+)
+def test_removed_spellings_are_gone_not_deprecated(module: str, name: str) -> None:
+    """No shims before the first release: an old spelling is an AttributeError, no warning."""
     import importlib
+    import warnings
 
-    import devlayer
-
-    for name, home in devlayer._MOVED.items():
-        with pytest.warns(DeprecationWarning, match=rf"devlayer\.{name} moved to {home}\.{name}"):
-            value = getattr(devlayer, name)
-        assert value is getattr(importlib.import_module(home), name), name
-    with pytest.raises(AttributeError, match="no_such_name"):
-        devlayer.no_such_name  # noqa: B018
+    mod = importlib.import_module(module)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(AttributeError, match=name):
+            getattr(mod, name)
 
 
-def test_devlayer_farm_is_the_module_and_calling_it_still_runs_the_queue():
+def test_the_changelog_names_every_removed_spelling():
+    """CHANGELOG.md's "Removed" names each removed spelling (module.name, and the Backend
+    hooks), so a reader of an old snippet finds its replacement."""
+    text = (ROOT / "CHANGELOG.md").read_text()
+    removed = text[text.index("### Removed") : text.index("## 0.1.0")]
+    spelled = [f"`{m}.{n}" for m, names in REMOVED_NAMES.items() for n in names]
+    spelled += [f"`Backend.{h}(" for h in ("install_hint", "comm_hint", "comm_env", "optimize")]
+    assert [s for s in spelled if s not in removed] == []
+
+
+def test_devlayer_farm_is_only_the_module():
+    """``devlayer.farm`` is the module; calling it is a TypeError, not the queue with a warning."""
     import devlayer
     import devlayer.farm
 
-    assert devlayer.farm is sys.modules["devlayer.farm"]
-    from devlayer import farm
+    module = devlayer.farm
+    assert module is sys.modules["devlayer.farm"] and callable(module.farm)
+    with pytest.raises(TypeError, match="not callable"):
+        module([[sys.executable, "-c", "pass"]], backend="cpu", parallel=1)
 
-    assert farm is devlayer.farm and callable(farm.farm)
-    with pytest.warns(DeprecationWarning, match=r"devlayer\.farm\.farm\(\.\.\.\)"):
-        results = devlayer.farm([[sys.executable, "-c", "pass"]], backend="cpu", parallel=1)
-    assert [r.returncode for r in results] == [0]
+
+def test_no_deprecation_warnings_in_the_library():
+    """Nothing in devlayer/ or backends/ warns of a deprecation: until a release there is
+    nobody to migrate (STYLE.md 9). A deprecation after a release edits this rule."""
+    offenders = [
+        f"{path.relative_to(ROOT)}:{n}: {code}"
+        for path in _python_files("devlayer", "backends")
+        for n, code in _code_lines(path).items()
+        if re.search(r"\b(Pending)?DeprecationWarning\b|\bFutureWarning\b", code)
+    ]
+    assert not offenders, offenders
 
 
 def test_devlayer_backends_re_exports_the_registry_lazily():
@@ -510,35 +629,24 @@ def test_devlayer_backends_re_exports_the_registry_lazily():
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
 
 
-#: Files whose owners switch them to the new spellings in their own branches (issue 15):
-#: registry.py's doctests and trainer.py's ``devlayer.get_backend``. Empty this set then.
-#: (Strings and comments do not count, except doctest lines: those run.)
-_OLD_SPELLINGS_PENDING = {"devlayer/registry.py", "devlayer/train/trainer.py"}
-
-
-def test_the_project_uses_no_moved_top_level_name():
-    """Library, tests, examples, benchmarks and docs use the new spellings (no warnings)."""
-    import devlayer
-
-    names = "|".join(sorted(devlayer._MOVED, key=len, reverse=True))
+def test_the_project_uses_no_removed_top_level_name():
+    """Library, tests, examples, benchmarks and docs use no removed top-level spelling
+    (``devlayer.register_backend``, calling ``devlayer.farm(...)``); CHANGELOG.md names them."""
+    names = "|".join(sorted(REMOVED_NAMES["devlayer"], key=len, reverse=True))
     old = re.compile(rf"(?<![\w.])devlayer\s?\.\s?(?:({names})\b|farm\s?\()")
     offenders = []
     for path in _python_files("devlayer", "backends", "tests", "examples", "benchmarks"):
         rel = str(path.relative_to(ROOT))
-        if rel in _OLD_SPELLINGS_PENDING or rel == "tests/unit/test_rules.py":  # tests them
-            continue
         raw = path.read_text().splitlines()
         lines = dict(_code_lines(path))
         lines.update({n: t for n, t in enumerate(raw, 1) if t.lstrip().startswith(">>>")})
         offenders += [f"{rel}:{n}: {raw[n - 1].strip()}" for n, t in lines.items() if old.search(t)]
     docs = [ROOT / "README.md", *(ROOT / "docs").rglob("*.md"), *(ROOT / "examples").rglob("*.md")]
     for path in docs:
-        text = path.read_text()
-        if path.name == "README.md":  # the paragraph that names the old spellings on purpose
-            start = text.index("**Moved names.**")
-            text = text[:start] + text[text.index("\n\n", start) :]
-        offenders += [f"{path.relative_to(ROOT)}: {m.group(0)}" for m in old.finditer(text)]
-    assert not offenders, "old top-level spellings:\n" + "\n".join(offenders)
+        offenders += [
+            f"{path.relative_to(ROOT)}: {m.group(0)}" for m in old.finditer(path.read_text())
+        ]
+    assert not offenders, "removed top-level spellings:\n" + "\n".join(offenders)
 
 
 def test_tests_with_a_reliability_id_say_what_they_prove():
