@@ -518,8 +518,8 @@ def test_simulated_init_is_idempotent(sim: pytest.MonkeyPatch) -> None:
         with pytest.raises(DevlayerError) as info:
             devlayer.init(devices=[0, 2], timeout=30)
         msg = str(info.value)
-        assert "devices=(0, 1)" in msg
-        assert "devices=(0, 2)" in msg
+        assert "devices=[0,1]" in msg
+        assert "devices=[0,2]" in msg
         assert "devlayer.shutdown()" in msg
         assert devlayer.state() is st  # the failed call changed nothing
         assert st.timeout == timedelta(seconds=30)
