@@ -462,6 +462,7 @@ def test_simulated_rank_mapping_from_launcher_env(
     assert caplog.text == ""
     caplog.clear()
     # one device per task (scheduler binding): every local rank uses index 0, no warning
+    sim.setenv("CUDA_VISIBLE_DEVICES", "0")
     with simulate("cuda", 1), caplog.at_level(logging.WARNING, logger="devlayer"):
         be = devlayer.backends.get_backend("cuda")
         plan = lifecycle._plan_devices(be, None, "devices", info)
