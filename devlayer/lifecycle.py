@@ -201,7 +201,9 @@ def init(
     """Set up this process: backend, device, and (with several ranks) the process group.
 
     Safe to call in every script: with no launcher it is a single process with no process
-    group. Calling it again with the same arguments returns the same :class:`State`.
+    group. Calling it again with the same request returns the same :class:`State`; requests
+    are compared after resolving the ``DEVLAYER_*`` variables and normalising (``"1,3"`` =
+    ``[1, 3]``, ``30`` = ``timedelta(seconds=30)``, ``comm=None`` = the backend's own).
 
     Args:
         backend: ``"cuda"``, ``"xpu"``, ``"mps"``, ``"cpu"``, a plugin name, or ``None``/
@@ -212,7 +214,8 @@ def init(
         timeout: Seconds (or a timedelta) for rendezvous and collectives (default:
             ``DEVLAYER_TIMEOUT`` or 600).
         comm: Process-group backend override (``"gloo"``, ``"mpi"``, ``"ccl"``...; default:
-            ``DEVLAYER_COMM`` or the backend's own). Never switched silently.
+            ``DEVLAYER_COMM`` or the backend's own). Never switched silently; one this torch
+            build lacks is an error at every world size, even 1.
         set_default_device: Make the device torch's default for new tensors
             (``torch.set_default_device``). Default: on for accelerators, off on cpu;
             ``DEVLAYER_SET_DEFAULT_DEVICE=0`` opts out.

@@ -43,3 +43,21 @@ def test_r5_s4_spawn_two_ranks_with_a_count_of_two_devices_on_cpu(clean_env):
     )
     assert [(r["rank"], r["sum"], r["devices"]) for r in results] == [(0, 3, "2"), (1, 3, "2")]
     assert all(r["same"] for r in results)  # comm=None is cpu's own gloo
+
+
+@pytest.mark.simulated
+def test_r5_s6_two_spawned_ranks_on_one_simulated_device_refuse_nccl(clean_env):
+    """DEVLAYER_SIMULATE=cuda:1 and two spawned ranks: init() in the ranks raises DeviceError
+    (nccl cannot share a device) before any rendezvous, instead of binding cuda:0 twice."""
+    with pytest.raises(devlayer.RankFailedError) as err:
+        devlayer.spawn(
+            _init_again_and_sum,
+            nprocs=2,
+            backend="cuda",
+            env={"DEVLAYER_SIMULATE": "cuda:1"},
+            timeout=30,
+            join_timeout=150,
+        )
+    text = str(err.value)
+    assert "DeviceError" in text and "2 ranks run on this node but 1 cuda device(s)" in text
+    assert "DEVLAYER_ALLOW_SHARED_DEVICES=1" in text
