@@ -11,7 +11,9 @@ traceback text. A ``timeout`` bounds the whole run, so a stuck rank cannot hang 
 Under a launcher (``srun``, ``mpirun``, ``torchrun``, ...) that already started this process
 as one of several ranks, :func:`spawn` starts nothing: it runs ``fn`` in place as that rank
 (when ``nprocs`` matches the launcher's ranks per node) or refuses, so one script works both
-ways and never runs two separate jobs.
+ways and never runs two separate jobs. A launcher that started this process as its only rank
+(``torchrun --nproc-per-node=1``) is no such case: spawn starts its ranks as a job of their
+own, with their own store, and does not pass the launcher's variables on.
 """
 
 from __future__ import annotations
