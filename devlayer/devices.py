@@ -34,6 +34,8 @@ from devlayer.errors import DeviceError
 __all__ = [
     "APPLIED_MARKER",
     "DevicePlan",
+    "check_rank_count",
+    "check_request",
     "usable_cpus",
     "DeviceSpec",
     "device_index",
@@ -41,6 +43,7 @@ __all__ = [
     "parse_devices",
     "plan_devices",
     "show_spec",
+    "spec_text",
 ]
 
 #: The parsed form: ``None`` = all visible devices, an int = the first N, a tuple = indices.
@@ -138,6 +141,7 @@ def parse_devices(spec: object, *, origin: str = "devices") -> DeviceSpec:
             return parse_devices(int(text), origin=origin)
         items: Sequence[object] = _split_entries(text, spec, origin)
     elif isinstance(spec, Sequence) and not isinstance(spec, (bytes, bytearray)):
+        _check_length(spec, origin)
         items = list(spec)
     else:
         raise DeviceError(
@@ -170,6 +174,20 @@ def parse_devices(spec: object, *, origin: str = "devices") -> DeviceSpec:
             f"each device may appear once (ranks are mapped with local_rank % len(devices))"
         )
     return tuple(indices)
+
+
+def _check_length(spec: Sequence[object], origin: str) -> None:
+    """Refuse a list longer than any node's devices before copying it (``range(10**12)``)."""
+    try:
+        length: int | None = len(spec)
+    except OverflowError:  # len(range(10**20)) does not fit in a C ssize_t
+        length = None
+    if length is None or length > MAX_DEVICE_COUNT:
+        many = "more than 2**63" if length is None else str(length)
+        raise DeviceError(
+            f"{origin}={_short(spec)} lists {many} devices; no node has more than "
+            f"{MAX_DEVICE_COUNT}: list the indices you mean (e.g. [0, 1]) or use 'auto'"
+        )
 
 
 def selected_indices(spec: DeviceSpec) -> tuple[int, ...] | None:
@@ -224,6 +242,22 @@ def show_spec(spec: DeviceSpec) -> str:
             return "[" + ",".join(map(str, spec[:_SHOWN])) + f",...] ({len(spec)} entries)"
         return "[" + ",".join(map(str, spec)) + "]"
     return repr(spec)
+
+
+def spec_text(spec: DeviceSpec) -> str:
+    """A parsed spec written out in full, as ``DEVLAYER_DEVICES`` takes it back.
+
+    Example:
+        >>> spec_text(None), spec_text(2), spec_text((3,)), spec_text((1, 3))
+        ('auto', '2', '3,', '1,3')
+        >>> parse_devices(spec_text((3,))) == (3,)
+        True
+    """
+    if spec is None:
+        return "auto"
+    if isinstance(spec, int):
+        return str(spec)
+    return ",".join(map(str, spec)) + ("," if len(spec) == 1 else "")
 
 
 def narrow_visibility(current: str | None, indices: Sequence[int]) -> str:
@@ -357,6 +391,9 @@ def plan_devices(
     """
     if isinstance(spec, int):  # a count is checked as a number before any list is built
         _check_launched_for_count(spec, visible, device_type, launched, origin)
+        if not indexed:  # ranks share the one unindexed device: the count is of ranks
+            check_rank_count(spec, local_world_size, device_type=device_type, origin=origin)
+            return DevicePlan(spec, origin, None, None, None, None, local_rank, visible)
         check_exists(spec, visible, device_type=device_type, origin=origin)
     indices = selected_indices(spec)
     if indices is None:
@@ -375,6 +412,47 @@ def plan_devices(
         return DevicePlan(spec, origin, indices, variable, None, None, local_rank, visible)
     value = narrow_visibility(env.get(variable), indices)
     return DevicePlan(spec, origin, indices, variable, value, marker, local_rank, visible)
+
+
+def check_rank_count(count: int, ranks: int, *, device_type: str, origin: str) -> None:
+    """On a backend without device indices (cpu, mps) a count is a number of ranks.
+
+    Every rank uses the one device there, so ``devices=2`` under two ranks is what the
+    user asked for; any other number of ranks on this node is a disagreement, not a guess.
+
+    Raises:
+        DeviceError: ``count`` differs from ``ranks``, the ranks on this node.
+
+    Example:
+        >>> check_rank_count(2, 2, device_type="cpu", origin="devices")
+    """
+    if count == ranks:
+        return
+    raise DeviceError(
+        f"{origin}={count} asks for {count} rank(s) on this node (on {device_type} a count is "
+        f"one rank each, sharing the one {device_type} device), but {ranks} rank(s) run on "
+        f"this node; start {count} rank(s) per node, or set {origin}={ranks} or 'auto'"
+    )
+
+
+def check_request(
+    spec: DeviceSpec, *, device_type: str, visible: int, indexed: bool, origin: str
+) -> None:
+    """The check ``init()``, ``devlayer launch`` and ``devlayer farm`` all make first.
+
+    Indices must exist among the ``visible`` devices on every backend (``"1,3"`` on the
+    one cpu device is an error everywhere, never ignored); a count is checked as devices on
+    an indexed backend and left to :func:`check_rank_count` on one without indices.
+
+    Raises:
+        DeviceError: Indices (or, on an indexed backend, a count) beyond ``visible``.
+
+    Example:
+        >>> check_request(2, device_type="cpu", visible=1, indexed=False, origin="--devices")
+    """
+    if isinstance(spec, int) and not indexed:
+        return
+    check_exists(spec, visible, device_type=device_type, origin=origin)
 
 
 def _check_launched_for_count(

@@ -48,20 +48,26 @@ def plan_slots(
 ) -> list[tuple[str, dict[str, str]]]:
     """The worker slots: (label, environment changes) for each device (or CPU share).
 
+    ``devices`` follows the rule of ``init(devices=...)``: indices must exist on every
+    backend (``"1,3"`` on the one cpu device is a ``DeviceError``); on a backend without
+    device indices a count is the number of jobs side by side, as it is of ranks there.
+
     Raises:
         DeviceError: Device indices that are not visible.
     """
-    from devlayer.devices import check_exists
+    from devlayer.devices import check_request
     from devlayer.registry import select_backend
 
     env = dict(os.environ) if env is None else dict(env)
     be = select_backend(backend, env=env).backend
     base = {"DEVLAYER_BACKEND": be.name}
     var = be.visibility_var(env)
+    spec = parse_devices(devices, origin="devices")
+    count = be.device_count()
+    check_request(
+        spec, device_type=be.device_type, visible=count, indexed=be.indexed, origin="devices"
+    )
     if be.indexed and var is not None:
-        spec = parse_devices(devices, origin="devices")
-        count = be.device_count()
-        check_exists(spec, count, device_type=be.device_type)
         indices = selected_indices(spec) or tuple(range(count))
         if parallel is not None and parallel < len(indices):
             indices = indices[:parallel]
@@ -69,7 +75,9 @@ def plan_slots(
             (f"{be.device_type}:{i}", {**base, var: narrow_visibility(env.get(var), [i])})
             for i in indices
         ]
-    slots = parallel or usable_cpus()
+    slots = parallel or (spec if isinstance(spec, int) else usable_cpus())
+    if isinstance(spec, int):
+        slots = min(slots, spec)
     if slots < 1:
         raise InvalidArgumentError(f"parallel={parallel!r} must be >= 1")
     threads = str(max(usable_cpus() // slots, 1))

@@ -27,22 +27,24 @@ import os
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from devlayer import devices as _devices
-from devlayer.config import DEFAULT_TIMEOUT, env_flag, parse_timeout
+from devlayer.config import DEFAULT_TIMEOUT, env_flag, parse_timeout, short_repr
 from devlayer.errors import (
+    BackendUnavailableError,
     DeviceError,
     DevlayerError,
     InitOrderError,
+    InvalidArgumentError,
     NotInitializedError,
     RendezvousError,
 )
 from devlayer.hooks import AcceleratorHook, as_hook_list, call_hooks, resolve_hooks, torch_module
 from devlayer.launchers import ProcessInfo, detect
-from devlayer.registry import Backend, prepare_comm, select_backend
+from devlayer.registry import Backend, hint_for, prepare_comm, select_backend
 from devlayer.rendezvous import rendezvous
 from devlayer.torchcompat import (
     check_torch_version,
@@ -113,7 +115,7 @@ class State:
     visibility: tuple[str, str] | None = None
     reason: str = ""
     owns_process_group: bool = False
-    _key: tuple[Any, ...] = field(default=(), repr=False, compare=False)
+    _key: Any = field(default=None, repr=False, compare=False)
 
     @property
     def rank(self) -> int:
@@ -199,7 +201,9 @@ def init(
     """Set up this process: backend, device, and (with several ranks) the process group.
 
     Safe to call in every script: with no launcher it is a single process with no process
-    group. Calling it again with the same arguments returns the same :class:`State`.
+    group. Calling it again with the same request returns the same :class:`State`; requests
+    are compared after resolving the ``DEVLAYER_*`` variables and normalising (``"1,3"`` =
+    ``[1, 3]``, ``30`` = ``timedelta(seconds=30)``, ``comm=None`` = the backend's own).
 
     Args:
         backend: ``"cuda"``, ``"xpu"``, ``"mps"``, ``"cpu"``, a plugin name, or ``None``/
@@ -210,7 +214,8 @@ def init(
         timeout: Seconds (or a timedelta) for rendezvous and collectives (default:
             ``DEVLAYER_TIMEOUT`` or 600).
         comm: Process-group backend override (``"gloo"``, ``"mpi"``, ``"ccl"``...; default:
-            ``DEVLAYER_COMM`` or the backend's own). Never switched silently.
+            ``DEVLAYER_COMM`` or the backend's own). Never switched silently; one this torch
+            build lacks is an error at every world size, even 1.
         set_default_device: Make the device torch's default for new tensors
             (``torch.set_default_device``). Default: on for accelerators, off on cpu;
             ``DEVLAYER_SET_DEFAULT_DEVICE=0`` opts out.
@@ -245,27 +250,20 @@ def init(
     # Long only by its docstring, the argument reference users read; each step is a helper.
     global _current
     hook_list = as_hook_list(accelerator_hooks)
-    key = _make_key(backend, devices, timeout, comm, set_default_device, hook_list)
+    request = _request(backend, devices, timeout, comm, set_default_device, hook_list)
     with _lock:
         if _current is not None:
-            return _same_state(key)
+            return _same_state(request)
         check_torch_version()
         _warn_advisories()
-        tmo = (
-            parse_timeout(timeout)
-            or parse_timeout(os.environ.get("DEVLAYER_TIMEOUT"), origin="DEVLAYER_TIMEOUT")
-            or DEFAULT_TIMEOUT
-        )
-        spec, spec_origin = _device_spec(devices)
-        comm = comm or os.environ.get("DEVLAYER_COMM", "").strip() or None
         hooks = resolve_hooks(hook_list, os.environ)
 
         info = detect(os.environ)
         selection = select_backend(backend)
         be = selection.backend
-        comm_name = _comm_name(be, comm, info)
-        plan = _plan_devices(be, spec, spec_origin, info)
-        if spec_origin == "DEVLAYER_DEVICES":
+        comm_name = _comm_name(be, request, info)
+        plan = _plan_devices(be, request.devices, request.origin, info)
+        if request.origin == "DEVLAYER_DEVICES":
             _warn_count_or_index(be, plan, os.environ["DEVLAYER_DEVICES"], info)
 
         undo = _Undo()
@@ -274,7 +272,7 @@ def init(
             index = _pick_device(be, plan, info, comm_name)
             dev = _bind_device(be, index, set_default_device, undo)
             call_hooks(hooks, be)
-            owns = _connect(be, comm_name, dev, info, tmo, undo)
+            owns = _connect(be, comm_name, dev, info, request.timeout, undo)
         except BaseException:
             _restore(undo)
             raise
@@ -285,49 +283,137 @@ def init(
             device_index=index,
             comm=comm_name,
             process=info,
-            timeout=tmo,
+            timeout=request.timeout,
             visibility=visibility,
             reason=selection.reason,
             owns_process_group=owns,
-            _key=key,
+            _key=_made(request, be, comm_name),
         )
         log.debug("devlayer initialized: %s", _current)
         return _current
 
 
-def _make_key(
-    backend: str | None,
+@dataclass(frozen=True)
+class _Request:
+    """What one ``init()`` call asks for, resolved and normalised before any comparison.
+
+    Arguments win over their DEVLAYER_* variables; ``"1,3"`` and ``[1, 3]`` are one device
+    spec, ``30`` and ``timedelta(seconds=30)`` one timeout, ``"GLOO"`` and ``"gloo"`` one
+    comm, so the same request given two ways is the same request (a second ``init()``
+    returns the State instead of refusing).
+    """
+
+    backend: str
+    devices: _devices.DeviceSpec
+    timeout: timedelta
+    comm: str | None
+    set_default_device: tuple[object, str | None]
+    hooks: tuple[object, str | None]
+    origin: str = field(default="devices", compare=False)
+    comm_origin: str = field(default="comm", compare=False)
+    #: The backend's own comm, which ``comm=None`` means (set once init() chose a backend).
+    default_comm: str | None = field(default=None, compare=False)
+
+    def describe(self) -> str:
+        """The request as a user would write it, for messages."""
+        seconds = self.timeout.total_seconds()
+        parts = [
+            f"backend={self.backend!r}",
+            f"devices={_show(self.devices)}",
+            f"timeout={seconds:g}",
+            f"comm={self.comm!r}",
+        ]
+        for name, (arg, env) in (
+            ("set_default_device", self.set_default_device),
+            ("accelerator_hooks", self.hooks),
+        ):
+            if arg is not None or env is not None:
+                parts.append(f"{name}={arg!r}" + (f" ({_ENV_OF[name]}={env!r})" if env else ""))
+        return ", ".join(parts)
+
+
+_ENV_OF = {
+    "set_default_device": "DEVLAYER_SET_DEFAULT_DEVICE",
+    "accelerator_hooks": "DEVLAYER_ACCELERATOR_HOOKS",
+}
+
+
+def _request(
+    backend: object,
     devices: object,
     timeout: float | timedelta | None,
-    comm: str | None,
+    comm: object,
     set_default_device: bool | None,
     hook_list: list[AcceleratorHook] | None,
-) -> tuple[Any, ...]:
-    """What makes two ``init()`` calls the same set-up.
-
-    It includes the DEVLAYER_* variables init() reads, so a changed environment is not
-    silently answered with the old State.
-    """
-    return (
-        backend,
-        _freeze(devices),
-        timeout,
-        comm,
-        set_default_device,
-        None if hook_list is None else tuple(hook_list),
-        *(os.environ.get(v) for v in _KEY_ENV),
+) -> _Request:
+    """Resolve one call's arguments against the DEVLAYER_* variables (see :class:`_Request`)."""
+    env = os.environ
+    if backend is None:
+        backend = env.get("DEVLAYER_BACKEND", "")
+    # A name that is not a string stays visible here; select_backend() refuses it by name.
+    name = backend.strip().lower() if isinstance(backend, str) else repr(backend)
+    tmo = (
+        parse_timeout(timeout)
+        or parse_timeout(env.get("DEVLAYER_TIMEOUT"), origin="DEVLAYER_TIMEOUT")
+        or DEFAULT_TIMEOUT
+    )
+    spec, origin = _device_spec(devices)
+    comm_name, comm_origin = _requested_comm(comm)
+    return _Request(
+        backend=name or "auto",
+        devices=spec,
+        timeout=tmo,
+        comm=comm_name,
+        set_default_device=(set_default_device, env.get("DEVLAYER_SET_DEFAULT_DEVICE")),
+        hooks=(
+            None if hook_list is None else tuple(hook_list),
+            env.get("DEVLAYER_ACCELERATOR_HOOKS"),
+        ),
+        origin=origin,
+        comm_origin=comm_origin,
     )
 
 
-def _same_state(key: tuple[Any, ...]) -> State:
-    """The current State when ``key`` matches the call that made it; else an error."""
+def _requested_comm(comm: object) -> tuple[str | None, str]:
+    """The comm asked for (lower case) and where from: ``comm=``, else ``DEVLAYER_COMM``.
+
+    Raises:
+        InvalidArgumentError: ``comm=`` that is not a name (``5``, ``""``).
+    """
+    if comm is None:
+        raw = os.environ.get("DEVLAYER_COMM", "").strip()
+        return (raw.lower() or None), "DEVLAYER_COMM"
+    if not isinstance(comm, str) or not comm.strip():
+        raise InvalidArgumentError(
+            f"comm={short_repr(comm)} is not a communication backend name; pass a name such "
+            f"as 'gloo', or leave it out (None) for the backend's own"
+        )
+    return comm.strip().lower(), "comm"
+
+
+def _made(request: _Request, be: Backend, comm_name: str | None) -> _Request:
+    """The request as init() carried it out: ``comm=None`` filled in with the backend's own."""
+    default = _default_comm(be)
+    return replace(request, comm=comm_name or request.comm or default, default_comm=default)
+
+
+def _default_comm(be: Backend) -> str | None:
+    try:
+        return be.default_comm().lower()
+    except Exception:  # a plugin whose default cannot be asked here; only None matches None
+        return None
+
+
+def _same_state(request: _Request) -> State:
+    """The current State when ``request`` matches the call that made it; else an error."""
     assert _current is not None  # the caller holds the lock and checked
-    if _current._key == key:
+    made: _Request = _current._key
+    request = replace(request, comm=request.comm or made.default_comm)
+    if request == made:
         return _current
     raise DevlayerError(
-        f"devlayer.init() was already called with {_describe_key(_current._key)}; now "
-        f"called with {_describe_key(key)}. Call devlayer.shutdown() first to change "
-        f"the set-up"
+        f"devlayer.init() was already called with {made.describe()}; now called with "
+        f"{request.describe()}. Call devlayer.shutdown() first to change the set-up"
     )
 
 
@@ -339,15 +425,38 @@ def _device_spec(devices: object) -> tuple[_devices.DeviceSpec, str]:
     return _devices.parse_devices(devices), "devices"
 
 
-def _comm_name(be: Backend, comm: str | None, info: ProcessInfo) -> str | None:
-    """The process-group backend, or ``None`` at world size 1 (no process group)."""
+def _comm_name(be: Backend, request: _Request, info: ProcessInfo) -> str | None:
+    """The process-group backend, or ``None`` at world size 1 (no process group).
+
+    A comm that was asked for is checked at every world size: ``comm="nccl"`` on a machine
+    without it is the same error at world size 1 as at 2.
+    """
     if info.world_size > 1 and not be.multi_process:
         raise DeviceError(
             f"backend {be.name!r} runs a single process, but the launcher started "
             f"{info.world_size} ranks ({info.launcher}); launch one process, or use "
             f"DEVLAYER_BACKEND=cpu for multi-process runs"
         )
+    comm = request.comm
+    if comm is not None and not be.comm_available(comm):
+        available = ", ".join(repr(c) for c in _available_comms(be)) or "none"
+        raise BackendUnavailableError(
+            f"communication backend {comm!r} is not available for backend {be.name!r} in "
+            f"this torch build (asked for by {request.comm_origin}={comm!r}; available: "
+            f"{available}); {hint_for(be, comm)}"
+        )
     return be.comm_backend(comm) if info.world_size > 1 else None
+
+
+def _available_comms(be: Backend) -> list[str]:
+    """The process-group backends torch knows that ``be`` could use here."""
+    import torch.distributed as dist
+
+    known = [c for c in dist.Backend.backend_list if c not in ("undefined", "fake")]
+    default = _default_comm(be)
+    if default is not None and default not in known:
+        known.append(default)
+    return [c for c in known if be.comm_available(c)]
 
 
 def _plan_devices(
@@ -426,12 +535,6 @@ def _warn_advisories() -> None:
         )
 
 
-def _freeze(value: object) -> object:
-    if isinstance(value, list):
-        return tuple(value)
-    return value
-
-
 def accelerator_module() -> ModuleType:
     """torch's module for this rank's device type: ``torch.cuda``, ``torch.xpu``, ``torch.cpu``...
 
@@ -446,31 +549,6 @@ def accelerator_module() -> ModuleType:
         >>> _ = devlayer.shutdown()
     """
     return torch_module(state().device.type)
-
-
-_KEY_ENV = (
-    "DEVLAYER_BACKEND",
-    "DEVLAYER_DEVICES",
-    "DEVLAYER_COMM",
-    "DEVLAYER_TIMEOUT",
-    "DEVLAYER_SET_DEFAULT_DEVICE",
-    "DEVLAYER_ACCELERATOR_HOOKS",
-)
-
-
-def _describe_key(key: tuple[Any, ...]) -> str:
-    names = (
-        "backend",
-        "devices",
-        "timeout",
-        "comm",
-        "set_default_device",
-        "accelerator_hooks",
-        *_KEY_ENV,
-    )
-    return ", ".join(
-        f"{n}={v!r}" for n, v in zip(names, key, strict=True) if v is not None or n[0].islower()
-    )
 
 
 def _interop_env(be: Backend, info: ProcessInfo) -> dict[str, str]:
@@ -577,9 +655,25 @@ def _pick_device(
             f"({', '.join(f'{v}={os.environ.get(v)!r}' for v in be.visibility_vars)}); "
             f"check the visibility variables with `devlayer info`"
         )
-    if 1 < count < info.local_world_size:
+    if count < info.local_world_size and not _bound_per_task(be, count):
         _check_shared_devices(be, comm, count, info)
     return plan.device_index(count)
+
+
+def _bound_per_task(be: Backend, count: int) -> bool:
+    """One visible device that a scheduler chose for this task alone.
+
+    ``srun --gpus-per-task=1`` (or a wrapper script) gives each rank its own device as
+    device 0 through the visibility variable: that is one device per rank, not sharing. With
+    the variable unset, or narrowed by devlayer itself (the same value for every rank), one
+    visible device is the node's only device, and the ranks share it.
+    """
+    var = be.visibility_var(os.environ)
+    if count != 1 or var is None or not os.environ.get(var, "").strip():
+        return False
+    return not any(
+        entry.startswith(f"{var}=") for entry in os.environ.get(APPLIED_MARKER, "").split(";")
+    )
 
 
 _shared_warned = False
@@ -588,8 +682,8 @@ _shared_warned = False
 def _check_shared_devices(be: Backend, comm: str | None, count: int, info: ProcessInfo) -> None:
     """More ranks on this node than devices: an error where the comm refuses, else a warning.
 
-    One visible device per rank (``count == 1``) is left alone: that is how schedulers bind
-    one GPU to each task, where every rank sees a different device as device 0.
+    One visible device that a scheduler bound to this task is left alone (see
+    :func:`_bound_per_task`): there every rank sees a different device as device 0.
     """
     global _shared_warned
     ranks = info.local_world_size

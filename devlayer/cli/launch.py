@@ -22,7 +22,13 @@ from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
-from devlayer.devices import narrow_visibility, parse_devices, selected_indices, usable_cpus
+from devlayer.devices import (
+    check_rank_count,
+    narrow_visibility,
+    parse_devices,
+    selected_indices,
+    usable_cpus,
+)
 from devlayer.errors import DevlayerError
 
 __all__ = ["add_arguments", "run"]
@@ -62,39 +68,52 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _plan_devices(args: argparse.Namespace, env: dict[str, str]) -> tuple[int, dict[str, str]]:
-    """(processes per node, environment changes for the children)."""
+    """(processes per node, environment changes for the children).
+
+    ``--devices`` follows the rule ``init(devices=...)`` follows: indices must exist on every
+    backend (``--devices 1,3`` on the one cpu device is a ``DeviceError``, never ignored),
+    and on a backend without device indices a count is a number of ranks.
+    """
+    from devlayer.devices import check_request
     from devlayer.registry import select_backend
 
     changes: dict[str, str] = {}
     if args.backend:
         changes["DEVLAYER_BACKEND"] = args.backend
-    selection = select_backend(args.backend, env={**env, **changes})
-    be = selection.backend
+    be = select_backend(args.backend, env={**env, **changes}).backend
     spec = parse_devices(args.devices, origin="--devices")
+    check_request(
+        spec,
+        device_type=be.device_type,
+        visible=be.device_count(),
+        indexed=be.indexed,
+        origin="--devices",
+    )
     indices = selected_indices(spec)
-    if indices is not None:
-        var = be.visibility_var(env)
-        if var is not None:
-            from devlayer.devices import check_exists
-
-            check_exists(spec, be.device_count(), device_type=be.device_type, origin="--devices")
-            changes[var] = narrow_visibility(env.get(var), indices)
-            changes["DEVLAYER_VISIBILITY_APPLIED"] = f"{var}={','.join(map(str, indices))}"
-    if args.nproc == "auto":
-        if not be.indexed:
-            nproc = 1
-        elif indices is not None:
-            nproc = len(indices)
-        else:
-            nproc = max(be.device_count(), 1)
-    else:
-        try:
-            nproc = int(args.nproc)
-        except ValueError:
-            raise DevlayerError(f"--nproc={args.nproc!r}: use 'auto' or a number >= 1") from None
-        if nproc < 1:
-            raise DevlayerError(f"--nproc={nproc}: use 'auto' or a number >= 1")
+    var = be.visibility_var(env) if be.indexed else None
+    if indices is not None and var is not None:
+        changes[var] = narrow_visibility(env.get(var), indices)
+        changes["DEVLAYER_VISIBILITY_APPLIED"] = f"{var}={','.join(map(str, indices))}"
+    nproc = _nproc(args.nproc, be, indices)
+    if isinstance(spec, int) and not be.indexed:
+        check_rank_count(spec, nproc, device_type=be.device_type, origin="--devices")
     return nproc, changes
+
+
+def _nproc(raw: str, be: Any, indices: tuple[int, ...] | None) -> int:
+    """``--nproc``: a number >= 1, or 'auto' (one per selected device; one per counted rank
+    on a backend without device indices, else 1 there)."""
+    if raw == "auto":
+        if indices is None:
+            return max(be.device_count(), 1) if be.indexed else 1
+        return len(indices)
+    try:
+        nproc = int(raw)
+    except ValueError:
+        raise DevlayerError(f"--nproc={raw!r}: use 'auto' or a number >= 1") from None
+    if nproc < 1:
+        raise DevlayerError(f"--nproc={nproc}: use 'auto' or a number >= 1")
+    return nproc
 
 
 def _loopback_store(timeout: timedelta) -> tuple[Any, int]:

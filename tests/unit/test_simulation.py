@@ -462,6 +462,7 @@ def test_simulated_rank_mapping_from_launcher_env(
     assert caplog.text == ""
     caplog.clear()
     # one device per task (scheduler binding): every local rank uses index 0, no warning
+    sim.setenv("CUDA_VISIBLE_DEVICES", "0")
     with simulate("cuda", 1), caplog.at_level(logging.WARNING, logger="devlayer"):
         be = devlayer.backends.get_backend("cuda")
         plan = lifecycle._plan_devices(be, None, "devices", info)
@@ -518,8 +519,8 @@ def test_simulated_init_is_idempotent(sim: pytest.MonkeyPatch) -> None:
         with pytest.raises(DevlayerError) as info:
             devlayer.init(devices=[0, 2], timeout=30)
         msg = str(info.value)
-        assert "devices=(0, 1)" in msg
-        assert "devices=(0, 2)" in msg
+        assert "devices=[0,1]" in msg
+        assert "devices=[0,2]" in msg
         assert "devlayer.shutdown()" in msg
         assert devlayer.state() is st  # the failed call changed nothing
         assert st.timeout == timedelta(seconds=30)
