@@ -44,7 +44,7 @@ from devlayer.errors import (
 )
 from devlayer.hooks import AcceleratorHook, as_hook_list, call_hooks, resolve_hooks, torch_module
 from devlayer.launchers import ProcessInfo, detect
-from devlayer.registry import Backend, hint_for, prepare_comm, select_backend
+from devlayer.registry import Backend, prepare_comm, select_backend
 from devlayer.rendezvous import rendezvous
 from devlayer.torchcompat import (
     check_torch_version,
@@ -443,7 +443,7 @@ def _comm_name(be: Backend, request: _Request, info: ProcessInfo) -> str | None:
         raise BackendUnavailableError(
             f"communication backend {comm!r} is not available for backend {be.name!r} in "
             f"this torch build (asked for by {request.comm_origin}={comm!r}; available: "
-            f"{available}); {hint_for(be, comm)}"
+            f"{available}); {be.hint(comm)}"
         )
     return be.comm_backend(comm) if info.world_size > 1 else None
 
