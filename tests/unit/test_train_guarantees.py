@@ -51,11 +51,12 @@ def _target_stop() -> EarlyStopping:
 
 
 def test_r5_r3_an_old_checkpoint_without_monitor_and_mode_loads_and_its_stop_holds(
-    cpu, tmp_path, monkeypatch
+    cpu, tmp_path, monkeypatch, caplog
 ):
     """R5-R3: an EarlyStopping state saved before ``monitor``/``mode`` were kept
     (``{"best", "bad_epochs", "hits"}``) still loads, and the stop it records holds: the
-    resumed run trains nothing and returns the saved history."""
+    resumed run trains nothing, logs why and how to train on, and returns the saved
+    history."""
 
     def old_state(self: EarlyStopping) -> dict[str, object]:
         return {"best": self.best, "bad_epochs": self.bad_epochs, "hits": self.hits}
@@ -72,6 +73,8 @@ def test_r5_r3_an_old_checkpoint_without_monitor_and_mode_loads_and_its_stop_hol
     assert again.resumed_from is not None
     assert again.stop_reason == "early_stopping" and again.stopped_early
     assert again.state.global_step == first.state.global_step and resumed == history
+    assert "early stopping on val_loss ended the run resumed from" in caplog.text
+    assert "nothing to train: pass a larger patience than 2" in caplog.text
 
 
 def test_r5_r3_counters_of_another_metric_are_not_restored():
