@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +37,10 @@ class EarlyStopping:
         min_delta: Smallest change that counts as an improvement.
         target: Stop after ``patience`` consecutive epochs that reach this value (the seed
             tutorial's "target accuracy" rule).
+
+    Its state (best value, counters, the metric it watched) goes into the Trainer's
+    checkpoints, so a resumed run stops at the same epoch as an uninterrupted one, and a
+    run it ended stays ended when resubmitted (:attr:`stopped` is already True).
     """
 
     monitor: str = "val_loss"
@@ -74,14 +79,48 @@ class EarlyStopping:
             self.best, self.bad_epochs = value, 0
         else:
             self.bad_epochs += 1
+        return self.stopped
+
+    @property
+    def stopped(self) -> bool:
+        """True when the epochs recorded so far meet the stop rule (as after a resume).
+
+        Example:
+            >>> stop = EarlyStopping(patience=1)
+            >>> stop.load_state_dict({"best": 0.5, "bad_epochs": 1, "hits": 0})
+            >>> stop.stopped
+            True
+        """
+        if self.target is not None:
+            return self.hits >= self.patience
         return self.bad_epochs >= self.patience
 
     def state_dict(self) -> dict[str, Any]:
-        """The counters, for checkpoints."""
-        return {"best": self.best, "bad_epochs": self.bad_epochs, "hits": self.hits}
+        """The counters and the metric they watched, for checkpoints."""
+        return {
+            "best": self.best,
+            "bad_epochs": self.bad_epochs,
+            "hits": self.hits,
+            "monitor": self.monitor,
+            "mode": self.mode,
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore the counters."""
+        """Restore the counters (states saved before ``monitor``/``mode`` were kept load too).
+
+        Counters of another metric or direction (``monitor="val_loss"`` saved, now
+        ``"val_accuracy"``) mean nothing for this rule: they are not loaded, a warning says
+        so, and this rule starts counting from the resumed epoch.
+        """
+        saved = (state.get("monitor", self.monitor), state.get("mode", self.mode))
+        if saved != (self.monitor, self.mode):
+            warnings.warn(
+                f"EarlyStopping: the checkpoint's counters watched {saved[0]!r} "
+                f"(mode={saved[1]!r}), this one watches {self.monitor!r} (mode={self.mode!r}); "
+                "they are not restored and early stopping counts from this epoch on",
+                stacklevel=2,
+            )
+            return
         self.best, self.bad_epochs, self.hits = state["best"], state["bad_epochs"], state["hits"]
 
 

@@ -760,7 +760,7 @@ class Trainer:
         main = devlayer.is_main()
         st = self.state
         self.stopped_early = False
-        self.stop_reason = self._bound_reached()
+        self.stop_reason = self._bound_reached() or self._stopped_before_resume()
         if self.stop_reason is None:
             self._continue_history()
             if self.max_epochs is None and len(train_loader) == 0:
@@ -814,6 +814,30 @@ class Trainer:
     def _bound_reached(self) -> str | None:
         """``"max_steps"`` or ``"max_epochs"`` when that bound is reached (steps first)."""
         return next((b for b in ("max_steps", "max_epochs") if self._reached(b)), None)
+
+    def _stopped_before_resume(self) -> str | None:
+        """``"early_stopping"`` when the resumed run was ended by early stopping.
+
+        Its restored :class:`EarlyStopping` state already says stop, so this run does no
+        step and reports that run's result (resubmitting it trained one more epoch each
+        time). A larger ``patience`` or ``early_stopping=None`` trains on.
+        """
+        es = self.early_stopping
+        if self.resumed_from is None or es is None or not es.stopped:
+            return None
+        self.stopped_early = True
+        if devlayer.is_main():
+            log.warning(
+                "early stopping on %s ended the run resumed from %s (epoch %d, step %d); "
+                "nothing to train: pass a larger patience than %d, or early_stopping=None, "
+                "to train on",
+                es.monitor,
+                self.resumed_from,
+                self.state.epoch,
+                self.state.global_step,
+                es.patience,
+            )
+        return "early_stopping"
 
     def _reached(self, bound: str) -> bool:
         st = self.state

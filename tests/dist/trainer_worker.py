@@ -52,8 +52,12 @@ def train(
     val: bool = True,
     allow_world_size_change: bool = False,
     progress: bool = False,
+    early_stopping: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Fit the small regression; return weights, history, the rank and what it printed."""
+    """Fit the small regression; return weights, history, the rank and what it printed.
+
+    ``early_stopping``: the keyword arguments of an ``EarlyStopping`` (None: no early stop).
+    """
     import contextlib
     import io
 
@@ -77,12 +81,16 @@ def train(
         progress=progress,
         num_workers=0,
         seed=7,
+        early_stopping=(
+            devlayer.train.EarlyStopping(**early_stopping) if early_stopping is not None else None
+        ),
     )
     with contextlib.redirect_stdout(io.StringIO()) as out:
         history = trainer.fit(make_data(), make_data(48, seed=1) if val else None)
     return {
         "stdout": out.getvalue(),
         "stop_reason": getattr(trainer, "stop_reason", None),
+        "stopped_early": trainer.stopped_early,
         "global_step": trainer.state.global_step,
         "rank": devlayer.rank(),
         "weights": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
