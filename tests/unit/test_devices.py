@@ -206,10 +206,18 @@ def test_check_exists_no_devices() -> None:
 
 
 @pytest.mark.parametrize(
-    ("spec", "visible"), [(None, 0), (None, 8), (2, 2), ((0, 1), 2), ((3,), 4)]
+    ("spec", "visible", "one_more"),
+    [(None, 0, None), (None, 8, None), (2, 2, 3), ((0, 1), 2, (0, 2)), ((3,), 4, (4,))],
 )
-def test_check_exists_accepts(spec: object, visible: int) -> None:
-    check_exists(spec, visible, device_type="cuda")  # type: ignore[arg-type]
+def test_check_exists_accepts_up_to_the_boundary(
+    spec: object, visible: int, one_more: object
+) -> None:
+    """Each accepted spec sits at the edge: the same spec one step further is refused, so a check
+    that accepted everything (or refused at the edge) fails here."""
+    assert check_exists(spec, visible, device_type="cuda") is None  # type: ignore[arg-type,func-returns-value]
+    if one_more is not None:
+        with pytest.raises(DeviceError, match="asks for"):
+            check_exists(one_more, visible, device_type="cuda")  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- doctests
