@@ -73,6 +73,7 @@ from devlayer.train.files import (
     pid_alive,
     remove_path,
     sha256_file,
+    write_atomically,
 )
 from devlayer.train.lock import LOCK_PREFIX, FolderLock
 from devlayer.train.manifest import (
@@ -100,6 +101,7 @@ __all__ = [
     "rng_state",
     "set_rng_state",
     "to_plain",
+    "write_state_file",
 ]
 
 #: Every name that starts with this is work in progress (or left by a crash) and never a
@@ -176,6 +178,57 @@ def _load_state(state: Path, map_location: MapLocation) -> Any:
         ) from exc
     finally:
         os.close(fd)
+
+
+def _torch_save(obj: Any, file: IO[bytes]) -> None:
+    """``torch.save`` that re-raises the file's own OSError (torch wraps it)."""
+    writer = HashingWriter(file)
+    try:
+        torch.save(obj, cast(IO[bytes], writer))
+    except Exception as exc:
+        os_error = writer.error or find_os_error(exc)
+        if os_error is not None and os_error is not exc:
+            raise os_error from exc
+        raise
+
+
+def write_state_file(path: str | os.PathLike[str], state: Mapping[str, Any]) -> Path:
+    """``torch.save(state)`` to ``path`` atomically: the whole new file or the old one.
+
+    Writes a hidden temporary file beside ``path``, syncs it and renames it over ``path``
+    (the export of :meth:`devlayer.Trainer.export`). Only a missing or regular file is
+    replaced: a FIFO, a device, a directory or a symlink at ``path`` is refused.
+
+    Args:
+        path: The file to write; its folder must exist.
+        state: What to save (a ``state_dict``).
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        CheckpointError: ``path`` is no regular file, or writing failed (full disk, file
+            size limit, permissions...); ``path`` is then as it was.
+
+    Example:
+        >>> import tempfile, torch
+        >>> p = write_state_file(Path(tempfile.mkdtemp()) / "m.pt", {"w": torch.ones(1)})
+        >>> torch.load(p, weights_only=True)["w"].tolist()
+        [1.0]
+    """
+    target = Path(path)
+    try:
+        write_atomically(target, lambda f: _torch_save(dict(state), f))
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        os_error = find_os_error(exc)
+        why = f"{type(exc).__name__}: {exc}" if os_error is None else str(os_error)
+        advice = "check the state" if os_error is None else os_error_advice(os_error)
+        raise CheckpointError(
+            f"could not write {target}: {why}; {advice}. Nothing was replaced"
+        ) from exc
+    return target
 
 
 _Steps = list[int]  # ``list`` is a method name inside CheckpointStore
@@ -255,7 +308,7 @@ class CheckpointStore:
         self._temp_name = re.compile(
             rf"{re.escape(TEMP_PREFIX + prefix)}-(\d+)\.(new|old|del|probe)\.(.+)"
         )
-        self._lock = FolderLock(self.directory / f"{LOCK_PREFIX}{prefix}")
+        self._lock = FolderLock(self.directory / f"{LOCK_PREFIX}{prefix}", private=self.private)
 
     @staticmethod
     def new_run_id() -> str:

@@ -1,0 +1,240 @@
+"""Files the checkpoint store must never touch (issue 20, round 5: R5-F*).
+
+A shared checkpoint folder is writable by others: a symlink, hard link or device planted
+under a name the store or its lock writes must be refused or skipped, never followed for
+writing or deleting. Also: export() only ever replaces a regular file, atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from devlayer.train import checkpoint as ckpt
+from devlayer.train.checkpoint import CheckpointError, CheckpointStore
+
+posix_only = pytest.mark.skipif(sys.platform == "win32", reason="POSIX links, modes, FIFOs")
+
+
+def _victim(tmp_path: Path) -> Path:
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    return victim
+
+
+# -- R5-F1: the lock file -----------------------------------------------------------------
+
+
+@posix_only
+def test_r5_f1_planted_lock_symlink_is_refused_and_its_target_untouched(tmp_path):
+    """A `.lock-step` symlink planted in the folder (pointing at a file the job can write) is
+    refused by acquire_lock() with a CheckpointError saying it is a symbolic link, and the
+    file it points to keeps its content: the lock never follows a link for writing."""
+    victim = _victim(tmp_path)
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "ck" / ".lock-step").symlink_to(victim)
+    with pytest.raises(CheckpointError, match="symbolic link") as info:
+        CheckpointStore(tmp_path / "ck").acquire_lock()
+    assert str(tmp_path / "ck" / ".lock-step") in str(info.value)
+    assert "remove it" in str(info.value)
+    assert victim.read_text() == "precious\n"
+
+
+@posix_only
+def test_r5_f1_planted_lock_hard_link_is_refused_and_its_target_untouched(tmp_path):
+    """A `.lock-step` that is a hard link to another file (two names) is refused before it is
+    truncated, so a hard link cannot redirect the holder record into a victim file."""
+    victim = _victim(tmp_path)
+    (tmp_path / "ck").mkdir()
+    os.link(victim, tmp_path / "ck" / ".lock-step")
+    with pytest.raises(CheckpointError, match="2 names"):
+        CheckpointStore(tmp_path / "ck").acquire_lock()
+    assert victim.read_text() == "precious\n"
+
+
+@posix_only
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")
+def test_r5_f1_lock_file_of_another_user_is_refused(tmp_path):
+    """A `.lock-step` owned by another user is refused (naming its owner uid) and not
+    rewritten: only a lock file this user owns is ever written."""
+    (tmp_path / "ck").mkdir()
+    lock = tmp_path / "ck" / ".lock-step"
+    lock.write_text("someone else's\n")
+    os.chown(lock, 65534, 65534)
+    with pytest.raises(CheckpointError, match="owned by uid 65534"):
+        CheckpointStore(tmp_path / "ck").acquire_lock()
+    assert lock.read_text() == "someone else's\n"
+
+
+@posix_only
+@pytest.mark.timeout(60)
+def test_r5_f1_lock_that_is_a_fifo_is_refused_without_blocking(tmp_path):
+    """A FIFO planted as `.lock-step` is refused as "a FIFO" without blocking on its open."""
+    (tmp_path / "ck").mkdir()
+    os.mkfifo(tmp_path / "ck" / ".lock-step")
+    with pytest.raises(CheckpointError, match="FIFO"):
+        CheckpointStore(tmp_path / "ck").acquire_lock()
+
+
+# -- R5-F3: a private store's lock file ---------------------------------------------------
+
+
+@posix_only
+def test_r5_f3_private_store_lock_file_is_owner_only(tmp_path):
+    """CheckpointStore(private=True) leaves `.lock-step` (host, pid, argv) at 0600 under umask
+    022, also when an earlier, non-private run left it at 0644."""
+    old = os.umask(0o022)
+    try:
+        with CheckpointStore(tmp_path / "a", private=True).lock() as store:
+            assert stat.S_IMODE(store.lock_path.stat().st_mode) == 0o600
+        with CheckpointStore(tmp_path / "b").lock() as store:
+            assert stat.S_IMODE(store.lock_path.stat().st_mode) == 0o644
+        with CheckpointStore(tmp_path / "b", private=True).lock() as store:
+            assert stat.S_IMODE(store.lock_path.stat().st_mode) == 0o600
+            assert json.loads(store.lock_path.read_text())["pid"] == os.getpid()
+    finally:
+        os.umask(old)
+
+
+@posix_only
+def test_r5_f1_planted_temp_symlink_is_removed_as_a_link_only(tmp_path):
+    """A `.tmp-...` entry planted as a symlink to a folder (a dead writer's name) is removed by
+    cleanup_temp() as a link: the folder it points to and its files survive."""
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (target / "keep.txt").write_text("keep")
+    store = CheckpointStore(tmp_path / "ck")
+    store.check_writable()
+    planted = tmp_path / "ck" / f".tmp-step-000000003.new.999999999.{ckpt.host_tag()}.ab"
+    planted.symlink_to(target, target_is_directory=True)
+    assert store.cleanup_temp() == [planted]
+    assert not planted.is_symlink() and (target / "keep.txt").read_text() == "keep"
+
+
+# -- R5-F2: export() ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def trained(clean_env):
+    """A Trainer fitted for one epoch at world size 1 (export() needs fit() first)."""
+    from torch.utils.data import TensorDataset
+
+    import devlayer
+
+    with devlayer.init(backend="cpu"):
+        torch.manual_seed(0)
+        net = torch.nn.Linear(4, 2)
+        trainer = devlayer.Trainer(
+            net,
+            torch.optim.SGD(net.parameters(), lr=0.01),
+            torch.nn.functional.mse_loss,
+            batch_size=8,
+            max_epochs=1,
+            progress=False,
+            num_workers=0,
+        )
+        trainer.fit(TensorDataset(torch.rand(16, 4), torch.rand(16, 2)))
+        yield trainer
+
+
+def _special(kind: str, path: Path) -> str:
+    if kind == "fifo":
+        os.mkfifo(path)
+        return "a FIFO (named pipe)"
+    path.mkdir()
+    (path / "inside.txt").write_text("x")
+    return "a directory"
+
+
+@posix_only
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["fifo", "directory"])
+def test_r5_f2_export_refuses_a_path_that_is_no_regular_file(trained, tmp_path, kind):
+    """export(path) where path is a FIFO or a directory raises CheckpointError naming what is
+    there and the fix, and leaves it as it was (a device node would be replaced otherwise)."""
+    target = tmp_path / "model.pt"
+    what = _special(kind, target)
+    with pytest.raises(
+        CheckpointError, match=re.escape(f"is {what}, expected a regular file")
+    ) as info:
+        trained.export(target)
+    assert str(target) in str(info.value) and "another path" in str(info.value)
+    assert stat.S_ISFIFO(os.lstat(target).st_mode) if kind == "fifo" else target.is_dir()
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]  # no temp file left
+
+
+def test_r5_f2_export_over_a_regular_file_still_replaces_it(trained, tmp_path):
+    """Re-exporting over an earlier export (a regular file) replaces it with the new weights."""
+    target = tmp_path / "model.pt"
+    target.write_bytes(b"old")
+    assert trained.export(target) == target
+    state = torch.load(target, weights_only=True)
+    assert torch.equal(state["weight"], trained.model.state_dict()["weight"])
+
+
+def test_r5_f2_failed_export_keeps_the_previous_good_file(trained, tmp_path, monkeypatch):
+    """An export that fails halfway (torch.save writes part of the data, then raises) raises
+    CheckpointError and leaves the previous export byte for byte (the write is atomic), with
+    no temporary file beside it."""
+    target = tmp_path / "model.pt"
+    trained.export(target)
+    good = target.read_bytes()
+    real_save = torch.save
+
+    def half_save(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
+        f.write(b"half written garbage")
+        raise RuntimeError("simulated failure inside torch.save")
+
+    monkeypatch.setattr(torch, "save", half_save)
+    with pytest.raises(CheckpointError, match=r"simulated failure inside torch\.save"):
+        trained.export(target)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert target.read_bytes() == good
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+
+
+FSIZE_JOB = """
+    import resource, signal, sys, torch, devlayer
+    from torch.utils.data import TensorDataset
+    from devlayer.train.errors import CheckpointError
+    with devlayer.init(backend="cpu"):
+        net = torch.nn.Linear(256, 256)
+        trainer = devlayer.Trainer(net, torch.optim.SGD(net.parameters(), lr=0.01),
+                                   torch.nn.functional.mse_loss, batch_size=8, max_epochs=1,
+                                   progress=False, num_workers=0)
+        trainer.fit(TensorDataset(torch.rand(8, 256), torch.rand(8, 256)))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit: EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, resource.RLIM_INFINITY))
+        try:
+            trainer.export(sys.argv[1])
+        except CheckpointError as exc:
+            print("CHECKPOINT_ERROR", exc)
+"""
+
+
+@posix_only
+@pytest.mark.timeout(120)
+def test_r5_f2_export_over_the_file_size_limit_is_a_checkpoint_error(tmp_path):
+    """Under RLIMIT_FSIZE (SIGXFSZ ignored) export() raises the documented CheckpointError
+    naming the OS error (File too large) and the disk advice, not torch's RuntimeError, and
+    leaves no temporary file."""
+    import textwrap
+
+    from tests.helpers import run_py
+
+    script = tmp_path / "job.py"
+    script.write_text(textwrap.dedent(FSIZE_JOB))
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = run_py([str(script), str(out / "model.pt")], timeout=100)
+    assert "CHECKPOINT_ERROR" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+    assert "File too large" in proc.stdout and "disk is full" in proc.stdout
+    assert list(out.iterdir()) == []
