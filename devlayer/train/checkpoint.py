@@ -126,6 +126,16 @@ def _int_arg(name: str, value: object, minimum: int) -> int:
     return value
 
 
+def _path_arg(name: str, value: object) -> Path:
+    """``value`` as a Path, or InvalidArgumentError naming ``name`` (not pathlib's TypeError)."""
+    if not isinstance(value, (str, os.PathLike)) or isinstance(os.fspath(value), bytes):
+        raise InvalidArgumentError(
+            f"{name}={value!r} ({type(value).__name__}) is not a path; pass a str or "
+            "pathlib.Path naming the checkpoint folder (e.g. 'checkpoints')"
+        )
+    return Path(value)
+
+
 def _unsafe_globals(state_path: Path) -> list[str]:
     """Classes and functions in a torch.save file that weights_only loading refuses.
 
@@ -267,8 +277,8 @@ class CheckpointStore:
             (default: the umask decides, usually world-readable).
 
     Raises:
-        InvalidArgumentError: ``keep`` below 1 or not an int, or an unusable ``prefix``
-            or ``run_id``.
+        InvalidArgumentError: ``directory`` is not a str or path, ``keep`` below 1 or not an
+            int, or an unusable ``prefix`` or ``run_id``.
 
     Example:
         >>> import tempfile, torch
@@ -288,6 +298,7 @@ class CheckpointStore:
         run_id: str | None = None,
         private: bool = False,
     ) -> None:
+        self.directory = _path_arg("directory", directory)
         self.keep = _int_arg("keep", keep, 1)
         if not isinstance(prefix, str) or not _PREFIX.fullmatch(prefix):
             raise InvalidArgumentError(
@@ -300,7 +311,6 @@ class CheckpointStore:
                 f"run_id={run_id!r} cannot be recorded; use up to 128 letters, digits and "
                 "'_', '.', ':', '-' (e.g. CheckpointStore.new_run_id())"
             )
-        self.directory = Path(directory)
         self.prefix = prefix
         self.run_id = run_id
         self.private = bool(private)

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import torch
 
+from devlayer.errors import InvalidArgumentError
 from devlayer.train import checkpoint as ckpt
 from devlayer.train.checkpoint import CheckpointError, CheckpointStore
 
@@ -238,3 +239,102 @@ def test_r5_f2_export_over_the_file_size_limit_is_a_checkpoint_error(tmp_path):
     assert "CHECKPOINT_ERROR" in proc.stdout, proc.stdout + proc.stderr[-3000:]
     assert "File too large" in proc.stdout and "disk is full" in proc.stdout
     assert list(out.iterdir()) == []
+
+
+# -- R5-F4: arguments that are no path ----------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [None, 3, 1.5, ["ck"], b"ck"])
+def test_r5_f4_directory_that_is_no_path_is_refused_naming_the_argument(value):
+    """CheckpointStore(None) (or an int, float, list, bytes) raises InvalidArgumentError naming
+    `directory`, the value and its type, instead of pathlib's "expected str, bytes or
+    os.PathLike"; the Trainer's checkpoint store goes through the same check."""
+    from devlayer.train.resume import TrainingCheckpoints
+
+    for make in (CheckpointStore, TrainingCheckpoints):
+        with pytest.raises(InvalidArgumentError, match=r"directory=.*\(" + type(value).__name__):
+            make(value)
+
+
+# -- R5-F5: tests that used to let a wrong change through ----------------------------------
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="reads fd paths from /proc")
+def test_r5_f5_sharded_save_syncs_the_shards_folder_before_the_rename(tmp_path, monkeypatch):
+    """A sharded save (files in the temporary folder's `shards/`, committed by save(temp=))
+    fsyncs each file's folder: `shards/` itself (its new entries), then the checkpoint folder,
+    all before the rename into place, and the directory after it."""
+    store = CheckpointStore(tmp_path)
+    temp = store.new_temp(1)
+    (temp / "shards").mkdir()
+    for name in ("__0_0.distcp", "__1_0.distcp", ".metadata"):
+        (temp / "shards" / name).write_bytes(name.encode())
+    events: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append(f"fsync {os.readlink(f'/proc/self/fd/{fd}')}")
+        real_fsync(fd)
+
+    def replace(src: Any, dst: Any) -> None:
+        events.append(f"replace {Path(dst).name}")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    path = store.save({"w": torch.ones(1)}, step=1, epoch=0, world_size=2, temp=temp)
+    rename = events.index("replace step-000000001")
+    assert f"fsync {temp / 'shards'}" in events[:rename], events
+    assert f"fsync {temp}" in events[:rename] and events[rename + 1] == f"fsync {tmp_path}"
+    assert sorted(store.verify(path)["shards"]) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+
+
+def _format_1(path: Path) -> None:
+    """Rewrite a checkpoint's manifest as format 1: no run id, no manifest checksum."""
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["format_version"] = 1
+    for key in ("run_id", "manifest_sha256"):
+        manifest.pop(key, None)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("kind", ["no-run-id", "format-1"])
+def test_r5_f5_fresh_run_refuses_a_folder_of_checkpoints_without_run_id(tmp_path, clean_env, kind):
+    """resume=None in a folder whose checkpoints carry no run id (a CheckpointStore without
+    run_id, or format 1) raises CheckpointRunError naming the steps, and the checkpoints stay:
+    the fresh run would otherwise prune them."""
+    import devlayer
+    from devlayer.train.checkpoint import CheckpointRunError
+    from devlayer.train.resume import TrainingCheckpoints
+
+    store = CheckpointStore(tmp_path, keep=5)
+    for step in (2, 4):
+        path = store.save({"w": torch.ones(1)}, step=step, epoch=0, world_size=1)
+        if kind == "format-1":
+            _format_1(path)
+    assert store.runs() == {}
+    with devlayer.init(backend="cpu"):
+        checkpoints = TrainingCheckpoints(tmp_path)
+        with pytest.raises(CheckpointRunError, match="step-000000002, step-000000004"):
+            checkpoints.begin(None)
+        checkpoints.end()
+    assert [p.name for p in store.list()] == ["step-000000002", "step-000000004"]
+    assert not checkpoints.store.locked  # the refusal released the folder lock
+
+
+def test_r5_f5_cleanup_temp_releases_the_lock_it_took(tmp_path):
+    """cleanup_temp() on a store that does not hold the lock takes it for the call and releases
+    it: afterwards the store is unlocked and another store of this process can lock the folder
+    (a leaked lock would refuse it as "already in use by this process"). A store that held the
+    lock before keeps it."""
+    store = CheckpointStore(tmp_path)
+    store.check_writable()
+    dead = tmp_path / f".tmp-step-000000003.new.999999999.{ckpt.host_tag()}.ab"
+    dead.mkdir()
+    assert store.cleanup_temp() == [dead]  # removing another host's or dead entry: locked
+    assert not store.locked
+    with CheckpointStore(tmp_path).lock() as other:
+        assert other.locked
+    with store.lock():
+        store.cleanup_temp()
+        assert store.locked  # it held the lock before the call: still holds it
