@@ -68,6 +68,7 @@ from devlayer.train.files import (
     find_os_error,
     fsync_dir,
     host_tag,
+    not_a_folder,
     open_regular,
     os_error_advice,
     pid_alive,
@@ -111,6 +112,12 @@ TEMP_PREFIX = ".tmp-"
 #: Test hook: called with the temporary folder after it is completely written and synced,
 #: just before it is renamed into place. Tests raise from it to simulate a crash there.
 _before_commit: Callable[[Path], None] | None = None
+
+
+#: The write probe stands for the longest names a save writes: a step of 13 digits and a
+#: shard file name longer than DCP's (``__<rank>_<n>.distcp``) and than ``manifest.json``.
+_PROBE_STEP = 10**12
+_PROBE_FILE = "__999999_999999.distcp.probe"
 
 
 _PREFIX = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -343,7 +350,13 @@ class CheckpointStore:
         return self.directory / f"{name}.{secrets.token_hex(4)}"
 
     def _mkdir(self, path: Path, *, parents: bool = False) -> None:
-        path.mkdir(parents=parents, exist_ok=parents, mode=0o700 if self.private else 0o777)
+        try:
+            path.mkdir(parents=parents, exist_ok=parents, mode=0o700 if self.private else 0o777)
+        except FileExistsError:
+            # pathlib says "File exists" for a symlink loop or a file at the name: say which.
+            if not parents:
+                raise
+            raise not_a_folder(path) from None
         if self.private:
             os.chmod(path, 0o700)
 
@@ -409,26 +422,34 @@ class CheckpointStore:
             self.release_lock()
 
     def check_writable(self) -> None:
-        """Create, fsync and remove a probe file: find an unwritable directory early.
+        """Create, fsync and remove a probe: find an unwritable directory early.
+
+        The probe is a folder named like a temporary checkpoint of a 13-digit step holding
+        a ``shards/`` file with a long name, so a path too long for the names a save writes
+        fails here ("File name too long"), not at the first save.
 
         Raises:
             CheckpointError: The directory cannot be created or written (read-only mount,
-                permissions, full disk); the message names it and the OS error.
+                permissions, full disk, too long a path); the message names it and the OS
+                error.
         """
-        probe = self._temp_path(self.path_for(0), "probe")
+        probe = self._temp_path(self.path_for(_PROBE_STEP), "probe")
         try:
             self._mkdir(self.directory, parents=True)
-            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
-                os.write(fd, b"devlayer write probe\n")
-                os.fsync(fd)
+                self._mkdir(probe)
+                self._mkdir(probe / SHARDS_DIR)
+                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                fd = os.open(probe / SHARDS_DIR / _PROBE_FILE, flags, 0o600)
+                try:
+                    os.write(fd, b"devlayer write probe\n")
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
             finally:
-                os.close(fd)
-            os.unlink(probe)
+                shutil.rmtree(probe, ignore_errors=True)  # a fresh random name: ours
             fsync_dir(self.directory)
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                probe.unlink()
             raise CheckpointError(
                 f"checkpoint directory {self.directory} is not usable: {exc}; "
                 f"{os_error_advice(exc)}. Checked before training, so no work is lost"

@@ -33,6 +33,7 @@ __all__ = [
     "find_os_error",
     "fsync_dir",
     "host_tag",
+    "not_a_folder",
     "open_regular",
     "os_error_advice",
     "pid_alive",
@@ -119,6 +120,10 @@ def os_error_advice(exc: OSError) -> str:
         return "the disk is full (or over quota): free disk space or use another directory"
     if exc.errno in _NO_PERMISSION:
         return "the directory is not writable: fix its permissions or mount, or use another one"
+    if exc.errno == errno.ENAMETOOLONG:
+        return "the path is too long for the file system: use a shorter checkpoint directory"
+    if exc.errno == errno.ELOOP:
+        return "fix or remove the symbolic link, or use another directory"
     return "check the disk and the directory"
 
 
@@ -135,6 +140,17 @@ def file_kind(mode: int) -> str:
         if test(mode):
             return name
     return "not a regular file"
+
+
+def not_a_folder(path: Path) -> OSError:
+    """The error for a ``path`` that exists but is no folder: a symlink loop, a file..."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return OSError(errno.ELOOP, "a symbolic link loop, not a folder", str(path))
+        return exc
+    return NotADirectoryError(errno.ENOTDIR, f"{file_kind(mode)}, not a folder", str(path))
 
 
 def open_regular(path: Path, fix: str) -> int:

@@ -338,3 +338,193 @@ def test_r5_f5_cleanup_temp_releases_the_lock_it_took(tmp_path):
     with store.lock():
         store.cleanup_temp()
         assert store.locked  # it held the lock before the call: still holds it
+
+
+# -- R5-F6: forged checkpoints (a recomputed manifest) --------------------------------------
+
+
+def _trainer_payload() -> tuple[dict[str, Any], torch.nn.Module]:
+    from devlayer.train.checkpoint import rng_state
+
+    net = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    payload = {
+        "model": net.state_dict(),
+        "optimizer": opt.state_dict(),
+        "scaler": None,
+        "scheduler": None,
+        "epoch": 1,
+        "batches_done": 0,
+        "global_step": 4,
+        "history": [{"epoch": 0, "train_loss": 0.5}],
+        "early_stopping": {"best": 0.5, "bad_epochs": 0, "hits": 0},
+        "ranks": [{"rng": rng_state(), "loss_sum": 0.0, "samples": 0}],
+        "lr_factor": 1.0,
+    }
+    return payload, net
+
+
+FORGED = [
+    ("history", "x", "a list of dicts"),
+    ("history", ["x"], "a list of dicts"),
+    ("lr_factor", 0.0, "a finite number > 0"),
+    ("lr_factor", float("nan"), "a finite number > 0"),
+    ("lr_factor", "1", "a finite number > 0"),
+    ("epoch", -1, "an int >= 0"),
+    ("epoch", True, "an int >= 0"),
+    ("batches_done", 1.5, "an int >= 0"),
+    ("global_step", None, "an int >= 0"),
+    ("ranks", [], "a list of 1 dict"),
+    ("ranks", [{"rng": {}, "loss_sum": "x", "samples": 0}], "a list of 1 dict"),
+    ("ranks", [{"rng": 3, "loss_sum": 0.0, "samples": 0}], "a list of 1 dict"),
+    ("ranks", [{"rng": {"torch": "x"}, "loss_sum": 0.0, "samples": 0}], "a list of 1 dict"),
+    ("ranks", [{"rng": {"python": (3, "ab", None)}, "loss_sum": 0, "samples": 0}], "rng_state"),
+    ("optimizer", [1], "a dict (a state_dict)"),
+    ("scheduler", "x", "a dict (a state_dict) or None"),
+    ("scaler", 7, "a dict (a state_dict) or None"),
+    ("early_stopping", {"best": "x", "bad_epochs": 0, "hits": 0}, "best"),
+    ("model", None, "a dict (a state_dict)"),
+]
+
+
+@pytest.mark.parametrize(("field", "value", "expected"), FORGED, ids=lambda v: repr(v)[:20])
+def test_r5_f6_forged_trainer_payload_field_is_refused_naming_it(field, value, expected, tmp_path):
+    """A Trainer payload whose field has the wrong type or range (as a forger who recomputes
+    the manifest can write) is refused by check_payload() with CheckpointCorruptError naming
+    the field, the value and what was expected, before anything is applied; a missing
+    required field too. A genuine payload passes."""
+    from devlayer.train.checkpoint import CheckpointCorruptError
+    from devlayer.train.resume import TrainingCheckpoints
+
+    checkpoints = TrainingCheckpoints(tmp_path)
+    payload, net = _trainer_payload()
+    manifest = {"step": 4, "world_size": 1}
+    checkpoints.check_payload(payload, manifest, net, tmp_path)  # the genuine one passes
+    with pytest.raises(CheckpointCorruptError, match=re.escape(f"'{field}'")) as info:
+        checkpoints.check_payload({**payload, field: value}, manifest, net, tmp_path)
+    assert expected in str(info.value) and str(tmp_path) in str(info.value)
+    assert "proves integrity, not authorship" in str(info.value)
+    del payload[field]
+    if field in ("epoch", "batches_done", "global_step", "ranks", "model"):
+        with pytest.raises(CheckpointCorruptError, match=f"'{field}' is missing"):
+            checkpoints.check_payload(payload, manifest, net, tmp_path)
+
+
+def _forge(ckpt_dir: Path, **fields: Any) -> None:
+    """Rewrite the newest checkpoint's payload and sign it again (a recomputed manifest)."""
+    store = CheckpointStore(ckpt_dir, keep=5)
+    path = store.latest()
+    payload, manifest = store.load(path)
+    forger = CheckpointStore(ckpt_dir, keep=5, run_id=manifest["run_id"])
+    forger.save(
+        {**payload, **fields},
+        step=manifest["step"],
+        epoch=manifest["epoch"],
+        world_size=manifest["world_size"],
+    )
+
+
+@pytest.mark.parametrize(("field", "value"), [("history", "x"), ("lr_factor", 0.0)])
+def test_r5_f6_forged_checkpoint_is_refused_by_the_trainer_before_it_resumes(
+    field, value, tmp_path, clean_env, caplog
+):
+    """Through the Trainer: a checkpoint re-saved with history="x" or lr_factor=0.0 and a
+    recomputed manifest makes fit(resume="auto") raise CheckpointCorruptError naming the field,
+    without logging "resumed from" (no AttributeError / ZeroDivisionError after it)."""
+    from torch.utils.data import TensorDataset
+
+    import devlayer
+    from devlayer.train.checkpoint import CheckpointCorruptError
+
+    data = TensorDataset(torch.rand(16, 4), torch.rand(16, 2))
+
+    def fit() -> None:
+        torch.manual_seed(0)
+        net = torch.nn.Linear(4, 2)
+        devlayer.Trainer(
+            net,
+            torch.optim.SGD(net.parameters(), lr=0.01),
+            torch.nn.functional.mse_loss,
+            batch_size=8,
+            max_epochs=2,
+            checkpoint_dir=tmp_path / "ck",
+            checkpoint_every=1,
+            progress=False,
+            num_workers=0,
+        ).fit(data)
+
+    with devlayer.init(backend="cpu"):
+        fit()
+        _forge(tmp_path / "ck", **{field: value})
+        caplog.clear()
+        with pytest.raises(CheckpointCorruptError, match=f"'{field}'"):
+            fit()
+    assert "resumed from" not in caplog.text
+
+
+# -- R5-F7: smaller ------------------------------------------------------------------------
+
+
+def _long_dir(tmp_path: Path, total: int) -> Path:
+    """A folder path of exactly ``total`` characters below ``tmp_path`` (components <= 200)."""
+    path = str(tmp_path)
+    while len(path) < total:
+        room = total - len(path) - 1
+        path += "/" + "d" * min(200, room if room <= 200 else min(200, room - 2))
+    assert len(path) == total
+    return Path(path)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PATH_MAX is 4096 on Linux")
+def test_r5_f7_too_long_checkpoint_path_fails_the_write_probe(tmp_path):
+    """A 4,044-character checkpoint directory fails check_writable() (the start-up probe) with
+    "File name too long" and the fix, instead of passing it and failing at the first save; a
+    directory short enough for every name a save writes passes and saves."""
+    long = _long_dir(tmp_path / "a", 4044)
+    with pytest.raises(CheckpointError, match="File name too long") as info:
+        CheckpointStore(long).check_writable()
+    assert "shorter" in str(info.value)
+    fits = _long_dir(tmp_path / "b", 3900)
+    store = CheckpointStore(fits)
+    store.check_writable()
+    store.save({"w": torch.ones(1)}, step=1, epoch=0, world_size=1)
+    assert [p.name for p in store.list()] == ["step-000000001"]
+    assert not [p for p in fits.iterdir() if p.name.startswith(".tmp-")]
+
+
+@posix_only
+def test_r5_f7_symlink_loop_as_checkpoint_dir_is_named(tmp_path):
+    """A checkpoint directory that is a symlink loop is reported as "a symbolic link loop"
+    naming it, not as "[Errno 17] File exists"."""
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    with pytest.raises(CheckpointError, match="symbolic link loop") as info:
+        CheckpointStore(loop).check_writable()
+    assert "File exists" not in str(info.value) and str(loop) in str(info.value)
+    with pytest.raises(CheckpointError, match="symbolic link loop"):
+        CheckpointStore(loop).acquire_lock()
+
+
+@pytest.mark.parametrize("field", ["offset", "length"])
+def test_r5_f7_metadata_with_absurd_offsets_is_called_corrupt(clean_env, tmp_path, field):
+    """A DCP `.metadata` (re-signed in the manifest) whose storage entry has an absurd offset or
+    length is refused as CheckpointCorruptError naming the file and the field, not as a
+    checkpoint "saved with another model"."""
+    import devlayer
+    from devlayer.train.checkpoint import CheckpointCorruptError
+    from devlayer.train.sharded import MetadataUnpickler
+    from tests.unit.test_sharded import _fit, _rewrite
+
+    with devlayer.init(backend="cpu"):
+        _fit(tmp_path)
+        folder = tmp_path / "step-000000004"
+        raw = (folder / "shards" / ".metadata").read_bytes()
+        metadata = MetadataUnpickler(__import__("io").BytesIO(raw)).load()
+        for info in metadata.storage_data.values():
+            setattr(info, field, 1 << 60)
+        _rewrite(folder, ".metadata", __import__("pickle").dumps(metadata))
+        with pytest.raises(CheckpointCorruptError) as caught:
+            _fit(tmp_path, max_steps=6)
+    message = str(caught.value)
+    assert str(folder / "shards" / ".metadata") in message and f"{field}=" in message
+    assert "corrupt" in message and "another model" not in message
