@@ -170,7 +170,7 @@ class FolderLock:
             problem = f"is {file_kind(st.st_mode)}"
         elif hasattr(os, "geteuid") and st.st_uid != os.geteuid():
             problem = f"is owned by uid {st.st_uid}, not by this user (uid {os.geteuid()})"
-        elif st.st_nlink != 1:
+        elif st.st_nlink > 1:
             problem = f"is a file with {st.st_nlink} names (hard links)"
         if problem is not None:
             raise CheckpointError(

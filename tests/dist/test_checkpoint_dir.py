@@ -274,3 +274,23 @@ def test_r2_10_manifest_step_is_cross_checked_with_the_trainer_state(tmp_path, c
         (forged / "manifest.json").write_text(json.dumps(manifest))
         with pytest.raises(CheckpointError, match="saved trainer state is at step 6"):
             train(max_epochs=2, checkpoint_dir=str(ckpt), checkpoint_every=2, val=False)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="symlinks")
+def test_r5_f1_planted_lock_symlink_fails_every_rank_and_spares_its_target(tmp_path):
+    """A `.lock-step` symlink planted in the checkpoint folder of a 2-rank job: every rank
+    raises rank 0's CheckpointError ("symbolic link") before the first step, the job does not
+    succeed, and the file the link points to keeps its content."""
+    ckpt, victim = tmp_path / "ckpt", tmp_path / "victim"
+    ckpt.mkdir()
+    victim.write_text("precious\n")
+    (ckpt / ".lock-step").symlink_to(victim)
+    proc = _run_job(ckpt, "--nprocs", "2")
+    results = rank_results(proc.stdout)
+    assert len(results) == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for result in results:
+        assert result["error_type"] == "CheckpointError", result
+        assert "symbolic link" in result["error"] and result["steps"] == 0
+    assert results[0]["error"] == results[1]["error"]
+    assert victim.read_text() == "precious\n"
+    assert CheckpointStore(ckpt).list() == []
