@@ -29,6 +29,7 @@ from devlayer.train.errors import CheckpointCorruptError, CheckpointError
 
 __all__ = [
     "HashingWriter",
+    "check_replaceable",
     "file_kind",
     "find_os_error",
     "fsync_dir",
@@ -38,7 +39,6 @@ __all__ = [
     "os_error_advice",
     "pid_alive",
     "read_regular",
-    "check_replaceable",
     "remove_path",
     "sha256_file",
     "write_atomically",
