@@ -38,12 +38,16 @@ def _job_cmd(ckpt: Path, *extra: str) -> list[str]:
     return [PY, "-m", "tests.dist.ckpt_job", str(ckpt), *extra]
 
 
-def _popen(cmd: list[str], **kw: object) -> subprocess.Popen[str]:
+def _popen(cmd: list[str], stderr: int = subprocess.STDOUT) -> subprocess.Popen[str]:
     """Start a job in its own session: _stop() can then kill it and every rank it spawned."""
-    kw.setdefault("stdout", subprocess.PIPE)
-    kw.setdefault("stderr", subprocess.STDOUT)
-    return subprocess.Popen(  # type: ignore[call-overload,no-any-return]
-        cmd, env=subprocess_env(), cwd=ROOT, text=True, start_new_session=True, **kw
+    return subprocess.Popen(
+        cmd,
+        env=subprocess_env(),
+        cwd=ROOT,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        start_new_session=True,
     )
 
 
