@@ -150,6 +150,9 @@ def _special(kind: str, path: Path) -> str:
     if kind == "fifo":
         os.mkfifo(path)
         return "a FIFO (named pipe)"
+    if kind == "symlink":
+        path.symlink_to(path.parent / "elsewhere.pt")
+        return "a symbolic link"
     path.mkdir()
     (path / "inside.txt").write_text("x")
     return "a directory"
@@ -157,10 +160,11 @@ def _special(kind: str, path: Path) -> str:
 
 @posix_only
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("kind", ["fifo", "directory"])
+@pytest.mark.parametrize("kind", ["fifo", "directory", "symlink"])
 def test_r5_f2_export_refuses_a_path_that_is_no_regular_file(trained, tmp_path, kind):
-    """export(path) where path is a FIFO or a directory raises CheckpointError naming what is
-    there and the fix, and leaves it as it was (a device node would be replaced otherwise)."""
+    """export(path) where path is a FIFO, a directory or a symlink raises CheckpointError
+    naming what is there and the fix, and leaves it as it was (a device node would be replaced
+    otherwise)."""
     target = tmp_path / "model.pt"
     what = _special(kind, target)
     with pytest.raises(
@@ -168,7 +172,8 @@ def test_r5_f2_export_refuses_a_path_that_is_no_regular_file(trained, tmp_path, 
     ) as info:
         trained.export(target)
     assert str(target) in str(info.value) and "another path" in str(info.value)
-    assert stat.S_ISFIFO(os.lstat(target).st_mode) if kind == "fifo" else target.is_dir()
+    kept = {"fifo": stat.S_ISFIFO, "directory": stat.S_ISDIR, "symlink": stat.S_ISLNK}[kind]
+    assert kept(os.lstat(target).st_mode)
     assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]  # no temp file left
 
 
