@@ -67,11 +67,13 @@ from devlayer.train.files import (
     find_os_error,
     fsync_dir,
     host_tag,
+    not_a_folder,
     open_regular,
     os_error_advice,
     pid_alive,
     remove_path,
     sha256_file,
+    write_atomically,
 )
 from devlayer.train.lock import LOCK_PREFIX, FolderLock
 from devlayer.train.manifest import (
@@ -99,6 +101,7 @@ __all__ = [
     "rng_state",
     "set_rng_state",
     "to_plain",
+    "write_state_file",
 ]
 
 #: Every name that starts with this is work in progress (or left by a crash) and never a
@@ -108,6 +111,12 @@ TEMP_PREFIX = ".tmp-"
 #: Test hook: called with the temporary folder after it is completely written and synced,
 #: just before it is renamed into place. Tests raise from it to simulate a crash there.
 _before_commit: Callable[[Path], None] | None = None
+
+
+#: The write probe stands for the longest names a save writes: a step of 13 digits and a
+#: shard file name longer than DCP's (``__<rank>_<n>.distcp``) and than ``manifest.json``.
+_PROBE_STEP = 10**12
+_PROBE_FILE = "__999999_999999.distcp.probe"
 
 
 _PREFIX = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -121,6 +130,16 @@ def _int_arg(name: str, value: object, minimum: int) -> int:
     if value < minimum:
         raise InvalidArgumentError(f"{name}={value} is out of range; pass an int >= {minimum}")
     return value
+
+
+def _path_arg(name: str, value: object) -> Path:
+    """``value`` as a Path, or InvalidArgumentError naming ``name`` (not pathlib's TypeError)."""
+    if not isinstance(value, (str, os.PathLike)) or isinstance(os.fspath(value), bytes):
+        raise InvalidArgumentError(
+            f"{name}={value!r} ({type(value).__name__}) is not a path; pass a str or "
+            "pathlib.Path naming the checkpoint folder (e.g. 'checkpoints')"
+        )
+    return Path(value)
 
 
 def _unsafe_globals(state_path: Path) -> list[str]:
@@ -177,6 +196,57 @@ def _load_state(state: Path, map_location: MapLocation) -> Any:
         os.close(fd)
 
 
+def _torch_save(obj: Any, file: IO[bytes]) -> None:
+    """``torch.save`` that re-raises the file's own OSError (torch wraps it)."""
+    writer = HashingWriter(file)
+    try:
+        torch.save(obj, cast(IO[bytes], writer))
+    except Exception as exc:
+        os_error = writer.error or find_os_error(exc)
+        if os_error is not None and os_error is not exc:
+            raise os_error from exc
+        raise
+
+
+def write_state_file(path: str | os.PathLike[str], state: Mapping[str, Any]) -> Path:
+    """``torch.save(state)`` to ``path`` atomically: the whole new file or the old one.
+
+    Writes a hidden temporary file beside ``path``, syncs it and renames it over ``path``
+    (the export of :meth:`devlayer.Trainer.export`). Only a missing or regular file is
+    replaced: a FIFO, a device, a directory or a symlink at ``path`` is refused.
+
+    Args:
+        path: The file to write; its folder must exist.
+        state: What to save (a ``state_dict``).
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        CheckpointError: ``path`` is no regular file, or writing failed (full disk, file
+            size limit, permissions...); ``path`` is then as it was.
+
+    Example:
+        >>> import tempfile, torch
+        >>> p = write_state_file(Path(tempfile.mkdtemp()) / "m.pt", {"w": torch.ones(1)})
+        >>> torch.load(p, weights_only=True)["w"].tolist()
+        [1.0]
+    """
+    target = Path(path)
+    try:
+        write_atomically(target, lambda f: _torch_save(dict(state), f))
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        os_error = find_os_error(exc)
+        why = f"{type(exc).__name__}: {exc}" if os_error is None else str(os_error)
+        advice = "check the state" if os_error is None else os_error_advice(os_error)
+        raise CheckpointError(
+            f"could not write {target}: {why}; {advice}. Nothing was replaced"
+        ) from exc
+    return target
+
+
 _Steps = list[int]  # ``list`` is a method name inside CheckpointStore
 
 
@@ -213,8 +283,8 @@ class CheckpointStore:
             (default: the umask decides, usually world-readable).
 
     Raises:
-        InvalidArgumentError: ``keep`` below 1 or not an int, or an unusable ``prefix``
-            or ``run_id``.
+        InvalidArgumentError: ``directory`` is not a str or path, ``keep`` below 1 or not an
+            int, or an unusable ``prefix`` or ``run_id``.
 
     Example:
         >>> import tempfile, torch
@@ -234,6 +304,7 @@ class CheckpointStore:
         run_id: str | None = None,
         private: bool = False,
     ) -> None:
+        self.directory = _path_arg("directory", directory)
         self.keep = _int_arg("keep", keep, 1)
         if not isinstance(prefix, str) or not _PREFIX.fullmatch(prefix):
             raise InvalidArgumentError(
@@ -246,7 +317,6 @@ class CheckpointStore:
                 f"run_id={run_id!r} cannot be recorded; use up to 128 letters, digits and "
                 "'_', '.', ':', '-' (e.g. CheckpointStore.new_run_id())"
             )
-        self.directory = Path(directory)
         self.prefix = prefix
         self.run_id = run_id
         self.private = bool(private)
@@ -254,7 +324,7 @@ class CheckpointStore:
         self._temp_name = re.compile(
             rf"{re.escape(TEMP_PREFIX + prefix)}-(\d+)\.(new|old|del|probe)\.(.+)"
         )
-        self._lock = FolderLock(self.directory / f"{LOCK_PREFIX}{prefix}")
+        self._lock = FolderLock(self.directory / f"{LOCK_PREFIX}{prefix}", private=self.private)
 
     @staticmethod
     def new_run_id() -> str:
@@ -279,7 +349,13 @@ class CheckpointStore:
         return self.directory / f"{name}.{secrets.token_hex(4)}"
 
     def _mkdir(self, path: Path, *, parents: bool = False) -> None:
-        path.mkdir(parents=parents, exist_ok=parents, mode=0o700 if self.private else 0o777)
+        try:
+            path.mkdir(parents=parents, exist_ok=parents, mode=0o700 if self.private else 0o777)
+        except FileExistsError:
+            # pathlib says "File exists" for a symlink loop or a file at the name: say which.
+            if not parents:
+                raise
+            raise not_a_folder(path) from None
         if self.private:
             os.chmod(path, 0o700)
 
@@ -345,26 +421,34 @@ class CheckpointStore:
             self.release_lock()
 
     def check_writable(self) -> None:
-        """Create, fsync and remove a probe file: find an unwritable directory early.
+        """Create, fsync and remove a probe: find an unwritable directory early.
+
+        The probe is a folder named like a temporary checkpoint of a 13-digit step holding
+        a ``shards/`` file with a long name, so a path too long for the names a save writes
+        fails here ("File name too long"), not at the first save.
 
         Raises:
             CheckpointError: The directory cannot be created or written (read-only mount,
-                permissions, full disk); the message names it and the OS error.
+                permissions, full disk, too long a path); the message names it and the OS
+                error.
         """
-        probe = self._temp_path(self.path_for(0), "probe")
+        probe = self._temp_path(self.path_for(_PROBE_STEP), "probe")
         try:
             self._mkdir(self.directory, parents=True)
-            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
-                os.write(fd, b"devlayer write probe\n")
-                os.fsync(fd)
+                self._mkdir(probe)
+                self._mkdir(probe / SHARDS_DIR)
+                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                fd = os.open(probe / SHARDS_DIR / _PROBE_FILE, flags, 0o600)
+                try:
+                    os.write(fd, b"devlayer write probe\n")
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
             finally:
-                os.close(fd)
-            os.unlink(probe)
+                shutil.rmtree(probe, ignore_errors=True)  # a fresh random name: ours
             fsync_dir(self.directory)
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                probe.unlink()
             raise CheckpointError(
                 f"checkpoint directory {self.directory} is not usable: {exc}; "
                 f"{os_error_advice(exc)}. Checked before training, so no work is lost"

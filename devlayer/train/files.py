@@ -29,10 +29,12 @@ from devlayer.train.errors import CheckpointCorruptError, CheckpointError
 
 __all__ = [
     "HashingWriter",
+    "check_replaceable",
     "file_kind",
     "find_os_error",
     "fsync_dir",
     "host_tag",
+    "not_a_folder",
     "open_regular",
     "os_error_advice",
     "pid_alive",
@@ -118,11 +120,17 @@ def os_error_advice(exc: OSError) -> str:
         return "the disk is full (or over quota): free disk space or use another directory"
     if exc.errno in _NO_PERMISSION:
         return "the directory is not writable: fix its permissions or mount, or use another one"
+    if exc.errno == errno.ENAMETOOLONG:
+        return "the path is too long for the file system: use a shorter checkpoint directory"
+    if exc.errno == errno.ELOOP:
+        return "fix or remove the symbolic link, or use another directory"
     return "check the disk and the directory"
 
 
 def file_kind(mode: int) -> str:
+    """``"a directory"``, ``"a FIFO (named pipe)"``, ... for what is not a regular file."""
     for test, name in (
+        (stat.S_ISLNK, "a symbolic link"),
         (stat.S_ISDIR, "a directory"),
         (stat.S_ISFIFO, "a FIFO (named pipe)"),
         (stat.S_ISCHR, "a character device"),
@@ -132,6 +140,17 @@ def file_kind(mode: int) -> str:
         if test(mode):
             return name
     return "not a regular file"
+
+
+def not_a_folder(path: Path) -> OSError:
+    """The error for a ``path`` that exists but is no folder: a symlink loop, a file..."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return OSError(errno.ELOOP, "a symbolic link loop, not a folder", str(path))
+        return exc
+    return NotADirectoryError(errno.ENOTDIR, f"{file_kind(mode)}, not a folder", str(path))
 
 
 def open_regular(path: Path, fix: str) -> int:
@@ -217,19 +236,45 @@ def remove_path(path: Path) -> None:
         shutil.rmtree(path)
 
 
+def check_replaceable(path: Path) -> None:
+    """Refuse to replace ``path`` unless it is missing or a regular file (``lstat``).
+
+    A rename replaces whatever has the name: a device node, a FIFO, a socket, a symlink
+    (its target is never written, the link is lost) or an empty folder.
+
+    Raises:
+        CheckpointError: ``path`` exists and is no regular file; the message says what it is.
+    """
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise CheckpointError(f"cannot check {path}: {exc}; {os_error_advice(exc)}") from exc
+    if not stat.S_ISREG(mode):
+        raise CheckpointError(
+            f"{path} is {file_kind(mode)}, expected a regular file (or no file) to replace; "
+            "devlayer replaces only regular files. Pass another path (a new file name, or "
+            "the file a link points to)"
+        )
+
+
 def write_atomically(path: Path, write: Callable[[IO[bytes]], object]) -> None:
     """Write ``path`` through ``write(file)`` so it appears complete or not at all.
 
     The data goes to a hidden temporary file beside ``path``, is synced, then renamed over
     ``path`` in one step and the folder synced; on any error the temporary file is removed
-    and ``path`` is untouched.
+    and ``path`` is untouched. Only a missing or regular ``path`` is replaced
+    (:func:`check_replaceable`), checked before writing and again before the rename.
     """
+    check_replaceable(path)
     temp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
     try:
         with open(temp, "xb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        check_replaceable(path)
         os.replace(temp, path)
         fsync_dir(path.parent)
     except BaseException:

@@ -92,8 +92,9 @@ class FolderLock:
     holds the lock, for the error message of the next job.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, private: bool = False) -> None:
         self.path = path
+        self.private = private
         self._fd: int | None = None
         self._key: tuple[int, int] | None = None
         self.enforced = False
@@ -106,7 +107,7 @@ class FolderLock:
         """Take the lock, or raise :class:`CheckpointInUseError` naming the holder."""
         with _HELD_GUARD:
             try:
-                st = os.stat(self.path)
+                st = os.lstat(self.path)  # never through a planted link
             except FileNotFoundError:
                 pass
             except OSError as exc:
@@ -121,20 +122,10 @@ class FolderLock:
             self._acquire()
 
     def _acquire(self) -> None:
-        flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
-        try:
-            fd = os.open(self.path, flags, 0o644)
-        except OSError as exc:
-            raise CheckpointError(
-                f"cannot create the lock file {self.path}: {exc}; {os_error_advice(exc)}"
-            ) from exc
+        fd = self._open()
         try:
             st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise CheckpointError(
-                    f"{self.path} is {file_kind(st.st_mode)}, expected the regular lock file "
-                    "devlayer creates; remove it and start again"
-                )
+            self._check_file(st)
             self.enforced = self._lock(fd)
             info = {
                 "host": socket.gethostname(),
@@ -144,6 +135,8 @@ class FolderLock:
                 "argv": sys.argv[:4],
             }
             data = (json.dumps(info) + "\n").encode("utf-8")
+            if self.private and hasattr(os, "fchmod"):
+                os.fchmod(fd, 0o600)  # it names host, pid and command line
             os.ftruncate(fd, 0)
             os.pwrite(fd, data, 0)
             os.fsync(fd)
@@ -152,6 +145,39 @@ class FolderLock:
             raise
         self._fd, self._key = fd, (st.st_dev, st.st_ino)
         _HELD[self._key] = f"pid {os.getpid()}"
+
+    def _open(self) -> int:
+        """Open (or create) the lock file without following a symlink or blocking."""
+        flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+        flags |= getattr(os, "O_NOFOLLOW", 0)
+        try:
+            return os.open(self.path, flags, 0o600 if self.private else 0o644)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP or self.path.is_symlink():
+                raise CheckpointError(
+                    f"{self.path} is a symbolic link, expected the regular lock file devlayer "
+                    "creates; devlayer never writes through a link planted in a checkpoint "
+                    "folder. Check who created it, remove it and start again"
+                ) from exc
+            raise CheckpointError(
+                f"cannot create the lock file {self.path}: {exc}; {os_error_advice(exc)}"
+            ) from exc
+
+    def _check_file(self, st: os.stat_result) -> None:
+        """Refuse a lock file that is no regular file of ours with one name (never write it)."""
+        problem = None
+        if not stat.S_ISREG(st.st_mode):
+            problem = f"is {file_kind(st.st_mode)}"
+        elif hasattr(os, "geteuid") and st.st_uid != os.geteuid():
+            problem = f"is owned by uid {st.st_uid}, not by this user (uid {os.geteuid()})"
+        elif st.st_nlink > 1:
+            problem = f"is a file with {st.st_nlink} names (hard links)"
+        if problem is not None:
+            raise CheckpointError(
+                f"{self.path} {problem}, expected the regular lock file devlayer creates, "
+                "owned by this user; devlayer never writes a file planted in a checkpoint "
+                "folder. Check who created it, remove it and start again"
+            )
 
     def _lock(self, fd: int) -> bool:
         """Lock ``fd``; False (with a warning) where the file system has no locks."""

@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
 from collections.abc import Iterator, Mapping
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 
 import devlayer
+from devlayer.config import short_repr
 from devlayer.errors import DevlayerError
 from devlayer.train import errors as _errors
 from devlayer.train.checkpoint import CheckpointStore, checkpoint_folder, describe_runs
@@ -33,9 +35,15 @@ from devlayer.train.errors import (
     CheckpointRunError,
     PreemptedError,
 )
+from devlayer.train.rng import is_rng_state
 from devlayer.train.signals import on_sigterm
 
-__all__ = ["TrainingCheckpoints", "model_state_mismatch", "sigterm_stops"]
+__all__ = [
+    "TrainingCheckpoints",
+    "check_trainer_payload",
+    "model_state_mismatch",
+    "sigterm_stops",
+]
 
 
 @contextlib.contextmanager
@@ -65,6 +73,113 @@ def _error_class(name: str) -> type[Exception]:
     if isinstance(cls, type) and issubclass(cls, CheckpointError):
         return cls
     return CheckpointError
+
+
+_STATE_DICT = "a dict (a state_dict)"
+
+
+def _is_int(value: object, minimum: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _history_ok(value: object) -> bool:
+    entries = value if isinstance(value, list) else None
+    return entries is not None and all(
+        isinstance(e, dict)
+        and all(isinstance(k, str) for k in e)
+        and (
+            not e.get("partial")
+            or (_is_int(e.get("batches")) and _is_int(e.get("batches_per_epoch")))
+        )
+        for e in entries
+    )
+
+
+def _rank_ok(value: object) -> bool:
+    return (
+        isinstance(value, Mapping)
+        and is_rng_state(value.get("rng"))
+        and _is_number(value.get("loss_sum"))
+        and _is_int(value.get("samples"))
+    )
+
+
+def _early_stopping_ok(value: object) -> bool:
+    return value is None or (
+        isinstance(value, Mapping)
+        and (value.get("best") is None or _is_number(value.get("best")))
+        and _is_int(value.get("bad_epochs"))
+        and _is_int(value.get("hits"))
+    )
+
+
+def _payload_rules(world_size: object, sharded: bool) -> dict[str, tuple[bool, Any, str]]:
+    """Field -> (required, check, what is expected) for a Trainer payload."""
+    optional_dict = (False, lambda v: v is None or isinstance(v, Mapping), _STATE_DICT + " or None")
+    model: tuple[bool, Any, str] = (
+        (False, lambda v: v is None, "None (the model is in the shards)")
+        if sharded
+        else (True, lambda v: isinstance(v, Mapping), _STATE_DICT)
+    )
+    return {
+        "epoch": (True, _is_int, "an int >= 0"),
+        "batches_done": (True, _is_int, "an int >= 0"),
+        "global_step": (True, _is_int, "an int >= 0"),
+        "ranks": (
+            True,
+            lambda v: isinstance(v, list) and len(v) == world_size and all(map(_rank_ok, v)),
+            f"a list of {world_size} dict(s) (one per rank) with 'rng' (an rng_state()), "
+            "'loss_sum' (a finite number) and 'samples' (an int >= 0)",
+        ),
+        "model": model,
+        "optimizer": (False, model[1], model[2]),
+        "scaler": optional_dict,
+        "scheduler": optional_dict,
+        "early_stopping": (
+            False,
+            _early_stopping_ok,
+            "None or a dict with 'best' (a finite number or None), 'bad_epochs' and 'hits' "
+            "(ints >= 0)",
+        ),
+        "history": (False, _history_ok, "a list of dicts with str keys (one per epoch)"),
+        "lr_factor": (False, lambda v: _is_number(v) and v > 0, "a finite number > 0"),
+    }
+
+
+def check_trainer_payload(
+    payload: Mapping[str, Any], manifest: Mapping[str, Any], path: Path
+) -> None:
+    """Refuse a Trainer payload whose fields the resume would choke on (types and ranges).
+
+    The manifest's checksums prove that a checkpoint is intact, not who wrote it: a payload
+    re-saved with a recomputed manifest verifies. Every field the resume reads is checked
+    here, before anything is applied.
+
+    Raises:
+        CheckpointCorruptError: A field is missing, of the wrong type or out of range; the
+            message names the field, the value and what was expected.
+    """
+    rules = _payload_rules(manifest.get("world_size"), manifest.get("shards") is not None)
+    for field, (required, check, expected) in rules.items():
+        if field not in payload:
+            if not required:
+                continue
+            problem = f"field {field!r} is missing"
+        elif check(payload[field]):
+            continue
+        else:
+            value = payload[field]
+            problem = f"field {field!r} is {short_repr(value)} ({type(value).__name__})"
+        raise CheckpointCorruptError(
+            f"{path}: the saved trainer state's {problem}, expected {expected}. It was not "
+            "written by the Trainer (a manifest's checksum proves integrity, not authorship); "
+            f"delete {path} (resume then uses an older one), or start a fresh run in a new "
+            "checkpoint_dir"
+        )
 
 
 def _fresh_run_refused(store: CheckpointStore) -> CheckpointRunError:
@@ -191,12 +306,15 @@ class TrainingCheckpoints:
         """Cross-check a Trainer payload against its manifest and the model to restore.
 
         Raises:
-            CheckpointCorruptError: The manifest's step differs from the saved trainer step.
+            CheckpointCorruptError: A field of the payload has the wrong type or range (see
+                :func:`check_trainer_payload`), or the manifest's step differs from the
+                saved trainer step.
             CheckpointError: Missing, unexpected or differently shaped model entries; the
                 message lists them (saved shape vs this model's).
         """
-        saved_step = payload.get("global_step")
-        if isinstance(saved_step, int) and saved_step != manifest["step"]:
+        check_trainer_payload(payload, manifest, path)
+        saved_step = payload["global_step"]
+        if saved_step != manifest["step"]:
             raise CheckpointCorruptError(
                 f"{path}: the manifest says step {manifest['step']} but the saved trainer "
                 f"state is at step {saved_step}; the manifest was edited or belongs to "

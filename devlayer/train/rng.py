@@ -20,7 +20,7 @@ import devlayer
 from devlayer.errors import InvalidArgumentError
 from devlayer.train.errors import CheckpointWarning
 
-__all__ = ["rng_state", "set_rng_state"]
+__all__ = ["is_rng_state", "rng_state", "set_rng_state"]
 
 
 def _numpy() -> ModuleType | None:
@@ -81,6 +81,54 @@ def rng_state() -> dict[str, Any]:
         if hasattr(module, "get_rng_state"):
             state["device"] = {"type": dev.type, "state": module.get_rng_state(dev).cpu()}
     return state
+
+
+def _ints(value: object) -> bool:
+    return isinstance(value, (list, tuple)) and all(
+        isinstance(x, int) and not isinstance(x, bool) for x in value
+    )
+
+
+def _byte_tensor(value: object) -> bool:
+    return isinstance(value, torch.Tensor) and value.dtype == torch.uint8 and value.dim() == 1
+
+
+def _python_ok(value: object) -> bool:
+    if not isinstance(value, (list, tuple)) or len(value) != 3:
+        return False
+    version, internal, gauss = value
+    return isinstance(version, int) and _ints(internal) and (gauss is None or type(gauss) is float)
+
+
+def _numpy_ok(value: object) -> bool:
+    return (
+        isinstance(value, Mapping)
+        and isinstance(value.get("bit_generator"), str)
+        and _ints(value.get("keys"))
+        and all(isinstance(value.get(k), int) for k in ("pos", "has_gauss"))
+        and isinstance(value.get("cached_gaussian"), (int, float))
+    )
+
+
+def is_rng_state(state: object) -> bool:
+    """Whether ``state`` has the shape :func:`rng_state` gives (types only; a forged or
+    damaged checkpoint is refused before :func:`set_rng_state` applies any part of it).
+
+    Example:
+        >>> is_rng_state(rng_state()), is_rng_state({"torch": "not a tensor"})
+        (True, False)
+    """
+    if not isinstance(state, Mapping) or not set(state) <= {"python", "torch", "numpy", "device"}:
+        return False
+    device = state.get("device", {"type": "", "state": torch.zeros(0, dtype=torch.uint8)})
+    return (
+        ("python" not in state or _python_ok(state["python"]))
+        and ("torch" not in state or _byte_tensor(state["torch"]))
+        and ("numpy" not in state or _numpy_ok(state["numpy"]))
+        and isinstance(device, Mapping)
+        and isinstance(device.get("type"), str)
+        and _byte_tensor(device.get("state"))
+    )
 
 
 def set_rng_state(state: Mapping[str, Any]) -> None:

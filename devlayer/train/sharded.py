@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import pickle
 import warnings
 from collections.abc import Collection, Iterator
@@ -106,9 +107,16 @@ def _reader_class() -> type:
             super().__init__(path)
             self._folder = Path(path)
             self._files = frozenset(files)
+            self.error: CheckpointError | None = None  # the first refusal: DCP wraps it
 
         def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
-            rank = kwargs.get("rank")
+            try:
+                return self._read_metadata(kwargs.get("rank"))
+            except CheckpointError as exc:
+                self.error = self.error or exc
+                raise
+
+        def _read_metadata(self, rank: int | None) -> Any:
             name = ".metadata" if rank is None else f"__{rank}.metadata"
             self._check(name)
             fix = f"delete {self._folder.parent} (resume then uses the previous checkpoint)"
@@ -119,12 +127,28 @@ def _reader_class() -> type:
                 raise CheckpointCorruptError(
                     f"{self._folder / name} is not DCP metadata devlayer can read ({exc}); {fix}"
                 ) from exc
-            for info in (getattr(metadata, "storage_data", None) or {}).values():
+            for index, info in (getattr(metadata, "storage_data", None) or {}).items():
                 self._check(str(getattr(info, "relative_path", "")))
+                self._check_range(name, index, info, fix)
             if getattr(metadata, "storage_meta", None) is None:
                 metadata.storage_meta = StorageMeta()
             metadata.storage_meta.load_id = self.load_id
             return metadata
+
+        def _check_range(self, name: str, index: Any, info: Any, fix: str) -> None:
+            """A storage entry's bytes lie inside its (verified) shard file."""
+            offset: Any = getattr(info, "offset", None)
+            length: Any = getattr(info, "length", None)
+            size = os.stat(self._folder / str(info.relative_path)).st_size
+            valid = all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (offset, length)
+            )
+            if not valid or offset + length > size:
+                raise CheckpointCorruptError(
+                    f"{self._folder / name} is corrupt: the entry for "
+                    f"{getattr(index, 'fqn', index)!r} has offset={offset!r}, length={length!r}, "
+                    f"but {info.relative_path} holds {size} bytes; {fix}"
+                )
 
         def _check(self, name: str) -> None:
             if name not in self._files:
@@ -206,11 +230,13 @@ def read_shards(
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     state = _state(model, optimizer)
+    reader = VerifiedReader(folder, files)
     try:
         with _one_process(world_size):
-            reader = VerifiedReader(folder, files)
             dcp.load(state, storage_reader=reader, no_dist=world_size == 1)
     except CheckpointException as exc:
+        if reader.error is not None:  # our own verdict (corrupt, not listed), word for word
+            raise type(reader.error)(str(reader.error)) from exc
         raise CheckpointError(
             f"cannot restore the shards in {folder}: {_first_failure(exc)}. It was saved "
             "with another model or optimizer; build the same ones as the run that saved it, "

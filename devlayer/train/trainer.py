@@ -437,10 +437,8 @@ class Trainer:
             InvalidArgumentError: ``fit()`` has not set the model up yet.
             CheckpointError: Rank 0 could not write the file.
         """
-        import torch
-
+        from devlayer.train.checkpoint import write_state_file
         from devlayer.train.errors import CheckpointError
-        from devlayer.train.files import os_error_advice, write_atomically
         from devlayer.train.fsdp import full_state_dict
 
         if self.ddp_model is None:
@@ -452,9 +450,9 @@ class Trainer:
         target, error = Path(path), None
         if devlayer.is_main():
             try:
-                write_atomically(target, lambda f: torch.save(state, f))
-            except OSError as exc:
-                error = f"{exc}; {os_error_advice(exc)}"
+                write_state_file(target, state)
+            except CheckpointError as exc:
+                error = str(exc)
         if collective:
             error = devlayer.broadcast_object(error, src=0)
         if error is not None:

@@ -8,6 +8,7 @@ resume, and a model that does not fit the checkpoint named as such.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -37,15 +38,32 @@ def _job_cmd(ckpt: Path, *extra: str) -> list[str]:
     return [PY, "-m", "tests.dist.ckpt_job", str(ckpt), *extra]
 
 
-def _run_job(ckpt: Path, *extra: str, timeout: float = 400) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        _job_cmd(ckpt, *extra),
+def _popen(cmd: list[str], stderr: int = subprocess.STDOUT) -> subprocess.Popen[str]:
+    """Start a job in its own session: _stop() can then kill it and every rank it spawned."""
+    return subprocess.Popen(
+        cmd,
         env=subprocess_env(),
         cwd=ROOT,
-        capture_output=True,
         text=True,
-        timeout=timeout,
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        start_new_session=True,
     )
+
+
+def _run(cmd: list[str], timeout: float = 400) -> subprocess.CompletedProcess[str]:
+    """Run a job to its end; whatever happens (timeout, a failed assertion), none of its
+    processes outlives the call (its ranks turn SIGTERM into a stop flag, so kill them)."""
+    proc = _popen(cmd, stderr=subprocess.PIPE)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        _stop(proc)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _run_job(ckpt: Path, *extra: str, timeout: float = 400) -> subprocess.CompletedProcess[str]:
+    return _run(_job_cmd(ckpt, *extra), timeout=timeout)
 
 
 def _wait_for_line(proc: subprocess.Popen[str], prefix: str) -> str:
@@ -60,22 +78,46 @@ def _wait_for_line(proc: subprocess.Popen[str], prefix: str) -> str:
 
 
 def _stop(proc: subprocess.Popen[str]) -> None:
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait(timeout=60)
+    """SIGKILL the job's whole process group (its spawned ranks too), then reap the job."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)  # the group outlives its leader: kill it anyway
+    proc.wait(timeout=60)
+
+
+def _dead(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] == "Z"  # a zombie: not running
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+@pytest.mark.timeout(120)
+def test_stop_kills_the_ranks_that_outlive_their_job(tmp_path):
+    """_stop() kills a job's children too, also one that ignores SIGTERM and whose parent has
+    already exited: the cleanup of every test here leaves no rank of a failed job behind."""
+    child = "import signal; signal.signal(signal.SIGTERM, signal.SIG_IGN); signal.pause()"
+    job = (
+        "import subprocess, sys; "
+        f"p = subprocess.Popen([sys.executable, '-c', {child!r}]); "
+        "print('CHILD', p.pid, flush=True)"
+    )
+    proc = _popen([PY, "-c", job])
+    pid = int(_wait_for_line(proc, "CHILD").split()[1])
+    proc.wait(timeout=60)  # the job is gone, its child (a "rank") lives on
+    assert not _dead(pid)
+    _stop(proc)
+    while not _dead(pid):  # SIGKILL is delivered asynchronously; pytest's timeout guards
+        time.sleep(0.05)
 
 
 def test_r2_2_second_job_in_the_folder_is_refused_naming_the_holder(tmp_path):
     """Two jobs in one folder: the second fails at once (every rank) naming the first, which
     survives with all its checkpoints."""
     ckpt, release = tmp_path / "ckpt", tmp_path / "release"
-    first = subprocess.Popen(
-        _job_cmd(ckpt, "--nprocs", "2", "--hold-at-step", "3", "--hold-until", str(release)),
-        env=subprocess_env(),
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+    first = _popen(
+        _job_cmd(ckpt, "--nprocs", "2", "--hold-at-step", "3", "--hold-until", str(release))
     )
     try:
         holder_pid = int(_wait_for_line(first, "HOLDING").split("pid=")[1])
@@ -162,9 +204,7 @@ def test_r2_3_unwritable_folder_fails_every_rank_before_the_first_step(tmp_path)
         (tmp_path / "file").write_text("not a folder")
         cmd = _job_cmd(tmp_path / "file" / "ckpt", "--nprocs", "2")
         expected = "Not a directory"
-    proc = subprocess.run(
-        cmd, env=subprocess_env(), cwd=ROOT, capture_output=True, text=True, timeout=400
-    )
+    proc = _run(cmd)
     results = rank_results(proc.stdout)
     assert len(results) == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
     r0, r1 = results
@@ -181,14 +221,7 @@ def test_r2_5_sigterm_during_resume_ends_the_job(tmp_path):
     ckpt, fifo = tmp_path / "ckpt", tmp_path / "hung"
     CheckpointStore(ckpt).save({"w": torch.ones(1)}, step=2, epoch=0, world_size=1)
     os.mkfifo(fifo)
-    proc = subprocess.Popen(
-        _job_cmd(ckpt, "--block-resume-on", str(fifo)),
-        env=subprocess_env(),
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc = _popen(_job_cmd(ckpt, "--block-resume-on", str(fifo)))
     try:
         _wait_for_line(proc, "RESUMING")
         time.sleep(0.5)  # let it enter the blocking open (not a timing assertion)
@@ -245,3 +278,23 @@ def test_r2_10_manifest_step_is_cross_checked_with_the_trainer_state(tmp_path, c
         (forged / "manifest.json").write_text(json.dumps(manifest))
         with pytest.raises(CheckpointError, match="saved trainer state is at step 6"):
             train(max_epochs=2, checkpoint_dir=str(ckpt), checkpoint_every=2, val=False)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="symlinks")
+def test_r5_f1_planted_lock_symlink_fails_every_rank_and_spares_its_target(tmp_path):
+    """A `.lock-step` symlink planted in the checkpoint folder of a 2-rank job: every rank
+    raises rank 0's CheckpointError ("symbolic link") before the first step, the job does not
+    succeed, and the file the link points to keeps its content."""
+    ckpt, victim = tmp_path / "ckpt", tmp_path / "victim"
+    ckpt.mkdir()
+    victim.write_text("precious\n")
+    (ckpt / ".lock-step").symlink_to(victim)
+    proc = _run_job(ckpt, "--nprocs", "2")
+    results = rank_results(proc.stdout)
+    assert len(results) == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for result in results:
+        assert result["error_type"] == "CheckpointError", result
+        assert "symbolic link" in result["error"] and result["steps"] == 0
+    assert results[0]["error"] == results[1]["error"]
+    assert victim.read_text() == "precious\n"
+    assert CheckpointStore(ckpt).list() == []
