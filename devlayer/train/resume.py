@@ -114,6 +114,9 @@ def _early_stopping_ok(value: object) -> bool:
         and (value.get("best") is None or _is_number(value.get("best")))
         and _is_int(value.get("bad_epochs"))
         and _is_int(value.get("hits"))
+        # Saved since issue 20 (older checkpoints lack them): which metric, which direction.
+        and isinstance(value.get("monitor", ""), str)
+        and value.get("mode", "min") in ("min", "max")
     )
 
 
@@ -143,7 +146,7 @@ def _payload_rules(world_size: object, sharded: bool) -> dict[str, tuple[bool, A
             False,
             _early_stopping_ok,
             "None or a dict with 'best' (a finite number or None), 'bad_epochs' and 'hits' "
-            "(ints >= 0)",
+            "(ints >= 0), and optionally 'monitor' (a str) and 'mode' ('min' or 'max')",
         ),
         "history": (False, _history_ok, "a list of dicts with str keys (one per epoch)"),
         "lr_factor": (False, lambda v: _is_number(v) and v > 0, "a finite number > 0"),

@@ -362,7 +362,13 @@ def _trainer_payload() -> tuple[dict[str, Any], torch.nn.Module]:
         "batches_done": 0,
         "global_step": 4,
         "history": [{"epoch": 0, "train_loss": 0.5}],
-        "early_stopping": {"best": 0.5, "bad_epochs": 0, "hits": 0},
+        "early_stopping": {
+            "best": 0.5,
+            "bad_epochs": 0,
+            "hits": 0,
+            "monitor": "val_loss",
+            "mode": "min",
+        },
         "ranks": [{"rng": rng_state(), "loss_sum": 0.0, "samples": 0}],
         "lr_factor": 1.0,
     }
@@ -388,6 +394,8 @@ FORGED = [
     ("scheduler", "x", "a dict (a state_dict) or None"),
     ("scaler", 7, "a dict (a state_dict) or None"),
     ("early_stopping", {"best": "x", "bad_epochs": 0, "hits": 0}, "best"),
+    ("early_stopping", {"best": 1.0, "bad_epochs": 0, "hits": 0, "mode": "up"}, "'mode'"),
+    ("early_stopping", {"best": 1.0, "bad_epochs": 0, "hits": 0, "monitor": 3}, "'monitor'"),
     ("model", None, "a dict (a state_dict)"),
 ]
 
