@@ -25,7 +25,11 @@ pytestmark = [pytest.mark.launcher, pytest.mark.timeout(300)]
 
 JOB = str(ROOT / "tests" / "launchers" / "job.py")
 PY = sys.executable
-SLURM_PORT_BASE, SLURM_PORT_SPAN = 15000, 20000  # the documented srun port rule
+
+
+def _documented_port(job: int, step: int) -> int:
+    """The documented srun port rule, written out: 15000 + (job % 1250) * 16 + step % 16."""
+    return 15000 + (job % 1250) * 16 + step % 16
 
 
 def _missing(reason: str) -> None:
@@ -172,8 +176,7 @@ def test_accelerate_launch_cpu_with_mpirun_agrees_with_devlayer(tmp_path):
 
 
 def _slurm_port(record: dict[str, Any]) -> int:
-    job, step = int(record["slurm_job_id"]), int(record["slurm_step_id"])
-    return SLURM_PORT_BASE + (job + step) % SLURM_PORT_SPAN
+    return _documented_port(int(record["slurm_job_id"]), int(record["slurm_step_id"]))
 
 
 def _sbatch(script: Path, *, wait: bool = True, timeout: float = 240) -> tuple[int, str]:

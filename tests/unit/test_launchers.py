@@ -38,16 +38,17 @@ FIELDS = (
     "master_port",
 )
 
-# Ports that the MPI detectors derive from a job id: 15000 + crc32(id) % 20000.
-# Literal values, computed once by hand with zlib, so a change of the rule shows up here.
-PORT_OMPI_JOB = 17403  # OMPI_MCA_ess_base_jobid=3735879681 (openmpi_env)
-PORT_IMPI_JOB = 16756  # I_MPI_JOB_ID=777 (intelmpi_env)
-PORT_PRTE_NS = 17036  # PMIX_NAMESPACE=prterun-x@1
-PORT_MPIRUN_ID = 29546  # MPIRUN_ID=5150
-PORT_PALS_APID = 33144  # PALS_APID=abc-123
-PORT_PBS_JOB = 17774  # PBS_JOBID=123.aurora-pbs
-# SLURM: 15000 + (SLURM_JOB_ID + SLURM_STEP_ID) % 20000; slurm_env uses job 4242, step 0.
-PORT_SLURM_4242 = 19242
+# Derived ports: 15000 + (job % 1250) * 16 + step % 16, where an MPI launcher's job-id text
+# gives its last two numbers as job and step (one number: the job). Literal values, computed
+# once by hand, so a change of the rule shows up here.
+PORT_OMPI_JOB = 29896  # OMPI_MCA_ess_base_jobid=3735879681 (openmpi_env): 931 * 16
+PORT_IMPI_JOB = 27432  # I_MPI_JOB_ID=777 (intelmpi_env)
+PORT_PRTE_NS = 15016  # PMIX_NAMESPACE=prterun-x@1
+PORT_MPIRUN_ID = 17400  # MPIRUN_ID=5150: 150 * 16
+PORT_PALS_APID = 16968  # PALS_APID=abc-123
+PORT_PBS_JOB = 16968  # PBS_JOBID=123.aurora-pbs
+# SLURM: SLURM_JOB_ID and SLURM_STEP_ID; slurm_env uses job 4242 (492 * 16), step 0.
+PORT_SLURM_4242 = 22872
 
 ACCELERATE = {
     "ACCELERATE_MIXED_PRECISION": "bf16",
@@ -317,12 +318,12 @@ CASES = [
     ),
     pytest.param(
         slurm_env(0, 2, nodelist="n1", job_id=123456, step_id=3),
-        ("slurm", 0, 2, 0, 2, 0, 1, LO, 18459),
+        ("slurm", 0, 2, 0, 2, 0, 1, LO, 30299),
         id="slurm-port-from-job-and-step",
     ),
     pytest.param(
         slurm_env(1, 2, nodelist="n1", job_id=987654321),
-        ("slurm", 1, 2, 1, 2, 0, 1, LO, 29321),
+        ("slurm", 1, 2, 1, 2, 0, 1, LO, 24136),
         id="slurm-port-large-job-id",
     ),
     pytest.param(
@@ -336,7 +337,7 @@ CASES = [
             "SLURM_TASKS_PER_NODE": "2",
             "SLURM_NODELIST": "c1",
         },
-        ("slurm", 1, 2, 1, 2, 0, 1, LO, 15077),
+        ("slurm", 1, 2, 1, 2, 0, 1, LO, 16232),
         id="slurm-old-style-variables",
     ),
     pytest.param(
@@ -570,7 +571,7 @@ CASES = [
             "DEVLAYER_DISABLE_LAUNCHERS": "slurm",
             "MASTER_ADDR": "gpu-node07",
         },
-        ("mpich", 5, 8, 5, 8, 0, 1, "gpu-node07", 19726),
+        ("mpich", 5, 8, 5, 8, 0, 1, "gpu-node07", PORT_SLURM_4242),
         id="srun-pmi2-with-slurm-disabled-falls-back-to-mpich",
     ),
 ]
@@ -754,7 +755,7 @@ def test_sources_slurm_old_style_fallbacks() -> None:
         "SLURM_TASKS_PER_NODE": "2",
     }
     info = detect(env)
-    assert (info.rank, info.world_size, info.master_port) == (1, 2, 15077)
+    assert (info.rank, info.world_size, info.master_port) == (1, 2, 16232)
     assert info.sources["world_size"] == "SLURM_NPROCS"
     assert info.sources["local_world_size"] == "SLURM_TASKS_PER_NODE[0]"
     assert info.sources["master_port"] == "derived from SLURM_JOB_ID=77, SLURM_STEP_ID=0"
@@ -802,13 +803,13 @@ def test_slurm_port_same_for_every_rank_of_a_step() -> None:
         detect(slurm_env(r, 8, nodelist="gpu-node[07-08]", job_id=555123)).master_port
         for r in range(8)
     }
-    assert ports == {15000 + 555123 % 20000}
+    assert ports == {15000 + 123 * 16}
 
 
 def test_slurm_port_differs_between_steps_of_a_job() -> None:
     a = detect(slurm_env(0, 2, nodelist="n1", step_id=0)).master_port
     b = detect(slurm_env(0, 2, nodelist="n1", step_id=1)).master_port
-    assert (a, b) == (19242, 19243)
+    assert (a, b) == (PORT_SLURM_4242, PORT_SLURM_4242 + 1)
 
 
 @pytest.mark.parametrize("job_id", [0, 1, 19999, 20000, 4242, 10**9 + 7, 4294967295])
@@ -816,7 +817,52 @@ def test_slurm_port_in_range(job_id: int) -> None:
     port = detect(slurm_env(0, 2, nodelist="n1", job_id=job_id)).master_port
     assert port is not None
     assert 15000 <= port <= 34999
-    assert port == 15000 + job_id % 20000
+    assert port == 15000 + (job_id % 1250) * 16
+
+
+def _slurm_port(job: int, step: int) -> int | None:
+    return detect(slurm_env(0, 2, nodelist="n1", job_id=job, step_id=step)).master_port
+
+
+@pytest.mark.parametrize("job", [1, 4242, 19999, 20000, 555123, 4294967294])
+def test_r5_l1_neighbouring_slurm_jobs_and_steps_get_different_ports(job: int) -> None:
+    """R5-L1: job J's steps and job J+1's steps (0..15 each) never share a derived port.
+
+    The old rule 15000 + (job + step) gave job J's step 1 and job J+1's step 0 one port, so
+    two sbatch jobs on a node met in one world.
+    """
+    pairs = [(j, s) for j in (job, job + 1) for s in range(16)]
+    ports = {pair: _slurm_port(*pair) for pair in pairs}
+    assert len(set(ports.values())) == len(pairs), ports
+    assert _slurm_port(job, 1) != _slurm_port(job + 1, 0)
+
+
+def test_r5_l1_derived_ports_differ_for_a_thousand_consecutive_jobs() -> None:
+    """R5-L1: 1250 consecutive SLURM job ids (step 0) all derive distinct ports in range."""
+    ports = [_slurm_port(j, 0) for j in range(7000, 8250)]
+    assert len(set(ports)) == 1250
+    assert all(p is not None and 15000 <= p <= 34999 for p in ports)
+
+
+@pytest.mark.parametrize(
+    ("variable", "ids"),
+    [
+        ("I_MPI_JOB_ID", ("777", "778")),
+        ("PMI_JOBID", ("4242.0", "4242.1", "4243.0")),
+        ("PMIX_NAMESPACE", ("prterun-n1-4100@1", "prterun-n1-4101@1", "prterun-n1-4100@2")),
+        ("OMPI_MCA_ess_base_jobid", ("3735879681", "3735879682")),
+    ],
+)
+def test_r5_l1_neighbouring_mpi_job_ids_get_different_ports(
+    variable: str, ids: tuple[str, ...]
+) -> None:
+    """R5-L1: MPI job ids that count up (jobs, steps, pids) derive different ports too."""
+    base = openmpi_env(0, 2) if variable.startswith("OMPI") else intelmpi_env(0, 2)
+    base = {k: v for k, v in base.items() if k not in ("I_MPI_JOB_ID", "OMPI_MCA_ess_base_jobid")}
+    if variable == "PMIX_NAMESPACE":
+        base = {"PMIX_RANK": "0", "PMIX_SIZE": "2", "PMIX_LOCAL_RANK": "0", "PMIX_LOCAL_SIZE": "2"}
+    ports = [detect({**base, variable: value}).master_port for value in ids]
+    assert len(set(ports)) == len(ids), dict(zip(ids, ports, strict=True))
 
 
 def test_slurm_port_non_numeric_job_id_still_in_range() -> None:
@@ -1081,7 +1127,7 @@ def test_torch_env_multi_node() -> None:
         "LOCAL_RANK": "1",
         "LOCAL_WORLD_SIZE": "4",
         "MASTER_ADDR": "gpu-node07",
-        "MASTER_PORT": "19242",
+        "MASTER_PORT": str(PORT_SLURM_4242),
     }
 
 
