@@ -13,7 +13,8 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
@@ -87,7 +88,12 @@ def rendezvous(info: ProcessInfo, timeout: timedelta) -> Any:
         if is_server
         else _store_host_hint(store_host, where)
     )
-    _check_in(store, info, where, deadline, timeout, hint)
+    # The job key lives outside the attempt prefix: a rank of another job (or of another
+    # restart count) must meet it before it can claim a rank or count as joined.
+    writes_job = is_server or (agent_store and info.rank == 0)
+    with _lost_store_is_named(info, where, hint):
+        _check_job(base, info, where, deadline, writes_job)
+        _check_in(store, info, where, deadline, timeout)
     return store
 
 
@@ -105,22 +111,11 @@ def _listen(addr: str, port: int | None, where: str, src: Mapping[str, str]) -> 
         raise _port_in_use(where, port, src) from exc
 
 
-def _check_in(
-    store: Any, info: ProcessInfo, where: str, deadline: float, timeout: timedelta, hint: str
-) -> None:
-    """Claim this rank in the store and wait for the others; a duplicate rank is an error."""
-    src = info.sources
+@contextmanager
+def _lost_store_is_named(info: ProcessInfo, where: str, hint: str) -> Iterator[None]:
+    """A store that goes away inside the block becomes a RendezvousError ending in ``hint``."""
     try:
-        claims = store.add(f"rank{info.rank}", 1)
-        if claims > 1:
-            raise RendezvousError(
-                f"two processes claim rank {info.rank} at {where} (rank from "
-                f"{src.get('rank', 'RANK')}); every process needs a distinct rank, or another "
-                f"job uses the same MASTER_PORT"
-            )
-        store.set(f"host{info.rank}", socket.gethostname())
-        store.add("joined", 1)
-        _wait_for_all(store, info, where, deadline, timeout)
+        yield
     except RendezvousError:
         raise
     except Exception as exc:  # the store's host went away (torch's DistNetworkError & co.)
@@ -129,6 +124,64 @@ def _check_in(
             f"rank {info.rank} lost the rendezvous store at {where} while the ranks were "
             f"meeting ({text}). {hint}"
         ) from exc
+
+
+#: Key (outside the attempt prefix) where the store host records its job's identity.
+JOB_KEY = "devlayer/job"
+
+
+def _check_job(store: Any, info: ProcessInfo, where: str, deadline: float, writes: bool) -> None:
+    """Refuse a store that belongs to another job, before touching any of its keys.
+
+    The store host records :attr:`ProcessInfo.job_identity`; every other rank waits for that
+    record and compares. Only the host writes, so a rank of another job that reaches the
+    port first cannot claim the store, and one that comes later leaves the job untouched.
+    """
+    mine = info.job_identity
+    if writes:
+        theirs = store.compare_set(JOB_KEY, "", mine).decode()
+    else:
+        delay = 0.002
+        while not store.check([JOB_KEY]):
+            if time.monotonic() >= deadline:
+                raise RendezvousError(
+                    f"rank {info.rank} reached the rendezvous store at {where}, but its host "
+                    f"never said which job it serves; another program (not devlayer) may "
+                    f"host a store on that port. Give this job its own MASTER_PORT"
+                )
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+        theirs = store.get(JOB_KEY).decode()
+    if theirs != mine:
+        raise _other_job(info, where, theirs)
+
+
+def _other_job(info: ProcessInfo, where: str, theirs: str) -> RendezvousError:
+    src = info.sources
+    return RendezvousError(
+        f"rank {info.rank} of {info.job_identity} reached the rendezvous store at {where}, but "
+        f"that store serves another job: {theirs}. Two jobs meet on one port (MASTER_ADDR "
+        f"from {src.get('master_addr', 'MASTER_ADDR')}, MASTER_PORT from "
+        f"{src.get('master_port', 'MASTER_PORT')}); this rank did not join it and the other "
+        f"job goes on. Give each job its own port (export MASTER_PORT=<free port>)"
+    )
+
+
+def _check_in(
+    store: Any, info: ProcessInfo, where: str, deadline: float, timeout: timedelta
+) -> None:
+    """Claim this rank in the store and wait for the others; a duplicate rank is an error."""
+    src = info.sources
+    claims = store.add(f"rank{info.rank}", 1)
+    if claims > 1:
+        raise RendezvousError(
+            f"two processes claim rank {info.rank} at {where} (rank from "
+            f"{src.get('rank', 'RANK')}); every process needs a distinct rank, or another "
+            f"job uses the same MASTER_PORT"
+        )
+    store.set(f"host{info.rank}", socket.gethostname())
+    store.add("joined", 1)
+    _wait_for_all(store, info, where, deadline, timeout)
 
 
 def _bounded(make: Callable[[], Any], deadline: float) -> Any:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import time
 
 import pytest
 
 import devlayer
 from devlayer.testing import free_port
+from devlayer.testing import slurm_env
 from tests.helpers import PY, ROOT, listening_addresses, rank_results, subprocess_env
 
 pytestmark = [pytest.mark.dist, pytest.mark.timeout(90)]
@@ -92,26 +94,28 @@ devlayer.shutdown()
 
 
 def _start_ranks(addr: str, port: int, world: int, timeout: float) -> list[subprocess.Popen]:
-    procs = []
-    for rank in range(world):
-        env = subprocess_env(
-            RANK=str(rank),
-            WORLD_SIZE=str(world),
-            MASTER_ADDR=addr,
-            MASTER_PORT=str(port),
-            DEVLAYER_LAUNCHER="env",
-        )
-        procs.append(
-            subprocess.Popen(
-                [PY, "-c", _WORKER, str(timeout)],
-                env=env,
-                cwd=ROOT,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        )
-    return procs
+    envs = [
+        {
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "MASTER_ADDR": addr,
+            "MASTER_PORT": str(port),
+            "DEVLAYER_LAUNCHER": "env",
+        }
+        for rank in range(world)
+    ]
+    return [_start_worker(env, timeout) for env in envs]
+
+
+def _start_worker(env: dict[str, str], timeout: float) -> subprocess.Popen:
+    return subprocess.Popen(
+        [PY, "-c", _WORKER, str(timeout)],
+        env=subprocess_env(**env),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _outputs(procs: list[subprocess.Popen], limit: float) -> list[tuple[int, str]]:
@@ -177,3 +181,49 @@ def test_other_ranks_say_that_rank_0_failed_when_the_port_is_busy():
     assert "RendezvousError" in line
     assert f"rank 0 (the store host) probably failed to start the store at 127.0.0.1:{port}" in line
     assert "rank 0's output" in line
+
+
+# --------------------------------------------------------------------------- issue 20
+
+
+def _wait_listening(port: int, proc: subprocess.Popen) -> None:
+    """Until something listens on ``port`` (or ``proc`` exited); bounded by the test timeout."""
+    while not listening_addresses(port) and proc.poll() is None:
+        time.sleep(0.05)
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="needs Linux /proc/net")
+def test_r5_l2_a_rank_of_another_job_on_the_same_port_is_refused():
+    """R5-L2: a rank of another job that reaches a world's store gets an error naming both
+    jobs and joins nothing; the first job then forms its world and finishes undisturbed.
+
+    Before: job B's rank 1 (SLURM job J+1, step 0) claimed rank 1 in job A's world (job J,
+    step 1, same port), trained with A's rank 0, and A's own rank 1 was refused.
+    """
+    port = free_port()
+
+    def task(rank: int, job: int, step: int) -> dict[str, str]:
+        env = slurm_env(rank, 2, nodelist="localhost", job_id=job, step_id=step)
+        return {**env, "MASTER_PORT": str(port)}
+
+    a0 = _start_worker(task(0, 7001, 1), timeout=60)
+    try:
+        _wait_listening(port, a0)
+        intruder = _start_worker(task(1, 7002, 0), timeout=60)
+        ((code_b, out_b),) = _outputs([intruder], 90)
+        a1 = _start_worker(task(1, 7001, 1), timeout=60)
+        (code0, out0), (code1, out1) = _outputs([a0, a1], 90)
+    finally:
+        if a0.poll() is None:
+            a0.kill()
+    assert code_b == 3, out_b
+    line = next(l for l in out_b.splitlines() if l.startswith("ERROR"))
+    assert "RendezvousError" in line, line
+    assert "slurm job SLURM_JOB_ID=7002 step SLURM_STEP_ID=0" in line, line
+    assert "slurm job SLURM_JOB_ID=7001 step SLURM_STEP_ID=1" in line, line
+    assert f"127.0.0.1:{port}" in line and "export MASTER_PORT" in line, line
+    assert code0 == 0 and code1 == 0, out0 + out1
+    records = rank_results(out0 + out1)
+    assert [r["rank"] for r in records] == [0, 1]
+    assert all(r["sum"] == 2.0 for r in records)
