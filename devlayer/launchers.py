@@ -772,6 +772,7 @@ def detect(
             raise hand_error
         if hand is not None:
             return _validate(hand)
+        _refuse_world_without_rank(env)
         notes: tuple[str, ...] = ()
         if "SLURM_JOB_ID" in env and "slurm" not in disabled:
             notes = (
@@ -787,6 +788,38 @@ def detect(
             chosen, sources={**chosen.sources}, notes=(*chosen.notes, "RANK/WORLD_SIZE agree")
         )
     return _validate(chosen)
+
+
+#: Variables a torchrun-style world is described by, in the order an error lists them.
+_WORLD_VARS = (
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "GROUP_WORLD_SIZE",
+    "NODE_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TORCHELASTIC_RUN_ID",
+)
+
+
+def _refuse_world_without_rank(env: Mapping[str, str]) -> None:
+    """``WORLD_SIZE`` > 1 without ``RANK`` and no launcher: an error, not one process.
+
+    Running as world size 1 would train alone and write checkpoints as if it were the
+    whole job. ``WORLD_SIZE=1`` alone still means one process.
+    """
+    size = env.get("WORLD_SIZE", "").strip()
+    if not size or size == "1" or env.get("RANK", "").strip():
+        return  # RANK set too: its detector was disabled, which is the user's choice
+    seen = ", ".join(f"{v}={env[v].strip()}" for v in _WORLD_VARS if env.get(v, "").strip())
+    raise LaunchEnvError(
+        f"WORLD_SIZE={size} but RANK is not set (seen: {seen}), and no launcher "
+        f"(torchrun, srun, mpirun) says which rank this process is; export RANK=<0.."
+        f"WORLD_SIZE-1> for every process, start the job with its launcher, or unset "
+        f"WORLD_SIZE (or set DEVLAYER_LAUNCHER=none) to run as one process"
+    )
 
 
 def _known() -> str:

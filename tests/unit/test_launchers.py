@@ -1230,3 +1230,63 @@ def test_process_info_names_the_job(env: dict[str, str], job_id: str | None) -> 
     info = detect(env)
     assert info.job_id == job_id
     assert info == dataclasses.replace(info, job_id="other")  # a label, not part of equality
+
+
+# --------------------------------------------------------------------------- issue 20 (9)
+
+
+@pytest.mark.parametrize(
+    ("env", "seen"),
+    [
+        pytest.param({"WORLD_SIZE": "2"}, "WORLD_SIZE=2", id="world-size-alone"),
+        pytest.param(
+            {"WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_PORT": "29500"},
+            "WORLD_SIZE=4, LOCAL_RANK=1, MASTER_PORT=29500",
+            id="with-local-rank-and-port",
+        ),
+        pytest.param(
+            {"WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "abc", "LOCAL_RANK": "0"},
+            "WORLD_SIZE=2, LOCAL_RANK=0, TORCHELASTIC_RUN_ID=abc",
+            id="torchrun-markers-without-rank",
+        ),
+        pytest.param(
+            {**_slurm_batch(), "WORLD_SIZE": "2"}, "WORLD_SIZE=2", id="in-an-sbatch-shell"
+        ),
+    ],
+)
+def test_r5_l3_world_size_without_rank_is_an_error(env: dict[str, str], seen: str) -> None:
+    """R5-L3: WORLD_SIZE > 1 without RANK is an error naming the variables seen and RANK.
+
+    Before, it ran as a single process (world size 1) without a word.
+    """
+    with pytest.raises(LaunchEnvError) as err:
+        detect(env)
+    message = str(err.value)
+    assert f"seen: {seen}" in message, message
+    assert "RANK is not set" in message and "export RANK" in message, message
+    with pytest.raises(LaunchEnvError):
+        devlayer.launchers.launched(env)
+
+
+@pytest.mark.parametrize(
+    ("env", "launcher", "world"),
+    [
+        pytest.param({}, "none", 1, id="plain"),
+        pytest.param({"WORLD_SIZE": "1"}, "none", 1, id="world-size-1-alone"),
+        pytest.param({"WORLD_SIZE": "2", "DEVLAYER_LAUNCHER": "none"}, "none", 1, id="forced"),
+        pytest.param(torchrun_env(1, 2), "torchrun", 2, id="torchrun"),
+        pytest.param({**torchrun_env(1, 2), **ACCELERATE}, "accelerate", 2, id="accelerate"),
+        pytest.param(
+            {"RANK": "1", "WORLD_SIZE": "2", "MASTER_PORT": "29511"}, "env", 2, id="hand-set"
+        ),
+        pytest.param(
+            {**slurm_env(1, 2, nodelist="n1"), "WORLD_SIZE": "2"}, "slurm", 2, id="srun+size"
+        ),
+    ],
+)
+def test_r5_l3_launches_with_rank_or_one_process_still_work(
+    env: dict[str, str], launcher: str, world: int
+) -> None:
+    """R5-L3: torchrun, accelerate, hand-set, srun and plain environments are unchanged."""
+    info = detect(env)
+    assert (info.launcher, info.world_size) == (launcher, world)
