@@ -1,8 +1,10 @@
-"""Rendezvous: rank 0 hosts torch's TCP store on loopback (one node) and every rank checks in.
+"""Rendezvous: rank 0 hosts torch's TCP store where MASTER_ADDR points; every rank checks in.
 
-A missing or duplicated rank is named instead of waited for; a port another program holds
-is reported at once; other ranks learn that rank 0 failed. Used by ``init()`` when devlayer
-creates the process group itself.
+The store listens on the address ``MASTER_ADDR`` names or resolves to, not on every
+interface. A rank of another job is refused by job identity; a missing or duplicated rank
+is named instead of waited for; a port another program holds is reported at once; other
+ranks learn that rank 0 failed. Used by ``init()`` when devlayer creates the process group
+itself.
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ def rendezvous(info: ProcessInfo, timeout: timedelta) -> Any:
     is_server = info.rank == 0 and not agent_store
     store_host = "torchrun's agent" if agent_store else "rank 0"
     deadline = time.monotonic() + timeout.total_seconds()
-    kwargs = _listen(addr, port, where, src) if is_server and _is_loopback(addr) else {}
+    host = _listen_host(addr, info.num_nodes) if is_server else None
+    kwargs = _listen(host, port, where, src) if host is not None else {}
 
     def make_store() -> Any:
         return dist.TCPStore(
@@ -97,16 +100,40 @@ def rendezvous(info: ProcessInfo, timeout: timedelta) -> Any:
     return store
 
 
-def _listen(addr: str, port: int | None, where: str, src: Mapping[str, str]) -> dict[str, Any]:
-    """Rank 0 on loopback: listen on ``addr`` itself (not every interface) for the store."""
+def _listen_host(addr: str, num_nodes: int) -> str | None:
+    """Where rank 0's store listens: the address ``MASTER_ADDR`` names or resolves to.
+
+    ``None`` (every interface, torch's default) only when the name does not resolve here,
+    or when it resolves to a loopback address while other nodes take part: they reach this
+    host by another address (Debian's ``127.0.1.1 <hostname>`` line in /etc/hosts).
+
+    Example:
+        >>> _listen_host("127.0.0.2", 1), _listen_host("localhost", 1)
+        ('127.0.0.2', 'localhost')
+    """
+    if _is_loopback(addr):
+        return addr
     try:
-        return {"master_listen_fd": loopback_listener(int(port or 0), addr)[0]}
+        found = socket.getaddrinfo(addr, None, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        return None
+    host = str(found[0][4][0]) if found else ""
+    if not host or (num_nodes > 1 and _is_loopback(host)):
+        return None
+    return host
+
+
+def _listen(host: str, port: int | None, where: str, src: Mapping[str, str]) -> dict[str, Any]:
+    """Rank 0 listens on ``host`` (what MASTER_ADDR names) only, not on every interface."""
+    try:
+        return {"master_listen_fd": loopback_listener(int(port or 0), host)[0]}
     except OSError as exc:
         if exc.errno != errno.EADDRINUSE:
             raise RendezvousError(
-                f"rank 0 cannot listen on {where}: {exc.strerror or exc} (MASTER_ADDR from "
-                f"{src.get('master_addr', 'MASTER_ADDR')}); name a loopback address this "
-                f"host has, e.g. MASTER_ADDR=127.0.0.1"
+                f"rank 0 cannot listen on {where} (address {host}): {exc.strerror or exc} "
+                f"(MASTER_ADDR from {src.get('master_addr', 'MASTER_ADDR')}); rank 0 must run "
+                f"on the host MASTER_ADDR names: name an address this host has, e.g. "
+                f"MASTER_ADDR=127.0.0.1 on one node"
             ) from exc
         raise _port_in_use(where, port, src) from exc
 
@@ -249,13 +276,13 @@ def _port_in_use(where: str, port: object, src: Mapping[str, str]) -> Rendezvous
 
 
 def loopback_listener(port: int = 0, host: str = "127.0.0.1") -> tuple[int, int]:
-    """A socket listening on one loopback address only, for a TCP store's ``master_listen_fd``.
+    """A socket listening on one address only, for a TCP store's ``master_listen_fd``.
 
     torch's store server otherwise listens on every interface; on one node nothing outside
     this machine needs to reach it. ``host`` is the loopback address ``MASTER_ADDR`` names
-    (``127.0.0.1``, ``127.0.0.2``, ``::1``...; ``localhost`` = ``127.0.0.1``), so clients that
-    connect there find it. Returns ``(file descriptor, port)``; the store owns the
-    descriptor from then on.
+    (``127.0.0.1``, ``127.0.0.2``, ``::1``...; ``localhost`` = ``127.0.0.1``) or the address
+    its host name resolves to, so clients that connect there find it. Returns
+    ``(file descriptor, port)``; the store owns the descriptor from then on.
 
     Raises:
         OSError: The port is taken, or this host has no such address.

@@ -10,8 +10,7 @@ import time
 import pytest
 
 import devlayer
-from devlayer.testing import free_port
-from devlayer.testing import slurm_env
+from devlayer.testing import free_port, slurm_env
 from tests.helpers import PY, ROOT, listening_addresses, rank_results, subprocess_env
 
 pytestmark = [pytest.mark.dist, pytest.mark.timeout(90)]
@@ -218,7 +217,7 @@ def test_r5_l2_a_rank_of_another_job_on_the_same_port_is_refused():
         if a0.poll() is None:
             a0.kill()
     assert code_b == 3, out_b
-    line = next(l for l in out_b.splitlines() if l.startswith("ERROR"))
+    line = next(text for text in out_b.splitlines() if text.startswith("ERROR"))
     assert "RendezvousError" in line, line
     assert "slurm job SLURM_JOB_ID=7002 step SLURM_STEP_ID=0" in line, line
     assert "slurm job SLURM_JOB_ID=7001 step SLURM_STEP_ID=1" in line, line
@@ -227,3 +226,61 @@ def test_r5_l2_a_rank_of_another_job_on_the_same_port_is_refused():
     records = rank_results(out0 + out1)
     assert [r["rank"] for r in records] == [0, 1]
     assert all(r["sum"] == 2.0 for r in records)
+
+
+def _proc_hex(ip: str) -> str:
+    """``ip`` as /proc/net/tcp{,6} spells it (each 32-bit word little-endian)."""
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    raw = socket.inet_pton(family, ip)
+    return "".join(raw[i : i + 4][::-1].hex().upper() for i in range(0, len(raw), 4))
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="needs Linux /proc/net")
+def test_r5_l4_store_listens_on_the_address_this_hosts_name_resolves_to():
+    """R5-L4: MASTER_ADDR=<this host's name> makes the store listen on the address the name
+    resolves to and nowhere else (before: on every interface); the job still runs.
+    """
+    name = socket.gethostname()
+    try:
+        resolved = socket.getaddrinfo(name, None, type=socket.SOCK_STREAM)[0][4][0]
+    except socket.gaierror:
+        pytest.skip(f"this host's name {name!r} does not resolve here")
+    procs = _start_ranks(name, free_port(), 2, timeout=20)
+    results = _outputs(procs, 90)
+    for code, text in results:
+        assert code == 0, text
+    records = rank_results("".join(text for _, text in results))
+    assert [r["rank"] for r in records] == [0, 1]
+    assert all(r["sum"] == 2.0 for r in records)
+    for record in records:
+        assert record["listeners"] == [_proc_hex(resolved)], (name, resolved, record)
+
+
+def test_r5_l4_listen_address_rules():
+    """R5-L4: a name is resolved; on several nodes a name that resolves to loopback here
+    keeps every interface (other nodes reach this host by another address)."""
+    from devlayer.rendezvous import _listen_host
+
+    name = socket.gethostname()
+    try:
+        resolved = socket.getaddrinfo(name, None, type=socket.SOCK_STREAM)[0][4][0]
+    except socket.gaierror:
+        pytest.skip(f"this host's name {name!r} does not resolve here")
+    assert _listen_host(name, 1) == resolved
+    assert _listen_host(name, 2) == (None if resolved.startswith("127.") else resolved)
+    assert _listen_host("::1", 2) == "::1"  # named loopback stays as named
+    assert _listen_host("no-such-host.invalid", 1) is None
+
+
+@pytest.mark.timeout(30)
+def test_r5_l4_master_addr_of_another_host_is_named_at_once(clean_env):
+    """R5-L4: rank 0 whose MASTER_ADDR is not an address of its host says so at once
+    (before: it listened everywhere and waited the whole timeout for the other ranks)."""
+    _env_rank(clean_env, 0, 2, free_port())
+    clean_env.setenv("MASTER_ADDR", "192.0.2.1")  # TEST-NET-1: never this host's
+    with pytest.raises(devlayer.errors.RendezvousError) as info:
+        devlayer.init(backend="cpu", timeout=20)
+    message = str(info.value)
+    assert "rank 0 cannot listen on 192.0.2.1" in message, message
+    assert "rank 0 must run on the host MASTER_ADDR names" in message, message
