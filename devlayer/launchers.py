@@ -417,7 +417,7 @@ def _ancestor_named(names: Iterable[str], pid: int | None = None) -> int | None:
     return None
 
 
-def _hydra_port(env: Mapping[str, str]) -> tuple[int, str] | None:
+def _hydra_port(env: Mapping[str, str], num_nodes: int) -> tuple[int, str] | None:
     """A per-job port for MPICH's Hydra on one node, from the proxy all local ranks share.
 
     Hydra exports no job id (only ``PMI_RANK``, ``PMI_SIZE``, ``PMI_FD``,
@@ -425,7 +425,19 @@ def _hydra_port(env: Mapping[str, str]) -> tuple[int, str] | None:
     would meet on the same default port. Each job has its own ``hydra_pmi_proxy`` per node,
     the ancestor of every local rank (also through ``bash -c`` wrappers). Read only for this
     process's own environment, so :func:`detect` stays pure for the mappings tests pass.
+
+    Raises:
+        LaunchEnvError: The job spans several nodes: each node's proxy has its own pid, so
+            no port all nodes agree on can be derived (nor a default one that tells two
+            such jobs apart); ``MASTER_PORT`` must be exported.
     """
+    if num_nodes > 1:
+        raise LaunchEnvError(
+            f"MPICH (Hydra) launch across {num_nodes} nodes without MASTER_PORT: Hydra "
+            f"exports no job id (none of PMI_JOBID, I_MPI_JOB_ID, PBS_JOBID, SLURM_JOB_ID is "
+            f"set), so devlayer cannot derive a port every node agrees on; export "
+            f"MASTER_PORT=<free port, same on every rank>, e.g. mpiexec -genv MASTER_PORT 29600"
+        )
     if env is not os.environ:
         return None
     proxy = _ancestor_named(("hydra_pmi_proxy",))
@@ -544,12 +556,13 @@ def _mpi(
     local_size_vars: tuple[str, ...],
     node_vars: tuple[str, ...] = (),
     job_vars: tuple[str, ...] = (),
-    job_key: Callable[[Mapping[str, str]], tuple[int, str] | None] = lambda env: None,
+    job_key: Callable[[Mapping[str, str], int], tuple[int, str] | None] = lambda env, n: None,
 ) -> Callable[[Mapping[str, str]], ProcessInfo | None]:
     """Build a detector for an MPI-style launcher from its variable names.
 
-    ``job_key(env)`` is the single-node port fallback for launchers whose environment
-    names no job (tried after ``job_vars``, before the default port).
+    ``job_key(env, num_nodes)`` is the port fallback for launchers whose environment names
+    no job (tried after ``job_vars``, before the default port); it may refuse a job that
+    spans several nodes, where a per-node value would give each node its own port.
     """
 
     def detector(env: Mapping[str, str]) -> ProcessInfo | None:
@@ -574,9 +587,7 @@ def _mpi(
             single_node=num_nodes == 1,
             world_size=world,
             fallback_port=lambda: (
-                _job_port(env, job_vars)
-                or (job_key(env) if num_nodes == 1 else None)
-                or (DEFAULT_PORT, "default")
+                _job_port(env, job_vars) or job_key(env, num_nodes) or (DEFAULT_PORT, "default")
             ),
         )
         return r.info(master_addr=addr, master_port=port)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import doctest
+import os
 import types
 
 import pytest
@@ -1290,3 +1291,66 @@ def test_r5_l3_launches_with_rank_or_one_process_still_work(
     """R5-L3: torchrun, accelerate, hand-set, srun and plain environments are unchanged."""
     info = detect(env)
     assert (info.launcher, info.world_size) == (launcher, world)
+
+
+# --------------------------------------------------------------------------- issue 20 (MPICH)
+
+# What Hydra gives rank 5 of `mpiexec -hosts a,b -n 8` (4 per node), plus the MASTER_ADDR a
+# job script exports: no job id, no MASTER_PORT.
+HYDRA_2_NODES = {
+    "PMI_RANK": "5",
+    "PMI_SIZE": "8",
+    "PMI_FD": "6",
+    "MPI_LOCALRANKID": "1",
+    "MPI_LOCALNRANKS": "4",
+    "HYDI_CONTROL_FD": "7",
+    "MASTER_ADDR": "a",
+}
+
+
+def test_r5_l5_mpich_across_nodes_without_port_or_job_id_is_an_error() -> None:
+    """R5-L5: a multi-node MPICH (Hydra) job with no job id and no MASTER_PORT is an error
+    that says to export MASTER_PORT, never a port one node derives for itself."""
+    with pytest.raises(LaunchEnvError) as err:
+        detect(HYDRA_2_NODES)
+    message = str(err.value)
+    assert "2 nodes" in message and "export MASTER_PORT" in message, message
+
+
+def test_r5_l5_mpich_across_nodes_never_derives_the_port_from_the_proxy(monkeypatch) -> None:
+    """R5-L5: in this process's own environment, each node's hydra_pmi_proxy has its own pid;
+    a multi-node job must not derive its port from it (each node would wait on its own)."""
+    outcomes = []
+    for proxy_pid, rank, local_rank in ((4100, "1", "1"), (9200, "5", "1")):
+        monkeypatch.setattr(devlayer.launchers, "_ancestor_named", lambda names, p=proxy_pid: p)
+        for key in list(os.environ):
+            monkeypatch.delenv(key)
+        for key, value in {
+            **HYDRA_2_NODES,
+            "PMI_RANK": rank,
+            "MPI_LOCALRANKID": local_rank,
+        }.items():
+            monkeypatch.setenv(key, value)
+        try:
+            outcomes.append(detect(os.environ).master_port)
+        except LaunchEnvError as exc:
+            outcomes.append(str(exc))
+    assert len({type(o) for o in outcomes}) == 1, outcomes  # both nodes agree: port or error
+    ports = {o for o in outcomes if isinstance(o, int)}
+    derived = {devlayer.launchers.derived_port(4100), devlayer.launchers.derived_port(9200)}
+    assert len(ports) <= 1 and not ports & derived, outcomes
+
+
+@pytest.mark.parametrize(
+    ("extra", "port"),
+    [
+        pytest.param({"MASTER_PORT": "29600"}, 29600, id="exported-port"),
+        pytest.param({"I_MPI_JOB_ID": "777"}, PORT_IMPI_JOB, id="intel-mpi-job-id"),
+        pytest.param({"PMI_JOBID": "4242.0"}, PORT_SLURM_4242, id="pmi-job-id"),
+    ],
+)
+def test_r5_l5_mpich_across_nodes_with_a_port_or_job_id_works(
+    extra: dict[str, str], port: int
+) -> None:
+    """R5-L5: with MASTER_PORT or a job id every node gets the same port."""
+    assert detect({**HYDRA_2_NODES, **extra}).master_port == port
