@@ -444,7 +444,9 @@ def _hydra_port(env: Mapping[str, str], num_nodes: int) -> tuple[int, str] | Non
     if proxy is None:
         return None
     why = f"derived from the hydra_pmi_proxy pid {proxy} (MPICH sets no job id)"
-    return derived_port(proxy), why
+    # A pid has no steps: its low bits take the step slots, so pids spread over all 20000
+    # ports (two jobs meet only when their proxies' pids are a multiple of 20000 apart).
+    return derived_port(proxy // PORT_STEP_SLOTS, proxy % PORT_STEP_SLOTS), why
 
 
 def derived_port(job: int, step: int = 0) -> int:

@@ -1354,3 +1354,18 @@ def test_r5_l5_mpich_across_nodes_with_a_port_or_job_id_works(
 ) -> None:
     """R5-L5: with MASTER_PORT or a job id every node gets the same port."""
     assert detect({**HYDRA_2_NODES, **extra}).master_port == port
+
+
+def test_r5_l1_hydra_proxy_pids_spread_over_every_derived_port(monkeypatch) -> None:
+    """R5-L1: ports derived from hydra_pmi_proxy pids differ for pids less than 20000 apart
+    (neighbouring pids included), as two single-node mpiexec jobs have."""
+    for key in list(os.environ):
+        monkeypatch.delenv(key)
+    for key, value in intelmpi_env(0, 2).items():
+        if key != "I_MPI_JOB_ID":
+            monkeypatch.setenv(key, value)
+    ports = set()
+    for proxy in range(30000, 50000, 7):
+        monkeypatch.setattr(devlayer.launchers, "_ancestor_named", lambda names, p=proxy: p)
+        ports.add(detect(os.environ).master_port)
+    assert len(ports) == len(range(30000, 50000, 7))
