@@ -95,7 +95,7 @@ def rendezvous(info: ProcessInfo, timeout: timedelta) -> Any:
     # restart count) must meet it before it can claim a rank or count as joined.
     writes_job = is_server or (agent_store and info.rank == 0)
     with _lost_store_is_named(info, where, hint):
-        _check_job(base, info, where, deadline, writes_job)
+        _check_job(base, info, where, deadline, timeout, writes_job)
         _check_in(store, info, where, deadline, timeout)
     return store
 
@@ -124,18 +124,31 @@ def _listen_host(addr: str, num_nodes: int) -> str | None:
 
 
 def _listen(host: str, port: int | None, where: str, src: Mapping[str, str]) -> dict[str, Any]:
-    """Rank 0 listens on ``host`` (what MASTER_ADDR names) only, not on every interface."""
+    """Rank 0 listens on ``host`` (what MASTER_ADDR names) only, not on every interface.
+
+    A non-loopback address this host does not have is left to torch (every interface), as
+    before, with a warning: behind NAT (a container's published port, a cluster service
+    address) the other ranks reach rank 0 by an address it cannot bind.
+    """
     try:
         return {"master_listen_fd": loopback_listener(int(port or 0), host)[0]}
     except OSError as exc:
-        if exc.errno != errno.EADDRINUSE:
-            raise RendezvousError(
-                f"rank 0 cannot listen on {where} (address {host}): {exc.strerror or exc} "
-                f"(MASTER_ADDR from {src.get('master_addr', 'MASTER_ADDR')}); rank 0 must run "
-                f"on the host MASTER_ADDR names: name an address this host has, e.g. "
-                f"MASTER_ADDR=127.0.0.1 on one node"
-            ) from exc
-        raise _port_in_use(where, port, src) from exc
+        if exc.errno == errno.EADDRINUSE:
+            raise _port_in_use(where, port, src) from exc
+        if exc.errno == errno.EADDRNOTAVAIL and not _is_loopback(host):
+            log.warning(
+                "rank 0: MASTER_ADDR (from %s) gives %s, which is not an address of this host; "
+                "the rendezvous store listens on every interface. If rank 0 is not meant to "
+                "run elsewhere (NAT), start it on the host MASTER_ADDR names",
+                src.get("master_addr", "MASTER_ADDR"),
+                host,
+            )
+            return {}
+        raise RendezvousError(
+            f"rank 0 cannot listen on {where} (address {host}): {exc.strerror or exc} "
+            f"(MASTER_ADDR from {src.get('master_addr', 'MASTER_ADDR')}); name a loopback "
+            f"address this host has, e.g. MASTER_ADDR=127.0.0.1"
+        ) from exc
 
 
 @contextmanager
@@ -154,10 +167,12 @@ def _lost_store_is_named(info: ProcessInfo, where: str, hint: str) -> Iterator[N
 
 
 #: Key (outside the attempt prefix) where the store host records its job's identity.
-JOB_KEY = "devlayer/job"
+_JOB_KEY = "devlayer/job"
 
 
-def _check_job(store: Any, info: ProcessInfo, where: str, deadline: float, writes: bool) -> None:
+def _check_job(
+    store: Any, info: ProcessInfo, where: str, deadline: float, timeout: timedelta, writes: bool
+) -> None:
     """Refuse a store that belongs to another job, before touching any of its keys.
 
     The store host records :attr:`ProcessInfo.job_identity`; every other rank waits for that
@@ -166,19 +181,20 @@ def _check_job(store: Any, info: ProcessInfo, where: str, deadline: float, write
     """
     mine = info.job_identity
     if writes:
-        theirs = store.compare_set(JOB_KEY, "", mine).decode()
+        theirs = store.compare_set(_JOB_KEY, "", mine).decode()
     else:
         delay = 0.002
-        while not store.check([JOB_KEY]):
+        while not store.check([_JOB_KEY]):
             if time.monotonic() >= deadline:
                 raise RendezvousError(
-                    f"rank {info.rank} reached the rendezvous store at {where}, but its host "
-                    f"never said which job it serves; another program (not devlayer) may "
-                    f"host a store on that port. Give this job its own MASTER_PORT"
+                    f"rank {info.rank} reached the rendezvous store at {where}, but rank 0 "
+                    f"did not record its job there within {timeout.total_seconds():g}s (it "
+                    f"does so first): rank 0 failed or did not start (look at its output), "
+                    f"or that store is not this job's (give each job its own MASTER_PORT)"
                 )
             time.sleep(delay)
             delay = min(delay * 2, 0.05)
-        theirs = store.get(JOB_KEY).decode()
+        theirs = store.get(_JOB_KEY).decode()
     if theirs != mine:
         raise _other_job(info, where, theirs)
 

@@ -273,14 +273,35 @@ def test_r5_l4_listen_address_rules():
     assert _listen_host("no-such-host.invalid", 1) is None
 
 
+def test_r5_l4_address_this_host_lacks_keeps_every_interface_with_a_warning(caplog):
+    """R5-L4: a non-loopback MASTER_ADDR rank 0's host does not have (NAT: a published
+    container port, a service address) is left to torch's every-interface store, as
+    before, with a warning naming the address; a named loopback address is still bound."""
+    from devlayer.rendezvous import _listen
+
+    src = {"master_addr": "MASTER_ADDR"}
+    with caplog.at_level("WARNING", logger="devlayer"):
+        kwargs = _listen("192.0.2.1", free_port(), "192.0.2.1:1", src)  # TEST-NET-1
+    assert kwargs == {}
+    assert "192.0.2.1, which is not an address of this host" in caplog.text
+    kwargs = _listen("127.0.0.1", 0, "127.0.0.1:0", src)
+    os.close(kwargs["master_listen_fd"])
+
+
 @pytest.mark.timeout(30)
-def test_r5_l4_master_addr_of_another_host_is_named_at_once(clean_env):
-    """R5-L4: rank 0 whose MASTER_ADDR is not an address of its host says so at once
-    (before: it listened everywhere and waited the whole timeout for the other ranks)."""
-    _env_rank(clean_env, 0, 2, free_port())
-    clean_env.setenv("MASTER_ADDR", "192.0.2.1")  # TEST-NET-1: never this host's
+def test_r5_l2_store_without_a_job_record_is_named_within_the_timeout(clean_env):
+    """R5-L2: a rank that reaches a store where no devlayer rank 0 recorded a job (a foreign
+    store, or rank 0 died first) fails within its timeout, naming rank 0 and the port."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    foreign = dist.TCPStore(
+        "127.0.0.1", 0, 1, True, timeout=timedelta(seconds=20), wait_for_workers=False
+    )
+    _env_rank(clean_env, 1, 2, foreign.port)
     with pytest.raises(devlayer.errors.RendezvousError) as info:
-        devlayer.init(backend="cpu", timeout=20)
+        devlayer.init(backend="cpu", timeout=2)
     message = str(info.value)
-    assert "rank 0 cannot listen on 192.0.2.1" in message, message
-    assert "rank 0 must run on the host MASTER_ADDR names" in message, message
+    assert f"127.0.0.1:{foreign.port}, but rank 0 did not record its job there" in message
+    assert not foreign.check(["devlayer/attempt0/rank1"])  # nothing was claimed there
