@@ -27,12 +27,13 @@ Example:
     ...                "SLURM_STEP_NUM_TASKS": "2", "SLURM_LOCALID": "1", "SLURM_NODEID": "0",
     ...                "SLURM_STEP_NODELIST": "gpu-node07", "SLURM_STEP_TASKS_PER_NODE": "2"})
     >>> (info.launcher, info.rank, info.world_size, info.local_rank, info.master_port)
-    ('slurm', 1, 2, 1, 15042)
+    ('slurm', 1, 2, 1, 15672)
 """
 
 from __future__ import annotations
 
 import os
+import re
 import zlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -43,6 +44,7 @@ from devlayer.errors import LaunchEnvError
 __all__ = [
     "LAUNCHERS",
     "ProcessInfo",
+    "derived_port",
     "detect",
     "expand_nodelist",
     "expand_tasks_per_node",
@@ -53,6 +55,8 @@ LOOPBACK = "127.0.0.1"
 DEFAULT_PORT = 29500
 SLURM_PORT_BASE = 15000
 SLURM_PORT_SPAN = 20000
+#: Ports per job in the derived-port rule: steps 0..15 of one job get ports of their own.
+PORT_STEP_SLOTS = 16
 
 
 @dataclass(frozen=True)
@@ -74,7 +78,9 @@ class ProcessInfo:
         notes: Remarks for ``devlayer info`` (e.g. "sbatch shell without srun").
         job_id: The launcher's or scheduler's job id as ``VARIABLE=value``
             (``SLURM_JOB_ID=42``), or ``None``; also set for the one process of an
-            ``sbatch`` shell. For logs and lock files, never for arithmetic.
+            ``sbatch`` shell. For logs, lock files and :attr:`job_identity`.
+        job_step: The step of the job as ``VARIABLE=value`` (``SLURM_STEP_ID=1``) when the
+            launcher is a scheduler whose steps are separate worlds (``srun``), else ``None``.
     """
 
     rank: int = 0
@@ -90,11 +96,29 @@ class ProcessInfo:
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
     notes: tuple[str, ...] = field(default=(), compare=False)
     job_id: str | None = field(default=None, compare=False)
+    job_step: str | None = field(default=None, compare=False)
 
     @property
     def is_distributed(self) -> bool:
         """True when more than one process takes part."""
         return self.world_size > 1
+
+    @property
+    def job_identity(self) -> str:
+        """Launcher, job id and step: the same on every rank of one job, and only of that job.
+
+        The rendezvous refuses a rank whose identity differs from the store host's, so ranks
+        of two jobs that meet on one port never form one world.
+
+        Example:
+            >>> ProcessInfo(launcher="slurm", job_id="SLURM_JOB_ID=42",
+            ...             job_step="SLURM_STEP_ID=1").job_identity
+            'slurm job SLURM_JOB_ID=42 step SLURM_STEP_ID=1'
+            >>> ProcessInfo(launcher="env").job_identity
+            'env job (no job id)'
+        """
+        text = f"{self.launcher} job {self.job_id or '(no job id)'}"
+        return f"{text} step {self.job_step}" if self.job_step else text
 
     def torch_env(self) -> dict[str, str]:
         """The torchrun-style variables that describe this process (for children and peers)."""
@@ -124,10 +148,17 @@ class _Reader:
     ends with :meth:`info`: the one place a :class:`ProcessInfo` is made.
     """
 
-    def __init__(self, env: Mapping[str, str], launcher: str, job_vars: Iterable[str] = ()) -> None:
+    def __init__(
+        self,
+        env: Mapping[str, str],
+        launcher: str,
+        job_vars: Iterable[str] = (),
+        step_vars: Iterable[str] = (),
+    ) -> None:
         self.env = env
         self.launcher = launcher
         self.job_vars = (*job_vars, *_JOB_ID_VARS)
+        self.step_vars = tuple(step_vars)
         self.sources: dict[str, str] = {}
         self.values: dict[str, int] = {}
 
@@ -144,12 +175,13 @@ class _Reader:
             **{**self.values, **fields},
             launcher=self.launcher,
             sources=self.sources,
-            job_id=self.job_id(),
+            job_id=self._named(self.job_vars),
+            job_step=self._named(self.step_vars),
         )
 
-    def job_id(self) -> str | None:
-        """``VARIABLE=value`` of the first job-id variable set (``none``: torchrun's unset)."""
-        for name in self.job_vars:
+    def _named(self, names: Iterable[str]) -> str | None:
+        """``VARIABLE=value`` of the first of ``names`` set (``none``: torchrun's unset id)."""
+        for name in names:
             value = self.env.get(name, "").strip()
             if value and value != "none":
                 return f"{name}={value}"
@@ -385,7 +417,7 @@ def _ancestor_named(names: Iterable[str], pid: int | None = None) -> int | None:
     return None
 
 
-def _hydra_port(env: Mapping[str, str]) -> tuple[int, str] | None:
+def _hydra_port(env: Mapping[str, str], num_nodes: int) -> tuple[int, str] | None:
     """A per-job port for MPICH's Hydra on one node, from the proxy all local ranks share.
 
     Hydra exports no job id (only ``PMI_RANK``, ``PMI_SIZE``, ``PMI_FD``,
@@ -393,20 +425,60 @@ def _hydra_port(env: Mapping[str, str]) -> tuple[int, str] | None:
     would meet on the same default port. Each job has its own ``hydra_pmi_proxy`` per node,
     the ancestor of every local rank (also through ``bash -c`` wrappers). Read only for this
     process's own environment, so :func:`detect` stays pure for the mappings tests pass.
+
+    Raises:
+        LaunchEnvError: The job spans several nodes: each node's proxy has its own pid, so
+            no port all nodes agree on can be derived (nor a default one that tells two
+            such jobs apart); ``MASTER_PORT`` must be exported.
     """
+    if num_nodes > 1:
+        raise LaunchEnvError(
+            f"MPICH (Hydra) launch across {num_nodes} nodes without MASTER_PORT: Hydra "
+            f"exports no job id (none of PMI_JOBID, I_MPI_JOB_ID, PBS_JOBID, SLURM_JOB_ID is "
+            f"set), so devlayer cannot derive a port every node agrees on; export "
+            f"MASTER_PORT=<free port, same on every rank>, e.g. mpiexec -genv MASTER_PORT 29600"
+        )
     if env is not os.environ:
         return None
     proxy = _ancestor_named(("hydra_pmi_proxy",))
     if proxy is None:
         return None
-    return _port_for(
-        f"hydra:{proxy}"
-    ), f"derived from the hydra_pmi_proxy pid {proxy} (MPICH sets no job id)"
+    why = f"derived from the hydra_pmi_proxy pid {proxy} (MPICH sets no job id)"
+    # A pid has no steps: its low bits take the step slots, so pids spread over all 20000
+    # ports (two jobs meet only when their proxies' pids are a multiple of 20000 apart).
+    return derived_port(proxy // PORT_STEP_SLOTS, proxy % PORT_STEP_SLOTS), why
+
+
+def derived_port(job: int, step: int = 0) -> int:
+    """The port every rank of a job derives alike when no ``MASTER_PORT`` is exported.
+
+    ``15000 + (job % 1250) * 16 + step % 16``: each job id has 16 ports, one per step, so
+    jobs whose ids are less than 1250 apart never share a port, nor do steps of one job
+    less than 16 apart. (A sum such as ``job + step`` gave job J's step 1 and job J+1's step
+    0 one port.) Should two jobs still meet on one port, the rendezvous compares their
+    :attr:`ProcessInfo.job_identity` and refuses the second one.
+
+    Example:
+        >>> derived_port(4242, 0), derived_port(4242, 1), derived_port(4243, 0)
+        (22872, 22873, 22888)
+    """
+    slots = SLURM_PORT_SPAN // PORT_STEP_SLOTS
+    return SLURM_PORT_BASE + (job % slots) * PORT_STEP_SLOTS + step % PORT_STEP_SLOTS
 
 
 def _port_for(key: str) -> int:
-    """The port every rank of one job derives alike from the job's ``key``."""
-    return SLURM_PORT_BASE + zlib.crc32(key.encode()) % SLURM_PORT_SPAN
+    """:func:`derived_port` of a launcher's job-id text such as ``4242.0`` or ``prterun-n1-77@1``.
+
+    The last two numbers in the text (before a ``;``) are taken as job and step, a single
+    number as the job; text without digits is hashed. Ids that count up, as job ids and
+    pids do, thus get distinct ports, as :func:`derived_port` promises.
+    """
+    numbers = [int(n) for n in re.findall(r"\d+", key.split(";")[0])]
+    if not numbers:
+        return derived_port(zlib.crc32(key.encode()))
+    if len(numbers) == 1:
+        return derived_port(numbers[0])
+    return derived_port(numbers[-2], numbers[-1])
 
 
 def _job_port(env: Mapping[str, str], names: Iterable[str]) -> tuple[int, str] | None:
@@ -486,12 +558,13 @@ def _mpi(
     local_size_vars: tuple[str, ...],
     node_vars: tuple[str, ...] = (),
     job_vars: tuple[str, ...] = (),
-    job_key: Callable[[Mapping[str, str]], tuple[int, str] | None] = lambda env: None,
+    job_key: Callable[[Mapping[str, str], int], tuple[int, str] | None] = lambda env, n: None,
 ) -> Callable[[Mapping[str, str]], ProcessInfo | None]:
     """Build a detector for an MPI-style launcher from its variable names.
 
-    ``job_key(env)`` is the single-node port fallback for launchers whose environment
-    names no job (tried after ``job_vars``, before the default port).
+    ``job_key(env, num_nodes)`` is the port fallback for launchers whose environment names
+    no job (tried after ``job_vars``, before the default port); it may refuse a job that
+    spans several nodes, where a per-node value would give each node its own port.
     """
 
     def detector(env: Mapping[str, str]) -> ProcessInfo | None:
@@ -516,9 +589,7 @@ def _mpi(
             single_node=num_nodes == 1,
             world_size=world,
             fallback_port=lambda: (
-                _job_port(env, job_vars)
-                or (job_key(env) if num_nodes == 1 else None)
-                or (DEFAULT_PORT, "default")
+                _job_port(env, job_vars) or job_key(env, num_nodes) or (DEFAULT_PORT, "default")
             ),
         )
         return r.info(master_addr=addr, master_port=port)
@@ -598,7 +669,7 @@ def _slurm_is_srun(env: Mapping[str, str]) -> bool:
 def _slurm(env: Mapping[str, str]) -> ProcessInfo | None:
     if "SLURM_PROCID" not in env or not _slurm_is_srun(env):
         return None
-    r = _Reader(env, "slurm", ("SLURM_JOB_ID", "SLURM_JOBID"))
+    r = _Reader(env, "slurm", ("SLURM_JOB_ID", "SLURM_JOBID"), ("SLURM_STEP_ID", "SLURM_STEPID"))
     r.int("rank", "SLURM_PROCID")
     world = r.int("world_size", ("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "SLURM_NPROCS"))
     r.int("local_rank", "SLURM_LOCALID")
@@ -626,7 +697,7 @@ def _slurm(env: Mapping[str, str]) -> ProcessInfo | None:
     def job_port() -> tuple[int, str] | None:
         if not job:
             return None
-        port = SLURM_PORT_BASE + (_as_int(job) + _as_int(step)) % SLURM_PORT_SPAN
+        port = derived_port(_as_int(job), _as_int(step))
         return port, f"derived from SLURM_JOB_ID={job}, SLURM_STEP_ID={step}"
 
     addr, port = _master(
@@ -714,6 +785,7 @@ def detect(
             raise hand_error
         if hand is not None:
             return _validate(hand)
+        _refuse_world_without_rank(env)
         notes: tuple[str, ...] = ()
         if "SLURM_JOB_ID" in env and "slurm" not in disabled:
             notes = (
@@ -729,6 +801,38 @@ def detect(
             chosen, sources={**chosen.sources}, notes=(*chosen.notes, "RANK/WORLD_SIZE agree")
         )
     return _validate(chosen)
+
+
+#: Variables a torchrun-style world is described by, in the order an error lists them.
+_WORLD_VARS = (
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "GROUP_WORLD_SIZE",
+    "NODE_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TORCHELASTIC_RUN_ID",
+)
+
+
+def _refuse_world_without_rank(env: Mapping[str, str]) -> None:
+    """``WORLD_SIZE`` > 1 without ``RANK`` and no launcher: an error, not one process.
+
+    Running as world size 1 would train alone and write checkpoints as if it were the
+    whole job. ``WORLD_SIZE=1`` alone still means one process.
+    """
+    size = env.get("WORLD_SIZE", "").strip()
+    if not size or size == "1" or env.get("RANK", "").strip():
+        return  # RANK set too: its detector was disabled, which is the user's choice
+    seen = ", ".join(f"{v}={env[v].strip()}" for v in _WORLD_VARS if env.get(v, "").strip())
+    raise LaunchEnvError(
+        f"WORLD_SIZE={size} but RANK is not set (seen: {seen}), and no launcher "
+        f"(torchrun, srun, mpirun) says which rank this process is; export RANK=<0.."
+        f"WORLD_SIZE-1> for every process, start the job with its launcher, or unset "
+        f"WORLD_SIZE (or set DEVLAYER_LAUNCHER=none) to run as one process"
+    )
 
 
 def _known() -> str:

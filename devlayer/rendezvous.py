@@ -1,8 +1,10 @@
-"""Rendezvous: rank 0 hosts torch's TCP store on loopback (one node) and every rank checks in.
+"""Rendezvous: rank 0 hosts torch's TCP store where MASTER_ADDR points; every rank checks in.
 
-A missing or duplicated rank is named instead of waited for; a port another program holds
-is reported at once; other ranks learn that rank 0 failed. Used by ``init()`` when devlayer
-creates the process group itself.
+The store listens on the address ``MASTER_ADDR`` names or resolves to, not on every
+interface. A rank of another job is refused by job identity; a missing or duplicated rank
+is named instead of waited for; a port another program holds is reported at once; other
+ranks learn that rank 0 failed. Used by ``init()`` when devlayer creates the process group
+itself.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
@@ -47,7 +50,8 @@ def rendezvous(info: ProcessInfo, timeout: timedelta) -> Any:
     is_server = info.rank == 0 and not agent_store
     store_host = "torchrun's agent" if agent_store else "rank 0"
     deadline = time.monotonic() + timeout.total_seconds()
-    kwargs = _listen(addr, port, where, src) if is_server and _is_loopback(addr) else {}
+    host = _listen_host(addr, info.num_nodes) if is_server else None
+    kwargs = _listen(host, port, where, src) if host is not None else {}
 
     def make_store() -> Any:
         return dist.TCPStore(
@@ -87,40 +91,71 @@ def rendezvous(info: ProcessInfo, timeout: timedelta) -> Any:
         if is_server
         else _store_host_hint(store_host, where)
     )
-    _check_in(store, info, where, deadline, timeout, hint)
+    # The job key lives outside the attempt prefix: a rank of another job (or of another
+    # restart count) must meet it before it can claim a rank or count as joined.
+    writes_job = is_server or (agent_store and info.rank == 0)
+    with _lost_store_is_named(info, where, hint):
+        _check_job(base, info, where, deadline, timeout, writes_job)
+        _check_in(store, info, where, deadline, timeout)
     return store
 
 
-def _listen(addr: str, port: int | None, where: str, src: Mapping[str, str]) -> dict[str, Any]:
-    """Rank 0 on loopback: listen on ``addr`` itself (not every interface) for the store."""
+def _listen_host(addr: str, num_nodes: int) -> str | None:
+    """Where rank 0's store listens: the address ``MASTER_ADDR`` names or resolves to.
+
+    ``None`` (every interface, torch's default) only when the name does not resolve here,
+    or when it resolves to a loopback address while other nodes take part: they reach this
+    host by another address (Debian's ``127.0.1.1 <hostname>`` line in /etc/hosts).
+
+    Example:
+        >>> _listen_host("127.0.0.2", 1), _listen_host("localhost", 1)
+        ('127.0.0.2', 'localhost')
+    """
+    if _is_loopback(addr):
+        return addr
     try:
-        return {"master_listen_fd": loopback_listener(int(port or 0), addr)[0]}
+        found = socket.getaddrinfo(addr, None, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        return None
+    host = str(found[0][4][0]) if found else ""
+    if not host or (num_nodes > 1 and _is_loopback(host)):
+        return None
+    return host
+
+
+def _listen(host: str, port: int | None, where: str, src: Mapping[str, str]) -> dict[str, Any]:
+    """Rank 0 listens on ``host`` (what MASTER_ADDR names) only, not on every interface.
+
+    A non-loopback address this host does not have is left to torch (every interface), as
+    before, with a warning: behind NAT (a container's published port, a cluster service
+    address) the other ranks reach rank 0 by an address it cannot bind.
+    """
+    try:
+        return {"master_listen_fd": loopback_listener(int(port or 0), host)[0]}
     except OSError as exc:
-        if exc.errno != errno.EADDRINUSE:
-            raise RendezvousError(
-                f"rank 0 cannot listen on {where}: {exc.strerror or exc} (MASTER_ADDR from "
-                f"{src.get('master_addr', 'MASTER_ADDR')}); name a loopback address this "
-                f"host has, e.g. MASTER_ADDR=127.0.0.1"
-            ) from exc
-        raise _port_in_use(where, port, src) from exc
-
-
-def _check_in(
-    store: Any, info: ProcessInfo, where: str, deadline: float, timeout: timedelta, hint: str
-) -> None:
-    """Claim this rank in the store and wait for the others; a duplicate rank is an error."""
-    src = info.sources
-    try:
-        claims = store.add(f"rank{info.rank}", 1)
-        if claims > 1:
-            raise RendezvousError(
-                f"two processes claim rank {info.rank} at {where} (rank from "
-                f"{src.get('rank', 'RANK')}); every process needs a distinct rank, or another "
-                f"job uses the same MASTER_PORT"
+        if exc.errno == errno.EADDRINUSE:
+            raise _port_in_use(where, port, src) from exc
+        if exc.errno == errno.EADDRNOTAVAIL and not _is_loopback(host):
+            log.warning(
+                "rank 0: MASTER_ADDR (from %s) gives %s, which is not an address of this host; "
+                "the rendezvous store listens on every interface. If rank 0 is not meant to "
+                "run elsewhere (NAT), start it on the host MASTER_ADDR names",
+                src.get("master_addr", "MASTER_ADDR"),
+                host,
             )
-        store.set(f"host{info.rank}", socket.gethostname())
-        store.add("joined", 1)
-        _wait_for_all(store, info, where, deadline, timeout)
+            return {}
+        raise RendezvousError(
+            f"rank 0 cannot listen on {where} (address {host}): {exc.strerror or exc} "
+            f"(MASTER_ADDR from {src.get('master_addr', 'MASTER_ADDR')}); name a loopback "
+            f"address this host has, e.g. MASTER_ADDR=127.0.0.1"
+        ) from exc
+
+
+@contextmanager
+def _lost_store_is_named(info: ProcessInfo, where: str, hint: str) -> Iterator[None]:
+    """A store that goes away inside the block becomes a RendezvousError ending in ``hint``."""
+    try:
+        yield
     except RendezvousError:
         raise
     except Exception as exc:  # the store's host went away (torch's DistNetworkError & co.)
@@ -129,6 +164,67 @@ def _check_in(
             f"rank {info.rank} lost the rendezvous store at {where} while the ranks were "
             f"meeting ({text}). {hint}"
         ) from exc
+
+
+#: Key (outside the attempt prefix) where the store host records its job's identity.
+_JOB_KEY = "devlayer/job"
+
+
+def _check_job(
+    store: Any, info: ProcessInfo, where: str, deadline: float, timeout: timedelta, writes: bool
+) -> None:
+    """Refuse a store that belongs to another job, before touching any of its keys.
+
+    The store host records :attr:`ProcessInfo.job_identity`; every other rank waits for that
+    record and compares. Only the host writes, so a rank of another job that reaches the
+    port first cannot claim the store, and one that comes later leaves the job untouched.
+    """
+    mine = info.job_identity
+    if writes:
+        theirs = store.compare_set(_JOB_KEY, "", mine).decode()
+    else:
+        delay = 0.002
+        while not store.check([_JOB_KEY]):
+            if time.monotonic() >= deadline:
+                raise RendezvousError(
+                    f"rank {info.rank} reached the rendezvous store at {where}, but rank 0 "
+                    f"did not record its job there within {timeout.total_seconds():g}s (it "
+                    f"does so first): rank 0 failed or did not start (look at its output), "
+                    f"or that store is not this job's (give each job its own MASTER_PORT)"
+                )
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+        theirs = store.get(_JOB_KEY).decode()
+    if theirs != mine:
+        raise _other_job(info, where, theirs)
+
+
+def _other_job(info: ProcessInfo, where: str, theirs: str) -> RendezvousError:
+    src = info.sources
+    return RendezvousError(
+        f"rank {info.rank} of {info.job_identity} reached the rendezvous store at {where}, but "
+        f"that store serves another job: {theirs}. Two jobs meet on one port (MASTER_ADDR "
+        f"from {src.get('master_addr', 'MASTER_ADDR')}, MASTER_PORT from "
+        f"{src.get('master_port', 'MASTER_PORT')}); this rank did not join it and the other "
+        f"job goes on. Give each job its own port (export MASTER_PORT=<free port>)"
+    )
+
+
+def _check_in(
+    store: Any, info: ProcessInfo, where: str, deadline: float, timeout: timedelta
+) -> None:
+    """Claim this rank in the store and wait for the others; a duplicate rank is an error."""
+    src = info.sources
+    claims = store.add(f"rank{info.rank}", 1)
+    if claims > 1:
+        raise RendezvousError(
+            f"two processes claim rank {info.rank} at {where} (rank from "
+            f"{src.get('rank', 'RANK')}); every process needs a distinct rank, or another "
+            f"job uses the same MASTER_PORT"
+        )
+    store.set(f"host{info.rank}", socket.gethostname())
+    store.add("joined", 1)
+    _wait_for_all(store, info, where, deadline, timeout)
 
 
 def _bounded(make: Callable[[], Any], deadline: float) -> Any:
@@ -196,13 +292,13 @@ def _port_in_use(where: str, port: object, src: Mapping[str, str]) -> Rendezvous
 
 
 def loopback_listener(port: int = 0, host: str = "127.0.0.1") -> tuple[int, int]:
-    """A socket listening on one loopback address only, for a TCP store's ``master_listen_fd``.
+    """A socket listening on one address only, for a TCP store's ``master_listen_fd``.
 
     torch's store server otherwise listens on every interface; on one node nothing outside
     this machine needs to reach it. ``host`` is the loopback address ``MASTER_ADDR`` names
-    (``127.0.0.1``, ``127.0.0.2``, ``::1``...; ``localhost`` = ``127.0.0.1``), so clients that
-    connect there find it. Returns ``(file descriptor, port)``; the store owns the
-    descriptor from then on.
+    (``127.0.0.1``, ``127.0.0.2``, ``::1``...; ``localhost`` = ``127.0.0.1``) or the address
+    its host name resolves to, so clients that connect there find it. Returns
+    ``(file descriptor, port)``; the store owns the descriptor from then on.
 
     Raises:
         OSError: The port is taken, or this host has no such address.

@@ -79,18 +79,20 @@ def torchrun(*args: str, nproc: int = 2) -> list[str]:
     return [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
 
 
-def free_port_in(lo: int, hi: int) -> int:
-    """A free loopback port in ``[lo, hi)`` (SLURM-style derived ports need a range)."""
+def free_slurm_job_id(step: int = 0) -> int:
+    """A SLURM job id whose derived port (step ``step``) is free on loopback right now."""
     import socket
 
-    for port in range(lo, hi):
+    from devlayer.launchers import derived_port
+
+    for job in range(1250):  # every job slot of the rule once
         with socket.socket() as s:
             try:
-                s.bind(("127.0.0.1", port))
+                s.bind(("127.0.0.1", derived_port(job, step)))
             except OSError:
                 continue
-            return port
-    raise RuntimeError(f"no free port in {lo}..{hi - 1}")
+            return job
+    raise RuntimeError("no SLURM job id with a free derived port")
 
 
 def missing_program(reason: str) -> None:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import time
 
 import pytest
 
 import devlayer
-from devlayer.testing import free_port
+from devlayer.testing import free_port, slurm_env
 from tests.helpers import PY, ROOT, listening_addresses, rank_results, subprocess_env
 
 pytestmark = [pytest.mark.dist, pytest.mark.timeout(90)]
@@ -92,26 +93,28 @@ devlayer.shutdown()
 
 
 def _start_ranks(addr: str, port: int, world: int, timeout: float) -> list[subprocess.Popen]:
-    procs = []
-    for rank in range(world):
-        env = subprocess_env(
-            RANK=str(rank),
-            WORLD_SIZE=str(world),
-            MASTER_ADDR=addr,
-            MASTER_PORT=str(port),
-            DEVLAYER_LAUNCHER="env",
-        )
-        procs.append(
-            subprocess.Popen(
-                [PY, "-c", _WORKER, str(timeout)],
-                env=env,
-                cwd=ROOT,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        )
-    return procs
+    envs = [
+        {
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "MASTER_ADDR": addr,
+            "MASTER_PORT": str(port),
+            "DEVLAYER_LAUNCHER": "env",
+        }
+        for rank in range(world)
+    ]
+    return [_start_worker(env, timeout) for env in envs]
+
+
+def _start_worker(env: dict[str, str], timeout: float) -> subprocess.Popen:
+    return subprocess.Popen(
+        [PY, "-c", _WORKER, str(timeout)],
+        env=subprocess_env(**env),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _outputs(procs: list[subprocess.Popen], limit: float) -> list[tuple[int, str]]:
@@ -177,3 +180,128 @@ def test_other_ranks_say_that_rank_0_failed_when_the_port_is_busy():
     assert "RendezvousError" in line
     assert f"rank 0 (the store host) probably failed to start the store at 127.0.0.1:{port}" in line
     assert "rank 0's output" in line
+
+
+# --------------------------------------------------------------------------- issue 20
+
+
+def _wait_listening(port: int, proc: subprocess.Popen) -> None:
+    """Until something listens on ``port`` (or ``proc`` exited); bounded by the test timeout."""
+    while not listening_addresses(port) and proc.poll() is None:
+        time.sleep(0.05)
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="needs Linux /proc/net")
+def test_r5_l2_a_rank_of_another_job_on_the_same_port_is_refused():
+    """R5-L2: a rank of another job that reaches a world's store gets an error naming both
+    jobs and joins nothing; the first job then forms its world and finishes undisturbed.
+
+    Before: job B's rank 1 (SLURM job J+1, step 0) claimed rank 1 in job A's world (job J,
+    step 1, same port), trained with A's rank 0, and A's own rank 1 was refused.
+    """
+    port = free_port()
+
+    def task(rank: int, job: int, step: int) -> dict[str, str]:
+        env = slurm_env(rank, 2, nodelist="localhost", job_id=job, step_id=step)
+        return {**env, "MASTER_PORT": str(port)}
+
+    a0 = _start_worker(task(0, 7001, 1), timeout=60)
+    try:
+        _wait_listening(port, a0)
+        intruder = _start_worker(task(1, 7002, 0), timeout=60)
+        ((code_b, out_b),) = _outputs([intruder], 90)
+        a1 = _start_worker(task(1, 7001, 1), timeout=60)
+        (code0, out0), (code1, out1) = _outputs([a0, a1], 90)
+    finally:
+        if a0.poll() is None:
+            a0.kill()
+    assert code_b == 3, out_b
+    line = next(text for text in out_b.splitlines() if text.startswith("ERROR"))
+    assert "RendezvousError" in line, line
+    assert "slurm job SLURM_JOB_ID=7002 step SLURM_STEP_ID=0" in line, line
+    assert "slurm job SLURM_JOB_ID=7001 step SLURM_STEP_ID=1" in line, line
+    assert f"127.0.0.1:{port}" in line and "export MASTER_PORT" in line, line
+    assert code0 == 0 and code1 == 0, out0 + out1
+    records = rank_results(out0 + out1)
+    assert [r["rank"] for r in records] == [0, 1]
+    assert all(r["sum"] == 2.0 for r in records)
+
+
+def _proc_hex(ip: str) -> str:
+    """``ip`` as /proc/net/tcp{,6} spells it (each 32-bit word little-endian)."""
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    raw = socket.inet_pton(family, ip)
+    return "".join(raw[i : i + 4][::-1].hex().upper() for i in range(0, len(raw), 4))
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="needs Linux /proc/net")
+def test_r5_l4_store_listens_on_the_address_this_hosts_name_resolves_to():
+    """R5-L4: MASTER_ADDR=<this host's name> makes the store listen on the address the name
+    resolves to and nowhere else (before: on every interface); the job still runs.
+    """
+    name = socket.gethostname()
+    try:
+        resolved = socket.getaddrinfo(name, None, type=socket.SOCK_STREAM)[0][4][0]
+    except socket.gaierror:
+        pytest.skip(f"this host's name {name!r} does not resolve here")
+    procs = _start_ranks(name, free_port(), 2, timeout=20)
+    results = _outputs(procs, 90)
+    for code, text in results:
+        assert code == 0, text
+    records = rank_results("".join(text for _, text in results))
+    assert [r["rank"] for r in records] == [0, 1]
+    assert all(r["sum"] == 2.0 for r in records)
+    for record in records:
+        assert record["listeners"] == [_proc_hex(resolved)], (name, resolved, record)
+
+
+def test_r5_l4_listen_address_rules():
+    """R5-L4: a name is resolved; on several nodes a name that resolves to loopback here
+    keeps every interface (other nodes reach this host by another address)."""
+    from devlayer.rendezvous import _listen_host
+
+    name = socket.gethostname()
+    try:
+        resolved = socket.getaddrinfo(name, None, type=socket.SOCK_STREAM)[0][4][0]
+    except socket.gaierror:
+        pytest.skip(f"this host's name {name!r} does not resolve here")
+    assert _listen_host(name, 1) == resolved
+    assert _listen_host(name, 2) == (None if resolved.startswith("127.") else resolved)
+    assert _listen_host("::1", 2) == "::1"  # named loopback stays as named
+    assert _listen_host("no-such-host.invalid", 1) is None
+
+
+def test_r5_l4_address_this_host_lacks_keeps_every_interface_with_a_warning(caplog):
+    """R5-L4: a non-loopback MASTER_ADDR rank 0's host does not have (NAT: a published
+    container port, a service address) is left to torch's every-interface store, as
+    before, with a warning naming the address; a named loopback address is still bound."""
+    from devlayer.rendezvous import _listen
+
+    src = {"master_addr": "MASTER_ADDR"}
+    with caplog.at_level("WARNING", logger="devlayer"):
+        kwargs = _listen("192.0.2.1", free_port(), "192.0.2.1:1", src)  # TEST-NET-1
+    assert kwargs == {}
+    assert "192.0.2.1, which is not an address of this host" in caplog.text
+    kwargs = _listen("127.0.0.1", 0, "127.0.0.1:0", src)
+    os.close(kwargs["master_listen_fd"])
+
+
+@pytest.mark.timeout(30)
+def test_r5_l2_store_without_a_job_record_is_named_within_the_timeout(clean_env):
+    """R5-L2: a rank that reaches a store where no devlayer rank 0 recorded a job (a foreign
+    store, or rank 0 died first) fails within its timeout, naming rank 0 and the port."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    foreign = dist.TCPStore(
+        "127.0.0.1", 0, 1, True, timeout=timedelta(seconds=20), wait_for_workers=False
+    )
+    _env_rank(clean_env, 1, 2, foreign.port)
+    with pytest.raises(devlayer.errors.RendezvousError) as info:
+        devlayer.init(backend="cpu", timeout=2)
+    message = str(info.value)
+    assert f"127.0.0.1:{foreign.port}, but rank 0 did not record its job there" in message
+    assert not foreign.check(["devlayer/attempt0/rank1"])  # nothing was claimed there

@@ -12,7 +12,7 @@ import subprocess
 import pytest
 
 from devlayer.testing import slurm_env
-from tests.helpers import PY, ROOT, free_port_in, run_py, subprocess_env
+from tests.helpers import PY, ROOT, free_slurm_job_id, run_py, subprocess_env
 
 pytestmark = pytest.mark.e2e
 
@@ -90,8 +90,8 @@ def test_sin_fit_torchrun(one_rank_loss):
 @pytest.mark.timeout(90)
 def test_sin_fit_srun_shaped_two_tasks(one_rank_loss):
     # Two plain processes with the variables srun gives its tasks and no MASTER_ADDR/PORT:
-    # devlayer derives the port 15000 + (job id + step id) mod 20000, so pick a free one.
-    job_id = free_port_in(15000, 35000) - 15000
+    # devlayer derives the port from the job id and step, so pick one whose port is free.
+    job_id = free_slurm_job_id()
     procs = [
         subprocess.Popen(
             [PY, SIN_FIT, *SIN_ARGS],

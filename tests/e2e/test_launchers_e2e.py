@@ -13,7 +13,7 @@ import subprocess
 import pytest
 
 from devlayer.testing import free_port, intelmpi_env, openmpi_env, slurm_env
-from tests.helpers import PY, ROOT, free_port_in, rank_results, subprocess_env, torchrun
+from tests.helpers import PY, ROOT, free_slurm_job_id, rank_results, subprocess_env, torchrun
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
@@ -59,8 +59,7 @@ def test_torchrun_two_ranks_all_collectives():
 
 
 def test_slurm_shaped_env_two_plain_processes_derives_master():
-    port = free_port_in(15000, 35000)
-    job_id = port - 15000  # devlayer derives MASTER_PORT = 15000 + job id + step (mod 20000)
+    job_id = free_slurm_job_id()  # devlayer derives MASTER_PORT from the job id and step
     envs = [slurm_env(r, 2, nodelist="localhost", job_id=job_id) for r in range(2)]
     results = _run_ranks(envs)
     assert [r["launcher"] for r in results] == ["slurm", "slurm"]

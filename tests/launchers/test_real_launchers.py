@@ -25,7 +25,11 @@ pytestmark = [pytest.mark.launcher, pytest.mark.timeout(300)]
 
 JOB = str(ROOT / "tests" / "launchers" / "job.py")
 PY = sys.executable
-SLURM_PORT_BASE, SLURM_PORT_SPAN = 15000, 20000  # the documented srun port rule
+
+
+def _documented_port(job: int, step: int) -> int:
+    """The documented srun port rule, written out: 15000 + (job % 1250) * 16 + step % 16."""
+    return 15000 + (job % 1250) * 16 + step % 16
 
 
 def _missing(reason: str) -> None:
@@ -172,8 +176,7 @@ def test_accelerate_launch_cpu_with_mpirun_agrees_with_devlayer(tmp_path):
 
 
 def _slurm_port(record: dict[str, Any]) -> int:
-    job, step = int(record["slurm_job_id"]), int(record["slurm_step_id"])
-    return SLURM_PORT_BASE + (job + step) % SLURM_PORT_SPAN
+    return _documented_port(int(record["slurm_job_id"]), int(record["slurm_step_id"]))
 
 
 def _sbatch(script: Path, *, wait: bool = True, timeout: float = 240) -> tuple[int, str]:
@@ -226,6 +229,53 @@ def test_sbatch_batch_shell_is_one_process_then_srun_trains(slurm, tmp_path):
     assert len({r["checksum"] for r in ranks}) == 1
     assert {r["master_port"] for r in ranks} == {_slurm_port(ranks[0])}
     assert all("SLURM_JOB_ID" in r["port_source"] for r in ranks)
+
+
+def _listening_within(port: int, seconds: float) -> bool:
+    from tests.helpers import listening_addresses
+
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if listening_addresses(port):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_r5_l2_rank_of_a_second_sbatch_job_on_the_same_port_is_refused(slurm, tmp_path):
+    """R5-L2 under real sbatch/srun: job B's rank 1 reaches job A's store (one MASTER_PORT)
+    while A's rank 1 is still starting; B's rank 1 fails naming both jobs, A trains with its
+    own two ranks. Before: B's rank 1 joined A's world and A's rank 1 was refused.
+    """
+    from devlayer.testing import free_port
+
+    port = free_port()
+    late_rank_1 = 'if [ "$SLURM_PROCID" = 1 ]; then sleep 25; fi; exec {py} {job} quick'
+    only_rank_1 = 'if [ "$SLURM_PROCID" = 1 ]; then exec {py} {job} quick; fi'
+    scripts = [
+        _job_script(
+            tmp_path / name,
+            f"export MASTER_PORT={port}\nsrun bash -c '{body.format(py=PY, job=JOB)}'",
+        )
+        for name, body in (("a.sh", late_rank_1), ("b.sh", only_rank_1))
+    ]
+    job_a, out_a = _sbatch(scripts[0], wait=False)
+    try:
+        assert _listening_within(port, 150), f"job {job_a} never hosted its store on {port}"
+        job_b, out_b = _sbatch(scripts[1], wait=False)
+        _wait_gone(job_b, 150)
+        assert _wait_gone(job_a, 150) == "COMPLETED", Path(out_a).read_text()
+    finally:
+        subprocess.run(["scancel", str(job_a)], capture_output=True, timeout=20)
+    text_b = Path(out_b).read_text()
+    assert "RendezvousError" in text_b, text_b
+    assert f"slurm job SLURM_JOB_ID={job_b} step SLURM_STEP_ID=0" in text_b, text_b
+    assert f"another job: slurm job SLURM_JOB_ID={job_a} step SLURM_STEP_ID=0" in text_b
+    found = rank_results(Path(out_a).read_text())
+    assert sorted(r["rank"] for r in found) == [0, 1], found
+    assert {r["slurm_job_id"] for r in found} == {str(job_a)}
+    assert {r["sum"] for r in found} == {3}
+    assert not rank_results(text_b)
 
 
 def test_srun_directly(slurm):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import doctest
+import os
 import types
 
 import pytest
@@ -38,16 +39,17 @@ FIELDS = (
     "master_port",
 )
 
-# Ports that the MPI detectors derive from a job id: 15000 + crc32(id) % 20000.
-# Literal values, computed once by hand with zlib, so a change of the rule shows up here.
-PORT_OMPI_JOB = 17403  # OMPI_MCA_ess_base_jobid=3735879681 (openmpi_env)
-PORT_IMPI_JOB = 16756  # I_MPI_JOB_ID=777 (intelmpi_env)
-PORT_PRTE_NS = 17036  # PMIX_NAMESPACE=prterun-x@1
-PORT_MPIRUN_ID = 29546  # MPIRUN_ID=5150
-PORT_PALS_APID = 33144  # PALS_APID=abc-123
-PORT_PBS_JOB = 17774  # PBS_JOBID=123.aurora-pbs
-# SLURM: 15000 + (SLURM_JOB_ID + SLURM_STEP_ID) % 20000; slurm_env uses job 4242, step 0.
-PORT_SLURM_4242 = 19242
+# Derived ports: 15000 + (job % 1250) * 16 + step % 16, where an MPI launcher's job-id text
+# gives its last two numbers as job and step (one number: the job). Literal values, computed
+# once by hand, so a change of the rule shows up here.
+PORT_OMPI_JOB = 29896  # OMPI_MCA_ess_base_jobid=3735879681 (openmpi_env): 931 * 16
+PORT_IMPI_JOB = 27432  # I_MPI_JOB_ID=777 (intelmpi_env)
+PORT_PRTE_NS = 15016  # PMIX_NAMESPACE=prterun-x@1
+PORT_MPIRUN_ID = 17400  # MPIRUN_ID=5150: 150 * 16
+PORT_PALS_APID = 16968  # PALS_APID=abc-123
+PORT_PBS_JOB = 16968  # PBS_JOBID=123.aurora-pbs
+# SLURM: SLURM_JOB_ID and SLURM_STEP_ID; slurm_env uses job 4242 (492 * 16), step 0.
+PORT_SLURM_4242 = 22872
 
 ACCELERATE = {
     "ACCELERATE_MIXED_PRECISION": "bf16",
@@ -317,12 +319,12 @@ CASES = [
     ),
     pytest.param(
         slurm_env(0, 2, nodelist="n1", job_id=123456, step_id=3),
-        ("slurm", 0, 2, 0, 2, 0, 1, LO, 18459),
+        ("slurm", 0, 2, 0, 2, 0, 1, LO, 30299),
         id="slurm-port-from-job-and-step",
     ),
     pytest.param(
         slurm_env(1, 2, nodelist="n1", job_id=987654321),
-        ("slurm", 1, 2, 1, 2, 0, 1, LO, 29321),
+        ("slurm", 1, 2, 1, 2, 0, 1, LO, 24136),
         id="slurm-port-large-job-id",
     ),
     pytest.param(
@@ -336,7 +338,7 @@ CASES = [
             "SLURM_TASKS_PER_NODE": "2",
             "SLURM_NODELIST": "c1",
         },
-        ("slurm", 1, 2, 1, 2, 0, 1, LO, 15077),
+        ("slurm", 1, 2, 1, 2, 0, 1, LO, 16232),
         id="slurm-old-style-variables",
     ),
     pytest.param(
@@ -570,7 +572,7 @@ CASES = [
             "DEVLAYER_DISABLE_LAUNCHERS": "slurm",
             "MASTER_ADDR": "gpu-node07",
         },
-        ("mpich", 5, 8, 5, 8, 0, 1, "gpu-node07", 19726),
+        ("mpich", 5, 8, 5, 8, 0, 1, "gpu-node07", PORT_SLURM_4242),
         id="srun-pmi2-with-slurm-disabled-falls-back-to-mpich",
     ),
 ]
@@ -754,7 +756,7 @@ def test_sources_slurm_old_style_fallbacks() -> None:
         "SLURM_TASKS_PER_NODE": "2",
     }
     info = detect(env)
-    assert (info.rank, info.world_size, info.master_port) == (1, 2, 15077)
+    assert (info.rank, info.world_size, info.master_port) == (1, 2, 16232)
     assert info.sources["world_size"] == "SLURM_NPROCS"
     assert info.sources["local_world_size"] == "SLURM_TASKS_PER_NODE[0]"
     assert info.sources["master_port"] == "derived from SLURM_JOB_ID=77, SLURM_STEP_ID=0"
@@ -802,13 +804,13 @@ def test_slurm_port_same_for_every_rank_of_a_step() -> None:
         detect(slurm_env(r, 8, nodelist="gpu-node[07-08]", job_id=555123)).master_port
         for r in range(8)
     }
-    assert ports == {15000 + 555123 % 20000}
+    assert ports == {15000 + 123 * 16}
 
 
 def test_slurm_port_differs_between_steps_of_a_job() -> None:
     a = detect(slurm_env(0, 2, nodelist="n1", step_id=0)).master_port
     b = detect(slurm_env(0, 2, nodelist="n1", step_id=1)).master_port
-    assert (a, b) == (19242, 19243)
+    assert (a, b) == (PORT_SLURM_4242, PORT_SLURM_4242 + 1)
 
 
 @pytest.mark.parametrize("job_id", [0, 1, 19999, 20000, 4242, 10**9 + 7, 4294967295])
@@ -816,7 +818,52 @@ def test_slurm_port_in_range(job_id: int) -> None:
     port = detect(slurm_env(0, 2, nodelist="n1", job_id=job_id)).master_port
     assert port is not None
     assert 15000 <= port <= 34999
-    assert port == 15000 + job_id % 20000
+    assert port == 15000 + (job_id % 1250) * 16
+
+
+def _slurm_port(job: int, step: int) -> int | None:
+    return detect(slurm_env(0, 2, nodelist="n1", job_id=job, step_id=step)).master_port
+
+
+@pytest.mark.parametrize("job", [1, 4242, 19999, 20000, 555123, 4294967294])
+def test_r5_l1_neighbouring_slurm_jobs_and_steps_get_different_ports(job: int) -> None:
+    """R5-L1: job J's steps and job J+1's steps (0..15 each) never share a derived port.
+
+    The old rule 15000 + (job + step) gave job J's step 1 and job J+1's step 0 one port, so
+    two sbatch jobs on a node met in one world.
+    """
+    pairs = [(j, s) for j in (job, job + 1) for s in range(16)]
+    ports = {pair: _slurm_port(*pair) for pair in pairs}
+    assert len(set(ports.values())) == len(pairs), ports
+    assert _slurm_port(job, 1) != _slurm_port(job + 1, 0)
+
+
+def test_r5_l1_derived_ports_differ_for_a_thousand_consecutive_jobs() -> None:
+    """R5-L1: 1250 consecutive SLURM job ids (step 0) all derive distinct ports in range."""
+    ports = [_slurm_port(j, 0) for j in range(7000, 8250)]
+    assert len(set(ports)) == 1250
+    assert all(p is not None and 15000 <= p <= 34999 for p in ports)
+
+
+@pytest.mark.parametrize(
+    ("variable", "ids"),
+    [
+        ("I_MPI_JOB_ID", ("777", "778")),
+        ("PMI_JOBID", ("4242.0", "4242.1", "4243.0")),
+        ("PMIX_NAMESPACE", ("prterun-n1-4100@1", "prterun-n1-4101@1", "prterun-n1-4100@2")),
+        ("OMPI_MCA_ess_base_jobid", ("3735879681", "3735879682")),
+    ],
+)
+def test_r5_l1_neighbouring_mpi_job_ids_get_different_ports(
+    variable: str, ids: tuple[str, ...]
+) -> None:
+    """R5-L1: MPI job ids that count up (jobs, steps, pids) derive different ports too."""
+    base = openmpi_env(0, 2) if variable.startswith("OMPI") else intelmpi_env(0, 2)
+    base = {k: v for k, v in base.items() if k not in ("I_MPI_JOB_ID", "OMPI_MCA_ess_base_jobid")}
+    if variable == "PMIX_NAMESPACE":
+        base = {"PMIX_RANK": "0", "PMIX_SIZE": "2", "PMIX_LOCAL_RANK": "0", "PMIX_LOCAL_SIZE": "2"}
+    ports = [detect({**base, variable: value}).master_port for value in ids]
+    assert len(set(ports)) == len(ids), dict(zip(ids, ports, strict=True))
 
 
 def test_slurm_port_non_numeric_job_id_still_in_range() -> None:
@@ -1081,7 +1128,7 @@ def test_torch_env_multi_node() -> None:
         "LOCAL_RANK": "1",
         "LOCAL_WORLD_SIZE": "4",
         "MASTER_ADDR": "gpu-node07",
-        "MASTER_PORT": "19242",
+        "MASTER_PORT": str(PORT_SLURM_4242),
     }
 
 
@@ -1184,3 +1231,141 @@ def test_process_info_names_the_job(env: dict[str, str], job_id: str | None) -> 
     info = detect(env)
     assert info.job_id == job_id
     assert info == dataclasses.replace(info, job_id="other")  # a label, not part of equality
+
+
+# --------------------------------------------------------------------------- issue 20 (9)
+
+
+@pytest.mark.parametrize(
+    ("env", "seen"),
+    [
+        pytest.param({"WORLD_SIZE": "2"}, "WORLD_SIZE=2", id="world-size-alone"),
+        pytest.param(
+            {"WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_PORT": "29500"},
+            "WORLD_SIZE=4, LOCAL_RANK=1, MASTER_PORT=29500",
+            id="with-local-rank-and-port",
+        ),
+        pytest.param(
+            {"WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "abc", "LOCAL_RANK": "0"},
+            "WORLD_SIZE=2, LOCAL_RANK=0, TORCHELASTIC_RUN_ID=abc",
+            id="torchrun-markers-without-rank",
+        ),
+        pytest.param(
+            {**_slurm_batch(), "WORLD_SIZE": "2"}, "WORLD_SIZE=2", id="in-an-sbatch-shell"
+        ),
+    ],
+)
+def test_r5_l3_world_size_without_rank_is_an_error(env: dict[str, str], seen: str) -> None:
+    """R5-L3: WORLD_SIZE > 1 without RANK is an error naming the variables seen and RANK.
+
+    Before, it ran as a single process (world size 1) without a word.
+    """
+    with pytest.raises(LaunchEnvError) as err:
+        detect(env)
+    message = str(err.value)
+    assert f"seen: {seen}" in message, message
+    assert "RANK is not set" in message and "export RANK" in message, message
+    with pytest.raises(LaunchEnvError):
+        devlayer.launchers.launched(env)
+
+
+@pytest.mark.parametrize(
+    ("env", "launcher", "world"),
+    [
+        pytest.param({}, "none", 1, id="plain"),
+        pytest.param({"WORLD_SIZE": "1"}, "none", 1, id="world-size-1-alone"),
+        pytest.param({"WORLD_SIZE": "2", "DEVLAYER_LAUNCHER": "none"}, "none", 1, id="forced"),
+        pytest.param(torchrun_env(1, 2), "torchrun", 2, id="torchrun"),
+        pytest.param({**torchrun_env(1, 2), **ACCELERATE}, "accelerate", 2, id="accelerate"),
+        pytest.param(
+            {"RANK": "1", "WORLD_SIZE": "2", "MASTER_PORT": "29511"}, "env", 2, id="hand-set"
+        ),
+        pytest.param(
+            {**slurm_env(1, 2, nodelist="n1"), "WORLD_SIZE": "2"}, "slurm", 2, id="srun+size"
+        ),
+    ],
+)
+def test_r5_l3_launches_with_rank_or_one_process_still_work(
+    env: dict[str, str], launcher: str, world: int
+) -> None:
+    """R5-L3: torchrun, accelerate, hand-set, srun and plain environments are unchanged."""
+    info = detect(env)
+    assert (info.launcher, info.world_size) == (launcher, world)
+
+
+# --------------------------------------------------------------------------- issue 20 (MPICH)
+
+# What Hydra gives rank 5 of `mpiexec -hosts a,b -n 8` (4 per node), plus the MASTER_ADDR a
+# job script exports: no job id, no MASTER_PORT.
+HYDRA_2_NODES = {
+    "PMI_RANK": "5",
+    "PMI_SIZE": "8",
+    "PMI_FD": "6",
+    "MPI_LOCALRANKID": "1",
+    "MPI_LOCALNRANKS": "4",
+    "HYDI_CONTROL_FD": "7",
+    "MASTER_ADDR": "a",
+}
+
+
+def test_r5_l5_mpich_across_nodes_without_port_or_job_id_is_an_error() -> None:
+    """R5-L5: a multi-node MPICH (Hydra) job with no job id and no MASTER_PORT is an error
+    that says to export MASTER_PORT, never a port one node derives for itself."""
+    with pytest.raises(LaunchEnvError) as err:
+        detect(HYDRA_2_NODES)
+    message = str(err.value)
+    assert "2 nodes" in message and "export MASTER_PORT" in message, message
+
+
+def test_r5_l5_mpich_across_nodes_never_derives_the_port_from_the_proxy(monkeypatch) -> None:
+    """R5-L5: in this process's own environment, each node's hydra_pmi_proxy has its own pid;
+    a multi-node job must not derive its port from it (each node would wait on its own)."""
+    outcomes = []
+    for proxy_pid, rank, local_rank in ((4100, "1", "1"), (9200, "5", "1")):
+        monkeypatch.setattr(devlayer.launchers, "_ancestor_named", lambda names, p=proxy_pid: p)
+        for key in list(os.environ):
+            monkeypatch.delenv(key)
+        for key, value in {
+            **HYDRA_2_NODES,
+            "PMI_RANK": rank,
+            "MPI_LOCALRANKID": local_rank,
+        }.items():
+            monkeypatch.setenv(key, value)
+        try:
+            outcomes.append(detect(os.environ).master_port)
+        except LaunchEnvError as exc:
+            outcomes.append(str(exc))
+    assert len({type(o) for o in outcomes}) == 1, outcomes  # both nodes agree: port or error
+    ports = {o for o in outcomes if isinstance(o, int)}
+    derived = {devlayer.launchers.derived_port(4100), devlayer.launchers.derived_port(9200)}
+    assert len(ports) <= 1 and not ports & derived, outcomes
+
+
+@pytest.mark.parametrize(
+    ("extra", "port"),
+    [
+        pytest.param({"MASTER_PORT": "29600"}, 29600, id="exported-port"),
+        pytest.param({"I_MPI_JOB_ID": "777"}, PORT_IMPI_JOB, id="intel-mpi-job-id"),
+        pytest.param({"PMI_JOBID": "4242.0"}, PORT_SLURM_4242, id="pmi-job-id"),
+    ],
+)
+def test_r5_l5_mpich_across_nodes_with_a_port_or_job_id_works(
+    extra: dict[str, str], port: int
+) -> None:
+    """R5-L5: with MASTER_PORT or a job id every node gets the same port."""
+    assert detect({**HYDRA_2_NODES, **extra}).master_port == port
+
+
+def test_r5_l1_hydra_proxy_pids_spread_over_every_derived_port(monkeypatch) -> None:
+    """R5-L1: ports derived from hydra_pmi_proxy pids differ for pids less than 20000 apart
+    (neighbouring pids included), as two single-node mpiexec jobs have."""
+    for key in list(os.environ):
+        monkeypatch.delenv(key)
+    for key, value in intelmpi_env(0, 2).items():
+        if key != "I_MPI_JOB_ID":
+            monkeypatch.setenv(key, value)
+    ports = set()
+    for proxy in range(30000, 50000, 7):
+        monkeypatch.setattr(devlayer.launchers, "_ancestor_named", lambda names, p=proxy: p)
+        ports.add(detect(os.environ).master_port)
+    assert len(ports) == len(range(30000, 50000, 7))
