@@ -424,7 +424,10 @@ def test_none3_a_runtime_missing_a_declared_member_is_named(
 ) -> None:
     """A plugin runtime without the declared ``variant``/``bind_device_id`` (written before
     they were declared) is an InvalidArgumentError naming the missing members and the fix,
-    not an AttributeError deep inside init()."""
+    not an AttributeError deep inside init(). The members checked are the protocol's own."""
+    from devlayer.vendor import RUNTIME_MEMBERS, Runtime
+
+    assert set(RUNTIME_MEMBERS) == {n for n in dir(Runtime) if not n.startswith("_")}
 
     class Bare:
         def compiled(self) -> bool:
