@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-from devlayer.registry import Availability, Backend, Runtime
+from devlayer.vendor import Availability, Backend, Runtime
 
 
-class CpuRuntime:
+class CpuRuntime(Runtime):
     """The CPU has one device and nothing to initialize."""
-
-    variant = ""
 
     def compiled(self) -> bool:
         return True
 
     def device_count(self) -> int:
         return 1
-
-    def is_initialized(self) -> bool:
-        return False
 
     def set_device(self, index: int) -> None:
         return None
@@ -38,7 +33,7 @@ class CpuBackend(Backend):
     def make_runtime(self) -> Runtime:
         return CpuRuntime()
 
-    def availability(self) -> Availability:
+    def availability(self, runtime: Runtime) -> Availability:
         return Availability(True, "always available")
 
     def hint(self, comm: str | None = None) -> str:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from devlayer.registry import Backend, Runtime
+from devlayer.vendor import Backend, Runtime
 
 
-class CudaRuntime:
+class CudaRuntime(Runtime):
     """Asks ``torch.cuda``; device counts come from NVML / AMD SMI before initialization."""
+
+    bind_device_id = True  # device_id to init_process_group: eager NCCL init (gloo binds too)
 
     def __init__(self) -> None:
         import torch
@@ -50,15 +52,17 @@ class CudaBackend(Backend):
     priority = 100
     device_type = "cuda"
     visibility_vars = ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES")
-    bind_device_id = True
+    # NCCL refuses two ranks on one GPU ("Duplicate GPU detected") in most versions;
+    # gloo on CUDA tensors does not care.
+    exclusive_comms = ("nccl",)
 
     def make_runtime(self) -> Runtime:
         return CudaRuntime()
 
-    def visibility_var(self, env: Mapping[str, str]) -> str | None:
+    def visibility_var(self, env: Mapping[str, str], runtime: Runtime) -> str | None:
         # ROCm honours HIP_VISIBLE_DEVICES (and CUDA_VISIBLE_DEVICES) on top of
         # ROCR_VISIBLE_DEVICES; narrow the one the user or scheduler already set.
-        if getattr(self.runtime, "variant", "") == "rocm":
+        if runtime.variant == "rocm":
             for var in ("HIP_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES"):
                 if env.get(var, "").strip():
                     return var
@@ -79,11 +83,6 @@ class CudaBackend(Backend):
                 "apply, one after the other. Set only one of them"
             )
         return out
-
-    def shares_devices_between_ranks(self, comm: str) -> bool:
-        # NCCL refuses two ranks on one GPU ("Duplicate GPU detected") in most versions;
-        # gloo on CUDA tensors does not care.
-        return comm != "nccl"
 
     def hint(self, comm: str | None = None) -> str:
         if comm is not None:

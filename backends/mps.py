@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from devlayer.registry import Backend, Runtime
+from devlayer.vendor import Backend, Runtime
 
 
-class MpsRuntime:
+class MpsRuntime(Runtime):
     """Asks ``torch.backends.mps``; there is exactly one MPS device when it exists."""
-
-    variant = ""
 
     def compiled(self) -> bool:
         import torch
@@ -19,9 +17,6 @@ class MpsRuntime:
         import torch
 
         return 1 if torch.backends.mps.is_available() else 0
-
-    def is_initialized(self) -> bool:
-        return False
 
     def set_device(self, index: int) -> None:
         return None  # a single device; nothing to select
@@ -36,7 +31,7 @@ class MpsBackend(Backend):
     name = "mps"
     priority = 50
     device_type = "mps"
-    multi_process = False
+    comms = ()  # gloo cannot move MPS tensors between ranks: one process only
 
     def make_runtime(self) -> Runtime:
         return MpsRuntime()

@@ -18,7 +18,8 @@ from collections.abc import Mapping, MutableMapping
 
 from devlayer.errors import BackendUnavailableError
 from devlayer.launchers import ProcessInfo
-from devlayer.registry import Availability, Backend, Runtime, torch_comm_available
+from devlayer.registry import torch_comm_available
+from devlayer.vendor import Availability, Backend, Runtime
 
 from . import _ipex
 from ._ipex import IPEX_DIST, IPEX_MODULE, minor, mismatch
@@ -35,10 +36,8 @@ def _installed(module: str) -> bool:
         return False
 
 
-class XpuRuntime:
+class XpuRuntime(Runtime):
     """Asks ``torch.xpu`` (device counts via Level Zero sysman before initialization)."""
-
-    variant = ""
 
     def compiled(self) -> bool:
         import torch
@@ -80,32 +79,22 @@ class XpuBackend(Backend):
     priority = 90
     device_type = "xpu"
     visibility_vars = ("ZE_AFFINITY_MASK", "ONEAPI_DEVICE_SELECTOR")
+    # torch maps xpu to xccl (torch >= 2.8); older torch needs IPEX + oneCCL's "ccl".
+    comms = ("xccl", "ccl")
 
     def make_runtime(self) -> Runtime:
         return XpuRuntime()
 
-    def availability(self) -> Availability:
-        rt = self.runtime
-        if not rt.compiled():
+    def availability(self, runtime: Runtime) -> Availability:
+        if not runtime.compiled():
             why = "torch built without XPU"
             if _installed(IPEX_MODULE):
                 why += " (intel_extension_for_pytorch is installed but torch has no XPU)"
             return Availability(False, why)
-        count = rt.device_count()
+        count = runtime.device_count()
         if count < 1:
             return Availability(False, "no XPU devices visible (check the driver and sycl-ls)")
         return Availability(True, f"{count} xpu device(s)")
-
-    def default_comm(self) -> str:
-        # torch maps xpu to xccl (torch >= 2.8); older torch needs IPEX + oneCCL's "ccl".
-        if self.comm_available("xccl"):
-            return "xccl"
-        if self.comm_available("ccl"):
-            return "ccl"
-        raise BackendUnavailableError(
-            "xpu needs a communication backend for several ranks, and this install has "
-            f"neither xccl nor ccl: {self.hint('xccl')}"
-        )
 
     def hint(self, comm: str | None = None) -> str:
         if comm is None:

@@ -16,7 +16,7 @@ from devlayer.errors import DevlayerError, InvalidArgumentError
 if TYPE_CHECKING:
     from types import ModuleType
 
-    from devlayer.registry import Backend
+    from devlayer.registry import BoundBackend
 
 __all__ = ["AcceleratorHook", "as_hook_list", "call_hooks", "resolve_hooks", "torch_module"]
 
@@ -89,7 +89,7 @@ def as_hook_list(hooks: Iterable[AcceleratorHook] | AcceleratorHook | None) -> l
     return list(hooks)
 
 
-def call_hooks(hooks: list[tuple[str, Callable[[Any], object]]], be: Backend) -> None:
+def call_hooks(hooks: list[tuple[str, Callable[[Any], object]]], be: BoundBackend) -> None:
     if not hooks:
         return
     module = torch_module(be.device_type)

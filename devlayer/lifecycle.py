@@ -44,7 +44,8 @@ from devlayer.errors import (
 )
 from devlayer.hooks import AcceleratorHook, as_hook_list, call_hooks, resolve_hooks, torch_module
 from devlayer.launchers import ProcessInfo, detect
-from devlayer.registry import Backend, prepare_comm, select_backend
+from devlayer.registry import BoundBackend as Backend  # the backend with its runtime
+from devlayer.registry import prepare_comm, select_backend
 from devlayer.rendezvous import rendezvous
 from devlayer.torchcompat import (
     check_torch_version,

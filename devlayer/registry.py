@@ -1,16 +1,19 @@
-"""The backend interface, the registry of backends, and backend selection.
+"""The registry of backends, backend selection, and what the library derives from a backend.
 
 A *backend* is one device vendor: ``cuda`` (NVIDIA and ROCm builds), ``xpu``, ``mps``,
-``cpu`` or a third-party plugin. Each lives in one file under ``backends/`` (installed as
+``cpu`` or a third-party plugin. What a vendor defines is the contract in
+:mod:`devlayer.vendor`; each lives in one file under ``backends/`` (installed as
 ``devlayer.backends``) or in another package that registers through the entry-point group
 ``devlayer.backends``::
 
     [project.entry-points."devlayer.backends"]
     mynpu = "mynpu_devlayer:NpuBackend"
 
-A backend asks its vendor's torch module everything through one object, its
-:class:`Runtime`. That object is the *hardware seam*: :mod:`devlayer.simulation` replaces it
-(``DEVLAYER_SIMULATE``, ``devlayer.testing.simulate``) to simulate devices that are not there.
+Lookups (:func:`get_backend`, :func:`registered_backends`, :func:`select_backend`) return
+a :class:`BoundBackend`: the registered backend joined to its :class:`Runtime`, the
+*hardware seam*. The runtime is decided at the lookup, once: a simulated one when
+:mod:`devlayer.simulation` has one for the backend's name (``DEVLAYER_SIMULATE``,
+``devlayer.testing.simulate``), else the backend's real one.
 
 Selection order: explicit ``backend=`` argument, then ``DEVLAYER_BACKEND``, then
 auto-detection by descending :attr:`Backend.priority` among available backends
@@ -24,9 +27,10 @@ from __future__ import annotations
 import importlib
 import os
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, cast, runtime_checkable
+from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 from devlayer import simulation
 from devlayer.config import short_repr
@@ -36,6 +40,12 @@ from devlayer.errors import (
     DevlayerError,
     InvalidArgumentError,
 )
+from devlayer.vendor import (
+    Availability,
+    Backend,
+    Runtime,
+    missing_runtime_members,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -43,9 +53,7 @@ if TYPE_CHECKING:
     from devlayer.launchers import ProcessInfo
 
 __all__ = [
-    "Availability",
-    "Backend",
-    "Runtime",
+    "BoundBackend",
     "available_backends",
     "get_backend",
     "register_backend",
@@ -63,48 +71,6 @@ BUILTINS: dict[str, str] = {
     "mps": "devlayer.backends.mps:MpsBackend",
     "cpu": "devlayer.backends.cpu:CpuBackend",
 }
-
-
-@dataclass(frozen=True)
-class Availability:
-    """Whether a backend can run here, with the reason in words.
-
-    Example:
-        >>> bool(Availability(False, "torch built without CUDA"))
-        False
-    """
-
-    ok: bool
-    reason: str
-
-    def __bool__(self) -> bool:
-        return self.ok
-
-
-@runtime_checkable
-class Runtime(Protocol):
-    """What a backend asks of its vendor runtime: the single seam simulation replaces.
-
-    A runtime may also define ``comm_available(comm) -> bool`` when torch cannot tell
-    by itself (oneCCL's ``ccl`` before its bindings are imported); simulated runtimes
-    define it to fake ``nccl``/``xccl``. Without it, :meth:`Backend.comm_available`
-    asks ``torch.distributed.is_backend_available``.
-    """
-
-    def compiled(self) -> bool:
-        """True when torch was built with this vendor's support."""
-
-    def device_count(self) -> int:
-        """Visible devices, asked without initializing the runtime where the vendor allows."""
-
-    def is_initialized(self) -> bool:
-        """True once the vendor runtime has read its visibility variables."""
-
-    def set_device(self, index: int) -> None:
-        """Make ``index`` the current device of this process."""
-
-    def device_name(self, index: int) -> str:
-        """A human name for device ``index`` (e.g. ``NVIDIA H100 80GB HBM3``)."""
 
 
 def torch_comm_available(comm: str) -> bool:
@@ -138,120 +104,103 @@ def torch_default_comm(device_type: str) -> str:
     return str(TorchBackend.default_device_backend_map.get(device_type, "gloo"))
 
 
-class Backend:
-    """One device vendor. Subclass it in one file; register it with one line.
+class BoundBackend:
+    """A registered backend joined to the runtime it uses: what the library derives from it.
 
-    What a vendor defines (``name``, ``device_type`` and :meth:`make_runtime` are required;
-    the rest have working defaults):
+    The registry builds one at every lookup (:func:`get_backend`, :func:`registered_backends`,
+    :func:`select_backend`) and decides its runtime then, once: the simulated one when
+    simulation is on for the backend's name (``DEVLAYER_SIMULATE``,
+    ``devlayer.testing.simulate``), else the backend's real one, made on first use and
+    shared by every lookup. It keeps that runtime for its life.
 
     Attributes:
-        name: Registry key and the value of ``DEVLAYER_BACKEND``.
-        priority: Auto-detection order; higher is tried first.
-        device_type: The torch device type (``"cuda"``, ``"xpu"``, ``"cpu"``...).
-        visibility_vars: Environment variables that restrict visible devices; the first is
-            the one devlayer narrows. Devices have indices (each rank picks one) exactly
-            when there is such a variable: see :attr:`indexed`.
-        multi_process: False when the device cannot be shared by several ranks (MPS).
-        bind_device_id: Pass ``device_id`` to ``init_process_group`` (eager comm init).
-
-    and the methods :meth:`make_runtime`, :meth:`availability`, :meth:`default_comm`,
-    :meth:`shares_devices_between_ranks`, :meth:`prepare`, :meth:`hint`, :meth:`notes`
-    and :meth:`visibility_var`.
-
-    Provided by the base class, for callers (not meant to be overridden): :attr:`runtime`,
-    :attr:`indexed`, :meth:`comm_backend`, :meth:`comm_available`, :meth:`device_count`,
-    :meth:`set_device` and :meth:`device`.
+        backend: The vendor's :class:`~devlayer.vendor.Backend`, as registered.
+        simulated: Whether the runtime is a simulated one.
 
     Example:
-        >>> class MyNpu(Backend):
-        ...     name, priority, device_type = "mynpu", 80, "mynpu"
-        >>> MyNpu.name
-        'mynpu'
+        >>> import devlayer
+        >>> cpu = devlayer.backends.get_backend("cpu")
+        >>> (cpu.name, cpu.indexed, cpu.device_count(), str(cpu.device(None)))
+        ('cpu', False, 1, 'cpu')
     """
 
-    name: ClassVar[str] = ""
-    priority: ClassVar[int] = 0
-    device_type: ClassVar[str] = ""
-    visibility_vars: ClassVar[tuple[str, ...]] = ()
-    multi_process: ClassVar[bool] = True
-    bind_device_id: ClassVar[bool] = False
-
-    def __init__(self, runtime: Runtime | None = None) -> None:
+    def __init__(
+        self, backend: Backend, runtime: Runtime | None = None, *, simulated: bool = False
+    ) -> None:
+        self.backend = backend
+        self.simulated = simulated
         self._runtime = runtime
 
-    # -- what a vendor defines -------------------------------------------------------------
-    def make_runtime(self) -> Runtime:
-        """Build the real runtime that asks torch; called once, lazily."""
-        raise NotImplementedError(f"backend {self.name!r} defines no runtime")
+    # -- the vendor's declarations ------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        """Registry key and the value of ``DEVLAYER_BACKEND``."""
+        return self.backend.name
 
-    def availability(self) -> Availability:
-        """Can this backend run here? Never initializes the vendor runtime."""
-        rt = self.runtime
-        if not rt.compiled():
-            return Availability(False, f"torch built without {self.device_type.upper()}")
-        count = rt.device_count()
-        if count < 1:
-            return Availability(False, f"no {self.device_type.upper()} devices visible")
-        return Availability(True, f"{count} {self.device_type} device(s)")
+    @property
+    def priority(self) -> int:
+        """Auto-detection order; higher is tried first."""
+        return self.backend.priority
 
-    def default_comm(self) -> str:
-        """The comm backend to use: torch's for this device type (``gloo`` when none)."""
-        return torch_default_comm(self.device_type)
+    @property
+    def device_type(self) -> str:
+        """The torch device type."""
+        return self.backend.device_type
 
-    def shares_devices_between_ranks(self, comm: str) -> bool:
-        """Whether the process-group backend ``comm`` lets two ranks use one device.
+    @property
+    def visibility_vars(self) -> tuple[str, ...]:
+        """The variables that restrict visible devices; the first is the one narrowed."""
+        return self.backend.visibility_vars
 
-        ``False`` makes ``init()`` refuse more ranks per node than visible devices (unless
-        ``DEVLAYER_ALLOW_SHARED_DEVICES=1``); ``True`` only warns.
-        """
-        return True
-
-    def prepare(
-        self,
-        comm: str,
-        process: ProcessInfo | None = None,
-        env: MutableMapping[str, str] | None = None,
-    ) -> None:
-        """Work before the process group for ``comm`` exists: variables, then imports.
-
-        Args:
-            comm: The process-group backend about to be created.
-            process: This rank's launcher facts (local rank and size...).
-            env: Where to set variables the comm library reads, with ``env.setdefault``
-                (a user's value wins); ``init()`` passes a view of ``os.environ`` that
-                ``shutdown()`` restores. Set them before importing the library.
-        """
-
-    def hint(self, comm: str | None = None) -> str:
-        """What to install or check: for this backend, or for a missing comm backend ``comm``."""
-        if comm is None:
-            return f"Check that torch was built with {self.device_type} support."
-        return f"install a torch build with {comm} support, or choose another comm backend"
-
-    def notes(self, env: Mapping[str, str], *, selected: bool) -> list[str]:
-        """Known pitfalls of this vendor for ``devlayer info`` (pure; no runtime calls)."""
-        return []
-
-    def visibility_var(self, env: Mapping[str, str]) -> str | None:
-        """The variable to narrow when restricting devices (``None`` = cannot restrict)."""
-        return self.visibility_vars[0] if self.visibility_vars else None
-
-    # -- provided by the base class ----------------------------------------------------------
+    # -- derived ----------------------------------------------------------------------------
     @property
     def runtime(self) -> Runtime:
-        """The runtime in use: a simulated one if a test installed it, else the real one."""
-        simulated = simulation.runtime_for(self.name)
-        if simulated is not None:
-            return cast("Runtime", simulated)
+        """The runtime in use: the one bound at lookup, else the backend's real one."""
         if self._runtime is None:
-            self._runtime = self.make_runtime()
+            self._runtime = real_runtime(self.backend)
         return self._runtime
 
     @property
     def indexed(self) -> bool:
         """Devices have indices and each rank picks one: true when there is a visibility
-        variable to narrow (False for cpu and mps). A subclass may still set it."""
-        return bool(self.visibility_vars)
+        variable to narrow (False for cpu and mps)."""
+        return bool(self.backend.visibility_vars)
+
+    @property
+    def multi_process(self) -> bool:
+        """False when no comm backend carries this device's tensors (``comms == ()``: mps)."""
+        return self.backend.comms != ()
+
+    @property
+    def bind_device_id(self) -> bool:
+        """Pass ``device_id`` to ``init_process_group``: the runtime's declaration."""
+        return bool(self.runtime.bind_device_id)
+
+    def availability(self) -> Availability:
+        """Can this backend run here? Never initializes the vendor runtime."""
+        return self.backend.availability(self.runtime)
+
+    def default_comm(self) -> str:
+        """The first of the backend's ``comms`` that torch has; torch's own when it declares none.
+
+        Raises:
+            BackendUnavailableError: None of the declared comm backends is available.
+        """
+        comms = self.backend.comms
+        if not comms:  # None: torch's; (): one process, torch's shown by `devlayer info`
+            return torch_default_comm(self.device_type)
+        for comm in comms:
+            if self.comm_available(comm):
+                return comm
+        return self._no_comm(comms)
+
+    def _no_comm(self, comms: tuple[str, ...]) -> NoReturn:
+        *rest, last = comms
+        has = f"no {last}" if not rest else f"neither {' nor '.join([*rest, last])}"
+        raise BackendUnavailableError(
+            f"{self.name} needs a communication backend for several ranks, and this install "
+            f"has {has}: {self.backend.hint(comms[0])}"
+        )
 
     def comm_available(self, comm: str) -> bool:
         """Whether the process-group backend ``comm`` exists: asked of the runtime when it
@@ -274,9 +223,13 @@ class Backend:
         if not self.comm_available(comm):
             raise BackendUnavailableError(
                 f"communication backend {comm!r} is not available for backend {self.name!r} "
-                f"in this torch build; {self.hint(comm)}"
+                f"in this torch build; {self.backend.hint(comm)}"
             )
         return comm
+
+    def shares_devices_between_ranks(self, comm: str) -> bool:
+        """Whether ``comm`` lets two ranks use one device: not one of ``exclusive_comms``."""
+        return comm not in self.backend.exclusive_comms
 
     def device_count(self) -> int:
         """Number of devices this process sees."""
@@ -296,8 +249,71 @@ class Backend:
             else torch.device(self.device_type)
         )
 
+    def visibility_var(self, env: Mapping[str, str]) -> str | None:
+        """The variable to narrow when restricting devices (``None`` = cannot restrict)."""
+        return self.backend.visibility_var(env, self.runtime)
+
+    # -- the vendor's methods, as they are ------------------------------------------------------
+    def prepare(
+        self,
+        comm: str,
+        process: ProcessInfo | None = None,
+        env: MutableMapping[str, str] | None = None,
+    ) -> None:
+        """The vendor's work before the process group for ``comm`` exists."""
+        self.backend.prepare(comm, process, env)
+
+    def hint(self, comm: str | None = None) -> str:
+        """What to install or check: for this backend, or for a missing comm backend ``comm``."""
+        return self.backend.hint(comm)
+
+    def notes(self, env: Mapping[str, str], *, selected: bool) -> list[str]:
+        """Known pitfalls of this vendor for ``devlayer info``."""
+        return self.backend.notes(env, selected=selected)
+
     def __repr__(self) -> str:
-        return f"<{type(self).__name__} name={self.name!r} priority={self.priority}>"
+        how = "simulated" if self.simulated else "real"
+        return f"<BoundBackend {self.backend!r} runtime={how}>"
+
+
+_real_runtimes: weakref.WeakKeyDictionary[Backend, Runtime] = weakref.WeakKeyDictionary()
+
+
+def checked_runtime(runtime: object, backend: Backend, origin: str) -> Runtime:
+    """``runtime`` when it has every member of :class:`Runtime`; else an error naming them.
+
+    Raises:
+        InvalidArgumentError: Members are missing (e.g. a runtime written before ``variant``
+            and ``bind_device_id`` were declared).
+    """
+    missing = missing_runtime_members(runtime)
+    if missing:
+        raise InvalidArgumentError(
+            f"backend {backend.name!r}: {origin} gave {type(runtime).__name__}, which lacks "
+            f"{', '.join(missing)}; subclass devlayer.backends.Runtime (it gives variant='' and "
+            f"bind_device_id=False) or define them"
+        )
+    return cast("Runtime", runtime)
+
+
+def real_runtime(backend: Backend) -> Runtime:
+    """The real runtime of ``backend``: its ``make_runtime()``, called once, then reused."""
+    with _lock:
+        runtime = _real_runtimes.get(backend)
+        if runtime is None:
+            runtime = checked_runtime(backend.make_runtime(), backend, "make_runtime()")
+            _real_runtimes[backend] = runtime
+        return runtime
+
+
+def bind(backend: Backend) -> BoundBackend:
+    """``backend`` joined to its runtime: the simulated one when simulation is on for its
+    name (asked here, once), else its real one (made on first use)."""
+    simulated = simulation.runtime_for(backend.name)
+    if simulated is None:
+        return BoundBackend(backend)
+    runtime = checked_runtime(simulated, backend, "the simulation")
+    return BoundBackend(backend, runtime, simulated=True)
 
 
 class _Environ(MutableMapping[str, str]):
@@ -323,7 +339,7 @@ class _Environ(MutableMapping[str, str]):
 
 
 def prepare_comm(
-    backend: Backend, comm: str, process: ProcessInfo, setenv: Callable[[str, str], None]
+    backend: BoundBackend, comm: str, process: ProcessInfo, setenv: Callable[[str, str], None]
 ) -> None:
     """Run ``backend.prepare(comm, process, env)`` before the process group for ``comm`` exists.
 
@@ -333,7 +349,7 @@ def prepare_comm(
     backend.prepare(comm, process, _Environ(setenv))
 
 
-def comm_owner(name: str, backends: Mapping[str, Backend]) -> str | None:
+def comm_owner(name: str, backends: Mapping[str, BoundBackend]) -> str | None:
     """The device backend to suggest for a process-group backend name (``nccl`` -> cuda).
 
     Asked of torch: the registered backend whose device type torch maps ``name`` to (the
@@ -468,7 +484,8 @@ def register_backend(backend: Backend | type[Backend], *, replace: bool = False)
         replace: Replace a backend already registered under the same name.
 
     Returns:
-        The registered instance.
+        The registered instance (lookups return it joined to its runtime, a
+        :class:`BoundBackend`).
 
     Raises:
         DevlayerError: The name is taken and ``replace`` is False.
@@ -500,8 +517,8 @@ def unregister_backend(name: str) -> None:
         _backends.pop(name, None)
 
 
-def registered_backends() -> dict[str, Backend]:
-    """All registered backends by name, highest priority first.
+def registered_backends() -> dict[str, BoundBackend]:
+    """All registered backends by name, highest priority first, each bound to its runtime.
 
     Example:
         >>> import devlayer
@@ -511,7 +528,7 @@ def registered_backends() -> dict[str, Backend]:
     _ensure_loaded()
     with _lock:
         items = sorted(_backends.items(), key=lambda kv: (-kv[1].priority, kv[0]))
-    return dict(items)
+    return {name: bind(backend) for name, backend in items}
 
 
 def available_backends() -> list[str]:
@@ -531,15 +548,15 @@ def entry_point_errors() -> dict[str, str]:
     return dict(_entry_point_errors)
 
 
-def _safe_availability(backend: Backend) -> Availability:
+def _safe_availability(backend: BoundBackend) -> Availability:
     try:
         return backend.availability()
     except Exception as exc:  # a probe must not crash selection; report it instead
         return Availability(False, f"availability check failed: {type(exc).__name__}: {exc}")
 
 
-def get_backend(name: str, *, origin: str = "backend") -> Backend:
-    """The registered backend called ``name``.
+def get_backend(name: str, *, origin: str = "backend") -> BoundBackend:
+    """The registered backend called ``name``, bound to its runtime (simulated or real).
 
     Raises:
         BackendNotFoundError: Unknown name; the message lists the registered ones.
@@ -562,7 +579,7 @@ def get_backend(name: str, *, origin: str = "backend") -> Backend:
 class Selection:
     """The outcome of :func:`select_backend`: which backend, and why."""
 
-    backend: Backend
+    backend: BoundBackend
     reason: str
     skipped: tuple[tuple[str, str], ...] = ()
 
@@ -624,7 +641,9 @@ def _simulation_defaults(vendor: str) -> dict[str, Any]:
     The visibility variables are the backend's own; the comm backends are the one torch
     maps its device type to, and gloo (``cuda`` -> nccl + gloo, ``mps`` -> gloo).
     """
-    backend = registered_backends().get(vendor)
+    _ensure_loaded()
+    with _lock:  # the registered backend itself: binding it would ask the simulation again
+        backend = _backends.get(vendor)
     if backend is None:
         return {}
     comm = torch_default_comm(backend.device_type)

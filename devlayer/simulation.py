@@ -3,7 +3,7 @@
 Simulation is a production feature: ``DEVLAYER_SIMULATE="cuda:4"`` makes ``devlayer info``,
 ``init()`` and the CLI behave as on a machine with four CUDA devices (no kernels run), so
 selection, device mapping, visibility and error paths can be shown and tested anywhere.
-The registry asks :func:`runtime_for` before it builds a backend's real runtime;
+The registry asks :func:`runtime_for` when a lookup binds a backend to its runtime;
 ``devlayer.testing.simulate`` installs fakes for one ``with`` block through :func:`install`.
 
 Nothing here imports torch or the registry.
@@ -80,6 +80,8 @@ class FakeRuntime:
         #: The first visibility variable (kept for callers that read one name).
         self.visibility_var = self.visibility_vars[0] if self.visibility_vars else None
         self.simulated = True
+        #: Never pass ``device_id`` to ``init_process_group``: no real device to bind.
+        self.bind_device_id = False
         self.current: int | None = None
         self.calls: list[tuple[str, object]] = []
 

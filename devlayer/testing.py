@@ -58,6 +58,9 @@ def simulate(
 ) -> Iterator[FakeRuntime]:
     """Pretend backend ``vendor`` has ``device_count`` devices inside the ``with`` block.
 
+    A backend looked up inside the block (``init()``, ``get_backend``) is bound to the fake
+    and keeps it; one looked up before the block keeps its real runtime.
+
     Args:
         vendor: A registered backend name (``cuda``, ``xpu``, a plugin...).
         device_count: How many devices to report.

@@ -101,7 +101,7 @@ def _add_backends(report: dict[str, Any]) -> None:
         report["devices"] = {"type": be.device_type, "count": count, "names": names}
         report["comm"] = {c: bool(be.comm_available(c)) for c in comm_names(be)}
         report["runtime_initialized"] = bool(be.runtime.is_initialized())
-        if getattr(be.runtime, "simulated", False):
+        if be.simulated:
             warnings.append(f"{be.name} is simulated (DEVLAYER_SIMULATE); no real device is used")
     except DevlayerError as exc:
         report["selection_error"] = str(exc)

@@ -2,7 +2,7 @@
 
 A name maps to a function ``fn(model, optimizer, *, backend, dtype) -> (model, optimizer)``
 that runs once, after the model is on its device and before DDP wraps it; ``backend`` is
-the selected :class:`devlayer.backends.Backend` and ``dtype`` the mixed-precision dtype
+the selected :class:`devlayer.backends.BoundBackend` and ``dtype`` the mixed-precision dtype
 (``torch.float32`` without autocast). A function may raise
 :class:`~devlayer.errors.InvalidArgumentError` when the backend is not one it serves.
 

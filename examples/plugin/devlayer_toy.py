@@ -13,15 +13,12 @@ Example:
 import devlayer
 
 
-class ToyRuntime:
+class ToyRuntime(devlayer.backends.Runtime):
     """The hardware seam: what a real vendor asks its torch module (one device here)."""
 
     # fmt: off
     def compiled(self) -> bool: return True
     def device_count(self) -> int: return 1
-    def is_initialized(self) -> bool: return False
-    def set_device(self, index: int) -> None: return None
-    def device_name(self, index: int) -> str: return "Toy CPU device"
     def comm_available(self, comm: str) -> bool: return comm == "gloo"
     # fmt: on
 

@@ -338,12 +338,11 @@ def test_three_ranks_on_two_devices_with_nccl_is_an_error(two_ranks, rank):
 
 @pytest.mark.simulated
 def test_the_backend_says_which_comm_cannot_share_devices():
-    from devlayer.backends.cpu import CpuBackend
-    from devlayer.backends.cuda import CudaBackend
-
-    assert CudaBackend().shares_devices_between_ranks("nccl") is False
-    assert CudaBackend().shares_devices_between_ranks("gloo") is True
-    assert CpuBackend().shares_devices_between_ranks("gloo") is True
+    cuda, cpu = (devlayer.backends.get_backend(n) for n in ("cuda", "cpu"))
+    assert cuda.backend.exclusive_comms == ("nccl",)
+    assert cuda.shares_devices_between_ranks("nccl") is False
+    assert cuda.shares_devices_between_ranks("gloo") is True
+    assert cpu.shares_devices_between_ranks("gloo") is True
 
 
 @pytest.mark.simulated

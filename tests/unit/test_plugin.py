@@ -44,8 +44,8 @@ def _load_toy() -> ModuleType:
 
 def test_toy_registered_by_hand(clean_env: pytest.MonkeyPatch, fresh_registry: None) -> None:
     toy = _load_toy()
-    backend = devlayer.backends.register_backend(toy.ToyBackend)
-    assert backend.name == "toy"
+    assert devlayer.backends.register_backend(toy.ToyBackend).name == "toy"
+    backend = devlayer.backends.get_backend("toy")
     names = list(devlayer.backends.registered_backends())
     assert names.index("toy") > names.index("cpu")  # priority -10: after cpu
     assert devlayer.backends.available_backends()[-2:] == ["cpu", "toy"]

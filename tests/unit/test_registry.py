@@ -61,9 +61,8 @@ class DemoBackend(devlayer.backends.Backend):
     name = "demo"
     priority = -5
     device_type = "cpu"
-    indexed = False
 
-    def make_runtime(self) -> registry.Runtime:
+    def make_runtime(self) -> devlayer.backends.Runtime:
         from devlayer.testing import FakeRuntime
 
         return FakeRuntime(1)
@@ -199,16 +198,16 @@ def test_register_duplicate_needs_replace(
     clean_env: pytest.MonkeyPatch, fresh_registry: None
 ) -> None:
     first = devlayer.backends.register_backend(DemoBackend)
-    assert devlayer.backends.get_backend("demo") is first
+    assert devlayer.backends.get_backend("demo").backend is first
     assert list(devlayer.backends.registered_backends())[-1] == "demo"  # priority -5: last
 
     with pytest.raises(DevlayerError, match=r"'demo' is already registered.*replace=True"):
         devlayer.backends.register_backend(DemoBackend)
-    assert devlayer.backends.get_backend("demo") is first
+    assert devlayer.backends.get_backend("demo").backend is first
 
     second = DemoBackend()
     assert devlayer.backends.register_backend(second, replace=True) is second
-    assert devlayer.backends.get_backend("demo") is second
+    assert devlayer.backends.get_backend("demo").backend is second
 
     # a built-in is protected the same way
     class FakeCuda(DemoBackend):
@@ -281,7 +280,7 @@ def test_broken_entry_points_do_not_break_builtins(
     names = list(devlayer.backends.registered_backends())
     assert [n for n in names if n in BUILTIN_ORDER] == BUILTIN_ORDER
     assert "demo" in names
-    assert type(devlayer.backends.get_backend("cuda")).__name__ == "CudaBackend"
+    assert type(devlayer.backends.get_backend("cuda").backend).__name__ == "CudaBackend"
     assert devlayer.backends.available_backends()[-2:] == ["cpu", "demo"]
 
     errors = registry.entry_point_errors()
@@ -369,13 +368,10 @@ def test_comm_names_map_to_the_backend_torch_says(name: str, owner: str) -> None
 
 
 def _readme_backend_members() -> set[str]:
-    """The Backend members README's "Third-party backends" names: its table of what a vendor
-    defines, and the sentence listing what the base class provides for callers."""
+    """The Backend members README's "Third-party backends" table names (what a vendor defines)."""
     text = (ROOT / "README.md").read_text()
     section = text[text.index("### Third-party backends") : text.index("## Testing your own")]
-    names = set(re.findall(r"^\| `(\w+)", section, flags=re.MULTILINE))
-    provided = section[section.index("The base class provides") :].split(".")[0]
-    return names | set(re.findall(r"`(\w+)(?:\(\))?`", provided))
+    return set(re.findall(r"^\| `(\w+)", section, flags=re.MULTILINE))
 
 
 def test_the_backend_interface_is_the_one_readme_lists() -> None:
@@ -383,6 +379,84 @@ def test_the_backend_interface_is_the_one_readme_lists() -> None:
     comm_env, optimize) are removed, not deprecated (CHANGELOG.md)."""
     public = {n for n in dir(devlayer.backends.Backend) if not n.startswith("_")}
     assert public == _readme_backend_members()
+
+
+def test_a21_p1_the_vendor_class_has_at_most_12_documented_names() -> None:
+    """The class a vendor subclasses has at most 12 public names, none of them one the library
+    derives (device_count, set_device, device, comm_backend... live on BoundBackend), and each
+    is documented: a method by a one-line docstring summary, a declaration in the class's
+    Attributes section."""
+    from devlayer.registry import BoundBackend
+    from devlayer.vendor import Backend
+
+    public = sorted(n for n in dir(Backend) if not n.startswith("_"))
+    assert len(public) <= 12, public
+    derived = {"runtime", "indexed", "comm_backend", "comm_available", "device_count"}
+    derived |= {"set_device", "device", "default_comm", "shares_devices_between_ranks"}
+    assert not derived & set(public)
+    assert derived <= set(dir(BoundBackend))
+    attributes = (Backend.__doc__ or "").split("Attributes:")[1]
+    for name in public:
+        member = getattr(Backend, name)
+        if callable(member):
+            summary = (member.__doc__ or "").strip().splitlines()
+            assert summary and summary[0].endswith((".", "?")), name
+        else:
+            assert f"\n        {name}: " in attributes, name
+
+
+@pytest.mark.simulated
+def test_a21_p2_a_lookup_binds_the_runtime_once(clean_env: pytest.MonkeyPatch) -> None:
+    """The runtime (simulated or real) is decided when a lookup binds the backend, not read
+    from the simulation on every access: a backend looked up inside simulate() keeps its fake
+    after the block, and a lookup after it gets the real runtime, made once and shared."""
+    with simulate("cuda", 3) as fake:
+        bound = devlayer.backends.get_backend("cuda")
+        assert bound.simulated and bound.runtime is fake
+    assert bound.runtime is fake and bound.device_count() == 3
+    after = devlayer.backends.get_backend("cuda")
+    assert not after.simulated and after.runtime is not fake
+    assert devlayer.backends.get_backend("cuda").runtime is after.runtime
+
+
+def test_a21_p3_a_runtime_missing_a_declared_member_is_named(
+    clean_env: pytest.MonkeyPatch, fresh_registry: None
+) -> None:
+    """A plugin runtime without the declared ``variant``/``bind_device_id`` (written before
+    they were declared) is an InvalidArgumentError naming the missing members and the fix,
+    not an AttributeError deep inside init(). The members checked are the protocol's own."""
+    from devlayer.vendor import RUNTIME_MEMBERS, Runtime
+
+    assert set(RUNTIME_MEMBERS) == {n for n in dir(Runtime) if not n.startswith("_")}
+
+    class Bare:
+        def compiled(self) -> bool:
+            return True
+
+        def device_count(self) -> int:
+            return 1
+
+        def is_initialized(self) -> bool:
+            return False
+
+        def set_device(self, index: int) -> None:
+            return None
+
+        def device_name(self, index: int) -> str:
+            return "bare"
+
+    class Old(DemoBackend):
+        name = "old-runtime"
+
+        def make_runtime(self) -> devlayer.backends.Runtime:
+            return Bare()  # type: ignore[return-value]
+
+    devlayer.backends.register_backend(Old)
+    with pytest.raises(InvalidArgumentError) as info:
+        devlayer.backends.get_backend("old-runtime").device_count()
+    msg = str(info.value)
+    assert "'old-runtime'" in msg and "Bare" in msg and "variant, bind_device_id" in msg
+    assert "subclass devlayer.backends.Runtime" in msg
 
 
 def test_a_one_argument_prepare_is_not_adapted(clean_env: pytest.MonkeyPatch) -> None:
@@ -401,7 +475,7 @@ def test_a_one_argument_prepare_is_not_adapted(clean_env: pytest.MonkeyPatch) ->
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with pytest.raises(TypeError, match="prepare"):
-            prepare_comm(Old(), "gloo", info, {}.__setitem__)
+            prepare_comm(registry.BoundBackend(Old()), "gloo", info, {}.__setitem__)
 
 
 def test_prepare_comm_sets_variables_through_the_recorder(clean_env: pytest.MonkeyPatch) -> None:
@@ -419,7 +493,7 @@ def test_prepare_comm_sets_variables_through_the_recorder(clean_env: pytest.Monk
     clean_env.setenv("ENV_DEMO_KEPT", "user's")
     seen: dict[str, str] = {}
     info = ProcessInfo(rank=0, world_size=2, local_rank=1, local_world_size=2)
-    prepare_comm(Env(), "gloo", info, seen.__setitem__)
+    prepare_comm(registry.BoundBackend(Env()), "gloo", info, seen.__setitem__)
     assert seen == {"ENV_DEMO_RANK": "1"}
 
 

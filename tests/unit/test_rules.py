@@ -354,7 +354,7 @@ LAYERS = {
         ),
         0,
     ),
-    **dict.fromkeys(("launchers", "devices", "registry", "hooks"), 1),
+    **dict.fromkeys(("launchers", "devices", "vendor", "registry", "hooks"), 1),
     "backends": 2,
     **dict.fromkeys(("rendezvous", "lifecycle", "comm", "multiproc", "farm", "early"), 3),
     "train": 4,

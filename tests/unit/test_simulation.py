@@ -303,7 +303,7 @@ def test_simulated_xpu_tile_mask_narrowed_by_index(
 
 
 def _xpu_module() -> object:
-    return importlib.import_module(type(devlayer.backends.get_backend("xpu")).__module__)
+    return importlib.import_module(type(devlayer.backends.get_backend("xpu").backend).__module__)
 
 
 def _fake_packages(sim: pytest.MonkeyPatch, ipex_version: str | None) -> list[str]:
