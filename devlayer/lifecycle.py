@@ -44,8 +44,7 @@ from devlayer.errors import (
 )
 from devlayer.hooks import AcceleratorHook, as_hook_list, call_hooks, resolve_hooks, torch_module
 from devlayer.launchers import ProcessInfo, detect
-from devlayer.registry import BoundBackend as Backend  # the backend with its runtime
-from devlayer.registry import prepare_comm, select_backend
+from devlayer.registry import BoundBackend, prepare_comm, select_backend
 from devlayer.rendezvous import rendezvous
 from devlayer.torchcompat import (
     check_torch_version,
@@ -392,13 +391,13 @@ def _requested_comm(comm: object) -> tuple[str | None, str]:
     return comm.strip().lower(), "comm"
 
 
-def _made(request: _Request, be: Backend, comm_name: str | None) -> _Request:
+def _made(request: _Request, be: BoundBackend, comm_name: str | None) -> _Request:
     """The request as init() carried it out: ``comm=None`` filled in with the backend's own."""
     default = _default_comm(be)
     return replace(request, comm=comm_name or request.comm or default, default_comm=default)
 
 
-def _default_comm(be: Backend) -> str | None:
+def _default_comm(be: BoundBackend) -> str | None:
     try:
         return be.default_comm().lower()
     except Exception:  # a plugin whose default cannot be asked here; only None matches None
@@ -426,7 +425,7 @@ def _device_spec(devices: object) -> tuple[_devices.DeviceSpec, str]:
     return _devices.parse_devices(devices), "devices"
 
 
-def _comm_name(be: Backend, request: _Request, info: ProcessInfo) -> str | None:
+def _comm_name(be: BoundBackend, request: _Request, info: ProcessInfo) -> str | None:
     """The process-group backend, or ``None`` at world size 1 (no process group).
 
     A comm that was asked for is checked at every world size: ``comm="nccl"`` on a machine
@@ -449,7 +448,7 @@ def _comm_name(be: Backend, request: _Request, info: ProcessInfo) -> str | None:
     return be.comm_backend(comm) if info.world_size > 1 else None
 
 
-def _available_comms(be: Backend) -> list[str]:
+def _available_comms(be: BoundBackend) -> list[str]:
     """The process-group backends torch knows that ``be`` could use here."""
     import torch.distributed as dist
 
@@ -461,7 +460,7 @@ def _available_comms(be: Backend) -> list[str]:
 
 
 def _plan_devices(
-    be: Backend, spec: _devices.DeviceSpec, origin: str, info: ProcessInfo
+    be: BoundBackend, spec: _devices.DeviceSpec, origin: str, info: ProcessInfo
 ) -> _devices.DevicePlan:
     """The backend's facts for :func:`devlayer.devices.plan_devices`, asked once."""
     return _devices.plan_devices(
@@ -479,7 +478,7 @@ def _plan_devices(
 
 
 def _bind_device(
-    be: Backend, index: int | None, set_default_device: bool | None, undo: _Undo
+    be: BoundBackend, index: int | None, set_default_device: bool | None, undo: _Undo
 ) -> torch.device:
     """Make device ``index`` current (and torch's default device, where asked)."""
     dev = be.device(index)
@@ -497,7 +496,7 @@ def _bind_device(
 
 
 def _connect(
-    be: Backend,
+    be: BoundBackend,
     comm_name: str | None,
     dev: torch.device,
     info: ProcessInfo,
@@ -552,7 +551,7 @@ def accelerator_module() -> ModuleType:
     return torch_module(state().device.type)
 
 
-def _interop_env(be: Backend, info: ProcessInfo) -> dict[str, str]:
+def _interop_env(be: BoundBackend, info: ProcessInfo) -> dict[str, str]:
     """Variables that make other libraries agree with devlayer (only set when unset).
 
     * SLURM/MPI ranks get torchrun's names (``RANK``, ``LOCAL_RANK``...), which most
@@ -568,7 +567,7 @@ def _interop_env(be: Backend, info: ProcessInfo) -> dict[str, str]:
     return env
 
 
-def _simulated(be: Backend) -> bool:
+def _simulated(be: BoundBackend) -> bool:
     return bool(getattr(be.runtime, "simulated", False))
 
 
@@ -576,7 +575,7 @@ _count_warned = False
 
 
 def _warn_count_or_index(
-    be: Backend, plan: _devices.DevicePlan, raw: str, info: ProcessInfo
+    be: BoundBackend, plan: _devices.DevicePlan, raw: str, info: ProcessInfo
 ) -> None:
     """Warn once when ``DEVLAYER_DEVICES=N`` could also be read as the index N.
 
@@ -610,7 +609,7 @@ def _warn_count_or_index(
 
 
 def _apply_visibility(
-    be: Backend, plan: _devices.DevicePlan, undo: _Undo
+    be: BoundBackend, plan: _devices.DevicePlan, undo: _Undo
 ) -> tuple[str, str] | None:
     """Narrow the vendor's visibility variable as planned, before its runtime starts."""
     var, new_value = plan.variable, plan.value
@@ -644,7 +643,7 @@ _show = _devices.show_spec
 
 
 def _pick_device(
-    be: Backend, plan: _devices.DevicePlan, info: ProcessInfo, comm: str | None = None
+    be: BoundBackend, plan: _devices.DevicePlan, info: ProcessInfo, comm: str | None = None
 ) -> int | None:
     """The index this rank binds among the devices it sees after visibility was applied."""
     if not be.indexed:
@@ -661,7 +660,7 @@ def _pick_device(
     return plan.device_index(count)
 
 
-def _bound_per_task(be: Backend, count: int) -> bool:
+def _bound_per_task(be: BoundBackend, count: int) -> bool:
     """One visible device that a scheduler chose for this task alone.
 
     ``srun --gpus-per-task=1`` (or a wrapper script) gives each rank its own device as
@@ -680,7 +679,9 @@ def _bound_per_task(be: Backend, count: int) -> bool:
 _shared_warned = False
 
 
-def _check_shared_devices(be: Backend, comm: str | None, count: int, info: ProcessInfo) -> None:
+def _check_shared_devices(
+    be: BoundBackend, comm: str | None, count: int, info: ProcessInfo
+) -> None:
     """More ranks on this node than devices: an error where the comm refuses, else a warning.
 
     One visible device that a scheduler bound to this task is left alone (see
@@ -712,7 +713,7 @@ def _check_shared_devices(be: Backend, comm: str | None, count: int, info: Proce
 
 
 def _create_process_group(
-    be: Backend, comm: str, dev: torch.device, info: ProcessInfo, timeout: timedelta
+    be: BoundBackend, comm: str, dev: torch.device, info: ProcessInfo, timeout: timedelta
 ) -> bool:
     import torch.distributed as dist
 
