@@ -99,9 +99,7 @@ def _debug_only_job() -> dict[str, str]:
     expect_error("shape", lambda: devlayer.all_reduce(torch.ones(2 + r)))
     dtype = torch.float32 if r == 0 else torch.float64
     expect_error("dtype", lambda: devlayer.all_reduce(torch.ones(2, dtype=dtype)))
-    expect_error(
-        "same_shape", lambda: devlayer.all_gather(torch.ones(2 + r, 3), same_shape=True)
-    )
+    expect_error("same_shape", lambda: devlayer.all_gather(torch.ones(2 + r, 3), same_shape=True))
     found["after"] = str(devlayer.all_reduce(torch.ones(2)).tolist())  # the group still works
     return found
 

@@ -176,7 +176,7 @@ def test_other_ranks_say_that_rank_0_failed_when_the_port_is_busy():
         (code0, out0), (code1, out1) = _outputs(procs, 90)
     assert code0 == 3 and f"port {port} is already in use" in out0, out0
     assert code1 == 3, out1
-    line = next(l for l in out1.splitlines() if l.startswith("ERROR"))
+    line = next(x for x in out1.splitlines() if x.startswith("ERROR"))
     assert "RendezvousError" in line
     assert f"rank 0 (the store host) probably failed to start the store at 127.0.0.1:{port}" in line
     assert "rank 0's output" in line

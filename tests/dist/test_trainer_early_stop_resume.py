@@ -35,8 +35,7 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 def _untimed(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [
-        {k: v for k, v in h.items() if k not in ("epoch_time", "samples_per_sec")}
-        for h in history
+        {k: v for k, v in h.items() if k not in ("epoch_time", "samples_per_sec")} for h in history
     ]
 
 

@@ -162,7 +162,9 @@ def seeds_and_writers(checkpoint_dir: str) -> dict[str, Any]:
     }
 
 
-def preempt_one_rank(checkpoint_dir: str, check_every: int, strategy: str = "ddp") -> dict[str, Any]:
+def preempt_one_rank(
+    checkpoint_dir: str, check_every: int, strategy: str = "ddp"
+) -> dict[str, Any]:
     """Only rank 1 gets SIGTERM (after step 3); every rank must stop at the same step."""
     import os
     import signal
