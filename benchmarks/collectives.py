@@ -283,7 +283,7 @@ def checked_all_reduce(t: torch.Tensor) -> object:
     always-on check would cost; devlayer runs it only with ``DEVLAYER_DEBUG=1``.
     """
     ctx = comm._ctx()
-    comm._check_signatures(ctx, "all_reduce", "sum", collective_checks.tensor_text(t))
+    comm._check_signatures(ctx, 0, "all_reduce", "sum", collective_checks.tensor_text(t))
     return devlayer.all_reduce(t)
 
 
