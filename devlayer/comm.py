@@ -18,17 +18,26 @@ process group exists.
 Every rank must pass the same structure, dtypes and (except for ``all_gather``) shapes.
 Dict values are paired by key, so each rank may build its dicts in any key order; the
 result keeps the caller's order (string keys are sent sorted, other key mixes sorted by
-type and ``repr``). With ``DEVLAYER_DEBUG=1`` every collective first checks a small
-signature (operation, reduce op, shapes or dtype groups, keys, ``src``) and raises
-:class:`CollectiveError` on every rank when they differ, e.g. ``rank 0 all_reduce [2]
-float32 vs rank 1 all_reduce [3] float32``, instead of hanging, aborting or mixing up
-values. It costs one small extra collective per call (a digest of the signature; only when
-the digests differ are the signatures exchanged, as JSON text in a byte tensor, no
-pickle); off (the default) it costs one attribute check. Set it on every rank. It is not
-on by default because gloo aborts the process on buffers of different sizes, so a check
-has to run before the data, and that extra collective costs more than the overhead
-targets allow (docs/performance.md). ``barrier`` is not checked: it must stay able to
-name a rank that never arrives.
+type and ``repr``). Python numbers may differ in type between ranks: the result is a
+float if any rank gave a float, else the exact int (:mod:`devlayer.numbers`).
+
+Ranks are checked to agree: a collective first compares a small signature (operation,
+reduce op, shapes or dtype groups, keys, ``src``, the calling ``file:line`` and the
+call's sequence number) with one all_reduce (MAX) of a two-int64 digest, and raises the
+same :class:`CollectiveError` on every rank when they differ, e.g. ``rank 0 all_reduce
+[2] float32 vs rank 1 all_reduce [3] float32``, instead of hanging, aborting (gloo aborts
+on buffers of different sizes) or mixing up values. Only when the digests differ are the
+signatures exchanged, as JSON text in a byte tensor, no pickle. That check costs about
+one more small collective, so by default it runs on the first 64 collectives of a
+``State`` and then on every 128th (:func:`devlayer.collective_checks.is_checked`); a
+mismatch that starts later is caught at the next checked call if it repeats, as in a
+training loop, and may abort or give wrong values until then. Since the calling line is
+compared (it tells a call one rank skipped from the next one), every rank must make a
+collective from the same line: ``x = all_reduce(a if rank == 0 else b)``, not one call
+in each branch of an ``if``. With ``DEVLAYER_DEBUG=1``
+(set it on every rank) every call is checked. ``barrier`` and ``vote_any`` are not
+checked: a barrier must stay able to name a rank that never arrives, and a vote must not
+block.
 """
 
 from __future__ import annotations

@@ -1,16 +1,19 @@
-"""Ranks that pass differently built arguments to a collective (issue 14, item 1).
+"""Ranks that pass differently built arguments to a collective (issues 14 and 20).
 
 Real two-rank gloo jobs started with ``devlayer.spawn``:
 
 * Without ``DEVLAYER_DEBUG``: dicts whose keys are in a different order on each rank are
   paired by key, not by position (flat, nested, numbers, fast path, mixed key types,
   broadcast), and the result keeps each caller's key order.
-* With ``DEVLAYER_DEBUG=1``: a shape mismatch, a dtype mismatch and
-  ``all_gather(same_shape=True)`` with uneven first dims raise the same
-  :class:`CollectiveError` on every rank, naming both sides. These stay debug-only: gloo
-  aborts the process (SIGABRT) as soon as two ranks' buffers differ in size, so catching them
-  needs one more small collective before the data, which costs more than the overhead
-  targets allow (docs/performance.md, "Always-on argument check").
+* Without ``DEVLAYER_DEBUG`` (issue 20): every mismatch the campaign found (shapes, dtypes,
+  keys, nesting, ops, broadcast shapes/keys/src, a skipped call, sizes gloo aborts on, a
+  0-d tensor vs a number, uneven ``same_shape``, different collectives) raises the same
+  :class:`CollectiveError` on both ranks (the first 64 collectives are all checked, then
+  every 128th: a mismatch repeated in a loop is caught within 128 calls); Python numbers
+  whose type differs between ranks reduce right, and ints stay exact past int64.
+* With ``DEVLAYER_DEBUG=1``: a shape mismatch, a dtype mismatch,
+  ``all_gather(same_shape=True)`` with uneven first dims and a skipped call raise the same
+  :class:`CollectiveError` on every rank, naming both sides.
 """
 
 from __future__ import annotations
@@ -100,6 +103,7 @@ def _debug_only_job() -> dict[str, str]:
     dtype = torch.float32 if r == 0 else torch.float64
     expect_error("dtype", lambda: devlayer.all_reduce(torch.ones(2, dtype=dtype)))
     expect_error("same_shape", lambda: devlayer.all_gather(torch.ones(2 + r, 3), same_shape=True))
+    expect_error("skip", lambda: _skip_one(r, torch.ones(2), torch.ones(2)))
     found["after"] = str(devlayer.all_reduce(torch.ones(2)).tolist())  # the group still works
     return found
 
@@ -297,6 +301,8 @@ _DEBUG_ONLY = {
     "dtype": "rank 0 all_reduce [2] float32 vs rank 1 all_reduce [2] float64",
     "same_shape": "rank 0 all_gather [2, 3] float32 (same_shape) vs rank 1 all_gather [3, 3] "
     "float32 (same_shape)",
+    # R5-C3: a skipped call with the same arguments as the next one (it was not caught)
+    "skip": "rank 0 all_reduce [2] float32 called at test_collective_mismatch.py:",
 }
 
 
