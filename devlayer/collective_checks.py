@@ -127,7 +127,9 @@ def signature_text(sig: Any, other: Any) -> str:
         text += f" {payload}"
     if src is not None and src != other[3]:
         text += f" src={src}"
-    if payload == other[2] and layout != other[4]:
+    # leaves too when the payload cannot say it: same payload, or a leaf more or fewer
+    more_leaves = bool(layout) and bool(other[4]) and len(layout) != len(other[4])
+    if layout != other[4] and (payload == other[2] or more_leaves):
         theirs = other[4]
         i = next(
             i

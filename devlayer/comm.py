@@ -765,7 +765,7 @@ def _agree(ctx: _Ctx, kind: str, text: str) -> bool:
     try:
         ctx.dist.all_reduce(buf, op=ctx.reduce_ops["max"])
     except RuntimeError as exc:
-        raise _fail(ctx, f"{kind}: signature check", exc) from exc
+        raise _fail(ctx, kind, exc) from exc  # as the call itself would fail
     high, neg_low = buf.tolist()
     return bool(high == -neg_low)
 
