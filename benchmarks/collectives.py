@@ -10,8 +10,10 @@ Run (CPU/gloo here; unchanged on GPUs, where ``devlayer.device()`` is the accele
 Sections (all by default; ``--sections`` picks some, always run in this order):
 
 1. ``all_reduce``: one float32 tensor, 4 B .. 64 MiB: ``devlayer.all_reduce(t)`` vs
-   ``dist.all_reduce(t)``, and the same call with the argument check that
-   ``DEVLAYER_DEBUG=1`` adds (the cost of making that check always on). ``all_gather``
+   ``dist.all_reduce(t)``; the same call with the argument check that ``DEVLAYER_DEBUG=1``
+   runs on every call (what checking every call costs), and without the check that runs
+   by default on the first 64 collectives and every 128th after (what that sampled check
+   costs: devlayer / unchecked - 1). ``all_gather``
    (``same_shape=True`` and the default, uneven-capable form) vs
    ``dist.all_gather_single``/``all_gather_into_tensor`` (section ``all_gather``), and
    ``broadcast`` vs ``dist.broadcast`` (section ``broadcast``), for a few sizes.
@@ -283,8 +285,23 @@ def checked_all_reduce(t: torch.Tensor) -> object:
     always-on check would cost; devlayer runs it only with ``DEVLAYER_DEBUG=1``.
     """
     ctx = comm._ctx()
-    comm._check_signatures(ctx, "all_reduce", "sum", collective_checks.tensor_text(t))
+    comm._check_signatures(ctx, 0, "all_reduce", "sum", collective_checks.tensor_text(t))
     return devlayer.all_reduce(t)
+
+
+def _never_checked(seq: int, *, debug: bool) -> bool:
+    return False
+
+
+def unchecked_all_reduce(t: torch.Tensor) -> object:
+    """``devlayer.all_reduce(t)`` with the sampled argument check switched off (on every
+    rank alike): the default row minus this one is what the sampled check costs."""
+    saved = comm.is_checked
+    comm.is_checked = _never_checked
+    try:
+        return devlayer.all_reduce(t)
+    finally:
+        comm.is_checked = saved
 
 
 def bench_all_reduce(b: Bench, sizes: list[int]) -> str:
@@ -296,6 +313,7 @@ def bench_all_reduce(b: Bench, sizes: list[int]) -> str:
             ("raw", partial(dist.all_reduce, t)),
             ("devlayer", partial(devlayer.all_reduce, t)),
             ("devlayer_checked", partial(checked_all_reduce, t)),
+            ("devlayer_unchecked", partial(unchecked_all_reduce, t)),
         ]
         tm = b.run("all_reduce", {"bytes": nbytes, "dtype": "float32"}, impls)
         per_round = paired(tm.rounds["devlayer"], tm.rounds["raw"])
@@ -315,6 +333,8 @@ def bench_all_reduce(b: Bench, sizes: list[int]) -> str:
                 judged,
                 med_range(tm.repeats["devlayer_checked"]),
                 overhead_ci(paired(tm.rounds["devlayer_checked"], tm.rounds["raw"])),
+                med_range(tm.repeats["devlayer_unchecked"]),
+                overhead_ci(paired(tm.rounds["devlayer"], tm.rounds["devlayer_unchecked"])),
             ]
         )
     head = [
@@ -323,13 +343,16 @@ def bench_all_reduce(b: Bench, sizes: list[int]) -> str:
         "devlayer µs/call",
         *OVERHEAD_HEAD,
         "target",
-        "with DEVLAYER_DEBUG's check µs/call",
+        "checking every call (DEVLAYER_DEBUG=1) µs/call",
         "its overhead vs raw (95 % CI)",
+        "no check at all µs/call",
+        "the sampled check's cost: devlayer vs no check (95 % CI)",
     ]
     note = (
-        "The last two columns time the argument check that DEVLAYER_DEBUG=1 adds (one "
-        "all_reduce of a two-int64 digest before the data): what the check would cost if it "
-        "were always on."
+        "'Checking every call' times the argument check DEVLAYER_DEBUG=1 runs before each "
+        "call (one all_reduce of a two-int64 digest before the data). The default (the "
+        "devlayer column) checks the first 64 collectives and then every 128th; 'no check "
+        "at all' switches that off, so the last column is what the sampled check costs."
     )
     return f"### all_reduce (float32, op=sum)\n\n{note}\n\n" + table(head, rows)
 

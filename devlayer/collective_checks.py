@@ -1,16 +1,20 @@
-"""What ``DEVLAYER_DEBUG=1`` compares before a collective: a call's signature as text.
+"""Whether ranks called the same collective the same way: the signature of a call.
 
-:mod:`devlayer.comm` builds a signature per call (operation, reduce op, shapes or dtype
-groups, ``src``, one ``"path shape dtype"`` per leaf), checks with one small collective that
-every rank's is the same and, when not, exchanges them and raises the error
-:func:`mismatch_error` words. Only reached in debug mode; nothing here runs on the normal
-path and nothing here calls torch.distributed.
+:mod:`devlayer.comm` builds a signature per checked call (operation, reduce op, shapes or
+dtype groups, ``src``, one ``"path shape dtype"`` per leaf, the caller's ``file:line`` and
+the call's sequence number), checks with one small collective that every rank's is the
+same and, when not, exchanges them and raises the error :func:`mismatch_error` words.
+Which calls are checked is :func:`is_checked`: all of them with ``DEVLAYER_DEBUG=1``,
+otherwise the first :data:`CHECK_FIRST` collectives of a State and then every
+:data:`CHECK_EVERY`-th. Nothing here calls torch.distributed.
 
 Example:
-    >>> err = mismatch_error([["all_reduce", "sum", "[2] float32", None, []],
-    ...                       ["all_reduce", "sum", "[3] float32", None, []]], rank=0)
+    >>> err = mismatch_error([["all_reduce", "sum", "[2] float32", None, [], "a.py:3", 7],
+    ...                       ["all_reduce", "sum", "[3] float32", None, [], "a.py:3", 7]], rank=0)
     >>> "rank 0 all_reduce [2] float32 vs rank 1 all_reduce [3] float32" in str(err)
     True
+    >>> [n for n in range(300) if is_checked(n, debug=False)][-4:]
+    [62, 63, 128, 256]
 """
 
 from __future__ import annotations
@@ -22,7 +26,10 @@ from devlayer.errors import CollectiveError
 from devlayer.tree import Leaf, pairing_order
 
 __all__ = [
+    "CHECK_EVERY",
+    "CHECK_FIRST",
     "Signature",
+    "is_checked",
     "broadcast_text",
     "dtype_name",
     "gather_text",
@@ -33,8 +40,29 @@ __all__ = [
     "tensor_text",
 ]
 
-#: [operation, reduce op, shapes or dtype groups, src, one "path shape dtype" per leaf]
+#: [operation, reduce op, shapes or dtype groups, src, one "path shape dtype" per leaf,
+#: the caller's "file:line", the call's sequence number]
 Signature = list[Any]
+
+#: Without DEVLAYER_DEBUG, every collective among the first CHECK_FIRST of a State is
+#: checked, then every CHECK_EVERY-th: a mismatch in a training loop repeats, so it is met
+#: by a checked call soon, and a check costs about one more small collective, so checking
+#: 1 call in 128 keeps its share of a 4-byte all_reduce to about 2 % (docs/performance.md).
+CHECK_FIRST = 64
+CHECK_EVERY = 128
+
+
+def is_checked(seq: int, *, debug: bool) -> bool:
+    """Whether collective number ``seq`` (0-based, per State) has its signature checked.
+
+    A pure function of numbers every rank has alike, so all ranks check the same calls
+    (a check is itself a collective: ranks that disagreed on it would pair it with data).
+
+    Args:
+        seq: How many collectives this State ran before this one.
+        debug: ``DEVLAYER_DEBUG=1``: check every call.
+    """
+    return debug or seq < CHECK_FIRST or seq % CHECK_EVERY == 0
 
 
 def dtype_name(dtype: Any) -> str:
@@ -91,14 +119,17 @@ def layout(obj: object, torch: Any, path: str = "") -> list[str]:
 
 
 def signature_text(sig: Any, other: Any) -> str:
-    """``sig`` for an error message; op, src and leaves only where they differ from ``other``."""
-    kind, op, payload, src, layout = sig
+    """``sig`` for an error message; op, src, leaves, call site and sequence number only
+    where they differ from ``other``."""
+    kind, op, payload, src, layout, site, seq = sig
     text = f"{kind}({op})" if op and op != other[1] else kind
     if payload:
         text += f" {payload}"
     if src is not None and src != other[3]:
         text += f" src={src}"
-    if payload == other[2] and layout != other[4]:
+    # leaves too when the payload cannot say it: same payload, or a leaf more or fewer
+    more_leaves = bool(layout) and bool(other[4]) and len(layout) != len(other[4])
+    if layout != other[4] and (payload == other[2] or more_leaves):
         theirs = other[4]
         i = next(
             i
@@ -106,6 +137,10 @@ def signature_text(sig: Any, other: Any) -> str:
             if i >= len(layout) or i >= len(theirs) or layout[i] != theirs[i]
         )
         text += f", leaf {i}: {layout[i]}" if i < len(layout) else f", no leaf {i}"
+    if site != other[5]:
+        text += f" called at {site}"
+    if seq != other[6]:
+        text += f" (its collective #{seq})"
     return text
 
 
@@ -122,8 +157,9 @@ def mismatch_error(sigs: list[Signature], *, rank: int) -> CollectiveError | Non
     first, other = sigs[0], sigs[odd[0]]
     more = f" (ranks {', '.join(map(str, odd))} all differ from rank 0)" if len(odd) > 1 else ""
     return CollectiveError(
-        f"collective mismatch (DEVLAYER_DEBUG=1): rank 0 {signature_text(first, other)} vs "
-        f"rank {odd[0]} {signature_text(other, first)}{more}. Every rank must call the same "
-        f"collectives in the same order with the same op, shapes, dtypes and src; the "
-        f"collective was not run (raised on rank {rank} of {len(sigs)})"
+        f"collective mismatch at collective #{first[6]}: rank 0 "
+        f"{signature_text(first, other)} vs rank {odd[0]} {signature_text(other, first)}{more}. "
+        f"Every rank must call the same collectives in the same order, from the same line, "
+        f"with the same op, shapes, dtypes, keys and src; the collective was not run (raised "
+        f"on rank {rank} of {len(sigs)})"
     )

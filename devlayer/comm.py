@@ -18,25 +18,36 @@ process group exists.
 Every rank must pass the same structure, dtypes and (except for ``all_gather``) shapes.
 Dict values are paired by key, so each rank may build its dicts in any key order; the
 result keeps the caller's order (string keys are sent sorted, other key mixes sorted by
-type and ``repr``). With ``DEVLAYER_DEBUG=1`` every collective first checks a small
-signature (operation, reduce op, shapes or dtype groups, keys, ``src``) and raises
-:class:`CollectiveError` on every rank when they differ, e.g. ``rank 0 all_reduce [2]
-float32 vs rank 1 all_reduce [3] float32``, instead of hanging, aborting or mixing up
-values. It costs one small extra collective per call (a digest of the signature; only when
-the digests differ are the signatures exchanged, as JSON text in a byte tensor, no
-pickle); off (the default) it costs one attribute check. Set it on every rank. It is not
-on by default because gloo aborts the process on buffers of different sizes, so a check
-has to run before the data, and that extra collective costs more than the overhead
-targets allow (docs/performance.md). ``barrier`` is not checked: it must stay able to
-name a rank that never arrives.
+type and ``repr``). Python numbers may differ in type between ranks: the result is a
+float if any rank gave a float, else the exact int (:mod:`devlayer.numbers`).
+
+Ranks are checked to agree: a collective first compares a small signature (operation,
+reduce op, shapes or dtype groups, keys, ``src``, the calling ``file:line`` and the
+call's sequence number) with one all_reduce (MAX) of a two-int64 digest, and raises the
+same :class:`CollectiveError` on every rank when they differ, e.g. ``rank 0 all_reduce
+[2] float32 vs rank 1 all_reduce [3] float32``, instead of hanging, aborting (gloo aborts
+on buffers of different sizes) or mixing up values. Only when the digests differ are the
+signatures exchanged, as JSON text in a byte tensor, no pickle. That check costs about
+one more small collective, so by default it runs on the first 64 collectives of a
+``State`` and then on every 128th (:func:`devlayer.collective_checks.is_checked`); a
+mismatch that starts later is caught at the next checked call if it repeats, as in a
+training loop, and may abort or give wrong values until then. Since the calling line is
+compared (it tells a call one rank skipped from the next one), every rank must make a
+collective from the same line: ``x = all_reduce(a if rank == 0 else b)``, not one call
+in each branch of an ``if``. With ``DEVLAYER_DEBUG=1``
+(set it on every rank) every call is checked. ``barrier`` and ``vote_any`` are not
+checked: a barrier must stay able to name a rank that never arrives, and a vote must not
+block.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -45,6 +56,7 @@ from devlayer.collective_checks import (
     broadcast_text,
     gather_text,
     groups_text,
+    is_checked,
     layout,
     mismatch_error,
     tensor_text,
@@ -52,6 +64,7 @@ from devlayer.collective_checks import (
 from devlayer.config import env_flag, parse_timeout
 from devlayer.errors import CollectiveError, DevlayerError, InvalidArgumentError
 from devlayer.lifecycle import State, state
+from devlayer.numbers import decode, encode
 from devlayer.torchcompat import float_dtype as _float_dtype
 from devlayer.tree import (
     Leaf,
@@ -82,6 +95,15 @@ OPS = ("sum", "mean", "max", "min", "product")
 _ALIASES = {"avg": "mean", "prod": "product", "add": "sum"}
 
 
+class _Calls:
+    """How many collectives a State has run: the sequence number of the next one."""
+
+    __slots__ = ("n",)
+
+    def __init__(self) -> None:
+        self.n = 0
+
+
 @dataclass(frozen=True)
 class _Ctx:
     """Decisions made once per State, so the per-call path does no repeated work."""
@@ -96,7 +118,8 @@ class _Ctx:
     gather_into: Any
     dist: Any
     torch: Any
-    debug: bool = False  # DEVLAYER_DEBUG=1: compare call signatures across ranks first
+    debug: bool = False  # DEVLAYER_DEBUG=1: compare call signatures before every call
+    calls: _Calls = field(default_factory=_Calls)  # decides which calls are checked
 
 
 _ctx_cache: _Ctx | None = None
@@ -192,7 +215,8 @@ def all_reduce(x: T, op: str = "sum") -> T:
     torch = ctx.torch
     if isinstance(x, torch.Tensor):
         return _reduce_tensor(ctx, x, name)
-    if type(x) is dict and x and ctx.world > 1 and not ctx.debug:
+    seq = _next_seq(ctx)
+    if type(x) is dict and x and ctx.world > 1 and seq is None:
         done = _reduce_uniform_dict(ctx, x, name)
         if done is not None:
             return done  # type: ignore[return-value]
@@ -210,11 +234,9 @@ def all_reduce(x: T, op: str = "sum") -> T:
         alone = [_alone(x, leaf, name, torch) for leaf in leaves]
         return dict(obj) if flat_dict else unflatten(skeleton, iter(alone))  # type: ignore[return-value]
     groups = _dtype_groups(ctx, leaves, name, x)
-    if ctx.debug:
-        _check_signatures(ctx, "all_reduce", name, groups_text(groups, leaves), x)
-    results: list[object] = [None] * len(leaves)
-    for dtype, (tensor_idx, number_idx) in groups.items():
-        _reduce_group(ctx, leaves, results, dtype, tensor_idx, number_idx, name)
+    if seq is not None:
+        _check_signatures(ctx, seq, "all_reduce", name, groups_text(groups, leaves), x)
+    results = _reduce_groups(ctx, leaves, groups, name, x)
     if flat_dict:
         return dict(obj)  # type: ignore[return-value]
     return unflatten(skeleton, iter(results))
@@ -225,8 +247,9 @@ def _dtype_groups(
 ) -> dict[Any, tuple[list[int], list[int]]]:
     """``dtype -> (tensor leaf indices, number leaf indices)``: one collective per dtype.
 
-    Python numbers join the tensors of their dtype (float -> float64, int -> int64), so a
-    metrics dict costs one collective per dtype, numbers included.
+    Python numbers join the float tensors' group (float64; float32 on MPS) and, except for
+    ``mean``, the int64 group, whatever their type on this rank: another rank may pass a
+    float where this one passes an int (:mod:`devlayer.numbers`).
     """
     torch = ctx.torch
     groups: dict[Any, tuple[list[int], list[int]]] = {}
@@ -236,9 +259,41 @@ def _dtype_groups(
                 raise _int_mean(path_to(root, lambda v, t=leaf: v is t)[0], leaf)
             groups.setdefault(leaf.dtype, ([], []))[0].append(i)
         else:
-            key = ctx.float_dtype if isinstance(leaf, float) or name == "mean" else torch.int64
-            groups.setdefault(key, ([], []))[1].append(i)
+            groups.setdefault(ctx.float_dtype, ([], []))[1].append(i)
+            if name != "mean":
+                groups.setdefault(torch.int64, ([], []))[1].append(i)
     return groups
+
+
+def _reduce_groups(
+    ctx: _Ctx, leaves: list[Leaf], groups: dict[Any, Any], name: str, root: object
+) -> list[object]:
+    """Reduce every dtype group; the results in leaf order (tensors are the leaves)."""
+    torch = ctx.torch
+    numbers = [i for i, leaf in enumerate(leaves) if not isinstance(leaf, torch.Tensor)]
+    mine = [leaves[i] for i in numbers]
+    ints, floats = encode(mine, name)
+    tails: dict[Any, list[Any]] = {ctx.float_dtype: list(floats), torch.int64: list(ints)}
+    results: list[object] = [None] * len(leaves)
+    reduced: dict[Any, list[Any]] = {}
+    for dtype, (tensor_idx, number_idx) in groups.items():
+        tail = tails[dtype] if number_idx else []
+        reduced[dtype] = _reduce_group(ctx, leaves, results, dtype, tensor_idx, tail, name)
+    if numbers:
+        got = reduced[ctx.float_dtype]
+        if name != "mean":
+            got = decode(
+                mine,
+                name,
+                reduced[torch.int64],
+                got,
+                eps=torch.finfo(ctx.float_dtype).eps,
+                world=ctx.world,
+                label=lambda k: layout(root, torch)[numbers[k]].rsplit(" ", 1)[0],
+            )
+        for i, value in zip(numbers, got, strict=True):
+            results[i] = value
+    return results
 
 
 def _reduce_group(
@@ -247,10 +302,13 @@ def _reduce_group(
     results: list[object],
     dtype: Any,
     tensor_idx: list[int],
-    number_idx: list[int],
+    tail: list[Any],
     name: str,
-) -> None:
-    """Reduce one dtype group in one collective; write tensors back and numbers to ``results``."""
+) -> list[Any]:
+    """Reduce one dtype group's tensors and ``tail`` values in one collective.
+
+    The tensors are written back (and put in ``results``); the reduced ``tail`` is returned.
+    """
     torch = ctx.torch
     tensors = [leaves[i] for i in tensor_idx]
     parts = []
@@ -263,8 +321,8 @@ def _reduce_group(
         if packed is None:
             packed = torch.cat([t.reshape(-1).to(ctx.device) for t in tensors])
         parts.append(packed if packed.device == ctx.device else packed.to(ctx.device))
-    if number_idx:
-        parts.append(torch.tensor([leaves[i] for i in number_idx], dtype=dtype, device=ctx.device))
+    if tail:
+        parts.append(torch.tensor(tail, dtype=dtype, device=ctx.device))
     flat = parts[0] if len(parts) == 1 else torch.cat(parts)
     _reduce_flat(ctx, flat, name)
     n_tensor = parts[0].numel() if tensors else 0
@@ -278,8 +336,7 @@ def _reduce_group(
         copy_back(tensors, sources, torch)
         for i in tensor_idx:
             results[i] = leaves[i]
-    for i, value in zip(number_idx, flat[n_tensor:].tolist() if number_idx else [], strict=True):
-        results[i] = value
+    return flat[n_tensor:].tolist() if tail else []
 
 
 def _reduce_uniform_dict(ctx: _Ctx, x: Any, name: str) -> dict[Any, Any] | None:
@@ -342,8 +399,9 @@ def _reduce_tensor(ctx: _Ctx, t: Any, name: str) -> Any:
         raise _int_mean("", t)
     if ctx.world == 1:
         return t
-    if ctx.debug:
-        _check_signatures(ctx, "all_reduce", name, tensor_text(t))
+    seq = _next_seq(ctx)
+    if seq is not None:
+        _check_signatures(ctx, seq, "all_reduce", name, tensor_text(t))
     if t.device.type in ctx.device_types and t.is_contiguous():
         work = t
     else:
@@ -392,8 +450,9 @@ def all_gather(x: Any, *, same_shape: bool = False) -> list[Any]:
     ctx = _ctx()
     torch = ctx.torch
     if isinstance(x, (bool, int, float)):
-        if ctx.debug:
-            _check_signatures(ctx, "all_gather", payload="number")
+        seq = _next_seq(ctx)
+        if seq is not None:
+            _check_signatures(ctx, seq, "all_gather", payload="number")
         return _gather_numbers(ctx, x)
     if not isinstance(x, torch.Tensor):
         raise InvalidArgumentError(
@@ -402,8 +461,9 @@ def all_gather(x: Any, *, same_shape: bool = False) -> list[Any]:
         )
     if ctx.world == 1:
         return [x]
-    if ctx.debug:
-        _check_signatures(ctx, "all_gather", payload=gather_text(x, same_shape))
+    seq = _next_seq(ctx)
+    if seq is not None:
+        _check_signatures(ctx, seq, "all_gather", payload=gather_text(x, same_shape))
     t = x if x.device.type in ctx.device_types else x.to(ctx.device)
     t = t.contiguous()
     parts = _gather_equal(ctx, t) if same_shape else _gather_uneven(ctx, t)
@@ -487,16 +547,21 @@ def _encode_number(torch: Any, value: object) -> list[int]:
     if isinstance(value, bool):
         return [2, int(value)]
     if isinstance(value, int):
-        return [0, value]
+        return [0, value] if -(2**63) <= value < 2**63 else [3, 0]  # 3: outside int64
     bits = torch.tensor([float(value)], dtype=torch.float64).view(torch.int64).item()  # type: ignore[arg-type]
     return [1, int(bits)]
 
 
-def _decode_number(torch: Any, kind: int, bits: int) -> object:
+def _decode_number(torch: Any, kind: int, bits: int, what: str = "", rank: int = 0) -> object:
     if kind == 2:
         return bool(bits)
     if kind == 0:
         return bits
+    if kind == 3:  # raised on every rank alike, after the collective
+        raise InvalidArgumentError(
+            f"{what}: rank {rank} passed an int outside int64 (-2**63 .. 2**63 - 1), the range "
+            f"{what} carries ints in; pass float(x), or use {what}_object for big ints"
+        )
     return torch.tensor([bits], dtype=torch.int64).view(torch.float64).item()
 
 
@@ -506,7 +571,8 @@ def _gather_numbers(ctx: _Ctx, x: object) -> list[Any]:
     torch = ctx.torch
     buf = torch.tensor(_encode_number(torch, x), dtype=torch.int64, device=ctx.device)
     parts = _gather_equal(ctx, buf.view(1, 2))
-    return [_decode_number(torch, *p.view(-1).tolist()) for p in parts]
+    pairs = [p.view(-1).tolist() for p in parts]
+    return [_decode_number(torch, k, bits, "all_gather", r) for r, (k, bits) in enumerate(pairs)]
 
 
 # --------------------------------------------------------------------------- broadcast
@@ -543,8 +609,9 @@ def broadcast(x: T, src: int = 0) -> T:
     src = _check_src(ctx, src)
     if isinstance(x, torch.Tensor):
         if ctx.world > 1:
-            if ctx.debug:
-                _check_signatures(ctx, "broadcast", payload=tensor_text(x), src=src)
+            seq = _next_seq(ctx)
+            if seq is not None:
+                _check_signatures(ctx, seq, "broadcast", payload=tensor_text(x), src=src)
             _broadcast_tensors(ctx, [x], src)
         return x
     if ctx.world == 1:
@@ -552,8 +619,10 @@ def broadcast(x: T, src: int = 0) -> T:
         return x
     leaves: list[Leaf] = []
     skeleton = checked_flatten(x, leaves, torch)
-    if ctx.debug:
-        _check_signatures(ctx, "broadcast", payload=broadcast_text(leaves, torch), src=src, root=x)
+    seq = _next_seq(ctx)
+    if seq is not None:
+        text = broadcast_text(leaves, torch)
+        _check_signatures(ctx, seq, "broadcast", payload=text, src=src, root=x)
     results: list[object] = [None] * len(leaves)
     numbers = [i for i, v in enumerate(leaves) if not isinstance(v, torch.Tensor)]
     if numbers:
@@ -562,7 +631,7 @@ def broadcast(x: T, src: int = 0) -> T:
         _broadcast_tensors(ctx, [buf], src)
         pairs = buf.view(-1, 2).tolist()
         for i, (kind, bits) in zip(numbers, pairs, strict=True):
-            results[i] = _decode_number(torch, kind, bits)
+            results[i] = _decode_number(torch, kind, bits, "broadcast", src)
     by_dtype: dict[Any, list[int]] = {}
     for i, v in enumerate(leaves):
         if isinstance(v, torch.Tensor):
@@ -630,13 +699,33 @@ def barrier(timeout: float | timedelta | None = None) -> None:
         ) from exc
 
 
-# --------------------------------------------------------------------------- debug mode
-# Only reached when DEVLAYER_DEBUG=1 (ctx.debug); the text and the comparison are in
-# devlayer.collective_checks, the collectives that exchange them here.
+# --------------------------------------------------------------------------- checks
+# Which calls are checked and the signature's text are in devlayer.collective_checks; the
+# collectives that compare them are here.
+
+
+def _next_seq(ctx: _Ctx) -> int | None:
+    """Count a collective (world size > 1); its sequence number if it is to be checked."""
+    if ctx.world == 1:
+        return None
+    calls = ctx.calls
+    seq = calls.n
+    calls.n = seq + 1
+    return seq if is_checked(seq, debug=ctx.debug) else None
+
+
+def _call_site() -> str:
+    """``file.py:line`` of the code that called the collective (the first frame outside
+    this module): the same on every rank that runs the same program."""
+    frame = sys._getframe(1)
+    while frame.f_back is not None and frame.f_code.co_filename == __file__:
+        frame = frame.f_back
+    return f"{os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno}"
 
 
 def _check_signatures(
     ctx: _Ctx,
+    seq: int,
     kind: str,
     op: str = "",
     payload: str = "",
@@ -644,15 +733,16 @@ def _check_signatures(
     *,
     src: int | None = None,
 ) -> None:
-    """Exchange this call's signature; raise the same CollectiveError on every rank if any
-    rank's differs (DEVLAYER_DEBUG=1 only).
+    """Compare this call's signature across ranks; raise the same CollectiveError on every
+    rank if any rank's differs.
 
     ``root`` (a container) adds the path, shape and dtype of every leaf, so two dicts with
     the same dtype groups but different keys or leaf shapes are caught too: they would
-    otherwise be reduced into each other's values without any error.
+    otherwise be reduced into each other's values without any error. The call site tells
+    apart a call one rank skipped from the next one, however alike their arguments.
     """
     leaves = layout(root, ctx.torch) if root is not None else []
-    mine: Signature = [kind, op, payload, src, leaves]
+    mine: Signature = [kind, op, payload, src, leaves, _call_site(), seq]
     if _agree(ctx, kind, json.dumps(mine)):
         return
     sigs = _exchange(ctx, kind, mine)  # they differ somewhere: find out how, on every rank
@@ -675,7 +765,7 @@ def _agree(ctx: _Ctx, kind: str, text: str) -> bool:
     try:
         ctx.dist.all_reduce(buf, op=ctx.reduce_ops["max"])
     except RuntimeError as exc:
-        raise _fail(ctx, f"{kind}: DEVLAYER_DEBUG signature check", exc) from exc
+        raise _fail(ctx, kind, exc) from exc  # as the call itself would fail
     high, neg_low = buf.tolist()
     return bool(high == -neg_low)
 
@@ -688,7 +778,7 @@ def _exchange(ctx: _Ctx, kind: str, mine: Signature) -> list[Signature]:
     try:
         parts = _gather_uneven(ctx, data)  # the same two gathers whatever the signature
     except DevlayerError as exc:
-        raise CollectiveError(f"{kind}: DEVLAYER_DEBUG signature exchange: {exc}") from exc
+        raise CollectiveError(f"{kind}: signature exchange: {exc}") from exc
     return [json.loads(p.cpu().numpy().tobytes()) for p in parts]
 
 
@@ -708,8 +798,9 @@ def all_gather_object(obj: Any) -> list[Any]:
     ctx = _ctx()
     if ctx.world == 1:
         return [obj]
-    if ctx.debug:
-        _check_signatures(ctx, "all_gather_object")
+    seq = _next_seq(ctx)
+    if seq is not None:
+        _check_signatures(ctx, seq, "all_gather_object")
     out: list[Any] = [None] * ctx.world
     try:
         ctx.dist.all_gather_object(out, obj)
@@ -724,8 +815,9 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     src = _check_src(ctx, src)
     if ctx.world == 1:
         return obj
-    if ctx.debug:
-        _check_signatures(ctx, "broadcast_object", src=src)
+    seq = _next_seq(ctx)
+    if seq is not None:
+        _check_signatures(ctx, seq, "broadcast_object", src=src)
     box = [obj]
     try:
         ctx.dist.broadcast_object_list(box, src=src)

@@ -26,6 +26,7 @@ from devlayer.errors import InvalidArgumentError
 
 __all__ = [
     "LEAF",
+    "MAX_DEPTH",
     "Leaf",
     "MapSkel",
     "checked_flatten",
@@ -37,6 +38,14 @@ __all__ = [
 ]
 
 Leaf = Any  # a tensor or a Python number
+
+#: How deeply containers may nest in a collective's argument (a dict in a list is depth 2).
+#: Deeper, or a container that holds itself, raises InvalidArgumentError naming where.
+MAX_DEPTH = 100
+
+
+class _TooDeep(InvalidArgumentError):
+    """Raised inside :func:`flatten`; :func:`checked_flatten` says why (a cycle or depth)."""
 
 
 class LeafMark:
@@ -84,7 +93,7 @@ def _key_rank(key: object) -> tuple[str, str, str]:
     return type(key).__module__, type(key).__qualname__, repr(key)
 
 
-def flatten(obj: object, leaves: list[Leaf], torch: Any) -> object:
+def flatten(obj: object, leaves: list[Leaf], torch: Any, depth: int = 0) -> object:
     """Append the leaves of ``obj`` to ``leaves`` in order; return the structure with markers.
 
     No per-leaf bookkeeping on this hot path: paths for error messages are found later by
@@ -93,12 +102,14 @@ def flatten(obj: object, leaves: list[Leaf], torch: Any) -> object:
     if isinstance(obj, (torch.Tensor, int, float)):  # bool is an int
         leaves.append(obj)
         return LEAF
+    if depth >= MAX_DEPTH and isinstance(obj, (Mapping, list, tuple)):
+        raise _TooDeep("nested too deeply")
     if isinstance(obj, Mapping):
         sent = pairing_order(obj)
-        children = [flatten(obj[k], leaves, torch) for k in sent]
+        children = [flatten(obj[k], leaves, torch, depth + 1) for k in sent]
         return MapSkel(type(obj), list(obj), sent, children)
     if isinstance(obj, (list, tuple)):
-        items = [flatten(v, leaves, torch) for v in obj]
+        items = [flatten(v, leaves, torch, depth + 1) for v in obj]
         if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
             return type(obj)(*items)  # type: ignore[arg-type]
         return type(obj)(items)
@@ -110,8 +121,11 @@ def flatten(obj: object, leaves: list[Leaf], torch: Any) -> object:
 
 
 def checked_flatten(root: object, leaves: list[Leaf], torch: Any) -> object:
+    """:func:`flatten`, with an error that names the path of a bad leaf, a cycle or depth."""
     try:
         return flatten(root, leaves, torch)
+    except _TooDeep:
+        raise InvalidArgumentError(depth_problem(root)) from None
     except InvalidArgumentError:
         bad = path_to(
             root, lambda v: not isinstance(v, (torch.Tensor, int, float, Mapping, list, tuple))
@@ -123,17 +137,45 @@ def checked_flatten(root: object, leaves: list[Leaf], torch: Any) -> object:
         ) from None
 
 
-def path_to(obj: object, match: Any, path: str = "") -> tuple[str, object]:
+def _children(obj: object, path: str) -> list[tuple[str, object]]:
+    if isinstance(obj, Mapping):
+        return [(f"{path}[{k!r}]", v) for k, v in obj.items()]
+    if isinstance(obj, (list, tuple)):
+        return [(f"{path}[{i}]", v) for i, v in enumerate(obj)]
+    return []
+
+
+def depth_problem(root: object) -> str:
+    """Why ``root`` nests deeper than :data:`MAX_DEPTH`: the container that holds one of its
+    own ancestors (a cycle), else the path that goes too deep. No recursion."""
+    stack: list[tuple[object, str, dict[int, str]]] = [(root, "", {})]
+    while stack:
+        obj, path, ancestors = stack.pop()
+        if id(obj) in ancestors:
+            return (
+                f"{path} is {ancestors[id(obj)] or 'the argument itself'}: a cycle (a container "
+                f"that holds itself); collectives take trees of tensors and numbers, so pass a "
+                f"copy without the back reference"
+            )
+        if len(ancestors) >= MAX_DEPTH:
+            return (
+                f"{path[:80]}... nests containers more than {MAX_DEPTH} deep, the limit for a "
+                f"collective's argument; flatten it (e.g. a dict of paths) or use "
+                f"all_gather_object / broadcast_object"
+            )
+        inner = {**ancestors, id(obj): path}
+        stack += [(v, p, inner) for p, v in reversed(_children(obj, path))]
+    return f"the argument nests containers more than {MAX_DEPTH} deep"
+
+
+def path_to(obj: object, match: Any, path: str = "", depth: int = 0) -> tuple[str, object]:
     """The first ``(path, value)`` in ``obj`` for which ``match(value)`` holds (slow path)."""
     if match(obj):
         return path, obj
-    items: Any = ()
-    if isinstance(obj, Mapping):
-        items = ((f"{path}[{k!r}]", v) for k, v in obj.items())
-    elif isinstance(obj, (list, tuple)):
-        items = ((f"{path}[{i}]", v) for i, v in enumerate(obj))
-    for sub_path, value in items:
-        found = path_to(value, match, sub_path)
+    if depth > MAX_DEPTH:  # a cycle: flatten names it
+        return "", None
+    for sub_path, value in _children(obj, path):
+        found = path_to(value, match, sub_path, depth + 1)
         if found[0] or found[1] is not None:
             return found
     return "", None

@@ -165,7 +165,9 @@ def _debug_mode_job() -> dict[str, Any]:
     # (keys in another order are fine: leaves are paired by key, see test_collective_mismatch)
     a, b = torch.zeros(2), torch.zeros(3)
     mismatch("keys", lambda: devlayer.all_reduce({"a": a, "b": b} if r == 0 else {"a": a, "c": b}))
-    mismatch("dtypes", lambda: devlayer.all_reduce({"n": 3 if r == 0 else 3.0}))
+    # (a Python int vs a float is no mismatch: numbers reduce alike whatever their type)
+    n = torch.tensor([3]) if r == 0 else torch.tensor([3.0], dtype=torch.float64)
+    mismatch("dtypes", lambda: devlayer.all_reduce({"n": n}))
     mismatch("src", lambda: devlayer.broadcast(torch.zeros(2), src=r))
     mismatch("gather", lambda: devlayer.all_gather(torch.zeros(1, 3 + r)))
     mismatch(

@@ -58,7 +58,12 @@ def test_collectives_benchmark_two_ranks(tmp_path: Path) -> None:
     proc = _run(argv)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     results = [r for r in _records(out) if r.get("type") == "result"]
-    assert {r["impl"] for r in results} == {"raw", "devlayer", "devlayer_checked"}
+    assert {r["impl"] for r in results} == {
+        "raw",
+        "devlayer",
+        "devlayer_checked",
+        "devlayer_unchecked",
+    }
     assert {r["section"] for r in results} == {"all_reduce"}
     assert "### all_reduce" in proc.stdout
 

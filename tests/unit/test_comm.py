@@ -76,3 +76,149 @@ def test_dict_results_keep_the_callers_key_order(cpu):
     flat = {"y": torch.ones(()), "x": torch.zeros(())}
     assert list(devlayer.all_reduce(flat)) == ["y", "x"]
     assert list(devlayer.broadcast({"q": 1, "p": 2})) == ["q", "p"]
+
+
+# --------------------------------------------------------------------------- issue 20
+
+
+def _reduce_numbers(per_rank: list[list[object]], op: str) -> list[object]:
+    """What all_reduce of Python numbers gives, ranks simulated: encode on every rank, reduce
+    the slots as int64 and float64 collectives would (int64 wraps), decode."""
+    import math
+
+    from devlayer.numbers import decode, encode, wrap_int64
+
+    encoded = [encode(values, op) for values in per_rank]  # type: ignore[arg-type]
+    combine = {"sum": sum, "mean": sum, "max": max, "min": min, "product": math.prod}[op]
+    ints = [wrap_int64(combine(col)) for col in zip(*(e[0] for e in encoded), strict=True)]
+    floats = [float(combine(col)) for col in zip(*(e[1] for e in encoded), strict=True)]
+    if op == "mean":
+        return [f / len(per_rank) for f in floats]
+    return decode(per_rank[0], op, ints, floats, eps=2.0**-52, world=len(per_rank))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("per_rank", "op", "expected"),
+    [
+        ([[1], [1.5]], "sum", [2.5]),
+        ([[1.5], [1]], "sum", [2.5]),
+        ([[0], [2.5], [1]], "sum", [3.5]),
+        ([[True], [True]], "sum", [2]),
+        ([[5], [1.5]], "max", [5.0]),
+        ([[5], [1.5]], "min", [1.5]),
+        ([[3], [0.5]], "product", [1.5]),
+        ([[3], [4]], "product", [12]),
+        ([[1], [2.0]], "mean", [1.5]),
+        ([[2**53 + 1], [2**53 + 1]], "sum", [2**54 + 2]),
+        ([[2**63 - 1], [-1]], "sum", [2**63 - 2]),
+        ([[2**62], [2**62]], "sum", [2**63]),
+        ([[2**70], [2**70]], "sum", [2**71]),
+        ([[-(2**63)], [-1]], "sum", [-(2**63) - 1]),
+        ([[2**40], [2**40]], "product", [2**80]),
+        ([[7, 1.0], [-3, 2]], "min", [-3, 1.0]),
+    ],
+)
+def test_r5_c1_number_types_and_ints_past_int64(per_rank, op, expected):
+    """R5-C1/R5-C2: int and float at the same place give a float on every rank (the type
+    rule uses only reduced values, so it is the same everywhere), ints give exact ints, even
+    past int64 (the float tells how often int64 wrapped)."""
+    got = _reduce_numbers(per_rank, op)
+    assert got == expected and [type(v) for v in got] == [type(v) for v in expected], got
+
+
+@pytest.mark.parametrize(
+    ("per_rank", "op", "match"),
+    [
+        ([[2**70], [1]], "max", r"all_reduce\(op='max'\) of Python ints at number 0"),
+        ([[2**2000], [1]], "sum", r"about inf.*this rank passed 1{1}"),
+        ([[2**120], [2**120]], "sum", r"cannot be computed exactly"),
+        ([[2**70], [2**70]], "product", r"pass floats \(float\(x\)\)"),
+    ],
+)
+def test_r5_c2_inexact_int_results_raise_naming_value_op_and_fix(per_rank, op, match):
+    """R5-C2: where int64 and the float cannot give the exact int (max over an int past int64,
+    a result past the float range or past about 2**100), the error names the op, this rank's
+    value, the approximate result and the fix; it depends on reduced values only, so every
+    rank raises it."""
+    with pytest.raises(devlayer.errors.InvalidArgumentError, match=match):
+        _reduce_numbers(per_rank, op)
+
+
+def test_r5_c5_checked_calls_depend_on_the_sequence_number_only():
+    """R5-C5: the first CHECK_FIRST collectives are checked, then every CHECK_EVERY-th;
+    DEVLAYER_DEBUG checks all. A pure function of the per-State count, so ranks agree."""
+    from devlayer.collective_checks import CHECK_EVERY, CHECK_FIRST, is_checked
+
+    checked = [n for n in range(CHECK_FIRST + 3 * CHECK_EVERY) if is_checked(n, debug=False)]
+    assert checked[:CHECK_FIRST] == list(range(CHECK_FIRST))
+    assert checked[CHECK_FIRST:] == [
+        n for n in range(CHECK_FIRST, CHECK_FIRST + 3 * CHECK_EVERY) if n % CHECK_EVERY == 0
+    ]
+    assert len(checked) - CHECK_FIRST <= 3
+    assert all(is_checked(n, debug=True) for n in range(500))
+
+
+def test_r5_c3_mismatch_message_names_call_sites_and_numbers_only_when_they_differ():
+    """R5-C3: the signature holds the call site and the sequence number; the message shows
+    them only where the ranks differ, so a skipped call names both lines."""
+    from devlayer.collective_checks import mismatch_error
+
+    base = ["all_reduce", "sum", "[2] float32", None, [], "job.py:10", 4]
+    assert mismatch_error([base, list(base)], rank=0) is None
+    skipped = mismatch_error([base, [*base[:5], "job.py:11", 4]], rank=1)
+    assert skipped is not None and (
+        "rank 0 all_reduce [2] float32 called at job.py:10 vs rank 1 all_reduce [2] float32 "
+        "called at job.py:11" in str(skipped)
+    )
+    assert "collective #4" in str(skipped) and "raised on rank 1 of 2" in str(skipped)
+    shape = mismatch_error([base, [base[0], "sum", "[3] float32", *base[3:]]], rank=0)
+    assert "rank 0 all_reduce [2] float32 vs rank 1 all_reduce [3] float32." in str(shape)
+    two = ["all_reduce", "sum", "float64[2]", None, ["['a'] number", "['b'] number"], "j:1", 0]
+    three = [*two[:2], "float64[3]", None, [*two[4], "['c'] number"], "j:1", 0]
+    extra = str(mismatch_error([two, three], rank=0))
+    assert "float64[2], no leaf 2 vs rank 1 all_reduce float64[3], leaf 2: ['c'] number" in extra
+
+
+def test_r5_c6_key_pairing_order_sorts_keys_whatever_the_callers_order(cpu):
+    """R5-C6: dict values are sent in sorted key order (strings as strings, other mixes by
+    type and repr), the same whatever order a rank built its dict in; the result keeps the
+    caller's order. A change that sends in insertion order fails here, without processes."""
+    from devlayer.tree import flatten, pairing_order
+
+    assert pairing_order({"b": 1, "a": 2, "c": 3}) == ["a", "b", "c"]
+    assert pairing_order({"c": 3, "a": 2, "b": 1}) == ["a", "b", "c"]
+    assert pairing_order({2: 0, "2": 0, 1: 0}) == [1, 2, "2"]
+    leaves: list[object] = []
+    flatten({"z": 1, "a": {"y": 2, "b": 3}}, leaves, torch)
+    assert leaves == [3, 2, 1]
+    out = devlayer.all_reduce({"z": 1, "a": 2})
+    assert list(out) == ["z", "a"] and out == {"z": 1, "a": 2}
+
+
+def test_r5_c7_cycles_and_deep_nesting_are_named_not_recursion_errors(cpu):
+    """R5-C7: a self-referencing list or dict, and nesting past MAX_DEPTH (10,000 deep), raise
+    InvalidArgumentError naming the cycle's path or the depth limit, not RecursionError."""
+    from devlayer.tree import MAX_DEPTH
+
+    loop: list[object] = [1.0]
+    loop.append(loop)
+    with pytest.raises(
+        devlayer.errors.InvalidArgumentError, match=r"\[1\] is the argument itself: a cycle"
+    ):
+        devlayer.all_reduce(loop)
+    inner: dict[str, object] = {"x": 1.0}
+    outer = {"a": [inner]}
+    inner["back"] = outer["a"]
+    with pytest.raises(
+        devlayer.errors.InvalidArgumentError, match=r"\['a'\]\[0\]\['back'\] is \['a'\]: a cycle"
+    ):
+        devlayer.broadcast(outer)
+    deep: object = 1.0
+    for _ in range(10_000):
+        deep = [deep]
+    with pytest.raises(devlayer.errors.InvalidArgumentError, match=f"more than {MAX_DEPTH} deep"):
+        devlayer.all_reduce(deep)
+    ok: object = 1.0
+    for _ in range(MAX_DEPTH - 1):
+        ok = [ok]
+    assert devlayer.all_reduce(ok) == ok  # the limit itself is allowed
