@@ -156,6 +156,15 @@ def mismatch_error(sigs: list[Signature], *, rank: int) -> CollectiveError | Non
         return None
     first, other = sigs[0], sigs[odd[0]]
     more = f" (ranks {', '.join(map(str, odd))} all differ from rank 0)" if len(odd) > 1 else ""
+    if first[:5] + first[6:] == other[:5] + other[6:]:
+        # Only the lines differ: a call one rank skipped, or one collective written in two
+        # branches. The two look alike, and a skip pairs every later call wrongly.
+        more += (
+            ". Only the calling lines differ: if this is one collective written in two "
+            "branches (if rank == 0: ... else: ...), call it from one line "
+            "(x = all_reduce(a if rank == 0 else b)); if a rank skipped a call, that rank "
+            "must make it too"
+        )
     return CollectiveError(
         f"collective mismatch at collective #{first[6]}: rank 0 "
         f"{signature_text(first, other)} vs rank {odd[0]} {signature_text(other, first)}{more}. "

@@ -171,8 +171,10 @@ def test_r5_c3_mismatch_message_names_call_sites_and_numbers_only_when_they_diff
         "called at job.py:11" in str(skipped)
     )
     assert "collective #4" in str(skipped) and "raised on rank 1 of 2" in str(skipped)
+    assert "call it from one line (x = all_reduce(a if rank == 0 else b))" in str(skipped)
     shape = mismatch_error([base, [base[0], "sum", "[3] float32", *base[3:]]], rank=0)
     assert "rank 0 all_reduce [2] float32 vs rank 1 all_reduce [3] float32." in str(shape)
+    assert "Only the calling lines differ" not in str(shape)
     two = ["all_reduce", "sum", "float64[2]", None, ["['a'] number", "['b'] number"], "j:1", 0]
     three = [*two[:2], "float64[3]", None, [*two[4], "['c'] number"], "j:1", 0]
     extra = str(mismatch_error([two, three], rank=0))

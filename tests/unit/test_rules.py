@@ -351,6 +351,7 @@ LAYERS = {
             "simulation",
             "tree",
             "collective_checks",
+            "numbers",
         ),
         0,
     ),
