@@ -19,7 +19,7 @@ from typing import Any
 
 from devlayer.errors import InvalidArgumentError
 
-__all__ = ["Callback", "EarlyStopping"]
+__all__ = ["Callback", "EarlyStopping", "is_finite_number"]
 
 
 @dataclass
@@ -59,12 +59,12 @@ class EarlyStopping:
         patience = self.patience
         if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
             raise InvalidArgumentError(f"EarlyStopping(patience={patience!r}) must be an int >= 1")
-        if not (_is_number(self.min_delta) and self.min_delta >= 0):
+        if not (is_finite_number(self.min_delta) and self.min_delta >= 0):
             raise InvalidArgumentError(
                 f"EarlyStopping(min_delta={self.min_delta!r}) must be a finite number >= 0 "
                 "(the smallest change that counts as an improvement; mode says which way)"
             )
-        if self.target is not None and not _is_number(self.target):
+        if self.target is not None and not is_finite_number(self.target):
             raise InvalidArgumentError(
                 f"EarlyStopping(target={self.target!r}) must be a finite number or None"
             )
@@ -101,10 +101,19 @@ class EarlyStopping:
         self.best, self.bad_epochs, self.hits = state["best"], state["bad_epochs"], state["hits"]
 
 
-def _is_number(value: Any) -> bool:
-    """A finite int or float (a bool or a numeric string is not)."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    return ok and math.isfinite(value)
+def is_finite_number(value: Any) -> bool:
+    """A finite int or float (a bool, a numeric string or an int too large for a float is not).
+
+    Example:
+        >>> [is_finite_number(v) for v in (1, 0.5, True, "1", float("nan"), 10**400)]
+        [True, True, False, False, False, False]
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int past the float range
+        return False
 
 
 class Callback:

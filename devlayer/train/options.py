@@ -15,14 +15,13 @@ Example:
 from __future__ import annotations
 
 import inspect
-import math
 import os
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from devlayer.errors import InvalidArgumentError
-from devlayer.train.callbacks import Callback, EarlyStopping
+from devlayer.train.callbacks import Callback, EarlyStopping, is_finite_number
 from devlayer.train.compile import compile_options
 from devlayer.train.data import check_num_workers
 from devlayer.train.fsdp import shard_model
@@ -51,7 +50,7 @@ MAX_SEED = 2**63 - 1
 def positive(name: str, value: Any) -> None:
     """``value`` is an int >= 1 (a bool is not)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidArgumentError(f"{name}={value!r} must be an int >= 1")
+        raise InvalidArgumentError(f"{name}={_short(value)} must be an int >= 1")
 
 
 def _optional(check: Callable[[str, Any], None]) -> Callable[[str, Any], None]:
@@ -65,17 +64,16 @@ def _optional(check: Callable[[str, Any], None]) -> Callable[[str, Any], None]:
 
 
 def _positive_number(name: str, value: Any) -> None:
-    """A finite real number > 0 (a bool or a numeric string is not)."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not (ok and math.isfinite(value) and value > 0):
-        raise InvalidArgumentError(f"{name}={value!r} must be a positive finite number")
+    """A finite real number > 0 (a bool, a numeric string or an int past float is not)."""
+    if not (is_finite_number(value) and value > 0):
+        raise InvalidArgumentError(f"{name}={_short(value)} must be a positive finite number")
 
 
 def _batch_size(name: str, value: Any) -> None:
     positive(name, value)
     if value > MAX_BATCH_SIZE:
         raise InvalidArgumentError(
-            f"{name}={value!r} is larger than any DataLoader can slice (at most 2**63-1); "
+            f"{name}={_short(value)} is larger than any DataLoader can slice (at most 2**63-1); "
             "pass the global number of samples per optimizer step"
         )
 
@@ -83,20 +81,20 @@ def _batch_size(name: str, value: Any) -> None:
 def _seed(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
         raise InvalidArgumentError(
-            f"{name}={value!r} must be an int >= 0 and < 2**63 (torch's generators are seeded "
-            f"with seed + epoch as a 64-bit integer), e.g. {name}=0"
+            f"{name}={_short(value)} must be an int >= 0 and < 2**63 (torch's generators "
+            f"are seeded with seed + epoch as a 64-bit integer), e.g. {name}=0"
         )
 
 
 def _flag(name: str, value: Any) -> None:
     if not isinstance(value, bool):
-        raise InvalidArgumentError(f"{name}={value!r} must be True or False")
+        raise InvalidArgumentError(f"{name}={_short(value)} must be True or False")
 
 
 def _callable(name: str, value: Any) -> None:
     if not callable(value):
         raise InvalidArgumentError(
-            f"{name}={value!r} must be callable (a function or a torch.nn.Module) or None"
+            f"{name}={_short(value)} must be callable (a function or a torch.nn.Module) or None"
         )
 
 
@@ -104,10 +102,10 @@ def _path(name: str, value: Any) -> None:
     """A non-empty ``str`` or ``os.PathLike`` (``""`` would mean the working directory)."""
     text = os.fspath(value) if isinstance(value, (str, os.PathLike)) else None
     if not isinstance(text, str):
-        raise InvalidArgumentError(f"{name}={value!r} must be a path (str or os.PathLike)")
+        raise InvalidArgumentError(f"{name}={_short(value)} must be a path (str or os.PathLike)")
     if not text.strip():
         raise InvalidArgumentError(
-            f"{name}={value!r} is an empty path, which would write into the working "
+            f"{name}={_short(value)} is an empty path, which would write into the working "
             f"directory; name a folder or file, e.g. {name}='runs/exp1'"
         )
 
@@ -119,7 +117,7 @@ def _resume(name: str, value: Any) -> None:
         _path(name, value)
     except InvalidArgumentError:
         raise InvalidArgumentError(
-            f"{name}={value!r}: use 'auto' (the newest checkpoint in checkpoint_dir), a "
+            f"{name}={_short(value)}: use 'auto' (the newest checkpoint in checkpoint_dir), a "
             "checkpoint's path (str or os.PathLike), or None for a fresh run"
         ) from None
 
@@ -164,20 +162,20 @@ def _early_stopping(name: str, value: Any) -> None:
 
 def _lr_scaling(name: str, value: Any) -> None:
     if value not in (None, "linear", "sqrt"):
-        raise InvalidArgumentError(f"{name}={value!r}: use 'linear', 'sqrt' or None")
+        raise InvalidArgumentError(f"{name}={_short(value)}: use 'linear', 'sqrt' or None")
 
 
 def _optimize(name: str, value: Any) -> None:
     if value is not None and not (isinstance(value, str) or callable(value)):
         raise InvalidArgumentError(
-            f"{name}={value!r}: use 'ipex', a callable (model, optimizer) -> "
+            f"{name}={_short(value)}: use 'ipex', a callable (model, optimizer) -> "
             f"(model, optimizer), or None"
         )
 
 
 def _strategy(name: str, value: Any) -> None:
     if value not in ("ddp", "fsdp"):
-        raise InvalidArgumentError(f"{name}={value!r}: use 'ddp' or 'fsdp'")
+        raise InvalidArgumentError(f"{name}={_short(value)}: use 'ddp' or 'fsdp'")
 
 
 #: shard_model's options a Trainer passes on (its precision comes from ``precision=``).
@@ -187,13 +185,13 @@ FSDP_OPTIONS = tuple(p for p in inspect.signature(shard_model).parameters if p !
 def _fsdp(name: str, value: Any) -> None:
     if not isinstance(value, Mapping):
         raise InvalidArgumentError(
-            f"{name}={value!r} must be a dict of shard_model options "
+            f"{name}={_short(value)} must be a dict of shard_model options "
             f"({', '.join(o for o in FSDP_OPTIONS if o != 'precision')}) or None"
         )
     unknown = [k for k in value if k not in FSDP_OPTIONS]
     if unknown:
         raise InvalidArgumentError(
-            f"{name}={dict(value)!r}: unknown option(s) {unknown}; use "
+            f"{name}={_short(dict(value))}: unknown option(s) {unknown}; use "
             f"{', '.join(o for o in FSDP_OPTIONS if o != 'precision')}"
         )
 
@@ -390,6 +388,14 @@ def check_loss(loss: Any, source: str) -> Any:
 
 
 def _short(value: Any, limit: int = 80) -> str:
-    """``repr(value)``, cut to ``limit`` characters."""
-    text = repr(value)
+    """``repr(value)``, cut to ``limit`` characters (an int too long to print: its size).
+
+    Example:
+        >>> _short(10**5000)
+        'an int of 16610 bits'
+    """
+    try:
+        text = repr(value)
+    except ValueError:  # int repr is limited to 4300 digits (sys.set_int_max_str_digits)
+        return f"an int of {value.bit_length()} bits"
     return text if len(text) <= limit else text[: limit - 3] + "..."
