@@ -17,12 +17,17 @@ from devlayer.devices import usable_cpus
 from devlayer.errors import InvalidArgumentError
 
 __all__ = [
+    "MAX_BATCH_SIZE",
     "ShardedLoader",
     "auto_num_workers",
     "check_num_workers",
     "max_num_workers",
     "prepare_loader",
 ]
+
+
+#: The largest batch a DataLoader can slice (``itertools.islice`` takes a C ``ssize_t``).
+MAX_BATCH_SIZE = 2**63 - 1
 
 
 def max_num_workers(
@@ -293,6 +298,11 @@ def _per_rank_batch(batch_size: int | None, world: int, per_rank: bool) -> int:
         )
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise InvalidArgumentError(f"batch_size={batch_size!r} must be an int >= 1")
+    if batch_size > MAX_BATCH_SIZE:
+        raise InvalidArgumentError(
+            f"batch_size={batch_size!r} is larger than any DataLoader can slice (at most "
+            "2**63-1); pass the number of samples per step"
+        )
     if per_rank:
         return batch_size
     if batch_size % world:

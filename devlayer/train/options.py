@@ -23,7 +23,7 @@ from typing import Any
 from devlayer.errors import InvalidArgumentError
 from devlayer.train.callbacks import Callback, EarlyStopping, is_finite_number
 from devlayer.train.compile import compile_options
-from devlayer.train.data import check_num_workers
+from devlayer.train.data import MAX_BATCH_SIZE, check_num_workers
 from devlayer.train.fsdp import shard_model
 from devlayer.train.precision import resolve_precision
 from devlayer.train.progress import resolve_progress_interval
@@ -35,14 +35,13 @@ __all__ = [
     "callback_list",
     "check_batches",
     "check_loss",
+    "check_metrics",
     "check_optimizer_params",
     "check_options",
     "check_strategy",
     "positive",
 ]
 
-#: The largest batch a DataLoader can slice (``itertools.islice`` takes a C ``ssize_t``).
-MAX_BATCH_SIZE = 2**63 - 1
 #: Seeds are below 2**63: torch's generators take ``seed + epoch`` as a 64-bit integer.
 MAX_SEED = 2**63 - 1
 
@@ -385,6 +384,37 @@ def check_loss(loss: Any, source: str) -> Any:
         f"{source} returned {seen}; it must return the loss as a one-element float tensor "
         "(e.g. torch.nn.functional.mse_loss(model(x), y), or a .mean() of per-sample losses)"
     )
+
+
+def check_metrics(values: Any, source: str) -> dict[str, Any]:
+    """``values`` is a dict of per-batch metrics: str keys, numbers or one-element tensors.
+
+    Args:
+        values: What ``validation_step`` returned.
+        source: Its name, for the message.
+
+    Returns:
+        ``values`` as a dict.
+
+    Raises:
+        InvalidArgumentError: Not a mapping, or a key or value of another kind (named).
+    """
+    import torch
+
+    if not isinstance(values, Mapping):
+        raise InvalidArgumentError(
+            f"{source} returned a {type(values).__name__} ({_short(values)}); it must "
+            "return a dict of per-batch means, e.g. {'val_loss': loss, 'val_accuracy': acc}"
+        )
+    for key, value in values.items():
+        number = isinstance(value, (int, float))
+        scalar = isinstance(value, torch.Tensor) and value.numel() == 1
+        if not isinstance(key, str) or not (number or scalar):
+            raise InvalidArgumentError(
+                f"{source} returned {{{_short(key)}: {_short(value)}}}; each entry must map "
+                "a metric name (str) to a number or a one-element tensor (a per-batch mean)"
+            )
+    return dict(values)
 
 
 def _short(value: Any, limit: int = 80) -> str:

@@ -53,6 +53,7 @@ from devlayer.train.options import (
     callback_list,
     check_batches,
     check_loss,
+    check_metrics,
     check_optimizer_params,
     check_options,
 )
@@ -710,7 +711,7 @@ class Trainer:
 
     def _validation_values(self, model: Any, batch: Any) -> dict[str, Any]:
         if self.validation_step is not None:
-            return dict(self.validation_step(model, batch))
+            return check_metrics(self.validation_step(model, batch), "validation_step")
         x, y = batch
         out = model(x)
         assert self.loss_fn is not None

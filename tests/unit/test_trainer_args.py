@@ -301,3 +301,25 @@ def test_r5_a8_on_train_batch_end_sees_the_step_count_before_its_step(cpu):
     _trainer(callbacks=[Record()], grad_accum=2).fit(_data())  # 4 micro-batches of 4
     assert seen == [(0, 1), (0, 2), (1, 3), (1, 4)]
     assert "before the optimizer step" in (Callback.on_train_batch_end.__doc__ or "")
+
+
+@pytest.mark.parametrize(
+    ("result", "shown"),
+    [("x", "a str"), ({"acc": "high"}, "'acc'"), ({"acc": torch.ones(3)}, "'acc'")],
+    ids=["str", "str-value", "vector-value"],
+)
+def test_r5_a6_a_validation_step_that_returns_no_metrics_is_named(cpu, result, shown):
+    """R5-A6: a validation_step must return a dict of per-batch numbers; a str, or a value
+    that is not a number or one-element tensor, raises an error naming validation_step."""
+    trainer = _trainer(validation_step=lambda model, batch: result)
+    with pytest.raises(InvalidArgumentError) as info:
+        trainer.fit(_data(), _data())
+    message = str(info.value)
+    assert "validation_step returned" in message and shown in message
+
+
+def test_r5_a1_prepare_loader_refuses_a_batch_no_dataloader_can_slice(cpu):
+    """R5-A1: prepare_loader(batch_size=10**30) is refused naming the value and the
+    2**63-1 limit, instead of islice's ValueError at the first batch."""
+    with pytest.raises(InvalidArgumentError, match=r"batch_size=10{30}.*2\*\*63-1"):
+        devlayer.prepare_loader(_data(), 10**30, num_workers=0)
