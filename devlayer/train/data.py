@@ -105,7 +105,7 @@ def check_num_workers(
             :func:`max_num_workers`; the message names the value and the bound.
     """
     kw: dict[str, Any] = {"one_task_per_rank": one_task_per_rank}
-    if num_workers == "auto" and isinstance(num_workers, str):
+    if isinstance(num_workers, str) and num_workers == "auto":
         return auto_num_workers(local_world_size, **kw)
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
         raise InvalidArgumentError(f"num_workers={num_workers!r}: use 'auto' or an int >= 0")
@@ -113,8 +113,10 @@ def check_num_workers(
     if num_workers > bound:
         sharing = not one_task_per_rank and local_world_size > 1
         shared = f", shared by {local_world_size} local ranks" if sharing else ""
+        # Python refuses to print an int of over 4300 digits: name such a one by its size.
+        seen = num_workers if num_workers < 2**64 else f"an int of {num_workers.bit_length()} bits"
         raise InvalidArgumentError(
-            f"num_workers={num_workers} is more than the CPUs this rank may use{shared}: "
+            f"num_workers={seen} is more than the CPUs this rank may use{shared}: "
             f"at most {bound} DataLoader worker(s) per rank; pass num_workers <= {bound}, or "
             f"'auto' ({auto_num_workers(local_world_size, **kw)} here)"
         )

@@ -87,6 +87,7 @@ BAD: list[tuple[str, Any, str]] = [
     ("num_workers", -1, "'auto'"),
     ("num_workers", "4", "'auto'"),
     ("num_workers", 10**6, "CPU"),
+    ("num_workers", 10**5000, "an int of 16610 bits"),
     ("log_every", 0, "int >= 1"),
     ("reference_throughput", 0, "positive"),
     ("reference_throughput", -5, "positive"),
@@ -133,7 +134,9 @@ def test_r5_a1_a_bad_argument_is_refused_at_construction_naming_it(name, value, 
         devlayer.Trainer(args["model"], args["optimizer"], args["loss_fn"], **kw)
     message = str(info.value)
     assert f"{name}=" in message, message
-    shown = repr(value) if not callable(value) or isinstance(value, type) else ""
+    shown = ""
+    if not callable(value) and not (isinstance(value, int) and value > 10**100):
+        shown = repr(value)
     if name != "callbacks" and len(shown) < 40:
         assert shown in message, message
     assert fragment in message, message
