@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from typing import Any
 
 from devlayer.errors import InvalidArgumentError
 
-__all__ = ["Callback", "EarlyStopping"]
+__all__ = ["Callback", "EarlyStopping", "is_finite_number"]
 
 
 @dataclass
@@ -53,10 +54,25 @@ class EarlyStopping:
     hits: int = 0
 
     def __post_init__(self) -> None:
+        if not isinstance(self.monitor, str) or not self.monitor:
+            raise InvalidArgumentError(
+                f"EarlyStopping(monitor={self.monitor!r}) must name a key of the epoch "
+                "metrics, e.g. 'val_loss' or 'val_accuracy'"
+            )
         if self.mode not in ("min", "max"):
             raise InvalidArgumentError(f"EarlyStopping(mode={self.mode!r}): use 'min' or 'max'")
-        if self.patience < 1:
-            raise InvalidArgumentError(f"EarlyStopping(patience={self.patience}) must be >= 1")
+        patience = self.patience
+        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
+            raise InvalidArgumentError(f"EarlyStopping(patience={patience!r}) must be an int >= 1")
+        if not (is_finite_number(self.min_delta) and self.min_delta >= 0):
+            raise InvalidArgumentError(
+                f"EarlyStopping(min_delta={self.min_delta!r}) must be a finite number >= 0 "
+                "(the smallest change that counts as an improvement; mode says which way)"
+            )
+        if self.target is not None and not is_finite_number(self.target):
+            raise InvalidArgumentError(
+                f"EarlyStopping(target={self.target!r}) must be a finite number or None"
+            )
 
     def update(self, metrics: Mapping[str, Any]) -> bool:
         """Record one epoch; True means stop now."""
@@ -124,6 +140,21 @@ class EarlyStopping:
         self.best, self.bad_epochs, self.hits = state["best"], state["bad_epochs"], state["hits"]
 
 
+def is_finite_number(value: Any) -> bool:
+    """A finite int or float (a bool, a numeric string or an int too large for a float is not).
+
+    Example:
+        >>> [is_finite_number(v) for v in (1, 0.5, True, "1", float("nan"), 10**400)]
+        [True, True, False, False, False, False]
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int past the float range
+        return False
+
+
 class Callback:
     """Hooks the Trainer calls on every rank; override the ones you need.
 
@@ -135,7 +166,15 @@ class Callback:
         """Before the first epoch (after resuming)."""
 
     def on_train_batch_end(self, trainer: Any, loss: Any) -> None:
-        """After each micro-batch; ``loss`` is a device tensor (reading it syncs)."""
+        """After each micro-batch's backward, before the optimizer step it may trigger.
+
+        ``loss`` is the micro-batch's loss, a device tensor (reading it syncs). The
+        gradients are in place, not yet clipped or applied. ``trainer.state.batches_done``
+        already counts this micro-batch, ``trainer.state.global_step`` counts the optimizer
+        steps done *before* it: on a micro-batch that ends an accumulation window (every
+        one at ``grad_accum=1``) the step it triggers is not counted yet, so the value is
+        one less than after that step.
+        """
 
     def on_train_epoch_end(self, trainer: Any) -> None:
         """After an epoch's last training step (or the run's last), before validation.

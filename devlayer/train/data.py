@@ -10,28 +10,70 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator, Sized
+from collections.abc import Iterator, Mapping, Sized
 from typing import Any
 
 from devlayer.devices import usable_cpus
 from devlayer.errors import InvalidArgumentError
 
-__all__ = ["ShardedLoader", "auto_num_workers", "prepare_loader"]
+__all__ = [
+    "MAX_BATCH_SIZE",
+    "ShardedLoader",
+    "auto_num_workers",
+    "check_num_workers",
+    "max_num_workers",
+    "prepare_loader",
+]
+
+
+#: The largest batch a DataLoader can slice (``itertools.islice`` takes a C ``ssize_t``).
+MAX_BATCH_SIZE = 2**63 - 1
+
+
+def max_num_workers(
+    local_world_size: int = 1,
+    env: Mapping[str, str] | None = None,
+    cpus: int | None = None,
+    *,
+    one_task_per_rank: bool = False,
+) -> int:
+    """The most DataLoader workers one rank may start: the CPUs it may use, at least 1.
+
+    The CPUs come from ``SLURM_CPUS_PER_TASK`` when set, else from the CPUs this process may
+    run on (``os.sched_getaffinity``). When every rank is its own SLURM task
+    (``one_task_per_rank``, i.e. launched by srun) those CPUs are the rank's own; otherwise
+    (torchrun inside one srun task, or no SLURM) they are shared by the local ranks. More
+    workers than that only compete for the same CPUs (and a huge number forks until the
+    system refuses).
+
+    Example:
+        >>> max_num_workers(2, env={}, cpus=16)
+        8
+        >>> max_num_workers(4, env={"SLURM_CPUS_PER_TASK": "8"}, one_task_per_rank=True)
+        8
+        >>> max_num_workers(4, env={}, cpus=2)
+        1
+    """
+    env = os.environ if env is None else env
+    per_task = env.get("SLURM_CPUS_PER_TASK", "").strip()
+    if per_task.isdigit() and int(per_task) > 0:
+        cpus = int(per_task)
+    elif cpus is None:
+        cpus = usable_cpus()
+    sharing = 1 if one_task_per_rank else max(local_world_size, 1)
+    return max((cpus or 1) // sharing, 1)
 
 
 def auto_num_workers(
     local_world_size: int = 1,
-    env: dict[str, str] | None = None,
+    env: Mapping[str, str] | None = None,
     cpus: int | None = None,
     *,
     one_task_per_rank: bool = False,
 ) -> int:
     """DataLoader workers per rank: usable CPUs per rank minus one for the main process.
 
-    The CPUs come from ``SLURM_CPUS_PER_TASK`` when set, else from the CPUs this process may
-    run on (``os.sched_getaffinity``). When every rank is its own SLURM task
-    (``one_task_per_rank``, i.e. launched by srun) those CPUs are the rank's own; otherwise
-    (torchrun inside one srun task, or no SLURM) they are shared by the local ranks.
+    The CPUs per rank are counted as in :func:`max_num_workers`.
 
     Example:
         >>> auto_num_workers(2, env={}, cpus=16)
@@ -41,14 +83,44 @@ def auto_num_workers(
         >>> auto_num_workers(4, env={"SLURM_CPUS_PER_TASK": "32"})  # torchrun in one task
         7
     """
-    env = dict(os.environ) if env is None else env
-    per_task = env.get("SLURM_CPUS_PER_TASK", "").strip()
-    if per_task.isdigit() and int(per_task) > 0:
-        cpus = int(per_task)
-    elif cpus is None:
-        cpus = usable_cpus()
-    sharing = 1 if one_task_per_rank else max(local_world_size, 1)
-    return max((cpus or 1) // sharing - 1, 0)
+    per_rank = max_num_workers(local_world_size, env, cpus, one_task_per_rank=one_task_per_rank)
+    return max(per_rank - 1, 0)
+
+
+def check_num_workers(
+    num_workers: Any, local_world_size: int = 1, *, one_task_per_rank: bool = False
+) -> int:
+    """``num_workers`` as workers per rank: ``"auto"``, or an int from 0 to the bound.
+
+    Args:
+        num_workers: ``"auto"`` or an int >= 0.
+        local_world_size: Ranks on this node sharing its CPUs.
+        one_task_per_rank: Each rank is its own SLURM task (launched by srun).
+
+    Returns:
+        The number of workers to start.
+
+    Raises:
+        InvalidArgumentError: Not ``"auto"`` nor an int >= 0, or more than
+            :func:`max_num_workers`; the message names the value and the bound.
+    """
+    kw: dict[str, Any] = {"one_task_per_rank": one_task_per_rank}
+    if isinstance(num_workers, str) and num_workers == "auto":
+        return auto_num_workers(local_world_size, **kw)
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise InvalidArgumentError(f"num_workers={num_workers!r}: use 'auto' or an int >= 0")
+    bound = max_num_workers(local_world_size, **kw)
+    if num_workers > bound:
+        sharing = not one_task_per_rank and local_world_size > 1
+        shared = f", shared by {local_world_size} local ranks" if sharing else ""
+        # Python refuses to print an int of over 4300 digits: name such a one by its size.
+        seen = num_workers if num_workers < 2**64 else f"an int of {num_workers.bit_length()} bits"
+        raise InvalidArgumentError(
+            f"num_workers={seen} is more than the CPUs this rank may use{shared}: "
+            f"at most {bound} DataLoader worker(s) per rank; pass num_workers <= {bound}, or "
+            f"'auto' ({auto_num_workers(local_world_size, **kw)} here)"
+        )
+    return num_workers
 
 
 class _ResumableSampler:
@@ -228,6 +300,11 @@ def _per_rank_batch(batch_size: int | None, world: int, per_rank: bool) -> int:
         )
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise InvalidArgumentError(f"batch_size={batch_size!r} must be an int >= 1")
+    if batch_size > MAX_BATCH_SIZE:
+        raise InvalidArgumentError(
+            f"batch_size={batch_size!r} is larger than any DataLoader can slice (at most "
+            "2**63-1); pass the number of samples per step"
+        )
     if per_rank:
         return batch_size
     if batch_size % world:
@@ -237,15 +314,6 @@ def _per_rank_batch(batch_size: int | None, world: int, per_rank: bool) -> int:
             f", or pass per_rank=True to give the per-rank batch size"
         )
     return batch_size // world
-
-
-def _workers(num_workers: int | str, local_world_size: int, launcher: str) -> int:
-    """Loader workers per rank: ``num_workers``, or ``"auto"`` from the CPUs this rank has."""
-    if num_workers == "auto":
-        return auto_num_workers(local_world_size, one_task_per_rank=launcher == "slurm")
-    if isinstance(num_workers, int) and not isinstance(num_workers, bool) and num_workers >= 0:
-        return num_workers
-    raise InvalidArgumentError(f"num_workers={num_workers!r}: use 'auto' or an int >= 0")
 
 
 def prepare_loader(
@@ -271,7 +339,8 @@ def prepare_loader(
         drop_last: Drop the last incomplete batch (and make shards equal by dropping
             instead of padding).
         num_workers: Workers per rank, or ``"auto"`` (usable CPUs per rank minus one,
-            respecting CPU affinity and ``SLURM_CPUS_PER_TASK``).
+            respecting CPU affinity and ``SLURM_CPUS_PER_TASK``). At most the CPUs this
+            rank may use (:func:`max_num_workers`): more is refused.
         seed: Shuffling seed; shards are identical on all ranks for the same seed.
         per_rank: Treat ``batch_size`` as per rank instead of global.
         pad: Repeat samples so every rank gets the same number of batches (needed when each
@@ -285,7 +354,8 @@ def prepare_loader(
 
     Raises:
         InvalidArgumentError: A global batch that the world size does not divide, a
-            non-positive batch size, or a missing batch size.
+            non-positive batch size, a missing batch size, or ``num_workers`` above the
+            CPUs of the rank.
 
     Example:
         >>> import torch, devlayer
@@ -318,7 +388,9 @@ def prepare_loader(
             f"prepare_loader() needs a map-style dataset with __len__; got "
             f"{type(dataset).__name__} (shard an IterableDataset yourself by rank)"
         )
-    workers = _workers(num_workers, st.local_world_size, st.process.launcher)
+    workers = check_num_workers(
+        num_workers, st.local_world_size, one_task_per_rank=st.process.launcher == "slurm"
+    )
 
     data: Any = dataset
     sampler: Any

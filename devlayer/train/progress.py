@@ -56,7 +56,7 @@ def resolve_progress_interval(
         origin = PROGRESS_INTERVAL_ENV
     try:
         seconds = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an int past float
         seconds = math.nan
     if isinstance(value, bool) or not math.isfinite(seconds) or seconds < 0:
         raise InvalidArgumentError(

@@ -49,7 +49,14 @@ from devlayer.train.metrics import (
     is_classification,
 )
 from devlayer.train.model import prepare_model, unwrap
-from devlayer.train.options import check_options
+from devlayer.train.options import (
+    callback_list,
+    check_batches,
+    check_loss,
+    check_metrics,
+    check_optimizer_params,
+    check_options,
+)
 from devlayer.train.precision import Precision, resolve_precision
 from devlayer.train.preemption import Preemption
 from devlayer.train.progress import progress_bar, resolve_progress_interval
@@ -78,10 +85,14 @@ class _Progress:
 class Trainer:
     """Train a model with DDP on whatever devlayer selected.
 
+    Every argument is checked here, before anything runs: a wrong type or range raises
+    :class:`~devlayer.errors.InvalidArgumentError` naming the argument and the value.
+
     Args:
         model: The ``torch.nn.Module``. It is moved and wrapped in place; after ``fit`` it
             holds the trained weights.
-        optimizer: An optimizer over ``model``'s parameters.
+        optimizer: An optimizer over ``model``'s parameters (``fit`` refuses one that holds
+            none of them).
         loss_fn: ``loss_fn(model(x), y)`` for ``(x, y)`` batches. Also used for validation.
         precision: ``"32"``, ``"bf16-mixed"`` or ``"16-mixed"`` (GradScaler only for fp16).
             Default: ``ACCELERATE_MIXED_PRECISION`` or ``"32"``.
@@ -101,9 +112,10 @@ class Trainer:
             it is writable before the first step and locks it: one job per folder.
         checkpoint_every: Save every N optimizer steps (also at each epoch end when set).
         resume: ``"auto"`` (newest valid checkpoint in ``checkpoint_dir``, continuing its
-            run), a path, or None (a fresh run: refused when ``checkpoint_dir`` already
-            holds checkpoints). The rules: docs/checkpoints.md, "Run identity".
-        seed: Seeds random/NumPy/torch per rank and the data order.
+            run), a path (needs ``checkpoint_dir``), or None (a fresh run: refused when
+            ``checkpoint_dir`` already holds checkpoints). The rules: docs/checkpoints.md,
+            "Run identity".
+        seed: Seeds random/NumPy/torch per rank and the data order (0 <= seed < 2**63).
         early_stopping: An :class:`EarlyStopping`.
         metrics_file: JSON lines, one per epoch, written by rank 0.
         progress: Show progress and an epoch summary on rank 0: a tqdm bar when stderr is
@@ -112,12 +124,13 @@ class Trainer:
         progress_interval: Seconds between plain progress lines when stderr is not a
             terminal. Default: ``DEVLAYER_PROGRESS_INTERVAL`` or 30; 0 prints one line per
             micro-batch.
-        callbacks: :class:`Callback` objects.
+        callbacks: An iterable of :class:`Callback` instances.
         training_step: ``training_step(model, batch) -> loss`` instead of ``loss_fn``.
         validation_step: ``validation_step(model, batch) -> dict of per-batch means``
             (weighted by batch size when averaged); default: loss and accuracy from loss_fn.
         scheduler: An LR scheduler stepped after each optimizer step.
-        num_workers: DataLoader workers per rank (``"auto"``).
+        num_workers: DataLoader workers per rank (``"auto"``), at most the CPUs a rank may
+            use (:func:`~devlayer.train.data.max_num_workers`).
         log_every: Read the running loss (a device sync) every N optimizer steps.
         reference_throughput: World-size-1 samples/s, to report scaling efficiency.
         allow_world_size_change: Resume a checkpoint saved with another world size.
@@ -179,25 +192,9 @@ class Trainer:
         fsdp: Mapping[str, Any] | None = None,
         compile: bool | Mapping[str, Any] = False,
     ) -> None:
-        # Long only by its 33 documented options: the checks are in _check_options, the
-        # per-run state in _reset_run_state; what is left assigns the options.
-        check_options(
-            grad_accum=grad_accum,
-            max_epochs=max_epochs,
-            max_steps=max_steps,
-            log_every=log_every,
-            preempt_check_every=preempt_check_every,
-            checkpoint_every=checkpoint_every,
-            checkpoint_dir=checkpoint_dir,
-            clip_grad=clip_grad,
-            lr_scaling=lr_scaling,
-            optimize=optimize,
-            strategy=strategy,
-            fsdp=fsdp,
-            precision=precision,
-            loss_fn=loss_fn,
-            training_step=training_step,
-        )
+        # Long only by its 33 documented options: every one is checked (options.CHECKS)
+        # before anything is assigned; the per-run state is in _reset_run_state.
+        check_options({k: v for k, v in locals().items() if k != "self"})
         self.model = model
         self.optimizer = optimizer
         self.loss_fn = loss_fn
@@ -217,7 +214,7 @@ class Trainer:
         self.metrics_file = Path(metrics_file) if metrics_file is not None else None
         self.progress = progress
         self.progress_interval = resolve_progress_interval(progress_interval)
-        self.callbacks = list(callbacks)
+        self.callbacks = callback_list(callbacks)
         self.training_step = training_step
         self.validation_step = validation_step
         self.scheduler = scheduler
@@ -276,6 +273,8 @@ class Trainer:
         self.autocast_dtype = self.amp.dtype
         if self.optimize is not None and not self._optimized:
             self._apply_optimize(torch, st.backend)
+        # Before wrapping: FSDP rebinds the optimizer to the shards, by parameter identity.
+        check_optimizer_params(self.model, self.optimizer)
         if sharded:
             names = parameter_names(self.model)
             options = {"precision": self.precision, **self.fsdp}
@@ -588,7 +587,7 @@ class Trainer:
 
     def _loss(self, batch: Any) -> Any:
         if self.training_step is not None:
-            return self.training_step(self.ddp_model, batch)
+            return check_loss(self.training_step(self.ddp_model, batch), "training_step")
         if not isinstance(batch, (list, tuple)) or len(batch) != 2:
             raise InvalidArgumentError(
                 f"loss_fn needs (x, y) batches; got {type(batch).__name__} of length "
@@ -596,7 +595,7 @@ class Trainer:
             )
         x, y = batch
         assert self.loss_fn is not None
-        return self.loss_fn(self.ddp_model(x), y)
+        return check_loss(self.loss_fn(self.ddp_model(x), y), "loss_fn")
 
     def _optimizer_step(self) -> None:
         assert self.amp is not None
@@ -710,7 +709,7 @@ class Trainer:
 
     def _validation_values(self, model: Any, batch: Any) -> dict[str, Any]:
         if self.validation_step is not None:
-            return dict(self.validation_step(model, batch))
+            return check_metrics(self.validation_step(model, batch), "validation_step")
         x, y = batch
         out = model(x)
         assert self.loss_fn is not None
@@ -751,6 +750,7 @@ class Trainer:
     def _fit(self, train_data: Any, val_data: Any) -> list[dict[str, Any]]:
         self._setup()
         train_loader = self._loader(train_data, shuffle=True)
+        check_batches(len(train_loader), devlayer.rank(), self.max_steps)
         val_loader = self._loader(val_data, shuffle=False) if val_data is not None else None
         self._resume()
         for cb in self.callbacks:
@@ -761,11 +761,6 @@ class Trainer:
         self.stop_reason = self._bound_reached() or self._stopped_before_resume()
         if self.stop_reason is None:
             self._continue_history()
-            if self.max_epochs is None and len(train_loader) == 0:
-                raise InvalidArgumentError(
-                    f"train_data gives 0 batches per epoch on rank {devlayer.rank()}, so "
-                    f"max_steps={self.max_steps} can never be reached; pass more data"
-                )
         while self.stop_reason is None:
             bar = self._progress_bar(len(train_loader)) if self.progress and main else None
             try:

@@ -1,0 +1,60 @@
+"""Rank functions for tests/dist/test_trainer_args.py (Trainer arguments on 2 gloo ranks)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils.data import TensorDataset
+
+import devlayer
+from devlayer.errors import InvalidArgumentError
+from devlayer.devices import usable_cpus
+
+
+def _data(n: int = 32) -> TensorDataset:
+    x = torch.linspace(0, 1, n).unsqueeze(1)
+    return TensorDataset(x, 2 * x)
+
+
+def num_workers_per_rank() -> dict[str, Any]:
+    """Build a Trainer with as many workers as the process has CPUs; fit with 2 local ranks."""
+    net = torch.nn.Linear(1, 1)
+    trainer = devlayer.Trainer(
+        net,
+        torch.optim.SGD(net.parameters(), lr=0.1),
+        torch.nn.functional.mse_loss,
+        batch_size=8,
+        progress=False,
+        num_workers=usable_cpus(),
+    )
+    try:
+        trainer.fit(_data())
+    except InvalidArgumentError as exc:
+        return {"rank": devlayer.rank(), "error": str(exc), "steps": trainer.state.global_step}
+    return {"rank": devlayer.rank(), "error": None, "steps": trainer.state.global_step}
+
+
+def foreign_optimizer(strategy: str) -> dict[str, Any]:
+    """fit() with an optimizer over another model's parameters; report the error and weights."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.Linear(8, 1))
+    other = torch.nn.Linear(1, 1)
+    before = [p.detach().clone() for p in net.parameters()]
+    trainer = devlayer.Trainer(
+        net,
+        torch.optim.SGD(other.parameters(), lr=0.1),
+        torch.nn.functional.mse_loss,
+        batch_size=8,
+        max_epochs=3,
+        progress=False,
+        num_workers=0,
+        strategy=strategy,
+    )
+    error = None
+    try:
+        trainer.fit(_data())
+    except InvalidArgumentError as exc:
+        error = str(exc)
+    unchanged = all(torch.equal(a, b.detach()) for a, b in zip(before, net.parameters()))
+    return {"error": error, "unchanged": unchanged, "steps": trainer.state.global_step}
