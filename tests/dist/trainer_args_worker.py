@@ -8,8 +8,8 @@ import torch
 from torch.utils.data import TensorDataset
 
 import devlayer
-from devlayer.errors import InvalidArgumentError
 from devlayer.devices import usable_cpus
+from devlayer.errors import InvalidArgumentError
 
 
 def _data(n: int = 32) -> TensorDataset:
@@ -56,5 +56,7 @@ def foreign_optimizer(strategy: str) -> dict[str, Any]:
         trainer.fit(_data())
     except InvalidArgumentError as exc:
         error = str(exc)
-    unchanged = all(torch.equal(a, b.detach()) for a, b in zip(before, net.parameters()))
+    unchanged = all(
+        torch.equal(a, b.detach()) for a, b in zip(before, net.parameters(), strict=True)
+    )
     return {"error": error, "unchanged": unchanged, "steps": trainer.state.global_step}
