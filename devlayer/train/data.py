@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Iterator, Mapping, Sized
 from typing import Any
 
@@ -18,7 +19,9 @@ from devlayer.errors import InvalidArgumentError
 
 __all__ = [
     "MAX_BATCH_SIZE",
+    "MIN_WORKERS_LIMIT",
     "ShardedLoader",
+    "WORKERS_PER_CPU",
     "auto_num_workers",
     "check_num_workers",
     "max_num_workers",
@@ -28,6 +31,12 @@ __all__ = [
 
 #: The largest batch a DataLoader can slice (``itertools.islice`` takes a C ``ssize_t``).
 MAX_BATCH_SIZE = 2**63 - 1
+#: An explicit ``num_workers`` above the rank's CPUs is allowed with a warning (workers that
+#: wait on I/O can use more than one each), up to this many per CPU of the rank, and never
+#: refused below :data:`MIN_WORKERS_LIMIT`; beyond that it is an error (``num_workers=10**6``
+#: would fork until the system refuses).
+WORKERS_PER_CPU = 4
+MIN_WORKERS_LIMIT = 8
 
 
 def max_num_workers(
@@ -90,7 +99,11 @@ def auto_num_workers(
 def check_num_workers(
     num_workers: Any, local_world_size: int = 1, *, one_task_per_rank: bool = False
 ) -> int:
-    """``num_workers`` as workers per rank: ``"auto"``, or an int from 0 to the bound.
+    """``num_workers`` as workers per rank: ``"auto"``, or an int from 0 to the limit.
+
+    Above the CPUs this rank may use (:func:`max_num_workers`) is allowed with a warning, as
+    torch's DataLoader does; above :data:`WORKERS_PER_CPU` times those CPUs (and at least
+    :data:`MIN_WORKERS_LIMIT`) is an error, raised before any worker is forked.
 
     Args:
         num_workers: ``"auto"`` or an int >= 0.
@@ -101,25 +114,40 @@ def check_num_workers(
         The number of workers to start.
 
     Raises:
-        InvalidArgumentError: Not ``"auto"`` nor an int >= 0, or more than
-            :func:`max_num_workers`; the message names the value and the bound.
+        InvalidArgumentError: Not ``"auto"`` nor an int >= 0, or over the limit; the message
+            names the value, the limit and the CPUs of the rank.
+
+    Example:
+        >>> check_num_workers(8, 1) <= 8
+        True
     """
     kw: dict[str, Any] = {"one_task_per_rank": one_task_per_rank}
     if isinstance(num_workers, str) and num_workers == "auto":
         return auto_num_workers(local_world_size, **kw)
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
         raise InvalidArgumentError(f"num_workers={num_workers!r}: use 'auto' or an int >= 0")
-    bound = max_num_workers(local_world_size, **kw)
-    if num_workers > bound:
-        sharing = not one_task_per_rank and local_world_size > 1
-        shared = f", shared by {local_world_size} local ranks" if sharing else ""
-        # Python refuses to print an int of over 4300 digits: name such a one by its size.
-        seen = num_workers if num_workers < 2**64 else f"an int of {num_workers.bit_length()} bits"
+    cpus = max_num_workers(local_world_size, **kw)
+    if num_workers <= cpus:
+        return num_workers
+    sharing = not one_task_per_rank and local_world_size > 1
+    shared = f", shared by {local_world_size} local ranks" if sharing else ""
+    # Python refuses to print an int of over 4300 digits: name such a one by its size.
+    seen = num_workers if num_workers < 2**64 else f"an int of {num_workers.bit_length()} bits"
+    where = f"this rank may use {cpus} CPU(s){shared}"
+    limit = max(MIN_WORKERS_LIMIT, WORKERS_PER_CPU * cpus)
+    if num_workers > limit:
         raise InvalidArgumentError(
-            f"num_workers={seen} is more than the CPUs this rank may use{shared}: "
-            f"at most {bound} DataLoader worker(s) per rank; pass num_workers <= {bound}, or "
-            f"'auto' ({auto_num_workers(local_world_size, **kw)} here)"
+            f"num_workers={seen} is more than {WORKERS_PER_CPU} DataLoader workers per CPU: "
+            f"{where}, so at most {limit} worker(s) per rank; pass num_workers <= {cpus} "
+            f"(one per CPU), or 'auto' ({auto_num_workers(local_world_size, **kw)} here)"
         )
+    warnings.warn(
+        f"num_workers={seen} is more than the CPUs {where}: the workers compete for them "
+        f"(fine for loaders that wait on I/O); 'auto' gives "
+        f"{auto_num_workers(local_world_size, **kw)} here",
+        UserWarning,
+        stacklevel=3,
+    )
     return num_workers
 
 

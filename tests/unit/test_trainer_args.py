@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import os
 import re
+import warnings
 from typing import Any
 
 import pytest
@@ -203,17 +204,30 @@ def test_r5_a3_num_workers_is_bounded_by_the_cpus_of_the_rank():
     assert max_num_workers(1, env={}) == len(os.sched_getaffinity(0))
 
 
-def test_r5_a3_prepare_loader_refuses_more_workers_than_cpus_before_forking(cpu):
-    """R5-A3: prepare_loader (which the Trainer uses at fit) refuses num_workers above the
-    bound with the value, the bound and the fix, before any worker process exists."""
-    bound = max_num_workers(cpu.local_world_size)
+def test_r5_a3_prepare_loader_warns_above_the_cpus_and_refuses_above_the_limit(cpu):
+    """R5-A3: prepare_loader (which the Trainer uses at fit) takes num_workers up to the
+    rank's CPUs silently, warns above them (naming the value and the CPUs), and refuses more
+    than 4 per CPU (at least 8) with the value, the limit and the fix, before any worker
+    process exists."""
+    from devlayer.train.data import MIN_WORKERS_LIMIT, WORKERS_PER_CPU
+
+    cpus = max_num_workers(cpu.local_world_size)
+    limit = max(MIN_WORKERS_LIMIT, WORKERS_PER_CPU * cpus)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert devlayer.prepare_loader(_data(), 8, num_workers=cpus).num_workers == cpus
+    with pytest.warns(UserWarning, match=f"num_workers={cpus + 1} is more than the CPUs"):
+        loader = devlayer.prepare_loader(_data(), 8, num_workers=cpus + 1)
+    assert loader.num_workers == cpus + 1
+    with pytest.warns(UserWarning):
+        assert devlayer.prepare_loader(_data(), 8, num_workers=limit).num_workers == limit
     with pytest.raises(InvalidArgumentError) as info:
-        devlayer.prepare_loader(_data(), 8, num_workers=bound + 1)
+        devlayer.prepare_loader(_data(), 8, num_workers=limit + 1)
     message = str(info.value)
-    assert f"num_workers={bound + 1}" in message and f"at most {bound}" in message
-    assert "'auto'" in message
-    loader = devlayer.prepare_loader(_data(), 8, num_workers=bound)
-    assert loader.num_workers == bound
+    assert f"num_workers={limit + 1}" in message and f"at most {limit} worker(s)" in message
+    assert f"{cpus} CPU(s)" in message and "'auto'" in message
+    with pytest.raises(InvalidArgumentError, match="num_workers=1000000 is more than 4"):
+        devlayer.prepare_loader(_data(), 8, num_workers=10**6)
 
 
 def test_r5_a4_optimizer_of_another_model_is_refused_at_fit(cpu):
