@@ -373,13 +373,18 @@ def _layer_of(module: str) -> int | None:
     return LAYERS.get(parts[1]) if len(parts) > 1 and parts[0] == "devlayer" else None
 
 
+def _own_layer(rel: str) -> int | None:
+    """The layer of the file at ``rel`` (relative to the root), None when it is in none."""
+    return 2 if rel.startswith("backends/") else _layer_of(rel[:-3].replace("/", "."))
+
+
 def _layer_offenders(files: dict[str, Path]) -> list[str]:
     """Upward imports in ``files`` (path relative to the root -> the file to read)."""
     offenders = []
     for rel, path in files.items():
         if rel in LAYERS_EXEMPT:
             continue
-        own = 2 if rel.startswith("backends/") else _layer_of(rel[:-3].replace("/", "."))
+        own = _own_layer(rel)
         if own is None:
             offenders.append(f"{rel}: in no layer; add it to LAYERS and docs/architecture.md")
             continue
@@ -409,6 +414,74 @@ def test_the_layer_rule_catches_an_upward_import(tmp_path: Path) -> None:
     )
     assert "devlayer/registry.py:2: imports devlayer.train.optimize (layer 4) from layer 1" in found
     assert any(o.startswith("devlayer/newthing.py: in no layer") for o in found), found
+
+
+#: The lowest layer whose modules may import the package face ``devlayer`` (``import
+#: devlayer``, ``from devlayer import init``): the training layer and the commands use "the
+#: public devlayer API" (docs/architecture.md). The face's lazy names reach every layer up to
+#: the Trainer, so below layer 4 a module imports the module it needs (``devlayer.lifecycle``).
+FACE_FROM_LAYER = 4
+
+
+def _submodule_names() -> set[str]:
+    """The names ``from devlayer import name`` may take as a submodule rather than the face."""
+    pkg = ROOT / "devlayer"
+    names = {p.stem for p in pkg.glob("*.py")} | {p.name for p in pkg.iterdir() if p.is_dir()}
+    return names | {"backends"}  # the top-level backends/ folder, installed as devlayer.backends
+
+
+def _face_imports(path: Path) -> list[tuple[int, str]]:
+    """``(line, statement)`` for each import of the package face in ``path``."""
+    submodules = _submodule_names()
+    found: list[tuple[int, str]] = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, "import devlayer") for a in node.names if a.name == "devlayer"]
+        elif isinstance(node, ast.ImportFrom) and node.module == "devlayer" and not node.level:
+            found += [
+                (node.lineno, f"from devlayer import {a.name}")
+                for a in node.names
+                if a.name not in submodules
+            ]
+    return found
+
+
+def _face_offenders(files: dict[str, Path]) -> list[str]:
+    return [
+        f"{rel}:{line}: {stmt} in layer {own}; import the module that defines it"
+        for rel, path in files.items()
+        if rel not in LAYERS_EXEMPT
+        and (own := _own_layer(rel)) is not None
+        and own < FACE_FROM_LAYER
+        for line, stmt in _face_imports(path)
+    ]
+
+
+def test_no_module_below_the_training_layer_imports_the_package_face():
+    """Layers 0-3 and the backends never ``import devlayer`` for its lazy names: the face
+    resolves them from every layer (the Trainer included), which hides an upward edge from
+    the layer rule. Importing a submodule (``from devlayer import devices``) is allowed."""
+    files = {p.relative_to(ROOT).as_posix(): p for p in _python_files("devlayer", "backends")}
+    assert not _face_offenders(files)
+
+
+def test_the_face_rule_catches_a_face_import(tmp_path: Path) -> None:
+    """The rule is not vacuous: ``import devlayer`` in a function and ``from devlayer import
+    init`` are reported in the process layer, a submodule import is not, and the training
+    layer may use the face."""
+    src = tmp_path / "m.py"
+    src.write_text(
+        "from devlayer import devices, init\n"
+        "def f():\n"
+        "    import devlayer\n"
+        "    import devlayer.lifecycle\n"
+    )
+    found = _face_offenders({"devlayer/multiproc.py": src, "devlayer/train/model.py": src})
+    assert found == [
+        "devlayer/multiproc.py:1: from devlayer import init in layer 3; import the module "
+        "that defines it",
+        "devlayer/multiproc.py:3: import devlayer in layer 3; import the module that defines it",
+    ]
 
 
 def test_the_library_import_graph_has_no_cycle():
