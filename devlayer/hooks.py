@@ -3,6 +3,11 @@
 Pty-Chi and similar projects ask users to call ``set_torch_accelerator_module(torch.xpu)``
 by hand; ``init(accelerator_hooks=...)`` or ``DEVLAYER_ACCELERATOR_HOOKS`` do it with the
 module of the device type devlayer chose, so the script names no vendor.
+
+The table of named model optimizations (``Trainer(optimize="name")``) is here too, below
+both its users: a vendor registers its own when its backend module is imported
+(``backends/_ipex.py`` registers ``"ipex"``), and :mod:`devlayer.train.optimize` looks names
+up, so the training layer names no backend module.
 """
 
 from __future__ import annotations
@@ -18,12 +23,54 @@ if TYPE_CHECKING:
 
     from devlayer.registry import BoundBackend
 
-__all__ = ["AcceleratorHook", "as_hook_list", "call_hooks", "resolve_hooks", "torch_module"]
+__all__ = [
+    "OPTIMIZATIONS",
+    "AcceleratorHook",
+    "Optimization",
+    "as_hook_list",
+    "call_hooks",
+    "register_optimization",
+    "resolve_hooks",
+    "torch_module",
+]
 
 
 #: ``hook(module)`` for libraries that keep their own "accelerator module" (torch.cuda,
 #: torch.xpu...), or ``"package.module:function"`` naming one.
 AcceleratorHook = Callable[[Any], object] | str
+
+#: ``fn(model, optimizer, *, backend, dtype) -> (model, optimizer)``: a named optimization.
+Optimization = Callable[..., tuple[Any, Any]]
+
+#: Optimization name -> function, for ``Trainer(optimize="name")``. Empty until the backend
+#: modules load; each vendor registers its own then.
+OPTIMIZATIONS: dict[str, Optimization] = {}
+
+
+def register_optimization(name: str, fn: Optimization, *, replace: bool = False) -> None:
+    """Put ``fn`` in :data:`OPTIMIZATIONS` under ``name``.
+
+    Vendors call it when their backend module is imported; users call
+    :func:`devlayer.train.optimize.register_optimization`, which loads the vendors first.
+
+    Args:
+        name: What users pass as ``Trainer(optimize=name)``.
+        fn: ``fn(model, optimizer, *, backend, dtype) -> (model, optimizer)``.
+        replace: Replace a function already registered under ``name``.
+
+    Raises:
+        InvalidArgumentError: ``name`` is taken and ``replace`` is False.
+
+    Example:
+        >>> register_optimization("noop", lambda m, o, **kw: (m, o))
+        >>> OPTIMIZATIONS.pop("noop")(1, 2, backend=None, dtype=None)
+        (1, 2)
+    """
+    if name in OPTIMIZATIONS and not replace:
+        raise InvalidArgumentError(
+            f"an optimization named {name!r} is already registered; pass replace=True to replace it"
+        )
+    OPTIMIZATIONS[name] = fn
 
 
 def resolve_hooks(

@@ -266,17 +266,62 @@ def test_object_collectives_only_in_the_documented_functions():
     }, hits
 
 
-def _imports(path: Path) -> list[tuple[int, str]]:
-    """``(line, module)`` for every import in ``path`` (``from a import b`` gives a.b too)."""
-    import ast
+#: Top-level tables of ``"module:attr"`` strings that are not edges: ``registry.BUILTINS``
+#: names the vendor modules the registry loads on demand, as it loads entry points (a vendor
+#: imports the registry, never the reverse).
+STRING_TABLES_ALLOWED = {("devlayer/registry.py", "BUILTINS")}
 
+#: A string naming a devlayer module and one of its attributes: ``"devlayer.x.y:name"``.
+_TARGET = re.compile(r"(devlayer(?:\.\w+)*):(\w+)")
+
+
+def _nodes_assigned_to(tree: ast.Module, names: set[str]) -> set[int]:
+    """``id()`` of every node in the top-level assignments of ``tree`` to one of ``names``."""
+    skip: set[int] = set()
+    for stmt in tree.body:
+        targets = getattr(stmt, "targets", None) or [getattr(stmt, "target", None)]
+        if any(isinstance(t, ast.Name) and t.id in names for t in targets):
+            skip.update(id(n) for n in ast.walk(stmt))
+    return skip
+
+
+def _allowed_tables(path: Path, allowed: set[tuple[str, str]]) -> set[str]:
+    rel = path.resolve().as_posix().removeprefix(ROOT.as_posix() + "/")
+    return {name for file, name in allowed if file == rel}
+
+
+def _string_imports(node: ast.AST) -> list[tuple[int, str]]:
+    """The modules ``node`` imports by name: ``importlib.import_module("a.b")``, or a
+    ``"devlayer.a.b:attr"`` string (gives ``devlayer.a.b`` and ``devlayer.a.b.attr``)."""
+    func = getattr(node, "func", None)
+    if isinstance(node, ast.Call) and "import_module" in (
+        getattr(func, "attr", None),
+        getattr(func, "id", None),
+    ):
+        first = node.args[0] if node.args else None
+        if isinstance(first, ast.Constant) and isinstance(first.value, str):
+            return [(node.lineno, first.value)]
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        match = _TARGET.fullmatch(node.value)
+        if match:
+            return [(node.lineno, match[1]), (node.lineno, f"{match[1]}.{match[2]}")]
+    return []
+
+
+def _imports(path: Path) -> list[tuple[int, str]]:
+    """``(line, module)`` for every import in ``path`` (``from a import b`` gives a.b too),
+    counting imports by name (:func:`_string_imports`) outside ``STRING_TABLES_ALLOWED``."""
     found: list[tuple[int, str]] = []
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    tree = ast.parse(path.read_text(), str(path))
+    skip = _nodes_assigned_to(tree, _allowed_tables(path, STRING_TABLES_ALLOWED))
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found += [(node.lineno, alias.name) for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
             found.append((node.lineno, node.module))
             found += [(node.lineno, f"{node.module}.{alias.name}") for alias in node.names]
+        elif id(node) not in skip:
+            found += _string_imports(node)
     return found
 
 
@@ -394,6 +439,36 @@ def _layer_offenders(files: dict[str, Path]) -> list[str]:
             if (_layer_of(module) or 0) > own
         ]
     return offenders
+
+
+def test_the_import_rules_follow_imports_by_name(tmp_path: Path) -> None:
+    """A ``"devlayer.x:attr"`` string (a lazy import) and ``importlib.import_module("...")``
+    are edges too: in a layer-1 module both are reported as upward imports; a logger name
+    (no ``:attr``) is not an import."""
+    upward = tmp_path / "registry.py"
+    upward.write_text(
+        "import importlib, logging\n"
+        "TABLE = {'x': 'devlayer.train.optimize:apply_optimization'}\n"
+        "def f():\n"
+        "    return importlib.import_module('devlayer.cli.info')\n"
+        "log = logging.getLogger('devlayer.train')\n"
+    )
+    assert _layer_offenders({"devlayer/registry.py": upward}) == [
+        "devlayer/registry.py:2: imports devlayer.train.optimize (layer 4) from layer 1",
+        "devlayer/registry.py:2: imports devlayer.train.optimize.apply_optimization (layer 4) "
+        "from layer 1",
+        "devlayer/registry.py:4: imports devlayer.cli.info (layer 5) from layer 1",
+    ]
+
+
+def test_only_registry_builtins_names_vendor_modules_by_string():
+    """The one allowed table of import strings is the documented built-in vendor list; with
+    it the registry has no upward edge, without it its vendor modules are reported."""
+    path = ROOT / "devlayer" / "registry.py"
+    assert not _layer_offenders({"devlayer/registry.py": path})
+    tree = ast.parse(path.read_text())
+    strings = [m for node in ast.walk(tree) for _, m in _string_imports(node) if "backends" in m]
+    assert "devlayer.backends.cpu" in strings
 
 
 def test_no_module_imports_a_layer_above_its_own():
@@ -525,26 +600,68 @@ def test_the_library_import_graph_has_no_cycle():
     assert not cycle, " -> ".join(cycle)
 
 
-def test_no_module_imports_another_modules_private_names():
-    """``from devlayer.x import _name`` couples to what x may change at will (issue 15).
+def _package_of(rel: str) -> str:
+    """``"devlayer/train/x.py"`` -> ``"devlayer.train"``; ``"backends/x.py"`` ->
+    ``"devlayer.backends"`` (where an install puts it)."""
+    parts = rel[:-3].split("/")
+    return ".".join(["devlayer", *parts[:-1]] if parts[0] == "backends" else parts[:-1])
 
-    Relative imports inside ``backends/`` (``from ._ipex import ...``) are one package's
-    own business and allowed.
-    """
-    import ast
 
+def _private_owner(module: str) -> str | None:
+    """The package that owns the first ``_private`` part of ``module``, None if none."""
+    parts = module.split(".")
+    for i, part in enumerate(parts):
+        if part.startswith("_") and not part.startswith("__"):
+            return ".".join(parts[:i])
+    return None
+
+
+def _private_offenders(files: dict[str, Path]) -> list[str]:
+    """``from devlayer.x import _name``, and any import (by name too) of a private module
+    (``devlayer.backends._ipex``) from outside the package that holds it."""
     offenders = []
-    for path in _python_files("devlayer", "backends"):
+    for rel, path in files.items():
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.ImportFrom) and node.module and not node.level:
                 offenders += [
-                    f"{path.relative_to(ROOT)}:{node.lineno}: {node.module}.{a.name}"
+                    f"{rel}:{node.lineno}: {node.module}.{a.name}"
                     for a in node.names
                     if node.module.startswith("devlayer")
                     and a.name.startswith("_")
                     and not a.name.startswith("__")
                 ]
+        here = _package_of(rel)
+        for line, module in _imports(path):
+            owner = _private_owner(module) if module.startswith("devlayer.") else None
+            if owner and here != owner and not here.startswith(owner + "."):
+                offenders.append(f"{rel}:{line}: {module} (private to {owner})")
+    return sorted(set(offenders))
+
+
+def test_no_module_imports_another_modules_private_names():
+    """``from devlayer.x import _name`` couples to what x may change at will (issue 15), and
+    so does naming a private module of another package, even in a string
+    (``"devlayer.backends._ipex:fn"`` from train/).
+
+    Relative imports inside ``backends/`` (``from ._ipex import ...``) are one package's
+    own business and allowed.
+    """
+    files = {p.relative_to(ROOT).as_posix(): p for p in _python_files("devlayer", "backends")}
+    offenders = _private_offenders(files)
     assert not offenders, offenders
+
+
+def test_the_private_rule_catches_a_private_module_named_in_a_string(tmp_path: Path) -> None:
+    """The rule is not vacuous: train/ naming ``devlayer.backends._ipex`` in a string is
+    reported; a backend importing its own package's private module is not."""
+    src = tmp_path / "m.py"
+    src.write_text("T = {'ipex': 'devlayer.backends._ipex:trainer_optimize'}\n")
+    found = _private_offenders({"devlayer/train/optimize.py": src, "backends/cpu.py": src})
+    assert found == [
+        "devlayer/train/optimize.py:1: devlayer.backends._ipex (private to devlayer.backends)",
+        "devlayer/train/optimize.py:1: devlayer.backends._ipex.trainer_optimize (private to "
+        "devlayer.backends)",
+    ]
 
 
 def _readme_api_names() -> set[str]:
