@@ -4,16 +4,20 @@ Pty-Chi and similar projects ask users to call ``set_torch_accelerator_module(to
 by hand; ``init(accelerator_hooks=...)`` or ``DEVLAYER_ACCELERATOR_HOOKS`` do it with the
 module of the device type devlayer chose, so the script names no vendor.
 
-The table of named model optimizations (``Trainer(optimize="name")``) is here too, below
-both its users: a vendor registers its own when its backend module is imported
-(``backends/_ipex.py`` registers ``"ipex"``), and :mod:`devlayer.train.optimize` looks names
-up, so the training layer names no backend module.
+Two tables a vendor fills when its backend module is imported are here too, below both
+their writers and their readers, so that no module outside ``backends/`` names a vendor:
+
+- the named model optimizations (``Trainer(optimize="name")``; ``backends/_ipex.py``
+  registers ``"ipex"``), which :mod:`devlayer.train.optimize` looks up;
+- the network variables of each vendor's comm library (:data:`COMM_NETWORKS`), which
+  ``devlayer doctor`` names when a collective fails.
 """
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from devlayer.errors import DevlayerError, InvalidArgumentError
@@ -24,11 +28,14 @@ if TYPE_CHECKING:
     from devlayer.registry import BoundBackend
 
 __all__ = [
+    "COMM_NETWORKS",
     "OPTIMIZATIONS",
     "AcceleratorHook",
+    "CommNetwork",
     "Optimization",
     "as_hook_list",
     "call_hooks",
+    "register_comm_network",
     "register_optimization",
     "resolve_hooks",
     "torch_module",
@@ -71,6 +78,35 @@ def register_optimization(name: str, fn: Optimization, *, replace: bool = False)
             f"an optimization named {name!r} is already registered; pass replace=True to replace it"
         )
     OPTIMIZATIONS[name] = fn
+
+
+@dataclass(frozen=True)
+class CommNetwork:
+    """The variables that steer a comm library's network, for ``devlayer doctor``'s hints.
+
+    Attributes:
+        prefix: The prefix of all the library's variables (shown as ``prefix*``).
+        interface: The variable that picks the network interface, or None.
+    """
+
+    prefix: str
+    interface: str | None = None
+
+
+#: Comm backend name -> its library's network variables, registered by the vendor that
+#: ships it when its backend module is imported.
+COMM_NETWORKS: dict[str, CommNetwork] = {}
+
+
+def register_comm_network(comm: str, network: CommNetwork) -> None:
+    """Declare the network variables of comm backend ``comm`` (the last declaration wins).
+
+    Example:
+        >>> register_comm_network("mycomm", CommNetwork("MYCOMM_", "MYCOMM_IFNAME"))
+        >>> COMM_NETWORKS.pop("mycomm").interface
+        'MYCOMM_IFNAME'
+    """
+    COMM_NETWORKS[comm] = network
 
 
 def resolve_hooks(

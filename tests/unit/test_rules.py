@@ -13,9 +13,11 @@ import pytest
 
 from tests.helpers import ROOT, subprocess_env
 
+#: Vendor APIs in code: torch's vendor modules (their private ``torch._C._cuda_*`` bindings
+#: too), IPEX and oneCCL; ``_`` separates name parts (``_ipex``, ``ipex_optimize``).
 VENDOR_APIS = re.compile(
-    r"torch\.(cuda|xpu|mps|backends\.mps)\b|intel_extension_for_pytorch|oneccl_bindings|"
-    r"\bipex\b"
+    r"torch\.(_C\._)?(cuda|xpu|mps|backends\.mps)(?![a-zA-Z0-9])|intel_extension_for_pytorch|"
+    r"oneccl_bindings|(?<![a-zA-Z0-9])ipex(?![a-zA-Z0-9])"
 )
 
 
@@ -74,33 +76,54 @@ def test_vendor_api_rule_catches_code_not_docs(tmp_path: Path) -> None:
         "x = 'optimize=\"ipex\"'  # torch.xpu in a comment\n"
         "n = torch.cuda.device_count()\n"
         "import intel_extension_for_pytorch as ipex\n"
+        "m = torch._C._cuda_getDeviceCount()\n"
+        "from devlayer.backends import _ipex\n"
+        "y = torch.cudart, torch.mpsx, pipex\n"
     )
     hits = [
         n for n, code in _code_lines(src).items() if VENDOR_APIS.search(code.replace(" . ", "."))
     ]
-    assert hits == [3, 4]
+    assert hits == [3, 4, 5, 6]
 
 
-#: Vendor names as they appear in code: device types, comm backends, visibility variables.
+#: Vendor names as they appear in code: device types, comm backends and libraries, and the
+#: parts of the vendors' variable names. ``_`` separates parts here (``NCCL_SOCKET_IFNAME``,
+#: ``TORCH_XCCL_*``, ``ZE_AFFINITY_MASK``, ``PYTORCH_CUDA_ALLOC_CONF``), where ``\b`` would not.
 VENDOR_LITERALS = re.compile(
-    r"\b(cuda|xpu|mps|rocm|hip|nccl|rccl|xccl|ccl)\b|"
-    r"\b(CUDA|HIP|ROCR)_VISIBLE_DEVICES\b|\bZE_AFFINITY_MASK\b|\bONEAPI_DEVICE_SELECTOR\b|"
-    r"\bZE_FLAT_DEVICE_HIERARCHY\b",
+    r"(?<![a-z0-9])(cuda|xpu|mps|rocm|rocr|hip|nccl|rccl|xccl|ccl|oneccl|ipex|ze|oneapi|sycl)"
+    r"(?![a-z0-9])",
     re.IGNORECASE,
 )
 
-#: The named places outside backends/ that may spell a vendor: (file, top-level name).
-#: registry.BUILTINS is the documented list of built-in backends (one line per vendor).
-VENDOR_LITERAL_ALLOWED = {("devlayer/registry.py", "BUILTINS")}
+#: The named places outside backends/ that may spell a vendor: (file, top-level name of an
+#: assignment or a function), each with its reason.
+VENDOR_LITERAL_ALLOWED = {
+    # The documented list of built-in backends (one line per vendor).
+    ("devlayer/registry.py", "BUILTINS"),
+    # Known exception, not mine to edit (another branch rewrites train/options.py): its
+    # message for a wrong optimize= type says "use 'ipex'"; it could list
+    # devlayer.train.optimize.optimization_names() instead.
+    ("devlayer/train/options.py", "_optimize"),
+}
+
+
+def _nodes_named(tree: ast.Module, names: set[str]) -> set[int]:
+    """``id()`` of every node in the top-level assignments to, or definitions of, a name in
+    ``names``."""
+    skip: set[int] = set()
+    for stmt in tree.body:
+        targets = getattr(stmt, "targets", None) or [getattr(stmt, "target", None)]
+        named = getattr(stmt, "name", None) in names and isinstance(stmt, ast.FunctionDef)
+        if named or any(isinstance(t, ast.Name) and t.id in names for t in targets):
+            skip.update(id(n) for n in ast.walk(stmt))
+    return skip
 
 
 def _vendor_literals(path: Path, allowed: set[str] = frozenset()) -> list[tuple[int, str]]:
     """``(line, text)`` of string constants naming a vendor, outside docstrings and outside
-    top-level assignments to a name in ``allowed``."""
-    import ast
-
+    the top-level assignments and functions named in ``allowed``."""
     tree = ast.parse(path.read_text(), str(path))
-    skip: set[int] = set()
+    skip = _nodes_named(tree, set(allowed))
     for node in ast.walk(tree):
         body = getattr(node, "body", None)
         if (
@@ -110,10 +133,6 @@ def _vendor_literals(path: Path, allowed: set[str] = frozenset()) -> list[tuple[
             and isinstance(body[0].value, ast.Constant)
         ):
             skip.add(id(body[0].value))  # a docstring: documentation may name vendors
-    for stmt in tree.body:
-        targets = getattr(stmt, "targets", None) or [getattr(stmt, "target", None)]
-        if any(isinstance(t, ast.Name) and t.id in allowed for t in targets):
-            skip.update(id(n) for n in ast.walk(stmt))
     return [
         (node.lineno, node.value)
         for node in ast.walk(tree)
@@ -136,6 +155,9 @@ def test_no_vendor_literals_outside_backends():
 
 
 def test_vendor_literal_rule_catches_code_not_docs(tmp_path: Path) -> None:
+    """Vendor names in string constants are found, underscored variable names included
+    (``NCCL_*``, ``TORCH_NCCL_*``, ``TORCH_XCCL_*``, ``CCL_*``), but not in docstrings,
+    comments, the allowed tables and functions, or inside other words (``dumps``, ``size``)."""
     src = tmp_path / "m.py"
     src.write_text(
         '"""Docs may say cuda and CUDA_VISIBLE_DEVICES."""\n'
@@ -145,9 +167,14 @@ def test_vendor_literal_rule_catches_code_not_docs(tmp_path: Path) -> None:
         '    """On mps too."""\n'
         "    return 'float32' if t == 'mps' else f'{t}:gloo'  # cuda in a comment\n"
         "MSG = f'set HIP_VISIBLE_DEVICES={1}'\n"
-        "OK = 'NCCL_SOCKET_IFNAME and cpu:gloo'\n"
+        "OK = 'GLOO_SOCKET_IFNAME, cpu:gloo, json.dumps, the size, a zebra'\n"
+        "NET = ('NCCL_SOCKET_IFNAME', 'CCL_*', 'TORCH_NCCL_ASYNC_ERROR_HANDLING')\n"
+        "MORE = ('TORCH_XCCL_X', 'ZE_AFFINITY_MASK', 'PYTORCH_CUDA_ALLOC_CONF', '_ipex')\n"
+        "def allowed():\n"
+        "    return 'use ipex'\n"
     )
-    assert sorted(n for n, _ in _vendor_literals(src, {"ALLOWED"})) == [2, 2, 6, 7]
+    found = sorted(n for n, _ in _vendor_literals(src, {"ALLOWED", "allowed"}))
+    assert found == [2, 2, 6, 7, 9, 9, 9, 10, 10, 10, 10]
 
 
 def test_vendor_files_do_not_import_each_other():
@@ -275,16 +302,6 @@ STRING_TABLES_ALLOWED = {("devlayer/registry.py", "BUILTINS")}
 _TARGET = re.compile(r"(devlayer(?:\.\w+)*):(\w+)")
 
 
-def _nodes_assigned_to(tree: ast.Module, names: set[str]) -> set[int]:
-    """``id()`` of every node in the top-level assignments of ``tree`` to one of ``names``."""
-    skip: set[int] = set()
-    for stmt in tree.body:
-        targets = getattr(stmt, "targets", None) or [getattr(stmt, "target", None)]
-        if any(isinstance(t, ast.Name) and t.id in names for t in targets):
-            skip.update(id(n) for n in ast.walk(stmt))
-    return skip
-
-
 def _allowed_tables(path: Path, allowed: set[tuple[str, str]]) -> set[str]:
     rel = path.resolve().as_posix().removeprefix(ROOT.as_posix() + "/")
     return {name for file, name in allowed if file == rel}
@@ -313,7 +330,7 @@ def _imports(path: Path) -> list[tuple[int, str]]:
     counting imports by name (:func:`_string_imports`) outside ``STRING_TABLES_ALLOWED``."""
     found: list[tuple[int, str]] = []
     tree = ast.parse(path.read_text(), str(path))
-    skip = _nodes_assigned_to(tree, _allowed_tables(path, STRING_TABLES_ALLOWED))
+    skip = _nodes_named(tree, _allowed_tables(path, STRING_TABLES_ALLOWED))
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found += [(node.lineno, alias.name) for alias in node.names]
