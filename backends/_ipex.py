@@ -16,6 +16,7 @@ from importlib import metadata
 from typing import Any
 
 from devlayer.errors import BackendUnavailableError, InvalidArgumentError
+from devlayer.hooks import OPTIMIZATIONS, register_optimization
 
 IPEX_MODULE = "intel_extension_for_pytorch"
 IPEX_DIST = "intel-extension-for-pytorch"
@@ -122,8 +123,8 @@ DEVICE_TYPES = ("cpu", "xpu")
 def trainer_optimize(model: Any, optimizer: Any, *, backend: Any, dtype: Any) -> tuple[Any, Any]:
     """``Trainer(optimize="ipex")``: :func:`optimize` on the cpu and xpu backends.
 
-    Registered by name in :mod:`devlayer.train.optimize`, which loads this module only
-    when ``"ipex"`` is asked for.
+    Registered as ``"ipex"`` when this module is imported (by the cpu and xpu backends,
+    which the registry loads before any optimization is looked up).
 
     Raises:
         InvalidArgumentError: The backend's device is one IPEX has no build for.
@@ -135,3 +136,7 @@ def trainer_optimize(model: Any, optimizer: Any, *, backend: Any, dtype: Any) ->
             f"(model, optimizer), or leave optimize=None"
         )
     return optimize(model, optimizer, dtype)
+
+
+if "ipex" not in OPTIMIZATIONS:  # one registered by hand before the vendors loaded wins
+    register_optimization("ipex", trainer_optimize)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from devlayer.vendor import Availability, Backend, Runtime
 
+from . import _ipex  # noqa: F401  (registers optimize="ipex": IPEX has a CPU build)
+
 
 class CpuRuntime(Runtime):
     """The CPU has one device and nothing to initialize."""

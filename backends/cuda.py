@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from devlayer.hooks import CommNetwork, register_comm_network
 from devlayer.vendor import Backend, Runtime
+
+# For `devlayer doctor`'s hints when a collective fails (RCCL reads the same NCCL_* names).
+register_comm_network("nccl", CommNetwork("NCCL_", "NCCL_SOCKET_IFNAME"))
 
 
 class CudaRuntime(Runtime):

@@ -17,6 +17,7 @@ import importlib.util
 from collections.abc import Mapping, MutableMapping
 
 from devlayer.errors import BackendUnavailableError
+from devlayer.hooks import CommNetwork, register_comm_network
 from devlayer.launchers import ProcessInfo
 from devlayer.registry import torch_comm_available
 from devlayer.vendor import Availability, Backend, Runtime
@@ -27,6 +28,10 @@ from ._ipex import installed_version as _version
 
 CCL_MODULE = "oneccl_bindings_for_pytorch"
 CCL_DIST = "oneccl_bind_pt"
+
+# For `devlayer doctor`'s hints: xccl is oneCCL too, steered by the same CCL_* variables.
+register_comm_network("xccl", CommNetwork("CCL_"))
+register_comm_network("ccl", CommNetwork("CCL_"))
 
 
 def _installed(module: str) -> bool:

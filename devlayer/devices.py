@@ -103,68 +103,84 @@ def parse_devices(spec: object, *, origin: str = "devices") -> DeviceSpec:
     Raises:
         DeviceError: Negative, duplicate or non-integer entries, an empty list, or a count of 0.
     """
-    # Long (about 70 lines): one ladder over the accepted input forms, each check beside
-    # its message, so the order in which a malformed spec is diagnosed reads top to bottom.
+    # One ladder over the accepted input forms, in the order a malformed spec is diagnosed;
+    # each form's own checks are in the helper named for it.
     if spec is None:
         return None
     if isinstance(spec, bool):
         raise DeviceError(f"{origin}={_short(spec)} is not a device spec; use 'auto', N or '1,3'")
     if isinstance(spec, int):
-        if spec == -1:
-            return None
-        if spec < 1:
-            raise DeviceError(
-                f"{origin}={spec} asks for no devices; use a count >= 1, 'auto' or -1 for all "
-                f"(for the device with index 0 write '0,' or '[0]')"
-            )
-        return spec
+        return _parse_count(spec, origin)
     if isinstance(spec, str):
-        text = spec.strip().lower()
-        if text in ("", "auto", "all", "-1"):
-            return None
-        if any(ch.isdigit() and not ch.isascii() for ch in text):
-            # int() accepts Arabic-Indic, full-width and other digits; a device number never
-            # looks like that on purpose.
-            raise DeviceError(
-                f"{origin}={_short(spec)} contains non-ASCII digits; write device numbers with the "
-                f"digits 0-9 (e.g. 2 or '1,3')"
-            )
-        as_list = text.startswith("[")  # "[2]" is index 2, like [2]; "2" is a count
-        text = text.strip("[]()").strip()
-        if "," not in text and not as_list:
-            if not _INTEGER.fullmatch(text):
-                raise DeviceError(
-                    f"{origin}={_short(spec)} is not a device spec; use 'auto', a count such as 2, "
-                    f"or indices such as '1,3'"
-                )
-            # DeviceError is a ValueError, and "0" deserves its own message.
-            return parse_devices(int(text), origin=origin)
-        items: Sequence[object] = _split_entries(text, spec, origin)
-    elif isinstance(spec, Sequence) and not isinstance(spec, (bytes, bytearray)):
+        return _parse_text(spec, origin)
+    if isinstance(spec, Sequence) and not isinstance(spec, (bytes, bytearray)):
         _check_length(spec, origin)
-        items = list(spec)
-    else:
+        return _parse_indices(list(spec), spec, origin)
+    raise DeviceError(
+        f"{origin}={_short(spec)} has type {type(spec).__name__}; use 'auto', an int, "
+        f"a string like '1,3' or a list of ints"
+    )
+
+
+def _parse_count(count: int, origin: str) -> DeviceSpec:
+    """A count of devices: ``-1`` is all of them, below 1 is an error."""
+    if count == -1:
+        return None
+    if count < 1:
         raise DeviceError(
-            f"{origin}={_short(spec)} has type {type(spec).__name__}; use 'auto', an int, "
-            f"a string like '1,3' or a list of ints"
+            f"{origin}={count} asks for no devices; use a count >= 1, 'auto' or -1 for all "
+            f"(for the device with index 0 write '0,' or '[0]')"
         )
-    indices: list[int] = []
-    for item in items:
-        try:
-            if isinstance(item, bool):
-                raise ValueError
-            # operator.index: 1.5 or 2.0 in a list is an error, not silently device 1 or 2.
-            if isinstance(item, str) and not _INTEGER.fullmatch(item.strip()):
-                raise ValueError
-            value = int(item) if isinstance(item, str) else operator.index(item)  # type: ignore[arg-type]
-        except (TypeError, ValueError):
-            raise DeviceError(
-                f"{origin}={_short(spec)}: entry {item!r} is not a device index (a whole number "
-                f">= 0, digits 0-9)"
-            ) from None
-        if value < 0:
-            raise DeviceError(f"{origin}={_short(spec)}: device index {value} is negative")
-        indices.append(value)
+    return count
+
+
+def _parse_text(spec: str, origin: str) -> DeviceSpec:
+    """``"auto"``, a count (``"2"``) or indices (``"1,3"``, ``"[2]"``, ``"3,"``)."""
+    text = spec.strip().lower()
+    if text in ("", "auto", "all", "-1"):
+        return None
+    if any(ch.isdigit() and not ch.isascii() for ch in text):
+        # int() accepts Arabic-Indic, full-width and other digits; a device number never
+        # looks like that on purpose.
+        raise DeviceError(
+            f"{origin}={_short(spec)} contains non-ASCII digits; write device numbers with the "
+            f"digits 0-9 (e.g. 2 or '1,3')"
+        )
+    as_list = text.startswith("[")  # "[2]" is index 2, like [2]; "2" is a count
+    text = text.strip("[]()").strip()
+    if "," in text or as_list:
+        return _parse_indices(_split_entries(text, spec, origin), spec, origin)
+    if not _INTEGER.fullmatch(text):
+        raise DeviceError(
+            f"{origin}={_short(spec)} is not a device spec; use 'auto', a count such as 2, "
+            f"or indices such as '1,3'"
+        )
+    # DeviceError is a ValueError, and "0" deserves its own message.
+    return _parse_count(int(text), origin)
+
+
+def _parse_index(item: object, spec: object, origin: str) -> int:
+    """One entry of a list of indices: a whole number >= 0 (digits 0-9 in a string)."""
+    try:
+        if isinstance(item, bool):
+            raise ValueError
+        # operator.index: 1.5 or 2.0 in a list is an error, not silently device 1 or 2.
+        if isinstance(item, str) and not _INTEGER.fullmatch(item.strip()):
+            raise ValueError
+        value = int(item) if isinstance(item, str) else operator.index(item)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise DeviceError(
+            f"{origin}={_short(spec)}: entry {item!r} is not a device index (a whole number "
+            f">= 0, digits 0-9)"
+        ) from None
+    if value < 0:
+        raise DeviceError(f"{origin}={_short(spec)}: device index {value} is negative")
+    return value
+
+
+def _parse_indices(items: Sequence[object], spec: object, origin: str) -> tuple[int, ...]:
+    """The entries of a list of indices, each once; at least one."""
+    indices = [_parse_index(item, spec, origin) for item in items]
     if not indices:
         raise DeviceError(f"{origin}={_short(spec)} lists no devices; use 'auto' for all of them")
     dups = sorted(i for i, n in Counter(indices).items() if n > 1)  # linear, not list.count

@@ -3,12 +3,21 @@
 Pty-Chi and similar projects ask users to call ``set_torch_accelerator_module(torch.xpu)``
 by hand; ``init(accelerator_hooks=...)`` or ``DEVLAYER_ACCELERATOR_HOOKS`` do it with the
 module of the device type devlayer chose, so the script names no vendor.
+
+Two tables a vendor fills when its backend module is imported are here too, below both
+their writers and their readers, so that no module outside ``backends/`` names a vendor:
+
+- the named model optimizations (``Trainer(optimize="name")``; ``backends/_ipex.py``
+  registers ``"ipex"``), which :mod:`devlayer.train.optimize` looks up;
+- the network variables of each vendor's comm library (:data:`COMM_NETWORKS`), which
+  ``devlayer doctor`` names when a collective fails.
 """
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from devlayer.errors import DevlayerError, InvalidArgumentError
@@ -18,12 +27,86 @@ if TYPE_CHECKING:
 
     from devlayer.registry import BoundBackend
 
-__all__ = ["AcceleratorHook", "as_hook_list", "call_hooks", "resolve_hooks", "torch_module"]
+__all__ = [
+    "COMM_NETWORKS",
+    "OPTIMIZATIONS",
+    "AcceleratorHook",
+    "CommNetwork",
+    "Optimization",
+    "as_hook_list",
+    "call_hooks",
+    "register_comm_network",
+    "register_optimization",
+    "resolve_hooks",
+    "torch_module",
+]
 
 
 #: ``hook(module)`` for libraries that keep their own "accelerator module" (torch.cuda,
 #: torch.xpu...), or ``"package.module:function"`` naming one.
 AcceleratorHook = Callable[[Any], object] | str
+
+#: ``fn(model, optimizer, *, backend, dtype) -> (model, optimizer)``: a named optimization.
+Optimization = Callable[..., tuple[Any, Any]]
+
+#: Optimization name -> function, for ``Trainer(optimize="name")``. Empty until the backend
+#: modules load; each vendor registers its own then.
+OPTIMIZATIONS: dict[str, Optimization] = {}
+
+
+def register_optimization(name: str, fn: Optimization, *, replace: bool = False) -> None:
+    """Put ``fn`` in :data:`OPTIMIZATIONS` under ``name``.
+
+    Vendors call it when their backend module is imported; users call
+    :func:`devlayer.train.optimize.register_optimization`, which loads the vendors first.
+
+    Args:
+        name: What users pass as ``Trainer(optimize=name)``.
+        fn: ``fn(model, optimizer, *, backend, dtype) -> (model, optimizer)``.
+        replace: Replace a function already registered under ``name``.
+
+    Raises:
+        InvalidArgumentError: ``name`` is taken and ``replace`` is False.
+
+    Example:
+        >>> register_optimization("noop", lambda m, o, **kw: (m, o))
+        >>> OPTIMIZATIONS.pop("noop")(1, 2, backend=None, dtype=None)
+        (1, 2)
+    """
+    if name in OPTIMIZATIONS and not replace:
+        raise InvalidArgumentError(
+            f"an optimization named {name!r} is already registered; pass replace=True to replace it"
+        )
+    OPTIMIZATIONS[name] = fn
+
+
+@dataclass(frozen=True)
+class CommNetwork:
+    """The variables that steer a comm library's network, for ``devlayer doctor``'s hints.
+
+    Attributes:
+        prefix: The prefix of all the library's variables (shown as ``prefix*``).
+        interface: The variable that picks the network interface, or None.
+    """
+
+    prefix: str
+    interface: str | None = None
+
+
+#: Comm backend name -> its library's network variables, registered by the vendor that
+#: ships it when its backend module is imported.
+COMM_NETWORKS: dict[str, CommNetwork] = {}
+
+
+def register_comm_network(comm: str, network: CommNetwork) -> None:
+    """Declare the network variables of comm backend ``comm`` (the last declaration wins).
+
+    Example:
+        >>> register_comm_network("mycomm", CommNetwork("MYCOMM_", "MYCOMM_IFNAME"))
+        >>> COMM_NETWORKS.pop("mycomm").interface
+        'MYCOMM_IFNAME'
+    """
+    COMM_NETWORKS[comm] = network
 
 
 def resolve_hooks(

@@ -120,10 +120,10 @@ def _child(
             "DEVLAYER_LAUNCHER": "env",
         }
     )
-    import devlayer
+    from devlayer import lifecycle  # here, not at the top: spawn's parent needs no torch
 
     try:
-        devlayer.init()  # spawn's arguments arrive as DEVLAYER_* variables (see _settings)
+        lifecycle.init()  # spawn's arguments arrive as DEVLAYER_* variables (see _settings)
         value = fn(*args)
     except BaseException:
         # Report first: a graceful shutdown could wait on peers that are still running.
@@ -131,7 +131,7 @@ def _child(
         results.close()
         results.join_thread()
         os._exit(1)
-    devlayer.shutdown()
+    lifecycle.shutdown()
     # Plain pickle copies tensors by value; the queue's own pickler would share them
     # through file descriptors that vanish when this process exits.
     results.put((rank, "ok", pickle.dumps(value)))
@@ -310,27 +310,27 @@ def _in_place(
             f"spawn start the ranks, or let the launcher start {nprocs} per node (then spawn "
             f"runs fn in place), or call fn directly when devlayer.launched() is True"
         )
-    import devlayer
+    from devlayer import comm, lifecycle
 
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    owns = not devlayer.is_initialized()
+    owns = not lifecycle.is_initialized()
     try:
-        devlayer.init()
+        lifecycle.init()
         try:
             outcome: tuple[str, Any] = ("ok", fn(*args))
         except Exception:
             outcome = ("error", traceback.format_exc())
         # Every rank reports, so a rank that raised is named everywhere instead of
         # leaving its peers waiting in their next collective.
-        outcomes = devlayer.all_gather_object(outcome)
+        outcomes = comm.all_gather_object(outcome)
         for rank, (status, payload) in enumerate(outcomes):
             if status == "error":
                 raise _raised(rank, str(payload))
         return [payload for _, payload in outcomes]
     finally:
         if owns:
-            devlayer.shutdown()
+            lifecycle.shutdown()
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)

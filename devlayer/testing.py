@@ -95,7 +95,11 @@ def torchrun_env(
     master_port: int = 29500,
     restart_count: int = 0,
 ) -> dict[str, str]:
-    """The variables ``torchrun`` gives one worker."""
+    """The variables ``torchrun`` gives one worker.
+
+    Less the comm libraries' own (torchrun also sets ``TORCH_NCCL_ASYNC_ERROR_HANDLING=1``
+    for NCCL): devlayer reads none of them, and vendor names live in ``backends/``.
+    """
     lws = local_world_size or world_size
     return {
         "RANK": str(rank),
@@ -113,7 +117,6 @@ def torchrun_env(
         "TORCHELASTIC_RESTART_COUNT": str(restart_count),
         "TORCHELASTIC_MAX_RESTARTS": "0",
         "TORCHELASTIC_USE_AGENT_STORE": "True",
-        "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
         "OMP_NUM_THREADS": "1",
     }
 

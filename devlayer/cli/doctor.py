@@ -8,6 +8,7 @@ a way the timeouts cannot catch, so doctor always finishes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -18,17 +19,43 @@ from typing import Any
 
 import devlayer
 from devlayer.cli.info import collect, text_report
+from devlayer.errors import DevlayerError
+from devlayer.hooks import COMM_NETWORKS, CommNetwork
 
-__all__ = ["run", "smoke_test"]
+__all__ = ["run", "smoke_test", "suspect"]
 
 _SUSPECTS = {
     "launcher": "RANK / WORLD_SIZE / LOCAL_RANK, SLURM_* or OMPI_* / PMI_* (what the launcher set)",
     "rendezvous": "MASTER_ADDR, MASTER_PORT, WORLD_SIZE (and a firewall between the nodes)",
     "backend": "DEVLAYER_BACKEND, DEVLAYER_COMM and the vendor visibility variables",
-    "barrier": "a rank stuck or dead before the barrier; NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME",
-    "all_reduce": "the comm backend's network settings (NCCL_*, GLOO_SOCKET_IFNAME, CCL_*)",
-    "all_gather": "the comm backend's network settings (NCCL_*, GLOO_SOCKET_IFNAME, CCL_*)",
 }
+
+#: gloo's interface variable: torch's own comm, in every build and under every backend.
+GLOO_INTERFACE = "GLOO_SOCKET_IFNAME"
+
+
+def _networks() -> list[CommNetwork]:
+    """The comm libraries' network variables the backends declare, each library once, in
+    the order of the comm names (whichever backend module happened to load first)."""
+    # No built-ins (a checkout without install) leaves gloo's alone.
+    with contextlib.suppress(DevlayerError):
+        devlayer.backends.registered_backends()  # loading a backend declares its comm's
+    return list(dict.fromkeys(COMM_NETWORKS[comm] for comm in sorted(COMM_NETWORKS)))
+
+
+def suspect(step: str) -> str:
+    """Which variables to suspect when ``step`` fails (``""`` for a step with no hint).
+
+    The collectives' hints name gloo's interface variable and the network variables of
+    every registered backend's comm library (``hooks.COMM_NETWORKS``).
+    """
+    if step == "barrier":
+        names = [n.interface for n in _networks() if n.interface] + [GLOO_INTERFACE]
+        return f"a rank stuck or dead before the barrier; {' / '.join(names)}"
+    if step in ("all_reduce", "all_gather"):
+        names = [f"{n.prefix}*" for n in _networks()] + [GLOO_INTERFACE]
+        return f"the comm backend's network settings ({', '.join(names)})"
+    return _SUSPECTS.get(step, "")
 
 
 def _step(record: dict[str, Any], name: str, fn: Any) -> Any:
@@ -38,7 +65,7 @@ def _step(record: dict[str, Any], name: str, fn: Any) -> Any:
     except Exception as exc:
         record["failed_step"] = name
         record["error"] = f"{type(exc).__name__}: {exc}"
-        record["suspect"] = _SUSPECTS.get(name, "")
+        record["suspect"] = suspect(name)
         raise
     finally:
         record.setdefault("timings_ms", {})[name] = round((time.perf_counter() - started) * 1000, 1)
@@ -64,7 +91,7 @@ def smoke_test(timeout: float) -> dict[str, Any]:
         if total != expected:
             record.update(
                 failed_step="all_reduce",
-                suspect=_SUSPECTS["all_reduce"],
+                suspect=suspect("all_reduce"),
                 error=f"all_reduce(rank + 1) gave {total}, expected {expected}",
             )
         peers = _step(record, "all_gather", lambda: devlayer.all_gather_object(dict(record)))
@@ -87,11 +114,12 @@ def _table(peers: list[dict[str, Any]]) -> str:
 
 
 def _watchdog(limit: float, as_json: bool) -> None:
+    msg = (  # composed now: the stuck process then only prints it
+        f"devlayer doctor: no result after {limit:g}s; a collective is stuck below "
+        f"devlayer's timeouts. Suspect: {suspect('barrier')}"
+    )
+
     def fire() -> None:
-        msg = (
-            f"devlayer doctor: no result after {limit:g}s; a collective is stuck below "
-            f"devlayer's timeouts. Suspect: {_SUSPECTS['barrier']}"
-        )
         if as_json:
             print(json.dumps({"ok": False, "error": msg}), flush=True)
         else:
@@ -112,7 +140,7 @@ def run(*, as_json: bool = False, timeout: float = 30.0) -> int:
         report["smoke_test"] = {
             "failed_step": "launcher",
             "error": report["launcher_error"],
-            "suspect": _SUSPECTS["launcher"],
+            "suspect": suspect("launcher"),
         }
         return _finish(report, as_json, ok=False, main=True)
     if world <= 1:

@@ -6,53 +6,48 @@ the selected :class:`devlayer.backends.BoundBackend` and ``dtype`` the mixed-pre
 (``torch.float32`` without autocast). A function may raise
 :class:`~devlayer.errors.InvalidArgumentError` when the backend is not one it serves.
 
-The built-in ``"ipex"`` (``ipex.optimize``) lives with the Intel vendor code and is imported
-only when asked for. Add your own with :func:`register_optimization`.
+A vendor registers its own when its backend module loads (``"ipex"``, ``ipex.optimize``,
+comes from ``backends/``); this module names no vendor. Add your own with
+:func:`register_optimization`.
 
 Example:
-    >>> from devlayer.train.optimize import OPTIMIZATIONS
-    >>> sorted(OPTIMIZATIONS)
+    >>> from devlayer.train.optimize import optimization_names
+    >>> optimization_names()
     ['ipex']
 """
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable
 from typing import Any
 
 import devlayer
+from devlayer import hooks
 from devlayer.errors import InvalidArgumentError
+from devlayer.hooks import OPTIMIZATIONS, Optimization
 
-__all__ = ["OPTIMIZATIONS", "apply_optimization", "register_optimization"]
-
-#: Optimization name -> function, or ``"module:function"`` imported on first use.
-OPTIMIZATIONS: dict[str, str | Callable[..., tuple[Any, Any]]] = {
-    "ipex": "devlayer.backends._ipex:trainer_optimize",
-}
+__all__ = ["OPTIMIZATIONS", "apply_optimization", "optimization_names", "register_optimization"]
 
 
-def register_optimization(
-    name: str, fn: Callable[..., tuple[Any, Any]], *, replace: bool = False
-) -> None:
+def _load_vendors() -> None:
+    devlayer.backends.registered_backends()  # importing the backends registers their names
+
+
+def optimization_names() -> list[str]:
+    """The names ``Trainer(optimize=...)`` accepts, the vendors' included, sorted."""
+    _load_vendors()
+    return sorted(OPTIMIZATIONS)
+
+
+def register_optimization(name: str, fn: Optimization, *, replace: bool = False) -> None:
     """Make ``Trainer(optimize=name)`` call ``fn(model, optimizer, *, backend, dtype)``.
+
+    The vendors' names (``"ipex"``) are loaded first, so taking one needs ``replace=True``.
 
     Raises:
         InvalidArgumentError: ``name`` is taken and ``replace`` is False.
     """
-    if name in OPTIMIZATIONS and not replace:
-        raise InvalidArgumentError(
-            f"an optimization named {name!r} is already registered; pass replace=True to replace it"
-        )
-    OPTIMIZATIONS[name] = fn
-
-
-def _resolve(name: str) -> Callable[..., tuple[Any, Any]] | None:
-    target = OPTIMIZATIONS.get(name)
-    if isinstance(target, str):
-        module, _, attr = target.partition(":")
-        target = OPTIMIZATIONS[name] = getattr(importlib.import_module(module), attr)
-    return target
+    _load_vendors()
+    hooks.register_optimization(name, fn, replace=replace)
 
 
 def apply_optimization(
@@ -80,8 +75,8 @@ def apply_optimization(
         InvalidArgumentError: No optimization has that name, or it does not serve this
             backend.
     """
-    be = devlayer.backends.get_backend(backend)
-    fn = _resolve(name)
+    be = devlayer.backends.get_backend(backend)  # loads the vendors: their names too
+    fn = OPTIMIZATIONS.get(name)
     if fn is None:
         known = ", ".join(repr(k) for k in sorted(OPTIMIZATIONS))
         raise InvalidArgumentError(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -23,6 +24,7 @@ from torch.utils.data import TensorDataset
 import devlayer
 from devlayer.errors import BackendUnavailableError, DevlayerError, InvalidArgumentError
 from devlayer.testing import simulate
+from tests.helpers import subprocess_env
 
 HAVE_IPEX = importlib.util.find_spec("intel_extension_for_pytorch") is not None
 
@@ -236,21 +238,67 @@ def test_optimize_ipex_names_the_backends_it_serves() -> None:
 def test_registered_optimization_runs_by_name(sim: pytest.MonkeyPatch) -> None:
     from devlayer.train import optimize as opt_mod
 
-    sim.setattr(opt_mod, "OPTIMIZATIONS", dict(opt_mod.OPTIMIZATIONS))
     seen: list[tuple[str, Any]] = []
 
     def mine(model: Any, optimizer: Any, *, backend: Any, dtype: Any) -> tuple[Any, Any]:
         seen.append((backend.name, dtype))
         return model, optimizer
 
-    opt_mod.register_optimization("mine", mine)
-    with pytest.raises(InvalidArgumentError, match="already registered"):
+    try:
         opt_mod.register_optimization("mine", mine)
-    net = torch.nn.Linear(4, 1)
-    trainer = _trainer(net, torch.optim.SGD(net.parameters(), lr=0.1), optimize="mine")
-    with devlayer.init(backend="cpu"):
-        trainer.fit(_data())
+        with pytest.raises(InvalidArgumentError, match="already registered"):
+            opt_mod.register_optimization("mine", mine)
+        net = torch.nn.Linear(4, 1)
+        trainer = _trainer(net, torch.optim.SGD(net.parameters(), lr=0.1), optimize="mine")
+        with devlayer.init(backend="cpu"):
+            trainer.fit(_data())
+    finally:
+        opt_mod.OPTIMIZATIONS.pop("mine", None)
     assert seen == [("cpu", torch.float32)]
+
+
+def test_the_ipex_optimization_registers_itself_from_backends() -> None:
+    """train/ names no backend module: the table of named optimizations starts empty and
+    ``"ipex"`` appears when a backend module that serves it is imported (a fresh process,
+    so nothing loaded the backends before)."""
+    code = (
+        "import sys; from devlayer.train.optimize import OPTIMIZATIONS; "
+        "assert 'ipex' not in OPTIMIZATIONS and 'devlayer.backends.cpu' not in sys.modules, "
+        "OPTIMIZATIONS; import devlayer.backends.cpu; "
+        "print(OPTIMIZATIONS['ipex'].__module__)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "devlayer.backends._ipex"
+
+
+def test_registering_a_vendor_name_is_refused_before_the_vendors_load() -> None:
+    """The user's ``register_optimization`` loads the vendors first, so ``"ipex"`` is taken
+    even in a process that has not selected a backend yet (a fresh process)."""
+    code = (
+        "from devlayer.train.optimize import register_optimization\n"
+        "try:\n"
+        "    register_optimization('ipex', lambda m, o, **kw: (m, o))\n"
+        "except Exception as exc:\n"
+        "    print(type(exc).__name__, exc)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(
+        "InvalidArgumentError an optimization named 'ipex' is already registered"
+    ), proc.stdout
 
 
 def test_a_backend_method_named_optimize_is_not_an_optimization() -> None:
