@@ -28,12 +28,12 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from devlayer.config import short_repr
-from devlayer.errors import DeviceError
+from devlayer.errors import DeviceError, short_repr
 
 __all__ = [
     "APPLIED_MARKER",
     "DevicePlan",
+    "applied_entries",
     "check_rank_count",
     "check_request",
     "usable_cpus",
@@ -59,6 +59,19 @@ APPLIED_MARKER = "DEVLAYER_VISIBILITY_APPLIED"
 #: More devices than any node has: ``devlayer.early``, which cannot ask torch how many
 #: exist, refuses a larger count before building a list of that many indices.
 MAX_DEVICE_COUNT = 65536
+
+
+def applied_entries(env: Mapping[str, str]) -> list[str]:
+    """The entries of ``DEVLAYER_VISIBILITY_APPLIED`` in ``env``: what was narrowed already.
+
+    Each is ``variable=indices`` (``CUDA_VISIBLE_DEVICES=1,3``); read here only, beside the
+    visibility variable it describes (``init()`` itself sets it, so it is no setting).
+
+    Example:
+        >>> applied_entries({"DEVLAYER_VISIBILITY_APPLIED": "CUDA_VISIBLE_DEVICES=1,3"})
+        ['CUDA_VISIBLE_DEVICES=1,3']
+    """
+    return [entry for entry in env.get(APPLIED_MARKER, "").split(";") if entry]
 
 
 def _split_entries(text: str, spec: str, origin: str) -> list[str]:
@@ -110,14 +123,7 @@ def parse_devices(spec: object, *, origin: str = "devices") -> DeviceSpec:
     if isinstance(spec, bool):
         raise DeviceError(f"{origin}={_short(spec)} is not a device spec; use 'auto', N or '1,3'")
     if isinstance(spec, int):
-        if spec == -1:
-            return None
-        if spec < 1:
-            raise DeviceError(
-                f"{origin}={spec} asks for no devices; use a count >= 1, 'auto' or -1 for all "
-                f"(for the device with index 0 write '0,' or '[0]')"
-            )
-        return spec
+        return _count(spec, origin)
     if isinstance(spec, str):
         text = spec.strip().lower()
         if text in ("", "auto", "all", "-1"):
@@ -138,7 +144,7 @@ def parse_devices(spec: object, *, origin: str = "devices") -> DeviceSpec:
                     f"or indices such as '1,3'"
                 )
             # DeviceError is a ValueError, and "0" deserves its own message.
-            return parse_devices(int(text), origin=origin)
+            return _count(int(text), origin)
         items: Sequence[object] = _split_entries(text, spec, origin)
     elif isinstance(spec, Sequence) and not isinstance(spec, (bytes, bytearray)):
         _check_length(spec, origin)
@@ -174,6 +180,18 @@ def parse_devices(spec: object, *, origin: str = "devices") -> DeviceSpec:
             f"each device may appear once (ranks are mapped with local_rank % len(devices))"
         )
     return tuple(indices)
+
+
+def _count(spec: int, origin: str) -> int | None:
+    """A count of devices: ``-1`` = all (``None``); below 1 asks for none."""
+    if spec == -1:
+        return None
+    if spec < 1:
+        raise DeviceError(
+            f"{origin}={spec} asks for no devices; use a count >= 1, 'auto' or -1 for all "
+            f"(for the device with index 0 write '0,' or '[0]')"
+        )
+    return spec
 
 
 def _check_length(spec: Sequence[object], origin: str) -> None:
@@ -399,7 +417,7 @@ def plan_devices(
     if indices is None:
         return DevicePlan(spec, origin, None, None, None, None, local_rank, visible)
     marker = None if variable is None else f"{variable}={','.join(map(str, indices))}"
-    applied = marker is not None and marker in env.get(APPLIED_MARKER, "").split(";")
+    applied = marker is not None and marker in applied_entries(env)
     if not applied:  # after a parent narrowed it, the indices are relative to its old value
         check_exists(spec, visible, device_type=device_type, origin=origin)
     if indexed and len(indices) < local_world_size:
