@@ -61,7 +61,7 @@ from devlayer.collective_checks import (
     mismatch_error,
     tensor_text,
 )
-from devlayer.config import env_flag, parse_timeout
+from devlayer.config import parse_timeout
 from devlayer.errors import CollectiveError, DevlayerError, InvalidArgumentError
 from devlayer.lifecycle import State, state
 from devlayer.numbers import decode, encode
@@ -147,7 +147,7 @@ def _ctx() -> _Ctx:
     # Python floats travel as float64, except on MPS, which has no float64.
     float_dtype = _float_dtype(st.device)
     # Read once per State: the per-call cost of debug mode being off is one attribute check.
-    debug = env_flag("DEVLAYER_DEBUG", False) and st.world_size > 1
+    debug = st.settings.debug and st.world_size > 1
     _ctx_cache = _Ctx(
         st,
         st.world_size,

@@ -1,17 +1,43 @@
-"""Values read from arguments and the environment: timeouts and on/off flags.
+"""The settings object: every ``DEVLAYER_*`` variable devlayer uses, parsed once.
 
-Pure functions of their input (the environment is passed in or read once per call); every
-refusal names the argument or variable, the value seen and what is accepted.
+:meth:`Settings.from_env` is a pure function of the mapping it is given: it parses each
+variable once, with the messages users know (each names the variable, the value seen and
+what is accepted), and records where each value came from (the variable, or ``default``).
+:meth:`Settings.given` lets an argument win over its variable, normalised by the same code,
+so ``devices="1,3"`` and ``DEVLAYER_DEVICES=[1,3]`` are one request. ``init()`` reads the
+environment once, here; the rest of the library receives values.
+
+The launcher variables (``DEVLAYER_LAUNCHER``, ``DEVLAYER_DISABLE_LAUNCHERS``) are read by
+launcher detection with the rest of the launcher's environment, and
+``DEVLAYER_VISIBILITY_APPLIED`` by :mod:`devlayer.devices` beside the visibility variable
+it describes. This module imports no torch: :mod:`devlayer.early` uses it before torch.
+
+Example:
+    >>> s = Settings.from_env({"DEVLAYER_DEVICES": "1,3", "DEVLAYER_TIMEOUT": "30"})
+    >>> s.devices, s.timeout.total_seconds(), s.origin("devices"), s.origin("comm")
+    ((1, 3), 30.0, 'DEVLAYER_DEVICES', 'default')
+    >>> s.given("devices", [1, 3]) == s
+    True
 """
 
 from __future__ import annotations
 
-import os
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
+from typing import Any
 
-from devlayer.errors import InvalidArgumentError
+from devlayer.devices import DeviceSpec, parse_devices
+from devlayer.errors import InvalidArgumentError, short_repr
 
-__all__ = ["DEFAULT_TIMEOUT", "MAX_TIMEOUT", "env_flag", "parse_timeout", "short_repr"]
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "MAX_TIMEOUT",
+    "Settings",
+    "parse_flag",
+    "parse_timeout",
+    "short_repr",
+]
 
 
 DEFAULT_TIMEOUT = timedelta(minutes=10)
@@ -76,24 +102,173 @@ def parse_timeout(timeout: object, *, origin: str = "timeout") -> timedelta | No
     return result
 
 
-def short_repr(value: object, limit: int = 40) -> str:
-    """``repr(value)``, cut to about ``limit`` characters so an error message stays short.
+def parse_flag(raw: str, origin: str) -> bool:
+    """An on/off variable's text: ``1``/``true``/``yes``/``on`` or ``0``/``false``/``no``/``off``.
+
+    Raises:
+        InvalidArgumentError: Any other text, naming ``origin`` and the value.
 
     Example:
-        >>> short_repr("x" * 100)
-        "'xxxxxxxxxxxxxxxxxxx...(102 characters)"
+        >>> parse_flag(" Yes ", "DEVLAYER_DEBUG")
+        True
     """
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[: limit // 2]}...({len(text)} characters)"
-
-
-def env_flag(name: str, default: bool) -> bool:
-    raw = os.environ.get(name)
-    if raw is None or raw.strip() == "":
-        return default
     value = raw.strip().lower()
     if value in ("1", "true", "yes", "on"):
         return True
     if value in ("0", "false", "no", "off"):
         return False
-    raise InvalidArgumentError(f"{name}={raw!r} is not a boolean; use 1 or 0")
+    raise InvalidArgumentError(f"{origin}={raw!r} is not a boolean; use 1 or 0")
+
+
+def _backend(raw: object, origin: str) -> str | None:
+    """``None`` for auto-detection (``"auto"``, any case); a name is checked at selection."""
+    if isinstance(raw, str) and raw.strip().lower() in ("", "auto"):
+        return None
+    return raw.strip() if isinstance(raw, str) else raw  # type: ignore[return-value]
+
+
+def _devices(raw: object, origin: str) -> DeviceSpec:
+    """The one place a device spec is parsed: a variable's text and arguments alike."""
+    return parse_devices(raw, origin=origin)
+
+
+def _comm(raw: object, origin: str) -> str:
+    """A comm name in lower case (``"GLOO"`` = ``"gloo"``); whether it exists is init's check."""
+    if not isinstance(raw, str) or not raw.strip():
+        raise InvalidArgumentError(
+            f"{origin}={short_repr(raw)} is not a communication backend name; pass a name such "
+            f"as 'gloo', or leave it out (None) for the backend's own"
+        )
+    return raw.strip().lower()
+
+
+def _flag(raw: object, origin: str) -> bool:
+    return parse_flag(raw, origin) if isinstance(raw, str) else bool(raw)
+
+
+def _timeout(raw: object, origin: str) -> timedelta:
+    parsed = parse_timeout(raw, origin=origin)
+    return DEFAULT_TIMEOUT if parsed is None else parsed
+
+
+def _hooks(raw: object, origin: str) -> tuple[Any, ...]:
+    """``"a:b, c:d"`` -> ``("a:b", "c:d")``; an argument's hooks (callables too) as a tuple.
+
+    The entries are imported and checked by :func:`devlayer.hooks.resolve_hooks` at init.
+    """
+    if isinstance(raw, str):
+        return tuple(part.strip() for part in raw.split(",") if part.strip())
+    return tuple(raw) if isinstance(raw, Iterable) else (raw,)
+
+
+def _text(raw: object, origin: str) -> str:
+    return str(raw).strip()
+
+
+#: Each field of :class:`Settings`: its variable and the one function that normalises a
+#: value for it, from the variable's text or from an argument (``origin`` names which).
+_PARSERS: dict[str, tuple[str, Callable[[Any, str], Any]]] = {
+    "backend": ("DEVLAYER_BACKEND", _backend),
+    "devices": ("DEVLAYER_DEVICES", _devices),
+    "timeout": ("DEVLAYER_TIMEOUT", _timeout),
+    "comm": ("DEVLAYER_COMM", _comm),
+    "set_default_device": ("DEVLAYER_SET_DEFAULT_DEVICE", _flag),
+    "accelerator_hooks": ("DEVLAYER_ACCELERATOR_HOOKS", _hooks),
+    "allow_shared_devices": ("DEVLAYER_ALLOW_SHARED_DEVICES", _flag),
+    "debug": ("DEVLAYER_DEBUG", _flag),
+    "simulate": ("DEVLAYER_SIMULATE", _text),
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every ``DEVLAYER_*`` setting, typed, with where each value came from.
+
+    Attributes:
+        backend: ``DEVLAYER_BACKEND``: a backend name, or ``None`` to auto-detect.
+        devices: ``DEVLAYER_DEVICES``: a parsed device spec (``None`` = all visible).
+        timeout: ``DEVLAYER_TIMEOUT``: rendezvous and collective timeout (default 600 s).
+        comm: ``DEVLAYER_COMM``: a process-group backend (lower case), or ``None`` for the
+            backend's own.
+        set_default_device: ``DEVLAYER_SET_DEFAULT_DEVICE``: make the device torch's
+            default; ``None`` = on for accelerators, off on cpu.
+        accelerator_hooks: ``DEVLAYER_ACCELERATOR_HOOKS``: ``"module:function"`` entries
+            (an argument may give callables).
+        allow_shared_devices: ``DEVLAYER_ALLOW_SHARED_DEVICES``: let ranks share a device
+            with a comm that refuses it (nccl).
+        debug: ``DEVLAYER_DEBUG``: check every collective's arguments across ranks.
+        simulate: ``DEVLAYER_SIMULATE``: fake runtimes (``"cuda:4"``), or ``None``.
+        origins: Field name -> where its value came from; see :meth:`origin`.
+    """
+
+    backend: str | None = None
+    devices: DeviceSpec = None
+    timeout: timedelta = DEFAULT_TIMEOUT
+    comm: str | None = None
+    set_default_device: bool | None = None
+    accelerator_hooks: tuple[Any, ...] = ()
+    allow_shared_devices: bool = False
+    debug: bool = False
+    simulate: str | None = None
+    origins: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str], names: Iterable[str] | None = None) -> Settings:
+        """Parse the ``DEVLAYER_*`` variables in ``env`` (unset or blank: the default).
+
+        Args:
+            env: The environment, e.g. ``os.environ`` or a plain dict.
+            names: Parse only these fields (a reader of one setting is not stopped by a
+                bad value of another); default: all of them.
+
+        Raises:
+            DevlayerError: A malformed value (the message names the variable and value), or
+                a name in ``names`` that is not a setting.
+        """
+        values: dict[str, Any] = {}
+        for name in _PARSERS if names is None else names:
+            variable, parse = _parser(name)
+            raw = env.get(variable)
+            if raw is not None and raw.strip():
+                values[name] = parse(raw, variable)
+        return cls(**values, origins={name: _PARSERS[name][0] for name in values})
+
+    def given(self, name: str, value: object, origin: str | None = None) -> Settings:
+        """These settings with an argument in place of its variable (``None`` keeps it).
+
+        Args:
+            name: The field, e.g. ``"devices"``.
+            value: The argument, normalised as the variable's text is (``[1, 3]`` and
+                ``"1,3"`` give one spec); ``None`` (and ``backend="auto"``): keep the
+                current value and origin.
+            origin: The argument's name in messages (default ``name``, e.g. ``--devices``).
+
+        Raises:
+            DevlayerError: A malformed value, named by ``origin``.
+        """
+        if value is None:
+            return self
+        origin = origin or name
+        parsed = _parser(name)[1](value, origin)
+        if name == "backend" and parsed is None:
+            return self  # backend="auto" defers to DEVLAYER_BACKEND, as None does
+        return replace(self, **{name: parsed}, origins={**self.origins, name: origin})
+
+    def origin(self, name: str) -> str:
+        """Where ``name`` came from: its variable, an argument's name, or ``"default"``."""
+        _parser(name)
+        return self.origins.get(name, "default")
+
+    @staticmethod
+    def variables() -> dict[str, str]:
+        """Field name -> its ``DEVLAYER_*`` variable, for every setting."""
+        return {name: variable for name, (variable, _) in _PARSERS.items()}
+
+
+def _parser(name: str) -> tuple[str, Callable[[Any, str], Any]]:
+    try:
+        return _PARSERS[name]
+    except KeyError:
+        raise InvalidArgumentError(
+            f"{name!r} is not a setting; settings: {', '.join(_PARSERS)}"
+        ) from None

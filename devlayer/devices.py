@@ -28,12 +28,12 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from devlayer.config import short_repr
-from devlayer.errors import DeviceError
+from devlayer.errors import DeviceError, short_repr
 
 __all__ = [
     "APPLIED_MARKER",
     "DevicePlan",
+    "applied_entries",
     "check_rank_count",
     "check_request",
     "usable_cpus",
@@ -59,6 +59,19 @@ APPLIED_MARKER = "DEVLAYER_VISIBILITY_APPLIED"
 #: More devices than any node has: ``devlayer.early``, which cannot ask torch how many
 #: exist, refuses a larger count before building a list of that many indices.
 MAX_DEVICE_COUNT = 65536
+
+
+def applied_entries(env: Mapping[str, str]) -> list[str]:
+    """The entries of ``DEVLAYER_VISIBILITY_APPLIED`` in ``env``: what was narrowed already.
+
+    Each is ``variable=indices`` (``CUDA_VISIBLE_DEVICES=1,3``); read here only, beside the
+    visibility variable it describes (``init()`` itself sets it, so it is no setting).
+
+    Example:
+        >>> applied_entries({"DEVLAYER_VISIBILITY_APPLIED": "CUDA_VISIBLE_DEVICES=1,3"})
+        ['CUDA_VISIBLE_DEVICES=1,3']
+    """
+    return [entry for entry in env.get(APPLIED_MARKER, "").split(";") if entry]
 
 
 def _split_entries(text: str, spec: str, origin: str) -> list[str]:
@@ -415,7 +428,7 @@ def plan_devices(
     if indices is None:
         return DevicePlan(spec, origin, None, None, None, None, local_rank, visible)
     marker = None if variable is None else f"{variable}={','.join(map(str, indices))}"
-    applied = marker is not None and marker in env.get(APPLIED_MARKER, "").split(";")
+    applied = marker is not None and marker in applied_entries(env)
     if not applied:  # after a parent narrowed it, the indices are relative to its old value
         check_exists(spec, visible, device_type=device_type, origin=origin)
     if indexed and len(indices) < local_world_size:

@@ -19,10 +19,12 @@ from __future__ import annotations
 import os
 from collections.abc import MutableMapping
 
+from devlayer.config import Settings
 from devlayer.devices import (
+    APPLIED_MARKER,
     MAX_DEVICE_COUNT,
+    applied_entries,
     narrow_visibility,
-    parse_devices,
     selected_indices,
 )
 from devlayer.errors import DeviceError, DevlayerError
@@ -30,12 +32,10 @@ from devlayer.registry import get_backend, registered_backends
 
 __all__ = ["apply"]
 
-_MARKER = "DEVLAYER_VISIBILITY_APPLIED"
 
-
-def _early_vars(backend: str) -> tuple[str, ...]:
+def _early_vars(backend: str | None) -> tuple[str, ...]:
     """The variable each backend narrows first (its class facts: no torch, no runtime)."""
-    if backend in ("", "auto"):
+    if backend is None:
         found = list(registered_backends().values())
     else:
         try:
@@ -52,10 +52,8 @@ def apply(env: MutableMapping[str, str] | None = None) -> dict[str, str]:
         The variables that were set, with their new values.
     """
     env = os.environ if env is None else env
-    raw = env.get("DEVLAYER_DEVICES", "").strip()
-    if not raw:
-        return {}
-    spec = parse_devices(raw, origin="DEVLAYER_DEVICES")
+    settings = Settings.from_env(env, ("devices", "backend"))
+    spec = settings.devices
     if isinstance(spec, int) and spec > MAX_DEVICE_COUNT:  # before any list is built
         raise DeviceError(
             f"DEVLAYER_DEVICES={spec} asks for a count of {spec} devices; no node has more "
@@ -64,11 +62,11 @@ def apply(env: MutableMapping[str, str] | None = None) -> dict[str, str]:
     indices = selected_indices(spec)
     if indices is None:
         return {}
-    names = _early_vars(env.get("DEVLAYER_BACKEND", "").strip().lower())
+    names = _early_vars(settings.backend)
     done: dict[str, str] = {}
     marker = ",".join(map(str, indices))
     for var in names:
-        if f"{var}={marker}" in env.get(_MARKER, "").split(";"):
+        if f"{var}={marker}" in applied_entries(env):
             continue
         if len(names) > 1 and var in env and not env[var].strip():
             continue  # that vendor's devices are hidden on purpose; leave them hidden
@@ -76,7 +74,7 @@ def apply(env: MutableMapping[str, str] | None = None) -> dict[str, str]:
     env.update(done)
     if done:
         # init() compares against the variable of the backend it selects.
-        env[_MARKER] = ";".join(f"{var}={marker}" for var in done)
+        env[APPLIED_MARKER] = ";".join(f"{var}={marker}" for var in done)
     return done
 
 

@@ -33,6 +33,7 @@ __all__ = [
     "LaunchEnvError",
     "NotInitializedError",
     "RendezvousError",
+    "short_repr",
 ]
 
 
@@ -113,3 +114,14 @@ class RendezvousError(DevlayerError):
 
 class CollectiveError(DevlayerError):
     """A collective failed or timed out; the message names the operation and the ranks."""
+
+
+def short_repr(value: object, limit: int = 40) -> str:
+    """``repr(value)``, cut to about ``limit`` characters so an error message stays short.
+
+    Example:
+        >>> short_repr("x" * 100)
+        "'xxxxxxxxxxxxxxxxxxx...(102 characters)"
+    """
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit // 2]}...({len(text)} characters)"

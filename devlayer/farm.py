@@ -23,7 +23,8 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from devlayer.devices import narrow_visibility, parse_devices, selected_indices, usable_cpus
+from devlayer.config import Settings
+from devlayer.devices import narrow_visibility, selected_indices, usable_cpus
 from devlayer.errors import InvalidArgumentError
 
 __all__ = ["FarmResult", "farm", "plan_slots"]
@@ -62,7 +63,7 @@ def plan_slots(
     be = select_backend(backend, env=env).backend
     base = {"DEVLAYER_BACKEND": be.name}
     var = be.visibility_var(env)
-    spec = parse_devices(devices, origin="devices")
+    spec = Settings().given("devices", devices).devices
     count = be.device_count()
     check_request(
         spec, device_type=be.device_type, visible=count, indexed=be.indexed, origin="devices"

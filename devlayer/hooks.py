@@ -16,7 +16,7 @@ their writers and their readers, so that no module outside ``backends/`` names a
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -110,30 +110,25 @@ def register_comm_network(comm: str, network: CommNetwork) -> None:
 
 
 def resolve_hooks(
-    hooks: Iterable[AcceleratorHook] | None, env: Mapping[str, str]
+    hooks: Iterable[AcceleratorHook], origin: str = "accelerator_hooks"
 ) -> list[tuple[str, Callable[[Any], object]]]:
     """``(name, callable)`` for each accelerator hook, importing ``"module:function"`` names.
 
     Args:
-        hooks: The ``accelerator_hooks`` argument; None reads ``DEVLAYER_ACCELERATOR_HOOKS``.
-        env: The environment to read it from.
+        hooks: The hooks asked for: the ``accelerator_hooks`` argument, else the entries of
+            ``DEVLAYER_ACCELERATOR_HOOKS`` (:attr:`devlayer.config.Settings.accelerator_hooks`).
+        origin: Where they came from, for messages.
 
     Raises:
         InvalidArgumentError: A name that is not ``module:function``, cannot be imported,
             or is not callable.
 
     Example:
-        >>> [name for name, _ in resolve_hooks(None, {"DEVLAYER_ACCELERATOR_HOOKS": "os:getcwd"})]
+        >>> [name for name, _ in resolve_hooks(["os:getcwd"], "DEVLAYER_ACCELERATOR_HOOKS")]
         ['os:getcwd']
-        >>> resolve_hooks((), {"DEVLAYER_ACCELERATOR_HOOKS": "os:getcwd"})
+        >>> resolve_hooks(())
         []
     """
-    origin = "accelerator_hooks"
-    hooks = as_hook_list(hooks)
-    if hooks is None:
-        raw = env.get("DEVLAYER_ACCELERATOR_HOOKS", "")
-        hooks = [part.strip() for part in raw.split(",") if part.strip()]
-        origin = "DEVLAYER_ACCELERATOR_HOOKS"
     out: list[tuple[str, Callable[[Any], object]]] = []
     for hook in hooks:
         if callable(hook):

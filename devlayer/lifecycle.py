@@ -32,19 +32,18 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from devlayer import devices as _devices
-from devlayer.config import DEFAULT_TIMEOUT, env_flag, parse_timeout, short_repr
+from devlayer.config import Settings
 from devlayer.errors import (
     BackendUnavailableError,
     DeviceError,
     DevlayerError,
     InitOrderError,
-    InvalidArgumentError,
     NotInitializedError,
     RendezvousError,
 )
 from devlayer.hooks import AcceleratorHook, as_hook_list, call_hooks, resolve_hooks, torch_module
 from devlayer.launchers import ProcessInfo, detect
-from devlayer.registry import BoundBackend, prepare_comm, select_backend
+from devlayer.registry import BoundBackend, choose_backend, prepare_comm
 from devlayer.rendezvous import rendezvous
 from devlayer.torchcompat import (
     check_torch_version,
@@ -98,6 +97,8 @@ class State:
         visibility: The visibility variable devlayer set and its value, if any.
         reason: Why this backend was chosen.
         owns_process_group: False when the process group existed before ``init()``.
+        settings: The ``DEVLAYER_*`` settings init() read, with the arguments in place of
+            their variables (each with its origin).
 
     Example:
         >>> import devlayer
@@ -115,6 +116,7 @@ class State:
     visibility: tuple[str, str] | None = None
     reason: str = ""
     owns_process_group: bool = False
+    settings: Settings = field(default_factory=Settings, repr=False, compare=False)
     _key: Any = field(default=None, repr=False, compare=False)
 
     @property
@@ -249,28 +251,30 @@ def init(
     """
     # Long only by its docstring, the argument reference users read; each step is a helper.
     global _current
-    hook_list = as_hook_list(accelerator_hooks)
-    request = _request(backend, devices, timeout, comm, set_default_device, hook_list)
+    request = _Request.of(
+        _settings(backend, devices, timeout, comm, set_default_device, accelerator_hooks)
+    )
+    settings = request.settings
     with _lock:
         if _current is not None:
             return _same_state(request)
         check_torch_version()
         _warn_advisories()
-        hooks = resolve_hooks(hook_list, os.environ)
+        hooks = resolve_hooks(request.hooks, settings.origin("accelerator_hooks"))
 
         info = detect(os.environ)
-        selection = select_backend(backend)
+        selection = choose_backend(settings.backend, settings.origin("backend"))
         be = selection.backend
         comm_name = _comm_name(be, request, info)
         plan = _plan_devices(be, request.devices, request.origin, info)
         if request.origin == "DEVLAYER_DEVICES":
-            _warn_count_or_index(be, plan, os.environ["DEVLAYER_DEVICES"], info)
+            _warn_count_or_index(be, plan, info)
 
         undo = _Undo()
         try:
             visibility = _apply_visibility(be, plan, undo)
-            index = _pick_device(be, plan, info, comm_name)
-            dev = _bind_device(be, index, set_default_device, undo)
+            index = _pick_device(be, plan, info, comm_name, settings.allow_shared_devices)
+            dev = _bind_device(be, index, request.set_default_device, undo)
             call_hooks(hooks, be)
             owns = _connect(be, comm_name, dev, info, request.timeout, undo)
         except BaseException:
@@ -287,32 +291,75 @@ def init(
             visibility=visibility,
             reason=selection.reason,
             owns_process_group=owns,
+            settings=settings,
             _key=_made(request, be, comm_name),
         )
         log.debug("devlayer initialized: %s", _current)
         return _current
 
 
+def _settings(
+    backend: object,
+    devices: object,
+    timeout: object,
+    comm: object,
+    set_default_device: bool | None,
+    accelerator_hooks: Iterable[AcceleratorHook] | None,
+) -> Settings:
+    """The one read of the environment for an ``init()`` call; arguments win over it."""
+    return (
+        Settings.from_env(os.environ)
+        .given("backend", backend)
+        .given("devices", devices)
+        .given("timeout", timeout)
+        .given("comm", comm)
+        .given("set_default_device", set_default_device)
+        .given("accelerator_hooks", as_hook_list(accelerator_hooks))
+    )
+
+
 @dataclass(frozen=True)
 class _Request:
-    """What one ``init()`` call asks for, resolved and normalised before any comparison.
+    """What one ``init()`` call asks for: its :class:`Settings`, normalised, as one key.
 
-    Arguments win over their DEVLAYER_* variables; ``"1,3"`` and ``[1, 3]`` are one device
-    spec, ``30`` and ``timedelta(seconds=30)`` one timeout, ``"GLOO"`` and ``"gloo"`` one
-    comm, so the same request given two ways is the same request (a second ``init()``
-    returns the State instead of refusing).
+    Arguments win over their DEVLAYER_* variables, and both are normalised by the same code
+    (:meth:`Settings.given`): ``"1,3"`` and ``[1, 3]`` are one device spec, ``30`` and
+    ``timedelta(seconds=30)`` one timeout, ``"GLOO"`` and ``"gloo"`` one comm,
+    ``DEVLAYER_SET_DEFAULT_DEVICE=0`` and ``set_default_device=False`` one choice, so the
+    same request given two ways is the same request (a second ``init()`` returns the State
+    instead of refusing). init() does the work from these fields too.
     """
 
     backend: str
     devices: _devices.DeviceSpec
     timeout: timedelta
     comm: str | None
-    set_default_device: tuple[object, str | None]
-    hooks: tuple[object, str | None]
+    set_default_device: bool | None
+    hooks: tuple[AcceleratorHook, ...]
     origin: str = field(default="devices", compare=False)
     comm_origin: str = field(default="comm", compare=False)
     #: The backend's own comm, which ``comm=None`` means (set once init() chose a backend).
     default_comm: str | None = field(default=None, compare=False)
+    #: The settings it was made from (their origins, and what the key leaves out).
+    settings: Settings = field(default_factory=Settings, compare=False, repr=False)
+
+    @classmethod
+    def of(cls, settings: Settings) -> _Request:
+        """The request ``settings`` make (a backend name in lower case, ``"auto"`` for none)."""
+        name = settings.backend
+        # A name that is not a string stays visible here; choose_backend() refuses it by name.
+        shown = name.lower() if isinstance(name, str) else repr(name)
+        return cls(
+            backend="auto" if name is None else shown,
+            devices=settings.devices,
+            timeout=settings.timeout,
+            comm=settings.comm,
+            set_default_device=settings.set_default_device,
+            hooks=settings.accelerator_hooks,
+            origin=settings.origin("devices"),
+            comm_origin=settings.origin("comm"),
+            settings=settings,
+        )
 
     def describe(self) -> str:
         """The request as a user would write it, for messages."""
@@ -323,72 +370,11 @@ class _Request:
             f"timeout={seconds:g}",
             f"comm={self.comm!r}",
         ]
-        for name, (arg, env) in (
-            ("set_default_device", self.set_default_device),
-            ("accelerator_hooks", self.hooks),
-        ):
-            if arg is not None or env is not None:
-                parts.append(f"{name}={arg!r}" + (f" ({_ENV_OF[name]}={env!r})" if env else ""))
+        if self.set_default_device is not None:
+            parts.append(f"set_default_device={self.set_default_device!r}")
+        if self.hooks:
+            parts.append(f"accelerator_hooks={list(self.hooks)!r}")
         return ", ".join(parts)
-
-
-_ENV_OF = {
-    "set_default_device": "DEVLAYER_SET_DEFAULT_DEVICE",
-    "accelerator_hooks": "DEVLAYER_ACCELERATOR_HOOKS",
-}
-
-
-def _request(
-    backend: object,
-    devices: object,
-    timeout: float | timedelta | None,
-    comm: object,
-    set_default_device: bool | None,
-    hook_list: list[AcceleratorHook] | None,
-) -> _Request:
-    """Resolve one call's arguments against the DEVLAYER_* variables (see :class:`_Request`)."""
-    env = os.environ
-    if backend is None:
-        backend = env.get("DEVLAYER_BACKEND", "")
-    # A name that is not a string stays visible here; select_backend() refuses it by name.
-    name = backend.strip().lower() if isinstance(backend, str) else repr(backend)
-    tmo = (
-        parse_timeout(timeout)
-        or parse_timeout(env.get("DEVLAYER_TIMEOUT"), origin="DEVLAYER_TIMEOUT")
-        or DEFAULT_TIMEOUT
-    )
-    spec, origin = _device_spec(devices)
-    comm_name, comm_origin = _requested_comm(comm)
-    return _Request(
-        backend=name or "auto",
-        devices=spec,
-        timeout=tmo,
-        comm=comm_name,
-        set_default_device=(set_default_device, env.get("DEVLAYER_SET_DEFAULT_DEVICE")),
-        hooks=(
-            None if hook_list is None else tuple(hook_list),
-            env.get("DEVLAYER_ACCELERATOR_HOOKS"),
-        ),
-        origin=origin,
-        comm_origin=comm_origin,
-    )
-
-
-def _requested_comm(comm: object) -> tuple[str | None, str]:
-    """The comm asked for (lower case) and where from: ``comm=``, else ``DEVLAYER_COMM``.
-
-    Raises:
-        InvalidArgumentError: ``comm=`` that is not a name (``5``, ``""``).
-    """
-    if comm is None:
-        raw = os.environ.get("DEVLAYER_COMM", "").strip()
-        return (raw.lower() or None), "DEVLAYER_COMM"
-    if not isinstance(comm, str) or not comm.strip():
-        raise InvalidArgumentError(
-            f"comm={short_repr(comm)} is not a communication backend name; pass a name such "
-            f"as 'gloo', or leave it out (None) for the backend's own"
-        )
-    return comm.strip().lower(), "comm"
 
 
 def _made(request: _Request, be: BoundBackend, comm_name: str | None) -> _Request:
@@ -415,14 +401,6 @@ def _same_state(request: _Request) -> State:
         f"devlayer.init() was already called with {made.describe()}; now called with "
         f"{request.describe()}. Call devlayer.shutdown() first to change the set-up"
     )
-
-
-def _device_spec(devices: object) -> tuple[_devices.DeviceSpec, str]:
-    """The parsed device spec and where it came from: the argument, else DEVLAYER_DEVICES."""
-    if devices is None and os.environ.get("DEVLAYER_DEVICES", "").strip():
-        raw = os.environ["DEVLAYER_DEVICES"]
-        return _devices.parse_devices(raw, origin="DEVLAYER_DEVICES"), "DEVLAYER_DEVICES"
-    return _devices.parse_devices(devices), "devices"
 
 
 def _comm_name(be: BoundBackend, request: _Request, info: ProcessInfo) -> str | None:
@@ -485,8 +463,8 @@ def _bind_device(
     if index is not None:
         be.set_device(index)
     want_default = set_default_device
-    if want_default is None:
-        want_default = env_flag("DEVLAYER_SET_DEFAULT_DEVICE", be.device_type != "cpu")
+    if want_default is None:  # neither the argument nor DEVLAYER_SET_DEFAULT_DEVICE says
+        want_default = be.device_type != "cpu"
     if want_default and be.device_type != "cpu" and not _simulated(be):
         import torch
 
@@ -574,9 +552,7 @@ def _simulated(be: BoundBackend) -> bool:
 _count_warned = False
 
 
-def _warn_count_or_index(
-    be: BoundBackend, plan: _devices.DevicePlan, raw: str, info: ProcessInfo
-) -> None:
+def _warn_count_or_index(be: BoundBackend, plan: _devices.DevicePlan, info: ProcessInfo) -> None:
     """Warn once when ``DEVLAYER_DEVICES=N`` could also be read as the index N.
 
     ``DEVLAYER_DEVICES=1`` is a count (device 0), as in Lightning; someone translating
@@ -598,7 +574,7 @@ def _warn_count_or_index(
     first = "device 0" if spec == 1 else f"devices 0..{spec - 1}"
     listed = ",".join(map(str, range(spec))) + ("," if spec == 1 else "")
     warnings.warn(
-        f"DEVLAYER_DEVICES={raw.strip()} is read as a count: the first {spec} visible "
+        f"DEVLAYER_DEVICES={spec} is read as a count: the first {spec} visible "
         f"{be.device_type} device(s) ({first}), not the device with index {spec} (as "
         f"{var}={spec} would mean). For the index write "
         f"DEVLAYER_DEVICES={spec}, (or [{spec}]); to keep the count without this warning "
@@ -643,7 +619,11 @@ _show = _devices.show_spec
 
 
 def _pick_device(
-    be: BoundBackend, plan: _devices.DevicePlan, info: ProcessInfo, comm: str | None = None
+    be: BoundBackend,
+    plan: _devices.DevicePlan,
+    info: ProcessInfo,
+    comm: str | None = None,
+    allow_shared: bool = False,
 ) -> int | None:
     """The index this rank binds among the devices it sees after visibility was applied."""
     if not be.indexed:
@@ -656,7 +636,7 @@ def _pick_device(
             f"check the visibility variables with `devlayer info`"
         )
     if count < info.local_world_size and not _bound_per_task(be, count):
-        _check_shared_devices(be, comm, count, info)
+        _check_shared_devices(be, comm, count, info, allow_shared)
     return plan.device_index(count)
 
 
@@ -671,18 +651,18 @@ def _bound_per_task(be: BoundBackend, count: int) -> bool:
     var = be.visibility_var(os.environ)
     if count != 1 or var is None or not os.environ.get(var, "").strip():
         return False
-    return not any(
-        entry.startswith(f"{var}=") for entry in os.environ.get(APPLIED_MARKER, "").split(";")
-    )
+    return not any(entry.startswith(f"{var}=") for entry in _devices.applied_entries(os.environ))
 
 
 _shared_warned = False
 
 
 def _check_shared_devices(
-    be: BoundBackend, comm: str | None, count: int, info: ProcessInfo
+    be: BoundBackend, comm: str | None, count: int, info: ProcessInfo, allow: bool
 ) -> None:
     """More ranks on this node than devices: an error where the comm refuses, else a warning.
+
+    ``allow`` (``DEVLAYER_ALLOW_SHARED_DEVICES``) turns the error into the warning.
 
     One visible device that a scheduler bound to this task is left alone (see
     :func:`_bound_per_task`): there every rank sees a different device as device 0.
@@ -697,11 +677,7 @@ def _check_shared_devices(
         f"{ranks} ranks run on this node but {count} {be.device_type} device(s) are visible, "
         f"so ranks share devices (local rank -> device: {mapping})"
     )
-    if (
-        comm is not None
-        and not be.shares_devices_between_ranks(comm)
-        and not env_flag("DEVLAYER_ALLOW_SHARED_DEVICES", False)
-    ):
+    if comm is not None and not be.shares_devices_between_ranks(comm) and not allow:
         raise DeviceError(
             f"{what}; the {comm!r} communication backend refuses two ranks on one device in "
             f"most versions. Start at most {count} ranks per node or make more devices "

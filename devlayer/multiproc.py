@@ -29,8 +29,8 @@ from datetime import timedelta
 from multiprocessing.connection import wait
 from typing import Any
 
-from devlayer.config import parse_timeout, short_repr
-from devlayer.devices import parse_devices, spec_text, usable_cpus
+from devlayer.config import Settings, parse_timeout, short_repr
+from devlayer.devices import spec_text, usable_cpus
 from devlayer.errors import DevlayerError, InvalidArgumentError
 
 __all__ = ["MIN_NPROCS_LIMIT", "PROCS_PER_CPU", "RankFailedError", "max_nprocs", "spawn"]
@@ -268,21 +268,22 @@ def _settings(
         InvalidArgumentError: A bad argument, or one that ``env`` sets to something else.
     """
     out = dict(env)
+    if backend is not None and (not isinstance(backend, str) or not backend.strip()):
+        raise InvalidArgumentError(
+            f"backend={short_repr(backend)} is not a name; pass a name such as 'cpu', or "
+            f"leave it out (None) for the default"
+        )
+    # Normalised as init() normalises them, so each rank's init() sees the same request.
+    given = Settings().given("devices", devices).given("timeout", timeout).given("comm", comm)
     wanted: dict[str, str] = {}
-    for name, value in (("backend", backend), ("comm", comm)):
-        if value is None:
-            continue
-        if not isinstance(value, str) or not value.strip():
-            raise InvalidArgumentError(
-                f"{name}={short_repr(value)} is not a name; pass a name such as 'gloo' or "
-                f"'cpu', or leave it out (None) for the default"
-            )
-        wanted[f"DEVLAYER_{name.upper()}"] = value.strip()
+    if backend is not None:
+        wanted["DEVLAYER_BACKEND"] = backend.strip()
+    if comm is not None:
+        wanted["DEVLAYER_COMM"] = str(comm).strip()  # given.comm checked it is a name
     if devices is not None:
-        wanted["DEVLAYER_DEVICES"] = spec_text(parse_devices(devices))
-    parsed = parse_timeout(timeout)
-    if parsed is not None:
-        wanted["DEVLAYER_TIMEOUT"] = repr(parsed.total_seconds())
+        wanted["DEVLAYER_DEVICES"] = spec_text(given.devices)
+    if timeout is not None:
+        wanted["DEVLAYER_TIMEOUT"] = repr(given.timeout.total_seconds())
     for key, value in wanted.items():
         if key in out and out[key] != value:
             raise InvalidArgumentError(

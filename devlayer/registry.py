@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 from devlayer import simulation
-from devlayer.config import short_repr
+from devlayer.config import Settings, short_repr
 from devlayer.errors import (
     BackendNotFoundError,
     BackendUnavailableError,
@@ -55,6 +55,7 @@ if TYPE_CHECKING:
 __all__ = [
     "BoundBackend",
     "available_backends",
+    "choose_backend",
     "get_backend",
     "register_backend",
     "registered_backends",
@@ -309,7 +310,8 @@ def real_runtime(backend: Backend) -> Runtime:
 def bind(backend: Backend) -> BoundBackend:
     """``backend`` joined to its runtime: the simulated one when simulation is on for its
     name (asked here, once), else its real one (made on first use)."""
-    simulated = simulation.runtime_for(backend.name)
+    spec = Settings.from_env(os.environ, ("simulate",)).simulate
+    simulated = simulation.runtime_for(backend.name, spec)
     if simulated is None:
         return BoundBackend(backend)
     runtime = checked_runtime(simulated, backend, "the simulation")
@@ -600,18 +602,34 @@ def select_backend(name: str | None = None, env: Mapping[str, str] | None = None
         BackendUnavailableError: An explicitly chosen backend cannot run here; there is
             no silent fallback to another vendor.
     """
-    env = os.environ if env is None else env
-    origin = "backend"
+    settings = Settings.from_env(os.environ if env is None else env, ("backend",))
+    settings = settings.given("backend", name)
+    return choose_backend(settings.backend, settings.origin("backend"))
+
+
+def choose_backend(name: object, origin: str = "backend") -> Selection:
+    """Choose the backend ``name`` (from ``origin``), or auto-detect one when it is ``None``.
+
+    Args:
+        name: A backend name, or ``None`` (the :class:`~devlayer.config.Settings` value
+            for ``"auto"``) to auto-detect.
+        origin: Where the name came from (``backend``, ``DEVLAYER_BACKEND``), for messages.
+
+    Raises:
+        InvalidArgumentError: A name that is not a string.
+        BackendNotFoundError: The name is not registered.
+        BackendUnavailableError: The named backend cannot run here (no silent fallback).
+
+    Example:
+        >>> choose_backend("CPU", "DEVLAYER_BACKEND").reason
+        "DEVLAYER_BACKEND='CPU'"
+    """
     if name is not None and not isinstance(name, str):
         raise InvalidArgumentError(
-            f"backend={short_repr(name)} has type {type(name).__name__}; pass a backend name "
+            f"{origin}={short_repr(name)} has type {type(name).__name__}; pass a backend name "
             f"({', '.join(registered_backends())}), or None for auto-detection"
         )
-    if name is not None and name.strip().lower() == "auto":
-        name = None  # "auto" is the same as no argument (init()'s documented contract)
-    if name is None and env.get("DEVLAYER_BACKEND", "").strip():
-        name, origin = env["DEVLAYER_BACKEND"], "DEVLAYER_BACKEND"
-    if name is not None and name.strip().lower() != "auto":
+    if name is not None:
         backend = get_backend(name, origin=origin)
         avail = _safe_availability(backend)
         if not avail:

@@ -221,11 +221,10 @@ def installed(name: str) -> Any | None:
     return _installed.get(name)
 
 
-def runtime_for(name: str) -> Any | None:
+def runtime_for(name: str, spec: str | None) -> Any | None:
     """The simulated runtime backend ``name`` should use: an installed fake, else one from
-    ``DEVLAYER_SIMULATE``, else ``None`` (use the real runtime)."""
+    ``spec`` (the ``DEVLAYER_SIMULATE`` setting), else ``None`` (use the real runtime)."""
     fake = _installed.get(name)
     if fake is not None:
         return fake
-    spec = os.environ.get("DEVLAYER_SIMULATE")
     return runtimes_from_spec(spec).get(name) if spec else None

@@ -12,6 +12,7 @@ from typing import Any
 
 import devlayer
 from devlayer import DevlayerError
+from devlayer.config import Settings
 from devlayer.devices import usable_cpus
 from devlayer.launchers import detect
 from devlayer.registry import entry_point_errors, select_backend
@@ -147,7 +148,7 @@ def pitfalls(env: Mapping[str, str], report: Mapping[str, Any]) -> list[str]:
             f"the {selected} runtime is already initialized in this process: changes to its "
             f"visibility variables no longer apply here (set them before the first device call)"
         )
-    backend = env.get("DEVLAYER_BACKEND", "").strip()
+    backend = Settings.from_env(env, ("backend",)).backend
     if backend and report.get("selection_error") and backend in report["selection_error"]:
         out.append(f"DEVLAYER_BACKEND={backend!r} cannot be used: see selection error above")
     return out

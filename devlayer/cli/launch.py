@@ -22,10 +22,10 @@ from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
+from devlayer.config import Settings
 from devlayer.devices import (
     check_rank_count,
     narrow_visibility,
-    parse_devices,
     selected_indices,
     usable_cpus,
 )
@@ -81,7 +81,7 @@ def _plan_devices(args: argparse.Namespace, env: dict[str, str]) -> tuple[int, d
     if args.backend:
         changes["DEVLAYER_BACKEND"] = args.backend
     be = select_backend(args.backend, env={**env, **changes}).backend
-    spec = parse_devices(args.devices, origin="--devices")
+    spec = Settings().given("devices", args.devices, origin="--devices").devices
     check_request(
         spec,
         device_type=be.device_type,

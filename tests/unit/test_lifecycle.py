@@ -17,6 +17,7 @@ import pytest
 
 import devlayer
 from devlayer import lifecycle
+from devlayer.config import parse_timeout
 from devlayer.devices import check_exists, parse_devices
 from devlayer.errors import DeviceError, InvalidArgumentError, LaunchEnvError
 from devlayer.launchers import detect
@@ -132,9 +133,9 @@ def test_timeout_that_rounds_to_zero_is_refused(two_ranks, value):
 @pytest.mark.parametrize("value", [WEEK, timedelta(days=7), 0.5, "604800"])
 def test_timeouts_up_to_a_week_are_accepted(clean_env, value):
     if isinstance(value, str):
-        assert lifecycle.parse_timeout(value, origin="DEVLAYER_TIMEOUT") == timedelta(days=7)
+        assert parse_timeout(value, origin="DEVLAYER_TIMEOUT") == timedelta(days=7)
     else:
-        assert lifecycle.parse_timeout(value) == (
+        assert parse_timeout(value) == (
             value if isinstance(value, timedelta) else timedelta(seconds=value)
         )
 

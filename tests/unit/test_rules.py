@@ -410,7 +410,6 @@ LAYERS = {
         (
             "_version",
             "errors",
-            "config",
             "net",
             "torchcompat",
             "simulation",
@@ -420,7 +419,7 @@ LAYERS = {
         ),
         0,
     ),
-    **dict.fromkeys(("launchers", "devices", "vendor", "registry", "hooks"), 1),
+    **dict.fromkeys(("launchers", "devices", "config", "vendor", "registry", "hooks"), 1),
     "backends": 2,
     **dict.fromkeys(("rendezvous", "lifecycle", "comm", "multiproc", "farm", "early"), 3),
     "train": 4,
@@ -927,3 +926,126 @@ def test_the_function_length_rule_catches_a_long_body():
     assert [s.code for s in sizes] == [62, 73, 67]  # each one over the limit
     found = _too_long(sizes, tool.LIMIT)
     assert [f.split(":")[1].split(" (")[0] for f in found] == ["1 long", "137 g"], found
+
+
+#: Modules (a path or the start of one) that may read DEVLAYER_* variables from an environment
+#: mapping besides devlayer/config.py, which parses them into its Settings object, and why.
+_ENV_READERS = {
+    ("devlayer/launchers", "DEVLAYER_LAUNCHER"): "detection (launchers.py or the launchers/ "
+    "package) is a pure function of the env mapping it is given, with a source for each value",
+    ("devlayer/launchers", "DEVLAYER_DISABLE_LAUNCHERS"): "the same",
+    ("devlayer/devices.py", "DEVLAYER_VISIBILITY_APPLIED"): "devlayer's own marker, read beside "
+    "the visibility variable it describes; init() itself changes it",
+    ("devlayer/train/progress.py", "DEVLAYER_PROGRESS_INTERVAL"): "left for the train/ rework "
+    "(issue 21, items 1 and 2)",
+}
+
+
+def _devlayer_constants(paths: list[Path]) -> set[str]:
+    """Names of module-level constants that hold a DEVLAYER_* name (``APPLIED_MARKER``)."""
+    names = set()
+    for path in paths:
+        for node in ast.parse(path.read_text()).body:
+            if (
+                isinstance(node, ast.Assign)
+                and isinstance(node.value, ast.Constant)
+                and str(node.value.value).startswith("DEVLAYER_")
+            ):
+                names.update(t.id for t in node.targets if isinstance(t, ast.Name))
+    return names
+
+
+def _env_reads(path: Path, constants: set[str]) -> list[tuple[int, str]]:
+    """(line, variable) for each ``env.get("DEVLAYER_X")``, ``os.getenv``, ``env_flag``,
+    ``env["DEVLAYER_X"]`` or ``"DEVLAYER_X" in env`` (a literal, or a constant that holds one;
+    writes not counted)."""
+    values = {}
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant):
+            values.update({t.id: node.value.value for t in node.targets if isinstance(t, ast.Name)})
+
+    def name(node: ast.AST | None) -> str | None:
+        if isinstance(node, ast.Constant) and str(node.value).startswith("DEVLAYER_"):
+            return str(node.value)
+        ident = getattr(node, "id", None) or getattr(node, "attr", None)
+        return values.get(ident, ident) if ident in constants else None
+
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        key = None
+        if isinstance(node, ast.Call) and node.args:
+            func = node.func
+            if getattr(func, "attr", getattr(func, "id", None)) in ("get", "getenv", "env_flag"):
+                key = name(node.args[0])
+        elif isinstance(node, ast.Subscript) and isinstance(node.ctx, ast.Load):
+            key = name(node.slice)
+        elif isinstance(node, ast.Compare) and isinstance(node.ops[0], (ast.In, ast.NotIn)):
+            key = name(node.left)
+        if key is not None:
+            found.append((node.lineno, key))
+    return found
+
+
+def _env_read_offenders(paths: list[Path]) -> list[str]:
+    constants = _devlayer_constants(paths)
+    offenders = []
+    for path in paths:
+        rel = path.relative_to(ROOT).as_posix()
+        for line, key in _env_reads(path, constants):
+            allowed = any(rel.startswith(p) and key == k for p, k in _ENV_READERS)
+            if rel != "devlayer/config.py" and not allowed:
+                offenders.append(f"{rel}:{line}: {key}")
+    return offenders
+
+
+def test_a21_s4_only_the_settings_module_reads_devlayer_variables():
+    """A21-S4: DEVLAYER_* variables are read from the environment only in devlayer/config.py
+    (the Settings object) and the listed exceptions, each with its reason; the rest of the
+    library receives parsed values."""
+    offenders = _env_read_offenders(_python_files("devlayer", "backends"))
+    assert not offenders, "DEVLAYER_* read outside devlayer/config.py:\n" + "\n".join(offenders)
+
+
+def test_a21_s4_the_settings_rule_catches_a_reader(tmp_path: Path) -> None:
+    """A21-S4: the rule sees os.environ.get, os.getenv, a subscript, ``in`` and a constant
+    that holds the name, and not a write or a docstring."""
+    module = ROOT / "devlayer" / "_settings_rule_probe.py"
+    module.write_text(
+        '"""DEVLAYER_DEBUG in a docstring."""\nimport os\nMARK = "DEVLAYER_MARK"\n'
+        'a = os.environ.get("DEVLAYER_DEBUG")\nb = os.getenv("DEVLAYER_COMM")\n'
+        'c = os.environ["DEVLAYER_BACKEND"]\nd = "DEVLAYER_SIMULATE" in os.environ\n'
+        'e = os.environ.get(MARK)\nos.environ["DEVLAYER_X"] = "1"\n'
+    )
+    try:
+        found = _env_read_offenders([module])
+    finally:
+        module.unlink()
+    assert [f.split(": ")[1] for f in found] == [
+        "DEVLAYER_DEBUG",
+        "DEVLAYER_COMM",
+        "DEVLAYER_BACKEND",
+        "DEVLAYER_SIMULATE",
+        "DEVLAYER_MARK",
+    ]
+
+
+def _references(path: Path, name: str) -> list[int]:
+    """Lines where ``name`` is used (called or passed on), not imported or defined."""
+    return [
+        node.lineno
+        for node in ast.walk(ast.parse(path.read_text()))
+        if (isinstance(node, ast.Name) and node.id == name)
+        or (isinstance(node, ast.Attribute) and node.attr == name)
+    ]
+
+
+def test_a21_s5_parse_devices_has_one_caller():
+    """A21-S5: ``parse_devices`` is used in one place, the settings normalisation in
+    devlayer/config.py (a variable's text and an argument alike); the rest receive parsed
+    specs."""
+    users = {
+        f"{path.relative_to(ROOT).as_posix()}:{line}"
+        for path in _python_files("devlayer", "backends")
+        for line in _references(path, "parse_devices")
+    }
+    assert len(users) == 1 and next(iter(users)).startswith("devlayer/config.py:"), users

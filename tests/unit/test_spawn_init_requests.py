@@ -15,6 +15,7 @@ import pytest
 
 import devlayer
 from devlayer import lifecycle
+from devlayer.config import Settings
 from devlayer.devices import plan_devices, usable_cpus
 from devlayer.early import apply
 from devlayer.errors import (
@@ -152,7 +153,8 @@ def _shared(be_name: str, comm: str | None, rank: int = 0) -> int | None:
     be = devlayer.backends.get_backend(be_name)
     info = detect(torchrun_env(rank, 2))
     plan = lifecycle._plan_devices(be, None, "devices", info)
-    return lifecycle._pick_device(be, plan, info, comm)
+    allow = Settings.from_env(os.environ).allow_shared_devices  # as init() reads it
+    return lifecycle._pick_device(be, plan, info, comm, allow)
 
 
 @pytest.mark.simulated
