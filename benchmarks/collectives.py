@@ -26,6 +26,9 @@ Sections (all by default; ``--sections`` picks some, always run in this order):
    PyTorch-Ignite's ``idist.all_reduce`` per key (it takes no dicts) + divide. Each library
    adopts the process group this script created (none starts its own or spawns), and each
    result is checked against devlayer's mean, on every rank, before anything is timed.
+3. ``numbers``: ``devlayer.all_reduce`` of Python numbers (a float, an int, a dict of both,
+   an int past ``2**53``) vs the numbers put in one tensor by hand, one
+   ``dist.all_reduce`` and ``.tolist()``; with how many collectives devlayer's call makes.
 
 Method: every implementation gets warm-up calls, then a calibrated number of calls per
 timed block (about ``--block-s`` seconds, at least one call; the same count on every rank,
@@ -427,6 +430,79 @@ def bench_broadcast(b: Bench, sizes: list[int]) -> str:
         )
     head = ["size", "raw µs/call", "devlayer µs/call", *OVERHEAD_HEAD]
     return "### broadcast (float32, src=0)\n\n" + table(head, rows)
+
+
+# Python numbers as users pass them every step: all_reduce(loss.item()), a dict of them.
+NUMBER_CASES: tuple[tuple[str, object], ...] = (
+    ("1.5 (a float)", 1.5),
+    ("3 (an int)", 3),
+    ('{"loss": 0.5, "n": 3}', {"loss": 0.5, "n": 3}),
+    ("2**53 + 1 (an int float64 cannot hold: the exact path)", 2**53 + 1),
+)
+
+
+def raw_numbers(device: torch.device, value: object) -> object:
+    """The hand-written way: the numbers in one tensor (int64 if all are ints, else
+    float64), one ``dist.all_reduce``, back to Python numbers."""
+    keys = list(value) if isinstance(value, dict) else None
+    values = list(value.values()) if isinstance(value, dict) else [value]
+    dtype = torch.int64 if all(type(v) is int for v in values) else torch.float64
+    buf = torch.tensor(values, dtype=dtype, device=device)
+    dist.all_reduce(buf)
+    out = buf.tolist()
+    return dict(zip(keys, out, strict=True)) if keys is not None else out[0]
+
+
+def collectives_per_call(fn: Callable[[], object]) -> int:
+    """How many ``dist.all_reduce`` calls ``fn`` makes, the sampled check switched off."""
+    calls = [0]
+    real, saved = dist.all_reduce, comm.is_checked
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    dist.all_reduce, comm.is_checked = counting, _never_checked
+    try:
+        fn()
+    finally:
+        dist.all_reduce, comm.is_checked = real, saved
+    return calls[0]
+
+
+def bench_numbers(b: Bench) -> str:
+    rows = []
+    for label, value in NUMBER_CASES:
+        impls: list[Impl] = [
+            ("raw", partial(raw_numbers, b.device, value)),
+            ("devlayer", partial(devlayer.all_reduce, value)),
+        ]
+        n_calls = collectives_per_call(impls[1][1])
+        tm = b.run("numbers", {"value": label, "collectives": n_calls}, impls)
+        rows.append(
+            [
+                label,
+                str(n_calls),
+                med_range(tm.repeats["raw"]),
+                med_range(tm.repeats["devlayer"]),
+                overhead_repeats(paired(tm.repeats["devlayer"], tm.repeats["raw"])),
+                overhead_ci(paired(tm.rounds["devlayer"], tm.rounds["raw"])),
+            ]
+        )
+    head = [
+        "value (the same on every rank)",
+        "devlayer collectives/call",
+        "raw µs/call",
+        "devlayer µs/call",
+        *OVERHEAD_HEAD,
+    ]
+    note = (
+        "raw: the numbers in one int64 (all ints) or float64 tensor, one dist.all_reduce, "
+        ".tolist(). devlayer.all_reduce(value) sends them with their type flags in one "
+        "float64 collective, and adds the exact int64 path only where an int result could "
+        "be inexact in float64 (docs/reliability.md, R5-C8)."
+    )
+    return f"### all_reduce of Python numbers (op=sum)\n\n{note}\n\n" + table(head, rows)
 
 
 # --------------------------------------------------------------------------- peers
@@ -857,7 +933,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-SECTIONS = ("all_reduce", "metric_dict", "all_gather", "broadcast")
+SECTIONS = ("all_reduce", "metric_dict", "numbers", "all_gather", "broadcast")
 
 
 def _sections(text: str) -> list[str]:
@@ -901,6 +977,7 @@ def main(argv: list[str] | None = None) -> int:
         run_section = {
             "all_reduce": partial(bench_all_reduce, b, ar_sizes),
             "metric_dict": partial(bench_metric_dict, b),
+            "numbers": partial(bench_numbers, b),
             "all_gather": partial(bench_all_gather, b, side_sizes),
             "broadcast": partial(bench_broadcast, b, side_sizes),
         }

@@ -2,7 +2,9 @@
 
 * ``all_reduce(x, op)``: ops ``sum``, ``mean``, ``max``, ``min``, ``product`` on a tensor,
   a Python number, or nested dict/list/tuple of them. A container costs ONE collective per
-  dtype, never one per key. ``mean`` is SUM then divide, so it works on gloo too.
+  dtype, never one per key (numbers travel with the float tensors; an int result the float
+  cannot hold exactly adds one, :mod:`devlayer.numbers`). ``mean`` is SUM then divide, so
+  it works on gloo too.
 * ``all_gather(x)``: a list with one entry per rank; tensors may differ in dim 0.
 * ``broadcast(x, src=0)``: rank ``src``'s value everywhere.
 * ``barrier(timeout=None)``: on gloo a monitored barrier that names the missing ranks.
@@ -64,7 +66,7 @@ from devlayer.collective_checks import (
 from devlayer.config import parse_timeout
 from devlayer.errors import CollectiveError, DevlayerError, InvalidArgumentError
 from devlayer.lifecycle import State, state
-from devlayer.numbers import decode, encode
+from devlayer.numbers import decode, encode, pack, unpack
 from devlayer.torchcompat import float_dtype as _float_dtype
 from devlayer.tree import (
     Leaf,
@@ -247,9 +249,9 @@ def _dtype_groups(
 ) -> dict[Any, tuple[list[int], list[int]]]:
     """``dtype -> (tensor leaf indices, number leaf indices)``: one collective per dtype.
 
-    Python numbers join the float tensors' group (float64; float32 on MPS) and, except for
-    ``mean``, the int64 group, whatever their type on this rank: another rank may pass a
-    float where this one passes an int (:mod:`devlayer.numbers`).
+    Python numbers join the float tensors' group (float64; float32 on MPS) whatever their
+    type on this rank, with flags that say whether some rank gave a float or an int the
+    float cannot reduce exactly (:mod:`devlayer.numbers`).
     """
     torch = ctx.torch
     groups: dict[Any, tuple[list[int], list[int]]] = {}
@@ -260,8 +262,6 @@ def _dtype_groups(
             groups.setdefault(leaf.dtype, ([], []))[0].append(i)
         else:
             groups.setdefault(ctx.float_dtype, ([], []))[1].append(i)
-            if name != "mean":
-                groups.setdefault(torch.int64, ([], []))[1].append(i)
     return groups
 
 
@@ -272,28 +272,45 @@ def _reduce_groups(
     torch = ctx.torch
     numbers = [i for i, leaf in enumerate(leaves) if not isinstance(leaf, torch.Tensor)]
     mine = [leaves[i] for i in numbers]
-    ints, floats = encode(mine, name)
-    tails: dict[Any, list[Any]] = {ctx.float_dtype: list(floats), torch.int64: list(ints)}
+    eps = torch.finfo(ctx.float_dtype).eps
     results: list[object] = [None] * len(leaves)
-    reduced: dict[Any, list[Any]] = {}
+    reduced: list[Any] = []
     for dtype, (tensor_idx, number_idx) in groups.items():
-        tail = tails[dtype] if number_idx else []
-        reduced[dtype] = _reduce_group(ctx, leaves, results, dtype, tensor_idx, tail, name)
+        tail = pack(mine, name, eps=eps, world=ctx.world) if number_idx else []
+        got = _reduce_group(ctx, leaves, results, dtype, tensor_idx, tail, name)
+        if number_idx:
+            reduced = got
     if numbers:
-        got = reduced[ctx.float_dtype]
-        if name != "mean":
-            got = decode(
-                mine,
-                name,
-                reduced[torch.int64],
-                got,
-                eps=torch.finfo(ctx.float_dtype).eps,
-                world=ctx.world,
-                label=lambda k: layout(root, torch)[numbers[k]].rsplit(" ", 1)[0],
-            )
-        for i, value in zip(numbers, got, strict=True):
+        values = unpack(reduced, name, len(mine), eps=eps, world=ctx.world)
+        if values is None:  # every rank sees the same reduced slots: all of them come here
+            values = _exact_numbers(ctx, mine, reduced[: len(mine)], name, (root, numbers))
+        for i, value in zip(numbers, values, strict=True):
             results[i] = value
     return results
+
+
+def _exact_numbers(
+    ctx: _Ctx, mine: list[Leaf], floats: list[float], name: str, where: tuple[object, list[int]]
+) -> list[float]:
+    """The numbers' exact path, a second collective: their int64 images (which wrap) and
+    flags, decoded with the floats already reduced (:func:`devlayer.numbers.decode`).
+
+    ``where`` is the call's argument and the numbers' leaf indices, to name a number in
+    an error.
+    """
+    torch = ctx.torch
+    root, numbers = where
+    ints, _ = encode(mine, name)
+    reduced = _reduce_group(ctx, [], [], torch.int64, [], ints, name)
+    return decode(
+        mine,
+        name,
+        reduced,
+        floats,
+        eps=torch.finfo(ctx.float_dtype).eps,
+        world=ctx.world,
+        label=lambda k: layout(root, torch)[numbers[k]].rsplit(" ", 1)[0],
+    )
 
 
 def _reduce_group(

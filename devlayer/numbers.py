@@ -3,12 +3,19 @@
 A rank may pass an ``int`` where another passes a ``float`` (a metric that is ``0`` on a
 rank that saw no batch), so a number's type cannot choose the buffer it travels in: each
 rank would pick another one and the bits of an int would be added to those of a float.
-Every number therefore travels twice, the same way on every rank: as an int64 (exact for
-ints), followed by a flag that says whether this rank gave a float, and as a float.
+Every number therefore travels the same way on every rank, in ONE float collective
+(:func:`pack`): its float, a flag that says whether this rank gave a float, and one flag
+per call that says whether this rank gave an int too large for the float to reduce
+exactly (``|x| >= 2**53 / world`` for ``sum``, ``2**53`` otherwise; ``2**24`` where
+floats are float32). The flags reduce under the call's op to "some rank set it".
 
 The result type is the same on every rank: **a float if any rank gave a float** (or for
-``op="mean"``, which sends the float only), **else an int**; a bool counts as the int it
-is (``True`` is 1). Ints stay exact, even past int64: int64 arithmetic wraps modulo
+``op="mean"``, which sends the floats only), **else an int**; a bool counts as the int it
+is (``True`` is 1). An int result is read from the float when no rank flagged a large int
+and the result is below ``2**53`` (:func:`unpack`); every rank sees the same reduced
+slots, so either all ranks take it or all run the exact path as a second collective:
+the int64 image of every number (:func:`encode`), decoded with the float
+(:func:`decode`). Ints stay exact, even past int64: int64 arithmetic wraps modulo
 ``2**64`` and the float of the same reduction says how often it wrapped, so
 ``2**62 + 2**62`` gives ``2**63``, as Python would. Where the float cannot tell (an int
 beyond the float range, a ``max`` or ``min`` over an int outside int64, a sum or product
@@ -16,8 +23,17 @@ past about ``2**100``) every rank raises the same :class:`InvalidArgumentError` 
 the overflow.
 
 Example:
-    >>> r0, r1 = encode([1], "sum"), encode([1.5], "sum")  # rank 0 and rank 1
-    >>> [a + b for a, b in zip(r0[0], r1[0])], [r0[1][0] + r1[1][0]]  # what SUM gives
+    >>> r0 = pack([1, 2], "sum", eps=2.0**-52, world=2)  # rank 0: two ints
+    >>> r1 = pack([1.5, 3], "sum", eps=2.0**-52, world=2)  # rank 1: a float, an int
+    >>> r0, r1  # the numbers, their "gave a float" flags, the "large int" flag
+    ([1.0, 2.0, 0.0, 0.0, 0.0], [1.5, 3.0, 1.0, 0.0, 0.0])
+    >>> unpack([a + b for a, b in zip(r0, r1)], "sum", 2, eps=2.0**-52, world=2)
+    [2.5, 5]
+    >>> big = pack([2**62], "sum", eps=2.0**-52, world=2)
+    >>> print(unpack([2 * v for v in big], "sum", 1, eps=2.0**-52, world=2))  # exact path
+    None
+    >>> e0, e1 = encode([1], "sum"), encode([1.5], "sum")  # the exact path's int64 slots
+    >>> [a + b for a, b in zip(e0[0], e1[0])], [e0[1][0] + e1[1][0]]  # what SUM gives
     ([1, 1], [2.5])
     >>> decode([1], "sum", [1, 1], [2.5], eps=2.0**-52, world=2)
     [2.5]
@@ -32,9 +48,9 @@ from collections.abc import Callable, Sequence
 
 from devlayer.errors import InvalidArgumentError
 
-__all__ = ["INT_SLOTS", "decode", "encode", "wrap_int64"]
+__all__ = ["INT_SLOTS", "decode", "encode", "pack", "unpack", "wrap_int64"]
 
-#: int64 slots per number: the value modulo 2**64, and the "gave a float" flag.
+#: int64 slots per number on the exact path: the value modulo 2**64, the "gave a float" flag.
 INT_SLOTS = 2
 _WRAP = 2**64
 _OR_BY_NONZERO = ("sum", "max")  # ops under which a 0/1 flag reduces to "any rank set it"
@@ -45,6 +61,31 @@ def wrap_int64(value: int) -> int:
     return (value + 2**63) % _WRAP - 2**63
 
 
+def _flag(op: str, on: bool) -> int:
+    """A flag whose reduction under ``op`` tells whether any rank set it: 1 for set under
+    ``sum``/``max`` (reduced: nonzero), 0 for set under ``min``/``product`` (reduced: 0)."""
+    return int(on) if op in _OR_BY_NONZERO else int(not on)
+
+
+def _any_set(op: str, reduced: float) -> bool:
+    """Whether a reduced :func:`_flag` says that some rank set it."""
+    return (reduced != 0) == (op in _OR_BY_NONZERO)
+
+
+def _exact_limit(eps: float) -> int:
+    """The first int the float cannot hold exactly beside its neighbours: ``2**53``
+    for float64 (``eps`` ``2**-52``), ``2**24`` for float32."""
+    return round(2 / eps)
+
+
+def _int_limit(op: str, eps: float, world: int) -> int:
+    """Ints below this magnitude on every rank reduce exactly in the float: for ``sum``
+    every partial sum of ``world`` of them stays below :func:`_exact_limit`; ``max`` and
+    ``min`` give one of them; a ``product`` is checked on its result."""
+    limit = _exact_limit(eps)
+    return limit // world if op == "sum" else limit
+
+
 def _to_float(value: float) -> float:
     try:
         return float(value)
@@ -52,8 +93,61 @@ def _to_float(value: float) -> float:
         return math.inf if value > 0 else -math.inf
 
 
+def pack(values: Sequence[float], op: str, *, eps: float, world: int) -> list[float]:
+    """The float slots this rank sends for its numbers, all in one collective.
+
+    Each number's float, then (except for ``mean``, which needs no flags) each number's
+    "gave a float" flag and one flag "gave an int too large for the float to reduce
+    exactly", all reduced under ``op``.
+
+    Args:
+        values: This rank's numbers, in the order they are sent.
+        op: The reduce op name (``"sum"``, ``"mean"``, ``"max"``, ``"min"``, ``"product"``).
+        eps: The float's machine epsilon (``torch.finfo(dtype).eps``).
+        world: The number of ranks.
+    """
+    floats = [_to_float(v) for v in values]
+    if op == "mean":
+        return floats
+    limit = _int_limit(op, eps, world)
+    is_float = [isinstance(v, float) for v in values]
+    large = any(not f and abs(int(v)) >= limit for v, f in zip(values, is_float, strict=True))
+    return floats + [float(_flag(op, f)) for f in is_float] + [float(_flag(op, large))]
+
+
+def unpack(
+    reduced: Sequence[float], op: str, n: int, *, eps: float, world: int
+) -> list[float] | None:
+    """The ``n`` reduced numbers from the reduced :func:`pack` slots, or None when an int
+    result may be inexact in the float: then every rank (they all see the same slots)
+    runs the exact path (:func:`encode`, :func:`decode`).
+
+    Args:
+        reduced: The reduced slots, as :func:`pack` laid them out.
+        op: The reduce op name.
+        n: How many numbers were sent.
+        eps: The float's machine epsilon.
+        world: The number of ranks (``pack``'s, so every rank packs alike).
+    """
+    floats = list(reduced[:n])
+    if op == "mean":
+        return floats
+    if _any_set(op, reduced[2 * n]):  # some rank gave a large int
+        return None
+    limit = _exact_limit(eps)
+    out: list[float] = []
+    for f, flag in zip(floats, reduced[n : 2 * n], strict=True):
+        if _any_set(op, flag):  # some rank gave a float
+            out.append(f)
+        elif abs(f) < limit:  # False for NaN: a product of 0 and an overflow
+            out.append(int(f))
+        else:  # a sum or product that grew past what the float holds exactly
+            return None
+    return out
+
+
 def encode(values: Sequence[float], op: str) -> tuple[list[int], list[float]]:
-    """The int64 slots (:data:`INT_SLOTS` per number) and float slots (one per number).
+    """The exact path's int64 slots (:data:`INT_SLOTS` per number) and float slots.
 
     The flag is 1 for a float under ``sum``/``max`` and 0 for a float under
     ``min``/``product`` (1 for an int), so the reduced flag says whether any rank gave
@@ -68,11 +162,10 @@ def encode(values: Sequence[float], op: str) -> tuple[list[int], list[float]]:
     if op == "mean":  # the result is a float whatever the ranks gave: no int slots
         return [], floats
     ints: list[int] = []
-    flag_for_float = 1 if op in _OR_BY_NONZERO else 0
     for v in values:
         is_float = isinstance(v, float)
         ints.append(0 if is_float else wrap_int64(int(v)))
-        ints.append(flag_for_float if is_float else 1 - flag_for_float)
+        ints.append(_flag(op, is_float))
     return ints, floats
 
 
@@ -103,7 +196,7 @@ def decode(
     out: list[float] = []
     for i, (value, f) in enumerate(zip(mine, floats, strict=True)):
         wrapped, flag = ints[INT_SLOTS * i], ints[INT_SLOTS * i + 1]
-        if (flag != 0) == (op in _OR_BY_NONZERO):  # some rank gave a float
+        if _any_set(op, flag):  # some rank gave a float
             out.append(f)
             continue
         exact = _exact_int(op, wrapped, f, eps, world)

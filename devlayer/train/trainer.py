@@ -876,7 +876,7 @@ class Trainer:
         sums["_train_loss"] = loss_sum.clone()  # reduced in place; the running sum stays
         sums["_train_count"] = float(samples)
         sums["_seconds"] = float(seconds)
-        sums = devlayer.all_reduce(sums, op="sum")  # ONE collective: all float64
+        sums = devlayer.all_reduce(sums, op="sum")  # ONE collective: floats join the sums' buffer
         metrics = self._epoch_metrics(sums)
         if not completed:
             metrics["partial"] = True

@@ -344,11 +344,11 @@ _NO_DEBUG: dict[str, str | tuple[str, ...]] = {
     "skip": "rank 0 all_reduce [2] float32 called at test_collective_mismatch.py:",
     "1000_1001": "rank 0 all_reduce [1000] float32 vs rank 1 all_reduce [1001] float32",
     "f32_f64": "rank 0 all_reduce [2] float32 vs rank 1 all_reduce [2] float64",
-    "tensor0d_float": "rank 0 all_reduce [] float32 vs rank 1 all_reduce float64[1] + int64[1]",
+    "tensor0d_float": "rank 0 all_reduce [] float32 vs rank 1 all_reduce float64[1]",
     "same_shape": "rank 0 all_gather [2, 3] float32 (same_shape) vs rank 1 all_gather [3, 3] "
     "float32 (same_shape)",
-    "extra_key": "rank 0 all_reduce float64[2] + int64[2], no leaf 2 vs rank 1 all_reduce "
-    "float64[3] + int64[3], leaf 2: ['c'] number",
+    "extra_key": "rank 0 all_reduce float64[2], no leaf 2 vs rank 1 all_reduce float64[3], "
+    "leaf 2: ['c'] number",
     "src": "rank 0 broadcast [2] float32 src=0 vs rank 1 broadcast [2] float32 src=1",
     "reduce_broadcast": "rank 0 all_reduce(sum) [2] float32 vs rank 1 broadcast [2] float32",
     "gather_reduce": "rank 0 all_gather [*] float32 vs rank 1 all_reduce(sum) [2] float32",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import math
 
 import pytest
 import torch
@@ -82,8 +83,9 @@ def test_dict_results_keep_the_callers_key_order(cpu):
 
 
 def _reduce_numbers(per_rank: list[list[object]], op: str) -> list[object]:
-    """What all_reduce of Python numbers gives, ranks simulated: encode on every rank, reduce
-    the slots as int64 and float64 collectives would (int64 wraps), decode."""
+    """What the exact path of all_reduce of Python numbers gives, ranks simulated: encode on
+    every rank, reduce the slots as int64 and float64 collectives would (int64 wraps),
+    decode."""
     import math
 
     from devlayer.numbers import decode, encode, wrap_int64
@@ -97,27 +99,27 @@ def _reduce_numbers(per_rank: list[list[object]], op: str) -> list[object]:
     return decode(per_rank[0], op, ints, floats, eps=2.0**-52, world=len(per_rank))  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize(
-    ("per_rank", "op", "expected"),
-    [
-        ([[1], [1.5]], "sum", [2.5]),
-        ([[1.5], [1]], "sum", [2.5]),
-        ([[0], [2.5], [1]], "sum", [3.5]),
-        ([[True], [True]], "sum", [2]),
-        ([[5], [1.5]], "max", [5.0]),
-        ([[5], [1.5]], "min", [1.5]),
-        ([[3], [0.5]], "product", [1.5]),
-        ([[3], [4]], "product", [12]),
-        ([[1], [2.0]], "mean", [1.5]),
-        ([[2**53 + 1], [2**53 + 1]], "sum", [2**54 + 2]),
-        ([[2**63 - 1], [-1]], "sum", [2**63 - 2]),
-        ([[2**62], [2**62]], "sum", [2**63]),
-        ([[2**70], [2**70]], "sum", [2**71]),
-        ([[-(2**63)], [-1]], "sum", [-(2**63) - 1]),
-        ([[2**40], [2**40]], "product", [2**80]),
-        ([[7, 1.0], [-3, 2]], "min", [-3, 1.0]),
-    ],
-)
+_C1_CASES = [
+    ([[1], [1.5]], "sum", [2.5]),
+    ([[1.5], [1]], "sum", [2.5]),
+    ([[0], [2.5], [1]], "sum", [3.5]),
+    ([[True], [True]], "sum", [2]),
+    ([[5], [1.5]], "max", [5.0]),
+    ([[5], [1.5]], "min", [1.5]),
+    ([[3], [0.5]], "product", [1.5]),
+    ([[3], [4]], "product", [12]),
+    ([[1], [2.0]], "mean", [1.5]),
+    ([[2**53 + 1], [2**53 + 1]], "sum", [2**54 + 2]),
+    ([[2**63 - 1], [-1]], "sum", [2**63 - 2]),
+    ([[2**62], [2**62]], "sum", [2**63]),
+    ([[2**70], [2**70]], "sum", [2**71]),
+    ([[-(2**63)], [-1]], "sum", [-(2**63) - 1]),
+    ([[2**40], [2**40]], "product", [2**80]),
+    ([[7, 1.0], [-3, 2]], "min", [-3, 1.0]),
+]
+
+
+@pytest.mark.parametrize(("per_rank", "op", "expected"), _C1_CASES)
 def test_r5_c1_number_types_and_ints_past_int64(per_rank, op, expected):
     """R5-C1/R5-C2: int and float at the same place give a float on every rank (the type
     rule uses only reduced values, so it is the same everywhere), ints give exact ints, even
@@ -126,15 +128,15 @@ def test_r5_c1_number_types_and_ints_past_int64(per_rank, op, expected):
     assert got == expected and [type(v) for v in got] == [type(v) for v in expected], got
 
 
-@pytest.mark.parametrize(
-    ("per_rank", "op", "match"),
-    [
-        ([[2**70], [1]], "max", r"all_reduce\(op='max'\) of Python ints at number 0"),
-        ([[2**2000], [1]], "sum", r"about inf.*this rank passed 1{1}"),
-        ([[2**120], [2**120]], "sum", r"cannot be computed exactly"),
-        ([[2**70], [2**70]], "product", r"pass floats \(float\(x\)\)"),
-    ],
-)
+_C2_CASES = [
+    ([[2**70], [1]], "max", r"all_reduce\(op='max'\) of Python ints at number 0"),
+    ([[2**2000], [1]], "sum", r"about inf.*this rank passed 1{1}"),
+    ([[2**120], [2**120]], "sum", r"cannot be computed exactly"),
+    ([[2**70], [2**70]], "product", r"pass floats \(float\(x\)\)"),
+]
+
+
+@pytest.mark.parametrize(("per_rank", "op", "match"), _C2_CASES)
 def test_r5_c2_inexact_int_results_raise_naming_value_op_and_fix(per_rank, op, match):
     """R5-C2: where int64 and the float cannot give the exact int (max over an int past int64,
     a result past the float range or past about 2**100), the error names the op, this rank's
@@ -142,6 +144,93 @@ def test_r5_c2_inexact_int_results_raise_naming_value_op_and_fix(per_rank, op, m
     rank raises it."""
     with pytest.raises(devlayer.errors.InvalidArgumentError, match=match):
         _reduce_numbers(per_rank, op)
+
+
+def _reduce_in(dtype: torch.dtype, op: str, per_rank: list[list[float]]) -> list[float]:
+    """The slots reduced in ``dtype`` as a collective would, one rank after another."""
+    combine = {
+        "sum": torch.add,
+        "mean": torch.add,
+        "max": torch.maximum,
+        "min": torch.minimum,
+        "product": torch.mul,
+    }[op]
+    acc = torch.tensor(per_rank[0], dtype=dtype)
+    for slots in per_rank[1:]:
+        acc = combine(acc, torch.tensor(slots, dtype=dtype))
+    return (acc / len(per_rank) if op == "mean" else acc).tolist()
+
+
+def _reduce_numbers_as_comm(
+    per_rank: list[list[object]], op: str, dtype: torch.dtype = torch.float64
+) -> tuple[list[object], int]:
+    """What all_reduce of Python numbers gives, ranks simulated, and how many collectives:
+    the float slots of ``pack`` reduced in ``dtype`` (float32 on MPS); the exact int64 path
+    only where ``unpack`` says an int result may be inexact."""
+    from devlayer.numbers import decode, encode, pack, unpack, wrap_int64
+
+    eps, world, n = torch.finfo(dtype).eps, len(per_rank), len(per_rank[0])
+    packed = [pack(values, op, eps=eps, world=world) for values in per_rank]  # type: ignore[arg-type]
+    reduced = _reduce_in(dtype, op, packed)
+    got = unpack(reduced, op, n, eps=eps, world=world)
+    if got is not None:
+        return got, 1  # type: ignore[return-value]
+    combine = {"sum": sum, "max": max, "min": min, "product": math.prod}[op]
+    encoded = [encode(values, op)[0] for values in per_rank]  # type: ignore[arg-type]
+    ints = [wrap_int64(combine(col)) for col in zip(*encoded, strict=True)]
+    return decode(per_rank[0], op, ints, reduced[:n], eps=eps, world=world), 2  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("per_rank", "op", "expected"), _C1_CASES)
+def test_r5_c8_one_float_collective_gives_what_r5_c1_promises(per_rank, op, expected):
+    """R5-C8: the float slots with their flags (one collective), and the exact int64 path only
+    where unpack asks for it, give every R5-C1 result with its type; ints past 2**52 take the
+    exact path, and so do int results past it; the others take one collective."""
+    got, collectives = _reduce_numbers_as_comm(per_rank, op)
+    assert got == expected and [type(v) for v in got] == [type(v) for v in expected], got
+    large = any(isinstance(v, int) and abs(v) > 2**52 for r in per_rank for v in r) or any(
+        type(v) is int and abs(v) >= 2**53 for v in expected
+    )
+    assert collectives == (2 if large else 1), collectives
+
+
+@pytest.mark.parametrize(("per_rank", "op", "match"), _C2_CASES)
+def test_r5_c8_inexact_int_results_still_raise_on_the_exact_path(per_rank, op, match):
+    """R5-C8: the R5-C2 cases reach the exact path and raise the same InvalidArgumentError."""
+    with pytest.raises(devlayer.errors.InvalidArgumentError, match=match):
+        _reduce_numbers_as_comm(per_rank, op)
+
+
+@pytest.mark.parametrize(
+    ("per_rank", "op", "dtype", "expected", "collectives"),
+    [
+        # A partial sum past 2**53 rounds (2**53 + 1 -> 2**53) although the result is below
+        # it: an int at or past 2**53 / world takes the exact path.
+        ([[2**53 - 1], [2], [-2]], "sum", torch.float64, 2**53 - 1, 2),
+        ([[2**51], [2**51 + 1]], "sum", torch.float64, 2**52 + 1, 1),
+        ([[2**52 + 1], [2**52 + 1]], "sum", torch.float64, 2**53 + 2, 2),
+        # A product of small ints that grows past 2**53: the result says so.
+        ([[2**30 + 1], [2**30 + 1]], "product", torch.float64, (2**30 + 1) ** 2, 2),
+        ([[2**26], [2**26 - 1]], "product", torch.float64, 2**52 - 2**26, 1),
+        ([[0], [-5]], "product", torch.float64, 0, 1),
+        ([[2**53 + 1], [3]], "max", torch.float64, 2**53 + 1, 2),
+        ([[-(2**53) + 1], [3]], "min", torch.float64, -(2**53) + 1, 1),
+        # float32 (MPS): the bound is 2**24.
+        ([[2**23 - 1], [2**23 - 1]], "sum", torch.float32, 2**24 - 2, 1),
+        ([[2**23 + 1], [2**23 + 1]], "sum", torch.float32, 2**24 + 2, 2),
+        ([[4097], [4097]], "product", torch.float32, 4097**2, 2),
+        ([[2**24 + 1], [1]], "max", torch.float32, 2**24 + 1, 2),
+        ([[3], [1.5]], "sum", torch.float32, 4.5, 1),
+    ],
+)
+def test_r5_c8_int_results_the_float_cannot_hold_take_the_exact_path(
+    per_rank, op, dtype, expected, collectives
+):
+    """R5-C8: an int result stays exact where the float would round it (a partial sum past
+    2**53, a product that grows past it, an int past it under max; 2**24 for float32), by
+    taking the exact path; ints the float holds exactly take one collective."""
+    got = _reduce_numbers_as_comm(per_rank, op, dtype)
+    assert got == ([expected], collectives) and type(got[0][0]) is type(expected), got
 
 
 def test_r5_c5_checked_calls_depend_on_the_sequence_number_only():
