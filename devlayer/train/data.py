@@ -118,8 +118,8 @@ def check_num_workers(
             names the value, the limit and the CPUs of the rank.
 
     Example:
-        >>> check_num_workers(8, 1) <= 8
-        True
+        >>> check_num_workers(0, 1), check_num_workers("auto", 1) >= 0
+        (0, True)
     """
     kw: dict[str, Any] = {"one_task_per_rank": one_task_per_rank}
     if isinstance(num_workers, str) and num_workers == "auto":
@@ -133,16 +133,16 @@ def check_num_workers(
     shared = f", shared by {local_world_size} local ranks" if sharing else ""
     # Python refuses to print an int of over 4300 digits: name such a one by its size.
     seen = num_workers if num_workers < 2**64 else f"an int of {num_workers.bit_length()} bits"
-    where = f"this rank may use {cpus} CPU(s){shared}"
+    where = f"the {cpus} CPU(s) this rank may use{shared}"
     limit = max(MIN_WORKERS_LIMIT, WORKERS_PER_CPU * cpus)
     if num_workers > limit:
         raise InvalidArgumentError(
-            f"num_workers={seen} is more than {WORKERS_PER_CPU} DataLoader workers per CPU: "
-            f"{where}, so at most {limit} worker(s) per rank; pass num_workers <= {cpus} "
+            f"num_workers={seen} is more than {WORKERS_PER_CPU} DataLoader workers per CPU of "
+            f"{where}: at most {limit} worker(s) per rank; pass num_workers <= {cpus} "
             f"(one per CPU), or 'auto' ({auto_num_workers(local_world_size, **kw)} here)"
         )
     warnings.warn(
-        f"num_workers={seen} is more than the CPUs {where}: the workers compete for them "
+        f"num_workers={seen} is more than {where}: the workers compete for them "
         f"(fine for loaders that wait on I/O); 'auto' gives "
         f"{auto_num_workers(local_world_size, **kw)} here",
         UserWarning,

@@ -216,7 +216,7 @@ def test_r5_a3_prepare_loader_warns_above_the_cpus_and_refuses_above_the_limit(c
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert devlayer.prepare_loader(_data(), 8, num_workers=cpus).num_workers == cpus
-    with pytest.warns(UserWarning, match=f"num_workers={cpus + 1} is more than the CPUs"):
+    with pytest.warns(UserWarning, match=f"num_workers={cpus + 1} is more than the"):
         loader = devlayer.prepare_loader(_data(), 8, num_workers=cpus + 1)
     assert loader.num_workers == cpus + 1
     with pytest.warns(UserWarning):
