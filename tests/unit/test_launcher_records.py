@@ -204,3 +204,36 @@ def test_none3_the_folder_lock_records_the_job_id_init_read(clean_env, tmp_path)
         devlayer.shutdown()
     with CheckpointStore(tmp_path).lock():
         assert json.loads((tmp_path / ".lock-step").read_text())["job"] is None
+
+
+def test_none1_the_architecture_example_is_a_working_launcher() -> None:
+    """none1: the launcher module shown in docs/architecture.md ("A launcher in one file")
+    runs as written: put in a precedence list, it is detected from a plain dict with its job
+    id and derived port, and its bad values are named like the built-in launchers'."""
+    from tests.helpers import ROOT
+
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    section = text[text.index("## A launcher in one file") :]
+    start = section.index("```python\n") + len("```python\n")
+    code = section[start : section.index("```\n", start)]
+    namespace: dict[str, object] = {}
+    exec(compile(code, "docs/architecture.md", "exec"), namespace)
+    lsf = namespace["LSF"]
+    assert isinstance(lsf, Launcher)
+    env = {
+        "JSM_NAMESPACE_RANK": "5",
+        "JSM_NAMESPACE_SIZE": "8",
+        "JSM_NAMESPACE_LOCAL_RANK": "1",
+        "JSM_NAMESPACE_LOCAL_SIZE": "4",
+        "LSB_JOBID": "777",
+        "MASTER_ADDR": "batch1",
+    }
+    info = detect(env, launchers=(*PRECEDENCE[:-1], lsf, PRECEDENCE[-1]))
+    assert (info.launcher, info.rank, info.node_rank, info.num_nodes) == ("lsf", 5, 1, 2)
+    assert (info.master_addr, info.master_port, info.job_id) == (
+        "batch1",
+        derived_port(777),
+        "LSB_JOBID=777",
+    )
+    with pytest.raises(LaunchEnvError, match="JSM_NAMESPACE_LOCAL_RANK=4 is out of range"):
+        detect({**env, "JSM_NAMESPACE_LOCAL_RANK": "4"}, launchers=(lsf, *PRECEDENCE))
