@@ -28,6 +28,7 @@ __all__ = [
     "LOOPBACK",
     "PORT_STEP_SLOTS",
     "SCHEDULER_JOB_ID_VARS",
+    "Detector",
     "EnvReader",
     "Launcher",
     "ProcessInfo",
