@@ -20,10 +20,10 @@ from devlayer.errors import LaunchEnvError
 from devlayer.launchers.base import PORT_STEP_SLOTS, Launcher, derived_port
 from devlayer.launchers.mpi import mpi_detector
 
-__all__ = ["MPICH"]
+__all__ = ["MPICH", "ancestor_named", "proc_parent"]
 
 
-def _proc_parent(pid: int) -> tuple[str, int] | None:
+def proc_parent(pid: int) -> tuple[str, int] | None:
     """``(command name, parent pid)`` of ``pid`` from /proc (Linux), else None."""
     try:
         with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as fh:
@@ -38,17 +38,17 @@ def _proc_parent(pid: int) -> tuple[str, int] | None:
     return head.split("(", 1)[1], int(fields[1])
 
 
-def _ancestor_named(names: Iterable[str], pid: int | None = None) -> int | None:
+def ancestor_named(names: Iterable[str], pid: int | None = None) -> int | None:
     """The pid of the nearest ancestor of ``pid`` (default: this process) named in ``names``.
 
     Example:
-        >>> _ancestor_named(["no-such-launcher"]) is None
+        >>> ancestor_named(["no-such-launcher"]) is None
         True
     """
     wanted = set(names)
     start = current = os.getpid() if pid is None else pid
     for _ in range(64):  # a process tree is never this deep; bounds the /proc walk
-        found = _proc_parent(current)
+        found = proc_parent(current)
         if found is None:
             return None
         name, ppid = found
@@ -82,7 +82,7 @@ def _hydra_port(env: Mapping[str, str], num_nodes: int) -> tuple[int, str] | Non
         )
     if env is not os.environ:
         return None
-    proxy = _ancestor_named(("hydra_pmi_proxy",))
+    proxy = ancestor_named(("hydra_pmi_proxy",))
     if proxy is None:
         return None
     why = f"derived from the hydra_pmi_proxy pid {proxy} (MPICH sets no job id)"

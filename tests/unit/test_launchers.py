@@ -1324,7 +1324,7 @@ def test_r5_l5_mpich_across_nodes_never_derives_the_port_from_the_proxy(monkeypa
     outcomes = []
     for proxy_pid, rank, local_rank in ((4100, "1", "1"), (9200, "5", "1")):
         monkeypatch.setattr(
-            devlayer.launchers.mpich, "_ancestor_named", lambda names, p=proxy_pid: p
+            devlayer.launchers.mpich, "ancestor_named", lambda names, p=proxy_pid: p
         )
         for key in list(os.environ):
             monkeypatch.delenv(key)
@@ -1369,6 +1369,6 @@ def test_r5_l1_hydra_proxy_pids_spread_over_every_derived_port(monkeypatch) -> N
             monkeypatch.setenv(key, value)
     ports = set()
     for proxy in range(30000, 50000, 7):
-        monkeypatch.setattr(devlayer.launchers.mpich, "_ancestor_named", lambda names, p=proxy: p)
+        monkeypatch.setattr(devlayer.launchers.mpich, "ancestor_named", lambda names, p=proxy: p)
         ports.add(detect(os.environ).master_port)
     assert len(ports) == len(range(30000, 50000, 7))
