@@ -32,6 +32,7 @@ from typing import Any
 import devlayer.registry  # noqa: F401  (installs the vendor defaults that fake_for uses)
 from devlayer import simulation
 from devlayer.errors import InvalidArgumentError
+from devlayer.launchers import PRECEDENCE, expand_nodelist, expand_tasks_per_node
 from devlayer.net import free_port
 from devlayer.simulation import FakeRuntime, fake_for, runtimes_from_spec
 
@@ -133,8 +134,6 @@ def slurm_env(
     batch: bool = False,
 ) -> dict[str, str]:
     """The variables ``srun`` gives one task (``batch=True``: the sbatch shell instead)."""
-    from devlayer.launchers import expand_nodelist, expand_tasks_per_node
-
     hosts = expand_nodelist(nodelist)
     nnodes = nodes or len(hosts)
     tpn = tasks_per_node or (
@@ -220,29 +219,10 @@ _LAUNCHER_ENVS = {
     "openmpi": openmpi_env,
     "intelmpi": intelmpi_env,
 }
-#: Prefixes and names of the variables launchers set (hidden by :func:`launcher_env`).
-LAUNCHER_PREFIXES = (
-    "SLURM_",
-    "OMPI_",
-    "PMI_",
-    "PMIX_",
-    "MV2_",
-    "PALS_",
-    "TORCHELASTIC_",
-    "MPI_LOCAL",
-    "I_MPI_",
-)
-LAUNCHER_VARIABLES = (
-    "RANK",
-    "WORLD_SIZE",
-    "LOCAL_RANK",
-    "LOCAL_WORLD_SIZE",
-    "GROUP_RANK",
-    "GROUP_WORLD_SIZE",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-    "NODE_RANK",
-)
+#: Prefixes and names of the variables launchers set (hidden by :func:`launcher_env`), from
+#: the records of :data:`devlayer.launchers.PRECEDENCE`: a new launcher's are hidden too.
+LAUNCHER_PREFIXES = tuple(dict.fromkeys(p for rec in PRECEDENCE for p in rec.prefixes))
+LAUNCHER_VARIABLES = tuple(dict.fromkeys(v for rec in PRECEDENCE for v in rec.variables))
 
 
 @contextlib.contextmanager

@@ -417,7 +417,7 @@ def prepare_loader(
             f"{type(dataset).__name__} (shard an IterableDataset yourself by rank)"
         )
     workers = check_num_workers(
-        num_workers, st.local_world_size, one_task_per_rank=st.process.launcher == "slurm"
+        num_workers, st.local_world_size, one_task_per_rank=st.process.cpus_per_rank is not None
     )
 
     data: Any = dataset

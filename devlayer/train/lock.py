@@ -51,14 +51,13 @@ _HELD_GUARD = threading.Lock()
 
 
 def _job_id() -> str | None:
-    """The launcher's job id, when one is set (names the holder of a lock)."""
-    from devlayer.errors import DevlayerError
-    from devlayer.launchers import detect
+    """The job id ``devlayer.init()`` read (``ProcessInfo.job_id``; names a lock's holder).
 
-    try:
-        return detect(os.environ).job_id
-    except DevlayerError:  # an inconsistent launcher environment: the lock works without it
-        return None
+    None before ``init()``: the launcher's environment is read once, by ``init()``.
+    """
+    import devlayer
+
+    return devlayer.state().process.job_id if devlayer.is_initialized() else None
 
 
 def _describe_holder(raw: bytes) -> str:

@@ -16,6 +16,7 @@ import types
 import pytest
 
 import devlayer.launchers
+import devlayer.launchers.mpich
 from devlayer.errors import DevlayerError, LaunchEnvError
 from devlayer.launchers import (
     LAUNCHERS,
@@ -1322,7 +1323,9 @@ def test_r5_l5_mpich_across_nodes_never_derives_the_port_from_the_proxy(monkeypa
     a multi-node job must not derive its port from it (each node would wait on its own)."""
     outcomes = []
     for proxy_pid, rank, local_rank in ((4100, "1", "1"), (9200, "5", "1")):
-        monkeypatch.setattr(devlayer.launchers, "_ancestor_named", lambda names, p=proxy_pid: p)
+        monkeypatch.setattr(
+            devlayer.launchers.mpich, "ancestor_named", lambda names, p=proxy_pid: p
+        )
         for key in list(os.environ):
             monkeypatch.delenv(key)
         for key, value in {
@@ -1366,6 +1369,6 @@ def test_r5_l1_hydra_proxy_pids_spread_over_every_derived_port(monkeypatch) -> N
             monkeypatch.setenv(key, value)
     ports = set()
     for proxy in range(30000, 50000, 7):
-        monkeypatch.setattr(devlayer.launchers, "_ancestor_named", lambda names, p=proxy: p)
+        monkeypatch.setattr(devlayer.launchers.mpich, "ancestor_named", lambda names, p=proxy: p)
         ports.add(detect(os.environ).master_port)
     assert len(ports) == len(range(30000, 50000, 7))

@@ -9,6 +9,7 @@ import pytest
 
 import devlayer
 from devlayer import launchers
+from devlayer.launchers import mpich
 from devlayer.testing import launcher_env, slurm_env
 
 
@@ -56,15 +57,15 @@ def test_proc_parent_parses_command_names_with_spaces_and_parentheses(tmp_path, 
         return real_open(path, *args, **kwargs)
 
     monkeypatch.setattr("builtins.open", fake_open)
-    assert launchers._proc_parent(4242) == ("my (odd) name", 17)
-    assert launchers._proc_parent(999999999) is None
+    assert mpich.proc_parent(4242) == ("my (odd) name", 17)
+    assert mpich.proc_parent(999999999) is None
 
 
 def test_mpich_port_from_the_hydra_proxy_only_for_the_real_environment(monkeypatch):
     env = {"PMI_RANK": "0", "PMI_SIZE": "2", "MPI_LOCALRANKID": "0", "MPI_LOCALNRANKS": "2"}
     # A mapping that is not os.environ stays a pure function: the default port.
     assert launchers.detect(env).master_port == launchers.DEFAULT_PORT
-    monkeypatch.setattr(launchers, "_ancestor_named", lambda names: 4242)
+    monkeypatch.setattr(mpich, "ancestor_named", lambda names: 4242)
     for key in list(os.environ):
         monkeypatch.delenv(key)
     for key, value in env.items():
@@ -72,7 +73,7 @@ def test_mpich_port_from_the_hydra_proxy_only_for_the_real_environment(monkeypat
     mine = launchers.detect(os.environ)
     assert mine.master_port != launchers.DEFAULT_PORT
     assert "hydra_pmi_proxy pid 4242" in mine.sources["master_port"]
-    monkeypatch.setattr(launchers, "_ancestor_named", lambda names: 4243)
+    monkeypatch.setattr(mpich, "ancestor_named", lambda names: 4243)
     assert launchers.detect(os.environ).master_port != mine.master_port  # another job
     monkeypatch.setenv("MASTER_PORT", "29999")
     assert launchers.detect(os.environ).master_port == 29999  # an exported port wins

@@ -419,6 +419,7 @@ LAYERS = {
         ),
         0,
     ),
+    # `launchers` is a package: base, precedence and one module per launcher, all layer 1.
     **dict.fromkeys(("launchers", "devices", "config", "vendor", "registry", "hooks"), 1),
     "backends": 2,
     **dict.fromkeys(("rendezvous", "lifecycle", "comm", "multiproc", "farm", "early"), 3),
@@ -575,6 +576,80 @@ def test_the_face_rule_catches_a_face_import(tmp_path: Path) -> None:
         "devlayer/multiproc.py:1: from devlayer import init in layer 3; import the module "
         "that defines it",
         "devlayer/multiproc.py:3: import devlayer in layer 3; import the module that defines it",
+
+
+#: Modules of devlayer/launchers/ that are no launcher: what the launcher modules share.
+LAUNCHER_SHARED = {"__init__", "base", "mpi", "precedence"}
+LAUNCHER_MODULE_LINES = 200
+
+
+def _launcher_module_problems(path: Path, in_precedence: set[str]) -> list[str]:
+    """A launcher module defines one ``Launcher`` record, listed in PRECEDENCE, imports no
+    other launcher module (only ``base`` and the shared ``mpi`` detector) and stays short."""
+    tree = ast.parse(path.read_text(), str(path))
+    records = [
+        target.id
+        for node in tree.body
+        if isinstance(node, ast.Assign)
+        and isinstance(node.value, ast.Call)
+        and getattr(node.value.func, "id", None) == "Launcher"
+        for target in node.targets
+        if isinstance(target, ast.Name)
+    ]
+    problems = []
+    if len(records) != 1:
+        problems.append(f"{path.name}: {len(records)} Launcher records, expected one")
+    elif f"{path.stem}.{records[0]}" not in in_precedence:
+        problems.append(f"{path.name}: {records[0]} is not in launchers.PRECEDENCE")
+    allowed = {f"devlayer.launchers.{m}" for m in ("base", "mpi")}
+    problems += [
+        f"{path.name}:{line}: imports {module}"
+        for line, module in _imports(path)
+        if module.startswith("devlayer.launchers.")
+        and module.rsplit(".", 1)[0] not in allowed
+        and module not in allowed
+    ]
+    lines = len(path.read_text().splitlines())
+    if lines >= LAUNCHER_MODULE_LINES:
+        problems.append(f"{path.name}: {lines} lines, keep a launcher under 200")
+    return problems
+
+
+def test_a21_l4_each_launcher_is_one_short_module_with_one_record():
+    """A21-L4: every module of devlayer/launchers/ but the shared ones defines exactly one
+    Launcher record, which is in PRECEDENCE, imports no other launcher module and has
+    fewer than 200 lines: a new launcher is one file plus one line."""
+    import importlib
+
+    from devlayer.launchers import PRECEDENCE
+
+    folder = ROOT / "devlayer" / "launchers"
+    modules = [p for p in sorted(folder.glob("*.py")) if p.stem not in LAUNCHER_SHARED]
+    in_precedence = {
+        f"{m.stem}.{name}"
+        for m in modules
+        for name, value in vars(importlib.import_module(f"devlayer.launchers.{m.stem}")).items()
+        if any(value is rec for rec in PRECEDENCE)
+    }
+    assert len(modules) == len(PRECEDENCE)
+    assert not [p for m in modules for p in _launcher_module_problems(m, in_precedence)]
+
+
+def test_a21_l4_the_launcher_module_rule_catches_offenders(tmp_path: Path) -> None:
+    """A21-L4: the rule is not vacuous: two records, an import of another launcher module
+    and a record missing from PRECEDENCE are each reported."""
+    bad = tmp_path / "lsf.py"
+    bad.write_text(
+        "from devlayer.launchers.slurm import SLURM\n"
+        "LSF = Launcher('lsf', detect=f)\nJSRUN = Launcher('jsrun', detect=f)\n"
+    )
+    found = _launcher_module_problems(bad, set())
+    assert "lsf.py: 2 Launcher records, expected one" in found
+    assert "lsf.py:1: imports devlayer.launchers.slurm" in found
+    bad.write_text("LSF = Launcher('lsf', detect=f)\n" + "\n" * 200)
+    assert _launcher_module_problems(bad, set()) == [
+        "lsf.py: LSF is not in launchers.PRECEDENCE",
+        "lsf.py: 201 lines, keep a launcher under 200",
     ]
 
 
