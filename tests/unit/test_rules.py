@@ -576,6 +576,7 @@ def test_the_face_rule_catches_a_face_import(tmp_path: Path) -> None:
         "devlayer/multiproc.py:1: from devlayer import init in layer 3; import the module "
         "that defines it",
         "devlayer/multiproc.py:3: import devlayer in layer 3; import the module that defines it",
+    ]
 
 
 #: Modules of devlayer/launchers/ that are no launcher: what the launcher modules share.
