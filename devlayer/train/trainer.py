@@ -26,7 +26,6 @@ import contextlib
 import logging
 import math
 import os
-import shutil
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -40,7 +39,6 @@ from devlayer.train.callbacks import Callback, EarlyStopping
 from devlayer.train.compile import compile_options
 from devlayer.train.data import ShardedLoader, prepare_loader
 from devlayer.train.errors import PreemptedError
-from devlayer.train.fsdp import is_sharded, parameter_names, rebind_optimizer, skip_grad_sync
 from devlayer.train.metrics import (
     append_metrics,
     batch_len,
@@ -48,7 +46,7 @@ from devlayer.train.metrics import (
     epoch_metrics,
     is_classification,
 )
-from devlayer.train.model import prepare_model, unwrap
+from devlayer.train.model import unwrap
 from devlayer.train.options import (
     callback_list,
     check_batches,
@@ -61,6 +59,7 @@ from devlayer.train.precision import Precision, resolve_precision
 from devlayer.train.preemption import Preemption
 from devlayer.train.progress import progress_bar, resolve_progress_interval
 from devlayer.train.seed import seed_everything
+from devlayer.train.strategy import Strategy, from_name
 
 __all__ = [
     "Callback",
@@ -145,7 +144,10 @@ class Trainer:
             accumulation skips the reduce-scatter on the accumulating micro-batches, and
             checkpoints are sharded (each rank writes its own shards; a checkpoint resumes
             at another world size). Build ``optimizer`` from ``model.parameters()`` as
-            usual: the Trainer points it at the shards.
+            usual: the Trainer points it at the shards. Or a
+            :class:`~devlayer.train.strategy.Strategy` object (a subclass of
+            ``DDPStrategy``, say, adding a gradient compression hook): the Trainer asks it
+            to wrap, accumulate, cast, save and restore.
         fsdp: Options of :func:`devlayer.train.fsdp.shard_model` (``modules``,
             ``min_params``, ``cpu_offload``, ``reshard_after_forward``).
         compile: ``True`` (or a dict of ``torch.compile`` options) compiles the wrapped
@@ -188,7 +190,7 @@ class Trainer:
         allow_world_size_change: bool = False,
         preempt_check_every: int = 10,
         optimize: str | Callable[[Any, Any], tuple[Any, Any]] | None = None,
-        strategy: str = "ddp",
+        strategy: str | Strategy = "ddp",
         fsdp: Mapping[str, Any] | None = None,
         compile: bool | Mapping[str, Any] = False,
     ) -> None:
@@ -224,8 +226,8 @@ class Trainer:
         self.allow_world_size_change = allow_world_size_change
         self.preempt_check_every = preempt_check_every
         self.optimize = optimize
-        self.strategy = strategy
-        self.fsdp = dict(fsdp or {})
+        #: How the model is distributed: wrapping, accumulation, precision, state.
+        self.strategy = from_name(strategy, fsdp=fsdp, trainer=True)
         self.compile_options = compile_options(compile)
         self._reset_run_state()
 
@@ -236,7 +238,7 @@ class Trainer:
         self.preemption = Preemption(self.preempt_check_every)
         self.amp: Precision | None = None  # decided in _setup, on the device
         self.state = _Progress()
-        self.ddp_model: Any = None
+        self.wrapped_model: Any = None  # the model as the strategy wrapped it
         self.stopped_early = False
         self.stop_reason: str | None = None
         self.resumed_from: Path | None = None
@@ -267,25 +269,19 @@ class Trainer:
         from devlayer.torchcompat import float_dtype
 
         self._acc_dtype = float_dtype(self.device)
-        # FSDP casts the gathered parameters itself (its mixed-precision policy): no autocast.
-        sharded = self.strategy == "fsdp"
-        self.amp = Precision(self.precision, self.device, sharded=sharded)
+        self.amp = self.strategy.precision(self.precision, self.device)
         self.autocast_dtype = self.amp.dtype
         if self.optimize is not None and not self._optimized:
             self._apply_optimize(torch, st.backend)
         # Before wrapping: FSDP rebinds the optimizer to the shards, by parameter identity.
         check_optimizer_params(self.model, self.optimizer)
-        if sharded:
-            names = parameter_names(self.model)
-            options = {"precision": self.precision, **self.fsdp}
-            self.ddp_model = prepare_model(self.model, "fsdp", fsdp=options)
-            rebind_optimizer(self.optimizer, names, self.ddp_model)
-        else:
-            self.ddp_model = prepare_model(self.model)
+        self.wrapped_model = self.strategy.wrap(self.model, self.optimizer, self.amp)
         if self.compile_options is not None:
             from devlayer.train.compile import compile_model
 
-            self.ddp_model = compile_model(self.ddp_model, self.compile_options, self.device)
+            self.wrapped_model = compile_model(
+                self.wrapped_model, self.compile_options, self.device
+            )
         if self.lr_scaling and not self._lr_scaled:
             factor = st.world_size if self.lr_scaling == "linear" else math.sqrt(st.world_size)
             _scale_lr(self.optimizer, self.scheduler, factor)
@@ -364,11 +360,10 @@ class Trainer:
             return self._checkpoints.store  # holds the folder lock and the run id
         return CheckpointStore(self.checkpoint_dir)
 
-    def _payload(self, rank_states: list[Any]) -> dict[str, Any]:
-        sharded = self.strategy == "fsdp"  # model and optimizer go to the shards instead
+    def _payload(self, rank_states: list[Any], states: Mapping[str, Any]) -> dict[str, Any]:
+        """The checkpoint's payload; ``states``: the strategy's model and optimizer entries."""
         return {
-            "model": None if sharded else unwrap(self.ddp_model).state_dict(),
-            "optimizer": None if sharded else self.optimizer.state_dict(),
+            **states,
             "scaler": self.amp.state_dict() if self.amp is not None else None,
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "epoch": self.state.epoch,
@@ -393,15 +388,17 @@ class Trainer:
             "samples": self._samples,
         }
         rngs = devlayer.all_gather_object(mine)
-        temp: Path | None = None
-        if self.strategy == "fsdp":
-            temp = self._write_shards()
+        states, temp = self.strategy.save_state(
+            self.wrapped_model,
+            self.optimizer,
+            lambda: self._store().new_temp(self.state.global_step),
+        )
         path: Path | None = None
         error: str | None = None
         if devlayer.is_main():
             try:
                 path = self._store().save(
-                    self._payload(rngs),
+                    self._payload(rngs, states),
                     step=self.state.global_step,
                     epoch=self.state.epoch,
                     world_size=devlayer.world_size(),
@@ -438,14 +435,13 @@ class Trainer:
         """
         from devlayer.train.checkpoint import write_state_file
         from devlayer.train.errors import CheckpointError
-        from devlayer.train.fsdp import full_state_dict
 
-        if self.ddp_model is None:
+        if self.wrapped_model is None:
             raise InvalidArgumentError("export() writes the trained model: call fit() first")
-        collective = is_sharded(unwrap(self.ddp_model))
+        collective = self.strategy.collective_export
         if not collective and not devlayer.is_main():
             return None
-        state = full_state_dict(self.ddp_model)
+        state = self.strategy.full_state(self.wrapped_model)
         target, error = Path(path), None
         if devlayer.is_main():
             try:
@@ -457,34 +453,6 @@ class Trainer:
         if error is not None:
             raise CheckpointError(f"rank 0 could not export the model to {target}: {error}")
         return target if devlayer.is_main() else None
-
-    def _write_shards(self) -> Path:
-        """Every rank writes its shards into rank 0's new temporary checkpoint folder."""
-        from devlayer.train.errors import CheckpointError
-        from devlayer.train.sharded import SHARDS_DIR, write_shards
-
-        temp, error = None, None
-        if devlayer.is_main():
-            try:
-                temp = str(self._store().new_temp(self.state.global_step))
-            except CheckpointError as exc:
-                error = str(exc)
-        temp, error = devlayer.broadcast_object((temp, error), src=0)
-        if error is not None:
-            raise CheckpointError(f"rank 0 could not save the checkpoint: {error}")
-        folder = Path(temp)
-        try:
-            write_shards(
-                folder / SHARDS_DIR,
-                self.ddp_model,
-                self.optimizer,
-                world_size=devlayer.world_size(),
-            )
-        except BaseException:
-            if devlayer.is_main():
-                shutil.rmtree(folder, ignore_errors=True)  # never a half-written checkpoint
-            raise
-        return folder
 
     def _resume(self) -> None:
         if self.checkpoint_dir is None:
@@ -504,9 +472,11 @@ class Trainer:
                 expected_world_size=devlayer.world_size(),
                 allow_world_size_change=self.allow_world_size_change,
             )
-            self._checkpoints.check_payload(payload, _manifest, unwrap(self.ddp_model), path)
+            self._checkpoints.check_payload(payload, _manifest, unwrap(self.wrapped_model), path)
             same_world = _manifest.get("world_size") == devlayer.world_size()
-            self._load_shards(path, _manifest)
+            self.strategy.load_state(
+                self.wrapped_model, self.optimizer, payload, path, _manifest.get("shards")
+            )
             self._apply(payload, same_world=same_world)
         self.resumed_from = path
         if devlayer.is_main():
@@ -517,35 +487,10 @@ class Trainer:
                 self.state.global_step,
             )
 
-    def _load_shards(self, path: Path, manifest: Mapping[str, Any]) -> None:
-        """Model and optimizer from a sharded checkpoint (any strategy, any world size)."""
-        from devlayer.train.errors import CheckpointError
-        from devlayer.train.sharded import SHARDS_DIR, read_shards
-
-        shards = manifest.get("shards")
-        if shards is None:
-            if self.strategy == "fsdp":
-                raise CheckpointError(
-                    f"{path} holds a full model (saved with strategy='ddp'), but this Trainer "
-                    "shards the model (strategy='fsdp') and resumes from sharded checkpoints "
-                    "only; resume it with strategy='ddp', or start a fresh run in a new "
-                    "checkpoint_dir"
-                )
-            return
-        read_shards(
-            path / SHARDS_DIR,
-            list(shards),
-            unwrap(self.ddp_model),
-            self.optimizer,
-            world_size=devlayer.world_size(),
-        )
-
     def _apply(self, payload: Mapping[str, Any], *, same_world: bool) -> None:
+        """The payload's trainer state (the strategy restored model and optimizer)."""
         from devlayer.train.checkpoint import set_rng_state
 
-        if payload.get("model") is not None:  # else: loaded from the shards
-            unwrap(self.ddp_model).load_state_dict(payload["model"])
-            self.optimizer.load_state_dict(payload["optimizer"])
         saved_factor = float(payload.get("lr_factor", 1.0))
         if saved_factor != self._lr_factor:
             # Saved with another world size under lr_scaling: the optimizer state carries the
@@ -587,7 +532,7 @@ class Trainer:
 
     def _loss(self, batch: Any) -> Any:
         if self.training_step is not None:
-            return check_loss(self.training_step(self.ddp_model, batch), "training_step")
+            return check_loss(self.training_step(self.wrapped_model, batch), "training_step")
         if not isinstance(batch, (list, tuple)) or len(batch) != 2:
             raise InvalidArgumentError(
                 f"loss_fn needs (x, y) batches; got {type(batch).__name__} of length "
@@ -595,7 +540,7 @@ class Trainer:
             )
         x, y = batch
         assert self.loss_fn is not None
-        return check_loss(self.loss_fn(self.ddp_model(x), y), "loss_fn")
+        return check_loss(self.loss_fn(self.wrapped_model(x), y), "loss_fn")
 
     def _optimizer_step(self) -> None:
         assert self.amp is not None
@@ -614,7 +559,7 @@ class Trainer:
         loader.set_epoch(st.epoch)
         if st.batches_done:
             loader.skip_batches(st.batches_done)
-        self.ddp_model.train()
+        self.wrapped_model.train()
         resumed_loss, samples = self._resumed_sums if st.batches_done else (0.0, 0)
         self._resumed_sums = (0.0, 0)
         loss_sum = torch.full((), resumed_loss, device=self.device, dtype=self._acc_dtype)
@@ -652,7 +597,9 @@ class Trainer:
         # The epoch's last window may be shorter: average over the micro-batches it has,
         # so its step weighs its samples as grad_accum=1 would.
         window = min(self.grad_accum, n_batches - (index - index % self.grad_accum))
-        sync = contextlib.nullcontext() if boundary else skip_grad_sync(self.ddp_model)
+        sync = (
+            contextlib.nullcontext() if boundary else self.strategy.accumulating(self.wrapped_model)
+        )
         with sync:
             with self.amp.autocast():
                 loss = self._loss(batch)
@@ -684,13 +631,12 @@ class Trainer:
         sums: dict[str, Any] = {}
         if loader is None:
             return sums
-        model = unwrap(self.ddp_model)  # no DDP: ranks may see different batch counts
+        model = self.strategy.validation_model(self.wrapped_model)
         model.eval()
         count = 0
         assert self.amp is not None
-        # A sharded model gathers its parameters in every forward, a collective: each rank
-        # must run as many forwards as the rank with the most batches (extra ones unused).
-        fillers = self._validation_fillers(len(loader)) if is_sharded(model) else 0
+        # Forwards that are collectives (FSDP): as many as the rank with the most batches.
+        fillers = self.strategy.validation_fillers(len(loader))
         batch = None
         with torch.no_grad(), self.amp.autocast():
             for batch in loader:
@@ -717,17 +663,6 @@ class Trainer:
         if is_classification(out, y):
             values["val_accuracy"] = (out.argmax(dim=-1) == y).float().mean()
         return values
-
-    def _validation_fillers(self, batches: int) -> int:
-        """Forwards this rank runs after its last validation batch (sharded models only)."""
-        most = int(devlayer.all_reduce(batches, op="max"))
-        if batches == 0 and most > 0:
-            raise InvalidArgumentError(
-                f"val_data gives rank {devlayer.rank()} no batch while another rank has "
-                f"{most}; with strategy='fsdp' every rank must validate (each forward is a "
-                f"collective): pass at least {devlayer.world_size()} validation samples"
-            )
-        return most - batches
 
     def fit(self, train_data: Any, val_data: Any = None) -> list[dict[str, Any]]:
         """Train; returns the history (one dict of averaged metrics per epoch).
