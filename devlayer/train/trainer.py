@@ -35,6 +35,7 @@ from typing import Any
 
 import devlayer
 from devlayer.errors import InvalidArgumentError
+from devlayer.train.bounds import Bounds
 from devlayer.train.callbacks import Callback, EarlyStopping
 from devlayer.train.compile import compile_options
 from devlayer.train.data import ShardedLoader, prepare_loader
@@ -56,7 +57,6 @@ from devlayer.train.options import (
     check_options,
 )
 from devlayer.train.precision import Precision, resolve_precision
-from devlayer.train.preemption import Preemption
 from devlayer.train.progress import progress_bar, resolve_progress_interval
 from devlayer.train.seed import seed_everything
 from devlayer.train.strategy import Strategy, from_name
@@ -71,6 +71,11 @@ __all__ = [
 ]
 
 log = logging.getLogger("devlayer.train")
+
+
+def _bound(name: str) -> Any:
+    """A read-only Trainer attribute that shows ``trainer.bounds.<name>``."""
+    return property(lambda self: getattr(self.bounds, name), doc=f"``bounds.{name}``.")
 
 
 @dataclass
@@ -203,16 +208,19 @@ class Trainer:
         self.precision = resolve_precision(precision)
         self.grad_accum = grad_accum
         self.clip_grad = clip_grad
-        # No bound at all keeps the old default of one epoch; max_steps alone is the bound.
-        self.max_epochs = 1 if max_epochs is None and max_steps is None else max_epochs
-        self.max_steps = max_steps
+        #: When the run stops: max_epochs, max_steps, early stopping, preemption.
+        self.bounds = Bounds(
+            max_epochs=max_epochs,
+            max_steps=max_steps,
+            early_stopping=early_stopping,
+            preempt_check_every=preempt_check_every,
+        )
         self.batch_size = batch_size
         self.lr_scaling = lr_scaling
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.checkpoint_every = checkpoint_every
         self.resume = resume
         self.seed = seed
-        self.early_stopping = early_stopping
         self.metrics_file = Path(metrics_file) if metrics_file is not None else None
         self.progress = progress
         self.progress_interval = resolve_progress_interval(progress_interval)
@@ -224,7 +232,6 @@ class Trainer:
         self.log_every = log_every
         self.reference_throughput = reference_throughput
         self.allow_world_size_change = allow_world_size_change
-        self.preempt_check_every = preempt_check_every
         self.optimize = optimize
         #: How the model is distributed: wrapping, accumulation, precision, state.
         self.strategy = from_name(strategy, fsdp=fsdp, trainer=True)
@@ -234,13 +241,10 @@ class Trainer:
     def _reset_run_state(self) -> None:
         """What ``fit()`` builds up: position, wrapped model, precision, stop flags."""
         self._optimized = False
-        self.preempted = False
-        self.preemption = Preemption(self.preempt_check_every)
+        self.bounds.reset()
         self.amp: Precision | None = None  # decided in _setup, on the device
         self.state = _Progress()
         self.wrapped_model: Any = None  # the model as the strategy wrapped it
-        self.stopped_early = False
-        self.stop_reason: str | None = None
         self.resumed_from: Path | None = None
         self._checkpoints: Any = None  # TrainingCheckpoints: the folder's lock and run id
         self._lr_scaled = False
@@ -248,6 +252,14 @@ class Trainer:
         self._loss_sum: Any = None
         self._samples = 0
         self._resumed_sums = (0.0, 0)
+
+    max_epochs = _bound("max_epochs")
+    max_steps = _bound("max_steps")
+    early_stopping = _bound("early_stopping")
+    preemption = _bound("preemption")
+    preempted = _bound("preempted")
+    stopped_early = _bound("stopped_early")
+    stop_reason = _bound("reason")
 
     @property
     def scaler(self) -> Any:
@@ -610,12 +622,11 @@ class Trainer:
     def _end_of_step(self, n_batches: int) -> bool:
         """After an optimizer step: preemption check and periodic save; True stops the epoch."""
         st = self.state
-        if self.preemption.should_stop(st.global_step, devlayer.world_size()):
-            self.preempted = True
+        if self.bounds.preempt_now(st.global_step, devlayer.world_size()):
             return True
         # The epoch-end (or end-of-run) save follows these: no second write of the step.
         last_of_epoch = st.batches_done >= n_batches
-        last_step = self.max_steps is not None and st.global_step >= self.max_steps
+        last_step = self.bounds.last_step(st.global_step)
         if (
             self.checkpoint_every
             and st.global_step % self.checkpoint_every == 0
@@ -675,7 +686,7 @@ class Trainer:
             ``[{"epoch", "train_loss", "val_loss", "val_accuracy", "samples_per_sec",
             "epoch_time", "global_step", ...}, ...]`` including resumed epochs.
         """
-        with self.preemption.catch():
+        with self.bounds.preemption.catch():
             try:
                 return self._fit(train_data, val_data)
             finally:
@@ -692,18 +703,17 @@ class Trainer:
             cb.on_fit_start(self)
         main = devlayer.is_main()
         st = self.state
-        self.stopped_early = False
-        self.stop_reason = self._bound_reached() or self._stopped_before_resume()
-        if self.stop_reason is None:
+        bounds = self.bounds
+        if bounds.start(st.epoch, st.global_step, self.resumed_from) is None:
             self._continue_history()
-        while self.stop_reason is None:
+        while bounds.reason is None:
             bar = self._progress_bar(len(train_loader)) if self.progress and main else None
             try:
                 loss_sum, samples, seconds, completed = self._train_epoch(train_loader, bar)
             finally:
                 if bar is not None:
                     bar.close()
-            if not completed and self.preempted:  # inside the epoch: save where we are
+            if not completed and bounds.preempted:  # inside the epoch: save where we are
                 if self.checkpoint_dir is not None:
                     self.save_checkpoint()
                 self._raise_preempted()
@@ -715,63 +725,24 @@ class Trainer:
             if completed:
                 st.epoch += 1
                 st.batches_done = 0
-                if self.early_stopping is not None and self.early_stopping.update(metrics):
-                    self.stopped_early = True
-            self.stop_reason = self._bound_reached() or (
-                "early_stopping" if self.stopped_early else None
-            )
-            if self.stop_reason is not None:
-                metrics["stopped_by"] = self.stop_reason
+            bounds.end_epoch(metrics, completed=completed, epoch=st.epoch, step=st.global_step)
             # A preemption agreed on the epoch's last step: finish its bookkeeping first.
-            finished = self.stop_reason is not None or self.preempted
+            finished = bounds.reason is not None or bounds.preempted
             if self.checkpoint_dir is not None and (self.checkpoint_every or finished):
                 self.save_checkpoint()
             for cb in self.callbacks:
                 cb.on_epoch_end(self, metrics)
             if main:
                 self._report(metrics)
-            if self.preempted:
+            if bounds.preempted:
                 self._raise_preempted()
-        self.preemption.settle()  # no collective left in flight when fit returns
+        bounds.preemption.settle()  # no collective left in flight when fit returns
         if main and self.progress:
-            print(self._stop_summary(), flush=True)
+            summary = bounds.summary(st.history, st.epoch, st.global_step, self.resumed_from)
+            print(summary, flush=True)
         for cb in self.callbacks:
             cb.on_fit_end(self, st.history)
         return st.history
-
-    def _bound_reached(self) -> str | None:
-        """``"max_steps"`` or ``"max_epochs"`` when that bound is reached (steps first)."""
-        return next((b for b in ("max_steps", "max_epochs") if self._reached(b)), None)
-
-    def _stopped_before_resume(self) -> str | None:
-        """``"early_stopping"`` when the resumed run was ended by early stopping.
-
-        Its restored :class:`EarlyStopping` state already says stop, so this run does no
-        step and reports that run's result (resubmitting it trained one more epoch each
-        time). A larger ``patience`` or ``early_stopping=None`` trains on.
-        """
-        es = self.early_stopping
-        if self.resumed_from is None or es is None or not es.stopped:
-            return None
-        self.stopped_early = True
-        if devlayer.is_main():
-            log.warning(
-                "early stopping on %s ended the run resumed from %s (epoch %d, step %d); "
-                "nothing to train: pass a larger patience than %d, or early_stopping=None, "
-                "to train on",
-                es.monitor,
-                self.resumed_from,
-                self.state.epoch,
-                self.state.global_step,
-                es.patience,
-            )
-        return "early_stopping"
-
-    def _reached(self, bound: str) -> bool:
-        st = self.state
-        if bound == "max_steps":
-            return self.max_steps is not None and st.global_step >= self.max_steps
-        return self.max_epochs is not None and st.epoch >= self.max_epochs
 
     def _continue_history(self) -> None:
         """Training goes on from a checkpoint: its last entry no longer ends the run.
@@ -822,50 +793,21 @@ class Trainer:
 
     def _progress_bar(self, total: int) -> Any:
         """A tqdm bar on a terminal; plain timed lines in a job log (no carriage returns)."""
-        st = self.state
-        desc = f"epoch {st.epoch + 1}" + (
-            f"/{self.max_epochs}" if self.max_epochs is not None else ""
-        )
         return progress_bar(
             total=total,
-            initial=st.batches_done,
-            desc=desc,
+            initial=self.state.batches_done,
+            desc=self.bounds.epoch_text(self.state.epoch),
             interval=self.progress_interval,
             stream=sys.stderr,
             step=self._step_text,
         )
 
     def _step_text(self) -> str:
-        step = self.state.global_step
-        return f"step {step}/{self.max_steps}" if self.max_steps is not None else f"step {step}"
-
-    def _stop_summary(self) -> str:
-        """The run's last line: which bound (or early stopping) ended it, and where."""
-        st = self.state
-        last = st.history[-1] if st.history else {}
-        where = f"step {st.global_step}, epoch {last.get('epoch', st.epoch)}"
-        if last.get("partial"):
-            where += f" after {last['batches']}/{last['batches_per_epoch']} batches"
-        bounds = {"max_steps": self.max_steps, "max_epochs": self.max_epochs}
-        reason = self.stop_reason
-        if reason in bounds:
-            text = f"stopped: {reason}={bounds[reason]} reached at {where}"
-        elif reason == "early_stopping" and self.early_stopping is not None:
-            text = f"stopped: early stopping on {self.early_stopping.monitor} at {where}"
-        else:
-            text = f"stopped at {where}"
-        for other, value in bounds.items():
-            if value is not None and other != reason:
-                hit = "reached too" if self._reached(other) else "not reached"
-                text += f"; {other}={value} {hit}"
-        if self.resumed_from is not None:
-            text += f" (resumed from {self.resumed_from})"
-        return text
+        return self.bounds.step_text(self.state.global_step)
 
     def _raise_preempted(self) -> None:
-        raise self.preemption.error(
-            step=self.state.global_step, epoch=self.state.epoch, checkpoint_dir=self.checkpoint_dir
-        )
+        st = self.state
+        raise self.bounds.preempted_error(st.global_step, st.epoch, self.checkpoint_dir)
 
     def _epoch_metrics(self, sums: Mapping[str, Any]) -> dict[str, Any]:
         return epoch_metrics(
