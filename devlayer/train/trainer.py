@@ -37,6 +37,7 @@ import devlayer
 from devlayer.errors import InvalidArgumentError
 from devlayer.train.bounds import Bounds
 from devlayer.train.callbacks import Callback, EarlyStopping
+from devlayer.train.checkpointing import Checkpointer
 from devlayer.train.compile import compile_options
 from devlayer.train.data import ShardedLoader, prepare_loader
 from devlayer.train.errors import PreemptedError
@@ -47,7 +48,6 @@ from devlayer.train.metrics import (
     epoch_metrics,
     is_classification,
 )
-from devlayer.train.model import unwrap
 from devlayer.train.options import (
     callback_list,
     check_batches,
@@ -73,9 +73,13 @@ __all__ = [
 log = logging.getLogger("devlayer.train")
 
 
+def _view(part: str, name: str) -> Any:
+    """A read-only Trainer attribute that shows ``trainer.<part>.<name>``."""
+    return property(lambda self: getattr(getattr(self, part), name), doc=f"``{part}.{name}``.")
+
+
 def _bound(name: str) -> Any:
-    """A read-only Trainer attribute that shows ``trainer.bounds.<name>``."""
-    return property(lambda self: getattr(self.bounds, name), doc=f"``bounds.{name}``.")
+    return _view("bounds", name)
 
 
 @dataclass
@@ -217,9 +221,6 @@ class Trainer:
         )
         self.batch_size = batch_size
         self.lr_scaling = lr_scaling
-        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-        self.checkpoint_every = checkpoint_every
-        self.resume = resume
         self.seed = seed
         self.metrics_file = Path(metrics_file) if metrics_file is not None else None
         self.progress = progress
@@ -231,10 +232,17 @@ class Trainer:
         self.num_workers = num_workers
         self.log_every = log_every
         self.reference_throughput = reference_throughput
-        self.allow_world_size_change = allow_world_size_change
         self.optimize = optimize
         #: How the model is distributed: wrapping, accumulation, precision, state.
         self.strategy = from_name(strategy, fsdp=fsdp, trainer=True)
+        #: Where, when and how checkpoints are saved and resumed.
+        self.checkpoints = Checkpointer(
+            Path(checkpoint_dir) if checkpoint_dir is not None else None,
+            every=checkpoint_every,
+            resume=resume,
+            allow_world_size_change=allow_world_size_change,
+            strategy=self.strategy,
+        )
         self.compile_options = compile_options(compile)
         self._reset_run_state()
 
@@ -246,7 +254,6 @@ class Trainer:
         self.state = _Progress()
         self.wrapped_model: Any = None  # the model as the strategy wrapped it
         self.resumed_from: Path | None = None
-        self._checkpoints: Any = None  # TrainingCheckpoints: the folder's lock and run id
         self._lr_scaled = False
         self._lr_factor = 1.0
         self._loss_sum: Any = None
@@ -260,6 +267,10 @@ class Trainer:
     preempted = _bound("preempted")
     stopped_early = _bound("stopped_early")
     stop_reason = _bound("reason")
+    checkpoint_dir = _view("checkpoints", "directory")
+    checkpoint_every = _view("checkpoints", "every")
+    resume = _view("checkpoints", "resume")
+    allow_world_size_change = _view("checkpoints", "allow_world_size_change")
 
     @property
     def scaler(self) -> Any:
@@ -364,14 +375,6 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _store(self) -> Any:
-        from devlayer.train.checkpoint import CheckpointStore
-
-        assert self.checkpoint_dir is not None
-        if self._checkpoints is not None:
-            return self._checkpoints.store  # holds the folder lock and the run id
-        return CheckpointStore(self.checkpoint_dir)
-
     def _payload(self, rank_states: list[Any], states: Mapping[str, Any]) -> dict[str, Any]:
         """The checkpoint's payload; ``states``: the strategy's model and optimizer entries."""
         return {
@@ -391,38 +394,19 @@ class Trainer:
 
     def save_checkpoint(self) -> Path | None:
         """Write a checkpoint now (collective: call on every rank). Returns rank 0's path."""
-        from devlayer.train.checkpoint import CheckpointError, rng_state
-
-        # Per rank: RNG states and the running sums of the epoch in progress.
+        # Per rank: the running sums of the epoch in progress (and its RNG states).
         mine = {
-            "rng": rng_state(),
             "loss_sum": float(self._loss_sum.item()) if self._loss_sum is not None else 0.0,
             "samples": self._samples,
         }
-        rngs = devlayer.all_gather_object(mine)
-        states, temp = self.strategy.save_state(
+        return self.checkpoints.save(
             self.wrapped_model,
             self.optimizer,
-            lambda: self._store().new_temp(self.state.global_step),
+            self._payload,
+            mine,
+            step=self.state.global_step,
+            epoch=self.state.epoch,
         )
-        path: Path | None = None
-        error: str | None = None
-        if devlayer.is_main():
-            try:
-                path = self._store().save(
-                    self._payload(rngs, states),
-                    step=self.state.global_step,
-                    epoch=self.state.epoch,
-                    world_size=devlayer.world_size(),
-                    temp=temp,
-                )
-            except CheckpointError as exc:
-                error = str(exc)
-        # Every rank learns the outcome, so a failed write fails the job everywhere alike.
-        error = devlayer.broadcast_object(error, src=0)
-        if error is not None:
-            raise CheckpointError(f"rank 0 could not save the checkpoint: {error}")
-        return path
 
     def export(self, path: str | os.PathLike[str]) -> Path | None:
         """Write the trained model's full ``state_dict`` to one file, for inference.
@@ -467,29 +451,12 @@ class Trainer:
         return target if devlayer.is_main() else None
 
     def _resume(self) -> None:
-        if self.checkpoint_dir is None:
-            return
-        from devlayer.train.resume import TrainingCheckpoints
-
         # Collective: rank 0 locks the folder, checks it is writable before any step and
         # picks the checkpoint under the run rules (docs/checkpoints.md); all ranks agree.
-        self._checkpoints = TrainingCheckpoints(self.checkpoint_dir)
-        path = self._checkpoints.begin(self.resume)
+        path = self.checkpoints.begin()
         if path is None:
             return
-        with self._checkpoints.restoring(path):
-            payload, _manifest = self._checkpoints.store.load(
-                path,
-                map_location=self.device,
-                expected_world_size=devlayer.world_size(),
-                allow_world_size_change=self.allow_world_size_change,
-            )
-            self._checkpoints.check_payload(payload, _manifest, unwrap(self.wrapped_model), path)
-            same_world = _manifest.get("world_size") == devlayer.world_size()
-            self.strategy.load_state(
-                self.wrapped_model, self.optimizer, payload, path, _manifest.get("shards")
-            )
-            self._apply(payload, same_world=same_world)
+        self.checkpoints.load(path, self.wrapped_model, self.optimizer, self._apply)
         self.resumed_from = path
         if devlayer.is_main():
             log.warning(
@@ -499,7 +466,7 @@ class Trainer:
                 self.state.global_step,
             )
 
-    def _apply(self, payload: Mapping[str, Any], *, same_world: bool) -> None:
+    def _apply(self, payload: Mapping[str, Any], same_world: bool) -> None:
         """The payload's trainer state (the strategy restored model and optimizer)."""
         from devlayer.train.checkpoint import set_rng_state
 
@@ -627,10 +594,8 @@ class Trainer:
         # The epoch-end (or end-of-run) save follows these: no second write of the step.
         last_of_epoch = st.batches_done >= n_batches
         last_step = self.bounds.last_step(st.global_step)
-        if (
-            self.checkpoint_every
-            and st.global_step % self.checkpoint_every == 0
-            and not (last_of_epoch or last_step)
+        if self.checkpoints.after_step(
+            st.global_step, last_of_epoch=last_of_epoch, last_step=last_step
         ):
             self.save_checkpoint()
         return last_step
@@ -690,8 +655,7 @@ class Trainer:
             try:
                 return self._fit(train_data, val_data)
             finally:
-                if self._checkpoints is not None:
-                    self._checkpoints.end()  # release the checkpoint folder's lock
+                self.checkpoints.end()  # release the checkpoint folder's lock
 
     def _fit(self, train_data: Any, val_data: Any) -> list[dict[str, Any]]:
         self._setup()
@@ -714,7 +678,7 @@ class Trainer:
                 if bar is not None:
                     bar.close()
             if not completed and bounds.preempted:  # inside the epoch: save where we are
-                if self.checkpoint_dir is not None:
+                if self.checkpoints.on_preemption():
                     self.save_checkpoint()
                 self._raise_preempted()
             for cb in self.callbacks:
@@ -728,7 +692,7 @@ class Trainer:
             bounds.end_epoch(metrics, completed=completed, epoch=st.epoch, step=st.global_step)
             # A preemption agreed on the epoch's last step: finish its bookkeeping first.
             finished = bounds.reason is not None or bounds.preempted
-            if self.checkpoint_dir is not None and (self.checkpoint_every or finished):
+            if self.checkpoints.after_epoch(finished=finished):
                 self.save_checkpoint()
             for cb in self.callbacks:
                 cb.on_epoch_end(self, metrics)
