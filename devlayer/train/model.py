@@ -5,16 +5,18 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["DDP_DEFAULTS", "prepare_model", "unwrap"]
+# DDP's defaults and unwrap live with the strategies, which wrap; named here as before.
+from devlayer.train.strategy import DDP_DEFAULTS, Strategy, from_name, unwrap
 
-#: Defaults devlayer passes to DistributedDataParallel (each can be overridden):
-#: ``gradient_as_bucket_view`` lets gradients live in DDP's communication buckets, which
-#: saves one gradient-sized copy per step and memory.
-DDP_DEFAULTS: dict[str, Any] = {"gradient_as_bucket_view": True}
+__all__ = ["DDP_DEFAULTS", "prepare_model", "unwrap"]
 
 
 def prepare_model(
-    model: Any, strategy: str = "ddp", *, fsdp: Mapping[str, Any] | None = None, **ddp_kwargs: Any
+    model: Any,
+    strategy: str | Strategy = "ddp",
+    *,
+    fsdp: Mapping[str, Any] | None = None,
+    **ddp_kwargs: Any,
 ) -> Any:
     """Move ``model`` to :func:`devlayer.device` and wrap it for data parallel training.
 
@@ -29,7 +31,8 @@ def prepare_model(
 
     Args:
         model: A ``torch.nn.Module``.
-        strategy: ``"ddp"`` (replicas, the default) or ``"fsdp"`` (shards).
+        strategy: ``"ddp"`` (replicas, the default), ``"fsdp"`` (shards) or a
+            :class:`~devlayer.train.strategy.Strategy` object.
         fsdp: Options for :func:`~devlayer.train.fsdp.shard_model` (``strategy="fsdp"``).
         **ddp_kwargs: Passed to ``DistributedDataParallel`` on top of :data:`DDP_DEFAULTS`
             (``device_ids`` is set for indexed accelerators only).
@@ -55,37 +58,7 @@ def prepare_model(
         raise InvalidArgumentError(
             f"prepare_model() takes a torch.nn.Module, got {type(model).__name__}"
         )
-    if strategy not in ("ddp", "fsdp"):
-        raise InvalidArgumentError(f"strategy={strategy!r}: use 'ddp' or 'fsdp'")
-    if strategy == "ddp" and fsdp is not None:
-        raise InvalidArgumentError("fsdp= options need strategy='fsdp'")
-    if strategy == "fsdp" and ddp_kwargs:
-        raise InvalidArgumentError(
-            f"DistributedDataParallel options {sorted(ddp_kwargs)} with strategy='fsdp'; "
-            f"pass FSDP options as fsdp={{...}}"
-        )
+    chosen = from_name(strategy, fsdp=fsdp, ddp=ddp_kwargs)  # the options checked there
     if not devlayer.is_initialized():
         devlayer.init()
-    if strategy == "fsdp":
-        from devlayer.train.fsdp import shard_model
-
-        return shard_model(model, **dict(fsdp or {}))  # checks first, then moves the model
-    st = devlayer.state()
-    model.to(st.device)
-    if st.world_size == 1:
-        return model
-    from torch.nn.parallel import DistributedDataParallel
-
-    if isinstance(model, DistributedDataParallel):
-        return model
-    kwargs = {**DDP_DEFAULTS, **ddp_kwargs}
-    if st.device_index is not None:
-        kwargs.setdefault("device_ids", [st.device_index])
-        kwargs.setdefault("output_device", st.device_index)
-    return DistributedDataParallel(model, **kwargs)
-
-
-def unwrap(model: Any) -> Any:
-    """The user's module inside a DDP (or compiled) wrapper; an FSDP model is its own."""
-    inner = getattr(model, "module", model)
-    return getattr(inner, "_orig_mod", inner)
+    return chosen.wrap(model)

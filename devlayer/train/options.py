@@ -27,6 +27,7 @@ from devlayer.train.data import MAX_BATCH_SIZE, check_num_workers
 from devlayer.train.fsdp import shard_model
 from devlayer.train.precision import resolve_precision
 from devlayer.train.progress import resolve_progress_interval
+from devlayer.train.strategy import from_name
 
 __all__ = [
     "CHECKS",
@@ -38,7 +39,6 @@ __all__ = [
     "check_metrics",
     "check_optimizer_params",
     "check_options",
-    "check_strategy",
     "positive",
 ]
 
@@ -173,8 +173,7 @@ def _optimize(name: str, value: Any) -> None:
 
 
 def _strategy(name: str, value: Any) -> None:
-    if value not in ("ddp", "fsdp"):
-        raise InvalidArgumentError(f"{name}={_short(value)}: use 'ddp' or 'fsdp'")
+    from_name(value)  # a known name or a Strategy object
 
 
 #: shard_model's options a Trainer passes on (its precision comes from ``precision=``).
@@ -267,7 +266,8 @@ def check_options(args: Mapping[str, Any]) -> None:
     if args.get("checkpoint_every") is not None and args.get("checkpoint_dir") is None:
         raise InvalidArgumentError("checkpoint_every needs checkpoint_dir")
     _check_resume_folder(args.get("resume"), args.get("checkpoint_dir"))
-    check_strategy(args["strategy"], args.get("fsdp"), resolve_precision(args.get("precision")))
+    # strategy, fsdp and precision together: checked once, by the strategy's from_name.
+    from_name(args["strategy"], fsdp=args.get("fsdp"), trainer=True)
     if args.get("loss_fn") is None and args.get("training_step") is None:
         raise InvalidArgumentError(
             "Trainer needs loss_fn (called as loss_fn(model(x), y)) or training_step"
@@ -285,20 +285,6 @@ def _check_resume_folder(resume: Any, checkpoint_dir: Any) -> None:
         f"saving there; pass checkpoint_dir={os.fspath(parent)!r} (the folder that holds "
         "it), or resume=None to train from scratch"
     )
-
-
-def check_strategy(strategy: str, fsdp: Mapping[str, Any] | None, precision: str) -> None:
-    """``strategy`` is ddp or fsdp; ``fsdp`` options only with fsdp, and no own precision."""
-    _strategy("strategy", strategy)
-    if strategy != "fsdp":
-        if fsdp is not None:
-            raise InvalidArgumentError("fsdp= options need strategy='fsdp'")
-        return
-    if fsdp is not None and "precision" in fsdp:
-        raise InvalidArgumentError(
-            "fsdp={'precision': ...}: the Trainer maps its own precision= to FSDP's "
-            "mixed-precision policy; pass precision='bf16-mixed' to the Trainer instead"
-        )
 
 
 def callback_list(callbacks: Any) -> list[Callback]:

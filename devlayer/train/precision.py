@@ -18,8 +18,9 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from devlayer.errors import DevlayerError, InvalidArgumentError
@@ -68,34 +69,45 @@ def resolve_precision(precision: str | None, env: Mapping[str, str] | None = Non
 class Precision:
     """One run's precision: autocast dtype, device check and (fp16 only) the grad scaler.
 
+    The strategy decides the policy (:meth:`devlayer.train.strategy.Strategy.precision`):
+    FSDP casts the gathered parameters itself (no autocast) and scales fp16 losses with a
+    :class:`ShardedGradScaler`, which all ranks agree on.
+
     Args:
         precision: A name :func:`resolve_precision` accepts (already resolved is fine).
         device: The device training runs on.
-        sharded: The model is sharded (FSDP): its mixed-precision policy casts the
-            parameters, so there is no autocast, and fp16 uses a
-            :class:`ShardedGradScaler`, which all ranks agree on.
+        autocast: Run the forward under ``torch.autocast`` at low precision (False: the
+            model's wrapper casts, the device is still checked).
+        scaler: fp16's loss scaler class (default ``torch.amp.GradScaler`` for the
+            device type).
 
     Raises:
         DevlayerError: The device cannot compute in the requested dtype.
     """
 
-    def __init__(self, precision: str, device: Any, *, sharded: bool = False) -> None:
+    def __init__(
+        self,
+        precision: str,
+        device: Any,
+        *,
+        autocast: bool = True,
+        scaler: Callable[[], Any] | None = None,
+    ) -> None:
         import torch
 
         self.name = resolve_precision(precision)
         self.device = device
         low = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(self.name)
-        #: The autocast dtype (``None``: full precision, or a sharded model that FSDP casts).
-        self.dtype: Any = low
         if low is not None:
             self._check_device(torch, low)
-        if sharded:
-            self.dtype = None
-        #: fp16's loss scaler: ``torch.amp.GradScaler``, or :class:`ShardedGradScaler`
-        #: for a sharded model; ``None`` at other precisions.
+        #: The autocast dtype (``None``: full precision, or a wrapper that casts itself).
+        self.dtype: Any = low if autocast else None
+        #: fp16's loss scaler (``torch.amp.GradScaler`` unless ``scaler`` names another);
+        #: ``None`` at other precisions.
         self.scaler: Any = None
         if self.name == "16-mixed":
-            self.scaler = ShardedGradScaler() if sharded else torch.amp.GradScaler(device.type)
+            make = scaler or functools.partial(torch.amp.GradScaler, device.type)
+            self.scaler = make()
 
     def _check_device(self, torch: Any, low: Any) -> None:
         dev = self.device.type

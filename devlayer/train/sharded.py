@@ -29,7 +29,7 @@ import io
 import os
 import pickle
 import warnings
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,8 @@ __all__ = [
     "MetadataUnpickler",
     "VerifiedReader",
     "read_shards",
+    "restore_state",
+    "training_state",
     "write_shards",
 ]
 
@@ -190,10 +192,52 @@ def _one_process(world_size: int) -> Iterator[None]:
         yield
 
 
-def _state(model: Any, optimizer: Any) -> dict[str, Any]:
+def training_state(model: Any, optimizer: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``model``'s and ``optimizer``'s state as DCP's ``get_state_dict`` gives it.
+
+    Whatever wraps the model (DDP, ``torch.compile``, FSDP), the keys are the plain
+    module's parameter names, and the optimizer state is keyed by those names too. A
+    sharded model gives its shards (no collective gathers them).
+    """
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model_state, optimizer_state = get_state_dict(model, optimizer)
+    return dict(model_state), dict(optimizer_state)
+
+
+def restore_state(
+    model: Any, optimizer: Any, model_state: Mapping[str, Any], optimizer_state: Any
+) -> None:
+    """Load what :func:`training_state` gave into ``model`` and ``optimizer`` (DCP's
+    ``set_state_dict``).
+
+    ``optimizer_state`` may also be ``optimizer.state_dict()``'s own form (parameters
+    numbered, as checkpoints written before the strategy objects hold it): it is then
+    loaded with ``optimizer.load_state_dict``, exactly as it was saved.
+    """
+    from torch.distributed.checkpoint.state_dict import (
+        set_model_state_dict,
+        set_state_dict,
+    )
+
+    if _numbered(optimizer_state):
+        set_model_state_dict(model, dict(model_state))
+        optimizer.load_state_dict(optimizer_state)
+        return
+    set_state_dict(
+        model, optimizer, model_state_dict=dict(model_state), optim_state_dict=optimizer_state
+    )
+
+
+def _numbered(optimizer_state: Any) -> bool:
+    """True for ``optimizer.state_dict()``'s form: parameters as ints, not names."""
+    groups = optimizer_state.get("param_groups", []) if isinstance(optimizer_state, Mapping) else []
+    params = [p for g in groups if isinstance(g, Mapping) for p in g.get("params", [])]
+    return any(isinstance(p, int) for p in params)
+
+
+def _state(model: Any, optimizer: Any) -> dict[str, Any]:
+    model_state, optimizer_state = training_state(model, optimizer)
     return {"model": model_state, "optimizer": optimizer_state}
 
 

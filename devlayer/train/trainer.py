@@ -26,7 +26,6 @@ import contextlib
 import logging
 import math
 import os
-import shutil
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -36,11 +35,12 @@ from typing import Any
 
 import devlayer
 from devlayer.errors import InvalidArgumentError
+from devlayer.train.bounds import Bounds
 from devlayer.train.callbacks import Callback, EarlyStopping
+from devlayer.train.checkpointing import Checkpointer
 from devlayer.train.compile import compile_options
 from devlayer.train.data import ShardedLoader, prepare_loader
 from devlayer.train.errors import PreemptedError
-from devlayer.train.fsdp import is_sharded, parameter_names, rebind_optimizer, skip_grad_sync
 from devlayer.train.metrics import (
     append_metrics,
     batch_len,
@@ -48,7 +48,6 @@ from devlayer.train.metrics import (
     epoch_metrics,
     is_classification,
 )
-from devlayer.train.model import prepare_model, unwrap
 from devlayer.train.options import (
     callback_list,
     check_batches,
@@ -58,9 +57,9 @@ from devlayer.train.options import (
     check_options,
 )
 from devlayer.train.precision import Precision, resolve_precision
-from devlayer.train.preemption import Preemption
 from devlayer.train.progress import progress_bar, resolve_progress_interval
 from devlayer.train.seed import seed_everything
+from devlayer.train.strategy import Strategy, from_name
 
 __all__ = [
     "Callback",
@@ -72,6 +71,15 @@ __all__ = [
 ]
 
 log = logging.getLogger("devlayer.train")
+
+
+def _view(part: str, name: str) -> Any:
+    """A read-only Trainer attribute that shows ``trainer.<part>.<name>``."""
+    return property(lambda self: getattr(getattr(self, part), name), doc=f"``{part}.{name}``.")
+
+
+def _bound(name: str) -> Any:
+    return _view("bounds", name)
 
 
 @dataclass
@@ -145,7 +153,10 @@ class Trainer:
             accumulation skips the reduce-scatter on the accumulating micro-batches, and
             checkpoints are sharded (each rank writes its own shards; a checkpoint resumes
             at another world size). Build ``optimizer`` from ``model.parameters()`` as
-            usual: the Trainer points it at the shards.
+            usual: the Trainer points it at the shards. Or a
+            :class:`~devlayer.train.strategy.Strategy` object (a subclass of
+            ``DDPStrategy``, say, adding a gradient compression hook): the Trainer asks it
+            to wrap, accumulate, cast, save and restore.
         fsdp: Options of :func:`devlayer.train.fsdp.shard_model` (``modules``,
             ``min_params``, ``cpu_offload``, ``reshard_after_forward``).
         compile: ``True`` (or a dict of ``torch.compile`` options) compiles the wrapped
@@ -188,7 +199,7 @@ class Trainer:
         allow_world_size_change: bool = False,
         preempt_check_every: int = 10,
         optimize: str | Callable[[Any, Any], tuple[Any, Any]] | None = None,
-        strategy: str = "ddp",
+        strategy: str | Strategy = "ddp",
         fsdp: Mapping[str, Any] | None = None,
         compile: bool | Mapping[str, Any] = False,
     ) -> None:
@@ -201,16 +212,16 @@ class Trainer:
         self.precision = resolve_precision(precision)
         self.grad_accum = grad_accum
         self.clip_grad = clip_grad
-        # No bound at all keeps the old default of one epoch; max_steps alone is the bound.
-        self.max_epochs = 1 if max_epochs is None and max_steps is None else max_epochs
-        self.max_steps = max_steps
+        #: When the run stops: max_epochs, max_steps, early stopping, preemption.
+        self.bounds = Bounds(
+            max_epochs=max_epochs,
+            max_steps=max_steps,
+            early_stopping=early_stopping,
+            preempt_check_every=preempt_check_every,
+        )
         self.batch_size = batch_size
         self.lr_scaling = lr_scaling
-        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-        self.checkpoint_every = checkpoint_every
-        self.resume = resume
         self.seed = seed
-        self.early_stopping = early_stopping
         self.metrics_file = Path(metrics_file) if metrics_file is not None else None
         self.progress = progress
         self.progress_interval = resolve_progress_interval(progress_interval)
@@ -221,31 +232,45 @@ class Trainer:
         self.num_workers = num_workers
         self.log_every = log_every
         self.reference_throughput = reference_throughput
-        self.allow_world_size_change = allow_world_size_change
-        self.preempt_check_every = preempt_check_every
         self.optimize = optimize
-        self.strategy = strategy
-        self.fsdp = dict(fsdp or {})
+        #: How the model is distributed: wrapping, accumulation, precision, state.
+        self.strategy = from_name(strategy, fsdp=fsdp, trainer=True)
+        #: Where, when and how checkpoints are saved and resumed.
+        self.checkpoints = Checkpointer(
+            Path(checkpoint_dir) if checkpoint_dir is not None else None,
+            every=checkpoint_every,
+            resume=resume,
+            allow_world_size_change=allow_world_size_change,
+            strategy=self.strategy,
+        )
         self.compile_options = compile_options(compile)
         self._reset_run_state()
 
     def _reset_run_state(self) -> None:
         """What ``fit()`` builds up: position, wrapped model, precision, stop flags."""
         self._optimized = False
-        self.preempted = False
-        self.preemption = Preemption(self.preempt_check_every)
+        self.bounds.reset()
         self.amp: Precision | None = None  # decided in _setup, on the device
         self.state = _Progress()
-        self.ddp_model: Any = None
-        self.stopped_early = False
-        self.stop_reason: str | None = None
+        self.wrapped_model: Any = None  # the model as the strategy wrapped it
         self.resumed_from: Path | None = None
-        self._checkpoints: Any = None  # TrainingCheckpoints: the folder's lock and run id
         self._lr_scaled = False
         self._lr_factor = 1.0
         self._loss_sum: Any = None
         self._samples = 0
         self._resumed_sums = (0.0, 0)
+
+    max_epochs = _bound("max_epochs")
+    max_steps = _bound("max_steps")
+    early_stopping = _bound("early_stopping")
+    preemption = _bound("preemption")
+    preempted = _bound("preempted")
+    stopped_early = _bound("stopped_early")
+    stop_reason = _bound("reason")
+    checkpoint_dir = _view("checkpoints", "directory")
+    checkpoint_every = _view("checkpoints", "every")
+    resume = _view("checkpoints", "resume")
+    allow_world_size_change = _view("checkpoints", "allow_world_size_change")
 
     @property
     def scaler(self) -> Any:
@@ -267,25 +292,19 @@ class Trainer:
         from devlayer.torchcompat import float_dtype
 
         self._acc_dtype = float_dtype(self.device)
-        # FSDP casts the gathered parameters itself (its mixed-precision policy): no autocast.
-        sharded = self.strategy == "fsdp"
-        self.amp = Precision(self.precision, self.device, sharded=sharded)
+        self.amp = self.strategy.precision(self.precision, self.device)
         self.autocast_dtype = self.amp.dtype
         if self.optimize is not None and not self._optimized:
             self._apply_optimize(torch, st.backend)
         # Before wrapping: FSDP rebinds the optimizer to the shards, by parameter identity.
         check_optimizer_params(self.model, self.optimizer)
-        if sharded:
-            names = parameter_names(self.model)
-            options = {"precision": self.precision, **self.fsdp}
-            self.ddp_model = prepare_model(self.model, "fsdp", fsdp=options)
-            rebind_optimizer(self.optimizer, names, self.ddp_model)
-        else:
-            self.ddp_model = prepare_model(self.model)
+        self.wrapped_model = self.strategy.wrap(self.model, self.optimizer, self.amp)
         if self.compile_options is not None:
             from devlayer.train.compile import compile_model
 
-            self.ddp_model = compile_model(self.ddp_model, self.compile_options, self.device)
+            self.wrapped_model = compile_model(
+                self.wrapped_model, self.compile_options, self.device
+            )
         if self.lr_scaling and not self._lr_scaled:
             factor = st.world_size if self.lr_scaling == "linear" else math.sqrt(st.world_size)
             _scale_lr(self.optimizer, self.scheduler, factor)
@@ -356,19 +375,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _store(self) -> Any:
-        from devlayer.train.checkpoint import CheckpointStore
-
-        assert self.checkpoint_dir is not None
-        if self._checkpoints is not None:
-            return self._checkpoints.store  # holds the folder lock and the run id
-        return CheckpointStore(self.checkpoint_dir)
-
-    def _payload(self, rank_states: list[Any]) -> dict[str, Any]:
-        sharded = self.strategy == "fsdp"  # model and optimizer go to the shards instead
+    def _payload(self, rank_states: list[Any], states: Mapping[str, Any]) -> dict[str, Any]:
+        """The checkpoint's payload; ``states``: the strategy's model and optimizer entries."""
         return {
-            "model": None if sharded else unwrap(self.ddp_model).state_dict(),
-            "optimizer": None if sharded else self.optimizer.state_dict(),
+            **states,
             "scaler": self.amp.state_dict() if self.amp is not None else None,
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "epoch": self.state.epoch,
@@ -384,36 +394,19 @@ class Trainer:
 
     def save_checkpoint(self) -> Path | None:
         """Write a checkpoint now (collective: call on every rank). Returns rank 0's path."""
-        from devlayer.train.checkpoint import CheckpointError, rng_state
-
-        # Per rank: RNG states and the running sums of the epoch in progress.
+        # Per rank: the running sums of the epoch in progress (and its RNG states).
         mine = {
-            "rng": rng_state(),
             "loss_sum": float(self._loss_sum.item()) if self._loss_sum is not None else 0.0,
             "samples": self._samples,
         }
-        rngs = devlayer.all_gather_object(mine)
-        temp: Path | None = None
-        if self.strategy == "fsdp":
-            temp = self._write_shards()
-        path: Path | None = None
-        error: str | None = None
-        if devlayer.is_main():
-            try:
-                path = self._store().save(
-                    self._payload(rngs),
-                    step=self.state.global_step,
-                    epoch=self.state.epoch,
-                    world_size=devlayer.world_size(),
-                    temp=temp,
-                )
-            except CheckpointError as exc:
-                error = str(exc)
-        # Every rank learns the outcome, so a failed write fails the job everywhere alike.
-        error = devlayer.broadcast_object(error, src=0)
-        if error is not None:
-            raise CheckpointError(f"rank 0 could not save the checkpoint: {error}")
-        return path
+        return self.checkpoints.save(
+            self.wrapped_model,
+            self.optimizer,
+            self._payload,
+            mine,
+            step=self.state.global_step,
+            epoch=self.state.epoch,
+        )
 
     def export(self, path: str | os.PathLike[str]) -> Path | None:
         """Write the trained model's full ``state_dict`` to one file, for inference.
@@ -438,14 +431,13 @@ class Trainer:
         """
         from devlayer.train.checkpoint import write_state_file
         from devlayer.train.errors import CheckpointError
-        from devlayer.train.fsdp import full_state_dict
 
-        if self.ddp_model is None:
+        if self.wrapped_model is None:
             raise InvalidArgumentError("export() writes the trained model: call fit() first")
-        collective = is_sharded(unwrap(self.ddp_model))
+        collective = self.strategy.collective_export
         if not collective and not devlayer.is_main():
             return None
-        state = full_state_dict(self.ddp_model)
+        state = self.strategy.full_state(self.wrapped_model)
         target, error = Path(path), None
         if devlayer.is_main():
             try:
@@ -458,56 +450,13 @@ class Trainer:
             raise CheckpointError(f"rank 0 could not export the model to {target}: {error}")
         return target if devlayer.is_main() else None
 
-    def _write_shards(self) -> Path:
-        """Every rank writes its shards into rank 0's new temporary checkpoint folder."""
-        from devlayer.train.errors import CheckpointError
-        from devlayer.train.sharded import SHARDS_DIR, write_shards
-
-        temp, error = None, None
-        if devlayer.is_main():
-            try:
-                temp = str(self._store().new_temp(self.state.global_step))
-            except CheckpointError as exc:
-                error = str(exc)
-        temp, error = devlayer.broadcast_object((temp, error), src=0)
-        if error is not None:
-            raise CheckpointError(f"rank 0 could not save the checkpoint: {error}")
-        folder = Path(temp)
-        try:
-            write_shards(
-                folder / SHARDS_DIR,
-                self.ddp_model,
-                self.optimizer,
-                world_size=devlayer.world_size(),
-            )
-        except BaseException:
-            if devlayer.is_main():
-                shutil.rmtree(folder, ignore_errors=True)  # never a half-written checkpoint
-            raise
-        return folder
-
     def _resume(self) -> None:
-        if self.checkpoint_dir is None:
-            return
-        from devlayer.train.resume import TrainingCheckpoints
-
         # Collective: rank 0 locks the folder, checks it is writable before any step and
         # picks the checkpoint under the run rules (docs/checkpoints.md); all ranks agree.
-        self._checkpoints = TrainingCheckpoints(self.checkpoint_dir)
-        path = self._checkpoints.begin(self.resume)
+        path = self.checkpoints.begin()
         if path is None:
             return
-        with self._checkpoints.restoring(path):
-            payload, _manifest = self._checkpoints.store.load(
-                path,
-                map_location=self.device,
-                expected_world_size=devlayer.world_size(),
-                allow_world_size_change=self.allow_world_size_change,
-            )
-            self._checkpoints.check_payload(payload, _manifest, unwrap(self.ddp_model), path)
-            same_world = _manifest.get("world_size") == devlayer.world_size()
-            self._load_shards(path, _manifest)
-            self._apply(payload, same_world=same_world)
+        self.checkpoints.load(path, self.wrapped_model, self.optimizer, self._apply)
         self.resumed_from = path
         if devlayer.is_main():
             log.warning(
@@ -517,35 +466,10 @@ class Trainer:
                 self.state.global_step,
             )
 
-    def _load_shards(self, path: Path, manifest: Mapping[str, Any]) -> None:
-        """Model and optimizer from a sharded checkpoint (any strategy, any world size)."""
-        from devlayer.train.errors import CheckpointError
-        from devlayer.train.sharded import SHARDS_DIR, read_shards
-
-        shards = manifest.get("shards")
-        if shards is None:
-            if self.strategy == "fsdp":
-                raise CheckpointError(
-                    f"{path} holds a full model (saved with strategy='ddp'), but this Trainer "
-                    "shards the model (strategy='fsdp') and resumes from sharded checkpoints "
-                    "only; resume it with strategy='ddp', or start a fresh run in a new "
-                    "checkpoint_dir"
-                )
-            return
-        read_shards(
-            path / SHARDS_DIR,
-            list(shards),
-            unwrap(self.ddp_model),
-            self.optimizer,
-            world_size=devlayer.world_size(),
-        )
-
-    def _apply(self, payload: Mapping[str, Any], *, same_world: bool) -> None:
+    def _apply(self, payload: Mapping[str, Any], same_world: bool) -> None:
+        """The payload's trainer state (the strategy restored model and optimizer)."""
         from devlayer.train.checkpoint import set_rng_state
 
-        if payload.get("model") is not None:  # else: loaded from the shards
-            unwrap(self.ddp_model).load_state_dict(payload["model"])
-            self.optimizer.load_state_dict(payload["optimizer"])
         saved_factor = float(payload.get("lr_factor", 1.0))
         if saved_factor != self._lr_factor:
             # Saved with another world size under lr_scaling: the optimizer state carries the
@@ -587,7 +511,7 @@ class Trainer:
 
     def _loss(self, batch: Any) -> Any:
         if self.training_step is not None:
-            return check_loss(self.training_step(self.ddp_model, batch), "training_step")
+            return check_loss(self.training_step(self.wrapped_model, batch), "training_step")
         if not isinstance(batch, (list, tuple)) or len(batch) != 2:
             raise InvalidArgumentError(
                 f"loss_fn needs (x, y) batches; got {type(batch).__name__} of length "
@@ -595,7 +519,7 @@ class Trainer:
             )
         x, y = batch
         assert self.loss_fn is not None
-        return check_loss(self.loss_fn(self.ddp_model(x), y), "loss_fn")
+        return check_loss(self.loss_fn(self.wrapped_model(x), y), "loss_fn")
 
     def _optimizer_step(self) -> None:
         assert self.amp is not None
@@ -614,7 +538,7 @@ class Trainer:
         loader.set_epoch(st.epoch)
         if st.batches_done:
             loader.skip_batches(st.batches_done)
-        self.ddp_model.train()
+        self.wrapped_model.train()
         resumed_loss, samples = self._resumed_sums if st.batches_done else (0.0, 0)
         self._resumed_sums = (0.0, 0)
         loss_sum = torch.full((), resumed_loss, device=self.device, dtype=self._acc_dtype)
@@ -652,7 +576,9 @@ class Trainer:
         # The epoch's last window may be shorter: average over the micro-batches it has,
         # so its step weighs its samples as grad_accum=1 would.
         window = min(self.grad_accum, n_batches - (index - index % self.grad_accum))
-        sync = contextlib.nullcontext() if boundary else skip_grad_sync(self.ddp_model)
+        sync = (
+            contextlib.nullcontext() if boundary else self.strategy.accumulating(self.wrapped_model)
+        )
         with sync:
             with self.amp.autocast():
                 loss = self._loss(batch)
@@ -663,16 +589,13 @@ class Trainer:
     def _end_of_step(self, n_batches: int) -> bool:
         """After an optimizer step: preemption check and periodic save; True stops the epoch."""
         st = self.state
-        if self.preemption.should_stop(st.global_step, devlayer.world_size()):
-            self.preempted = True
+        if self.bounds.preempt_now(st.global_step, devlayer.world_size()):
             return True
         # The epoch-end (or end-of-run) save follows these: no second write of the step.
         last_of_epoch = st.batches_done >= n_batches
-        last_step = self.max_steps is not None and st.global_step >= self.max_steps
-        if (
-            self.checkpoint_every
-            and st.global_step % self.checkpoint_every == 0
-            and not (last_of_epoch or last_step)
+        last_step = self.bounds.last_step(st.global_step)
+        if self.checkpoints.after_step(
+            st.global_step, last_of_epoch=last_of_epoch, last_step=last_step
         ):
             self.save_checkpoint()
         return last_step
@@ -684,13 +607,12 @@ class Trainer:
         sums: dict[str, Any] = {}
         if loader is None:
             return sums
-        model = unwrap(self.ddp_model)  # no DDP: ranks may see different batch counts
+        model = self.strategy.validation_model(self.wrapped_model)
         model.eval()
         count = 0
         assert self.amp is not None
-        # A sharded model gathers its parameters in every forward, a collective: each rank
-        # must run as many forwards as the rank with the most batches (extra ones unused).
-        fillers = self._validation_fillers(len(loader)) if is_sharded(model) else 0
+        # Forwards that are collectives (FSDP): as many as the rank with the most batches.
+        fillers = self.strategy.validation_fillers(len(loader))
         batch = None
         with torch.no_grad(), self.amp.autocast():
             for batch in loader:
@@ -718,17 +640,6 @@ class Trainer:
             values["val_accuracy"] = (out.argmax(dim=-1) == y).float().mean()
         return values
 
-    def _validation_fillers(self, batches: int) -> int:
-        """Forwards this rank runs after its last validation batch (sharded models only)."""
-        most = int(devlayer.all_reduce(batches, op="max"))
-        if batches == 0 and most > 0:
-            raise InvalidArgumentError(
-                f"val_data gives rank {devlayer.rank()} no batch while another rank has "
-                f"{most}; with strategy='fsdp' every rank must validate (each forward is a "
-                f"collective): pass at least {devlayer.world_size()} validation samples"
-            )
-        return most - batches
-
     def fit(self, train_data: Any, val_data: Any = None) -> list[dict[str, Any]]:
         """Train; returns the history (one dict of averaged metrics per epoch).
 
@@ -740,12 +651,11 @@ class Trainer:
             ``[{"epoch", "train_loss", "val_loss", "val_accuracy", "samples_per_sec",
             "epoch_time", "global_step", ...}, ...]`` including resumed epochs.
         """
-        with self.preemption.catch():
+        with self.bounds.preemption.catch():
             try:
                 return self._fit(train_data, val_data)
             finally:
-                if self._checkpoints is not None:
-                    self._checkpoints.end()  # release the checkpoint folder's lock
+                self.checkpoints.end()  # release the checkpoint folder's lock
 
     def _fit(self, train_data: Any, val_data: Any) -> list[dict[str, Any]]:
         self._setup()
@@ -757,19 +667,18 @@ class Trainer:
             cb.on_fit_start(self)
         main = devlayer.is_main()
         st = self.state
-        self.stopped_early = False
-        self.stop_reason = self._bound_reached() or self._stopped_before_resume()
-        if self.stop_reason is None:
+        bounds = self.bounds
+        if bounds.start(st.epoch, st.global_step, self.resumed_from) is None:
             self._continue_history()
-        while self.stop_reason is None:
+        while bounds.reason is None:
             bar = self._progress_bar(len(train_loader)) if self.progress and main else None
             try:
                 loss_sum, samples, seconds, completed = self._train_epoch(train_loader, bar)
             finally:
                 if bar is not None:
                     bar.close()
-            if not completed and self.preempted:  # inside the epoch: save where we are
-                if self.checkpoint_dir is not None:
+            if not completed and bounds.preempted:  # inside the epoch: save where we are
+                if self.checkpoints.on_preemption():
                     self.save_checkpoint()
                 self._raise_preempted()
             for cb in self.callbacks:
@@ -780,63 +689,24 @@ class Trainer:
             if completed:
                 st.epoch += 1
                 st.batches_done = 0
-                if self.early_stopping is not None and self.early_stopping.update(metrics):
-                    self.stopped_early = True
-            self.stop_reason = self._bound_reached() or (
-                "early_stopping" if self.stopped_early else None
-            )
-            if self.stop_reason is not None:
-                metrics["stopped_by"] = self.stop_reason
+            bounds.end_epoch(metrics, completed=completed, epoch=st.epoch, step=st.global_step)
             # A preemption agreed on the epoch's last step: finish its bookkeeping first.
-            finished = self.stop_reason is not None or self.preempted
-            if self.checkpoint_dir is not None and (self.checkpoint_every or finished):
+            finished = bounds.reason is not None or bounds.preempted
+            if self.checkpoints.after_epoch(finished=finished):
                 self.save_checkpoint()
             for cb in self.callbacks:
                 cb.on_epoch_end(self, metrics)
             if main:
                 self._report(metrics)
-            if self.preempted:
+            if bounds.preempted:
                 self._raise_preempted()
-        self.preemption.settle()  # no collective left in flight when fit returns
+        bounds.preemption.settle()  # no collective left in flight when fit returns
         if main and self.progress:
-            print(self._stop_summary(), flush=True)
+            summary = bounds.summary(st.history, st.epoch, st.global_step, self.resumed_from)
+            print(summary, flush=True)
         for cb in self.callbacks:
             cb.on_fit_end(self, st.history)
         return st.history
-
-    def _bound_reached(self) -> str | None:
-        """``"max_steps"`` or ``"max_epochs"`` when that bound is reached (steps first)."""
-        return next((b for b in ("max_steps", "max_epochs") if self._reached(b)), None)
-
-    def _stopped_before_resume(self) -> str | None:
-        """``"early_stopping"`` when the resumed run was ended by early stopping.
-
-        Its restored :class:`EarlyStopping` state already says stop, so this run does no
-        step and reports that run's result (resubmitting it trained one more epoch each
-        time). A larger ``patience`` or ``early_stopping=None`` trains on.
-        """
-        es = self.early_stopping
-        if self.resumed_from is None or es is None or not es.stopped:
-            return None
-        self.stopped_early = True
-        if devlayer.is_main():
-            log.warning(
-                "early stopping on %s ended the run resumed from %s (epoch %d, step %d); "
-                "nothing to train: pass a larger patience than %d, or early_stopping=None, "
-                "to train on",
-                es.monitor,
-                self.resumed_from,
-                self.state.epoch,
-                self.state.global_step,
-                es.patience,
-            )
-        return "early_stopping"
-
-    def _reached(self, bound: str) -> bool:
-        st = self.state
-        if bound == "max_steps":
-            return self.max_steps is not None and st.global_step >= self.max_steps
-        return self.max_epochs is not None and st.epoch >= self.max_epochs
 
     def _continue_history(self) -> None:
         """Training goes on from a checkpoint: its last entry no longer ends the run.
@@ -887,50 +757,21 @@ class Trainer:
 
     def _progress_bar(self, total: int) -> Any:
         """A tqdm bar on a terminal; plain timed lines in a job log (no carriage returns)."""
-        st = self.state
-        desc = f"epoch {st.epoch + 1}" + (
-            f"/{self.max_epochs}" if self.max_epochs is not None else ""
-        )
         return progress_bar(
             total=total,
-            initial=st.batches_done,
-            desc=desc,
+            initial=self.state.batches_done,
+            desc=self.bounds.epoch_text(self.state.epoch),
             interval=self.progress_interval,
             stream=sys.stderr,
             step=self._step_text,
         )
 
     def _step_text(self) -> str:
-        step = self.state.global_step
-        return f"step {step}/{self.max_steps}" if self.max_steps is not None else f"step {step}"
-
-    def _stop_summary(self) -> str:
-        """The run's last line: which bound (or early stopping) ended it, and where."""
-        st = self.state
-        last = st.history[-1] if st.history else {}
-        where = f"step {st.global_step}, epoch {last.get('epoch', st.epoch)}"
-        if last.get("partial"):
-            where += f" after {last['batches']}/{last['batches_per_epoch']} batches"
-        bounds = {"max_steps": self.max_steps, "max_epochs": self.max_epochs}
-        reason = self.stop_reason
-        if reason in bounds:
-            text = f"stopped: {reason}={bounds[reason]} reached at {where}"
-        elif reason == "early_stopping" and self.early_stopping is not None:
-            text = f"stopped: early stopping on {self.early_stopping.monitor} at {where}"
-        else:
-            text = f"stopped at {where}"
-        for other, value in bounds.items():
-            if value is not None and other != reason:
-                hit = "reached too" if self._reached(other) else "not reached"
-                text += f"; {other}={value} {hit}"
-        if self.resumed_from is not None:
-            text += f" (resumed from {self.resumed_from})"
-        return text
+        return self.bounds.step_text(self.state.global_step)
 
     def _raise_preempted(self) -> None:
-        raise self.preemption.error(
-            step=self.state.global_step, epoch=self.state.epoch, checkpoint_dir=self.checkpoint_dir
-        )
+        st = self.state
+        raise self.bounds.preempted_error(st.global_step, st.epoch, self.checkpoint_dir)
 
     def _epoch_metrics(self, sums: Mapping[str, Any]) -> dict[str, Any]:
         return epoch_metrics(

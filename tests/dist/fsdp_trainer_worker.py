@@ -23,7 +23,7 @@ class LossLog(Callback):
         self.losses.append(float(loss.item()))
         # After backward, before the optimizer step: an inf in this rank's shard only.
         if trainer.state.global_step == self.inf_at_step and devlayer.rank() in self.inf_ranks:
-            grad = next(p.grad for p in trainer.ddp_model.parameters() if p.grad is not None)
+            grad = next(p.grad for p in trainer.wrapped_model.parameters() if p.grad is not None)
             local = grad.to_local() if hasattr(grad, "to_local") else grad
             local.view(-1)[0] = float("inf")
 
@@ -75,11 +75,11 @@ def fit(
         seed=7,
     )
     history = trainer.fit(make_data(), make_data(val_samples, seed=1) if val_samples else None)
-    weights = full_state_dict(trainer.ddp_model)  # collective under FSDP; rank 0 gets it
+    weights = full_state_dict(trainer.wrapped_model)  # collective under FSDP; rank 0 gets it
     on_this_rank = export and (devlayer.is_main() or not export_on_main_only)
     exported = trainer.export(export) if on_this_rank else None
     with torch.no_grad():
-        probe = trainer.ddp_model(torch.linspace(-1, 1, 20).reshape(5, 4)).float()
+        probe = trainer.wrapped_model(torch.linspace(-1, 1, 20).reshape(5, 4)).float()
     return {
         "rank": devlayer.rank(),
         "losses": losses.losses,
@@ -88,9 +88,9 @@ def fit(
         "stop_reason": trainer.stop_reason,
         "resumed_from": str(trainer.resumed_from) if trainer.resumed_from else None,
         "weights": weights,
-        "local": local_numel(trainer.ddp_model),
+        "local": local_numel(trainer.wrapped_model),
         "total": sum(p.numel() for p in make_model().parameters()),
-        "param_type": type(next(trainer.ddp_model.parameters())).__name__,
+        "param_type": type(next(trainer.wrapped_model.parameters())).__name__,
         "exported": str(exported) if exported else None,
         "probe": probe.tolist(),
         "scale": trainer.scaler.get_scale() if trainer.scaler is not None else None,

@@ -40,7 +40,7 @@ def unit_names() -> dict[str, Any]:
 
     class Record(devlayer.train.Callback):
         def on_fit_start(self, trainer: Any) -> None:
-            seen.extend(_units(trainer.ddp_model))
+            seen.extend(_units(trainer.wrapped_model))
 
     model = make_model()
     trainer = devlayer.Trainer(

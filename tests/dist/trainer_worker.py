@@ -239,7 +239,7 @@ def count_gradient_allreduces(grad_accum: int) -> dict[str, Any]:
 
     class Count(devlayer.train.Callback):
         def on_fit_start(self, trainer: Any) -> None:
-            trainer.ddp_model.register_comm_hook(None, counting_hook)
+            trainer.wrapped_model.register_comm_hook(None, counting_hook)
 
         def on_train_batch_end(self, trainer: Any, loss: Any) -> None:
             per_batch.append(calls["n"] - sum(per_batch))

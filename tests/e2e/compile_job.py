@@ -35,7 +35,7 @@ def run(compile: bool) -> tuple[list[float], str]:
         seed=7,
     )
     trainer.fit(make_data())
-    return losses.losses, type(trainer.ddp_model).__name__
+    return losses.losses, type(trainer.wrapped_model).__name__
 
 
 if __name__ == "__main__":

@@ -91,7 +91,7 @@ trainer = devlayer.Trainer(
     strategy=args.strategy,
 )
 trainer.fit(make_data())
-weights = full_state_dict(trainer.ddp_model)  # collective under FSDP: rank 0 gets it all
+weights = full_state_dict(trainer.wrapped_model)  # collective under FSDP: rank 0 gets it all
 if devlayer.is_main():
     torch.save(weights, args.out)
     print(f"DONE resumed_from={trainer.resumed_from}", flush=True)

@@ -108,9 +108,10 @@ def test_checkpoint_state_round_trips_the_scale():
 def test_sharded_scaler_skips_backs_off_grows_and_round_trips():
     """World size 1 (the all-reduce is a no-op): the scaler's own rules."""
     from devlayer.train.precision import ShardedGradScaler
+    from devlayer.train.strategy import FSDPStrategy
 
     with devlayer.init(backend="cpu"):
-        amp = Precision("16-mixed", CPU, sharded=True)
+        amp = FSDPStrategy().precision("16-mixed", CPU)
         assert isinstance(amp.scaler, ShardedGradScaler) and amp.dtype is None  # FSDP casts
         net, opt = _net_with_grads(amp)
         before = [p.detach().clone() for p in net.parameters()]

@@ -120,7 +120,8 @@ def test_r5_r6_the_sharded_scaler_skips_when_any_rank_saw_an_inf(monkeypatch, mi
     """R5-R6: the step is skipped (scale halved, weights kept) on this rank when ANY rank's
     gradient shard holds an inf, also when this rank's is finite: the decision is the
     all-reduced MAX of the ranks' flags (another rank simulated), never the local flag."""
-    from devlayer.train.precision import Precision, ShardedGradScaler
+    from devlayer.train.precision import ShardedGradScaler
+    from devlayer.train.strategy import FSDPStrategy
 
     ops: list[str] = []
 
@@ -130,7 +131,7 @@ def test_r5_r6_the_sharded_scaler_skips_when_any_rank_saw_an_inf(monkeypatch, mi
         return torch.tensor({"max": max(flags), "min": min(flags), "sum": sum(flags)}[op])
 
     monkeypatch.setattr(devlayer.comm, "all_reduce", two_ranks)
-    amp = Precision("16-mixed", torch.device("cpu"), sharded=True)
+    amp = FSDPStrategy().precision("16-mixed", torch.device("cpu"))
     assert isinstance(amp.scaler, ShardedGradScaler)
     scale = amp.scaler.get_scale()
     net = torch.nn.Linear(2, 1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -115,9 +116,11 @@ def test_resume_rescales_lr_saved_under_another_world_size(cpu):
     from devlayer.train.checkpoint import rng_state
 
     trainer, _ = _fit(lr_scaling="linear", max_epochs=1)
-    payload = trainer._payload([{"rng": rng_state(), "loss_sum": 0.0, "samples": 0}])
+    states, _ = trainer.strategy.save_state(trainer.wrapped_model, trainer.optimizer, Path)
+    payload = trainer._payload([{"rng": rng_state(), "loss_sum": 0.0, "samples": 0}], states)
     payload["optimizer"]["param_groups"][0]["lr"] = 0.002  # saved on 2 ranks: lr x2
     payload["lr_factor"] = 2.0
+    trainer.strategy.load_state(trainer.wrapped_model, trainer.optimizer, payload, Path(), None)
     trainer._apply(payload, same_world=False)
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.001)
 
