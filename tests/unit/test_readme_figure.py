@@ -26,7 +26,10 @@ def test_r5_r9_the_readme_curves_match_their_command_and_converge():
     figure, or the old diverging ``--lr 0.05`` run, fails."""
     argv = _readme_command()
     option = {argv[i]: argv[i + 1] for i in range(len(argv) - 1) if argv[i].startswith("--")}
-    rows = [json.loads(line) for line in (ROOT / "docs/img/cifar-metrics.jsonl").open()]
+    rows = [
+        json.loads(line)
+        for line in (ROOT / "docs/img/cifar-metrics.jsonl").read_text().splitlines()
+    ]
     assert "--nproc-per-node=2" in argv and {r["world_size"] for r in rows} == {2}
     assert [r["epoch"] for r in rows] == list(range(1, int(option["--epochs"]) + 1))
     assert {r["lr"] for r in rows} == {2 * float(option["--lr"])}
