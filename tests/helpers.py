@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from devlayer.testing import LAUNCHER_PREFIXES, LAUNCHER_VARIABLES
@@ -105,3 +107,14 @@ def missing_program(reason: str) -> None:
     if os.environ.get("CI", "").strip().lower() in ("1", "true", "yes"):
         pytest.fail(f"CI=true and {reason}: this test must run in CI, not skip")
     pytest.skip(reason)
+
+
+def longest_functions_tool() -> ModuleType:
+    """tools/longest_functions.py (a script, not a package), loaded from its file."""
+    spec = importlib.util.spec_from_file_location(
+        "_longest_functions", ROOT / "tools" / "longest_functions.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

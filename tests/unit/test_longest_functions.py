@@ -2,22 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import textwrap
 from pathlib import Path
-from types import ModuleType
 
-from tests.helpers import ROOT
+from tests.helpers import longest_functions_tool
 
-
-def _tool() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "_longest_functions", ROOT / "tools" / "longest_functions.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+_tool = longest_functions_tool
 
 
 SOURCE = textwrap.dedent(

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import ast
-import importlib.util
 import re
 import subprocess
 import sys
 import tokenize
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 
-from tests.helpers import ROOT, subprocess_env
+from tests.helpers import ROOT, longest_functions_tool, subprocess_env
 
 #: Vendor APIs in code: torch's vendor modules (their private ``torch._C._cuda_*`` bindings
 #: too), IPEX and oneCCL; ``_`` separates name parts (``_ipex``, ``ipex_optimize``).
@@ -954,17 +952,6 @@ def test_tests_with_a_reliability_id_say_what_they_prove():
     assert not missing, "tests with a reliability ID but no docstring:\n" + "\n".join(missing)
 
 
-def _longest_functions_tool() -> ModuleType:
-    """tools/longest_functions.py (a script, not a package), loaded from its file."""
-    spec = importlib.util.spec_from_file_location(
-        "_longest_functions_rule", ROOT / "tools" / "longest_functions.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _too_long(sizes: list[Any], limit: int) -> list[str]:
     """The functions over ``limit`` code lines, less those over it only by their signature
     (no other exception: there is none today)."""
@@ -984,7 +971,7 @@ def test_no_library_function_over_60_code_lines():
     bare ``*``), so the extra lines are a list of options, not logic (Trainer.__init__:
     33 options on 35 lines, a 33-line body). Everything else is split into helpers.
     """
-    tool = _longest_functions_tool()
+    tool = longest_functions_tool()
     offenders = _too_long(tool.all_sizes(["devlayer", "backends"]), tool.LIMIT)
     assert not offenders, "functions over 60 code lines:\n" + "\n".join(offenders)
 
@@ -997,7 +984,7 @@ def test_the_function_length_rule_catches_a_long_body():
     spread = "def g(a=(\n" + "".join(f"    {i},\n" for i in range(40)) + ")):\n" + body[:300]
     short = "".join(f"    y{i} = {i}\n" for i in range(30))
     source = f"def long():\n{body}\ndef options(\n    *,\n{options}) -> None:\n{short}"
-    tool = _longest_functions_tool()
+    tool = longest_functions_tool()
     sizes = tool.sizes(source + spread, "m.py")
     assert [s.code for s in sizes] == [62, 73, 67]  # each one over the limit
     found = _too_long(sizes, tool.LIMIT)
