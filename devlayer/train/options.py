@@ -167,8 +167,9 @@ def _lr_scaling(name: str, value: Any) -> None:
 def _optimize(name: str, value: Any) -> None:
     if value is not None and not (isinstance(value, str) or callable(value)):
         raise InvalidArgumentError(
-            f"{name}={_short(value)}: use 'ipex', a callable (model, optimizer) -> "
-            f"(model, optimizer), or None"
+            f"{name}={_short(value)}: use the name of a registered optimization "
+            f"(devlayer.train.optimize.optimization_names()), a callable (model, optimizer) "
+            f"-> (model, optimizer), or None"
         )
 
 

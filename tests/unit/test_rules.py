@@ -101,10 +101,6 @@ VENDOR_LITERALS = re.compile(
 VENDOR_LITERAL_ALLOWED = {
     # The documented list of built-in backends (one line per vendor).
     ("devlayer/registry.py", "BUILTINS"),
-    # Known exception, not mine to edit (another branch rewrites train/options.py): its
-    # message for a wrong optimize= type says "use 'ipex'"; it could list
-    # devlayer.train.optimize.optimization_names() instead.
-    ("devlayer/train/options.py", "_optimize"),
 }
 
 

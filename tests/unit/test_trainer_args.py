@@ -96,7 +96,7 @@ BAD: list[tuple[str, Any, str]] = [
     ("reference_throughput", float("inf"), "positive"),
     ("allow_world_size_change", "no", "True or False"),
     ("preempt_check_every", 0, "int >= 1"),
-    ("optimize", 123, "'ipex'"),
+    ("optimize", 123, "optimization_names()"),
     ("strategy", "zero3", "'ddp'"),
     ("fsdp", [1, 2], "dict"),
     ("fsdp", {"min_param": 5}, "min_params"),
