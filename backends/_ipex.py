@@ -7,19 +7,32 @@ a caller asks for it, and every failure names the package, the versions seen and
 IPEX is built for one torch minor release (IPEX 2.8.x needs torch 2.8.*). Importing a
 mismatched IPEX prints its own complaint and may abort the interpreter, so the version is
 checked from the installed package's metadata first.
+
+IPEX is end of life (:data:`END_OF_LIFE`): stock torch runs Intel GPUs itself since 2.8
+(``torch.xpu``, the ``xccl`` backend), which the xpu backend prefers. IPEX stays the path for
+torch older than 2.8 and behind ``Trainer(optimize="ipex")``, which warns when used.
 """
 
 from __future__ import annotations
 
 import importlib
+import warnings
 from importlib import metadata
 from typing import Any
 
-from devlayer.errors import BackendUnavailableError, InvalidArgumentError
+from devlayer.errors import BackendUnavailableError, EndOfLifeWarning, InvalidArgumentError
 from devlayer.hooks import OPTIMIZATIONS, register_optimization
 
 IPEX_MODULE = "intel_extension_for_pytorch"
 IPEX_DIST = "intel-extension-for-pytorch"
+
+#: Why ``optimize="ipex"`` warns: Intel's announcement and the replacement.
+END_OF_LIFE = (
+    "Intel Extension for PyTorch is end of life: 2.8 was its last release, Intel ended its "
+    "development on 2025-10-10 and archived the repository on 2026-03-30. Stock torch >= 2.8 "
+    "runs Intel GPUs itself (torch.xpu, the xccl backend), which devlayer uses without IPEX; "
+    "for fused kernels try Trainer(compile=True) instead of optimize='ipex' (docs/intel.md)"
+)
 
 
 def installed_version(dist: str) -> str | None:
@@ -126,6 +139,9 @@ def trainer_optimize(model: Any, optimizer: Any, *, backend: Any, dtype: Any) ->
     Registered as ``"ipex"`` when this module is imported (by the cpu and xpu backends,
     which the registry loads before any optimization is looked up).
 
+    Warns:
+        EndOfLifeWarning: Always: IPEX is end of life (:data:`END_OF_LIFE`).
+
     Raises:
         InvalidArgumentError: The backend's device is one IPEX has no build for.
     """
@@ -135,6 +151,7 @@ def trainer_optimize(model: Any, optimizer: Any, *, backend: Any, dtype: Any) ->
             f"the cpu and xpu backends, or pass a callable (model, optimizer) -> "
             f"(model, optimizer), or leave optimize=None"
         )
+    warnings.warn(END_OF_LIFE, EndOfLifeWarning, stacklevel=2)
     return optimize(model, optimizer, dtype)
 
 

@@ -92,8 +92,9 @@ _LAZY = {
 
 
 #: The public names: the version, the errors users catch (imported above, they cost nothing)
-#: and the lazy table. One list; README's API table is checked against it
-#: (tests/unit/test_rules.py).
+#: and the lazy table. One list; docs/api.md's table and the generated reference
+#: (docs/reference/devlayer.md) are checked against it (tests/unit/test_rules.py,
+#: tests/unit/test_docs_site.py).
 __all__ = [
     "__version__",
     "DevlayerError",

@@ -9,7 +9,7 @@
 * ``broadcast(x, src=0)``: rank ``src``'s value everywhere.
 * ``barrier(timeout=None)``: on gloo a monitored barrier that names the missing ranks.
 * ``all_gather_object`` / ``broadcast_object``: any picklable object. They unpickle what
-  peers send: use them only between ranks of your own job (see README, "Security").
+  peers send: use them only between ranks of your own job (see docs/security.md).
 
 Tensors are updated in place and returned, as with ``torch.distributed``. A tensor on a
 device the process group cannot use (e.g. a CPU-side device type the group lacks) is
@@ -789,7 +789,7 @@ def _agree(ctx: _Ctx, kind: str, text: str) -> bool:
 
 def _exchange(ctx: _Ctx, kind: str, mine: Signature) -> list[Signature]:
     """Every rank's signature, as JSON text in a uint8 tensor: no pickle, so debug mode does
-    not make tensor collectives unpickle what peers send (README, "Security")."""
+    not make tensor collectives unpickle what peers send (docs/security.md)."""
     torch = ctx.torch
     data = torch.frombuffer(bytearray(json.dumps(mine).encode()), dtype=torch.uint8)
     try:

@@ -15,6 +15,8 @@ Hierarchy::
     ├── NotInitializedError
     ├── RendezvousError
     └── CollectiveError
+
+    EndOfLifeWarning              (a UserWarning: a package devlayer can use is end of life)
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ __all__ = [
     "CollectiveError",
     "DeviceError",
     "DevlayerError",
+    "EndOfLifeWarning",
     "InitOrderError",
     "InvalidArgumentError",
     "LaunchEnvError",
@@ -39,6 +42,15 @@ __all__ = [
 
 class DevlayerError(Exception):
     """Base class of every error devlayer raises on purpose."""
+
+
+class EndOfLifeWarning(UserWarning):
+    """A package devlayer can still use has reached its end of life; the text names the
+    replacement (e.g. Intel Extension for PyTorch behind ``Trainer(optimize="ipex")``).
+
+    A ``UserWarning``, so it is shown by default; silence it with
+    ``warnings.filterwarnings("ignore", category=EndOfLifeWarning)``.
+    """
 
 
 class BackendNotFoundError(DevlayerError, LookupError):

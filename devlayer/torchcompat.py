@@ -43,7 +43,7 @@ def check_torch_version(version: str | None = None) -> None:
 
 
 #: Published advisories for torch releases devlayer still accepts (>= 2.6), as
-#: (first affected, first fixed, id, what). README "Security and trust" lists the same.
+#: (first affected, first fixed, id, what). docs/security.md lists the same.
 #: torch < 2.6 is refused outright (CVE-2025-32434: code execution through torch.load even
 #: with weights_only=True).
 TORCH_ADVISORIES = (

@@ -144,8 +144,9 @@ def test_cifar_resnet_torchrun_two_ranks_bf16_with_reference():
 
 @pytest.mark.timeout(120)
 def test_cifar_resnet_torchrun_two_ranks_fsdp_checkpoint_and_export(tmp_path):
-    """The README's FSDP line as a user runs it: sharded blocks, a sharded checkpoint, and
-    an exported file that loads into the plain ResNet with weights_only=True."""
+    """docs/training.md's FSDP line (README's before the docs site) as a user runs it:
+    sharded blocks, a sharded checkpoint, and an exported file that loads into the plain
+    ResNet with weights_only=True."""
     import importlib.util
 
     import torch

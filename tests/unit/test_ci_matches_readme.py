@@ -10,6 +10,7 @@ def test_ci_runs_the_readme_commands():
         'pip install torch==2.13.0 && pip install -e ".[dev]"',
         "python -m pytest -q",
         "bash tests/launchers/setup.sh",
+        'pip install -e ".[docs]" && mkdocs build --strict',
     ):
         assert command in readme, f"README lost {command!r}"
         assert command.replace("pip install", "pip install -q") in ci or command in ci, (

@@ -320,3 +320,53 @@ def test_a_backend_method_named_optimize_is_not_an_optimization() -> None:
             apply_optimization("turbo", None, None, backend="legacy-opt", dtype=torch.float32)
     finally:
         devlayer.backends.unregister_backend("legacy-opt")
+
+
+def _fake_ipex(sim: pytest.MonkeyPatch) -> list[str]:
+    """IPEX simulated at its import: installed at torch's version, ``optimize`` a no-op that
+    records its calls (the real package runs in tests/ipex)."""
+    ipex_helpers = importlib.import_module("devlayer.backends._ipex")
+    sim.setattr(ipex_helpers, "installed_version", lambda dist: torch.__version__)
+    calls: list[str] = []
+
+    def optimize(model: Any, optimizer: Any = None, **kw: Any) -> tuple[Any, Any]:
+        calls.append(type(model).__name__)
+        return model, optimizer
+
+    fake = SimpleNamespace(optimize=optimize)
+    sim.setattr(ipex_helpers, "importlib", SimpleNamespace(import_module=lambda name: fake))
+    return calls
+
+
+def test_d26_1_optimize_ipex_warns_of_its_end_of_life(sim: pytest.MonkeyPatch) -> None:
+    """D26-1: ``Trainer(optimize="ipex")`` still runs (simulated IPEX) and warns once with an
+    ``EndOfLifeWarning`` that names IPEX's end of life (last release 2.8, development ended
+    2025-10-10, repository archived 2026-03-30) and the replacement (stock torch's
+    ``torch.xpu`` and ``xccl`` from torch 2.8, ``compile=True``)."""
+    from devlayer.errors import EndOfLifeWarning
+
+    calls = _fake_ipex(sim)
+    net = torch.nn.Linear(4, 1)
+    trainer = _trainer(net, torch.optim.SGD(net.parameters(), lr=0.1), optimize="ipex")
+    with devlayer.init(backend="cpu"), pytest.warns(EndOfLifeWarning) as record:
+        trainer.fit(_data())
+    assert calls == ["Linear"]
+    (warning,) = [w for w in record if issubclass(w.category, EndOfLifeWarning)]
+    text = str(warning.message)
+    for part in ("end of life", "2.8 was its last release", "2025-10-10", "2026-03-30"):
+        assert part in text, text
+    assert "torch.xpu" in text and "xccl" in text and "compile=True" in text
+
+
+def test_d26_1_a_callable_optimization_does_not_warn(sim: pytest.MonkeyPatch) -> None:
+    """D26-1: only the IPEX optimization warns; ``optimize=None`` and a callable do not."""
+    import warnings
+
+    from devlayer.errors import EndOfLifeWarning
+
+    net = torch.nn.Linear(4, 1)
+    trainer = _trainer(net, torch.optim.SGD(net.parameters(), lr=0.1), optimize=lambda m, o: (m, o))
+    with devlayer.init(backend="cpu"), warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer.fit(_data())
+    assert not [w for w in record if issubclass(w.category, EndOfLifeWarning)]

@@ -1,4 +1,5 @@
-"""The README's training-curves figure comes from the command printed above it."""
+"""The training-curves figure (docs/cli.md, README's before the docs site) comes from the
+command printed above it."""
 
 from __future__ import annotations
 
@@ -10,11 +11,11 @@ from tests.helpers import ROOT
 
 
 def _readme_command() -> list[str]:
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "docs" / "cli.md").read_text()
     found = re.search(
         r"This one comes from\s+`(torchrun [^`]+examples/cifar_resnet\.py[^`]+)`", text
     )
-    assert found, "README: the command that draws docs/img/cifar-curves.png is missing"
+    assert found, "docs/cli.md: the command that draws docs/img/cifar-curves.png is missing"
     return shlex.split(found.group(1))
 
 

@@ -368,15 +368,15 @@ def test_comm_names_map_to_the_backend_torch_says(name: str, owner: str) -> None
 
 
 def _readme_backend_members() -> set[str]:
-    """The Backend members README's "Third-party backends" table names (what a vendor defines)."""
-    text = (ROOT / "README.md").read_text()
-    section = text[text.index("### Third-party backends") : text.index("## Testing your own")]
+    """The Backend members docs/plugins.md's table names (what a vendor defines)."""
+    text = (ROOT / "docs" / "plugins.md").read_text()
+    section = text[: text.index("The runtime (`devlayer.backends.Runtime`)")]
     return set(re.findall(r"^\| `(\w+)", section, flags=re.MULTILINE))
 
 
 def test_the_backend_interface_is_the_one_readme_lists() -> None:
-    """Backend's public names are exactly README's: the 0.1.0 hooks (install_hint, comm_hint,
-    comm_env, optimize) are removed, not deprecated (CHANGELOG.md)."""
+    """Backend's public names are exactly docs/plugins.md's: the 0.1.0 hooks (install_hint,
+    comm_hint, comm_env, optimize) are removed, not deprecated (CHANGELOG.md)."""
     public = {n for n in dir(devlayer.backends.Backend) if not n.startswith("_")}
     assert public == _readme_backend_members()
 

@@ -754,9 +754,10 @@ def test_the_private_rule_catches_a_private_module_named_in_a_string(tmp_path: P
 
 
 def _readme_api_names() -> set[str]:
-    """Names in the first column of README's API table and in its list of errors."""
-    text = (ROOT / "README.md").read_text()
-    section = text[text.index("## API") : text.index("### From plain python")]
+    """Names in the first column of the API overview's table (docs/api.md, README's API
+    table before the docs site) and in its list of errors."""
+    text = (ROOT / "docs" / "api.md").read_text()
+    section = text[text.index("## The top-level names") : text.index("## The other modules")]
     names: set[str] = set()
     for line in section.splitlines():
         if line.startswith("| `"):
@@ -771,16 +772,17 @@ def _readme_api_names() -> set[str]:
 
 
 def test_readme_api_table_and_all_name_the_same_names():
-    """The public surface has one list users read (README) and one Python reads (__all__)."""
+    """The public surface has one list users read (docs/api.md) and one Python reads
+    (__all__)."""
     import devlayer
 
     readme = _readme_api_names()
     exported = set(devlayer.__all__)
     assert exported - readme == set(), (
-        f"in __all__ but not in README's API table: {exported - readme}"
+        f"in __all__ but not in docs/api.md's table: {exported - readme}"
     )
     assert readme - exported == set(), (
-        f"in README's API table but not in __all__: {readme - exported}"
+        f"in docs/api.md's table but not in __all__: {readme - exported}"
     )
 
 
