@@ -38,7 +38,7 @@ def _detect(env: Mapping[str, str]) -> ProcessInfo | None:
     else:  # a hand-written env:// job on one machine
         r.put("local_rank", rank, "assumed single node")
         local_world = r.put("local_world_size", world, "assumed single node")
-    nodes = r.put("num_nodes", num_nodes(world, local_world))
+    nodes = r.put("num_nodes", num_nodes(world, local_world), "world_size / local_world_size")
     if r.first(("GROUP_RANK", "NODE_RANK")) is not None:
         r.int("node_rank", ("GROUP_RANK", "NODE_RANK"))
     else:  # block placement, as torchrun and `devlayer launch` do

@@ -66,7 +66,7 @@ def mpi_detector(
         if local_rank < 0 or local_world < 0:  # launcher did not say: assume one node
             r.put("local_rank", rank, "assumed single node")
             local_world = r.put("local_world_size", world, "assumed single node")
-        nodes = r.put("num_nodes", num_nodes(world, local_world))
+        nodes = r.put("num_nodes", num_nodes(world, local_world), "world_size / local_world_size")
         if node_vars and r.first(node_vars):
             r.int("node_rank", node_vars)
         else:

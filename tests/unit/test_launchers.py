@@ -488,6 +488,7 @@ CASES = [
             "PALS_NODEID": "0",
             "PMI_RANK": "2",
             "PMI_SIZE": "4",
+            "PMI_LOCAL_SIZE": "4",
             "PALS_APID": "abc-123",
         },
         ("pals", 2, 4, 2, 4, 0, 1, LO, PORT_PALS_APID),
@@ -513,7 +514,6 @@ CASES = [
         ("none", 0, 1, 0, 1, 0, 1, LO, None),
         id="unrelated-variables",
     ),
-    pytest.param({"RANK": "3"}, ("none", 0, 1, 0, 1, 0, 1, LO, None), id="rank-without-size"),
     # ---------------------------------------------------------------- forcing / disabling
     pytest.param(
         {**torchrun_env(1, 2), "DEVLAYER_LAUNCHER": "none"},
@@ -706,7 +706,10 @@ def test_unknown_forced_launcher_lists_known_ones() -> None:
         detect({"DEVLAYER_LAUNCHER": "sge"})
     msg = str(err.value)
     assert "DEVLAYER_LAUNCHER='sge' is not a known launcher" in msg
-    assert "known: none, torchrun, env, openmpi, mvapich, pals, mpich, pmix, slurm" in msg
+    assert (
+        "known: none, torchrun, pytorchjob, deepspeed, env, azureml, lsf, flux, openmpi, "
+        "mvapich, pals, mpich, pmix, slurm, trainjob" in msg
+    )
 
 
 def test_forced_launcher_without_its_variables() -> None:
@@ -717,13 +720,19 @@ def test_forced_launcher_without_its_variables() -> None:
 def test_launchers_precedence_order() -> None:
     assert list(LAUNCHERS) == [
         "torchrun",
+        "pytorchjob",
+        "deepspeed",
         "env",
+        "azureml",
+        "lsf",
+        "flux",
         "openmpi",
         "mvapich",
         "pals",
         "mpich",
         "pmix",
         "slurm",
+        "trainjob",
     ]
 
 
