@@ -51,6 +51,7 @@ from devlayer.launchers.base import (
 )
 from devlayer.launchers.precedence import LAUNCHERS, PRECEDENCE, detect, launched
 from devlayer.launchers.slurm import expand_nodelist, expand_tasks_per_node
+from devlayer.launchers.trainjob import torchrun_arguments
 
 __all__ = [
     "DEFAULT_PORT",
@@ -64,4 +65,5 @@ __all__ = [
     "expand_nodelist",
     "expand_tasks_per_node",
     "launched",
+    "torchrun_arguments",
 ]

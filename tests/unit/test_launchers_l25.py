@@ -465,3 +465,23 @@ def test_l25_11_launcher_env_makes_each_new_engine_detected(clean_env, kind: str
     with launcher_env(kind, 1, 2):
         info = detect(os.environ)
     assert (info.launcher, info.rank, info.world_size) == (kind, 1, 2)
+
+
+def test_l25_5_devlayer_launch_takes_its_defaults_from_the_pet_variables() -> None:
+    """L25-5: `devlayer launch` options not given on the command line come from Kubeflow's
+    PET_* variables (a given option wins, the rest keep their defaults); a PET_NODE_RANK
+    that is no number is an error naming it."""
+    import argparse
+
+    from devlayer.cli.launch import add_arguments, fill_defaults
+    from devlayer.errors import DevlayerError
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = fill_defaults(parser.parse_args(["--nnodes", "3", "train.py"]), TRAINJOB_NODE)
+    assert (args.nnodes, args.nproc, args.node_rank) == ("3", "1", 1)
+    assert (args.master_addr, args.master_port) == ("job-node-0-0.job", 29400)
+    plain = fill_defaults(parser.parse_args(["train.py"]), {})
+    assert (plain.nnodes, plain.nproc, plain.node_rank, plain.master_port) == ("1", "auto", 0, None)
+    with pytest.raises(DevlayerError, match="PET_NODE_RANK='x'"):
+        fill_defaults(parser.parse_args(["train.py"]), {**TRAINJOB_NODE, "PET_NODE_RANK": "x"})
