@@ -24,6 +24,7 @@ from devlayer.launchers.deepspeed import DEEPSPEED
 from devlayer.launchers.env import ENV
 from devlayer.launchers.flux import FLUX
 from devlayer.launchers.lsf import LSF
+from devlayer.launchers.mpi import ASSUMED
 from devlayer.launchers.mpich import MPICH
 from devlayer.launchers.mvapich import MVAPICH
 from devlayer.launchers.openmpi import OPENMPI
@@ -144,6 +145,7 @@ def detect(
         return _single(env, notes)
     if table.family(chosen.launcher) == "mpi":
         table.check_family_agrees(env, chosen, disabled)
+        _refuse_assumed_layout(chosen)
     if hand is not None or hand_error is not None:
         _check_hand_set_agrees(env, chosen)
         chosen = replace(
@@ -231,6 +233,8 @@ class _Table:
                 f"{origin}={force!r} but the environment has none of that launcher's "
                 f"variables; use {origin}=auto to auto-detect"
             )
+        if self.by_name[key].family == "mpi":
+            _refuse_assumed_layout(found)
         return validate(found)
 
     def first_match(
@@ -339,6 +343,24 @@ def _refuse_partial(env: Mapping[str, str]) -> None:
         )
 
 
+def _refuse_assumed_layout(info: ProcessInfo) -> None:
+    """An MPI launch of several ranks that names no local ranks: an error, not one node.
+
+    All ranks on this node with a loopback store would leave the ranks of another node
+    waiting on their own loopback, and pick devices by a local rank that is the global one.
+    """
+    if info.world_size < 2 or info.sources.get("local_world_size") != ASSUMED:
+        return
+    src = info.sources
+    raise LaunchEnvError(
+        f"{info.launcher} launch of {src.get('world_size')}={info.world_size} ranks "
+        f"({src.get('rank')}={info.rank}) names no local ranks, so devlayer cannot tell how "
+        f"many run on this node, nor whether the job spans nodes; export LOCAL_WORLD_SIZE="
+        f"<ranks per node> (and MASTER_ADDR across nodes) for every rank, or start the ranks "
+        f"with a launcher that sets local ranks (mpiexec/mpirun, srun)"
+    )
+
+
 def _check_hand_set_agrees(env: Mapping[str, str], chosen: ProcessInfo) -> None:
     """A hand-set RANK, WORLD_SIZE or LOCAL_RANK must agree with the launcher that matched.
 
@@ -366,7 +388,7 @@ def _srun_launched(env: Mapping[str, str], found: ProcessInfo, disabled: set[str
     rank and size agree, srun is the launcher and its per-node values are the right ones.
     ``mpirun`` inside an allocation always gives local ranks, so it never gets here.
     """
-    if found.sources.get("local_world_size") != "assumed single node" or SLURM.name in disabled:
+    if found.sources.get("local_world_size") != ASSUMED or SLURM.name in disabled:
         return found
     try:
         srun = SLURM.detect(env)

@@ -485,3 +485,47 @@ def test_l25_5_devlayer_launch_takes_its_defaults_from_the_pet_variables() -> No
     assert (plain.nnodes, plain.nproc, plain.node_rank, plain.master_port) == ("1", "auto", 0, None)
     with pytest.raises(DevlayerError, match="PET_NODE_RANK='x'"):
         fill_defaults(parser.parse_args(["train.py"]), {**TRAINJOB_NODE, "PET_NODE_RANK": "x"})
+
+
+# --------------------------------------------------------------------------- L25-12: MPI layout
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        pytest.param({"PMI_RANK": "1", "PMI_SIZE": "2"}, id="pmi"),
+        pytest.param({"PMIX_RANK": "0", "PMIX_SIZE": "2", "MASTER_PORT": "29600"}, id="pmix"),
+        pytest.param(
+            {
+                **slurm_env(5, 8, nodelist="gpu-node[07-08]"),
+                "PMI_RANK": "5",
+                "PMI_SIZE": "8",
+                "PMI_FD": "7",
+                "DEVLAYER_DISABLE_LAUNCHERS": "slurm",
+                "MASTER_ADDR": "gpu-node07",
+            },
+            id="srun-pmi2-slurm-disabled",
+        ),
+        pytest.param({"PMI_RANK": "1", "PMI_SIZE": "2", "DEVLAYER_LAUNCHER": "mpich"}, id="forced"),
+    ],
+)
+def test_l25_12_mpi_ranks_without_local_ranks_are_never_assumed_one_node(
+    env: dict[str, str],
+) -> None:
+    """L25-12: MPI-style ranks without local ranks (PMI_RANK/PMI_SIZE, PMIX_RANK/PMIX_SIZE)
+    were all put on this node with a loopback store (rank 5 of an srun job on 2 nodes became
+    local rank 5 of 8); now that is an error naming LOCAL_WORLD_SIZE."""
+    message = _error(env)
+    assert "names no local ranks" in message and "LOCAL_WORLD_SIZE" in message, message
+
+
+def test_l25_12_mpi_ranks_with_an_exported_local_size_or_under_srun_work() -> None:
+    """L25-12: an exported LOCAL_WORLD_SIZE gives the local ranks (blocks of it), srun-started
+    ranks (srun --mpi=pmi2) keep SLURM's layout, and a single rank needs no local ranks."""
+    env = {"PMI_RANK": "3", "PMI_SIZE": "4", "LOCAL_WORLD_SIZE": "2", "PMI_JOBID": "9.0"}
+    info = detect({**env, "MASTER_ADDR": "a"})
+    assert _layout(info)[:7] == ("mpich", 3, 4, 1, 2, 1, 2)
+    assert info.sources["local_rank"] == "rank % local_world_size"
+    srun = {**slurm_env(5, 8, nodelist="n[1-2]"), "PMI_RANK": "5", "PMI_SIZE": "8"}
+    assert _layout(detect(srun))[:7] == ("slurm", 5, 8, 1, 4, 1, 2)
+    assert detect({"PMI_RANK": "0", "PMI_SIZE": "1"}).world_size == 1
