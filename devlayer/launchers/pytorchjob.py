@@ -7,7 +7,8 @@ every pod ``KUBERNETES_SERVICE_HOST``; with it (or a ``PET_*`` variable of the o
 and no ``LOCAL_RANK``, this process is local rank 0 of 1 on node ``RANK`` of
 ``WORLD_SIZE``. A pod meant to run several processes (``PET_NPROC_PER_NODE`` > 1) must
 start them with torchrun, which reads the ``PET_*`` variables: without it ``RANK`` is the
-pod's index, not a process rank, and that is an error saying so.
+pod's index, not a process rank, and that is an error saying so (``auto``, which the
+operator counts as one per pod in ``WORLD_SIZE``, is not).
 
 Example:
     >>> info = PYTORCHJOB.detect({"RANK": "3", "WORLD_SIZE": "4", "MASTER_PORT": "23456",
@@ -32,9 +33,13 @@ _ONE_PER_POD = "one process per pod (no LOCAL_RANK)"
 
 
 def _nproc(env: Mapping[str, str]) -> None:
-    """Refuse a pod that should run several processes but was started without torchrun."""
-    nproc = env.get("PET_NPROC_PER_NODE", "1").strip() or "1"
-    if nproc != "1":
+    """Refuse a pod that should run several processes but was started without torchrun.
+
+    The operator counts a non-numeric ``nprocPerNode`` (``auto``, ``cpu``, ``gpu``) as one
+    process per pod in ``WORLD_SIZE``, so only a number above 1 is refused.
+    """
+    nproc = env.get("PET_NPROC_PER_NODE", "1").strip()
+    if nproc.isdigit() and int(nproc) > 1:
         raise LaunchEnvError(
             f"Kubeflow PyTorchJob pod with PET_NPROC_PER_NODE={nproc} but no LOCAL_RANK: the "
             f"pod should run {nproc} processes, and RANK={env.get('RANK', '').strip()} is the "

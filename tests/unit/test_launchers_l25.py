@@ -238,6 +238,7 @@ def test_l25_4_kubeflow_pytorchjob_from_documented_env() -> None:
     assert info.sources["local_world_size"] == "one process per pod (no LOCAL_RANK)"
     assert info.sources["node_rank"] == "RANK (each pod is a node)"
     assert detect({**PYTORCHJOB_POD, "PET_NPROC_PER_NODE": "1"}).local_world_size == 1
+    assert detect({**PYTORCHJOB_POD, "PET_NPROC_PER_NODE": "auto"}).local_world_size == 1
 
 
 def test_l25_4_kubeflow_pod_needing_several_processes_says_use_torchrun() -> None:
