@@ -44,6 +44,7 @@ __all__ = [
     "port_for_key",
     "read_hostfile",
     "read_port",
+    "refuse_node_without_local_world",
     "resolve_master",
     "validate",
 ]
@@ -359,6 +360,27 @@ def validate(info: ProcessInfo) -> ProcessInfo:
             f"run from 0 to {info.num_nodes - 1}"
         )
     return info
+
+
+def refuse_node_without_local_world(reader: EnvReader, world: int) -> None:
+    """A node rank (``GROUP_RANK``/``NODE_RANK``) without ``LOCAL_WORLD_SIZE``: an error.
+
+    The job says it has nodes, but not how many ranks each holds: taking all ``world`` for
+    this node would make node 0 the whole job and any other node "out of range".
+
+    Raises:
+        LaunchEnvError: Several ranks, a node rank set and no ``LOCAL_WORLD_SIZE``.
+    """
+    node_var = reader.first(("GROUP_RANK", "NODE_RANK"))
+    if node_var is None or world < 2 or reader.first(("LOCAL_WORLD_SIZE",)) is not None:
+        return
+    raise LaunchEnvError(
+        f"{node_var[0]}={node_var[1]} names a node of a job across nodes, but "
+        f"LOCAL_WORLD_SIZE is not set, so devlayer cannot tell how many of the "
+        f"{reader.sources.get('world_size', 'WORLD_SIZE')}={world} ranks run on each node "
+        f"(it would take all of them for this one); export LOCAL_WORLD_SIZE=<ranks per node> "
+        f"(and LOCAL_RANK) for every rank"
+    )
 
 
 def resolve_master(

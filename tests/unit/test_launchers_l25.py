@@ -530,3 +530,15 @@ def test_l25_12_mpi_ranks_with_an_exported_local_size_or_under_srun_work() -> No
     srun = {**slurm_env(5, 8, nodelist="n[1-2]"), "PMI_RANK": "5", "PMI_SIZE": "8"}
     assert _layout(detect(srun))[:7] == ("slurm", 5, 8, 1, 4, 1, 2)
     assert detect({"PMI_RANK": "0", "PMI_SIZE": "1"}).world_size == 1
+
+
+@pytest.mark.parametrize("node_var", ["NODE_RANK", "GROUP_RANK"])
+def test_l25_8_a_node_rank_without_a_local_world_size_is_an_error(node_var: str) -> None:
+    """L25-8: a hand-set job naming its node (NODE_RANK or GROUP_RANK) without
+    LOCAL_WORLD_SIZE is an error naming LOCAL_WORLD_SIZE: all ranks were taken to run on
+    this node (node 0), or node 1 was "out of range for 1 node(s)" of a default."""
+    env = {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "n0"}
+    for node in ("0", "1"):
+        message = _error({**env, "MASTER_PORT": "29500", node_var: node})
+        assert f"{node_var}={node}" in message and "export LOCAL_WORLD_SIZE" in message
+        assert "1 node(s)" not in message, message
