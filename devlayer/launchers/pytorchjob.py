@@ -80,6 +80,8 @@ def _detect(env: Mapping[str, str]) -> ProcessInfo | None:
             f"{'MASTER_ADDR' if addr is None else 'MASTER_PORT'}; the operator sets both "
             f"(is the master replica defined?): export MASTER_ADDR and MASTER_PORT"
         )
+    if addr is None:
+        r.sources["master_addr"] = "single pod: loopback"
     return r.info(master_addr=addr or "127.0.0.1", master_port=port)
 
 

@@ -75,6 +75,8 @@ def _detect(env: Mapping[str, str]) -> ProcessInfo | None:
             f"{'PET_MASTER_ADDR' if addr is None else 'PET_MASTER_PORT'}; the torch plugin "
             f"sets both: export it, or start the script with torchrun"
         )
+    if addr is None:
+        r.sources["master_addr"] = "single node: loopback"
     return r.info(master_addr=addr or "127.0.0.1", master_port=port if nodes > 1 else None)
 
 

@@ -542,3 +542,14 @@ def test_l25_8_a_node_rank_without_a_local_world_size_is_an_error(node_var: str)
         message = _error({**env, "MASTER_PORT": "29500", node_var: node})
         assert f"{node_var}={node}" in message and "export LOCAL_WORLD_SIZE" in message
         assert "1 node(s)" not in message, message
+
+
+def test_l25_5_one_pod_or_one_node_kubeflow_jobs_need_no_store_address() -> None:
+    """L25-5: a PyTorchJob of one pod and a Trainer v2 job of one node are one process on
+    loopback, the address's source named; two pods without MASTER_ADDR are an error."""
+    pod = {k: v for k, v in PYTORCHJOB_POD.items() if not k.startswith("MASTER_")}
+    one = detect({**pod, "RANK": "0", "WORLD_SIZE": "1"})
+    assert _layout(one) == ("pytorchjob", 0, 1, 0, 1, 0, 1, "127.0.0.1", None)
+    assert "export MASTER_ADDR and MASTER_PORT" in _error({**pod, "RANK": "0", "WORLD_SIZE": "2"})
+    node = {"PET_NNODES": "1", "PET_NPROC_PER_NODE": "1"}
+    assert _layout(detect(node)) == ("trainjob", 0, 1, 0, 1, 0, 1, "127.0.0.1", None)
