@@ -125,4 +125,5 @@ LSF = Launcher(
     aliases=("jsrun",),
     prefixes=("JSM_", "LSB_"),
     job_id_vars=_JOB,
+    family="mpi",  # Spectrum MPI's OMPI_* are set too: they must agree
 )

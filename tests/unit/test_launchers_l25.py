@@ -80,6 +80,8 @@ def test_l25_1_lsf_jsrun_from_documented_env() -> None:
     assert info.sources["master_addr"].startswith("first compute host of LSB_MCPU_HOSTS")
     assert info.sources["master_port"] == "derived from LSB_JOBID=77"
     assert info.job_id == "LSB_JOBID=77"
+    stale = {**JSRUN, "OMPI_COMM_WORLD_RANK": "4", "MASTER_ADDR": "a01n01"}  # stale OMPI_*
+    assert "JSM_NAMESPACE_RANK=5 (lsf) but OMPI_COMM_WORLD_RANK=4" in _error(stale)
 
 
 def test_l25_1_lsf_hosts_from_lsb_hosts_or_the_host_file(tmp_path: Path) -> None:
