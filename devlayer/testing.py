@@ -40,16 +40,23 @@ __all__ = [
     "LAUNCHER_PREFIXES",
     "LAUNCHER_VARIABLES",
     "FakeRuntime",
+    "azureml_env",
+    "deepspeed_env",
+    "flux_env",
     "free_port",
     "reset_simulation",
     "intelmpi_env",
     "launcher_env",
+    "lsf_env",
+    "pals_env",
+    "pytorchjob_env",
     "run_ranks",
     "openmpi_env",
     "runtimes_from_spec",
     "simulate",
     "slurm_env",
     "torchrun_env",
+    "trainjob_env",
 ]
 
 
@@ -213,11 +220,128 @@ def intelmpi_env(
     }
 
 
+def _per_node(rank: int, world_size: int, local_size: int | None) -> tuple[int, int, int]:
+    """``(local size, local rank, node rank)`` of block placement."""
+    ls = local_size or world_size
+    return ls, rank % ls, rank // ls
+
+
+def lsf_env(rank: int = 0, world_size: int = 2, *, local_size: int | None = None) -> dict[str, str]:
+    """The variables LSF's ``jsrun`` gives one task (CORAL: launch node first in the hosts)."""
+    ls, local, _ = _per_node(rank, world_size, local_size)
+    hosts = " ".join(f"h{n:02d} 42" for n in range(-(-world_size // ls)))
+    return {
+        "JSM_NAMESPACE_RANK": str(rank),
+        "JSM_NAMESPACE_SIZE": str(world_size),
+        "JSM_NAMESPACE_LOCAL_RANK": str(local),
+        "JSM_NAMESPACE_LOCAL_SIZE": str(ls),
+        "LSB_JOBID": "77",
+        "LSB_MCPU_HOSTS": f"batch1 1 {hosts}",
+    }
+
+
+def flux_env(
+    rank: int = 0, world_size: int = 2, *, local_size: int | None = None
+) -> dict[str, str]:
+    """The variables the Flux job shell gives one task (plus its PMI server's)."""
+    ls, local, _ = _per_node(rank, world_size, local_size)
+    env = {
+        "FLUX_TASK_RANK": str(rank),
+        "FLUX_TASK_LOCAL_ID": str(local),
+        "FLUX_JOB_SIZE": str(world_size),
+        "FLUX_JOB_NNODES": str(-(-world_size // ls)),
+        "FLUX_JOB_ID": "f2xpcQE9K",
+        "PMI_RANK": str(rank),
+        "PMI_SIZE": str(world_size),
+    }
+    if ls < world_size:
+        env["MASTER_ADDR"] = "node0"
+    return env
+
+
+def pals_env(
+    rank: int = 0, world_size: int = 2, *, local_size: int | None = None
+) -> dict[str, str]:
+    """The variables PALS (Cray ``mpiexec`` under PBS) gives one rank."""
+    ls, local, node = _per_node(rank, world_size, local_size)
+    env = {
+        "PALS_RANKID": str(rank),
+        "PALS_LOCAL_RANKID": str(local),
+        "PALS_NODEID": str(node),
+        "PALS_APID": "abc-123",
+        "PMI_RANK": str(rank),
+        "PMI_SIZE": str(world_size),
+        "PMI_LOCAL_RANK": str(local),
+        "PMI_LOCAL_SIZE": str(ls),
+        "PBS_JOBID": "123.pbs",
+    }
+    if ls < world_size:
+        env["MASTER_ADDR"] = "x1000c0s0b0n0"
+    return env
+
+
+def pytorchjob_env(rank: int = 0, world_size: int = 2) -> dict[str, str]:
+    """The variables Kubeflow's PyTorchJob (v1) gives one pod (one process per pod)."""
+    return {
+        "RANK": str(rank),
+        "WORLD_SIZE": str(world_size),
+        "MASTER_ADDR": "job-master-0",
+        "MASTER_PORT": "23456",
+        "PYTHONUNBUFFERED": "0",
+        "KUBERNETES_SERVICE_HOST": "10.96.0.1",
+    }
+
+
+def trainjob_env(rank: int = 0, world_size: int = 2) -> dict[str, str]:
+    """The variables Kubeflow Trainer v2 gives one node of one process."""
+    return {
+        "PET_NNODES": str(world_size),
+        "PET_NPROC_PER_NODE": "1",
+        "PET_NODE_RANK": str(rank),
+        "PET_MASTER_ADDR": "job-node-0-0.job",
+        "PET_MASTER_PORT": "29400",
+        "KUBERNETES_SERVICE_HOST": "10.96.0.1",
+    }
+
+
+def deepspeed_env(
+    rank: int = 0, world_size: int = 2, *, local_size: int | None = None
+) -> dict[str, str]:
+    """The variables DeepSpeed's launcher (``launch.py``, over pdsh) gives one process."""
+    ls, local, node = _per_node(rank, world_size, local_size)
+    return {
+        "RANK": str(rank),
+        "LOCAL_RANK": str(local),
+        "WORLD_SIZE": str(world_size),
+        "LOCAL_SIZE": str(ls),
+        "CROSS_RANK": str(node),
+        "CROSS_SIZE": str(-(-world_size // ls)),
+        "MASTER_ADDR": "worker-0",
+        "MASTER_PORT": "29500",
+    }
+
+
+def azureml_env(
+    rank: int = 0, world_size: int = 2, *, local_size: int | None = None
+) -> dict[str, str]:
+    """The variables an AzureML MPI job gives one rank (OpenMPI's and AzureML's)."""
+    env = openmpi_env(rank, world_size, local_size=local_size)
+    env.update({"AZ_BATCH_MASTER_NODE": "10.0.0.4:6105", "AZUREML_RUN_ID": "run_42"})
+    return env
+
+
 _LAUNCHER_ENVS = {
     "torchrun": torchrun_env,
     "slurm": slurm_env,
     "openmpi": openmpi_env,
     "intelmpi": intelmpi_env,
+    "lsf": lsf_env,
+    "flux": flux_env,
+    "pals": pals_env,
+    "pytorchjob": pytorchjob_env,
+    "trainjob": trainjob_env,
+    "deepspeed": deepspeed_env,
+    "azureml": azureml_env,
 }
 #: Prefixes and names of the variables launchers set (hidden by :func:`launcher_env`), from
 #: the records of :data:`devlayer.launchers.PRECEDENCE`: a new launcher's are hidden too.
@@ -230,7 +354,8 @@ def launcher_env(
     kind: str, rank: int = 0, world_size: int = 2, **kwargs: object
 ) -> Iterator[dict[str, str]]:
     """Pretend this process was started by ``kind`` (``torchrun``, ``slurm``, ``openmpi``,
-    ``intelmpi``) as ``rank`` of ``world_size``; other launcher variables are hidden.
+    ``intelmpi``, ``lsf``, ``flux``, ``pals``, ``pytorchjob``, ``trainjob``, ``deepspeed``,
+    ``azureml``) as ``rank`` of ``world_size``; other launcher variables are hidden.
 
     Example:
         >>> import devlayer.launchers as launchers, os

@@ -18,7 +18,7 @@ import argparse
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -39,9 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--nproc",
         "--nproc-per-node",
-        default="auto",
+        default=None,
         dest="nproc",
-        help="processes on this node: 'auto' (one per visible device; 1 on cpu) or a number",
+        help="processes on this node: 'auto' (one per visible device; 1 on cpu) or a number "
+        "(default: PET_NPROC_PER_NODE under Kubeflow, else auto)",
     )
     parser.add_argument("--backend", default=None, help="device backend for the children")
     parser.add_argument(
@@ -49,8 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="devices the children may use, e.g. '1,3' (vendor visibility)",
     )
-    parser.add_argument("--nnodes", default="1", help="number of nodes (or MIN:MAX)")
-    parser.add_argument("--node-rank", type=int, default=0, help="this node's rank")
+    # Defaults of the next four (and --nproc): Kubeflow's PET_* variables when set, else
+    # _DEFAULTS (see fill_defaults).
+    parser.add_argument("--nnodes", default=None, help="number of nodes (or MIN:MAX)")
+    parser.add_argument("--node-rank", type=int, default=None, help="this node's rank")
     parser.add_argument("--master-addr", default=None, help="rank-0 node for multi-node runs")
     parser.add_argument("--master-port", type=int, default=None, help="its port")
     parser.add_argument("--rdzv-endpoint", default=None, help="HOST:PORT of a c10d rendezvous")
@@ -65,6 +68,51 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "script_args", nargs=argparse.REMAINDER, help="the script and its arguments"
     )
+
+
+#: Defaults of the options Kubeflow's ``PET_*`` variables may give.
+_DEFAULTS: dict[str, str | int | None] = {
+    "nproc": "auto",
+    "nnodes": "1",
+    "node_rank": 0,
+    "master_addr": None,
+    "master_port": None,
+}
+
+
+def fill_defaults(args: argparse.Namespace, env: Mapping[str, str]) -> argparse.Namespace:
+    """Options not given on the command line: from Kubeflow Trainer's ``PET_*``, else defaults.
+
+    Kubeflow (Trainer v2, and PyTorchJob with ``nprocPerNode``) passes torchrun's arguments
+    as ``PET_NNODES``, ``PET_NPROC_PER_NODE``, ``PET_NODE_RANK``, ``PET_MASTER_ADDR`` and
+    ``PET_MASTER_PORT``; ``devlayer launch`` reads them as torchrun does. A command-line
+    option wins.
+
+    Raises:
+        DevlayerError: ``PET_NODE_RANK`` or ``PET_MASTER_PORT`` is no integer.
+
+    Example:
+        >>> args = argparse.Namespace(nproc=None, nnodes=None, node_rank=None,
+        ...                           master_addr="given", master_port=None)
+        >>> env = {"PET_NNODES": "2", "PET_NODE_RANK": "1", "PET_MASTER_ADDR": "pod-0"}
+        >>> filled = fill_defaults(args, env)
+        >>> (filled.nproc, filled.nnodes, filled.node_rank, filled.master_addr)
+        ('auto', '2', 1, 'given')
+    """
+    from devlayer.launchers import torchrun_arguments
+
+    pet = torchrun_arguments(env)
+    for name, default in _DEFAULTS.items():
+        if getattr(args, name, None) is not None:
+            continue
+        value: str | int | None = pet.get(name, default)
+        if name in ("node_rank", "master_port") and isinstance(value, str):
+            if not value.isdigit():
+                var = "PET_NODE_RANK" if name == "node_rank" else "PET_MASTER_PORT"
+                raise DevlayerError(f"{var}={value!r} is not a whole number; fix the job spec")
+            value = int(value)
+        setattr(args, name, value)
+    return args
 
 
 def _plan_devices(args: argparse.Namespace, env: dict[str, str]) -> tuple[int, dict[str, str]]:
@@ -159,8 +207,10 @@ def _refuse_nested(env: dict[str, str]) -> None:
     One ``devlayer launch`` per node (``srun --ntasks-per-node=1``) stays allowed.
     """
     from devlayer.errors import LaunchEnvError
-    from devlayer.launchers import detect
+    from devlayer.launchers import detect, torchrun_arguments
 
+    if torchrun_arguments(env):
+        return  # Kubeflow's PET_* describe this node, for one launch per node: this one
     info = detect(env)
     if info.local_world_size > 1:
         raise LaunchEnvError(
@@ -179,6 +229,7 @@ def run(args: argparse.Namespace) -> int:
     from torch.distributed.run import run as torchrun
 
     env = dict(os.environ)
+    fill_defaults(args, env)
     _refuse_nested(env)
     nproc, changes = _plan_devices(args, env)
     if "OMP_NUM_THREADS" not in env:

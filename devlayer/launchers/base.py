@@ -33,11 +33,18 @@ __all__ = [
     "Launcher",
     "ProcessInfo",
     "derived_port",
+    "distinct_hosts",
+    "expand_nodelist",
+    "expand_tasks_per_node",
+    "host_names",
     "job_port",
+    "local_world_from_nodes",
     "num_nodes",
     "number_or_hash",
     "port_for_key",
+    "read_hostfile",
     "read_port",
+    "refuse_node_without_local_world",
     "resolve_master",
     "validate",
 ]
@@ -345,10 +352,35 @@ def validate(info: ProcessInfo) -> ProcessInfo:
             f"run from 0 to {info.local_world_size - 1}"
         )
     if not 0 <= info.node_rank < max(info.num_nodes, 1):
+        nodes = f"{info.num_nodes} node(s)"
+        if "num_nodes" in src:
+            nodes = f"{nodes} ({src['num_nodes']})"
         raise LaunchEnvError(
-            f"{where('node_rank')}={info.node_rank} is out of range for {info.num_nodes} node(s)"
+            f"{where('node_rank')}={info.node_rank} is out of range for {nodes}; node ranks "
+            f"run from 0 to {info.num_nodes - 1}"
         )
     return info
+
+
+def refuse_node_without_local_world(reader: EnvReader, world: int) -> None:
+    """A node rank (``GROUP_RANK``/``NODE_RANK``) without ``LOCAL_WORLD_SIZE``: an error.
+
+    The job says it has nodes, but not how many ranks each holds: taking all ``world`` for
+    this node would make node 0 the whole job and any other node "out of range".
+
+    Raises:
+        LaunchEnvError: Several ranks, a node rank set and no ``LOCAL_WORLD_SIZE``.
+    """
+    node_var = reader.first(("GROUP_RANK", "NODE_RANK"))
+    if node_var is None or world < 2 or reader.first(("LOCAL_WORLD_SIZE",)) is not None:
+        return
+    raise LaunchEnvError(
+        f"{node_var[0]}={node_var[1]} names a node of a job across nodes, but "
+        f"LOCAL_WORLD_SIZE is not set, so devlayer cannot tell how many of the "
+        f"{reader.sources.get('world_size', 'WORLD_SIZE')}={world} ranks run on each node "
+        f"(it would take all of them for this one); export LOCAL_WORLD_SIZE=<ranks per node> "
+        f"(and LOCAL_RANK) for every rank"
+    )
 
 
 def resolve_master(
@@ -456,3 +488,131 @@ def number_or_hash(value: str) -> int:
         return int(value)
     except ValueError:
         return zlib.crc32(value.encode())
+
+
+def host_names(text: str) -> list[str]:
+    """The host names of a list separated by commas and/or white space, blanks dropped.
+
+    Example:
+        >>> host_names("alpha beta, gamma ,")
+        ['alpha', 'beta', 'gamma']
+    """
+    return [host for host in re.split(r"[\s,]+", text) if host]
+
+
+def distinct_hosts(hosts: Iterable[str]) -> list[str]:
+    """``hosts`` without repeats, in the order each first appears.
+
+    Example:
+        >>> distinct_hosts(["n2", "n2", "n1", "n2"])
+        ['n2', 'n1']
+    """
+    return list(dict.fromkeys(hosts))
+
+
+def read_hostfile(env: Mapping[str, str], name: str) -> list[str] | None:
+    """The hosts, one per line (first word), of the host file the variable ``name`` names.
+
+    Schedulers write these files (``PBS_NODEFILE``, ``LSB_DJOB_HOSTFILE``) with one line per
+    slot; repeats are kept (see :func:`distinct_hosts`). Only text is read, never code.
+
+    Returns:
+        The hosts, or ``None`` when ``name`` is unset or blank.
+
+    Raises:
+        LaunchEnvError: The file cannot be read or lists no host.
+    """
+    path = env.get(name, "").strip()
+    if not path:
+        return None
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            hosts = [line.split()[0] for line in fh if line.split()]
+    except OSError as exc:
+        raise LaunchEnvError(
+            f"{name}={path!r} cannot be read ({exc.strerror}); devlayer reads the job's hosts "
+            f"from it: check the path, or export MASTER_ADDR=<rank-0 host> instead"
+        ) from None
+    if not hosts:
+        raise LaunchEnvError(
+            f"{name}={path!r} lists no host; expected one host name per line (or export "
+            f"MASTER_ADDR=<rank-0 host>)"
+        )
+    return hosts
+
+
+def local_world_from_nodes(
+    reader: EnvReader, names: tuple[str, ...], world: int, nodes: int, nodes_source: str
+) -> int:
+    """The ranks on this node from the first of ``names``; else ``world`` when one node.
+
+    Never assumed across nodes: with several nodes (or an unknown number, ``nodes=0``) and
+    none of ``names`` set, the count is unknown, and that is an error naming the variables
+    to set.
+
+    Raises:
+        LaunchEnvError: Several nodes and none of ``names`` set.
+    """
+    if reader.first(names) is not None:
+        return reader.int("local_world_size", names)
+    if nodes == 1 or world == 1:
+        return reader.put("local_world_size", world, f"{nodes_source}: all ranks on one node")
+    raise LaunchEnvError(
+        f"{reader.launcher} launch of {world} ranks, not known to be on one node "
+        f"({nodes_source}), but none "
+        f"of {', '.join(names)} is set, so devlayer cannot tell how many ranks run on this node "
+        f"(device choice, per-node work and thread budgets follow from it); export "
+        f"{names[-1] if names else 'LOCAL_WORLD_SIZE'}=<ranks per node> for every rank, or "
+        f"start each node's ranks with torchrun"
+    )
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """Expand a SLURM node list such as ``gpu-node[07-09,12],cpu[1-2]``.
+
+    Uses the ``python-hostlist`` package, which handles zero padding, several bracket
+    groups per name and several names. Names may be separated by commas, white space or
+    both (``"alpha beta gamma"``, ``"a[1-2], b3"``); each host comes back stripped.
+
+    Example:
+        >>> expand_nodelist("gpu-node[07-08],login1")
+        ['gpu-node07', 'gpu-node08', 'login1']
+        >>> expand_nodelist("alpha beta, gamma")
+        ['alpha', 'beta', 'gamma']
+    """
+    import hostlist  # python-hostlist; small and pure Python
+
+    # Brackets never hold blanks, so every comma or blank run outside them separates names.
+    spec = re.sub(r"[\s,]+", ",", nodelist.strip()).strip(",")
+    try:
+        hosts: list[str] = hostlist.expand_hostlist(spec)
+    except hostlist.BadHostlist as exc:
+        raise LaunchEnvError(
+            f"cannot expand the SLURM node list {nodelist!r}: {exc}; expected a form like "
+            f"'node[01-04,07]'"
+        ) from None
+    return [host.strip() for host in hosts if host.strip()]
+
+
+def expand_tasks_per_node(spec: str) -> list[int]:
+    """Expand ``SLURM_TASKS_PER_NODE`` such as ``2(x3),1`` to ``[2, 2, 2, 1]``.
+
+    Example:
+        >>> expand_tasks_per_node("2(x3),1")
+        [2, 2, 2, 1]
+    """
+    counts: list[int] = []
+    for part in spec.split(","):
+        part = part.strip()
+        try:
+            if "(x" in part:
+                value, _, times = part.partition("(x")
+                counts.extend([int(value)] * int(times.rstrip(")")))
+            else:
+                counts.append(int(part))
+        except ValueError:
+            raise LaunchEnvError(
+                f"cannot read the SLURM tasks-per-node value {spec!r}; expected a form like "
+                f"'2(x3),1'"
+            ) from None
+    return counts

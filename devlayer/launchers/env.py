@@ -20,6 +20,7 @@ from devlayer.launchers.base import (
     Launcher,
     ProcessInfo,
     num_nodes,
+    refuse_node_without_local_world,
     resolve_master,
 )
 
@@ -38,7 +39,8 @@ def _detect(env: Mapping[str, str]) -> ProcessInfo | None:
     else:  # a hand-written env:// job on one machine
         r.put("local_rank", rank, "assumed single node")
         local_world = r.put("local_world_size", world, "assumed single node")
-    nodes = r.put("num_nodes", num_nodes(world, local_world))
+    nodes = r.put("num_nodes", num_nodes(world, local_world), "world_size / local_world_size")
+    refuse_node_without_local_world(r, world)
     if r.first(("GROUP_RANK", "NODE_RANK")) is not None:
         r.int("node_rank", ("GROUP_RANK", "NODE_RANK"))
     else:  # block placement, as torchrun and `devlayer launch` do

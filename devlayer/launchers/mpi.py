@@ -30,7 +30,11 @@ from devlayer.launchers.base import (
     resolve_master,
 )
 
-__all__ = ["JobKey", "mpi_detector"]
+__all__ = ["ASSUMED", "JobKey", "mpi_detector"]
+
+#: The source of a local layout the launcher did not give: all ranks on one node. Only srun
+#: (whose own layout then replaces it) or a single rank may keep it; see ``precedence``.
+ASSUMED = "assumed single node"
 
 #: ``(env, num_nodes) -> (port, why)`` for a launcher whose environment names no job.
 JobKey = Callable[[Mapping[str, str], int], "tuple[int, str] | None"]
@@ -48,8 +52,10 @@ def mpi_detector(
 ) -> Detector:
     """Build a detector for an MPI-style launcher from its variable names.
 
-    Without local ranks all ranks are assumed on one node; the node rank follows block
-    placement unless ``node_vars`` give it. ``job_key(env, num_nodes)`` is the port
+    Without local ranks (nor an exported ``LOCAL_WORLD_SIZE``) all ranks are marked
+    :data:`ASSUMED` on one node: :func:`~devlayer.launchers.detect` uses srun's layout when
+    srun started them and refuses the job otherwise. The node rank follows block placement
+    unless ``node_vars`` give it. ``job_key(env, num_nodes)`` is the port
     fallback for launchers whose environment names no job (tried after ``job_vars``,
     before the default port); it may refuse a job that spans several nodes, where a
     per-node value would give each node its own port.
@@ -62,11 +68,13 @@ def mpi_detector(
         rank = r.int("rank", rank_vars)
         world = r.int("world_size", size_vars)
         local_rank = r.int("local_rank", local_rank_vars, default=-1)
-        local_world = r.int("local_world_size", local_size_vars, default=-1)
-        if local_rank < 0 or local_world < 0:  # launcher did not say: assume one node
-            r.put("local_rank", rank, "assumed single node")
-            local_world = r.put("local_world_size", world, "assumed single node")
-        nodes = r.put("num_nodes", num_nodes(world, local_world))
+        local_world = r.int("local_world_size", (*local_size_vars, "LOCAL_WORLD_SIZE"), default=-1)
+        if local_rank < 0 and local_world > 0:  # a size without local ranks: blocks of it
+            r.put("local_rank", rank % local_world, "rank % local_world_size")
+        elif local_rank < 0 or local_world < 0:  # not said: precedence refuses it if > 1 rank
+            r.put("local_rank", rank, ASSUMED)
+            local_world = r.put("local_world_size", world, ASSUMED)
+        nodes = r.put("num_nodes", num_nodes(world, local_world), "world_size / local_world_size")
         if node_vars and r.first(node_vars):
             r.int("node_rank", node_vars)
         else:

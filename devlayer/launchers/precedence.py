@@ -7,8 +7,8 @@ disagrees with the scheduler or MPI launcher that matched, or two MPI families n
 different ranks.
 
 Example:
-    >>> [launcher.name for launcher in PRECEDENCE][:3]
-    ['torchrun', 'env', 'openmpi']
+    >>> [launcher.name for launcher in PRECEDENCE][:4]
+    ['torchrun', 'pytorchjob', 'deepspeed', 'env']
 """
 
 from __future__ import annotations
@@ -18,21 +18,46 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 
 from devlayer.errors import LaunchEnvError
+from devlayer.launchers.azureml import AZUREML
 from devlayer.launchers.base import Detector, EnvReader, Launcher, ProcessInfo, validate
+from devlayer.launchers.deepspeed import DEEPSPEED
 from devlayer.launchers.env import ENV
+from devlayer.launchers.flux import FLUX
+from devlayer.launchers.lsf import LSF
+from devlayer.launchers.mpi import ASSUMED
 from devlayer.launchers.mpich import MPICH
 from devlayer.launchers.mvapich import MVAPICH
 from devlayer.launchers.openmpi import OPENMPI
 from devlayer.launchers.pals import PALS
 from devlayer.launchers.pmix import PMIX
+from devlayer.launchers.pytorchjob import PYTORCHJOB
 from devlayer.launchers.slurm import SLURM
 from devlayer.launchers.torchrun import TORCHRUN
+from devlayer.launchers.trainjob import TRAINJOB
 
 __all__ = ["LAUNCHERS", "PRECEDENCE", "detect", "launched"]
 
 #: Launchers in precedence order: the first that matches wins. ``env`` (hand-set ``RANK``)
 #: is compared with the scheduler or MPI launcher below it rather than chosen first.
-PRECEDENCE: tuple[Launcher, ...] = (TORCHRUN, ENV, OPENMPI, MVAPICH, PALS, MPICH, PMIX, SLURM)
+#: Kubeflow's PyTorchJob and DeepSpeed's launcher set ``RANK`` too, with markers of their
+#: own, so they come before ``env``; AzureML, LSF and Flux come before the MPI families
+#: whose variables they also set (``OMPI_*``, ``PALS_*``, ``PMI_*``).
+PRECEDENCE: tuple[Launcher, ...] = (
+    TORCHRUN,
+    PYTORCHJOB,
+    DEEPSPEED,
+    ENV,
+    AZUREML,
+    LSF,
+    FLUX,
+    OPENMPI,
+    MVAPICH,
+    PALS,
+    MPICH,
+    PMIX,
+    SLURM,
+    TRAINJOB,
+)
 
 #: Detector of each launcher in :data:`PRECEDENCE`, by name, in precedence order.
 LAUNCHERS: Mapping[str, Detector] = {launcher.name: launcher.detect for launcher in PRECEDENCE}
@@ -41,6 +66,7 @@ _COMPARED = (("rank", "RANK"), ("world_size", "WORLD_SIZE"), ("local_rank", "LOC
 
 #: Variables a torchrun-style world is described by, in the order an error lists them.
 _WORLD_VARS = (
+    "RANK",
     "WORLD_SIZE",
     "LOCAL_RANK",
     "LOCAL_WORLD_SIZE",
@@ -51,6 +77,18 @@ _WORLD_VARS = (
     "MASTER_PORT",
     "TORCHELASTIC_RUN_ID",
 )
+
+
+#: Variables that describe a rank of a multi-rank job; set without ``RANK`` they are an error
+#: unless their value (in :data:`_ALONE_IS_ONE`) describes a single process.
+_PARTIAL_VARS = ("RANK", "LOCAL_RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE", "GROUP_WORLD_SIZE")
+_ALONE_IS_ONE = {
+    "RANK": {""},
+    "LOCAL_RANK": {""},
+    "GROUP_RANK": {""},
+    "LOCAL_WORLD_SIZE": {"", "1"},
+    "GROUP_WORLD_SIZE": {"", "1"},
+}
 
 
 def detect(
@@ -97,7 +135,7 @@ def detect(
             raise hand_error
         if hand is not None:
             return validate(hand)
-        _refuse_world_without_rank(env)
+        _refuse_partial(env)
         notes: tuple[str, ...] = ()
         if "SLURM_JOB_ID" in env and SLURM.name not in disabled:
             notes = (
@@ -107,6 +145,7 @@ def detect(
         return _single(env, notes)
     if table.family(chosen.launcher) == "mpi":
         table.check_family_agrees(env, chosen, disabled)
+        _refuse_assumed_layout(chosen)
     if hand is not None or hand_error is not None:
         _check_hand_set_agrees(env, chosen)
         chosen = replace(
@@ -194,6 +233,8 @@ class _Table:
                 f"{origin}={force!r} but the environment has none of that launcher's "
                 f"variables; use {origin}=auto to auto-detect"
             )
+        if self.by_name[key].family == "mpi":
+            _refuse_assumed_layout(found)
         return validate(found)
 
     def first_match(
@@ -264,21 +305,59 @@ def _single(env: Mapping[str, str], notes: tuple[str, ...] = ()) -> ProcessInfo:
     return r.info(notes=notes)
 
 
-def _refuse_world_without_rank(env: Mapping[str, str]) -> None:
-    """``WORLD_SIZE`` > 1 without ``RANK`` and no launcher: an error, not one process.
+def _refuse_partial(env: Mapping[str, str]) -> None:
+    """A partial torchrun-style set and no launcher: an error, never one process.
 
-    Running as world size 1 would train alone and write checkpoints as if it were the
-    whole job. ``WORLD_SIZE=1`` alone still means one process.
+    ``WORLD_SIZE`` > 1 without ``RANK``, ``RANK`` without ``WORLD_SIZE``, or ``LOCAL_RANK``,
+    ``GROUP_RANK`` (or a local or group size above 1) without both: running as world size 1
+    would train alone and write checkpoints as if it were the whole job (every rank of a
+    job whose launcher devlayer does not know would). ``WORLD_SIZE=1`` alone, and
+    ``MASTER_ADDR``/``MASTER_PORT`` alone, still mean one process.
     """
-    size = env.get("WORLD_SIZE", "").strip()
-    if not size or size == "1" or env.get("RANK", "").strip():
-        return  # RANK set too: its detector was disabled, which is the user's choice
     seen = ", ".join(f"{v}={env[v].strip()}" for v in _WORLD_VARS if env.get(v, "").strip())
+    size, rank = env.get("WORLD_SIZE", "").strip(), env.get("RANK", "").strip()
+    fix = (
+        "start the job with its launcher (torchrun, srun, mpirun), or unset them (or set "
+        "DEVLAYER_LAUNCHER=none) to run as one process"
+    )
+    if size and size != "1" and not rank:
+        raise LaunchEnvError(
+            f"WORLD_SIZE={size} but RANK is not set (seen: {seen}), and no launcher "
+            f"(torchrun, srun, mpirun) says which rank this process is; export RANK=<0.."
+            f"WORLD_SIZE-1> for every process, start the job with its launcher, or unset "
+            f"WORLD_SIZE (or set DEVLAYER_LAUNCHER=none) to run as one process"
+        )
+    if rank and not size:
+        raise LaunchEnvError(
+            f"RANK={rank} but WORLD_SIZE is not set (seen: {seen}), so devlayer cannot tell "
+            f"how many ranks the job has; export WORLD_SIZE=<ranks> (and MASTER_ADDR, "
+            f"MASTER_PORT) for every process, or {fix}"
+        )
+    partial = [v for v in _PARTIAL_VARS if env.get(v, "").strip() not in _ALONE_IS_ONE[v]]
+    if partial and not rank:
+        raise LaunchEnvError(
+            f"{', '.join(f'{v}={env[v].strip()}' for v in partial)} set but RANK and "
+            f"WORLD_SIZE are not (seen: {seen}): a launcher's variables without the ranks, so "
+            f"devlayer cannot tell which rank of how many this process is; export RANK and "
+            f"WORLD_SIZE for every process, or {fix}"
+        )
+
+
+def _refuse_assumed_layout(info: ProcessInfo) -> None:
+    """An MPI launch of several ranks that names no local ranks: an error, not one node.
+
+    All ranks on this node with a loopback store would leave the ranks of another node
+    waiting on their own loopback, and pick devices by a local rank that is the global one.
+    """
+    if info.world_size < 2 or info.sources.get("local_world_size") != ASSUMED:
+        return
+    src = info.sources
     raise LaunchEnvError(
-        f"WORLD_SIZE={size} but RANK is not set (seen: {seen}), and no launcher "
-        f"(torchrun, srun, mpirun) says which rank this process is; export RANK=<0.."
-        f"WORLD_SIZE-1> for every process, start the job with its launcher, or unset "
-        f"WORLD_SIZE (or set DEVLAYER_LAUNCHER=none) to run as one process"
+        f"{info.launcher} launch of {src.get('world_size')}={info.world_size} ranks "
+        f"({src.get('rank')}={info.rank}) names no local ranks, so devlayer cannot tell how "
+        f"many run on this node, nor whether the job spans nodes; export LOCAL_WORLD_SIZE="
+        f"<ranks per node> (and MASTER_ADDR across nodes) for every rank, or start the ranks "
+        f"with a launcher that sets local ranks (mpiexec/mpirun, srun)"
     )
 
 
@@ -309,7 +388,7 @@ def _srun_launched(env: Mapping[str, str], found: ProcessInfo, disabled: set[str
     rank and size agree, srun is the launcher and its per-node values are the right ones.
     ``mpirun`` inside an allocation always gives local ranks, so it never gets here.
     """
-    if found.sources.get("local_world_size") != "assumed single node" or SLURM.name in disabled:
+    if found.sources.get("local_world_size") != ASSUMED or SLURM.name in disabled:
         return found
     try:
         srun = SLURM.detect(env)

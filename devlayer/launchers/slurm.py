@@ -19,10 +19,15 @@ from collections.abc import Mapping
 
 from devlayer.errors import LaunchEnvError
 from devlayer.launchers.base import (
+    BLOCK_PLACEMENT,
     EnvReader,
     Launcher,
     ProcessInfo,
     derived_port,
+    expand_nodelist,
+    expand_tasks_per_node,
+    local_world_from_nodes,
+    num_nodes,
     number_or_hash,
     resolve_master,
 )
@@ -31,6 +36,9 @@ __all__ = ["SLURM", "expand_nodelist", "expand_tasks_per_node", "is_srun_step"]
 
 _JOB = ("SLURM_JOB_ID", "SLURM_JOBID")
 _STEP = ("SLURM_STEP_ID", "SLURM_STEPID")
+# srun sets SLURM_NNODES and SLURM_NODELIST to the step's; SLURM_JOB_* are the allocation's.
+_NODES = ("SLURM_STEP_NUM_NODES", "SLURM_NNODES", "SLURM_JOB_NUM_NODES")
+_NODELIST = ("SLURM_STEP_NODELIST", "SLURM_NODELIST", "SLURM_JOB_NODELIST")
 
 # Slurm step ids that are not srun steps: the batch script, the extern step and the
 # interactive step of salloc. Numeric forms from slurm.h: since 20.11 batch = 0xfffffffb,
@@ -40,52 +48,6 @@ _NON_SRUN_STEPS = {"batch", "extern", "interactive", "pending"} | {
     str(n) for n in range(4294967290, 4294967296)
 }
 _SRUN_MARKERS = ("SLURM_STEP_NUM_TASKS", "SLURM_SRUN_COMM_PORT", "SLURM_STEP_LAUNCHER_PORT")
-
-
-def expand_nodelist(nodelist: str) -> list[str]:
-    """Expand a SLURM node list such as ``gpu-node[07-09,12],cpu[1-2]``.
-
-    Uses the ``python-hostlist`` package, which handles zero padding, several bracket
-    groups per name and several names.
-
-    Example:
-        >>> expand_nodelist("gpu-node[07-08],login1")
-        ['gpu-node07', 'gpu-node08', 'login1']
-    """
-    import hostlist  # python-hostlist; small and pure Python
-
-    try:
-        hosts: list[str] = hostlist.expand_hostlist(nodelist)
-    except hostlist.BadHostlist as exc:
-        raise LaunchEnvError(
-            f"cannot expand the SLURM node list {nodelist!r}: {exc}; expected a form like "
-            f"'node[01-04,07]'"
-        ) from None
-    return hosts
-
-
-def expand_tasks_per_node(spec: str) -> list[int]:
-    """Expand ``SLURM_TASKS_PER_NODE`` such as ``2(x3),1`` to ``[2, 2, 2, 1]``.
-
-    Example:
-        >>> expand_tasks_per_node("2(x3),1")
-        [2, 2, 2, 1]
-    """
-    counts: list[int] = []
-    for part in spec.split(","):
-        part = part.strip()
-        try:
-            if "(x" in part:
-                value, _, times = part.partition("(x")
-                counts.extend([int(value)] * int(times.rstrip(")")))
-            else:
-                counts.append(int(part))
-        except ValueError:
-            raise LaunchEnvError(
-                f"cannot read the SLURM tasks-per-node value {spec!r}; expected a form like "
-                f"'2(x3),1'"
-            ) from None
-    return counts
 
 
 def is_srun_step(env: Mapping[str, str]) -> bool:
@@ -101,19 +63,92 @@ def is_srun_step(env: Mapping[str, str]) -> bool:
     return any(m in env for m in _SRUN_MARKERS) or step is not None
 
 
-def _local_world_size(r: EnvReader, world: int, node_rank: int) -> None:
-    """This node's task count from the step's tasks-per-node list, else the per-node value."""
-    per_node_var = r.first(("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE"))
-    if per_node_var is None:
-        r.int("local_world_size", "SLURM_NTASKS_PER_NODE", default=world)
-        return
-    counts = expand_tasks_per_node(per_node_var[1])
-    if node_rank >= len(counts):
+def _nodes_var(r: EnvReader) -> int | None:
+    """The step's node count when srun exported it, else ``None``."""
+    if r.first(_NODES) is None:
+        return None
+    return r.int("num_nodes", _NODES)
+
+
+def _cross_check(r: EnvReader, derived: int, why: str, nodes: int | None) -> int:
+    """``derived`` nodes, which must equal the node count srun exported, if any."""
+    if nodes is not None and nodes != derived:
         raise LaunchEnvError(
-            f"SLURM_NODEID={node_rank} but {per_node_var[0]}={per_node_var[1]!r} lists "
-            f"only {len(counts)} node(s)"
+            f"{r.sources['num_nodes']}={nodes} but {why} gives {derived} node(s); the job's "
+            f"variables disagree (a stale export?): unset the wrong one"
         )
-    r.put("local_world_size", counts[node_rank], f"{per_node_var[0]}[{node_rank}]")
+    if nodes is None:
+        r.put("num_nodes", derived, why)
+    return derived
+
+
+def _node_rank(r: EnvReader, derived: int, why: str, nodes: int, listing: str) -> int:
+    """``SLURM_NODEID`` when set (checked against ``nodes``), else ``derived``."""
+    if r.first(("SLURM_NODEID",)) is None:
+        return r.put("node_rank", derived, why)
+    node = r.int("node_rank", "SLURM_NODEID")
+    if not 0 <= node < nodes:
+        raise LaunchEnvError(
+            f"SLURM_NODEID={node} but {listing} lists only {nodes} node(s); node ids run "
+            f"from 0 to {nodes - 1}"
+        )
+    return node
+
+
+def _layout_from_counts(r: EnvReader, var: str, spec: str, world: int) -> None:
+    """Node count, node rank and local world from a tasks-per-node list such as ``2(x3),1``."""
+    counts = expand_tasks_per_node(spec)
+    if sum(counts) != world:
+        raise LaunchEnvError(
+            f"{var}={spec!r} places {sum(counts)} tasks but {r.sources['world_size']}={world}; "
+            f"the job's variables disagree (a stale export?): unset the wrong one"
+        )
+    _cross_check(r, len(counts), f"{var}={spec!r}", _nodes_var(r))
+    rank = r.values["rank"]
+    block = next((i for i in range(len(counts)) if rank < sum(counts[: i + 1])), 0)
+    why = f"rank {rank} in {var} (block placement)"
+    node = _node_rank(r, block, why, len(counts), f"{var}={spec!r}")
+    r.put("local_world_size", counts[node], f"{var}[{node}]")
+
+
+def _layout_from_per_node(r: EnvReader, world: int) -> None:
+    """The layout from ``SLURM_NTASKS_PER_NODE`` (``--ntasks-per-node``), block placement."""
+    per_node = r.int("local_world_size", "SLURM_NTASKS_PER_NODE")
+    if per_node < 1:
+        raise LaunchEnvError(f"SLURM_NTASKS_PER_NODE={per_node} is not a task count; use >= 1")
+    why = f"{r.sources['world_size']}={world} / SLURM_NTASKS_PER_NODE={per_node}"
+    nodes = _cross_check(r, num_nodes(world, per_node), why, _nodes_var(r))
+    node = _node_rank(r, r.values["rank"] // per_node, BLOCK_PLACEMENT, nodes, why)
+    if node == nodes - 1 and world % per_node:  # the last node holds the rest
+        r.put("local_world_size", world % per_node, f"{why}: the rest on the last node")
+
+
+def _layout(r: EnvReader, world: int) -> int:
+    """Node count, node rank and local world: read, derived or cross-checked, never assumed.
+
+    Returns:
+        The number of nodes.
+    """
+    listed = r.first(("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE"))
+    if listed is not None:
+        _layout_from_counts(r, listed[0], listed[1], world)
+    elif r.first(("SLURM_NTASKS_PER_NODE",)) is not None:
+        _layout_from_per_node(r, world)
+    else:
+        nodes = _nodes_var(r)
+        if nodes is None:
+            hosts = r.first(_NODELIST)
+            if hosts is None:
+                raise LaunchEnvError(
+                    f"srun step of {world} tasks without SLURM_NNODES, SLURM_NODELIST or a "
+                    f"tasks-per-node value: devlayer cannot tell how many nodes it spans; "
+                    f"export SLURM_NNODES=<nodes> or start the step with srun itself"
+                )
+            nodes = _cross_check(r, len(expand_nodelist(hosts[1])), hosts[0], None)
+        where = f"{r.sources['num_nodes']}={nodes}"
+        local_world_from_nodes(r, ("SLURM_NTASKS_PER_NODE",), world, nodes, where)
+        _node_rank(r, 0, f"{where}: the one node", nodes, where)
+    return r.values["num_nodes"]
 
 
 def _cpus_per_rank(r: EnvReader) -> None:
@@ -135,14 +170,10 @@ def _detect(env: Mapping[str, str]) -> ProcessInfo | None:
     r.int("rank", "SLURM_PROCID")
     world = r.int("world_size", ("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "SLURM_NPROCS"))
     r.int("local_rank", "SLURM_LOCALID")
-    node_rank = r.int("node_rank", "SLURM_NODEID", default=0)
-    nodes = r.int(
-        "num_nodes", ("SLURM_STEP_NUM_NODES", "SLURM_JOB_NUM_NODES", "SLURM_NNODES"), default=1
-    )
-    _local_world_size(r, world, node_rank)
+    nodes = _layout(r, world)
     r.check_counts()
     _cpus_per_rank(r)
-    nodelist = r.first(("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST"))
+    nodelist = r.first(_NODELIST)
     step = env.get("SLURM_STEP_ID", env.get("SLURM_STEPID", "0"))
     job = env.get("SLURM_JOB_ID", env.get("SLURM_JOBID"))
 
@@ -163,10 +194,4 @@ def _detect(env: Mapping[str, str]) -> ProcessInfo | None:
     return r.info(master_addr=addr, master_port=port)
 
 
-SLURM = Launcher(
-    "slurm",
-    detect=_detect,
-    aliases=("srun",),
-    prefixes=("SLURM_",),
-    job_id_vars=_JOB,
-)
+SLURM = Launcher("slurm", _detect, aliases=("srun",), prefixes=("SLURM_",), job_id_vars=_JOB)

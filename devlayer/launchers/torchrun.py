@@ -23,6 +23,7 @@ from devlayer.launchers.base import (
     ProcessInfo,
     num_nodes,
     read_port,
+    refuse_node_without_local_world,
 )
 
 __all__ = ["TORCHRUN"]
@@ -39,6 +40,7 @@ def _detect(env: Mapping[str, str]) -> ProcessInfo | None:
     world = r.int("world_size", "WORLD_SIZE")
     r.int("local_rank", "LOCAL_RANK")
     local_world = r.int("local_world_size", "LOCAL_WORLD_SIZE", default=world)
+    refuse_node_without_local_world(r, world)
     r.int("node_rank", "GROUP_RANK", default=0)
     r.int("num_nodes", "GROUP_WORLD_SIZE", default=num_nodes(world, local_world))
     r.int("restart_count", "TORCHELASTIC_RESTART_COUNT", default=0)

@@ -17,7 +17,7 @@ def test_launcher_env_hides_other_launchers_and_restores(clean_env):
         assert os.environ["RANK"] == "1" and "OMPI_COMM_WORLD_RANK" not in os.environ
         assert values["WORLD_SIZE"] == "2"
     assert os.environ["OMPI_COMM_WORLD_RANK"] == "5" and "RANK" not in os.environ
-    with pytest.raises(devlayer.errors.InvalidArgumentError, match="'lsf'"), launcher_env("lsf"):
+    with pytest.raises(devlayer.errors.InvalidArgumentError, match="'sge'"), launcher_env("sge"):
         pass
 
 
