@@ -31,6 +31,7 @@ from typing import Any
 
 import devlayer
 from devlayer.errors import InvalidArgumentError, short_repr
+from devlayer.train.checkpoint import CheckpointStore
 from devlayer.train.errors import LoggerError, LoggerExtraMissingError, LoggerWarning
 from devlayer.train.metrics import append_metrics
 
@@ -190,25 +191,33 @@ class TensorBoardLogger(Logger):
     """TensorBoard event files: one scalar per metric at the epoch's ``global_step``, and the
     hyperparameters in the HParams tab. Needs ``pip install 'devlayer[tensorboard]'``.
 
-    A resumed run writes to the same folder with ``purge_step`` just after the resumed
-    step, so points a crashed attempt logged past its last checkpoint are hidden.
+    Each run has its own folder, ``<run folder>/tensorboard/<checkpoint run id>`` (a new
+    id per ``fit()`` without ``checkpoint_dir``). A resumed run writes to the same folder
+    with ``purge_step`` just after the resumed step, so points a crashed attempt logged
+    past its last checkpoint are hidden.
 
     Args:
-        log_dir: The folder (default: ``<run folder>/tensorboard``).
+        log_dir: The folder, instead of one per run under the run's folder.
     """
 
     def __init__(self, log_dir: str | os.PathLike[str] | None = None) -> None:
         require_extra("tensorboard")
         self.log_dir = Path(log_dir) if log_dir is not None else None
+        #: The folder of the event files, once opened.
+        self.folder: Path | None = None
         self.writer: Any = None
 
     def open(self, run: LoggerRun) -> None:
-        """Create the writer in ``log_dir`` (purging past the resumed step)."""
+        """Create the writer in :attr:`folder` (purging past the resumed step)."""
         from torch.utils.tensorboard import SummaryWriter
 
-        folder = self.log_dir or _needs_folder(run, "tensorboard") / "tensorboard"
+        if self.log_dir is not None:
+            self.folder = self.log_dir
+        else:  # one TensorBoard run per checkpoint run (a fresh one without checkpoints)
+            name = run.run_id or CheckpointStore.new_run_id()
+            self.folder = _needs_folder(run, "tensorboard") / "tensorboard" / name
         purge = run.step + 1 if run.resumed else None
-        self.writer = SummaryWriter(os.fspath(folder), purge_step=purge)
+        self.writer = SummaryWriter(os.fspath(self.folder), purge_step=purge)
 
     def log_hparams(self, params: Mapping[str, Any]) -> None:
         """The HParams plugin's records, in the same event file as the scalars."""

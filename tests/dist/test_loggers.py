@@ -90,7 +90,7 @@ def test_g26_8_rank_zero_alone_writes_and_a_world_size_change_continues(clean_en
     """G26-8: on 2 spawned ranks only rank 0 opens, feeds and closes the loggers (rank 1
     never calls one); resumed at world size 1, the same TensorBoard folder goes on at the
     JSONL file's steps and the hyperparameters are not recorded again."""
-    from tests.unit.test_loggers import _tb_hparams, _tb_scalars
+    from tests.unit.test_loggers import _tb_hparams, _tb_run, _tb_scalars
 
     ckpt = tmp_path / "ckpt"
     lines = _two_ranks_then_one(ckpt, ["tensorboard"])
@@ -106,10 +106,11 @@ def test_g26_8_rank_zero_alone_writes_and_a_world_size_change_continues(clean_en
         "metrics 16",
         "close",
     ]
-    scalars = _tb_scalars(ckpt / "tensorboard")["train_loss"]
+    run = _tb_run(ckpt / "tensorboard")
+    scalars = _tb_scalars(run)["train_loss"]
     assert [s for s, _ in scalars] == [e["global_step"] for e in lines]
     assert [v for _, v in scalars] == pytest.approx([e["train_loss"] for e in lines])
-    (hparams,) = _tb_hparams(ckpt / "tensorboard")
+    (hparams,) = _tb_hparams(run)
     assert hparams["world_size"] == 2
 
 

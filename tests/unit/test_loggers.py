@@ -67,6 +67,12 @@ def _tb_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
+def _tb_run(folder: Path) -> Path:
+    """The one run folder under ``<run folder>/tensorboard``."""
+    (run,) = [p for p in folder.iterdir() if p.is_dir()]
+    return run
+
+
 def _tb_hparams(folder: Path) -> list[dict[str, Any]]:
     """Every hparams session record in every event file of ``folder`` (not just the last)."""
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
@@ -110,7 +116,7 @@ def test_g26_1_tensorboard_holds_the_jsonl_numbers_at_the_same_steps(clean_env, 
     history = _fit(metrics_file=metrics, loggers=["tensorboard"])
     lines = _jsonl(metrics)
     assert lines == json.loads(json.dumps(history)) and len(lines) == 2
-    scalars = _tb_scalars(tmp_path / "run" / "tensorboard")
+    scalars = _tb_scalars(_tb_run(tmp_path / "run" / "tensorboard"))
     expected: dict[str, list[tuple[int, float]]] = {}
     for entry in lines:
         for key, value in _numbers(entry).items():
@@ -119,7 +125,7 @@ def test_g26_1_tensorboard_holds_the_jsonl_numbers_at_the_same_steps(clean_env, 
     for key, points in expected.items():
         assert [s for s, _ in scalars[key]] == [s for s, _ in points], key
         assert [v for _, v in scalars[key]] == pytest.approx([v for _, v in points], rel=1e-6)
-    (hparams,) = _tb_hparams(tmp_path / "run" / "tensorboard")
+    (hparams,) = _tb_hparams(_tb_run(tmp_path / "run" / "tensorboard"))
     assert hparams["batch_size"] == 16 and hparams["optimizer"] == "SGD"
     assert hparams["lr"] == pytest.approx(0.05) and hparams["strategy"] == "ddp"
 
@@ -162,11 +168,28 @@ def test_g26_3_a_resume_continues_the_tensorboard_run(clean_env, tmp_path):
     and the hyperparameters recorded once over all event files."""
     ckpt = tmp_path / "ckpt"
     lines = _fit_twice(ckpt, ["tensorboard"])
-    scalars = _tb_scalars(ckpt / "tensorboard")["train_loss"]
+    run = _tb_run(ckpt / "tensorboard")
+    scalars = _tb_scalars(run)["train_loss"]
     assert [s for s, _ in scalars] == [e["global_step"] for e in lines]
     assert [v for _, v in scalars] == pytest.approx([e["train_loss"] for e in lines])
-    assert len(_tb_hparams(ckpt / "tensorboard")) == 1
-    assert len(list((ckpt / "tensorboard").glob("events.out.tfevents.*"))) == 2
+    assert len(_tb_hparams(run)) == 1
+    assert len(list(run.glob("events.out.tfevents.*"))) == 2
+
+
+def test_g26_1_each_fresh_run_gets_its_own_tensorboard_folder(clean_env, tmp_path):
+    """G26-1: two fresh runs sharing a run folder (metrics_file alone, no checkpoints) are
+    two TensorBoard runs (two folders under tensorboard/), never one run whose steps start
+    over; TensorBoardLogger(log_dir=...) writes where it is told."""
+    metrics = tmp_path / "metrics.jsonl"
+    _fit(metrics_file=metrics, loggers=["tensorboard"])
+    _fit(metrics_file=metrics, loggers=["tensorboard"])
+    runs = sorted(p for p in (tmp_path / "tensorboard").iterdir() if p.is_dir())
+    assert len(runs) == 2, runs
+    for run in runs:
+        assert [s for s, _ in _tb_scalars(run)["train_loss"]] == [4, 8]
+    mine = TensorBoardLogger(log_dir=tmp_path / "mine")
+    _fit(metrics_file=metrics, loggers=[mine], max_epochs=1)
+    assert [s for s, _ in _tb_scalars(tmp_path / "mine")["train_loss"]] == [4]
 
 
 @pytest.mark.slow
