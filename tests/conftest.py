@@ -5,6 +5,8 @@
 * ``gpu`` tests are skipped unless a real CUDA device exists.
 * ``ipex`` tests are skipped unless intel-extension-for-pytorch is installed
   (``tox -e ipex``).
+* ``trackers`` tests are skipped unless mlflow is installed; under ``tox -e trackers``
+  (``REQUIRE_TRACKERS=1``) they run, and fail without it.
 """
 
 from __future__ import annotations
@@ -32,11 +34,19 @@ def _ipex_installed() -> bool:
     return importlib.util.find_spec("intel_extension_for_pytorch") is not None
 
 
+def _mlflow_installed() -> bool:
+    return importlib.util.find_spec("mlflow") is not None
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     skips = {}
     if not _ipex_installed():
         skips["ipex"] = pytest.mark.skip(
             reason="needs intel-extension-for-pytorch (tox -e ipex; see docs/intel.md)"
+        )
+    if not _mlflow_installed() and not os.environ.get("REQUIRE_TRACKERS"):
+        skips["trackers"] = pytest.mark.skip(
+            reason="needs mlflow: pip install 'devlayer[mlflow]' or tox -e trackers"
         )
     if any("gpu" in item.keywords for item in items) and not _cuda_present():
         skips["gpu"] = pytest.mark.skip(

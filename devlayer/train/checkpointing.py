@@ -58,6 +58,11 @@ class Checkpointer:
         self.strategy = strategy
         self.folder: TrainingCheckpoints | None = None  # during fit(): the lock and run id
 
+    @property
+    def run_id(self) -> str | None:
+        """The checkpoint run's id during ``fit()`` (kept by a resume), else ``None``."""
+        return self.folder.store.run_id if self.folder is not None else None
+
     # ---------------------------------------------------------------- triggers
 
     def after_step(self, step: int, *, last_of_epoch: bool, last_step: bool) -> bool:

@@ -12,6 +12,9 @@ __all__ = [
     "CheckpointVersionError",
     "CheckpointWarning",
     "CheckpointWorldSizeError",
+    "LoggerError",
+    "LoggerExtraMissingError",
+    "LoggerWarning",
     "PreemptedError",
 ]
 
@@ -51,3 +54,18 @@ class CheckpointRunError(CheckpointError):
 
 class CheckpointWarning(UserWarning):
     """A checkpoint was skipped or only partly restored; the message says which and why."""
+
+
+class LoggerError(DevlayerError):
+    """A training logger (``Trainer(loggers=...)``) cannot be built or opened; the message
+    names the logger, what went wrong and the fix."""
+
+
+class LoggerExtraMissingError(LoggerError, ImportError):
+    """A logger needs a package that is not installed; the message names the extra to
+    install (``pip install 'devlayer[tensorboard]'``)."""
+
+
+class LoggerWarning(UserWarning):
+    """A logger failed while training ran: it is dropped for the rest of the run (the
+    training, its history and the other loggers go on); the message names it and why."""

@@ -25,6 +25,7 @@ from devlayer.train.callbacks import Callback, EarlyStopping, is_finite_number
 from devlayer.train.compile import compile_options
 from devlayer.train.data import MAX_BATCH_SIZE, check_num_workers
 from devlayer.train.fsdp import shard_model
+from devlayer.train.loggers import check_loggers
 from devlayer.train.precision import resolve_precision
 from devlayer.train.progress import resolve_progress_interval
 from devlayer.train.strategy import from_name
@@ -234,6 +235,7 @@ CHECKS: dict[str, Callable[[str, Any], None]] = {
     "seed": _seed,
     "early_stopping": _optional(_early_stopping),
     "metrics_file": _optional(_path),
+    "loggers": check_loggers,
     "progress": _flag,
     "progress_interval": _progress_interval,
     "training_step": _optional(_callable),

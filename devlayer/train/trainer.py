@@ -41,8 +41,8 @@ from devlayer.train.checkpointing import Checkpointer
 from devlayer.train.compile import compile_options
 from devlayer.train.data import ShardedLoader, prepare_loader
 from devlayer.train.errors import PreemptedError
+from devlayer.train.loggers import Logger, Loggers
 from devlayer.train.metrics import (
-    append_metrics,
     batch_len,
     epoch_line,
     epoch_metrics,
@@ -126,6 +126,11 @@ class Trainer:
         seed: Seeds random/NumPy/torch per rank and the data order (0 <= seed < 2**63).
         early_stopping: An :class:`EarlyStopping`.
         metrics_file: JSON lines, one per epoch, written by rank 0.
+        loggers: Where else the epoch metrics go (rank 0): ``"tensorboard"``,
+            ``"mlflow"``, ``"jsonl"`` or :class:`~devlayer.train.loggers.Logger` objects;
+            files under the run's folder (``metrics_file``'s, else ``checkpoint_dir``). A
+            resume continues the same tracker run. See docs/training.md, "Experiment
+            trackers".
         progress: Show progress and an epoch summary on rank 0: a tqdm bar when stderr is
             a terminal, otherwise (a job log) one plain line every ``progress_interval``
             seconds.
@@ -187,6 +192,7 @@ class Trainer:
         seed: int = 0,
         early_stopping: EarlyStopping | None = None,
         metrics_file: str | os.PathLike[str] | None = None,
+        loggers: Sequence[str | Logger] = (),
         progress: bool = True,
         progress_interval: float | None = None,
         callbacks: Sequence[Callback] = (),
@@ -203,7 +209,7 @@ class Trainer:
         fsdp: Mapping[str, Any] | None = None,
         compile: bool | Mapping[str, Any] = False,
     ) -> None:
-        # Long only by its 33 documented options: every one is checked (options.CHECKS)
+        # Long only by its 34 documented options: every one is checked (options.CHECKS)
         # before anything is assigned; the per-run state is in _reset_run_state.
         check_options({k: v for k, v in locals().items() if k != "self"})
         self.model = model
@@ -223,6 +229,12 @@ class Trainer:
         self.lr_scaling = lr_scaling
         self.seed = seed
         self.metrics_file = Path(metrics_file) if metrics_file is not None else None
+        #: Where the epoch metrics go (rank 0): the JSONL file, trackers, your own.
+        self.loggers = Loggers.build(
+            loggers,
+            metrics_file=self.metrics_file,
+            checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir is not None else None,
+        )
         self.progress = progress
         self.progress_interval = resolve_progress_interval(progress_interval)
         self.callbacks = callback_list(callbacks)
@@ -655,6 +667,7 @@ class Trainer:
             try:
                 return self._fit(train_data, val_data)
             finally:
+                self.loggers.close()
                 self.checkpoints.end()  # release the checkpoint folder's lock
 
     def _fit(self, train_data: Any, val_data: Any) -> list[dict[str, Any]]:
@@ -663,6 +676,7 @@ class Trainer:
         check_batches(len(train_loader), devlayer.rank(), self.max_steps)
         val_loader = self._loader(val_data, shuffle=False) if val_data is not None else None
         self._resume()
+        self.loggers.start(self)  # after the resume: continue its tracker runs
         for cb in self.callbacks:
             cb.on_fit_start(self)
         main = devlayer.is_main()
@@ -784,8 +798,7 @@ class Trainer:
         )
 
     def _report(self, metrics: dict[str, Any]) -> None:
-        if self.metrics_file is not None:
-            append_metrics(self.metrics_file, metrics)
+        self.loggers.log_metrics(metrics)
         if self.progress:
             print(epoch_line(metrics, self.max_epochs, self._step_text()), flush=True)
 

@@ -101,6 +101,8 @@ BAD: list[tuple[str, Any, str]] = [
     ("fsdp", [1, 2], "dict"),
     ("fsdp", {"min_param": 5}, "min_params"),
     ("compile", "yes", "torch.compile"),
+    ("loggers", "tensorboard", "list"),
+    ("loggers", ["wandb"], "tensorboard"),
 ]
 
 
