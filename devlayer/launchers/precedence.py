@@ -8,7 +8,7 @@ different ranks.
 
 Example:
     >>> [launcher.name for launcher in PRECEDENCE][:3]
-    ['torchrun', 'env', 'openmpi']
+    ['torchrun', 'ray', 'env']
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from devlayer.launchers.mvapich import MVAPICH
 from devlayer.launchers.openmpi import OPENMPI
 from devlayer.launchers.pals import PALS
 from devlayer.launchers.pmix import PMIX
+from devlayer.launchers.ray import RAY
 from devlayer.launchers.slurm import SLURM
 from devlayer.launchers.torchrun import TORCHRUN
 
@@ -32,7 +33,7 @@ __all__ = ["LAUNCHERS", "PRECEDENCE", "detect", "launched"]
 
 #: Launchers in precedence order: the first that matches wins. ``env`` (hand-set ``RANK``)
 #: is compared with the scheduler or MPI launcher below it rather than chosen first.
-PRECEDENCE: tuple[Launcher, ...] = (TORCHRUN, ENV, OPENMPI, MVAPICH, PALS, MPICH, PMIX, SLURM)
+PRECEDENCE: tuple[Launcher, ...] = (TORCHRUN, RAY, ENV, OPENMPI, MVAPICH, PALS, MPICH, PMIX, SLURM)
 
 #: Detector of each launcher in :data:`PRECEDENCE`, by name, in precedence order.
 LAUNCHERS: Mapping[str, Detector] = {launcher.name: launcher.detect for launcher in PRECEDENCE}

@@ -66,7 +66,7 @@ def test_a21_l1_a_new_launcher_is_one_record_in_the_precedence_list() -> None:
     detected from a plain dict once it is in the precedence list passed to detect(), with its
     sources, job id and derived port; DEVLAYER_LAUNCHER and DEVLAYER_DISABLE_LAUNCHERS accept
     its name and alias; without it the same environment is one process."""
-    mine = (*PRECEDENCE[:2], TOY, *PRECEDENCE[2:])  # the one line: its place in the list
+    mine = (*PRECEDENCE[:3], TOY, *PRECEDENCE[3:])  # the one line: its place in the list
     info = detect(TOY_ENV, launchers=mine)
     assert (info.launcher, info.rank, info.world_size, info.node_rank) == ("toy", 2, 4, 2)
     assert (info.master_addr, info.master_port) == ("node01", derived_port(4242))
@@ -76,14 +76,14 @@ def test_a21_l1_a_new_launcher_is_one_record_in_the_precedence_list() -> None:
     skipped = detect({**TOY_ENV, "DEVLAYER_DISABLE_LAUNCHERS": "toy"}, launchers=mine)
     assert skipped.launcher == "none"
     assert detect(TOY_ENV).launcher == "none"  # not in the default list
-    with pytest.raises(LaunchEnvError, match="known: none, torchrun, env, toy, openmpi"):
+    with pytest.raises(LaunchEnvError, match="known: none, torchrun, ray, env, toy, openmpi"):
         detect({"DEVLAYER_LAUNCHER": "lsf"}, launchers=mine)
 
 
 def test_a21_l1_a_new_launcher_is_checked_like_the_built_in_ones() -> None:
     """A21-L1: the toy's values pass the same validation (a rank out of range names its
     variable) and a hand-set RANK that disagrees with it is an error, not a silent choice."""
-    mine = (*PRECEDENCE[:2], TOY, *PRECEDENCE[2:])
+    mine = (*PRECEDENCE[:3], TOY, *PRECEDENCE[3:])
     with pytest.raises(LaunchEnvError, match="TOY_RANK=7 is out of range for TOY_SIZE=4"):
         detect({**TOY_ENV, "TOY_RANK": "7"}, launchers=mine)
     hand = {**TOY_ENV, "RANK": "1", "WORLD_SIZE": "4", "MASTER_PORT": "29511"}

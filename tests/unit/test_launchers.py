@@ -706,7 +706,7 @@ def test_unknown_forced_launcher_lists_known_ones() -> None:
         detect({"DEVLAYER_LAUNCHER": "sge"})
     msg = str(err.value)
     assert "DEVLAYER_LAUNCHER='sge' is not a known launcher" in msg
-    assert "known: none, torchrun, env, openmpi, mvapich, pals, mpich, pmix, slurm" in msg
+    assert "known: none, torchrun, ray, env, openmpi, mvapich, pals, mpich, pmix, slurm" in msg
 
 
 def test_forced_launcher_without_its_variables() -> None:
@@ -717,6 +717,7 @@ def test_forced_launcher_without_its_variables() -> None:
 def test_launchers_precedence_order() -> None:
     assert list(LAUNCHERS) == [
         "torchrun",
+        "ray",
         "env",
         "openmpi",
         "mvapich",
