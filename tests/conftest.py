@@ -5,6 +5,8 @@
 * ``gpu`` tests are skipped unless a real CUDA device exists.
 * ``ipex`` tests are skipped unless intel-extension-for-pytorch is installed
   (``tox -e ipex``).
+* ``ray`` tests are skipped unless ray is installed, and fail without it under
+  ``DEVLAYER_REQUIRE_RAY=1`` (``tox -e ray``).
 """
 
 from __future__ import annotations
@@ -32,11 +34,23 @@ def _ipex_installed() -> bool:
     return importlib.util.find_spec("intel_extension_for_pytorch") is not None
 
 
+def _ray_skipped() -> bool:
+    """ray tests skip without ray, unless ``DEVLAYER_REQUIRE_RAY=1`` (tox -e ray) says it
+    must be there: then they run and fail, naming the missing package."""
+    if os.environ.get("DEVLAYER_REQUIRE_RAY", "").strip() == "1":
+        return False
+    return importlib.util.find_spec("ray") is None
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     skips = {}
     if not _ipex_installed():
         skips["ipex"] = pytest.mark.skip(
             reason="needs intel-extension-for-pytorch (tox -e ipex; see docs/intel.md)"
+        )
+    if _ray_skipped():
+        skips["ray"] = pytest.mark.skip(
+            reason="needs ray[train] (tox -e ray, or pip install -e '.[ray]'; docs/training.md)"
         )
     if any("gpu" in item.keywords for item in items) and not _cuda_present():
         skips["gpu"] = pytest.mark.skip(
