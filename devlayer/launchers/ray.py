@@ -5,7 +5,8 @@ Ray Train creates the process group before the train loop runs (``init_process_g
 ``_set_torch_distributed_env_vars`` and ``_TorchBackend.on_start``): ``RANK``,
 ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``NODE_RANK``, ``MASTER_ADDR`` and
 ``MASTER_PORT``. Every Ray worker process also has ``RAY_RAYLET_PID`` and ``RAY_JOB_ID``
-(Ray's internal flags), which tell the two apart from a hand-written ``env://`` job.
+(Ray's internal flags): with all five of the layout variables they mark a Ray Train
+worker; a ``RANK`` set by hand in a Ray actor is left to the ``env`` launcher.
 
 Ray comes before the MPI launchers and SLURM in the precedence list: a Ray cluster started
 with ``srun ... ray start`` (Ray's SLURM guide) or under ``mpirun`` leaves that step's
@@ -39,9 +40,9 @@ _NODES_RULE = "WORLD_SIZE / LOCAL_WORLD_SIZE, NODE_RANK (Ray exports no node cou
 
 
 def _detect(env: Mapping[str, str]) -> ProcessInfo | None:
-    if not any(m in env for m in _MARKERS) or "RANK" not in env:
-        return None
-    _require(env, (*_LAYOUT, "MASTER_ADDR", "MASTER_PORT"))
+    if not any(m in env for m in _MARKERS) or not all(v in env for v in _LAYOUT):
+        return None  # a plain Ray task, or a RANK set by hand in it: not Ray Train's set
+    _require(env, ("MASTER_ADDR", "MASTER_PORT"))
     r = EnvReader(env, "ray", ("RAY_JOB_ID",))
     r.int("rank", "RANK")
     r.int("world_size", "WORLD_SIZE")
@@ -86,11 +87,10 @@ def _require(env: Mapping[str, str], names: tuple[str, ...]) -> None:
     missing = [name for name in names if not env.get(name, "").strip()]
     if missing:
         raise LaunchEnvError(
-            f"Ray worker (RAY_RAYLET_PID/RAY_JOB_ID set) with RANK={env['RANK'].strip()!r} but "
-            f"without {', '.join(missing)}: Ray Train's TorchTrainer exports all of "
-            f"{', '.join((*_LAYOUT, 'MASTER_ADDR', 'MASTER_PORT'))} with its default "
-            f"TorchConfig(init_method='env'); use that (init_method='tcp' exports no "
-            f"MASTER_ADDR/MASTER_PORT), or set DEVLAYER_LAUNCHER=env for a RANK set by hand"
+            f"Ray Train worker (RAY_RAYLET_PID/RAY_JOB_ID and {', '.join(_LAYOUT)} set) "
+            f"without {', '.join(missing)}: Ray Train's TorchTrainer exports them with its "
+            f"default TorchConfig(init_method='env'); use that (init_method='tcp' exports no "
+            f"MASTER_ADDR/MASTER_PORT), or export them yourself in the train loop"
         )
 
 

@@ -41,7 +41,12 @@ def _run_job(out: Path, *cmd_prefix: str, runs: str = "ref,kill") -> subprocess.
     _need_ray()
     out.mkdir(parents=True, exist_ok=True)
     cmd = [*cmd_prefix, PY, JOB, str(out), "--runs", runs, "--kill-at-step", "5"]
-    env = subprocess_env(RAY_DEDUP_LOGS="0", RAY_USAGE_STATS_ENABLED="0")
+    # Ray gives a worker group 60 s to start; a loaded 2-core machine can take longer.
+    env = subprocess_env(
+        RAY_DEDUP_LOGS="0",
+        RAY_USAGE_STATS_ENABLED="0",
+        RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="300",
+    )
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=560)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     for name in runs.split(","):

@@ -126,3 +126,12 @@ def test_torchrun_started_inside_a_ray_worker_is_torchrun():
     env.update(LOCAL_RANK="1", LOCAL_WORLD_SIZE="2", GROUP_RANK="1", GROUP_WORLD_SIZE="2")
     info = detect(env)
     assert (info.launcher, info.rank, info.world_size) == ("torchrun", 3, 4)
+
+
+def test_a_hand_set_world_inside_a_ray_actor_is_still_read_as_env():
+    """RANK, WORLD_SIZE and MASTER_PORT set by hand in a Ray actor (not Ray Train's full set:
+    no NODE_RANK, LOCAL_WORLD_SIZE) are the env launcher's, as without Ray, not an error."""
+    env = {"RAY_JOB_ID": "01000000", "RAY_RAYLET_PID": "31560"}
+    env.update(RANK="1", WORLD_SIZE="2", MASTER_PORT="29511")
+    info = detect(env)
+    assert (info.launcher, info.rank, info.world_size) == ("env", 1, 2)
