@@ -41,8 +41,10 @@ def _run_job(out: Path, *cmd_prefix: str, runs: str = "ref,kill") -> subprocess.
     _need_ray()
     out.mkdir(parents=True, exist_ok=True)
     cmd = [*cmd_prefix, PY, JOB, str(out), "--runs", runs, "--kill-at-step", "5"]
-    # Ray gives a worker group 60 s to start; a loaded 2-core machine can take longer.
+    # Ray gives a worker group 60 s to start; a loaded 2-core machine can take longer. Train
+    # V2 (2.60's default) always: V1 needs a third CPU for its trainer actor and would wait.
     env = subprocess_env(
+        RAY_TRAIN_V2_ENABLED="1",
         RAY_DEDUP_LOGS="0",
         RAY_USAGE_STATS_ENABLED="0",
         RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="300",
