@@ -7,6 +7,8 @@
   (``tox -e ipex``).
 * ``trackers`` tests are skipped unless mlflow is installed; under ``tox -e trackers``
   (``REQUIRE_TRACKERS=1``) they run, and fail without it.
+* ``ray`` tests are skipped unless ray is installed, and fail without it under
+  ``DEVLAYER_REQUIRE_RAY=1`` (``tox -e ray``).
 """
 
 from __future__ import annotations
@@ -38,6 +40,14 @@ def _mlflow_installed() -> bool:
     return importlib.util.find_spec("mlflow") is not None
 
 
+def _ray_skipped() -> bool:
+    """ray tests skip without ray, unless ``DEVLAYER_REQUIRE_RAY=1`` (tox -e ray) says it
+    must be there: then they run and fail, naming the missing package."""
+    if os.environ.get("DEVLAYER_REQUIRE_RAY", "").strip() == "1":
+        return False
+    return importlib.util.find_spec("ray") is None
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     skips = {}
     if not _ipex_installed():
@@ -47,6 +57,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if not _mlflow_installed() and not os.environ.get("REQUIRE_TRACKERS"):
         skips["trackers"] = pytest.mark.skip(
             reason="needs mlflow: pip install 'devlayer[mlflow]' or tox -e trackers"
+        )
+    if _ray_skipped():
+        skips["ray"] = pytest.mark.skip(
+            reason="needs ray[train] (tox -e ray, or pip install -e '.[ray]'; docs/training.md)"
         )
     if any("gpu" in item.keywords for item in items) and not _cuda_present():
         skips["gpu"] = pytest.mark.skip(

@@ -9,7 +9,7 @@ variable gave each value.
 
 The package: :mod:`~devlayer.launchers.base` (``ProcessInfo``, the :class:`Launcher`
 record, :class:`EnvReader`, validation, the port rules), one module per launcher
-(``torchrun``, ``pytorchjob``, ``deepspeed``, ``env``, ``azureml``, ``lsf``, ``flux``,
+(``torchrun``, ``ray``, ``pytorchjob``, ``deepspeed``, ``env``, ``azureml``, ``lsf``, ``flux``,
 ``openmpi``, ``mvapich``, ``pals``, ``mpich``, ``pmix``, ``slurm``, ``trainjob``), each
 exporting one record, ``mpi`` (the detector the MPI launchers share) and
 :mod:`~devlayer.launchers.precedence` (the :data:`PRECEDENCE` list and :func:`detect`).
@@ -18,7 +18,8 @@ Precedence (first match wins):
 
 1. ``DEVLAYER_LAUNCHER=<name>`` forces one detector (``none`` forces a single process).
 2. ``torchrun`` / torchelastic (``TORCHELASTIC_RUN_ID`` or ``GROUP_RANK`` with ``RANK``);
-   named ``accelerate`` when ``accelerate launch`` started torchrun. Then Kubeflow's
+   named ``accelerate`` when ``accelerate launch`` started torchrun. Then Ray Train's
+   workers (torchrun's names with ``RAY_RAYLET_PID``/``RAY_JOB_ID``), Kubeflow's
    PyTorchJob pods (``RANK`` without ``LOCAL_RANK`` in a pod: each pod a node) and
    DeepSpeed's launcher (``RANK`` with ``CROSS_RANK``/``LOCAL_SIZE``).
 3. ``env``: ``RANK`` and ``WORLD_SIZE`` exported by hand or by :func:`devlayer.spawn`.

@@ -7,8 +7,8 @@ disagrees with the scheduler or MPI launcher that matched, or two MPI families n
 different ranks.
 
 Example:
-    >>> [launcher.name for launcher in PRECEDENCE][:4]
-    ['torchrun', 'pytorchjob', 'deepspeed', 'env']
+    >>> [launcher.name for launcher in PRECEDENCE][:5]
+    ['torchrun', 'ray', 'pytorchjob', 'deepspeed', 'env']
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from devlayer.launchers.openmpi import OPENMPI
 from devlayer.launchers.pals import PALS
 from devlayer.launchers.pmix import PMIX
 from devlayer.launchers.pytorchjob import PYTORCHJOB
+from devlayer.launchers.ray import RAY
 from devlayer.launchers.slurm import SLURM
 from devlayer.launchers.torchrun import TORCHRUN
 from devlayer.launchers.trainjob import TRAINJOB
@@ -39,11 +40,14 @@ __all__ = ["LAUNCHERS", "PRECEDENCE", "detect", "launched"]
 
 #: Launchers in precedence order: the first that matches wins. ``env`` (hand-set ``RANK``)
 #: is compared with the scheduler or MPI launcher below it rather than chosen first.
-#: Kubeflow's PyTorchJob and DeepSpeed's launcher set ``RANK`` too, with markers of their
-#: own, so they come before ``env``; AzureML, LSF and Flux come before the MPI families
-#: whose variables they also set (``OMPI_*``, ``PALS_*``, ``PMI_*``).
+#: Ray Train sets torchrun's names with ``RAY_*`` markers (and may run inside srun or
+#: mpirun), so it comes right after torchrun. Kubeflow's PyTorchJob and DeepSpeed's
+#: launcher set ``RANK`` too, with markers of their own, so they come before ``env``;
+#: AzureML, LSF and Flux come before the MPI families whose variables they also set
+#: (``OMPI_*``, ``PALS_*``, ``PMI_*``).
 PRECEDENCE: tuple[Launcher, ...] = (
     TORCHRUN,
+    RAY,
     PYTORCHJOB,
     DEEPSPEED,
     ENV,

@@ -695,7 +695,7 @@ def test_unknown_forced_launcher_lists_known_ones() -> None:
     msg = str(err.value)
     assert "DEVLAYER_LAUNCHER='sge' is not a known launcher" in msg
     assert (
-        "known: none, torchrun, pytorchjob, deepspeed, env, azureml, lsf, flux, openmpi, "
+        "known: none, torchrun, ray, pytorchjob, deepspeed, env, azureml, lsf, flux, openmpi, "
         "mvapich, pals, mpich, pmix, slurm, trainjob" in msg
     )
 
@@ -708,6 +708,7 @@ def test_forced_launcher_without_its_variables() -> None:
 def test_launchers_precedence_order() -> None:
     assert list(LAUNCHERS) == [
         "torchrun",
+        "ray",
         "pytorchjob",
         "deepspeed",
         "env",
