@@ -82,9 +82,12 @@ class _Release(logging.Handler):
             self.event.set()
 
 
-def held_writer(checkpoint_dir: str, *, fail_at: int | None = None) -> dict[str, Any]:
+def held_writer(
+    checkpoint_dir: str, *, fail_at: int | None = None, term_at: int | None = None
+) -> dict[str, Any]:
     """World 1: the background save of step 2 is held before its rename until the Trainer
-    logs that it waits for it; ``fail_at``: training_step raises at that step instead.
+    logs that it waits for it; ``fail_at``: training_step raises at that step instead;
+    ``term_at``: this process gets SIGTERM during that step (a preemption).
 
     Returns the log, the order of commits, and what a second lock taker saw while held.
     """
@@ -111,6 +114,10 @@ def held_writer(checkpoint_dir: str, *, fail_at: int | None = None) -> dict[str,
     def step(model_: Any, batch: Any) -> Any:
         if fail_at is not None and trainer.state.global_step == fail_at:
             raise ValueError("user bug at step 3")
+        if term_at is not None and trainer.state.global_step == term_at:
+            import signal
+
+            os.kill(os.getpid(), signal.SIGTERM)
         x, y = batch
         return torch.nn.functional.mse_loss(model_(x), y)
 
@@ -126,12 +133,13 @@ def held_writer(checkpoint_dir: str, *, fail_at: int | None = None) -> dict[str,
         progress=False,
         num_workers=0,
         resume=None,
+        preempt_check_every=1,
     )
     error = None
     try:
         trainer.fit(make_data())
-    except ValueError as exc:
-        error = str(exc)
+    except (ValueError, devlayer.train.PreemptedError) as exc:
+        error = f"{type(exc).__name__}: {exc}"
     finally:
         logger.removeHandler(handler)
         checkpoint._before_commit = None

@@ -89,8 +89,25 @@ def test_c24_4_an_exception_waits_for_the_save_in_flight_before_the_lock_goes(cl
     is committed, the user's error propagates and the folder is free afterwards."""
     with devlayer.init(backend="cpu"):
         out = held_writer(str(tmp_path / "ckpt"), fail_at=2)
-    assert out["error"] == "user bug at step 3"
+    assert out["error"] == "ValueError: user bug at step 3"
     assert any("before releasing" in m for m in out["log"]), out["log"]
     assert out["steps"] == ["step-000000002"]
     assert out["lock_seen"] == ["in use"] and out["free_after"] == "free"
     CheckpointStore(tmp_path / "ckpt").verify(tmp_path / "ckpt" / "step-000000002")
+
+
+def test_c24_7_preemption_waits_for_the_save_in_flight_then_saves_synchronously(
+    clean_env, tmp_path
+):
+    """C24-7: SIGTERM arrives while step 2's background save is in flight (held before its
+    rename until the Trainer logs that it waits): the preemption save of step 3 waits for
+    it, then is written synchronously, so fit() raises PreemptedError with both step 2 and
+    step 3 committed, in that order."""
+    with devlayer.init(backend="cpu"):
+        out = held_writer(str(tmp_path / "ckpt"), term_at=2)
+    assert out["error"].startswith("PreemptedError"), out["error"]
+    waits = [m for m in out["log"] if "waiting for it" in m]
+    assert waits and "checkpoint step 2" in waits[0] and "saving step 3" in waits[0], out["log"]
+    assert out["commits"] == ["tmp-step-000000002", "tmp-step-000000003"]
+    assert out["steps"] == ["step-000000002", "step-000000003"]
+    assert out["free_after"] == "free"
