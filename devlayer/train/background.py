@@ -77,7 +77,11 @@ def stage(obj: Any, *, pin: bool) -> Any:
         out = torch.empty(src.shape, dtype=src.dtype, device="cpu", pin_memory=pin)
         return out.copy_(src)
     if isinstance(obj, Mapping):
-        return type(obj)((k, stage(v, pin=pin)) for k, v in obj.items())  # type: ignore[call-arg]
+        items = [(k, stage(v, pin=pin)) for k, v in obj.items()]
+        try:
+            return type(obj)(items)  # type: ignore[call-arg]  # OrderedDict stays one
+        except TypeError:  # a mapping type built otherwise (defaultdict): a plain dict
+            return dict(items)
     if isinstance(obj, list):
         return [stage(v, pin=pin) for v in obj]
     if isinstance(obj, tuple):
