@@ -7,6 +7,11 @@ triggers (:meth:`~Checkpointer.after_step`, :meth:`~Checkpointer.after_epoch`,
 and :meth:`~Checkpointer.load` are the collective file work. What goes into a payload
 beside model and optimizer is the Trainer's own state: it passes it in.
 
+With ``asynchronous=True`` a periodic save (``background=True``) is staged on the training
+thread and written by a daemon thread (:mod:`devlayer.train.background`); the next step
+boundaries :meth:`~Checkpointer.poll` its outcome, and any other save first waits for it
+(:meth:`~Checkpointer.settle`): at most one save is in flight.
+
 Example:
     >>> from devlayer.train.strategy import from_name
     >>> c = Checkpointer(None, every=None, resume="auto", allow_world_size_change=False,
@@ -17,18 +22,29 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import devlayer
+from devlayer.train.background import (
+    FAILED,
+    RUNNING,
+    WAIT_TIMEOUT,
+    Background,
+    stage,
+)
 from devlayer.train.checkpoint import CheckpointStore, rng_state
 from devlayer.train.errors import CheckpointError
 from devlayer.train.resume import TrainingCheckpoints
 from devlayer.train.strategy import Strategy, unwrap
 
 __all__ = ["Checkpointer"]
+
+log = logging.getLogger("devlayer.train")
 
 
 class Checkpointer:
@@ -40,6 +56,7 @@ class Checkpointer:
         resume: ``"auto"``, a checkpoint path or ``None`` (see :meth:`begin`).
         allow_world_size_change: Load a checkpoint saved with another world size.
         strategy: Saves and restores model and optimizer state.
+        asynchronous: Write periodic saves in the background (``checkpoint_async``).
     """
 
     def __init__(
@@ -50,6 +67,7 @@ class Checkpointer:
         resume: str | os.PathLike[str] | None,
         allow_world_size_change: bool,
         strategy: Strategy,
+        asynchronous: bool = False,
     ) -> None:
         self.directory = directory
         self.every = every
@@ -57,6 +75,11 @@ class Checkpointer:
         self.allow_world_size_change = allow_world_size_change
         self.strategy = strategy
         self.folder: TrainingCheckpoints | None = None  # during fit(): the lock and run id
+        self.asynchronous = asynchronous
+        #: The save in flight (at most one), written by a daemon thread.
+        self.writer = Background()
+        #: Longest wait for the save in flight (seconds), see :meth:`settle`.
+        self.wait_timeout = WAIT_TIMEOUT
 
     @property
     def run_id(self) -> str | None:
@@ -97,8 +120,13 @@ class Checkpointer:
         *,
         step: int,
         epoch: int,
+        background: bool = False,
     ) -> Path | None:
         """Write a checkpoint (collective); returns rank 0's path, ``None`` elsewhere.
+
+        A save in flight is waited for first (:meth:`settle`). With ``background`` and
+        ``asynchronous`` the state is only staged here and written by a daemon thread;
+        the path is then ``None`` (the folder appears once committed).
 
         Args:
             model: The wrapped model.
@@ -108,11 +136,17 @@ class Checkpointer:
             mine: This rank's own entry (its RNG state and running sums).
             step: The optimizer step saved.
             epoch: The epoch saved.
+            background: A periodic save, which may be written in the background.
 
         Raises:
-            CheckpointError: On every rank alike when rank 0 could not write it.
+            CheckpointError: On every rank alike when rank 0 could not write it (or the
+                save in flight failed).
         """
+        self.settle(step)
         ranks = devlayer.all_gather_object({"rng": rng_state(), **mine})
+        if background and self.asynchronous:
+            self._start(model, optimizer, lambda states: payload(ranks, states), step, epoch)
+            return None
         states, temp = self.strategy.save_state(
             model, optimizer, lambda: self.store().new_temp(step)
         )
@@ -134,6 +168,101 @@ class Checkpointer:
         if error is not None:
             raise CheckpointError(f"rank 0 could not save the checkpoint: {error}")
         return path
+
+    # ---------------------------------------------------------------- background saves
+
+    def _start(
+        self,
+        model: Any,
+        optimizer: Any,
+        payload: Callable[[Mapping[str, Any]], dict[str, Any]],
+        step: int,
+        epoch: int,
+    ) -> None:
+        """Stage the state on this thread, then write it in the background (every rank)."""
+        store = self.store()
+        states, temp, shards_written = self.strategy.background_state(
+            model, optimizer, lambda: store.new_temp(step)
+        )
+        main = devlayer.is_main()
+        staged = stage(payload(states), pin=devlayer.device().type != "cpu") if main else None
+        world = devlayer.world_size()
+
+        def work() -> Path | None:
+            try:
+                if shards_written is not None:
+                    shards_written()  # this rank's shards are durable (every rank's on rank 0)
+                if staged is None:
+                    return None
+                return store.save(staged, step=step, epoch=epoch, world_size=world, temp=temp)
+            except BaseException:
+                if main and temp is not None:
+                    shutil.rmtree(temp, ignore_errors=True)  # never a half-written checkpoint
+                raise
+
+        self.writer.start(step, work)
+
+    def poll(self) -> None:
+        """At a step boundary: learn, on every rank alike, whether the save in flight is done.
+
+        One small collective per step while a save is in flight, none otherwise.
+
+        Raises:
+            CheckpointError: On every rank, when the save in flight failed on any rank
+                (a full disk names ``ENOSPC``); the previous checkpoint stands.
+        """
+        if self.writer.in_flight:
+            self._agree(final=False, next_step=None)
+
+    def settle(self, next_step: int | None = None) -> None:
+        """Wait (at most :attr:`wait_timeout` seconds) for the save in flight (collective).
+
+        The rule for a trigger that comes while a save is in flight: wait for it, then save
+        (never skip: the newest checkpoint is then always the one the schedule asked for).
+        The wait is logged with both steps.
+
+        Raises:
+            CheckpointError: On every rank, when the save in flight failed or is still
+                running after the wait.
+        """
+        writer = self.writer
+        if not writer.in_flight:
+            return
+        if writer.status() == RUNNING:
+            then = f"saving step {next_step}" if next_step is not None else "going on"
+            log.warning(
+                "checkpoint step %s is still being written in the background: waiting for it "
+                "before %s (at most one save in flight)",
+                writer.step,
+                then,
+            )
+        writer.join(self.wait_timeout)
+        self._agree(final=True, next_step=next_step)
+
+    def _agree(self, *, final: bool, next_step: int | None) -> None:
+        writer = self.writer
+        status = int(devlayer.all_reduce(writer.status(), op="max"))
+        if status == RUNNING and not final:
+            return
+        step = writer.step
+        if status == FAILED:
+            errors = devlayer.all_gather_object(writer.error)
+            writer.clear()
+            rank, error = next((r, e) for r, e in enumerate(errors) if e is not None)
+            raise CheckpointError(
+                f"the background save of checkpoint step {step} failed on rank {rank}: "
+                f"{error}. The previous checkpoint stands; free space or fix the folder, "
+                "then resume (resume='auto')"
+            )
+        if status == RUNNING:
+            raise CheckpointError(
+                f"the background save of checkpoint step {step} is still running after "
+                f"{self.wait_timeout:g} s on some rank; check the checkpoint folder's disk "
+                "(a hung network mount?) and resume from the previous checkpoint"
+            )
+        writer.clear()
+        if devlayer.is_main():
+            log.info("checkpoint step %s committed in the background", step)
 
     def begin(self) -> Path | None:
         """Lock the folder and choose the checkpoint to resume (collective; see
@@ -166,6 +295,23 @@ class Checkpointer:
             apply(payload, same_world)
 
     def end(self) -> None:
-        """Release the folder's lock (safe on every rank, more than once)."""
+        """Wait (bounded, no collective) for the save in flight, then release the folder's
+        lock (safe on every rank, more than once): the lock covers the writer."""
+        writer = self.writer
+        if writer.in_flight:
+            if writer.status() == RUNNING:
+                log.warning(
+                    "checkpoint step %s is still being written in the background: waiting "
+                    "for it before releasing the checkpoint folder",
+                    writer.step,
+                )
+            if not writer.join(self.wait_timeout):
+                log.error(
+                    "checkpoint step %s is still being written after %g s; leaving it: "
+                    "resume uses the previous checkpoint",
+                    writer.step,
+                    self.wait_timeout,
+                )
+            writer.clear()
         if self.folder is not None:
             self.folder.end()

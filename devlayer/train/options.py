@@ -231,6 +231,7 @@ CHECKS: dict[str, Callable[[str, Any], None]] = {
     "lr_scaling": _lr_scaling,
     "checkpoint_dir": _optional(_path),
     "checkpoint_every": _optional(positive),
+    "checkpoint_async": _flag,
     "resume": _resume,
     "seed": _seed,
     "early_stopping": _optional(_early_stopping),
@@ -268,6 +269,10 @@ def check_options(args: Mapping[str, Any]) -> None:
             check(name, args[name])
     if args.get("checkpoint_every") is not None and args.get("checkpoint_dir") is None:
         raise InvalidArgumentError("checkpoint_every needs checkpoint_dir")
+    if args.get("checkpoint_async") and args.get("checkpoint_dir") is None:
+        raise InvalidArgumentError(
+            "checkpoint_async=True needs checkpoint_dir (the folder it writes into)"
+        )
     _check_resume_folder(args.get("resume"), args.get("checkpoint_dir"))
     # strategy, fsdp and precision together: checked once, by the strategy's from_name.
     from_name(args["strategy"], fsdp=args.get("fsdp"), trainer=True)

@@ -29,9 +29,10 @@ import io
 import os
 import pickle
 import warnings
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
+from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from devlayer.train.errors import CheckpointCorruptError, CheckpointError
 from devlayer.train.files import read_regular
@@ -41,11 +42,13 @@ __all__ = [
     "METADATA_LIMIT",
     "SHARDS_DIR",
     "MetadataUnpickler",
+    "background_group",
     "VerifiedReader",
     "read_shards",
     "restore_state",
     "training_state",
     "write_shards",
+    "write_shards_async",
 ]
 
 #: Largest ``.metadata`` read (it lists every tensor piece; large models stay far below).
@@ -259,6 +262,76 @@ def write_shards(folder: Path, model: Any, optimizer: Any, *, world_size: int) -
             f"writing the shards into {folder} failed: {_first_failure(exc)}; check the disk "
             "and that every rank sees this folder (a shared file system on several nodes)"
         ) from exc
+
+
+def write_shards_async(
+    folder: Path, model: Any, optimizer: Any, *, world_size: int, group: Any
+) -> Callable[[], None]:
+    """Stage this rank's shards now and write them into ``folder`` in the background.
+
+    DCP copies the shards to CPU memory before this returns (later steps cannot change
+    what is written); its writer thread then writes and fsyncs them, with its collectives
+    on ``group`` (a process group used by nothing else). Every rank calls it with the same
+    ``folder``.
+
+    Returns:
+        Waits for the write (call it in the background thread): it returns once every
+        rank's shards and DCP's ``.metadata`` are written (on rank 0) and raises
+        :class:`CheckpointError` when DCP failed.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    writer = dcp.FileSystemWriter(folder, single_file_per_rank=True, sync_files=True)
+    with _one_process(world_size):
+        future = dcp.async_save(
+            _state(model, optimizer),
+            storage_writer=writer,
+            process_group=group,
+            no_dist=world_size == 1,
+        )
+
+    # A stager of its own would give an AsyncSaveResponse; the default stager a Future.
+    upload = cast("Future[Any]", getattr(future, "upload_completion", future))
+
+    def written() -> None:
+        try:
+            with _one_process(world_size):
+                upload.result()
+        except CheckpointException as exc:
+            raise CheckpointError(
+                f"writing the shards into {folder} failed: {_first_failure(exc)}; check the "
+                "disk and that every rank sees this folder"
+            ) from (_os_error(exc) or exc)
+
+    return written
+
+
+#: The background saves' gloo group and the world group it was made in.
+_BACKGROUND: dict[str, Any] = {}
+
+
+def background_group(world_size: int) -> Any:
+    """A gloo group of its own for DCP's collectives in background saves (``None`` at world
+    size 1). Created once per process group, by every rank at the same (first) save."""
+    if world_size == 1:
+        return None
+    import torch.distributed as dist
+
+    world = dist.group.WORLD
+    if _BACKGROUND.get("world") is not world:
+        _BACKGROUND["group"] = dist.new_group(backend="gloo")
+        _BACKGROUND["world"] = world
+    return _BACKGROUND["group"]
+
+
+def _os_error(exc: BaseException) -> OSError | None:
+    """The first OSError among the ranks' failures in DCP's CheckpointException."""
+    for _rank, failure in sorted((getattr(exc, "failures", None) or {}).items()):
+        inner = failure[0] if isinstance(failure, tuple) and failure else failure
+        if isinstance(inner, OSError):
+            return inner
+    return None
 
 
 def read_shards(

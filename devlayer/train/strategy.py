@@ -44,10 +44,12 @@ from devlayer.train.fsdp import (
 from devlayer.train.precision import Precision, ShardedGradScaler
 from devlayer.train.sharded import (
     SHARDS_DIR,
+    background_group,
     read_shards,
     restore_state,
     training_state,
     write_shards,
+    write_shards_async,
 )
 
 __all__ = [
@@ -135,6 +137,28 @@ class Strategy:
         """
         model_state, optimizer_state = training_state(model, optimizer)
         return {"model": model_state, "optimizer": optimizer_state}, None
+
+    def background_state(
+        self, model: Any, optimizer: Any, new_folder: Callable[[], Path]
+    ) -> tuple[dict[str, Any], Path | None, Callable[[], None] | None]:
+        """Model and optimizer state for a background save (every rank calls it).
+
+        Args:
+            model: The wrapped model.
+            optimizer: Its optimizer.
+            new_folder: Creates the checkpoint's temporary folder (rank 0 only).
+
+        Returns:
+            The payload's ``"model"`` and ``"optimizer"`` entries (live: the caller stages
+            them; ``{}`` on ranks other than 0, which write no payload), the temporary
+            folder other writers fill (``None``: none), and this rank's own background
+            write, run in the writer thread (``None``: none). The replicas' state is all in
+            rank 0's payload.
+        """
+        model_state, optimizer_state = training_state(model, optimizer)
+        if not devlayer.is_main():
+            return {}, None, None
+        return {"model": model_state, "optimizer": optimizer_state}, None, None
 
     def load_state(
         self, model: Any, optimizer: Any, payload: Mapping[str, Any], path: Path, shards: Any
@@ -260,6 +284,30 @@ class FSDPStrategy(Strategy):
                 shutil.rmtree(folder, ignore_errors=True)  # never a half-written checkpoint
             raise
         return {"model": None, "optimizer": None}, folder
+
+    def background_state(
+        self, model: Any, optimizer: Any, new_folder: Callable[[], Path]
+    ) -> tuple[dict[str, Any], Path | None, Callable[[], None] | None]:
+        """Every rank stages its shards now; DCP writes them in the background thread.
+
+        DCP's own collectives (its plan and its finish, after which rank 0 has every rank's
+        shards and ``.metadata``) run on a gloo group of their own, which nothing else uses:
+        they cannot pair with the training's collectives.
+        """
+        folder = _agreed_folder(new_folder)
+        try:
+            written = write_shards_async(
+                folder / SHARDS_DIR,
+                model,
+                optimizer,
+                world_size=devlayer.world_size(),
+                group=background_group(devlayer.world_size()),
+            )
+        except BaseException:
+            if devlayer.is_main():
+                shutil.rmtree(folder, ignore_errors=True)  # never a half-written checkpoint
+            raise
+        return {"model": None, "optimizer": None}, folder, written
 
     def load_state(
         self, model: Any, optimizer: Any, payload: Mapping[str, Any], path: Path, shards: Any

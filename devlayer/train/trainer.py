@@ -119,6 +119,9 @@ class Trainer:
         checkpoint_dir: Where to keep atomic checkpoints (rank 0 writes). ``fit()`` checks
             it is writable before the first step and locks it: one job per folder.
         checkpoint_every: Save every N optimizer steps (also at each epoch end when set).
+        checkpoint_async: Write the periodic saves in the background (staged to CPU
+            memory first; at most one in flight; the run's last save is synchronous).
+            See docs/checkpoints.md, "Asynchronous checkpoints".
         resume: ``"auto"`` (newest valid checkpoint in ``checkpoint_dir``, continuing its
             run), a path (needs ``checkpoint_dir``), or None (a fresh run: refused when
             ``checkpoint_dir`` already holds checkpoints). The rules: docs/checkpoints.md,
@@ -188,6 +191,7 @@ class Trainer:
         lr_scaling: str | None = None,
         checkpoint_dir: str | os.PathLike[str] | None = None,
         checkpoint_every: int | None = None,
+        checkpoint_async: bool = False,
         resume: str | os.PathLike[str] | None = "auto",
         seed: int = 0,
         early_stopping: EarlyStopping | None = None,
@@ -254,6 +258,7 @@ class Trainer:
             resume=resume,
             allow_world_size_change=allow_world_size_change,
             strategy=self.strategy,
+            asynchronous=checkpoint_async,
         )
         self.compile_options = compile_options(compile)
         self._reset_run_state()
@@ -404,8 +409,9 @@ class Trainer:
             "lr_factor": self._lr_factor,
         }
 
-    def save_checkpoint(self) -> Path | None:
-        """Write a checkpoint now (collective: call on every rank). Returns rank 0's path."""
+    def save_checkpoint(self, *, background: bool = False) -> Path | None:
+        """Write a checkpoint now (collective: call on every rank). Returns rank 0's path
+        (``None`` for a ``background`` save under ``checkpoint_async``)."""
         # Per rank: the running sums of the epoch in progress (and its RNG states).
         mine = {
             "loss_sum": float(self._loss_sum.item()) if self._loss_sum is not None else 0.0,
@@ -418,6 +424,7 @@ class Trainer:
             mine,
             step=self.state.global_step,
             epoch=self.state.epoch,
+            background=background,
         )
 
     def export(self, path: str | os.PathLike[str]) -> Path | None:
@@ -601,6 +608,7 @@ class Trainer:
     def _end_of_step(self, n_batches: int) -> bool:
         """After an optimizer step: preemption check and periodic save; True stops the epoch."""
         st = self.state
+        self.checkpoints.poll()  # a background save's outcome, on every rank alike
         if self.bounds.preempt_now(st.global_step, devlayer.world_size()):
             return True
         # The epoch-end (or end-of-run) save follows these: no second write of the step.
@@ -609,7 +617,7 @@ class Trainer:
         if self.checkpoints.after_step(
             st.global_step, last_of_epoch=last_of_epoch, last_step=last_step
         ):
-            self.save_checkpoint()
+            self.save_checkpoint(background=True)
         return last_step
 
     def _validate(self, loader: ShardedLoader | None) -> dict[str, Any]:
@@ -707,7 +715,7 @@ class Trainer:
             # A preemption agreed on the epoch's last step: finish its bookkeeping first.
             finished = bounds.reason is not None or bounds.preempted
             if self.checkpoints.after_epoch(finished=finished):
-                self.save_checkpoint()
+                self.save_checkpoint(background=not finished)
             for cb in self.callbacks:
                 cb.on_epoch_end(self, metrics)
             if main:

@@ -53,6 +53,9 @@ def train(
     allow_world_size_change: bool = False,
     progress: bool = False,
     early_stopping: dict[str, Any] | None = None,
+    checkpoint_async: bool = False,
+    strategy: str = "ddp",
+    callbacks: tuple[Any, ...] = (),
 ) -> dict[str, Any]:
     """Fit the small regression; return weights, history, the rank and what it printed.
 
@@ -74,6 +77,9 @@ def train(
         max_steps=max_steps,
         checkpoint_dir=checkpoint_dir,
         checkpoint_every=checkpoint_every,
+        checkpoint_async=checkpoint_async,
+        strategy=strategy,
+        callbacks=callbacks,
         metrics_file=metrics_file,
         resume=resume,
         allow_world_size_change=allow_world_size_change,

@@ -117,6 +117,43 @@ def test_f3_kill_during_checkpoint_write_keeps_previous_and_cleans_temp(tmp_path
         store.verify(path)
 
 
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_c24_5_sigkill_of_the_background_writer_before_the_rename_resumes_bitwise(
+    tmp_path, reference, fsdp_reference, strategy
+):
+    """C24-5: checkpoint_async=True: rank 0's background writer is SIGKILLed in its second
+    save, after state.pt (and every rank's shards) are written and before the rename; the
+    restart resumes from step 2, ends bitwise equal to an uninterrupted run, and leaves no
+    .tmp- entry; every checkpoint left verifies."""
+    proc, ckpt, out = _torchrun(
+        tmp_path, "c24", "--kill-in-write", "--async", "--strategy", strategy
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "resumed_from=" in proc.stdout and "step-000000002" in proc.stdout, (
+        proc.stdout[-3000:] + proc.stderr[-3000:]
+    )
+    expected = reference if strategy == "ddp" else fsdp_reference
+    assert _same(torch.load(out, weights_only=True), expected)
+    assert not [p for p in ckpt.iterdir() if p.name.startswith(".tmp-")]
+    store = CheckpointStore(ckpt)
+    for path in store.list():
+        store.verify(path)
+
+
+@pytest.mark.parametrize("step", [3, 5])
+def test_c24_6_sigkill_of_rank1_with_a_save_in_flight_resumes_bitwise(tmp_path, reference, step):
+    """C24-6: checkpoint_async=True: rank 1 is SIGKILLed after step 3 or 5, while the save of
+    step 2 or 4 may still be in flight on rank 0; the restart resumes from the newest
+    committed checkpoint and ends bitwise equal to an uninterrupted run, with no .tmp- entry."""
+    proc, ckpt, out = _torchrun(
+        tmp_path, "c24k", "--kill-rank", "1", "--kill-at-step", str(step), "--async"
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "resumed_from=" in proc.stdout and "resumed_from=None" not in proc.stdout
+    assert _same(torch.load(out, weights_only=True), reference)
+    assert not [p for p in ckpt.iterdir() if p.name.startswith(".tmp-")]
+
+
 def test_f7_sigterm_stops_all_ranks_saves_and_exits_nonzero(tmp_path):
     """SIGTERM to the torchrun agent after step 3 (no restarts): the ranks stop with
     PreemptedError naming SIGTERM, the job exits non-zero without finishing, and a checkpoint

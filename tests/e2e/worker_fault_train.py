@@ -1,12 +1,14 @@
 """A training job for the fault tests (run under torchrun).
 
     worker_fault_train.py CKPT_DIR OUT_FILE [--kill-rank R --kill-at-step K]
-                          [--kill-in-write] [--term-at-step K]
+                          [--kill-in-write] [--term-at-step K] [--async]
 
 * ``--kill-rank R --kill-at-step K``: in the first attempt, rank R SIGKILLs itself right
   after optimizer step K.
 * ``--kill-in-write``: in the first attempt, rank 0 SIGKILLs itself while writing its
   second checkpoint, between serializing and the atomic rename.
+* ``--async``: ``checkpoint_async=True`` (periodic saves written in the background; the
+  kill in ``--kill-in-write`` then hits rank 0's background writer).
 * ``--term-at-step K``: rank 0 sends SIGTERM to the torchrun agent (its parent) after step
   K, as a scheduler's preemption would.
 
@@ -35,6 +37,7 @@ p.add_argument("--kill-in-write", action="store_true")
 p.add_argument("--term-at-step", type=int, default=None)
 p.add_argument("--epochs", type=int, default=3)
 p.add_argument("--strategy", default="ddp")
+p.add_argument("--async", dest="background", action="store_true")
 args = p.parse_args()
 first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
 
@@ -83,6 +86,7 @@ trainer = devlayer.Trainer(
     max_epochs=args.epochs,
     checkpoint_dir=args.ckpt,
     checkpoint_every=2,
+    checkpoint_async=args.background,
     progress=False,
     num_workers=0,
     seed=7,

@@ -66,6 +66,7 @@ BAD: list[tuple[str, Any, str]] = [
     ("checkpoint_dir", "", "empty"),
     ("checkpoint_dir", "  ", "empty"),
     ("checkpoint_every", 0, "int >= 1"),
+    ("checkpoint_async", "yes", "True or False"),
     ("resume", True, "'auto'"),
     ("resume", 123, "'auto'"),
     ("resume", "", "'auto'"),
