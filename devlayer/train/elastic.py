@@ -270,7 +270,7 @@ def _merged_sums(ranks: Sequence[Mapping[str, Any]], rank: int) -> tuple[float, 
 
 
 def plan_world_change(
-    payload: Mapping[str, Any], *, world: int, rank: int, mode: bool | str
+    payload: Mapping[str, Any], *, world: int, rank: int, mode: bool | str, seed: int
 ) -> WorldChange:
     """Re-derive the batch plan and the data position for this world size (pure).
 
@@ -280,15 +280,23 @@ def plan_world_change(
         rank: This rank.
         mode: ``allow_world_size_change``: ``True`` keeps the global batch,
             :data:`RESCALE_LR` keeps the per-rank batch and rescales the learning rate.
+        seed: This run's seed (the data order is drawn from it).
 
     Raises:
-        WorldSizeChangeError: The global batch cannot be kept at ``world`` ranks.
+        WorldSizeChangeError: The global batch cannot be kept at ``world`` ranks, or the
+            checkpoint's data order was drawn with another seed.
     """
     data = payload.get("data")
     epoch, step = int(payload["epoch"]), int(payload["global_step"])
     old_world = len(payload["ranks"])
     if data is None:  # written before the position was global: the documented reset
         return WorldChange(None, None, epoch, 0, step, (0.0, 0), 1.0, old_world, world)
+    if int(data["seed"]) != seed:
+        raise WorldSizeChangeError(
+            f"the checkpoint's data order was drawn with seed={data['seed']}, this run has "
+            f"seed={seed}: the epoch could not continue at its exact sample; pass "
+            f"seed={data['seed']} as the run that saved it did"
+        )
     old = _saved_plan(data)
     if mode == RESCALE_LR:
         new, factor = rescaled_plan(old, world)

@@ -528,7 +528,11 @@ class Trainer:
 
         st = devlayer.state()
         change = plan_world_change(
-            payload, world=st.world_size, rank=st.rank, mode=self.allow_world_size_change
+            payload,
+            world=st.world_size,
+            rank=st.rank,
+            mode=self.allow_world_size_change,
+            seed=self.seed,
         )
         if change.new is not None:
             self.grad_accum, self.batch_size = change.new.grad_accum, change.new.global_batch

@@ -146,13 +146,16 @@ def _payload(world: int, plan: BatchPlan | None, batches_done: int) -> dict:
 def test_e23_2_the_position_and_the_running_sums_carry_over():
     """E23-2: 2 ranks x batch 4 at micro-batch 6 (48 samples) continue on 1 rank at its
     micro-batch 12 (batch 4, grad_accum 2); the old ranks' running loss sums land on rank 0
-    (the epoch's mean stays exact); a checkpoint without a position restarts the epoch."""
+    (the epoch's mean stays exact); another seed (another data order) is refused; a
+    checkpoint without a position restarts the epoch."""
     payload = _payload(2, BatchPlan(4, 1, 2), 6)
-    change = plan_world_change(payload, world=1, rank=0, mode=True)
+    change = plan_world_change(payload, world=1, rank=0, mode=True, seed=7)
     assert change.new == BatchPlan(4, 2, 1) and change.batches_done == 12
     assert (change.epoch, change.step, change.sums) == (1, 17, (4.5, 30))
-    assert plan_world_change(payload, world=4, rank=3, mode=True).sums == (0.0, 0)
-    old = plan_world_change(_payload(2, None, 6), world=1, rank=0, mode=True)
+    assert plan_world_change(payload, world=4, rank=3, mode=True, seed=7).sums == (0.0, 0)
+    with pytest.raises(WorldSizeChangeError, match=r"seed=7, this run has seed=8.*pass seed=7"):
+        plan_world_change(payload, world=1, rank=0, mode=True, seed=8)
+    old = plan_world_change(_payload(2, None, 6), world=1, rank=0, mode=True, seed=7)
     assert (
         old.new is None
         and old.batches_done == 0
@@ -166,9 +169,11 @@ def test_e23_3_rescale_inside_an_epoch_is_refused_when_the_position_would_move()
     is not a whole number of new steps, so it is refused (naming the position and the
     fix); at a whole number (0, an epoch's end) it continues with the LR factor."""
     with pytest.raises(WorldSizeChangeError, match=r"sample 40 of epoch 1.*epoch's end"):
-        plan_world_change(_payload(2, BatchPlan(4, 1, 2), 5), world=3, rank=0, mode="rescale_lr")
+        plan_world_change(
+            _payload(2, BatchPlan(4, 1, 2), 5), world=3, rank=0, mode="rescale_lr", seed=7
+        )
     change = plan_world_change(
-        _payload(2, BatchPlan(4, 1, 2), 0), world=3, rank=0, mode="rescale_lr"
+        _payload(2, BatchPlan(4, 1, 2), 0), world=3, rank=0, mode="rescale_lr", seed=7
     )
     assert change.new == BatchPlan(4, 1, 3) and change.lr_factor == 1.5
 
