@@ -17,6 +17,7 @@ from devlayer.train.checkpoint import (
     CheckpointWorldSizeError,
 )
 from devlayer.train.data import ShardedLoader, auto_num_workers, prepare_loader
+from devlayer.train.errors import WorldSizeChangeError
 from devlayer.train.model import prepare_model, unwrap
 from devlayer.train.seed import seed_everything
 from devlayer.train.trainer import Callback, EarlyStopping, PreemptedError, Trainer
@@ -39,4 +40,5 @@ __all__ = [
     "prepare_model",
     "seed_everything",
     "unwrap",
+    "WorldSizeChangeError",
 ]

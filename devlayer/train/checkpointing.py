@@ -54,7 +54,8 @@ class Checkpointer:
         directory: ``checkpoint_dir`` (``None``: no checkpoints).
         every: ``checkpoint_every`` optimizer steps (``None``: at the run's end only).
         resume: ``"auto"``, a checkpoint path or ``None`` (see :meth:`begin`).
-        allow_world_size_change: Load a checkpoint saved with another world size.
+        allow_world_size_change: Load a checkpoint saved with another world size (``True``
+            or ``"rescale_lr"``, see :mod:`devlayer.train.elastic`).
         strategy: Saves and restores model and optimizer state.
         asynchronous: Write periodic saves in the background (``checkpoint_async``).
     """
@@ -65,7 +66,7 @@ class Checkpointer:
         *,
         every: int | None,
         resume: str | os.PathLike[str] | None,
-        allow_world_size_change: bool,
+        allow_world_size_change: bool | str,
         strategy: Strategy,
         asynchronous: bool = False,
     ) -> None:
@@ -287,7 +288,7 @@ class Checkpointer:
                 path,
                 map_location=devlayer.device(),
                 expected_world_size=devlayer.world_size(),
-                allow_world_size_change=self.allow_world_size_change,
+                allow_world_size_change=bool(self.allow_world_size_change),
             )
             self.folder.check_payload(payload, manifest, unwrap(model), path)
             same_world = manifest.get("world_size") == devlayer.world_size()

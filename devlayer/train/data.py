@@ -19,6 +19,7 @@ from devlayer.errors import InvalidArgumentError
 
 __all__ = [
     "MAX_BATCH_SIZE",
+    "GlobalOrder",
     "MIN_WORKERS_LIMIT",
     "ShardedLoader",
     "WORKERS_PER_CPU",
@@ -152,7 +153,7 @@ def check_num_workers(
 
 
 class _ResumableSampler:
-    """Wraps a DistributedSampler: ``set_epoch`` plus skipping the first N indices once."""
+    """Wraps a sampler: ``set_epoch`` plus skipping the first N indices once."""
 
     def __init__(self, sampler: Any) -> None:
         self.sampler = sampler
@@ -171,6 +172,61 @@ class _ResumableSampler:
 
     def __len__(self) -> int:
         return len(self.sampler)
+
+
+class GlobalOrder:
+    """One epoch's order over all ranks; rank ``r`` takes global positions r, r+world, ...
+
+    The order is a permutation drawn from ``seed + epoch`` (or ``range(n)`` without
+    shuffling), repeated from its start up to a multiple of ``multiple`` samples, or cut
+    down to one with ``drop_last``. With ``multiple=world`` it is exactly torch's
+    ``DistributedSampler``. The global micro-batch ``k`` (rank batches ``k`` of every rank)
+    is the block of positions ``[k*M, (k+1)*M)`` with ``M`` the global micro-batch, at any
+    world size: a position in the epoch is one number, the samples consumed (what a
+    resume at another world size continues from). With ``multiple`` the global batch of
+    an optimizer step, the padded epoch is the same at every world size dividing it.
+
+    Example:
+        >>> order = GlobalOrder(5, world=2, rank=1, shuffle=False, seed=0, multiple=4)
+        >>> list(order), len(order)
+        ([1, 3, 0, 2], 4)
+    """
+
+    def __init__(
+        self,
+        n: int,
+        world: int,
+        rank: int,
+        shuffle: bool,
+        seed: int,
+        multiple: int,
+        drop_last: bool = False,
+    ) -> None:
+        self.n, self.world, self.rank, self.shuffle, self.seed = n, world, rank, shuffle, seed
+        self.multiple = multiple
+        self.epoch = 0
+        whole = (n // multiple) * multiple if drop_last else -(-n // multiple) * multiple
+        self.total = whole if n else 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def positions(self) -> list[int]:
+        """The epoch's global order (before the split over ranks)."""
+        import torch
+
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        return [order[i % self.n] for i in range(self.total)]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.positions()[self.rank :: self.world])
+
+    def __len__(self) -> int:
+        return self.total // self.world
 
 
 class _ExactShard:
@@ -201,7 +257,8 @@ class ShardedLoader:
 
     Iterating calls ``set_epoch`` on the sampler with the current epoch (so every epoch is
     shuffled differently, identically on all ranks) and then advances the epoch. Use
-    :meth:`set_epoch` to jump (e.g. when resuming) and :meth:`skip_batches` to resume in
+    :meth:`set_epoch` to jump (e.g. when resuming) and :meth:`skip_batches` (this rank's
+    batches) or :meth:`skip_samples` (the global position, at any world size) to resume in
     the middle of an epoch. Other attributes are the underlying DataLoader's.
 
     Attributes:
@@ -209,6 +266,9 @@ class ShardedLoader:
         epoch: The epoch the next iteration runs.
         global_batch_size: Samples per step summed over ranks.
         batch_size: Samples per step on this rank.
+        world_size: Ranks the data is split over.
+        step_samples: The epoch is padded (or cut) to a multiple of this many samples;
+            ``None`` when the sampler has no global order (``pad=False``).
     """
 
     def __init__(
@@ -218,6 +278,9 @@ class ShardedLoader:
         seed: int,
         rank: int,
         global_batch_size: int,
+        *,
+        world_size: int = 1,
+        step_samples: int | None = None,
     ) -> None:
         self.loader = loader
         self.resumable = sampler
@@ -226,6 +289,8 @@ class ShardedLoader:
         self.epoch = 0
         self.global_batch_size = global_batch_size
         self.batch_size = loader.batch_size
+        self.world_size = world_size
+        self.step_samples = step_samples
 
     def set_epoch(self, epoch: int) -> None:
         """Make the next iteration run ``epoch``."""
@@ -238,6 +303,27 @@ class ShardedLoader:
         if self.resumable is None:
             raise InvalidArgumentError("this loader has no sampler to skip batches with")
         self.resumable.skip_next(n * self.loader.batch_size)
+
+    def skip_samples(self, n: int) -> None:
+        """Start the next iteration at global position ``n`` of the epoch's order.
+
+        The position is the count of samples all ranks consumed, so a run at another world
+        size continues at the exact sample (see :class:`GlobalOrder`).
+
+        Raises:
+            InvalidArgumentError: No global order (``pad=False``), or ``n`` is negative or
+                does not split evenly over the ranks.
+        """
+        if self.step_samples is None or self.resumable is None:
+            raise InvalidArgumentError(
+                "this loader has no global order to skip samples in (built with pad=False)"
+            )
+        if n < 0 or n % self.world_size:
+            raise InvalidArgumentError(
+                f"skip_samples({n}): the position must be >= 0 and a multiple of "
+                f"world_size={self.world_size}"
+            )
+        self.resumable.skip_next(n // self.world_size)
 
     def __iter__(self) -> Iterator[Any]:
         epoch = self.epoch
@@ -354,6 +440,7 @@ def prepare_loader(
     seed: int = 0,
     per_rank: bool = False,
     pad: bool = True,
+    step_samples: int | None = None,
     **loader_kwargs: Any,
 ) -> ShardedLoader:
     """A loader over this rank's shard of ``dataset`` with the global batch split evenly.
@@ -374,6 +461,11 @@ def prepare_loader(
         pad: Repeat samples so every rank gets the same number of batches (needed when each
             batch ends in a collective, as in training). ``False`` shards without repeats:
             exact evaluation metrics, but ranks may see one batch more or less.
+        step_samples: Pad (or with ``drop_last`` cut) each epoch to a multiple of this many
+            samples instead of a multiple of the world size: with the global batch of an
+            optimizer step, every step is full and the epoch is the same at every world
+            size that divides it (what an exact resume at another world size needs).
+            A multiple of the world size; default: the world size.
         **loader_kwargs: Passed to ``torch.utils.data.DataLoader`` (``collate_fn``...).
 
     Returns:
@@ -395,7 +487,7 @@ def prepare_loader(
         >>> _ = devlayer.shutdown()
     """
     import torch
-    from torch.utils.data import DataLoader, DistributedSampler
+    from torch.utils.data import DataLoader, IterableDataset
 
     import devlayer
 
@@ -411,21 +503,24 @@ def prepare_loader(
     if shuffle is None:
         shuffle = True
     per_rank_batch = _per_rank_batch(batch_size, world, per_rank)
-    if not isinstance(dataset, Sized):
+    if not isinstance(dataset, Sized) or isinstance(dataset, IterableDataset):
+        # An IterableDataset (even one with __len__) decides its own order: it can be
+        # neither split by a sampler nor resumed at a position.
         raise InvalidArgumentError(
             f"prepare_loader() needs a map-style dataset with __len__; got "
-            f"{type(dataset).__name__} (shard an IterableDataset yourself by rank)"
+            f"{type(dataset).__name__}, whose position in an epoch cannot be split by rank "
+            "nor carried by a checkpoint; pass a map-style Dataset (__getitem__ and "
+            "__len__), or shard an IterableDataset yourself by rank"
         )
     workers = check_num_workers(
         num_workers, st.local_world_size, one_task_per_rank=st.process.cpus_per_rank is not None
     )
 
     data: Any = dataset
+    multiple = _step_samples(step_samples, world)
     sampler: Any
     if pad or drop_last:
-        sampler = DistributedSampler(
-            data, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last
-        )
+        sampler = GlobalOrder(len(data), world, rank, shuffle, seed, multiple, drop_last)
     else:
         sampler = _ExactShard(len(data), world, rank, shuffle, seed)
     resumable = _ResumableSampler(sampler)
@@ -441,4 +536,26 @@ def prepare_loader(
         generator=torch.Generator(device="cpu"),
         **loader_kwargs,
     )
-    return ShardedLoader(loader, resumable, seed, rank, per_rank_batch * world)
+    return ShardedLoader(
+        loader,
+        resumable,
+        seed,
+        rank,
+        per_rank_batch * world,
+        world_size=world,
+        step_samples=multiple if (pad or drop_last) else None,
+    )
+
+
+def _step_samples(step_samples: Any, world: int) -> int:
+    """The multiple an epoch is padded to: ``step_samples`` (checked) or the world size."""
+    if step_samples is None:
+        return world
+    if isinstance(step_samples, bool) or not isinstance(step_samples, int) or step_samples < 1:
+        raise InvalidArgumentError(f"step_samples={step_samples!r} must be an int >= 1")
+    if step_samples % world:
+        raise InvalidArgumentError(
+            f"step_samples={step_samples} does not split evenly over world_size={world} "
+            f"ranks; use a multiple of {world}"
+        )
+    return step_samples

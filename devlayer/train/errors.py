@@ -15,6 +15,7 @@ __all__ = [
     "LoggerError",
     "LoggerExtraMissingError",
     "LoggerWarning",
+    "WorldSizeChangeError",
     "PreemptedError",
 ]
 
@@ -42,6 +43,12 @@ class CheckpointVersionError(CheckpointError):
 
 class CheckpointWorldSizeError(CheckpointError):
     """A checkpoint was saved with a different number of ranks than this run has."""
+
+
+class WorldSizeChangeError(CheckpointWorldSizeError):
+    """A resume at another world size cannot continue the run exactly (the global batch
+    does not split, or the training data's position cannot be carried); the message
+    names what was seen and the fix."""
 
 
 class CheckpointInUseError(CheckpointError):

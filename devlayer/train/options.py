@@ -91,6 +91,14 @@ def _flag(name: str, value: Any) -> None:
         raise InvalidArgumentError(f"{name}={_short(value)} must be True or False")
 
 
+def _world_size_change(name: str, value: Any) -> None:
+    if not (isinstance(value, bool) or value == "rescale_lr"):
+        raise InvalidArgumentError(
+            f"{name}={_short(value)} must be True, False or 'rescale_lr' (keep the per-rank "
+            "batch and scale the learning rate with the global batch)"
+        )
+
+
 def _callable(name: str, value: Any) -> None:
     if not callable(value):
         raise InvalidArgumentError(
@@ -245,7 +253,7 @@ CHECKS: dict[str, Callable[[str, Any], None]] = {
     "num_workers": _num_workers,
     "log_every": positive,
     "reference_throughput": _optional(_positive_number),
-    "allow_world_size_change": _flag,
+    "allow_world_size_change": _world_size_change,
     "preempt_check_every": positive,
     "optimize": _optimize,
     "strategy": _strategy,

@@ -29,6 +29,7 @@ from devlayer.config import short_repr
 from devlayer.errors import DevlayerError
 from devlayer.train import errors as _errors
 from devlayer.train.checkpoint import CheckpointStore, checkpoint_folder, describe_runs
+from devlayer.train.elastic import is_data_position
 from devlayer.train.errors import (
     CheckpointCorruptError,
     CheckpointError,
@@ -150,6 +151,12 @@ def _payload_rules(world_size: object, sharded: bool) -> dict[str, tuple[bool, A
         ),
         "history": (False, _history_ok, "a list of dicts with str keys (one per epoch)"),
         "lr_factor": (False, lambda v: _is_number(v) and v > 0, "a finite number > 0"),
+        "data": (
+            False,
+            lambda v: v is None or is_data_position(v),
+            "None or a dict of ints: 'seed', 'epoch', 'consumed' (>= 0), 'per_rank_batch', "
+            "'grad_accum' and 'world_size' (>= 1)",
+        ),
     }
 
 

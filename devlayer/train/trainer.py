@@ -40,9 +40,18 @@ from devlayer.train.callbacks import Callback, EarlyStopping
 from devlayer.train.checkpointing import Checkpointer
 from devlayer.train.compile import compile_options
 from devlayer.train.data import ShardedLoader, prepare_loader
+from devlayer.train.elastic import (
+    BatchPlan,
+    WorldChange,
+    check_resumable_data,
+    data_position,
+    requested_plan,
+    same_plan,
+)
 from devlayer.train.errors import PreemptedError
 from devlayer.train.loggers import Logger, Loggers
 from devlayer.train.metrics import (
+    append_metrics,
     batch_len,
     epoch_line,
     epoch_metrics,
@@ -149,7 +158,12 @@ class Trainer:
             use (:func:`~devlayer.train.data.max_num_workers`).
         log_every: Read the running loss (a device sync) every N optimizer steps.
         reference_throughput: World-size-1 samples/s, to report scaling efficiency.
-        allow_world_size_change: Resume a checkpoint saved with another world size.
+        allow_world_size_change: Resume a checkpoint saved with another world size,
+            exactly: the global batch is kept (per-rank batch and ``grad_accum``
+            re-derived), the epoch continues at its exact sample, per-rank generators are
+            re-seeded from (seed, step, rank). ``"rescale_lr"`` keeps the per-rank batch and
+            accumulation instead and scales the learning rate with the global batch.
+            What is refused: docs/checkpoints.md, "Resume at another world size".
         preempt_check_every: On SIGTERM (preemption), all ranks agree to stop within two
             multiples of this many optimizer steps (one non-blocking scalar all_reduce on
             the CPU per check, read at the next check), save a checkpoint and raise
@@ -206,7 +220,7 @@ class Trainer:
         num_workers: int | str = "auto",
         log_every: int = 50,
         reference_throughput: float | None = None,
-        allow_world_size_change: bool = False,
+        allow_world_size_change: bool | str = False,
         preempt_check_every: int = 10,
         optimize: str | Callable[[Any, Any], tuple[Any, Any]] | None = None,
         strategy: str | Strategy = "ddp",
@@ -276,6 +290,8 @@ class Trainer:
         self._loss_sum: Any = None
         self._samples = 0
         self._resumed_sums = (0.0, 0)
+        self._plan: BatchPlan | None = None  # set with the training loader
+        self._world_change: WorldChange | None = None
 
     max_epochs = _bound("max_epochs")
     max_steps = _bound("max_steps")
@@ -363,6 +379,14 @@ class Trainer:
         self.model, self.optimizer = model, optimizer
         self._optimized = True
 
+    def _train_loader(self, data: Any) -> ShardedLoader:
+        """The training loader; records its batch plan (saved with the data position)."""
+        if self._world_change is not None:
+            check_resumable_data(data)
+        loader = self._loader(data, shuffle=True)
+        self._plan = BatchPlan(loader.batch_size, self.grad_accum, devlayer.world_size())
+        return loader
+
     def _loader(self, data: Any, *, shuffle: bool) -> ShardedLoader:
         if isinstance(data, ShardedLoader):
             return data
@@ -388,12 +412,16 @@ class Trainer:
             seed=self.seed,
             num_workers=self.num_workers,
             pad=shuffle,  # training pads (same steps on every rank); evaluation is exact
+            # Training: a whole number of global batches per epoch, the same at any world
+            # size (an exact resume at another one continues the same global order).
+            step_samples=per_step if shuffle else None,
         )
 
     # ------------------------------------------------------------------ checkpoints
 
     def _payload(self, rank_states: list[Any], states: Mapping[str, Any]) -> dict[str, Any]:
         """The checkpoint's payload; ``states``: the strategy's model and optimizer entries."""
+        st, plan = self.state, self._plan
         return {
             **states,
             "scaler": self.amp.state_dict() if self.amp is not None else None,
@@ -407,6 +435,8 @@ class Trainer:
             ),
             "ranks": rank_states,
             "lr_factor": self._lr_factor,
+            # Where the epoch stands over all ranks: a resume at any world size continues it.
+            "data": plan and data_position(self.seed, st.epoch, st.batches_done, plan),
         }
 
     def save_checkpoint(self, *, background: bool = False) -> Path | None:
@@ -501,7 +531,7 @@ class Trainer:
         if self.early_stopping is not None and payload.get("early_stopping") is not None:
             self.early_stopping.load_state_dict(payload["early_stopping"])
         self.state.history = list(payload.get("history", []))
-        if same_world:
+        if same_world and same_plan(payload, self._plan):
             self.state.epoch = int(payload["epoch"])
             self.state.batches_done = int(payload["batches_done"])
             self.state.global_step = int(payload["global_step"])
@@ -509,11 +539,31 @@ class Trainer:
             set_rng_state(mine["rng"])
             self._resumed_sums = (float(mine["loss_sum"]), int(mine["samples"]))
         else:
-            # Another world size shards the data differently: restart the interrupted
-            # epoch from its beginning with fresh per-rank RNG (documented reset).
-            self.state.epoch = int(payload["epoch"])
-            self.state.batches_done = 0
-            self.state.global_step = int(payload["global_step"])
+            self._change_world(payload)
+
+    def _change_world(self, payload: Mapping[str, Any]) -> None:
+        """Another world size (or batch plan): keep the global batch, continue the epoch at
+        its global position, re-seed per rank (docs/checkpoints.md)."""
+        from devlayer.train.elastic import announce, plan_world_change
+
+        st = devlayer.state()
+        change = plan_world_change(
+            payload,
+            world=st.world_size,
+            rank=st.rank,
+            mode=self.allow_world_size_change,
+            seed=self.seed,
+        )
+        if change.new is not None:
+            self.grad_accum, self.batch_size = change.new.grad_accum, change.new.global_batch
+        if change.lr_factor != 1.0:
+            _scale_lr(self.optimizer, self.scheduler, change.lr_factor)
+        self.state.epoch, self.state.global_step = change.epoch, change.step
+        self.state.batches_done, self._resumed_sums = change.batches_done, change.sums
+        announce(change, seed=self.seed, rank=st.rank, is_main=st.is_main)
+        if st.is_main and self.metrics_file is not None:
+            append_metrics(self.metrics_file, change.record())
+        self._world_change = change
 
     # ------------------------------------------------------------------ training
 
@@ -680,10 +730,12 @@ class Trainer:
 
     def _fit(self, train_data: Any, val_data: Any) -> list[dict[str, Any]]:
         self._setup()
-        train_loader = self._loader(train_data, shuffle=True)
+        # Resume first: at another world size it re-derives the batch plan the loader uses.
+        self._plan = requested_plan(train_data, self.batch_size, self.grad_accum)
+        self._resume()
+        train_loader = self._train_loader(train_data)
         check_batches(len(train_loader), devlayer.rank(), self.max_steps)
         val_loader = self._loader(val_data, shuffle=False) if val_data is not None else None
-        self._resume()
         self.loggers.start(self)  # after the resume: continue its tracker runs
         for cb in self.callbacks:
             cb.on_fit_start(self)

@@ -110,8 +110,8 @@ def test_d2_per_rank_seeds_and_c8_single_writer(clean_env, tmp_path):
 
 def test_c3_world_size_change_refused_unless_allowed(clean_env, tmp_path):
     """A 2-rank checkpoint is refused at world size 1 with CheckpointWorldSizeError naming both
-    sizes; with allow_world_size_change=True the Trainer resumes it on one rank and replays the
-    interrupted epoch from its start (the documented reset)."""
+    sizes; with allow_world_size_change=True the Trainer resumes it on one rank and continues
+    the interrupted epoch at its exact sample (issue 23; tests/dist/test_elastic.py)."""
     from devlayer.train.checkpoint import CheckpointStore, CheckpointWorldSizeError
 
     ckpt = tmp_path / "ckpt"
@@ -122,11 +122,11 @@ def test_c3_world_size_change_refused_unless_allowed(clean_env, tmp_path):
         with pytest.raises(CheckpointWorldSizeError, match=r"2.*1|1.*2"):
             train(max_epochs=1, checkpoint_dir=str(ckpt))
         result = train(max_epochs=2, checkpoint_dir=str(ckpt), allow_world_size_change=True)
-    # Weights and optimizer continued from the 2-rank checkpoint; the interrupted epoch
-    # restarted from its beginning on one rank (documented reset).
+    # Weights and optimizer continued from the 2-rank checkpoint at step 5 of 6; the
+    # interrupted epoch went on at its exact sample: 1 step to its end, then 6 more.
     assert result["resumed_from"] is not None
     assert result["history"][-1]["world_size"] == 1
-    assert result["history"][-1]["global_step"] == saved["global_step"] + 2 * 6
+    assert result["history"][-1]["global_step"] == saved["global_step"] + 1 + 6
 
 
 @pytest.mark.parametrize("check_every", [1, 2])

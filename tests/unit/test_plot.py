@@ -130,3 +130,34 @@ def test_a_partial_epochs_position_is_not_drawn_as_a_metric(tmp_path):
     )
     series = plot_metrics(read_metrics(f), tmp_path / "m.png")
     assert sorted(series) == ["samples_per_sec", "train_loss", "val_loss"]
+
+
+def test_e23_8_plot_marks_a_world_size_change(tmp_path, capsys):
+    """E23-8: a metrics file with a ``world_size_change`` line (what a resume at another
+    world size appends) plots its epochs as before, draws no curve from the event's fields,
+    and marks the change (old and new size, step) on the figure; the event is not an epoch."""
+    import json
+
+    from devlayer.cli.plot import read_events, read_metrics
+
+    f = tmp_path / "m.jsonl"
+    lines = [
+        {"epoch": 1, "train_loss": 1.0, "world_size": 2, "global_step": 13},
+        {
+            "event": "world_size_change",
+            "global_step": 17,
+            "epoch": 1,
+            "old_world_size": 2,
+            "new_world_size": 1,
+            "rederived": {"grad_accum": [1, 2]},
+        },
+        {"epoch": 2, "train_loss": 0.5, "world_size": 1, "global_step": 26},
+    ]
+    f.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    assert sorted(read_metrics(f)) == [1, 2]
+    assert [e["new_world_size"] for e in read_events(f)] == [1]
+    out = tmp_path / "m.png"
+    assert main(["plot", str(f), "-o", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert "2 epoch(s); series train_loss; marked world 2->1 @ step 17" in said, said
+    assert _png_size(out) == (1500, 450)

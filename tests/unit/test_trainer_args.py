@@ -95,7 +95,7 @@ BAD: list[tuple[str, Any, str]] = [
     ("reference_throughput", -5, "positive"),
     ("reference_throughput", "x", "positive"),
     ("reference_throughput", float("inf"), "positive"),
-    ("allow_world_size_change", "no", "True or False"),
+    ("allow_world_size_change", "no", "True, False or 'rescale_lr'"),
     ("preempt_check_every", 0, "int >= 1"),
     ("optimize", 123, "optimization_names()"),
     ("strategy", "zero3", "'ddp'"),

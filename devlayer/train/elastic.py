@@ -1,0 +1,381 @@
+"""Resume at a changed world size, exactly: the global data position and the global batch.
+
+A Trainer checkpoint records where the epoch stands as one number, the samples all ranks
+consumed in the epoch's global order (:class:`~devlayer.train.data.GlobalOrder`), with the
+batch plan that consumed them (per-rank micro-batch, gradient accumulation, world size).
+A run at another world size (``allow_world_size_change=True``) keeps the global batch:
+:func:`keep_global_batch` re-derives the per-rank micro-batch (never larger than the saved
+one, so a rank needs no more memory) and the accumulation; the epoch continues at the exact
+sample; the per-rank random generators are re-seeded from ``(seed, step, rank)``. What
+cannot be kept is refused with :class:`~devlayer.train.errors.WorldSizeChangeError`. The
+rules: docs/checkpoints.md, "Resume at another world size".
+
+Example:
+    >>> keep_global_batch(BatchPlan(32, 1, 2), 1)
+    BatchPlan(per_rank_batch=32, grad_accum=2, world_size=1)
+    >>> keep_global_batch(BatchPlan(32, 1, 2), 4)
+    BatchPlan(per_rank_batch=16, grad_accum=1, world_size=4)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from devlayer.train.data import ShardedLoader
+from devlayer.train.errors import WorldSizeChangeError
+
+__all__ = [
+    "RESCALE_LR",
+    "BatchPlan",
+    "WorldChange",
+    "announce",
+    "check_resumable_data",
+    "data_position",
+    "is_data_position",
+    "keep_global_batch",
+    "plan_world_change",
+    "rescaled_plan",
+    "same_plan",
+    "requested_plan",
+    "reseed_value",
+]
+
+log = logging.getLogger("devlayer.train")
+
+#: ``allow_world_size_change=RESCALE_LR``: keep the per-rank batch and accumulation, let
+#: the global batch follow the world size and scale the learning rate with it (linearly).
+RESCALE_LR = "rescale_lr"
+
+_POSITION_KEYS = ("seed", "epoch", "consumed", "per_rank_batch", "grad_accum", "world_size")
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How one optimizer step's global batch is split.
+
+    Attributes:
+        per_rank_batch: Samples per micro-batch on one rank.
+        grad_accum: Micro-batches per optimizer step.
+        world_size: Ranks.
+    """
+
+    per_rank_batch: int
+    grad_accum: int
+    world_size: int
+
+    @property
+    def global_batch(self) -> int:
+        """Samples per optimizer step over all ranks (per-rank batch x world x accumulation)."""
+        return self.per_rank_batch * self.world_size * self.grad_accum
+
+    def text(self) -> str:
+        """``"per-rank batch 32 x world 2 x grad_accum 1 = 64"``."""
+        return (
+            f"per-rank batch {self.per_rank_batch} x world {self.world_size} x grad_accum "
+            f"{self.grad_accum} = {self.global_batch}"
+        )
+
+
+def data_position(seed: int, epoch: int, batches_done: int, plan: BatchPlan) -> dict[str, int]:
+    """The payload's ``"data"`` entry: the epoch's global position and the plan behind it.
+
+    Example:
+        >>> data_position(7, 2, 3, BatchPlan(8, 1, 2))["consumed"]
+        48
+    """
+    return {
+        "seed": int(seed),
+        "epoch": int(epoch),
+        "consumed": batches_done * plan.per_rank_batch * plan.world_size,
+        "per_rank_batch": plan.per_rank_batch,
+        "grad_accum": plan.grad_accum,
+        "world_size": plan.world_size,
+    }
+
+
+def is_data_position(value: object) -> bool:
+    """Whether ``value`` has the shape :func:`data_position` gives (for the payload check).
+
+    Example:
+        >>> is_data_position(data_position(0, 0, 0, BatchPlan(1, 1, 1))), is_data_position({})
+        (True, False)
+    """
+    if not isinstance(value, Mapping) or set(value) != set(_POSITION_KEYS):
+        return False
+    ints = all(isinstance(value[k], int) and not isinstance(value[k], bool) for k in value)
+    return (
+        ints
+        and value["seed"] >= 0
+        and value["epoch"] >= 0
+        and value["consumed"] >= 0
+        and (min(value["per_rank_batch"], value["grad_accum"], value["world_size"]) >= 1)
+    )
+
+
+def requested_plan(data: Any, batch_size: int | None, grad_accum: int) -> BatchPlan | None:
+    """The plan this run asks for (``None``: the global batch does not split; the
+    loader then says why, unless a resume re-derives it).
+
+    Example:
+        >>> import devlayer
+        >>> with devlayer.init(backend="cpu"):
+        ...     requested_plan(None, 64, 2)
+        BatchPlan(per_rank_batch=32, grad_accum=2, world_size=1)
+    """
+    import devlayer
+
+    if isinstance(data, ShardedLoader):
+        return BatchPlan(data.batch_size, grad_accum, data.world_size)
+    world = devlayer.world_size()
+    total = batch_size if batch_size is not None else getattr(data, "batch_size", None)
+    if not isinstance(total, int) or total < 1 or total % (world * grad_accum):
+        return None
+    return BatchPlan(total // (world * grad_accum), grad_accum, world)
+
+
+def same_plan(payload: Mapping[str, Any], plan: BatchPlan | None) -> bool:
+    """Whether the payload's data position was counted with ``plan`` (or has none: a
+    checkpoint of an older devlayer, resumed as it always was at the same world size)."""
+    data = payload.get("data")
+    return data is None or (plan is not None and _saved_plan(data) == plan)
+
+
+def _divisors_up_to(n: int, cap: int) -> int:
+    """The largest divisor of ``n`` that is at most ``cap`` (1 at least)."""
+    best = 1
+    i = 1
+    while i * i <= n:
+        if n % i == 0:
+            for d in (i, n // i):
+                if best < d <= cap:
+                    best = d
+        i += 1
+    return best
+
+
+def keep_global_batch(saved: BatchPlan, world: int) -> BatchPlan:
+    """The plan at ``world`` ranks with the same global batch as ``saved``.
+
+    The per-rank micro-batch is the largest that divides the new per-rank share and is at
+    most the saved one (a rank never needs more memory than before); the accumulation
+    makes up the rest.
+
+    Raises:
+        WorldSizeChangeError: The global batch does not split over ``world`` ranks; the
+            message names the numbers, the world sizes that work and the opt-in.
+
+    Example:
+        >>> keep_global_batch(BatchPlan(4, 3, 2), 3).text()
+        'per-rank batch 4 x world 3 x grad_accum 2 = 24'
+    """
+    total = saved.global_batch
+    if total % world:
+        fits = [w for w in range(1, min(total, 64) + 1) if total % w == 0]
+        raise WorldSizeChangeError(
+            f"the checkpoint's global batch ({saved.text()}) does not split over "
+            f"world_size={world} ranks, so it cannot be kept; run at a world size that "
+            f"divides {total} ({', '.join(map(str, fits))}), or pass "
+            f"allow_world_size_change={RESCALE_LR!r} to keep per-rank batch "
+            f"{saved.per_rank_batch} x grad_accum {saved.grad_accum} (global batch "
+            f"{saved.per_rank_batch * saved.grad_accum * world}) and scale the learning rate "
+            "by the same factor"
+        )
+    share = total // world
+    per_rank = _divisors_up_to(share, saved.per_rank_batch)
+    return BatchPlan(per_rank, share // per_rank, world)
+
+
+def rescaled_plan(saved: BatchPlan, world: int) -> tuple[BatchPlan, float]:
+    """The opt-in: same per-rank batch and accumulation at ``world``; the LR factor.
+
+    Example:
+        >>> rescaled_plan(BatchPlan(32, 1, 2), 3)
+        (BatchPlan(per_rank_batch=32, grad_accum=1, world_size=3), 1.5)
+    """
+    plan = BatchPlan(saved.per_rank_batch, saved.grad_accum, world)
+    return plan, plan.global_batch / saved.global_batch
+
+
+def reseed_value(seed: int, step: int, rank: int) -> int:
+    """The seed of rank ``rank`` after a world-size change at ``step`` (within 32 bits).
+
+    Example:
+        >>> reseed_value(7, 24, 0) != reseed_value(7, 24, 1)
+        True
+    """
+    return (int(seed) * 1_000_003 + int(step) * 10_007 + int(rank)) % (2**32)
+
+
+@dataclass(frozen=True)
+class WorldChange:
+    """What a resume at a changed world size re-derived (applied by the Trainer).
+
+    Attributes:
+        old: The saved plan (``None``: an old checkpoint without a data position).
+        new: The plan of this run (``None`` with ``old``).
+        epoch: The epoch to continue.
+        batches_done: This rank's micro-batches of that epoch already consumed.
+        step: The optimizer step to continue from.
+        sums: This rank's running (loss sum, samples) of the epoch.
+        lr_factor: Learning-rate factor (1.0 unless the opt-in rescales it).
+        old_world: The saved world size.
+        new_world: This run's world size.
+    """
+
+    old: BatchPlan | None
+    new: BatchPlan | None
+    epoch: int
+    batches_done: int
+    step: int
+    sums: tuple[float, int]
+    lr_factor: float
+    old_world: int
+    new_world: int
+
+    def record(self) -> dict[str, Any]:
+        """The metrics-file line of this change (``"event": "world_size_change"``)."""
+        rederived: dict[str, Any] = {}
+        if self.old is not None and self.new is not None:
+            for name in ("per_rank_batch", "grad_accum", "global_batch"):
+                before, after = getattr(self.old, name), getattr(self.new, name)
+                if before != after:
+                    rederived[name] = [before, after]
+            if self.lr_factor != 1.0:
+                rederived["lr_factor"] = self.lr_factor
+            rederived["rng"] = "re-seeded from (seed, step, rank)"
+        else:
+            rederived["data"] = "the interrupted epoch restarts (checkpoint without position)"
+        return {
+            "event": "world_size_change",
+            "global_step": self.step,
+            "epoch": self.epoch,
+            "old_world_size": self.old_world,
+            "new_world_size": self.new_world,
+            "rederived": rederived,
+        }
+
+
+def _saved_plan(data: Mapping[str, Any]) -> BatchPlan:
+    return BatchPlan(int(data["per_rank_batch"]), int(data["grad_accum"]), int(data["world_size"]))
+
+
+def _merged_sums(ranks: Sequence[Mapping[str, Any]], rank: int) -> tuple[float, int]:
+    """The saved ranks' running sums, all on rank 0 (the epoch's totals stay exact)."""
+    if rank != 0:
+        return 0.0, 0
+    return sum(float(r["loss_sum"]) for r in ranks), sum(int(r["samples"]) for r in ranks)
+
+
+def plan_world_change(
+    payload: Mapping[str, Any], *, world: int, rank: int, mode: bool | str, seed: int
+) -> WorldChange:
+    """Re-derive the batch plan and the data position for this world size (pure).
+
+    Args:
+        payload: The Trainer payload of the checkpoint (its ``"data"`` entry decides).
+        world: This run's world size.
+        rank: This rank.
+        mode: ``allow_world_size_change``: ``True`` keeps the global batch,
+            :data:`RESCALE_LR` keeps the per-rank batch and rescales the learning rate.
+        seed: This run's seed (the data order is drawn from it).
+
+    Raises:
+        WorldSizeChangeError: The global batch cannot be kept at ``world`` ranks, or the
+            checkpoint's data order was drawn with another seed.
+    """
+    data = payload.get("data")
+    epoch, step = int(payload["epoch"]), int(payload["global_step"])
+    old_world = len(payload["ranks"])
+    if data is None:  # written before the position was global: the documented reset
+        return WorldChange(None, None, epoch, 0, step, (0.0, 0), 1.0, old_world, world)
+    if int(data["seed"]) != seed:
+        raise WorldSizeChangeError(
+            f"the checkpoint's data order was drawn with seed={data['seed']}, this run has "
+            f"seed={seed}: the epoch could not continue at its exact sample; pass "
+            f"seed={data['seed']} as the run that saved it did"
+        )
+    old = _saved_plan(data)
+    if mode == RESCALE_LR:
+        new, factor = rescaled_plan(old, world)
+    else:
+        new, factor = keep_global_batch(old, world), 1.0
+    consumed = int(data["consumed"])
+    if consumed % new.global_batch:  # only with the opt-in: the global batch changed
+        raise WorldSizeChangeError(
+            f"the checkpoint stands at sample {consumed} of epoch {epoch}, not a whole number "
+            f"of the new global batches ({new.text()}), so the epoch cannot continue at "
+            f"its exact sample; resume from a checkpoint saved at an epoch's end, or at a "
+            f"world size that keeps the global batch {old.global_batch} "
+            "(allow_world_size_change=True)"
+        )
+    micro = new.per_rank_batch * world
+    sums = _merged_sums(payload["ranks"], rank)
+    return WorldChange(old, new, epoch, consumed // micro, step, sums, factor, old_world, world)
+
+
+def check_resumable_data(data: Any) -> None:
+    """Refuse training data whose position a world-size change cannot carry.
+
+    A :class:`~devlayer.train.data.ShardedLoader` was split for the world it was built at,
+    and a DataLoader's own sampler (other than torch's random or sequential one) or batch
+    sampler decides an order the Trainer cannot continue at another world size.
+
+    Raises:
+        WorldSizeChangeError: Naming what was passed and what to pass instead.
+    """
+    from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
+
+    fix = (
+        "pass the Dataset itself (or a DataLoader with shuffle=True/False and no sampler): "
+        "the Trainer then splits its global order at the new world size"
+    )
+    if isinstance(data, ShardedLoader):
+        raise WorldSizeChangeError(
+            "train_data is a ShardedLoader, split for the world size it was built at; its "
+            f"position cannot be carried to another world size; {fix}"
+        )
+    if isinstance(data, DataLoader):
+        sampler, batches = data.sampler, data.batch_sampler
+        own = not isinstance(sampler, (RandomSampler, SequentialSampler))
+        if own or (batches is not None and type(batches) is not BatchSampler):
+            seen = type(sampler if own else batches).__name__
+            raise WorldSizeChangeError(
+                f"train_data is a DataLoader with its own sampler ({seen}), whose position "
+                f"cannot be carried to another world size; {fix}"
+            )
+
+
+def announce(change: WorldChange, *, seed: int, rank: int, is_main: bool) -> int:
+    """Re-seed this rank's generators from ``(seed, step, rank)`` and log the change.
+
+    Returns:
+        The seed this rank now uses.
+    """
+    from devlayer.train.seed import seed_everything
+
+    value = reseed_value(seed, change.step, rank)
+    seed_everything(value, per_rank=False)
+    if is_main:
+        old, new = change.old, change.new
+        kept = (
+            f"{old.text()} -> {new.text()}"
+            if old is not None and new is not None
+            else "the checkpoint has no data position: the interrupted epoch restarts"
+        )
+        what = (
+            f"world size changed {change.old_world} -> {change.new_world}"
+            if change.old_world != change.new_world
+            else "the checkpoint's batch plan differs from this run's (its global batch is kept)"
+        )
+        log.warning(
+            "%s at step %d: %s; per-rank random generators re-seeded from (seed=%d, step=%d, rank)",
+            what,
+            change.step,
+            kept,
+            seed,
+            change.step,
+        )
+    return value
