@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from typing import Any
 
@@ -80,3 +81,49 @@ def count_with_and_without_ledger() -> dict[str, Any]:
         for name, real in saved.items():
             setattr(dist, name, real)
     return {"with": dict(with_ledger), "without": dict(without), "records": records}
+
+
+def stuck_in_user_code() -> None:
+    import time
+
+    while True:
+        time.sleep(0.05)
+
+
+def stuck_rank_one() -> None:
+    """Rank 1 loops in user code while rank 0 waits in all_reduce."""
+    devlayer.all_reduce(torch.ones(4))
+    if devlayer.rank() == 1:
+        stuck_in_user_code()
+    devlayer.all_reduce(torch.ones(4))
+
+
+def watchdog_round() -> dict[str, Any]:
+    """One collective, then quiet past the watchdog (DEVLAYER_WATCHDOG=1); shutdown stops
+    the watchdog thread; SIGTERM inside the Trainer's handler block still dumps."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from devlayer import hangdump
+    from devlayer.train.signals import on_sigterm
+
+    devlayer.all_reduce(torch.ones(2))
+    setup = hangdump.current_setup()
+    assert setup is not None
+    dump = setup.folder / f"rank{devlayer.rank()}.json"
+    deadline = time.monotonic() + 60
+    while not dump.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    watchdog_reason = json.loads(dump.read_text())["reason"] if dump.exists() else None
+    dump.unlink(missing_ok=True)
+    caught: list[int] = []
+    with on_sigterm(lambda signum, frame: caught.append(signum)):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.2)
+    term_reason = json.loads(dump.read_text())["reason"] if dump.exists() else None
+    devlayer.barrier()
+    devlayer.shutdown()
+    alive = [t.name for t in threading.enumerate() if t.name == "devlayer-watchdog"]
+    return {"watchdog": watchdog_reason, "term": term_reason, "caught": caught, "alive": alive}

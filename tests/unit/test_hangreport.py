@@ -1,0 +1,119 @@
+"""The verdict over hang reports and ``devlayer hangs DIR`` (issue 22, item C): pure tests."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import pytest
+
+from devlayer.cli import main
+from devlayer.hangdump import _chain, default_dir, dump_handler_of, where
+from devlayer.hangreport import DUMP_FORMAT, mismatches, read_dumps, verdict
+
+
+def _rec(seq: int, op: str, state: str = "done", detail: str = "[4] float32") -> dict:
+    return {"seq": seq, "op": op, "detail": detail, "site": f"t.py:{10 + seq}", "state": state}
+
+
+def _report(rank: int, *records: dict, where: dict | None = None) -> dict:
+    return {
+        "format": DUMP_FORMAT,
+        "rank": rank,
+        "world_size": 4,
+        "ledger": list(records),
+        "where": where,
+    }
+
+
+def test_h22_9_verdict_names_each_rank_divergence_and_the_missing() -> None:
+    """H22-9: with 4 ranks: rank 0 waits in all_reduce #3, rank 1 never entered it (named
+    with its function and line), rank 2 called broadcast at #3 (a different collective),
+    rank 3 left nothing: the verdict says all four, elsewhere-ranks first."""
+    reports = {
+        0: _report(0, _rec(2, "all_reduce"), _rec(3, "all_reduce", "running")),
+        1: _report(1, _rec(2, "all_reduce"), where={"function": "load", "site": "data.py:7"}),
+        2: _report(2, _rec(2, "all_reduce"), _rec(3, "broadcast", "failed")),
+    }
+    lines = verdict(reports, world_size=4).splitlines()
+    assert lines[0] == (
+        "rank 1 has not entered all_reduce #3; it is in load at data.py:7 (last collective: "
+        "all_reduce #2 [4] float32 at t.py:12, done)"
+    )
+    assert "rank 0 waits in all_reduce #3 [4] float32 at t.py:13" in lines
+    assert "rank 2 waited in broadcast #3 [4] float32 at t.py:13 until it failed" in lines
+    assert (
+        "ranks called different collectives at #3: rank 0 all_reduce #3 [4] float32 at "
+        "t.py:13; rank 2 broadcast #3 [4] float32 at t.py:13"
+    ) in lines
+    assert lines[-1].startswith("rank(s) 3 left no report (no dump, no answer)")
+
+
+def test_h22_9_shapes_differ_for_all_reduce_but_may_for_all_gather() -> None:
+    """H22-9: the same op with different shapes is a mismatch for all_reduce, not for
+    all_gather (dim 0 may differ by design)."""
+    a = {0: _report(0, _rec(1, "all_reduce")), 1: _report(1, _rec(1, "all_reduce", detail="[5]"))}
+    g = {0: _report(0, _rec(1, "all_gather")), 1: _report(1, _rec(1, "all_gather", detail="[5]"))}
+    assert len(mismatches(a)) == 1 and mismatches(g) == []
+
+
+def test_verdict_with_no_collective_in_flight() -> None:
+    reports = {0: _report(0), 1: _report(1, _rec(0, "barrier"))}
+    text = verdict(reports, world_size=2)
+    assert "rank 0 ran no collective yet" in text and "rank 1: last collective barrier #0" in text
+
+
+def test_h22_10_devlayer_hangs_reads_a_folder(tmp_path: Path, capsys) -> None:
+    """H22-10: ``devlayer hangs DIR`` prints the verdict of the dumps in DIR, names a file
+    that is not a dump and the ranks that left none; a folder without dumps is an error
+    that says a job with no hang writes none."""
+    (tmp_path / "rank0.json").write_text(json.dumps(_report(0, _rec(0, "all_reduce", "failed"))))
+    (tmp_path / "rank2.json").write_text("not json")
+    assert main(["hangs", str(tmp_path)]) == 0
+    out = capsys.readouterr()
+    assert "rank 0 waited in all_reduce #0" in out.out
+    assert "rank(s) 1, 2, 3 left no report" in out.out
+    assert "rank2.json: not readable as JSON" in out.err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["hangs", str(empty)]) == 2
+    assert "a job with no hang writes none" in capsys.readouterr().err
+    assert main(["hangs", str(tmp_path / "nope")]) == 2
+
+
+def test_read_dumps_skips_other_json(tmp_path: Path) -> None:
+    (tmp_path / "rank0.json").write_text(json.dumps({"format": "other"}))
+    reports, problems = read_dumps(tmp_path)
+    assert reports == {} and "not a devlayer hang dump" in problems[0]
+
+
+def test_default_dir_is_per_user_and_job() -> None:
+    path = default_dir("torchrun", None, 29500, tmp="/t")
+    assert path.parent.name.startswith("devlayer-hangs-") and path.name == "torchrun-port29500"
+
+
+def test_h22_11_sigusr1_default_is_not_chained_but_a_callable_is() -> None:
+    """H22-11: after its dump, devlayer hands a signal on: to a callable handler, and for
+    SIGUSR1 never to the default action (which would end the process)."""
+    seen: list[int] = []
+    _chain(signal.SIGUSR1, None, signal.SIG_DFL)  # the test process goes on
+    _chain(signal.SIGUSR1, None, lambda s, f: seen.append(s))
+    _chain(signal.SIGTERM, None, signal.SIG_IGN)
+    assert seen == [signal.SIGUSR1]
+    assert dump_handler_of(signal.SIG_DFL) is None
+
+
+def test_where_skips_library_frames() -> None:
+    import sys
+
+    here = where(sys._getframe())
+    assert here is not None and here["function"] == "test_where_skips_library_frames"
+
+
+@pytest.mark.parametrize("bad", ["", 3])
+def test_hang_dir_must_be_a_path(bad: object, clean_env) -> None:
+    import devlayer
+
+    with pytest.raises(devlayer.DevlayerError, match="hang_dir="):
+        devlayer.init(backend="cpu", hang_dir=bad)  # type: ignore[arg-type]
