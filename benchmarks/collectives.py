@@ -347,6 +347,20 @@ def ledger_all_reduce(on: bool, t: torch.Tensor) -> object:
         comm.Ledger = ledger.Ledger  # type: ignore[misc]
 
 
+def ledger_alone_us(t: torch.Tensor, calls: int = 20000, repeats: int = 5) -> float:
+    """µs per call of what the ledger adds to an all_reduce, timed alone (best of
+    ``repeats``): a record begun with the tensor's shape and dtype and marked done. Load
+    from other processes inflates it less than it blurs the paired ratio."""
+    led = ledger.Ledger()
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            ledger.Ledger.done(led.begin("all_reduce", (t.shape, t.dtype)))
+        best = min(best, time.perf_counter() - start)
+    return best / calls * 1e6
+
+
 def _ledger_target(nbytes: int) -> float | None:
     if nbytes >= MiB:
         return TARGET_LEDGER_LARGE
@@ -355,17 +369,18 @@ def _ledger_target(nbytes: int) -> float | None:
     return None
 
 
-def _ledger_cells(tm: Timings, nbytes: int) -> list[str]:
-    """The ledger's cost (on vs off, paired by round) and its verdict against the target."""
+def _ledger_cells(tm: Timings, nbytes: int, alone_us: float) -> list[str]:
+    """The ledger's cost (on vs off, paired by round), its verdict against the target, and
+    its cost timed alone as a share of the raw call."""
     ratios = paired(tm.rounds["ledger_on"], tm.rounds["ledger_off"])
+    share = alone_us / statistics.median(tm.repeats["raw"])
+    alone = f"{alone_us:.2f} µs = {share * 100:.2f} % of raw"
     target = _ledger_target(nbytes)
     if target is None:
-        return [overhead_ci(ratios), "n/a"]
+        return [overhead_ci(ratios), "n/a", alone]
     _, lo, hi = median_ci(ratios)
-    return [
-        overhead_ci(ratios),
-        f"<= {target * 100:g} %: {verdict_at_most(lo - 1, hi - 1, target)}",
-    ]
+    judged = f"<= {target * 100:g} %: {verdict_at_most(lo - 1, hi - 1, target)}"
+    return [overhead_ci(ratios), judged, alone]
 
 
 def bench_all_reduce(b: Bench, sizes: list[int]) -> str:
@@ -401,7 +416,7 @@ def bench_all_reduce(b: Bench, sizes: list[int]) -> str:
                 overhead_ci(paired(tm.rounds["devlayer_checked"], tm.rounds["raw"])),
                 med_range(tm.repeats["devlayer_unchecked"]),
                 overhead_ci(paired(tm.rounds["devlayer"], tm.rounds["devlayer_unchecked"])),
-                *_ledger_cells(tm, nbytes),
+                *_ledger_cells(tm, nbytes, ledger_alone_us(t)),
             ]
         )
     head = [
@@ -416,6 +431,7 @@ def bench_all_reduce(b: Bench, sizes: list[int]) -> str:
         "the sampled check's cost: devlayer vs no check (95 % CI)",
         "the ledger's cost: on vs off (95 % CI)",
         "ledger target",
+        "the ledger timed alone (share of raw)",
     ]
     note = (
         "'Checking every call' times the argument check DEVLAYER_DEBUG=1 runs before each "

@@ -22,7 +22,8 @@ host, pid, backend, comm, device, launcher, the Trainer's step. It is written:
 The folder is ``init(hang_dir=...)``, ``DEVLAYER_HANG_DIR``, or by default
 ``<temp>/devlayer-hangs-<uid>/<launcher>-<job>`` on local disk (:func:`default_dir`); each
 rank removes its own stale dump at ``init()``, so a job with no hang leaves none.
-``DEVLAYER_HANG_REPORTS=0`` turns dumps, handlers and the watchdog off.
+``DEVLAYER_HANG_REPORTS=0`` turns dumps, handlers and the watchdog off; at world size 1
+(no peer to wait for) none of them is set up.
 """
 
 from __future__ import annotations
@@ -388,12 +389,12 @@ def start(
     watchdog. Removes this rank's stale dump from an earlier run of the job.
 
     Returns:
-        The setup, or None when ``enabled`` is False.
+        The setup, or None when ``enabled`` is False or the world has one rank.
     """
     global _setup
     stop()
-    if not enabled:
-        return None
+    if not enabled or int(facts["world_size"]) < 2:
+        return None  # one process has no peer to wait for: no handlers, no watchdog
     fact = dict(facts)
     where_ = (
         Path(folder)
@@ -406,7 +407,7 @@ def start(
         (where_ / f"rank{fact['rank']}.json").unlink(missing_ok=True)
     _setup = setup
     _install(setup)
-    if seconds > 0 and int(fact["world_size"]) > 1:
+    if seconds > 0:
         setup.thread = threading.Thread(
             target=_watch, args=(setup,), name="devlayer-watchdog", daemon=True
         )

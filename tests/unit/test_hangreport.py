@@ -117,3 +117,12 @@ def test_hang_dir_must_be_a_path(bad: object, clean_env) -> None:
 
     with pytest.raises(devlayer.DevlayerError, match="hang_dir="):
         devlayer.init(backend="cpu", hang_dir=bad)  # type: ignore[arg-type]
+
+
+def test_world_size_one_installs_no_handler(clean_env) -> None:
+    """One process has no peer to wait for: init() leaves the signal handlers alone."""
+    import devlayer
+
+    before = signal.getsignal(signal.SIGUSR1)
+    with devlayer.init(backend="cpu"):
+        assert signal.getsignal(signal.SIGUSR1) is before
