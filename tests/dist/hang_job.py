@@ -8,6 +8,7 @@ Modes:
     stuck     rank 1 loops in stuck_in_user_code() while rank 0 waits in all_reduce.
     exit0     rank 1 exits with code 0 before the all_reduce rank 0 waits in.
     mismatch  rank 0 calls barrier while rank 1 calls all_reduce at the same point.
+    kill      rank 1 dies of SIGKILL before the all_reduce rank 0 waits in.
 """
 
 from __future__ import annotations
@@ -71,9 +72,18 @@ def mismatch(folder: str) -> None:
     devlayer.barrier() if devlayer.rank() == 0 else devlayer.all_reduce(t)
 
 
+def kill(folder: str) -> None:
+    devlayer.init(backend="cpu", timeout=8, hang_dir=folder)
+    devlayer.all_reduce(torch.ones(4))
+    if devlayer.rank() == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    devlayer.all_reduce(torch.ones(4))
+
+
 def main() -> None:
     mode, folder = sys.argv[1], sys.argv[2]
-    result = {"ok": ok, "stuck": stuck, "exit0": exit0, "mismatch": mismatch}[mode](folder)
+    modes = {"ok": ok, "stuck": stuck, "exit0": exit0, "mismatch": mismatch, "kill": kill}
+    result = modes[mode](folder)
     print("RESULT " + json.dumps(result), flush=True)
 
 

@@ -127,3 +127,11 @@ def watchdog_round() -> dict[str, Any]:
     devlayer.shutdown()
     alive = [t.name for t in threading.enumerate() if t.name == "devlayer-watchdog"]
     return {"watchdog": watchdog_reason, "term": term_reason, "caught": caught, "alive": alive}
+
+
+def stuck_rank_two_of_four() -> None:
+    """Rank 2 of 4 loops in user code while the others wait in all_reduce."""
+    devlayer.all_reduce(torch.ones(4))
+    if devlayer.rank() == 2:
+        stuck_in_user_code()
+    devlayer.all_reduce(torch.ones(4))

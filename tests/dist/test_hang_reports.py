@@ -79,3 +79,64 @@ def test_h22_8_the_watchdog_dumps_once_quiet_and_stops_at_shutdown(clean_env, tm
         assert r["watchdog"].startswith("watchdog: no collective completed for 1s"), r
         assert r["term"] == "signal SIGTERM" and r["caught"] == [15], r
         assert r["alive"] == [], r
+
+
+@pytest.mark.timeout(300)
+def test_h22_15_four_ranks_one_stuck_each_waiting_rank_names_it(clean_env, tmp_path) -> None:
+    """H22-15: 4 spawned ranks, rank 2 loops in user code: the error of a waiting rank
+    names rank 2, stuck_in_user_code and the collective it has not entered, and no other
+    rank as missing."""
+    from tests.dist.hang_worker import stuck_rank_two_of_four
+
+    with pytest.raises(devlayer.RankFailedError) as info:
+        devlayer.spawn(
+            stuck_rank_two_of_four,
+            nprocs=4,
+            backend="cpu",
+            timeout=10,
+            join_timeout=200,
+            env={"DEVLAYER_WATCHDOG": "3", "DEVLAYER_HANG_DIR": str(tmp_path)},
+        )
+    text = str(info.value)
+    assert "rank 2 has not entered all_reduce #1; it is in stuck_in_user_code at " in text, text
+    assert "left no report" not in text, text
+
+
+@pytest.mark.timeout(240)
+def test_h22_16_a_rank_killed_with_sigkill_is_named_as_gone(tmp_path) -> None:
+    """H22-16: two plain processes (hand-set RANK/WORLD_SIZE, rank 0 hosts the store);
+    rank 1 dies of SIGKILL (no handler can run) while rank 0 waits in all_reduce: rank 0's
+    error names rank 1 as the rank that left no report."""
+    import subprocess
+
+    from devlayer.testing import free_port
+    from tests.helpers import PY, ROOT, subprocess_env
+
+    port = str(free_port())
+    procs = [
+        subprocess.Popen(
+            [PY, str(ROOT / "tests" / "dist" / "hang_job.py"), "kill", str(tmp_path)],
+            env=subprocess_env(
+                RANK=str(rank),
+                WORLD_SIZE="2",
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=port,
+                DEVLAYER_LAUNCHER="env",
+            ),
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    try:
+        outs = [p.communicate(timeout=150) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert procs[1].returncode == -9 and procs[0].returncode != 0
+    err = outs[0][1]
+    assert "all_reduce failed on rank 0 of 2" in err, err[-3000:]
+    assert "rank(s) 1 left no report (no dump, no answer): exited or killed" in err, err[-3000:]
