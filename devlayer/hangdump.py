@@ -29,12 +29,13 @@ rank removes its own stale dump at ``init()``, so a job with no hang leaves none
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
 import signal
+import stat
 import sys
-import sysconfig
 import tempfile
 import threading
 import time
@@ -67,6 +68,7 @@ _SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
 #: How many ledger records a dump holds, and a store post.
 DUMP_RECORDS, POST_RECORDS = 64, 8
 _POST_KEY = "devlayer-hang/pos/"
+_COUNT_KEY = "devlayer-hang/posted"
 
 
 @dataclass
@@ -116,12 +118,17 @@ def _skipped(filename: str) -> bool:
     return (
         filename.startswith(_PACKAGE)
         or f"{os.sep}torch{os.sep}" in filename
-        or filename.startswith(_STDLIB)
+        or filename.startswith(_stdlib())
         or filename.startswith("<frozen")
     )
 
 
-_STDLIB = sysconfig.get_paths()["stdlib"] + os.sep
+@functools.cache
+def _stdlib() -> str:
+    """The standard library's folder (asked once, when a report is first made)."""
+    import sysconfig
+
+    return str(sysconfig.get_paths()["stdlib"]) + os.sep
 
 
 def where(frame: FrameType | None) -> dict[str, Any] | None:
@@ -209,6 +216,9 @@ def write_dump(reason: str, frame: FrameType | None = None) -> Path | None:
 
 def _atomic_write(path: Path, text: str) -> None:
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _check_ours(path.parent)
+    if path.parent.parent.name.startswith("devlayer-hangs-"):
+        _check_ours(path.parent.parent)  # the default folder's shared parent in <temp>
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # 0600
     try:
         with os.fdopen(fd, "w") as fh:
@@ -219,6 +229,22 @@ def _atomic_write(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _check_ours(folder: Path) -> None:
+    """Refuse a folder that is a link or another user's (a planted one in a shared temp).
+
+    Raises:
+        OSError: Naming the folder, what it is and the fix.
+    """
+    st = os.lstat(folder)
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise OSError(f"{folder} is not a plain folder (a link?); set DEVLAYER_HANG_DIR")
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        raise OSError(
+            f"{folder} belongs to user id {st.st_uid}, not to this user ({os.getuid()}); "
+            f"set DEVLAYER_HANG_DIR to a folder of your own"
+        )
 
 
 # --------------------------------------------------------------------------- signals
@@ -326,25 +352,33 @@ def _post(setup: HangSetup) -> None:
     if setup.store is None:
         return
     text = json.dumps(report("posted", None, POST_RECORDS), default=str)
+    key = f"{_POST_KEY}{setup.facts['rank']}"
     with contextlib.suppress(Exception):  # the store's host may be gone: the report says less
-        setup.store.set(f"{_POST_KEY}{setup.facts['rank']}", text)
+        first = not setup.store.check([key])
+        setup.store.set(key, text)
+        if first:
+            setup.store.add(_COUNT_KEY, 1)
 
 
 def _posts(setup: HangSetup, grace: float) -> dict[int, dict[str, Any]]:
-    """The positions the ranks posted, waiting up to ``grace`` seconds for all of them."""
-    keys = [f"{_POST_KEY}{r}" for r in range(int(setup.facts["world_size"]))]
+    """The positions the ranks posted, waiting up to ``grace`` seconds for all of them.
+
+    The wait polls one counter (every post adds 1), so the store sees one request per
+    waiting rank per 0.1 s whatever the world size; the posts are then read once.
+    """
+    world = int(setup.facts["world_size"])
     deadline = time.monotonic() + grace
     found: dict[int, dict[str, Any]] = {}
     try:
-        while True:
-            for r, key in enumerate(keys):
-                if r not in found and setup.store.check([key]):
-                    found[r] = json.loads(setup.store.get(key))
-            if len(found) == len(keys) or time.monotonic() >= deadline:
-                return found
+        while setup.store.add(_COUNT_KEY, 0) < world and time.monotonic() < deadline:
             time.sleep(0.1)
-    except Exception:
-        return found
+        for r in range(world):
+            key = f"{_POST_KEY}{r}"
+            if setup.store.check([key]):
+                found[r] = json.loads(setup.store.get(key))
+    except Exception:  # the store's host went away: report what was read
+        pass
+    return found
 
 
 def on_collective_error(what: str) -> str:

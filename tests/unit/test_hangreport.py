@@ -126,3 +126,28 @@ def test_world_size_one_installs_no_handler(clean_env) -> None:
     before = signal.getsignal(signal.SIGUSR1)
     with devlayer.init(backend="cpu"):
         assert signal.getsignal(signal.SIGUSR1) is before
+
+
+def test_h22_17_a_planted_link_or_foreign_folder_gets_no_dump(tmp_path: Path, capsys) -> None:
+    """H22-17: a dump folder that is a symlink is refused (nothing is written through it,
+    the reason goes to stderr); a plain folder of this user gets a 0600 dump; stop() puts
+    the signal handlers back."""
+    from devlayer import hangdump
+
+    real = tmp_path / "real"
+    real.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    before = signal.getsignal(signal.SIGUSR1)
+    facts = {"rank": 0, "world_size": 2, "launcher": "env"}
+    try:
+        hangdump.start(facts, folder=str(link), enabled=True, timeout=10.0, watchdog=0)
+        assert hangdump.write_dump("test") is None
+        assert list(real.iterdir()) == []
+        assert "is not a plain folder" in capsys.readouterr().err
+        hangdump.start(facts, folder=str(real), enabled=True, timeout=10.0, watchdog=0)
+        path = hangdump.write_dump("test")
+        assert path == real / "rank0.json" and path.stat().st_mode & 0o777 == 0o600
+    finally:
+        hangdump.stop()
+    assert signal.getsignal(signal.SIGUSR1) is before
