@@ -135,3 +135,18 @@ def stuck_rank_two_of_four() -> None:
     if devlayer.rank() == 2:
         stuck_in_user_code()
     devlayer.all_reduce(torch.ones(4))
+
+
+def rank_one_returns_early() -> None:
+    """Rank 1 returns (exit code 0) before the all_reduce rank 0 waits in."""
+    devlayer.all_reduce(torch.ones(4))
+    if devlayer.rank() == 1:
+        return
+    devlayer.all_reduce(torch.ones(4))
+
+
+def barrier_against_all_reduce() -> None:
+    """Rank 0 calls barrier where rank 1 calls all_reduce (barrier is not checked)."""
+    devlayer.all_reduce(torch.ones(4))
+    t = torch.ones(4)
+    devlayer.barrier() if devlayer.rank() == 0 else devlayer.all_reduce(t)

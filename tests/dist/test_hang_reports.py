@@ -140,3 +140,30 @@ def test_h22_16_a_rank_killed_with_sigkill_is_named_as_gone(tmp_path) -> None:
     err = outs[0][1]
     assert "all_reduce failed on rank 0 of 2" in err, err[-3000:]
     assert "rank(s) 1 left no report (no dump, no answer): exited or killed" in err, err[-3000:]
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize(
+    ("fn", "expected"),
+    [
+        ("rank_one_returns_early", "rank(s) 1 left no report (no dump, no answer)"),
+        ("barrier_against_all_reduce", "ranks called different collectives at #1: rank 0 barrier"),
+    ],
+)
+def test_h22_18_spawn_early_exit_and_different_collectives_are_named(
+    clean_env, tmp_path, fn: str, expected: str
+) -> None:
+    """H22-18: under devlayer.spawn, a rank that returns (exit code 0) before a collective
+    is named as gone, and a barrier against an all_reduce is named with both calls."""
+    from tests.dist import hang_worker
+
+    with pytest.raises(devlayer.RankFailedError) as info:
+        devlayer.spawn(
+            getattr(hang_worker, fn),
+            nprocs=2,
+            backend="cpu",
+            timeout=8,
+            join_timeout=120,
+            env={"DEVLAYER_HANG_DIR": str(tmp_path)},
+        )
+    assert expected in str(info.value), str(info.value)
