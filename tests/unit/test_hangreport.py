@@ -151,3 +151,13 @@ def test_h22_17_a_planted_link_or_foreign_folder_gets_no_dump(tmp_path: Path, ca
     finally:
         hangdump.stop()
     assert signal.getsignal(signal.SIGUSR1) is before
+
+
+def test_hang_reports_off_means_no_setup_and_no_report() -> None:
+    """DEVLAYER_HANG_REPORTS=0 (enabled=False): nothing is set up, and a failed collective
+    keeps its old message (on_collective_error gives no text)."""
+    from devlayer import hangdump
+
+    facts = {"rank": 0, "world_size": 2, "launcher": "env"}
+    assert hangdump.start(facts, folder=None, enabled=False, timeout=10.0, watchdog=None) is None
+    assert hangdump.current_setup() is None and hangdump.on_collective_error("x") == ""
