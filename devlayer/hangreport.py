@@ -42,7 +42,12 @@ _WAITING = ("running", "failed")
 
 
 def _last(report: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The newest record, passing over a non-blocking vote still in flight (the Trainer
+    keeps one running between its checks: the rank is not waiting in it)."""
     ledger = report.get("ledger") or []
+    for rec in reversed(ledger):
+        if not (rec.get("detail") == "async" and rec.get("state") == "running"):
+            return rec
     return ledger[-1] if ledger else None
 
 

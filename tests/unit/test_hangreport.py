@@ -161,3 +161,23 @@ def test_hang_reports_off_means_no_setup_and_no_report() -> None:
     facts = {"rank": 0, "world_size": 2, "launcher": "env"}
     assert hangdump.start(facts, folder=None, enabled=False, timeout=10.0, watchdog=None) is None
     assert hangdump.current_setup() is None and hangdump.on_collective_error("x") == ""
+
+
+def test_a_vote_in_flight_is_not_a_wait() -> None:
+    """The Trainer's non-blocking vote stays 'running' between checks: a rank whose newest
+    record is such a vote is placed by its previous record and where it is, not shown as
+    waiting in the vote (e.g. when a DDP gradient all_reduce, which is not in the ledger,
+    is what hangs)."""
+    vote = {**_rec(4, "vote_any", "running"), "detail": "async"}
+    reports = {
+        0: _report(
+            0, _rec(3, "all_reduce"), vote, where={"function": "backward", "site": "b.py:2"}
+        ),
+        1: _report(1, _rec(3, "all_reduce"), vote, where={"function": "step", "site": "a.py:1"}),
+    }
+    text = verdict(reports, world_size=2)
+    assert "waits in vote_any" not in text, text
+    assert (
+        "rank 1: last collective all_reduce #3 [4] float32 at t.py:13 (done); "
+        "it is in step at a.py:1" in text
+    )
