@@ -150,3 +150,31 @@ def barrier_against_all_reduce() -> None:
     devlayer.all_reduce(torch.ones(4))
     t = torch.ones(4)
     devlayer.barrier() if devlayer.rank() == 0 else devlayer.all_reduce(t)
+
+
+class _StuckAtStep:
+    """A training_step that loops in user code on rank 1 at its 4th call."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, model: Any, batch: Any) -> Any:
+        self.calls += 1
+        if devlayer.rank() == 1 and self.calls == 4:
+            stuck_in_user_code()
+        x, y = batch
+        return torch.nn.functional.mse_loss(model(x), y)
+
+
+def trainer_stuck_in_step() -> None:
+    """A 2-rank Trainer whose rank 1 hangs inside its training_step at the 4th step."""
+    from torch.utils.data import TensorDataset
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    data = TensorDataset(torch.rand(64, 4), torch.rand(64, 1))
+    trainer = devlayer.Trainer(
+        model, opt, training_step=_StuckAtStep(), batch_size=4, max_epochs=1, progress=False
+    )
+    trainer.fit(data)

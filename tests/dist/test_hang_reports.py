@@ -167,3 +167,30 @@ def test_h22_18_spawn_early_exit_and_different_collectives_are_named(
             env={"DEVLAYER_HANG_DIR": str(tmp_path)},
         )
     assert expected in str(info.value), str(info.value)
+
+
+@pytest.mark.timeout(240)
+def test_h22_19_a_hang_inside_the_trainer_step_is_found_in_the_dumps(clean_env, tmp_path) -> None:
+    """H22-19: rank 1 hangs inside the Trainer's training_step at its 4th step while rank 0
+    waits in DDP's gradient all_reduce (not a devlayer collective, so its error is torch's):
+    the watchdog and SIGTERM dumps in the folder give a verdict naming rank 1 in
+    stuck_in_user_code, and its dump carries the Trainer's step (3 steps done)."""
+    from devlayer.hangreport import read_dumps, verdict
+    from tests.dist.hang_worker import trainer_stuck_in_step
+
+    with pytest.raises(devlayer.RankFailedError):
+        devlayer.spawn(
+            trainer_stuck_in_step,
+            nprocs=2,
+            backend="cpu",
+            timeout=8,
+            join_timeout=150,
+            env={"DEVLAYER_WATCHDOG": "3", "DEVLAYER_HANG_DIR": str(tmp_path)},
+        )
+    reports, _ = read_dumps(tmp_path)
+    assert 1 in reports, sorted(tmp_path.iterdir())
+    assert reports[1]["step"] == 3, reports[1]["step"]
+    text = verdict(reports, 2)
+    # The Trainer made no devlayer collective in 3 steps (DDP's are not in the ledger).
+    assert "rank 1 ran no collective yet; it is in stuck_in_user_code at hang_worker.py:" in text
+    assert "rank 0 ran no collective yet; it is in trainer_stuck_in_step at " in text, text
