@@ -1,8 +1,8 @@
 """Hang reports under the real launchers (issue 22, item E): srun and OpenMPI's mpirun.
 
-A rank stuck in user code while the other waits in ``all_reduce`` (``init(timeout=8)``,
-``DEVLAYER_WATCHDOG=3``): the waiting rank's error names the stuck rank, the function and
-its line. A missing launcher skips here and fails with ``CI=true``.
+A rank stuck in user code, a rank that exits with code 0, ranks in different collectives
+(``init(timeout=8)``, ``DEVLAYER_WATCHDOG=3``): rank 0's error names the rank and, when it
+is stuck, the function and its line. A missing launcher skips here, fails with ``CI=true``.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ pytestmark = [pytest.mark.launcher, pytest.mark.timeout(300)]
 JOB = str(ROOT / "tests" / "dist" / "hang_job.py")
 
 
-def _stuck(start: list[str], folder: Path) -> str:
+def _job(start: list[str], mode: str, folder: Path) -> str:
     proc = subprocess.run(
-        [*start, sys.executable, JOB, "stuck", str(folder)],
+        [*start, sys.executable, JOB, mode, str(folder)],
         capture_output=True,
         text=True,
         timeout=200,
@@ -39,22 +39,32 @@ def _line() -> int:
     return next(i for i, line in enumerate(lines, 1) if "time.sleep(0.05)" in line)
 
 
-def test_h22_14_srun_a_stuck_rank_is_named(slurm, tmp_path: Path) -> None:  # noqa: F811
-    """H22-14: under real srun (-K: a failed task stops the step), rank 0's error names
-    rank 1, stuck_in_user_code and its line."""
-    out = _stuck(["srun", "-K", "-n", "2"], tmp_path)
-    assert (
-        f"rank 1 has not entered all_reduce #1; it is in stuck_in_user_code at "
-        f"hang_job.py:{_line()}"
-    ) in out, out[-4000:]
+def _expected(mode: str) -> str:
+    if mode == "stuck":
+        return (
+            f"rank 1 has not entered all_reduce #1; it is in stuck_in_user_code at "
+            f"hang_job.py:{_line()}"
+        )
+    if mode == "exit0":
+        return "rank(s) 1 left no report (no dump, no answer): exited or killed"
+    return "ranks called different collectives at #1: rank 0 barrier #1 at hang_job.py:"
 
 
-def test_h22_14_mpirun_a_stuck_rank_is_named(tmp_path: Path) -> None:
-    """H22-14: under OpenMPI's mpirun, rank 0's error names rank 1, stuck_in_user_code and
-    its line."""
+MODES = ["stuck", "exit0", "mismatch"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_h22_14_srun_names_the_rank(slurm, tmp_path: Path, mode: str) -> None:  # noqa: F811
+    """H22-14: under real srun (-K: a failed task stops the step), a rank stuck in user
+    code, a rank that exits with code 0, and ranks in different collectives are named
+    in rank 0's error."""
+    out = _job(["srun", "-K", "-n", "2"], mode, tmp_path)
+    assert _expected(mode) in out, out[-4000:]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_h22_14_mpirun_names_the_rank(tmp_path: Path, mode: str) -> None:
+    """H22-14: the same three cases under OpenMPI's mpirun."""
     _need("mpirun.openmpi")
-    out = _stuck(["mpirun.openmpi", "--oversubscribe", "-n", "2"], tmp_path)
-    assert (
-        f"rank 1 has not entered all_reduce #1; it is in stuck_in_user_code at "
-        f"hang_job.py:{_line()}"
-    ) in out, out[-4000:]
+    out = _job(["mpirun.openmpi", "--oversubscribe", "-n", "2"], mode, tmp_path)
+    assert _expected(mode) in out, out[-4000:]
