@@ -47,7 +47,7 @@ from types import FrameType
 from typing import Any
 
 from devlayer.hangreport import DUMP_FORMAT, read_dumps, verdict
-from devlayer.ledger import RUNNING, current, published_step
+from devlayer.ledger import RUNNING, current, new_ledger, publish_step, published_step
 
 __all__ = [
     "HangSetup",
@@ -427,6 +427,8 @@ def start(
     """
     global _setup
     stop()
+    new_ledger()  # a new State: no record of the previous one in its reports
+    publish_step(None)
     if not enabled or int(facts["world_size"]) < 2:
         return None  # one process has no peer to wait for: no handlers, no watchdog
     fact = dict(facts)

@@ -373,6 +373,7 @@ class _Request:
     comm: str | None
     set_default_device: bool | None
     hooks: tuple[AcceleratorHook, ...]
+    hang_dir: str | None = None
     origin: str = field(default="devices", compare=False)
     comm_origin: str = field(default="comm", compare=False)
     #: The backend's own comm, which ``comm=None`` means (set once init() chose a backend).
@@ -393,6 +394,7 @@ class _Request:
             comm=settings.comm,
             set_default_device=settings.set_default_device,
             hooks=settings.accelerator_hooks,
+            hang_dir=settings.hang_dir,
             origin=settings.origin("devices"),
             comm_origin=settings.origin("comm"),
             settings=settings,
@@ -411,6 +413,8 @@ class _Request:
             parts.append(f"set_default_device={self.set_default_device!r}")
         if self.hooks:
             parts.append(f"accelerator_hooks={list(self.hooks)!r}")
+        if self.hang_dir is not None:
+            parts.append(f"hang_dir={self.hang_dir!r}")
         return ", ".join(parts)
 
 

@@ -181,3 +181,14 @@ def test_a_vote_in_flight_is_not_a_wait() -> None:
         "rank 1: last collective all_reduce #3 [4] float32 at t.py:13 (done); "
         "it is in step at a.py:1" in text
     )
+
+
+def test_init_with_another_hang_dir_is_refused_by_name(clean_env, tmp_path: Path) -> None:
+    """A second init() asking for another dump folder is an error naming both requests, not
+    a silent reuse of the first folder; the same folder returns the same State."""
+    import devlayer
+
+    with devlayer.init(backend="cpu", hang_dir=tmp_path / "a") as st:
+        assert devlayer.init(backend="cpu", hang_dir=str(tmp_path / "a")) is st
+        with pytest.raises(devlayer.DevlayerError, match="hang_dir="):
+            devlayer.init(backend="cpu", hang_dir=tmp_path / "b")
