@@ -69,6 +69,8 @@ _SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
 DUMP_RECORDS, POST_RECORDS = 64, 8
 _POST_KEY = "devlayer-hang/pos/"
 _COUNT_KEY = "devlayer-hang/posted"
+#: Seconds a peer's clock may lag this one's before its dump counts as older than this job.
+_CLOCK_SLACK = 60.0
 
 
 @dataclass
@@ -92,6 +94,7 @@ class HangSetup:
     thread: threading.Thread | None = None
     stopping: threading.Event = field(default_factory=threading.Event)
     started: float = field(default_factory=time.monotonic)
+    wall_started: float = field(default_factory=time.time)
 
 
 _setup: HangSetup | None = None
@@ -398,8 +401,10 @@ def on_collective_error(what: str) -> str:
     if setup.store is not None:
         reports.update(_posts(setup, grace=min(10.0, max(1.0, setup.timeout / 4))))
     dumps, _ = read_dumps(setup.folder)
+    oldest = setup.wall_started - _CLOCK_SLACK  # a dump from before this State is stale
     for r, doc in dumps.items():
-        if doc.get("time", 0) >= reports.get(r, {}).get("time", 0) and r not in reports:
+        newer = r not in reports or doc.get("time", 0) > reports[r].get("time", 0)
+        if newer and doc.get("time", 0) >= oldest:
             reports[r] = doc
     world = int(setup.facts["world_size"])
     text = verdict(reports, world)

@@ -192,3 +192,19 @@ def test_init_with_another_hang_dir_is_refused_by_name(clean_env, tmp_path: Path
         assert devlayer.init(backend="cpu", hang_dir=str(tmp_path / "a")) is st
         with pytest.raises(devlayer.DevlayerError, match="hang_dir="):
             devlayer.init(backend="cpu", hang_dir=tmp_path / "b")
+
+
+def test_a_stale_dump_from_an_earlier_run_is_not_read(tmp_path: Path) -> None:
+    """A peer's dump written before this State started (an earlier run into the same
+    folder) does not enter the report: that rank counts as one that left nothing."""
+    from devlayer import hangdump
+
+    stale = {**_report(1, _rec(0, "all_reduce")), "time": 1.0}
+    (tmp_path / "rank1.json").write_text(json.dumps(stale))
+    facts = {"rank": 0, "world_size": 2, "launcher": "env"}
+    try:
+        hangdump.start(facts, folder=str(tmp_path), enabled=True, timeout=4.0, watchdog=0)
+        text = hangdump.on_collective_error("all_reduce")
+    finally:
+        hangdump.stop()
+    assert "rank(s) 1 left no report" in text, text
