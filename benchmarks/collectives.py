@@ -61,13 +61,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.distributed as dist
 
 import devlayer
-from devlayer import collective_checks, comm
+from devlayer import collective_checks, comm, ledger
 
 if __package__ in (None, ""):  # run as a file (torchrun benchmarks/collectives.py)
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -79,6 +79,8 @@ MiB = 1024 * KiB
 # Targets printed next to the results (see docs/performance.md).
 TARGET_OVERHEAD_LARGE = 0.05  # at >= 1 MiB
 TARGET_OVERHEAD_SMALL = 0.15  # at 4 B
+TARGET_LEDGER_SMALL = 0.02  # the collective ledger's own cost at 4 B (issue 22)
+TARGET_LEDGER_LARGE = 0.005  # ... and at >= 1 MiB
 TARGET_DICT_SPEEDUP = 20.0  # coalesced vs per-key loop
 TARGET_DICT_VS_FLAT = 1.10  # coalesced / hand-flattened
 
@@ -307,6 +309,80 @@ def unchecked_all_reduce(t: torch.Tensor) -> object:
         comm.is_checked = saved
 
 
+class _NullLedger(ledger.Ledger):
+    """A ledger that records nothing: the 'ledger off' row (issue 22)."""
+
+    _REC: ClassVar[list[Any]] = [0, "", None, None, 0, 0.0, 0.0, ledger.DONE]
+
+    def begin(self, op: str, detail: object = None) -> list[Any]:
+        return self._REC
+
+    @staticmethod
+    def done(rec: list[Any]) -> None:
+        return None
+
+    @staticmethod
+    def fail(rec: list[Any]) -> None:
+        return None
+
+
+_NULL_LEDGER = _NullLedger(size=1)
+
+
+def ledger_all_reduce(on: bool, t: torch.Tensor) -> object:
+    """``devlayer.all_reduce(t)`` with the collective ledger on or off (issue 22).
+
+    Both rows swap the ledger in for the call (the real one, or one that records nothing),
+    so the swap's own cost falls on both and their ratio is what the ledger costs: the
+    record's begin (call-site frame walk, a list, a deque append, a clock read) and its end.
+    """
+    ctx = comm._ctx()
+    real = ctx.ledger
+    object.__setattr__(ctx, "ledger", real if on else _NULL_LEDGER)
+    comm.Ledger = ledger.Ledger if on else _NullLedger  # type: ignore[misc]
+    try:
+        return devlayer.all_reduce(t)
+    finally:
+        object.__setattr__(ctx, "ledger", real)
+        comm.Ledger = ledger.Ledger  # type: ignore[misc]
+
+
+def ledger_alone_us(t: torch.Tensor, calls: int = 20000, repeats: int = 5) -> float:
+    """µs per call of what the ledger adds to an all_reduce, timed alone (best of
+    ``repeats``): a record begun with the tensor's shape and dtype and marked done. Load
+    from other processes inflates it less than it blurs the paired ratio."""
+    led = ledger.Ledger()
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            ledger.Ledger.done(led.begin("all_reduce", (t.shape, t.dtype)))
+        best = min(best, time.perf_counter() - start)
+    return best / calls * 1e6
+
+
+def _ledger_target(nbytes: int) -> float | None:
+    if nbytes >= MiB:
+        return TARGET_LEDGER_LARGE
+    if nbytes <= 4:
+        return TARGET_LEDGER_SMALL
+    return None
+
+
+def _ledger_cells(tm: Timings, nbytes: int, alone_us: float) -> list[str]:
+    """The ledger's cost (on vs off, paired by round), its verdict against the target, and
+    its cost timed alone as a share of the raw call."""
+    ratios = paired(tm.rounds["ledger_on"], tm.rounds["ledger_off"])
+    share = alone_us / statistics.median(tm.repeats["raw"])
+    alone = f"{alone_us:.2f} µs = {share * 100:.2f} % of raw"
+    target = _ledger_target(nbytes)
+    if target is None:
+        return [overhead_ci(ratios), "n/a", alone]
+    _, lo, hi = median_ci(ratios)
+    judged = f"<= {target * 100:g} %: {verdict_at_most(lo - 1, hi - 1, target)}"
+    return [overhead_ci(ratios), judged, alone]
+
+
 def bench_all_reduce(b: Bench, sizes: list[int]) -> str:
     rows = []
     for nbytes in sizes:
@@ -317,6 +393,8 @@ def bench_all_reduce(b: Bench, sizes: list[int]) -> str:
             ("devlayer", partial(devlayer.all_reduce, t)),
             ("devlayer_checked", partial(checked_all_reduce, t)),
             ("devlayer_unchecked", partial(unchecked_all_reduce, t)),
+            ("ledger_on", partial(ledger_all_reduce, True, t)),
+            ("ledger_off", partial(ledger_all_reduce, False, t)),
         ]
         tm = b.run("all_reduce", {"bytes": nbytes, "dtype": "float32"}, impls)
         per_round = paired(tm.rounds["devlayer"], tm.rounds["raw"])
@@ -338,6 +416,7 @@ def bench_all_reduce(b: Bench, sizes: list[int]) -> str:
                 overhead_ci(paired(tm.rounds["devlayer_checked"], tm.rounds["raw"])),
                 med_range(tm.repeats["devlayer_unchecked"]),
                 overhead_ci(paired(tm.rounds["devlayer"], tm.rounds["devlayer_unchecked"])),
+                *_ledger_cells(tm, nbytes, ledger_alone_us(t)),
             ]
         )
     head = [
@@ -350,12 +429,17 @@ def bench_all_reduce(b: Bench, sizes: list[int]) -> str:
         "its overhead vs raw (95 % CI)",
         "no check at all µs/call",
         "the sampled check's cost: devlayer vs no check (95 % CI)",
+        "the ledger's cost: on vs off (95 % CI)",
+        "ledger target",
+        "the ledger timed alone (share of raw)",
     ]
     note = (
         "'Checking every call' times the argument check DEVLAYER_DEBUG=1 runs before each "
         "call (one all_reduce of a two-int64 digest before the data). The default (the "
         "devlayer column) checks the first 64 collectives and then every 128th; 'no check "
-        "at all' switches that off, so the last column is what the sampled check costs."
+        "at all' switches that off, so that column is what the sampled check costs. The "
+        "ledger's cost pairs the default call with the collective ledger (issue 22) on and "
+        "off, each swapped in for the call."
     )
     return f"### all_reduce (float32, op=sum)\n\n{note}\n\n" + table(head, rows)
 
@@ -930,7 +1014,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"comma-separated sections to run, always in this order: {','.join(SECTIONS)} "
         "(default: all)",
     )
+    p.add_argument(
+        "--sizes",
+        type=_sizes,
+        metavar="BYTES",
+        help="comma-separated all_reduce sizes in bytes, e.g. 4,1048576 (default: the "
+        "section's own)",
+    )
     return p.parse_args(argv)
+
+
+def _sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(n) for n in text.split(",") if n.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or any(n < 4 or n % 4 for n in sizes):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected comma-separated byte counts, multiples of 4, e.g. 4,1048576"
+        )
+    return sizes
 
 
 SECTIONS = ("all_reduce", "metric_dict", "numbers", "all_gather", "broadcast")
@@ -965,6 +1068,7 @@ def main(argv: list[str] | None = None) -> int:
             ar_sizes = [4**k for k in range(1, 14)]  # 4 B .. 64 MiB
             side_sizes = [4, 4 * KiB, 1 * MiB, 16 * MiB]
             repeats, rounds, block_s, warmup, max_iters = 9, 6, 0.015, 10, 5000
+        ar_sizes = args.sizes or ar_sizes
         b = Bench(
             repeats=args.repeats or repeats,
             rounds=args.rounds or rounds,

@@ -65,6 +65,8 @@ from devlayer.collective_checks import (
 )
 from devlayer.config import parse_timeout
 from devlayer.errors import CollectiveError, DevlayerError, InvalidArgumentError
+from devlayer.hangdump import on_collective_error
+from devlayer.ledger import Ledger, new_ledger
 from devlayer.lifecycle import State, state
 from devlayer.numbers import decode, encode, pack, unpack
 from devlayer.torchcompat import float_dtype as _float_dtype
@@ -122,6 +124,7 @@ class _Ctx:
     torch: Any
     debug: bool = False  # DEVLAYER_DEBUG=1: compare call signatures before every call
     calls: _Calls = field(default_factory=_Calls)  # decides which calls are checked
+    ledger: Ledger = field(default_factory=Ledger)  # this State's collective records
 
 
 _ctx_cache: _Ctx | None = None
@@ -162,6 +165,7 @@ def _ctx() -> _Ctx:
         dist,
         torch,
         debug,
+        ledger=new_ledger(),
     )
     return _ctx_cache
 
@@ -177,12 +181,31 @@ def _op_name(op: object) -> str:
 
 
 def _fail(ctx: _Ctx, what: str, exc: BaseException) -> CollectiveError:
-    return CollectiveError(
+    """The error of a failed collective; with hang reports on, it says which rank is where
+    (:func:`devlayer.hangdump.on_collective_error`: this rank's dump, the others' posted
+    positions and dumps) instead of guessing."""
+    head = (
         f"{what} failed on rank {ctx.rank} of {ctx.world} ({ctx.st.comm}): "
-        f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}. "
-        f"A peer rank probably exited or timed out (timeout "
+        f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}."
+    )
+    hang = _hang_report(ctx, what)
+    if hang:
+        return CollectiveError(f"{head} {hang}")
+    return CollectiveError(
+        f"{head} A peer rank probably exited or timed out (timeout "
         f"{ctx.st.timeout.total_seconds():g}s); check the other ranks' output"
     )
+
+
+def _hang_report(ctx: _Ctx, what: str) -> str:
+    """Mark the collective in flight failed; the hang report (empty when they are off)."""
+    last = ctx.ledger.last()
+    if last is not None and last[7] == "running":
+        Ledger.fail(last)
+    try:
+        return on_collective_error(what)
+    except Exception as err:  # a report must never hide the collective's own error
+        return f"(no hang report: {type(err).__name__}: {err})"
 
 
 # --------------------------------------------------------------------------- all_reduce
@@ -214,9 +237,16 @@ def all_reduce(x: T, op: str = "sum") -> T:
     """
     name = _op_name(op)
     ctx = _ctx()
-    torch = ctx.torch
-    if isinstance(x, torch.Tensor):
+    if isinstance(x, ctx.torch.Tensor):
         return _reduce_tensor(ctx, x, name)
+    if ctx.world == 1:
+        return _reduce_container(ctx, x, name)
+    return _recorded(ctx, "all_reduce", _kind(x), _reduce_container, ctx, x, name)
+
+
+def _reduce_container(ctx: _Ctx, x: T, name: str) -> T:
+    """:func:`all_reduce` of a number or a container."""
+    torch = ctx.torch
     seq = _next_seq(ctx)
     if type(x) is dict and x and ctx.world > 1 and seq is None:
         done = _reduce_uniform_dict(ctx, x, name)
@@ -416,22 +446,50 @@ def _reduce_tensor(ctx: _Ctx, t: Any, name: str) -> Any:
         raise _int_mean("", t)
     if ctx.world == 1:
         return t
-    seq = _next_seq(ctx)
-    if seq is not None:
-        _check_signatures(ctx, seq, "all_reduce", name, tensor_text(t))
-    if t.device.type in ctx.device_types and t.is_contiguous():
-        work = t
-    else:
-        work = t.to(ctx.device).contiguous()
+    rec = ctx.ledger.begin("all_reduce", (t.shape, t.dtype))
     try:
-        ctx.dist.all_reduce(work, op=ctx.reduce_ops[name])
-    except RuntimeError as exc:
-        raise _fail(ctx, "all_reduce", exc) from exc
+        seq = _next_seq(ctx)
+        if seq is not None:
+            _check_signatures(ctx, seq, "all_reduce", name, tensor_text(t))
+        if t.device.type in ctx.device_types and t.is_contiguous():
+            work = t
+        else:
+            work = t.to(ctx.device).contiguous()
+        try:
+            ctx.dist.all_reduce(work, op=ctx.reduce_ops[name])
+        except RuntimeError as exc:
+            raise _fail(ctx, "all_reduce", exc) from exc
+    except BaseException:
+        Ledger.fail(rec)
+        raise
+    Ledger.done(rec)
     if name == "mean":
         work.div_(ctx.world)
     if work is not t:
         t.copy_(work)
     return t
+
+
+def _recorded(ctx: _Ctx, op: str, detail: object, fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` recorded in the ledger as collective ``op`` (world size > 1)."""
+    rec = ctx.ledger.begin(op, detail)
+    try:
+        out = fn(*args)
+    except BaseException:
+        Ledger.fail(rec)
+        raise
+    Ledger.done(rec)
+    return out
+
+
+def _kind(x: object) -> object:
+    """A ledger signature for ``x``: ``(shape, dtype)`` of a tensor, else type and size."""
+    shape = getattr(x, "shape", None)
+    if shape is not None and hasattr(x, "dtype"):
+        return (shape, x.dtype)
+    if isinstance(x, (dict, list, tuple)):
+        return f"{type(x).__name__} of {len(x)}"
+    return type(x).__name__
 
 
 # --------------------------------------------------------------------------- all_gather
@@ -465,6 +523,12 @@ def all_gather(x: Any, *, same_shape: bool = False) -> list[Any]:
         >>> _ = devlayer.shutdown()
     """
     ctx = _ctx()
+    if ctx.world == 1:
+        return _all_gather(ctx, x, same_shape)
+    return _recorded(ctx, "all_gather", _kind(x), _all_gather, ctx, x, same_shape)
+
+
+def _all_gather(ctx: _Ctx, x: Any, same_shape: bool) -> list[Any]:
     torch = ctx.torch
     if isinstance(x, (bool, int, float)):
         seq = _next_seq(ctx)
@@ -622,6 +686,12 @@ def broadcast(x: T, src: int = 0) -> T:
         >>> _ = devlayer.shutdown()
     """
     ctx = _ctx()
+    if ctx.world == 1:
+        return _broadcast(ctx, x, src)
+    return _recorded(ctx, "broadcast", _kind(x), _broadcast, ctx, x, src)
+
+
+def _broadcast(ctx: _Ctx, x: T, src: int) -> T:
     torch = ctx.torch
     src = _check_src(ctx, src)
     if isinstance(x, torch.Tensor):
@@ -695,6 +765,12 @@ def barrier(timeout: float | timedelta | None = None) -> None:
         CollectiveError: A rank did not arrive in time, or a peer failed.
     """
     ctx = _ctx()
+    if ctx.world == 1:
+        return _barrier(ctx, timeout)
+    return _recorded(ctx, "barrier", None, _barrier, ctx, timeout)
+
+
+def _barrier(ctx: _Ctx, timeout: float | timedelta | None) -> None:
     tmo = parse_timeout(timeout) or ctx.st.timeout
     if ctx.world == 1:
         return
@@ -710,9 +786,10 @@ def barrier(timeout: float | timedelta | None = None) -> None:
                 raise RuntimeError(f"barrier did not complete within {tmo.total_seconds():g}s")
     except (RuntimeError, ValueError) as exc:
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        head = f"barrier failed on rank {ctx.rank} of {ctx.world}"
+        hang = _hang_report(ctx, "barrier")
         raise CollectiveError(
-            f"barrier failed on rank {ctx.rank} of {ctx.world} after at most "
-            f"{tmo.total_seconds():g}s: {text}"
+            f"{head} after at most {tmo.total_seconds():g}s: {text}{' ' + hang if hang else ''}"
         ) from exc
 
 
@@ -814,6 +891,12 @@ def all_gather_object(obj: Any) -> list[Any]:
     """
     ctx = _ctx()
     if ctx.world == 1:
+        return _all_gather_object(ctx, obj)
+    return _recorded(ctx, "all_gather_object", type(obj).__name__, _all_gather_object, ctx, obj)
+
+
+def _all_gather_object(ctx: _Ctx, obj: Any) -> list[Any]:
+    if ctx.world == 1:
         return [obj]
     seq = _next_seq(ctx)
     if seq is not None:
@@ -829,6 +912,12 @@ def all_gather_object(obj: Any) -> list[Any]:
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """Send rank ``src``'s picklable object to every rank (pickle: trusts the peer ranks)."""
     ctx = _ctx()
+    if ctx.world == 1:
+        return _broadcast_object(ctx, obj, src)
+    return _recorded(ctx, "broadcast_object", type(obj).__name__, _broadcast_object, ctx, obj, src)
+
+
+def _broadcast_object(ctx: _Ctx, obj: Any, src: int) -> Any:
     src = _check_src(ctx, src)
     if ctx.world == 1:
         return obj
@@ -849,8 +938,8 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 class Vote:
     """A vote started by :func:`vote_any`; :meth:`result` waits for it and gives the outcome."""
 
-    def __init__(self, ctx: _Ctx, flag: Any, work: Any) -> None:
-        self._ctx, self._flag, self._work = ctx, flag, work
+    def __init__(self, ctx: _Ctx, flag: Any, work: Any, rec: list[Any] | None = None) -> None:
+        self._ctx, self._flag, self._work, self._rec = ctx, flag, work, rec
 
     def result(self) -> bool:
         """True on every rank when any rank voted True (waits if still in flight).
@@ -863,7 +952,11 @@ class Vote:
             try:
                 work.wait()
             except RuntimeError as exc:
+                if self._rec is not None:
+                    Ledger.fail(self._rec)
                 raise _fail(self._ctx, "vote_any", exc) from exc
+            if self._rec is not None:
+                Ledger.done(self._rec)
         return bool(self._flag.item())
 
 
@@ -888,8 +981,10 @@ def vote_any(flag: bool) -> Vote:
     box = torch.tensor([1 if flag else 0], dtype=torch.int32, device="cpu")
     if ctx.world == 1:
         return Vote(ctx, box, None)
+    rec = ctx.ledger.begin("vote_any", "async")  # done when its result is read
     try:
         work = ctx.dist.all_reduce(box, op=ctx.reduce_ops["max"], async_op=True)
     except RuntimeError as exc:
+        Ledger.fail(rec)
         raise _fail(ctx, "vote_any", exc) from exc
-    return Vote(ctx, box, work)
+    return Vote(ctx, box, work, rec)

@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
@@ -165,6 +166,27 @@ def _text(raw: object, origin: str) -> str:
     return str(raw).strip()
 
 
+def _folder(raw: object, origin: str) -> str:
+    """A folder path (``str`` or ``os.PathLike``), as text."""
+    if isinstance(raw, (str, os.PathLike)) and str(os.fspath(raw)).strip():
+        return str(os.fspath(raw)).strip()
+    raise InvalidArgumentError(
+        f"{origin}={short_repr(raw)} is not a folder path; pass a path such as "
+        f"'/scratch/hangs', or leave it out for the default"
+    )
+
+
+def _watchdog(raw: object, origin: str) -> float:
+    """Seconds without a completed collective before the watchdog dumps; 0 = off."""
+    if isinstance(raw, str) and raw.strip().lower() in ("0", "off", "false", "no"):
+        return 0.0
+    if raw == 0 and not isinstance(raw, bool):
+        return 0.0
+    parsed = parse_timeout(raw, origin=origin)
+    assert parsed is not None  # raw is not None here
+    return parsed.total_seconds()
+
+
 #: Each field of :class:`Settings`: its variable and the one function that normalises a
 #: value for it, from the variable's text or from an argument (``origin`` names which).
 _PARSERS: dict[str, tuple[str, Callable[[Any, str], Any]]] = {
@@ -177,6 +199,9 @@ _PARSERS: dict[str, tuple[str, Callable[[Any, str], Any]]] = {
     "allow_shared_devices": ("DEVLAYER_ALLOW_SHARED_DEVICES", _flag),
     "debug": ("DEVLAYER_DEBUG", _flag),
     "simulate": ("DEVLAYER_SIMULATE", _text),
+    "hang_dir": ("DEVLAYER_HANG_DIR", _folder),
+    "hang_reports": ("DEVLAYER_HANG_REPORTS", _flag),
+    "watchdog": ("DEVLAYER_WATCHDOG", _watchdog),
 }
 
 
@@ -198,6 +223,13 @@ class Settings:
             with a comm that refuses it (nccl).
         debug: ``DEVLAYER_DEBUG``: check every collective's arguments across ranks.
         simulate: ``DEVLAYER_SIMULATE``: fake runtimes (``"cuda:4"``), or ``None``.
+        hang_dir: ``DEVLAYER_HANG_DIR``: the folder for hang dumps (``None``: a folder per
+            job under the system's temp folder, see :mod:`devlayer.hangdump`).
+        hang_reports: ``DEVLAYER_HANG_REPORTS``: hang dumps on signals, timeouts and from
+            the watchdog (default on; the collective ledger is always kept).
+        watchdog: ``DEVLAYER_WATCHDOG``: seconds without a completed collective before a
+            rank writes its dump (``None``: the collective timeout; ``0``/``off``: no
+            watchdog).
         origins: Field name -> where its value came from; see :meth:`origin`.
     """
 
@@ -210,6 +242,9 @@ class Settings:
     allow_shared_devices: bool = False
     debug: bool = False
     simulate: str | None = None
+    hang_dir: str | None = None
+    hang_reports: bool = True
+    watchdog: float | None = None
     origins: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod

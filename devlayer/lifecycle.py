@@ -24,6 +24,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import Iterable
@@ -32,6 +33,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from devlayer import devices as _devices
+from devlayer import hangdump
 from devlayer.config import Settings
 from devlayer.errors import (
     BackendUnavailableError,
@@ -199,6 +201,7 @@ def init(
     comm: str | None = None,
     set_default_device: bool | None = None,
     accelerator_hooks: Iterable[AcceleratorHook] | None = None,
+    hang_dir: str | os.PathLike[str] | None = None,
 ) -> State:
     """Set up this process: backend, device, and (with several ranks) the process group.
 
@@ -228,6 +231,10 @@ def init(
             strings name a hook without importing it yourself. Default:
             ``DEVLAYER_ACCELERATOR_HOOKS`` (comma-separated ``module:function``) or none;
             ``()`` opts out of the variable.
+        hang_dir: The folder for hang dumps (default: ``DEVLAYER_HANG_DIR`` or a folder
+            per job under the system's temp folder; the messages name it). Each rank
+            writes ``rank<N>.json`` there when a collective times out, on SIGTERM,
+            SIGINT or SIGUSR1, and from the watchdog; ``devlayer hangs DIR`` reads them.
 
     Returns:
         The :class:`State`, also available as :func:`devlayer.state`.
@@ -252,7 +259,9 @@ def init(
     # Long only by its docstring, the argument reference users read; each step is a helper.
     global _current
     request = _Request.of(
-        _settings(backend, devices, timeout, comm, set_default_device, accelerator_hooks)
+        _settings(backend, devices, timeout, comm, set_default_device, accelerator_hooks).given(
+            "hang_dir", hang_dir
+        )
     )
     settings = request.settings
     with _lock:
@@ -276,7 +285,7 @@ def init(
             index = _pick_device(be, plan, info, comm_name, settings.allow_shared_devices)
             dev = _bind_device(be, index, request.set_default_device, undo)
             call_hooks(hooks, be)
-            owns = _connect(be, comm_name, dev, info, request.timeout, undo)
+            owns, store = _connect(be, comm_name, dev, info, request.timeout, undo)
         except BaseException:
             _restore(undo)
             raise
@@ -294,8 +303,36 @@ def init(
             settings=settings,
             _key=_made(request, be, comm_name),
         )
+        _start_hang_reports(_current, store)
         log.debug("devlayer initialized: %s", _current)
         return _current
+
+
+def _start_hang_reports(st: State, store: Any) -> None:
+    """The hang dumps, signal handlers and watchdog of this State (devlayer.hangdump)."""
+    info, settings = st.process, st.settings
+    facts = {
+        "rank": info.rank,
+        "world_size": info.world_size,
+        "local_rank": info.local_rank,
+        "node_rank": info.node_rank,
+        "host": socket.gethostname(),
+        "backend": st.backend,
+        "comm": st.comm,
+        "device": str(st.device),
+        "launcher": info.launcher,
+        "job": info.job_identity,
+        "job_id": info.job_id,
+        "port": info.master_port,
+    }
+    hangdump.start(
+        facts,
+        folder=settings.hang_dir,
+        enabled=settings.hang_reports,
+        timeout=st.timeout.total_seconds(),
+        watchdog=settings.watchdog,
+        store=store,
+    )
 
 
 def _settings(
@@ -336,6 +373,7 @@ class _Request:
     comm: str | None
     set_default_device: bool | None
     hooks: tuple[AcceleratorHook, ...]
+    hang_dir: str | None = None
     origin: str = field(default="devices", compare=False)
     comm_origin: str = field(default="comm", compare=False)
     #: The backend's own comm, which ``comm=None`` means (set once init() chose a backend).
@@ -356,6 +394,7 @@ class _Request:
             comm=settings.comm,
             set_default_device=settings.set_default_device,
             hooks=settings.accelerator_hooks,
+            hang_dir=settings.hang_dir,
             origin=settings.origin("devices"),
             comm_origin=settings.origin("comm"),
             settings=settings,
@@ -374,6 +413,8 @@ class _Request:
             parts.append(f"set_default_device={self.set_default_device!r}")
         if self.hooks:
             parts.append(f"accelerator_hooks={list(self.hooks)!r}")
+        if self.hang_dir is not None:
+            parts.append(f"hang_dir={self.hang_dir!r}")
         return ", ".join(parts)
 
 
@@ -480,17 +521,18 @@ def _connect(
     info: ProcessInfo,
     timeout: timedelta,
     undo: _Undo,
-) -> bool:
+) -> tuple[bool, Any]:
     """Export the variables peers and libraries read; with several ranks, join the group.
 
     Returns:
-        Whether devlayer created the process group (and so destroys it at shutdown).
+        Whether devlayer created the process group (and so destroys it at shutdown), and
+        the rendezvous store it made (None when it made none).
     """
     for name, value in _interop_env(be, info).items():
         if name not in os.environ:
             undo.setenv(name, value)
     if comm_name is None:
-        return False
+        return False, None
     prepare_comm(be, comm_name, info, undo.setenv)
     return _create_process_group(be, comm_name, dev, info, timeout)
 
@@ -690,7 +732,7 @@ def _check_shared_devices(
 
 def _create_process_group(
     be: BoundBackend, comm: str, dev: torch.device, info: ProcessInfo, timeout: timedelta
-) -> bool:
+) -> tuple[bool, Any]:
     import torch.distributed as dist
 
     if dist.is_initialized():
@@ -702,7 +744,7 @@ def _create_process_group(
                 f"world_size={info.world_size}; destroy it or let devlayer.init() create it"
             )
         _guard_exit()  # an adopted gloo group aborts at exit after DDP just the same
-        return False
+        return False, None
     if be.device_type == "cpu":
         pg_backend = comm
     elif comm == "gloo":
@@ -728,7 +770,7 @@ def _create_process_group(
             f"{info.world_size} ({info.master_addr}:{info.master_port}): {exc}"
         ) from exc
     _guard_exit()
-    return True
+    return True, store
 
 
 _exit_guarded = False
@@ -790,6 +832,7 @@ def shutdown() -> bool:
         if _current is None:
             return False
         st, _current = _current, None
+        hangdump.stop()
         try:
             if st.owns_process_group:
                 import torch.distributed as dist

@@ -8,6 +8,7 @@ Subcommands:
     launch  torchrun with devlayer's defaults: one process per device, loopback rendezvous
             on a free port, the failing rank's exit code.
     plot    training curves and throughput from a Trainer metrics file, as one PNG.
+    hangs   one verdict from the hang dumps of a job: which rank is where, who diverged.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
         default=30.0,
         help="seconds for each step (rendezvous, barrier, ...)",
     )
-    from devlayer.cli import bench, farm, launch, plot
+    from devlayer.cli import bench, farm, hangs, launch, plot
 
     farm.add_arguments(sub.add_parser("farm", help="run many one-device jobs, one per device"))
 
@@ -49,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     plot.add_arguments(
         sub.add_parser("plot", help="training curves from a metrics file, as one PNG")
+    )
+    hangs.add_arguments(
+        sub.add_parser("hangs", help="which rank is where, from a folder of hang dumps")
     )
     return parser
 
@@ -84,6 +88,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from devlayer.cli.plot import run as plot_run
 
             return plot_run(args)
+        if args.command == "hangs":
+            from devlayer.cli.hangs import run as hangs_run
+
+            return hangs_run(args)
     except DevlayerError as exc:
         print(f"devlayer {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -35,6 +35,7 @@ from typing import Any
 
 import devlayer
 from devlayer.errors import InvalidArgumentError
+from devlayer.ledger import publish_step
 from devlayer.train.bounds import Bounds
 from devlayer.train.callbacks import Callback, EarlyStopping
 from devlayer.train.checkpointing import Checkpointer
@@ -597,6 +598,7 @@ class Trainer:
         if self.scheduler is not None:
             self.scheduler.step()
         self.state.global_step += 1
+        publish_step(self.state.global_step)  # for hang reports: one assignment
 
     def _train_epoch(self, loader: ShardedLoader, bar: Any) -> tuple[Any, int, float, bool]:
         """One epoch (or until max_steps); returns (loss sum, samples, seconds, completed)."""

@@ -63,6 +63,8 @@ def test_collectives_benchmark_two_ranks(tmp_path: Path) -> None:
         "devlayer",
         "devlayer_checked",
         "devlayer_unchecked",
+        "ledger_on",
+        "ledger_off",
     }
     assert {r["section"] for r in results} == {"all_reduce"}
     assert "### all_reduce" in proc.stdout

@@ -24,6 +24,9 @@ CASES = [
     ("allow_shared_devices", "DEVLAYER_ALLOW_SHARED_DEVICES", "yes", True, False, "2"),
     ("debug", "DEVLAYER_DEBUG", "1", True, False, "maybe"),
     ("simulate", "DEVLAYER_SIMULATE", " cuda:4 ", "cuda:4", None, None),
+    ("hang_dir", "DEVLAYER_HANG_DIR", " /scratch/hangs ", "/scratch/hangs", None, None),
+    ("hang_reports", "DEVLAYER_HANG_REPORTS", "0", False, True, "maybe"),
+    ("watchdog", "DEVLAYER_WATCHDOG", "90", 90.0, None, "soon"),
 ]
 IDS = [case[0] for case in CASES]
 

@@ -1,0 +1,473 @@
+"""Hang dumps: each rank writes where it is, when it matters, so a hang names its rank.
+
+A dump is one JSON file per rank, ``rank<N>.json`` (0600, written to a temp file and
+renamed, never pickle), holding every thread's Python stack, the tail of the collective
+ledger (:mod:`devlayer.ledger`), ``where`` (the innermost frame of the main thread outside
+devlayer, torch and the standard library) and what devlayer knows: rank, world size,
+host, pid, backend, comm, device, launcher, the Trainer's step. It is written:
+
+* when a collective fails or times out (:func:`on_collective_error`, from
+  :mod:`devlayer.comm`'s error path), which also posts this rank's position to the
+  rendezvous store and, after a short bounded grace, reads the other ranks' positions and
+  dumps to name who is missing and where;
+* on SIGTERM and SIGINT (the launcher's stop: torchrun waits 30 s before SIGKILL) and on
+  SIGUSR1 (the process goes on). The handlers are installed by ``init()`` in the main
+  thread, call the handler that was there before (torch's, the user's: SIGTERM's default
+  still ends the process), and ``shutdown()`` puts the old ones back;
+* by a watchdog thread when no collective has completed for ``DEVLAYER_WATCHDOG`` seconds
+  (default: the collective timeout), whether one is pending or the rank is elsewhere,
+  so a rank stuck in user code leaves its stack before the others time out. It adds no
+  collective, writes once per quiet period and stops at ``shutdown()``.
+
+The folder is ``init(hang_dir=...)``, ``DEVLAYER_HANG_DIR``, or by default
+``<temp>/devlayer-hangs-<uid>/<launcher>-<job>`` on local disk (:func:`default_dir`); each
+rank removes its own stale dump at ``init()``, so a job with no hang leaves none.
+``DEVLAYER_HANG_REPORTS=0`` turns dumps, handlers and the watchdog off; at world size 1
+(no peer to wait for) none of them is set up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import re
+import signal
+import stat
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from devlayer.hangreport import DUMP_FORMAT, read_dumps, verdict
+from devlayer.ledger import RUNNING, current, new_ledger, publish_step, published_step
+
+__all__ = [
+    "HangSetup",
+    "current_setup",
+    "default_dir",
+    "dump_handler_of",
+    "dump_only",
+    "on_collective_error",
+    "report",
+    "start",
+    "stop",
+    "where",
+    "write_dump",
+]
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
+#: How many ledger records a dump holds, and a store post.
+DUMP_RECORDS, POST_RECORDS = 64, 8
+_POST_KEY = "devlayer-hang/pos/"
+_COUNT_KEY = "devlayer-hang/posted"
+#: Seconds a peer's clock may lag this one's before its dump counts as older than this job.
+_CLOCK_SLACK = 60.0
+
+
+@dataclass
+class HangSetup:
+    """What the hang reports of one ``State`` need (made by ``init()``).
+
+    Attributes:
+        folder: Where the dumps go.
+        facts: Rank, world size, host, pid, backend, comm, device, launcher, job.
+        timeout: The collective timeout in seconds.
+        watchdog: Seconds without a completed collective before a dump; 0: off.
+        store: The rendezvous store (positions are posted there), or None.
+    """
+
+    folder: Path
+    facts: dict[str, Any]
+    timeout: float
+    watchdog: float
+    store: Any = None
+    previous: dict[int, Any] = field(default_factory=dict)
+    thread: threading.Thread | None = None
+    stopping: threading.Event = field(default_factory=threading.Event)
+    started: float = field(default_factory=time.monotonic)
+    wall_started: float = field(default_factory=time.time)
+
+
+_setup: HangSetup | None = None
+
+
+def default_dir(launcher: str, job: str | None, port: int | None, tmp: str | None = None) -> Path:
+    """``<temp>/devlayer-hangs-<uid>/<launcher>-<job id or port>``: one folder per job.
+
+    Example:
+        >>> default_dir("slurm", "SLURM_JOB_ID=42", 29500, tmp="/tmp").name
+        'slurm-SLURM_JOB_ID-42'
+    """
+    name = f"{launcher}-{job or f'port{port}'}"
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.") or "job"
+    uid = os.getuid() if hasattr(os, "getuid") else "user"
+    return Path(tmp or tempfile.gettempdir()) / f"devlayer-hangs-{uid}" / name
+
+
+# --------------------------------------------------------------------------- the dump
+
+
+def _skipped(filename: str) -> bool:
+    """Frames that are not the user's: devlayer's, torch's, the standard library's."""
+    return (
+        filename.startswith(_PACKAGE)
+        or f"{os.sep}torch{os.sep}" in filename
+        or filename.startswith(_stdlib())
+        or filename.startswith("<frozen")
+    )
+
+
+@functools.cache
+def _stdlib() -> str:
+    """The standard library's folder (asked once, when a report is first made)."""
+    import sysconfig
+
+    return str(sysconfig.get_paths()["stdlib"]) + os.sep
+
+
+def where(frame: FrameType | None) -> dict[str, Any] | None:
+    """The innermost frame at or above ``frame`` that is the user's: function and site."""
+    first = frame
+    while frame is not None and _skipped(frame.f_code.co_filename):
+        frame = frame.f_back
+    frame = frame or first
+    if frame is None:
+        return None
+    code = frame.f_code
+    return {
+        "function": code.co_name,
+        "site": f"{os.path.basename(code.co_filename)}:{frame.f_lineno}",
+        "file": code.co_filename,
+    }
+
+
+def _threads(main_frame: FrameType | None) -> list[dict[str, Any]]:
+    names = {t.ident: t.name for t in threading.enumerate()}
+    main = threading.main_thread().ident
+    out = []
+    for ident, frame in sys._current_frames().items():
+        if ident == main and main_frame is not None:
+            frame = main_frame
+        stack = [
+            {"file": f.filename, "line": f.lineno, "function": f.name, "text": f.line or ""}
+            for f in traceback.extract_stack(frame)
+        ]
+        out.append(
+            {"id": ident, "name": names.get(ident, "?"), "main": ident == main, "stack": stack}
+        )
+    return out
+
+
+def _main_frame(frame: FrameType | None) -> FrameType | None:
+    """The main thread's frame: ``frame`` when called there (a signal handler's), else its
+    current frame as another thread sees it."""
+    if frame is not None and threading.current_thread() is threading.main_thread():
+        return frame
+    return sys._current_frames().get(threading.main_thread().ident or 0)
+
+
+def report(
+    reason: str, frame: FrameType | None = None, records: int = DUMP_RECORDS
+) -> dict[str, Any]:
+    """This rank's report as a JSON-ready dict (see the module docstring)."""
+    setup = _setup
+    led = current()
+    main = _main_frame(frame)
+    doc: dict[str, Any] = {
+        "format": DUMP_FORMAT,
+        "reason": reason,
+        **(setup.facts if setup is not None else {}),
+        "pid": os.getpid(),
+        "step": published_step(),
+        "time": time.time(),
+        "monotonic": time.monotonic(),
+        "ledger": led.tail(records) if led is not None else [],
+        "where": where(main),
+    }
+    return doc
+
+
+def write_dump(reason: str, frame: FrameType | None = None) -> Path | None:
+    """Write this rank's dump (with every thread's stack) atomically, 0600.
+
+    Returns:
+        Its path, or None when hang reports are off or the folder cannot be written (a dump
+        must never turn a hang into another error; the reason goes to stderr).
+    """
+    setup = _setup
+    if setup is None:
+        return None
+    doc = report(reason, frame)
+    doc["threads"] = _threads(_main_frame(frame))
+    path = setup.folder / f"rank{setup.facts.get('rank', 0)}.json"
+    try:
+        _atomic_write(path, json.dumps(doc, indent=1, default=str))
+    except OSError as exc:
+        print(f"devlayer: could not write the hang dump {path}: {exc}", file=sys.stderr)
+        return None
+    return path
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _check_ours(path.parent)
+    if path.parent.parent.name.startswith("devlayer-hangs-"):
+        _check_ours(path.parent.parent)  # the default folder's shared parent in <temp>
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # 0600
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _check_ours(folder: Path) -> None:
+    """Refuse a folder that is a link or another user's (a planted one in a shared temp).
+
+    Raises:
+        OSError: Naming the folder, what it is and the fix.
+    """
+    st = os.lstat(folder)
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise OSError(f"{folder} is not a plain folder (a link?); set DEVLAYER_HANG_DIR")
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        raise OSError(
+            f"{folder} belongs to user id {st.st_uid}, not to this user ({os.getuid()}); "
+            f"set DEVLAYER_HANG_DIR to a folder of your own"
+        )
+
+
+# --------------------------------------------------------------------------- signals
+
+
+def _on_signal(signum: int, frame: FrameType | None) -> None:
+    setup = _setup
+    name = signal.Signals(signum).name
+    path = write_dump(f"signal {name}", frame)
+    if path is not None and setup is not None:
+        print(
+            f"devlayer: rank {setup.facts.get('rank')}: {name}: hang report written to {path} "
+            f"(read them all with: devlayer hangs {setup.folder})",
+            file=sys.stderr,
+            flush=True,
+        )
+    previous = setup.previous.get(signum) if setup is not None else None
+    _chain(signum, frame, previous)
+
+
+def _chain(signum: int, frame: FrameType | None, previous: Any) -> None:
+    """Hand the signal on as if devlayer's handler were not there."""
+    if callable(previous):
+        previous(signum, frame)
+    elif previous == signal.SIG_DFL and signum != signal.SIGUSR1:
+        signal.signal(signum, signal.SIG_DFL)  # the default action: end the process
+        os.kill(os.getpid(), signum)
+
+
+def dump_only(signum: int, frame: FrameType | None) -> None:
+    """Write the dump for ``signum`` without handing it on (for a handler that replaces
+    devlayer's for a while, such as the Trainer's preemption handler)."""
+    write_dump(f"signal {signal.Signals(signum).name}", frame)
+
+
+def dump_handler_of(handler: object) -> Callable[[int, FrameType | None], None] | None:
+    """:func:`dump_only` when ``handler`` is devlayer's signal handler, else None.
+
+    Example:
+        >>> dump_handler_of(signal.SIG_DFL) is None
+        True
+    """
+    return dump_only if handler is _on_signal else None
+
+
+def _install(setup: HangSetup) -> None:
+    if threading.current_thread() is not threading.main_thread():
+        return  # only the main thread may set handlers; dumps still come from the rest
+    for name in _SIGNALS:
+        signum = getattr(signal, name, None)
+        if signum is not None:
+            setup.previous[signum] = signal.signal(signum, _on_signal)
+
+
+def _uninstall(setup: HangSetup) -> None:
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum, previous in setup.previous.items():
+        if signal.getsignal(signum) is _on_signal:  # a handler set after ours stays
+            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+    setup.previous.clear()
+
+
+# --------------------------------------------------------------------------- watchdog
+
+
+def _quiet_since(setup: HangSetup) -> tuple[float, Any]:
+    """When this rank last completed a collective (or started), and the newest record."""
+    led = current()
+    last = led.last() if led is not None else None
+    if last is None:
+        return setup.started, None
+    done_at = last[6] if last[7] != RUNNING else last[5]
+    return max(done_at, setup.started), last
+
+
+def _watch(setup: HangSetup) -> None:
+    tick = min(1.0, setup.watchdog / 10)
+    fired_for: object = None
+    while not setup.stopping.wait(tick):
+        since, last = _quiet_since(setup)
+        key = (id(last), last[7] if last is not None else None, since)
+        if time.monotonic() - since < setup.watchdog or key == fired_for:
+            continue
+        fired_for = key
+        pending = (
+            f"; pending: {last[1]} #{last[0]}" if last is not None and last[7] == RUNNING else ""
+        )
+        path = write_dump(f"watchdog: no collective completed for {setup.watchdog:g}s{pending}")
+        _post(setup)
+        if path is not None:
+            print(
+                f"devlayer: rank {setup.facts.get('rank')}: no collective completed for "
+                f"{setup.watchdog:g}s{pending}; hang report written to {path}",
+                file=sys.stderr,
+                flush=True,
+            )
+
+
+# --------------------------------------------------------------------------- store
+
+
+def _post(setup: HangSetup) -> None:
+    """Post this rank's position (a small report) to the store; errors are ignored."""
+    if setup.store is None:
+        return
+    text = json.dumps(report("posted", None, POST_RECORDS), default=str)
+    key = f"{_POST_KEY}{setup.facts['rank']}"
+    with contextlib.suppress(Exception):  # the store's host may be gone: the report says less
+        first = not setup.store.check([key])
+        setup.store.set(key, text)
+        if first:
+            setup.store.add(_COUNT_KEY, 1)
+
+
+def _posts(setup: HangSetup, grace: float) -> dict[int, dict[str, Any]]:
+    """The positions the ranks posted, waiting up to ``grace`` seconds for all of them.
+
+    The wait polls one counter (every post adds 1), so the store sees one request per
+    waiting rank per 0.1 s whatever the world size; the posts are then read once.
+    """
+    world = int(setup.facts["world_size"])
+    deadline = time.monotonic() + grace
+    found: dict[int, dict[str, Any]] = {}
+    try:
+        while setup.store.add(_COUNT_KEY, 0) < world and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for r in range(world):
+            key = f"{_POST_KEY}{r}"
+            if setup.store.check([key]):
+                found[r] = json.loads(setup.store.get(key))
+    except Exception:  # the store's host went away: report what was read
+        pass
+    return found
+
+
+def on_collective_error(what: str) -> str:
+    """After collective ``what`` failed: dump, post, gather the others' positions; the report.
+
+    Returns:
+        Text for the ``CollectiveError`` (empty when hang reports are off): the ranks that
+        did not reach the collective with where they are, different collectives at one
+        sequence number, the ranks that left nothing, and where the dumps are.
+    """
+    setup = _setup
+    if setup is None:
+        return ""
+    path = write_dump(f"{what} failed")
+    _post(setup)
+    reports: dict[int, dict[str, Any]] = {}
+    if setup.store is not None:
+        reports.update(_posts(setup, grace=min(10.0, max(1.0, setup.timeout / 4))))
+    dumps, _ = read_dumps(setup.folder)
+    oldest = setup.wall_started - _CLOCK_SLACK  # a dump from before this State is stale
+    for r, doc in dumps.items():
+        newer = r not in reports or doc.get("time", 0) > reports[r].get("time", 0)
+        if newer and doc.get("time", 0) >= oldest:
+            reports[r] = doc
+    world = int(setup.facts["world_size"])
+    text = verdict(reports, world)
+    where_ = f"; this rank's dump: {path}" if path is not None else ""
+    return f"Hang report:\n{text}\n(dumps in {setup.folder}{where_}; devlayer hangs {setup.folder})"
+
+
+# --------------------------------------------------------------------------- lifecycle
+
+
+def start(
+    facts: Mapping[str, Any],
+    *,
+    folder: str | None,
+    enabled: bool,
+    timeout: float,
+    watchdog: float | None,
+    store: Any = None,
+) -> HangSetup | None:
+    """Set up hang reports for a new ``State`` (``init()`` calls it): folder, handlers,
+    watchdog. Removes this rank's stale dump from an earlier run of the job.
+
+    Returns:
+        The setup, or None when ``enabled`` is False or the world has one rank.
+    """
+    global _setup
+    stop()
+    new_ledger()  # a new State: no record of the previous one in its reports
+    publish_step(None)
+    if not enabled or int(facts["world_size"]) < 2:
+        return None  # one process has no peer to wait for: no handlers, no watchdog
+    fact = dict(facts)
+    where_ = (
+        Path(folder)
+        if folder
+        else default_dir(fact["launcher"], fact.get("job_id"), fact.get("port"))
+    )
+    seconds = timeout if watchdog is None else watchdog
+    setup = HangSetup(where_, fact, timeout, seconds, store)
+    with contextlib.suppress(OSError):  # a folder that is not ours: write_dump will say so
+        (where_ / f"rank{fact['rank']}.json").unlink(missing_ok=True)
+    _setup = setup
+    _install(setup)
+    if seconds > 0:
+        setup.thread = threading.Thread(
+            target=_watch, args=(setup,), name="devlayer-watchdog", daemon=True
+        )
+        setup.thread.start()
+    return setup
+
+
+def stop() -> None:
+    """Undo :func:`start`: stop the watchdog, put the old signal handlers back."""
+    global _setup
+    setup, _setup = _setup, None
+    if setup is None:
+        return
+    setup.stopping.set()
+    _uninstall(setup)
+    if setup.thread is not None and setup.thread is not threading.current_thread():
+        setup.thread.join(timeout=5)
+
+
+def current_setup() -> HangSetup | None:
+    """The setup of the current ``State``, or None."""
+    return _setup

@@ -1,0 +1,177 @@
+"""The collective ledger: what this rank's last collectives were, for hang reports.
+
+Every devlayer collective at world size > 1 (the tensor and object collectives, ``barrier``,
+``vote_any``, and so the Trainer's own, which use them) appends one small record to a
+bounded ring (:data:`DEFAULT_SIZE` records per ``State``): its sequence number (the same on
+every rank that runs the same program), the operation, a cheap signature (a tensor's shape
+and dtype, a container's type and size), the user's call site (the first frame outside the
+devlayer package), start and end ``time.monotonic()`` and a state (``running``, ``done``,
+``failed``). Nothing here is a collective or touches torch: a record is a Python list, and
+the call site is kept as a code object and a line number, formatted only when a report is
+written (:meth:`Ledger.tail`). :mod:`devlayer.hangdump` writes the tail into hang reports.
+
+The Trainer publishes its optimizer step with :func:`publish_step` (one assignment).
+
+Example:
+    >>> led = Ledger(size=2)
+    >>> for op in ("all_reduce", "broadcast", "barrier"):
+    ...     led.done(led.begin(op, "[4] float32"))
+    >>> [(r["seq"], r["op"], r["state"]) for r in led.tail()]
+    [(1, 'broadcast', 'done'), (2, 'barrier', 'done')]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections import deque
+from time import monotonic
+from typing import Any
+
+__all__ = [
+    "DEFAULT_SIZE",
+    "DONE",
+    "FAILED",
+    "RUNNING",
+    "Ledger",
+    "current",
+    "describe",
+    "new_ledger",
+    "publish_step",
+    "published_step",
+]
+
+#: Records kept per State: enough to see where ranks diverged, small enough to dump.
+DEFAULT_SIZE = 256
+
+RUNNING, DONE, FAILED = "running", "done", "failed"
+
+# Record fields (a list, the cheapest record to build on the per-call path).
+SEQ, OP, DETAIL, CODE, LINE, START, END, STATE = range(8)
+
+#: Frames from files under this folder are devlayer's; the call site is the first other one.
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+_step: list[int | None] = [None]
+
+
+class Ledger:
+    """A bounded ring of this rank's collective records (see the module docstring).
+
+    Args:
+        size: How many records to keep (the oldest are dropped).
+    """
+
+    __slots__ = ("n", "records")
+
+    def __init__(self, size: int = DEFAULT_SIZE) -> None:
+        self.records: deque[list[Any]] = deque(maxlen=size)
+        #: The sequence number of the next record (how many were begun).
+        self.n = 0
+
+    def begin(self, op: str, detail: object = None) -> list[Any]:
+        """Record collective ``op`` as running; returns the record for :meth:`done`/:meth:`fail`.
+
+        Args:
+            op: The operation, e.g. ``"all_reduce"``.
+            detail: Its signature: text, or a ``(shape, dtype)`` pair formatted only when a
+                report is written (a tensor's shape costs nothing to keep).
+        """
+        frame = sys._getframe(1)
+        while frame.f_code.co_filename.startswith(_PACKAGE) and frame.f_back is not None:
+            frame = frame.f_back
+        seq = self.n
+        self.n = seq + 1
+        rec = [seq, op, detail, frame.f_code, frame.f_lineno, monotonic(), 0.0, RUNNING]
+        self.records.append(rec)
+        return rec
+
+    @staticmethod
+    def done(rec: list[Any]) -> None:
+        """Mark ``rec`` completed."""
+        rec[END] = monotonic()
+        rec[STATE] = DONE
+
+    @staticmethod
+    def fail(rec: list[Any]) -> None:
+        """Mark ``rec`` failed (an error or a timeout ended it)."""
+        rec[END] = monotonic()
+        rec[STATE] = FAILED
+
+    def last(self) -> list[Any] | None:
+        """The newest record, or None."""
+        records = self.records
+        return records[-1] if records else None
+
+    def tail(self, count: int | None = None) -> list[dict[str, Any]]:
+        """The newest ``count`` records (default: all kept), oldest first, as JSON-ready dicts.
+
+        Each: ``seq``, ``op``, ``detail``, ``site`` (``file.py:line``), ``function``,
+        ``file`` (its path), ``state``, ``started``/``ended`` (``time.monotonic()``; ended is
+        None while running).
+        """
+        records = list(self.records)
+        if count is not None:
+            records = records[-count:] if count > 0 else []
+        return [_as_dict(rec) for rec in records]
+
+
+def _as_dict(rec: list[Any]) -> dict[str, Any]:
+    code = rec[CODE]
+    return {
+        "seq": rec[SEQ],
+        "op": rec[OP],
+        "detail": describe(rec[DETAIL]),
+        "site": f"{os.path.basename(code.co_filename)}:{rec[LINE]}",
+        "function": code.co_name,
+        "file": code.co_filename,
+        "state": rec[STATE],
+        "started": rec[START],
+        "ended": rec[END] if rec[STATE] != RUNNING else None,
+    }
+
+
+def describe(detail: object) -> str:
+    """A record's signature as text: ``[4] float32`` for a ``(shape, dtype)`` pair.
+
+    Example:
+        >>> describe(((2, 3), "torch.float32")), describe("dict of 3"), describe(None)
+        ('[2, 3] float32', 'dict of 3', '')
+    """
+    if detail is None:
+        return ""
+    if isinstance(detail, tuple) and len(detail) == 2:
+        shape, dtype = detail
+        return f"{list(shape)} {str(dtype).replace('torch.', '')}"
+    return str(detail)
+
+
+_current: Ledger | None = None
+
+
+def new_ledger(size: int = DEFAULT_SIZE) -> Ledger:
+    """A fresh ledger that :func:`current` returns from now on (one per ``State``)."""
+    global _current
+    _current = Ledger(size)
+    return _current
+
+
+def current() -> Ledger | None:
+    """The ledger of the current (or last) ``State``; None before any collective context."""
+    return _current
+
+
+def publish_step(step: int | None) -> None:
+    """Tell hang reports the training step this rank is at (the Trainer calls it per step).
+
+    Example:
+        >>> publish_step(12); published_step()
+        12
+        >>> publish_step(None)
+    """
+    _step[0] = step
+
+
+def published_step() -> int | None:
+    """The step last given to :func:`publish_step`, or None."""
+    return _step[0]

@@ -1,0 +1,70 @@
+"""Hang reports under the real launchers (issue 22, item E): srun and OpenMPI's mpirun.
+
+A rank stuck in user code, a rank that exits with code 0, ranks in different collectives
+(``init(timeout=8)``, ``DEVLAYER_WATCHDOG=3``): rank 0's error names the rank and, when it
+is stuck, the function and its line. A missing launcher skips here, fails with ``CI=true``.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import ROOT
+from tests.launchers.test_real_launchers import _env, _need, slurm  # noqa: F401 (fixture)
+
+pytestmark = [pytest.mark.launcher, pytest.mark.timeout(300)]
+
+JOB = str(ROOT / "tests" / "dist" / "hang_job.py")
+
+
+def _job(start: list[str], mode: str, folder: Path) -> str:
+    proc = subprocess.run(
+        [*start, sys.executable, JOB, mode, str(folder)],
+        capture_output=True,
+        text=True,
+        timeout=200,
+        env=_env(DEVLAYER_WATCHDOG="3"),
+        cwd=ROOT,
+    )
+    assert proc.returncode != 0
+    return proc.stdout + proc.stderr
+
+
+def _line() -> int:
+    lines = Path(JOB).read_text().splitlines()
+    return next(i for i, line in enumerate(lines, 1) if "time.sleep(0.05)" in line)
+
+
+def _expected(mode: str) -> str:
+    if mode == "stuck":
+        return (
+            f"rank 1 has not entered all_reduce #1; it is in stuck_in_user_code at "
+            f"hang_job.py:{_line()}"
+        )
+    if mode == "exit0":
+        return "rank(s) 1 left no report (no dump, no answer): exited or killed"
+    return "ranks called different collectives at #1: rank 0 barrier #1 at hang_job.py:"
+
+
+MODES = ["stuck", "exit0", "mismatch"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_h22_14_srun_names_the_rank(slurm, tmp_path: Path, mode: str) -> None:  # noqa: F811
+    """H22-14: under real srun (-K: a failed task stops the step), a rank stuck in user
+    code, a rank that exits with code 0, and ranks in different collectives are named
+    in rank 0's error."""
+    out = _job(["srun", "-K", "-n", "2"], mode, tmp_path)
+    assert _expected(mode) in out, out[-4000:]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_h22_14_mpirun_names_the_rank(tmp_path: Path, mode: str) -> None:
+    """H22-14: the same three cases under OpenMPI's mpirun."""
+    _need("mpirun.openmpi")
+    out = _job(["mpirun.openmpi", "--oversubscribe", "-n", "2"], mode, tmp_path)
+    assert _expected(mode) in out, out[-4000:]
