@@ -116,9 +116,12 @@ def _nodes_named(tree: ast.Module, names: set[str]) -> set[int]:
     return skip
 
 
-def _vendor_literals(path: Path, allowed: set[str] = frozenset()) -> list[tuple[int, str]]:
-    """``(line, text)`` of string constants naming a vendor, outside docstrings and outside
-    the top-level assignments and functions named in ``allowed``."""
+def _vendor_literals(
+    path: Path, allowed: set[str] = frozenset(), pattern: re.Pattern[str] | None = VENDOR_LITERALS
+) -> list[tuple[int, str]]:
+    """``(line, text)`` of string constants naming a vendor (matching ``pattern``; ``None``:
+    every one), outside docstrings and outside the top-level assignments and functions named
+    in ``allowed``."""
     tree = ast.parse(path.read_text(), str(path))
     skip = _nodes_named(tree, set(allowed))
     for node in ast.walk(tree):
@@ -136,7 +139,7 @@ def _vendor_literals(path: Path, allowed: set[str] = frozenset()) -> list[tuple[
         if isinstance(node, ast.Constant)
         and isinstance(node.value, str)
         and id(node) not in skip
-        and VENDOR_LITERALS.search(node.value)
+        and (pattern is None or pattern.search(node.value))
     ]
 
 
@@ -646,6 +649,49 @@ def test_a21_l4_the_launcher_module_rule_catches_offenders(tmp_path: Path) -> No
         "lsf.py: LSF is not in launchers.PRECEDENCE",
         "lsf.py: 201 lines, keep a launcher under 200",
     ]
+
+
+def _launcher_variable_literals(path: Path) -> list[tuple[int, str]]:
+    """``(line, text)`` of string constants in ``path``'s code (not its docstrings) that
+    name a variable of a launcher record (one of its prefixes or whole names)."""
+    from devlayer.launchers import PRECEDENCE
+
+    prefixes = tuple(p for rec in PRECEDENCE for p in rec.prefixes)
+    names = {v for rec in PRECEDENCE for v in rec.variables}
+    return [
+        (line, text)
+        for line, text in _vendor_literals(path, set(), pattern=None)
+        if any(
+            word.startswith(prefixes) or word in names
+            for word in re.findall(r"[A-Z][A-Z0-9_]+", text)
+        )
+    ]
+
+
+def test_a21_m1_the_training_layer_reads_no_launcher_variable():
+    """A21-M1: no module of devlayer/train/ names a launcher's variable (``SLURM_*``,
+    ``OMPI_*``, ``TORCHELASTIC_*``, ... as the launcher records declare them) in code: what
+    it needs of the launcher comes parsed, on ``ProcessInfo`` (``cpus_per_rank``)."""
+    offenders = [
+        f"{path.relative_to(ROOT).as_posix()}:{line}: {text[:80]!r}"
+        for path in _python_files("devlayer/train")
+        for line, text in _launcher_variable_literals(path)
+    ]
+    assert not offenders, "launcher variables named in devlayer/train/:\n" + "\n".join(offenders)
+
+
+def test_a21_m1_the_launcher_variable_rule_catches_a_reader(tmp_path: Path) -> None:
+    """A21-M1: the rule is not vacuous: ``SLURM_CPUS_PER_TASK``, ``OMPI_COMM_WORLD_SIZE``
+    and ``MASTER_PORT`` in code are reported, in a docstring or a plain word they are not."""
+    src = tmp_path / "m.py"
+    src.write_text(
+        '"""Reads SLURM_CPUS_PER_TASK? No: docs may name it."""\n'
+        "def f(env):\n"
+        "    return env.get('SLURM_CPUS_PER_TASK'), f'{env} OMPI_COMM_WORLD_SIZE=2'\n"
+        "WORDS = 'a SLURM job, the slurm launcher, RANKS, world_size'\n"
+        "VAR = 'MASTER_PORT'\n"
+    )
+    assert sorted(line for line, _ in _launcher_variable_literals(src)) == [3, 3, 5]
 
 
 def test_the_library_import_graph_has_no_cycle():

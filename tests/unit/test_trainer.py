@@ -69,11 +69,11 @@ def test_prepare_loader_reshards_an_existing_dataloader(cpu):
     assert [b[0].flatten()[0].item() for b in loader] == [0.0, 10.0, 20.0, 30.0]
 
 
-def test_auto_num_workers_respects_slurm_and_affinity():
-    assert auto_num_workers(2, env={}, cpus=16) == 7
-    assert auto_num_workers(4, env={"SLURM_CPUS_PER_TASK": "8"}, one_task_per_rank=True) == 7
-    assert auto_num_workers(4, env={"SLURM_CPUS_PER_TASK": "32"}) == 7  # torchrun in srun
-    assert auto_num_workers(2, env={}, cpus=2) == 0
+def test_auto_num_workers_respects_cpus_per_rank_and_affinity():
+    assert auto_num_workers(2, cpus=16) == 7
+    assert auto_num_workers(4, cpus_per_rank=8) == 7  # srun: each rank its own task
+    assert auto_num_workers(4, cpus=32) == 7  # torchrun in one srun task: shared
+    assert auto_num_workers(2, cpus=2) == 0
 
 
 def test_prepare_model_at_world_one_returns_the_module(cpu):

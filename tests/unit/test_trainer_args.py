@@ -15,7 +15,7 @@ from torch.utils.data import TensorDataset
 import devlayer
 from devlayer.errors import InvalidArgumentError
 from devlayer.train import Callback, EarlyStopping
-from devlayer.train.data import max_num_workers
+from devlayer.train.data import auto_num_workers, check_num_workers, max_num_workers
 
 MSE = torch.nn.functional.mse_loss
 
@@ -196,12 +196,29 @@ def test_r5_a2_resume_path_without_checkpoint_dir_is_refused():
 
 
 def test_r5_a3_num_workers_is_bounded_by_the_cpus_of_the_rank():
-    """R5-A3: the most DataLoader workers a rank may start is the CPUs it may use (affinity
-    or SLURM_CPUS_PER_TASK), divided among the local ranks, at least 1; 'auto' stays below."""
-    assert max_num_workers(2, env={}, cpus=16) == 8
-    assert max_num_workers(4, env={}, cpus=2) == 1
-    assert max_num_workers(4, env={"SLURM_CPUS_PER_TASK": "8"}, one_task_per_rank=True) == 8
-    assert max_num_workers(1, env={}) == len(os.sched_getaffinity(0))
+    """R5-A3: the most DataLoader workers a rank may start is the CPUs it has for itself
+    (``cpus_per_rank``) or else the CPUs it may use (affinity) divided among the local
+    ranks, at least 1; 'auto' stays below."""
+    assert max_num_workers(2, cpus=16) == 8
+    assert max_num_workers(4, cpus=2) == 1
+    assert max_num_workers(4, cpus_per_rank=8) == 8
+    assert max_num_workers(1) == len(os.sched_getaffinity(0))
+
+
+def test_a21_m1_max_num_workers_takes_the_cpus_per_rank_and_reads_no_launcher_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A21-M1: the CPUs of a rank reach the DataLoader bound as a number
+    (``ProcessInfo.cpus_per_rank``, parsed by the launchers package), never from a launcher
+    variable: a ``SLURM_CPUS_PER_TASK`` left in the environment changes neither the bound
+    nor 'auto' nor the warning; ``cpus_per_rank`` is the rank's own, not divided."""
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "64")
+    assert max_num_workers(1, cpus=2) == 2
+    assert max_num_workers(4, cpus=8, cpus_per_rank=3) == 3
+    assert auto_num_workers(4, cpus_per_rank=8) == 7
+    assert auto_num_workers(4, cpus=32) == 7  # torchrun in one srun task: shared
+    with pytest.warns(UserWarning, match="num_workers=4 is more than the 3 CPU"):
+        assert check_num_workers(4, 2, cpus_per_rank=3) == 4
 
 
 def test_r5_a3_prepare_loader_warns_above_the_cpus_and_refuses_above_the_limit(cpu):
