@@ -994,6 +994,53 @@ def test_tests_with_a_reliability_id_say_what_they_prove():
     assert not missing, "tests with a reliability ID but no docstring:\n" + "\n".join(missing)
 
 
+#: The most lines the module that defines ``Trainer`` may have (issue 21, item 2): the loop's
+#: parts live in modules named for what they hold (steps, validation, history, loading).
+TRAINER_MODULE_LINES = 500
+
+
+def _modules_defining(name: str, paths: list[Path]) -> list[Path]:
+    """The files among ``paths`` with a top-level ``class <name>``."""
+    return [
+        path
+        for path in paths
+        if any(
+            isinstance(node, ast.ClassDef) and node.name == name
+            for node in ast.parse(path.read_text()).body
+        )
+    ]
+
+
+def _too_many_lines(paths: list[Path], limit: int) -> list[str]:
+    return [
+        f"{path.name}: {n} lines, keep it at most {limit}"
+        for path in paths
+        if (n := len(path.read_text().splitlines())) > limit
+    ]
+
+
+def test_a21_m2_the_module_that_defines_trainer_has_at_most_500_lines():
+    """A21-M2: the module that defines ``Trainer`` has at most 500 lines (815 before the
+    split): validation, the optimizer steps, the rate log, loading, history and report,
+    export and the checkpoint payload are modules of their own."""
+    defining = _modules_defining("Trainer", _python_files("devlayer"))
+    assert [p.relative_to(ROOT).as_posix() for p in defining] == ["devlayer/train/trainer.py"]
+    assert _too_many_lines(defining, TRAINER_MODULE_LINES) == []
+
+
+def test_a21_m2_the_trainer_size_rule_catches_a_long_module(tmp_path: Path) -> None:
+    """A21-M2: the rule is not vacuous: a module defining ``Trainer`` in 501 lines is found
+    and reported; 500 lines pass."""
+    module = tmp_path / "loop.py"
+    module.write_text("class Trainer:\n" + "    x = 1\n" * 500)
+    assert _modules_defining("Trainer", [module]) == [module]
+    assert _too_many_lines([module], TRAINER_MODULE_LINES) == [
+        "loop.py: 501 lines, keep it at most 500"
+    ]
+    module.write_text("class Trainer:\n" + "    x = 1\n" * 499)
+    assert _too_many_lines([module], TRAINER_MODULE_LINES) == []
+
+
 def _too_long(sizes: list[Any], limit: int) -> list[str]:
     """The functions over ``limit`` code lines, less those over it only by their signature
     (no other exception: there is none today)."""

@@ -143,7 +143,21 @@ _STRATEGY_BRANCH = re.compile(
 )
 
 
-@pytest.mark.parametrize("module", ["trainer.py", "precision.py", "options.py", "model.py"])
+@pytest.mark.parametrize(
+    "module",
+    [
+        "trainer.py",
+        "precision.py",
+        "options.py",
+        "model.py",
+        "steps.py",
+        "validation.py",
+        "history.py",
+        "loading.py",
+        "lr_scaling.py",
+        "export.py",
+    ],
+)
 def test_a21_t5_the_trainer_modules_hold_no_strategy_branch(module):
     """A21-T5: no ``if`` in the Trainer, precision, options or prepare_model asks which
     strategy runs (the pattern finds the old ``if self.strategy == "fsdp"``)."""

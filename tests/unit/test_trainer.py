@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -112,17 +111,16 @@ def test_lr_scaling_is_a_no_op_at_world_one(cpu, caplog):
     assert "lr_scaling" not in caplog.text  # nothing to report over one rank
 
 
-def test_resume_rescales_lr_saved_under_another_world_size(cpu):
-    from devlayer.train.checkpoint import rng_state
-
-    trainer, _ = _fit(lr_scaling="linear", max_epochs=1)
-    states, _ = trainer.strategy.save_state(trainer.wrapped_model, trainer.optimizer, Path)
-    payload = trainer._payload([{"rng": rng_state(), "loss_sum": 0.0, "samples": 0}], states)
-    payload["optimizer"]["param_groups"][0]["lr"] = 0.002  # saved on 2 ranks: lr x2
-    payload["lr_factor"] = 2.0
-    trainer.strategy.load_state(trainer.wrapped_model, trainer.optimizer, payload, Path(), None)
-    trainer._apply(payload, same_world=False)
-    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.001)
+def test_resume_rescales_lr_saved_under_another_world_size(cpu, tmp_path):
+    trainer, _ = _fit(lr_scaling="linear", max_epochs=1, checkpoint_dir=tmp_path)
+    # As if saved on 2 ranks: the rates carry lr_scaling's x2 (save_checkpoint rewrites
+    # the run's last step, whose folder lock fit() released).
+    trainer.optimizer.param_groups[0]["lr"] = 0.002
+    trainer.lr_scale.factor = 2.0
+    trainer.save_checkpoint()
+    resumed, _ = _fit(lr_scaling="linear", max_epochs=1, checkpoint_dir=tmp_path)
+    assert resumed.resumed_from is not None
+    assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(0.001)
 
 
 def test_early_stopping_with_target_and_patience(cpu):
