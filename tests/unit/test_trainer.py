@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import devlayer
 from devlayer.train.data import auto_num_workers
 from devlayer.train.trainer import EarlyStopping, resolve_precision
+from tests.helpers import toy_trainer
 
 
 @pytest.fixture
@@ -91,12 +92,7 @@ def test_resolve_precision_names_and_env():
 
 
 def _fit(**kw):
-    torch.manual_seed(0)
-    net = torch.nn.Linear(1, 1)
-    opt = torch.optim.SGD(net.parameters(), lr=0.001)
-    trainer = devlayer.Trainer(
-        net, opt, torch.nn.functional.mse_loss, batch_size=8, progress=False, num_workers=0, **kw
-    )
+    trainer = toy_trainer(lr=0.001, init_seed=0, **kw)
     return trainer, trainer.fit(_data(), _data())
 
 
@@ -145,20 +141,11 @@ def test_metrics_file_and_history(cpu, tmp_path):
     assert {"val_loss", "samples_per_sec", "epoch_time", "global_step"} <= set(rows[0])
 
 
-def test_accuracy_reported_for_classification(cpu):
+def test_accuracy_reported_for_classification(cpu, make_trainer):
     x = torch.randn(32, 3)
     y = (x[:, 0] > 0).long()
     net = torch.nn.Linear(3, 2)
-    opt = torch.optim.SGD(net.parameters(), lr=0.5)
-    trainer = devlayer.Trainer(
-        net,
-        opt,
-        torch.nn.functional.cross_entropy,
-        batch_size=8,
-        max_epochs=3,
-        progress=False,
-        num_workers=0,
-    )
+    trainer = make_trainer(net, loss_fn=torch.nn.functional.cross_entropy, lr=0.5, max_epochs=3)
     history = trainer.fit(TensorDataset(x, y), TensorDataset(x, y))
     assert 0.0 <= history[-1]["val_accuracy"] <= 1.0
     assert history[-1]["val_accuracy"] > 0.7
@@ -175,18 +162,8 @@ def test_bad_trainer_arguments_are_named():
         devlayer.Trainer(net, opt, torch.nn.functional.mse_loss, lr_scaling="cubic")
 
 
-def test_batch_size_must_split_into_micro_batches(cpu):
-    net = torch.nn.Linear(1, 1)
-    opt = torch.optim.SGD(net.parameters(), lr=0.1)
-    trainer = devlayer.Trainer(
-        net,
-        opt,
-        torch.nn.functional.mse_loss,
-        batch_size=9,
-        grad_accum=2,
-        progress=False,
-        num_workers=0,
-    )
+def test_batch_size_must_split_into_micro_batches(cpu, make_trainer):
+    trainer = make_trainer(lr=0.1, batch_size=9, grad_accum=2)
     with pytest.raises(devlayer.errors.InvalidArgumentError, match="batch_size=9"):
         trainer.fit(_data())
 
@@ -245,17 +222,8 @@ def test_loaders_iterate_on_cpu_under_an_accelerator_default_device(
     assert sorted(int(v) for _, y in shard for v in y) == list(range(12))
 
 
-def test_max_steps_with_no_batches_is_an_error_not_a_hang(cpu):
-    net = torch.nn.Linear(1, 1)
-    trainer = devlayer.Trainer(
-        net,
-        torch.optim.SGD(net.parameters(), lr=0.1),
-        torch.nn.functional.mse_loss,
-        batch_size=8,
-        max_steps=5,
-        progress=False,
-        num_workers=0,
-    )
+def test_max_steps_with_no_batches_is_an_error_not_a_hang(cpu, make_trainer):
+    trainer = make_trainer(lr=0.1, max_steps=5)
     with pytest.raises(devlayer.errors.InvalidArgumentError, match=r"0 batches.*max_steps=5"):
         trainer.fit(_data(0))
 
@@ -273,18 +241,10 @@ def test_bounds_default_and_validation():
         devlayer.Trainer(net, opt, mse, max_steps=0)
 
 
-def test_early_stopping_is_named_as_the_stop_reason(cpu, capsys):
+def test_early_stopping_is_named_as_the_stop_reason(cpu, capsys, make_trainer):
     stopper = EarlyStopping(monitor="val_loss", mode="min", target=1e9, patience=2)
-    net = torch.nn.Linear(1, 1)
-    trainer = devlayer.Trainer(
-        net,
-        torch.optim.SGD(net.parameters(), lr=0.001),
-        torch.nn.functional.mse_loss,
-        batch_size=8,
-        max_epochs=10,
-        max_steps=1000,
-        early_stopping=stopper,
-        num_workers=0,
+    trainer = make_trainer(
+        lr=0.001, max_epochs=10, max_steps=1000, early_stopping=stopper, progress=True
     )
     history = trainer.fit(_data(), _data())
     assert trainer.stop_reason == "early_stopping" and history[-1]["stopped_by"] == "early_stopping"
