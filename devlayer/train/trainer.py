@@ -71,10 +71,6 @@ def _view(part: str, name: str) -> Any:
     return property(lambda self: getattr(getattr(self, part), name), doc=f"``{part}.{name}``.")
 
 
-def _bound(name: str) -> Any:
-    return _view("bounds", name)
-
-
 class Trainer:
     """Train a model with DDP on whatever devlayer selected.
 
@@ -235,13 +231,13 @@ class Trainer:
         self.validator: Validator | None = None
         self.payload: TrainerPayload | None = None
 
-    max_epochs = _bound("max_epochs")
-    max_steps = _bound("max_steps")
-    early_stopping = _bound("early_stopping")
-    preemption = _bound("preemption")
-    preempted = _bound("preempted")
-    stopped_early = _bound("stopped_early")
-    stop_reason = _bound("reason")
+    max_epochs = _view("bounds", "max_epochs")
+    max_steps = _view("bounds", "max_steps")
+    early_stopping = _view("bounds", "early_stopping")
+    preemption = _view("bounds", "preemption")
+    preempted = _view("bounds", "preempted")
+    stopped_early = _view("bounds", "stopped_early")
+    stop_reason = _view("bounds", "reason")
     checkpoint_dir = _view("checkpoints", "directory")
     checkpoint_every = _view("checkpoints", "every")
     resume = _view("checkpoints", "resume")
