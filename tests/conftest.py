@@ -16,11 +16,12 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
-from tests.helpers import _LAUNCH_NAMES, _LAUNCH_PREFIXES
+from tests.helpers import _LAUNCH_NAMES, _LAUNCH_PREFIXES, toy_trainer
 
 
 def _cuda_present() -> bool:
@@ -131,3 +132,12 @@ def sim(clean_env: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
 
     clean_env.setattr(simulation, "_runtime_cache", {})
     return clean_env
+
+
+@pytest.fixture
+def make_trainer() -> Callable[..., Any]:
+    """The one Trainer factory (:func:`tests.helpers.toy_trainer`): ``make_trainer(**options)``
+    is a toy regression Trainer (``Linear(1, 1)``, SGD, MSE, ``batch_size=8``, no progress,
+    no workers); pass ``model``, ``optimizer``, ``loss_fn``, ``lr``, ``init_seed`` or any
+    ``Trainer`` option to change it."""
+    return toy_trainer

@@ -118,3 +118,47 @@ def longest_functions_tool() -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def toy_data(n: int = 16) -> Any:
+    """``TensorDataset(x, 2 * x)`` with ``x = 0, 1, ..., n - 1`` as one float column."""
+    import torch
+    from torch.utils.data import TensorDataset
+
+    x = torch.arange(n, dtype=torch.float32).unsqueeze(1)
+    return TensorDataset(x, 2 * x)
+
+
+def toy_trainer(
+    model: Any = None,
+    optimizer: Any = None,
+    loss_fn: Any = "mse",
+    *,
+    lr: float = 0.01,
+    init_seed: int | None = None,
+    **options: Any,
+) -> Any:
+    """The tests' one Trainer factory: a toy regression unless told otherwise.
+
+    Args:
+        model: Default ``torch.nn.Linear(1, 1)`` (made after ``torch.manual_seed(init_seed)``
+            when ``init_seed`` is given).
+        optimizer: Default ``torch.optim.SGD(model.parameters(), lr=lr)``.
+        loss_fn: Default ``torch.nn.functional.mse_loss``; ``None`` for a ``training_step``.
+        lr: The default optimizer's learning rate.
+        init_seed: Seeds torch before the default model is made.
+        **options: ``Trainer`` options over ``batch_size=8, progress=False, num_workers=0``.
+    """
+    import torch
+
+    import devlayer
+
+    if init_seed is not None:
+        torch.manual_seed(init_seed)
+    model = model if model is not None else torch.nn.Linear(1, 1)
+    if optimizer is None:
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    if isinstance(loss_fn, str) and loss_fn == "mse":
+        loss_fn = torch.nn.functional.mse_loss
+    options = {"batch_size": 8, "progress": False, "num_workers": 0, **options}
+    return devlayer.Trainer(model, optimizer, loss_fn, **options)

@@ -9,9 +9,8 @@ it and returns a :class:`ShardedLoader`, which iterates like a DataLoader.
 from __future__ import annotations
 
 import math
-import os
 import warnings
-from collections.abc import Iterator, Mapping, Sized
+from collections.abc import Iterator, Sized
 from typing import Any
 
 from devlayer.devices import usable_cpus
@@ -42,63 +41,64 @@ MIN_WORKERS_LIMIT = 8
 
 def max_num_workers(
     local_world_size: int = 1,
-    env: Mapping[str, str] | None = None,
-    cpus: int | None = None,
     *,
-    one_task_per_rank: bool = False,
+    cpus_per_rank: int | None = None,
+    cpus: int | None = None,
 ) -> int:
     """The most DataLoader workers one rank may start: the CPUs it may use, at least 1.
 
-    The CPUs come from ``SLURM_CPUS_PER_TASK`` when set, else from the CPUs this process may
-    run on (``os.sched_getaffinity``). When every rank is its own SLURM task
-    (``one_task_per_rank``, i.e. launched by srun) those CPUs are the rank's own; otherwise
-    (torchrun inside one srun task, or no SLURM) they are shared by the local ranks. More
-    workers than that only compete for the same CPUs (and a huge number forks until the
-    system refuses).
+    When the launcher gives each rank CPUs of its own (``cpus_per_rank``: what
+    :attr:`ProcessInfo.cpus_per_rank <devlayer.launchers.ProcessInfo.cpus_per_rank>` parsed,
+    ``--cpus-per-task`` under srun) those are the rank's. Otherwise the CPUs this process
+    may run on (``cpus``, default ``os.sched_getaffinity``) are shared by the
+    ``local_world_size`` ranks of the node (torchrun inside one srun task, or no scheduler).
+    More workers than that only compete for the same CPUs (and a huge number forks until the
+    system refuses). Reads no environment variable.
+
+    Args:
+        local_world_size: Ranks on this node sharing its CPUs.
+        cpus_per_rank: The CPUs the rank has for itself, or ``None``.
+        cpus: The CPUs this process may run on (default: its affinity).
 
     Example:
-        >>> max_num_workers(2, env={}, cpus=16)
+        >>> max_num_workers(2, cpus=16)
         8
-        >>> max_num_workers(4, env={"SLURM_CPUS_PER_TASK": "8"}, one_task_per_rank=True)
+        >>> max_num_workers(4, cpus_per_rank=8)
         8
-        >>> max_num_workers(4, env={}, cpus=2)
+        >>> max_num_workers(4, cpus=2)
         1
     """
-    env = os.environ if env is None else env
-    per_task = env.get("SLURM_CPUS_PER_TASK", "").strip()
-    if per_task.isdigit() and int(per_task) > 0:
-        cpus = int(per_task)
-    elif cpus is None:
+    if cpus_per_rank is not None:
+        return max(cpus_per_rank, 1)
+    if cpus is None:
         cpus = usable_cpus()
-    sharing = 1 if one_task_per_rank else max(local_world_size, 1)
-    return max((cpus or 1) // sharing, 1)
+    return max((cpus or 1) // max(local_world_size, 1), 1)
 
 
 def auto_num_workers(
     local_world_size: int = 1,
-    env: Mapping[str, str] | None = None,
-    cpus: int | None = None,
     *,
-    one_task_per_rank: bool = False,
+    cpus_per_rank: int | None = None,
+    cpus: int | None = None,
 ) -> int:
     """DataLoader workers per rank: usable CPUs per rank minus one for the main process.
 
     The CPUs per rank are counted as in :func:`max_num_workers`.
 
     Example:
-        >>> auto_num_workers(2, env={}, cpus=16)
+        >>> auto_num_workers(2, cpus=16)
         7
-        >>> auto_num_workers(4, env={"SLURM_CPUS_PER_TASK": "8"}, one_task_per_rank=True)
+        >>> auto_num_workers(4, cpus_per_rank=8)  # srun: each rank its own task
         7
-        >>> auto_num_workers(4, env={"SLURM_CPUS_PER_TASK": "32"})  # torchrun in one task
+        >>> auto_num_workers(4, cpus=32)  # torchrun in one task: shared
         7
     """
-    per_rank = max_num_workers(local_world_size, env, cpus, one_task_per_rank=one_task_per_rank)
+    per_rank = max_num_workers(local_world_size, cpus_per_rank=cpus_per_rank, cpus=cpus)
     return max(per_rank - 1, 0)
 
 
 def check_num_workers(
-    num_workers: Any, local_world_size: int = 1, *, one_task_per_rank: bool = False
+    num_workers: Any, local_world_size: int = 1, *, cpus_per_rank: int | None = None
 ) -> int:
     """``num_workers`` as workers per rank: ``"auto"``, or an int from 0 to the limit.
 
@@ -109,7 +109,8 @@ def check_num_workers(
     Args:
         num_workers: ``"auto"`` or an int >= 0.
         local_world_size: Ranks on this node sharing its CPUs.
-        one_task_per_rank: Each rank is its own SLURM task (launched by srun).
+        cpus_per_rank: The CPUs the rank has for itself (``ProcessInfo.cpus_per_rank``),
+            or ``None``: the process's CPUs are shared by the local ranks.
 
     Returns:
         The number of workers to start.
@@ -122,7 +123,7 @@ def check_num_workers(
         >>> check_num_workers(0, 1), check_num_workers("auto", 1) >= 0
         (0, True)
     """
-    kw: dict[str, Any] = {"one_task_per_rank": one_task_per_rank}
+    kw: dict[str, Any] = {"cpus_per_rank": cpus_per_rank}
     if isinstance(num_workers, str) and num_workers == "auto":
         return auto_num_workers(local_world_size, **kw)
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
@@ -130,7 +131,7 @@ def check_num_workers(
     cpus = max_num_workers(local_world_size, **kw)
     if num_workers <= cpus:
         return num_workers
-    sharing = not one_task_per_rank and local_world_size > 1
+    sharing = cpus_per_rank is None and local_world_size > 1
     shared = f", shared by {local_world_size} local ranks" if sharing else ""
     # Python refuses to print an int of over 4300 digits: name such a one by its size.
     seen = num_workers if num_workers < 2**64 else f"an int of {num_workers.bit_length()} bits"
@@ -454,7 +455,7 @@ def prepare_loader(
         drop_last: Drop the last incomplete batch (and make shards equal by dropping
             instead of padding).
         num_workers: Workers per rank, or ``"auto"`` (usable CPUs per rank minus one,
-            respecting CPU affinity and ``SLURM_CPUS_PER_TASK``). At most the CPUs this
+            respecting CPU affinity and ``ProcessInfo.cpus_per_rank``). At most the CPUs this
             rank may use (:func:`max_num_workers`): more is refused.
         seed: Shuffling seed; shards are identical on all ranks for the same seed.
         per_rank: Treat ``batch_size`` as per rank instead of global.
@@ -513,7 +514,7 @@ def prepare_loader(
             "__len__), or shard an IterableDataset yourself by rank"
         )
     workers = check_num_workers(
-        num_workers, st.local_world_size, one_task_per_rank=st.process.cpus_per_rank is not None
+        num_workers, st.local_world_size, cpus_per_rank=st.process.cpus_per_rank
     )
 
     data: Any = dataset

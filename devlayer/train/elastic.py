@@ -32,6 +32,7 @@ __all__ = [
     "BatchPlan",
     "WorldChange",
     "announce",
+    "apply_world_change",
     "check_resumable_data",
     "data_position",
     "is_data_position",
@@ -379,3 +380,51 @@ def announce(change: WorldChange, *, seed: int, rank: int, is_main: bool) -> int
             change.step,
         )
     return value
+
+
+def apply_world_change(trainer: Any, payload: Mapping[str, Any]) -> WorldChange:
+    """Resume ``trainer`` from ``payload`` saved at another world size (or batch plan).
+
+    Keeps the global batch (the Trainer's ``batch_size`` and ``grad_accum``, and its
+    optimizer steps' accumulation, re-derived) or, with ``"rescale_lr"``, scales the
+    learning rate; continues the epoch at its global position; re-seeds per rank; logs it
+    and, on rank 0, records it in the metrics file (docs/checkpoints.md).
+
+    Args:
+        trainer: The :class:`~devlayer.train.trainer.Trainer` being resumed (after its
+            ``fit()`` set up its loop parts).
+        payload: The checkpoint's payload (with its ``data`` position).
+
+    Returns:
+        The :class:`WorldChange` (also kept as ``trainer.world_change``).
+
+    Raises:
+        WorldSizeChangeError: The global batch cannot be kept (naming the numbers).
+    """
+    import devlayer
+    from devlayer.train.lr_scaling import scale_lr
+    from devlayer.train.metrics import append_metrics
+
+    st = devlayer.state()
+    change = plan_world_change(
+        payload,
+        world=st.world_size,
+        rank=st.rank,
+        mode=trainer.allow_world_size_change,
+        seed=trainer.seed,
+    )
+    if change.new is not None:
+        trainer.grad_accum, trainer.batch_size = change.new.grad_accum, change.new.global_batch
+        if trainer.steps is not None:
+            trainer.steps.grad_accum = change.new.grad_accum
+    if change.lr_factor != 1.0:
+        scale_lr(trainer.optimizer, trainer.scheduler, change.lr_factor)
+    state = trainer.state
+    state.epoch, state.global_step = change.epoch, change.step
+    state.batches_done = change.batches_done
+    trainer.epoch_sums.resumed = change.sums
+    announce(change, seed=trainer.seed, rank=st.rank, is_main=st.is_main)
+    if st.is_main and trainer.metrics_file is not None:
+        append_metrics(trainer.metrics_file, change.record())
+    trainer.world_change = change
+    return change

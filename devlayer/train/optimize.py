@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import devlayer
@@ -25,7 +26,13 @@ from devlayer import hooks
 from devlayer.errors import InvalidArgumentError
 from devlayer.hooks import OPTIMIZATIONS, Optimization
 
-__all__ = ["OPTIMIZATIONS", "apply_optimization", "optimization_names", "register_optimization"]
+__all__ = [
+    "OPTIMIZATIONS",
+    "apply_optimization",
+    "optimization_names",
+    "optimize_model",
+    "register_optimization",
+]
 
 
 def _load_vendors() -> None:
@@ -86,3 +93,53 @@ def apply_optimization(
             f"devlayer.train.optimize.register_optimization, or leave optimize=None"
         )
     return fn(model, optimizer, backend=be, dtype=dtype)
+
+
+def optimize_model(
+    optimize: str | Callable[[Any, Any], tuple[Any, Any]],
+    model: Any,
+    optimizer: Any,
+    *,
+    device: Any,
+    backend: str,
+    dtype: Any,
+) -> tuple[Any, Any]:
+    """``Trainer(optimize=...)``: move ``model`` to ``device`` and optimize it, once.
+
+    Args:
+        optimize: A registered name (:func:`apply_optimization`) or a callable
+            ``(model, optimizer) -> (model, optimizer)``.
+        model: The module.
+        optimizer: Its optimizer.
+        device: The device the model is moved to first.
+        backend: The selected backend's name.
+        dtype: The autocast dtype, or ``None`` (``torch.float32`` is passed).
+
+    Returns:
+        ``(model, optimizer)`` to train with.
+
+    Raises:
+        InvalidArgumentError: The callable returned no ``(model, optimizer)`` tuple, or the
+            model it returned is no ``torch.nn.Module``.
+    """
+    import torch
+
+    model.to(device)
+    if callable(optimize):
+        result = optimize(model, optimizer)
+        if not (isinstance(result, tuple) and len(result) == 2):
+            raise InvalidArgumentError(
+                f"optimize={optimize!r} returned {type(result).__name__}; it must "
+                f"return a (model, optimizer) tuple"
+            )
+        model, optimizer = result
+    else:
+        model, optimizer = apply_optimization(
+            str(optimize), model, optimizer, backend=backend, dtype=dtype or torch.float32
+        )
+    if not isinstance(model, torch.nn.Module):
+        raise InvalidArgumentError(
+            f"optimize={optimize!r} returned a {type(model).__name__} as the model; "
+            f"expected a torch.nn.Module"
+        )
+    return model, optimizer

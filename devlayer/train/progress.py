@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -25,6 +26,8 @@ from devlayer.errors import InvalidArgumentError
 __all__ = [
     "PROGRESS_INTERVAL_ENV",
     "LineProgress",
+    "RateLog",
+    "epoch_progress",
     "is_terminal",
     "progress_bar",
     "resolve_progress_interval",
@@ -152,4 +155,52 @@ def progress_bar(
         )
     return LineProgress(
         total=total, initial=initial, desc=desc, interval=interval, stream=stream, step=step
+    )
+
+
+class RateLog:
+    """Samples/s over all ranks since the previous progress postfix.
+
+    Args:
+        step: The optimizer step at the start.
+        now: ``time.perf_counter()`` at the start.
+        world_size: Ranks that each process as many samples as this one.
+
+    Example:
+        >>> log = RateLog(0, time.perf_counter() - 2.0, world_size=2)
+        >>> int(log.text(step=5, samples=100)) in range(90, 101)
+        True
+        >>> log.step
+        5
+    """
+
+    def __init__(self, step: int, now: float, *, world_size: int) -> None:
+        self.step, self.time, self.samples = step, now, 0
+        self.world_size = world_size
+
+    def text(self, *, step: int, samples: int) -> str:
+        """The rate since the last call (or the start) at ``step``, ``samples`` seen."""
+        now = time.perf_counter()
+        rate = (samples - self.samples) * self.world_size / max(now - self.time, 1e-9)
+        self.step, self.time, self.samples = step, now, samples
+        return f"{rate:.0f}"
+
+
+def epoch_progress(total: int, state: Any, bounds: Any, interval: float) -> Any:
+    """The Trainer's bar of one epoch on stderr (:func:`progress_bar`).
+
+    Args:
+        total: Micro-batches in the epoch.
+        state: The run's :class:`~devlayer.train.history.TrainingState` (where it starts,
+            and the step count that plain lines show).
+        bounds: The run's :class:`~devlayer.train.bounds.Bounds` (the epoch and step texts).
+        interval: Seconds between plain lines in a job log.
+    """
+    return progress_bar(
+        total=total,
+        initial=state.batches_done,
+        desc=bounds.epoch_text(state.epoch),
+        interval=interval,
+        stream=sys.stderr,
+        step=lambda: bounds.step_text(state.global_step),
     )

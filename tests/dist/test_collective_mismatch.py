@@ -19,14 +19,13 @@ Real two-rank gloo jobs started with ``devlayer.spawn``:
 from __future__ import annotations
 
 import enum
-import os
 from typing import Any
 
 import pytest
 import torch
 
 import devlayer
-from tests.helpers import _LAUNCH_NAMES, _LAUNCH_PREFIXES
+from tests.dist.ranks import spawn_clean
 
 pytestmark = [pytest.mark.dist, pytest.mark.timeout(300)]
 
@@ -221,31 +220,13 @@ def _numbers_job() -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def clean_launch_env():
-    with pytest.MonkeyPatch.context() as mp:  # what clean_env does, for module fixtures
-        for key in list(os.environ):
-            if key.startswith(_LAUNCH_PREFIXES) or key in _LAUNCH_NAMES:
-                mp.delenv(key)
-        yield
+def key_order() -> list[dict[str, Any]]:
+    return spawn_clean(_key_order_job, timeout=30, join_timeout=150, env={})
 
 
 @pytest.fixture(scope="module")
-def key_order(clean_launch_env) -> list[dict[str, Any]]:
-    return devlayer.spawn(
-        _key_order_job, nprocs=2, backend="cpu", timeout=30, join_timeout=150, env={}
-    )
-
-
-@pytest.fixture(scope="module")
-def debug_only(clean_launch_env) -> list[dict[str, str]]:
-    return devlayer.spawn(
-        _debug_only_job,
-        nprocs=2,
-        backend="cpu",
-        timeout=30,
-        join_timeout=150,
-        env={"DEVLAYER_DEBUG": "1"},
-    )
+def debug_only() -> list[dict[str, str]]:
+    return spawn_clean(_debug_only_job, timeout=30, join_timeout=150, env={"DEVLAYER_DEBUG": "1"})
 
 
 def _caller_order(rank: int, keys: list[Any]) -> list[Any]:
@@ -316,11 +297,9 @@ def test_debug_mode_names_both_sides_of_shape_dtype_and_same_shape_mismatches(de
 
 
 @pytest.fixture(scope="module")
-def no_debug(clean_launch_env) -> list[dict[str, Any]]:
+def no_debug() -> list[dict[str, Any]]:
     """Both jobs in one 2-rank spawn without DEVLAYER_DEBUG (a spawn costs seconds)."""
-    return devlayer.spawn(
-        _no_debug_and_numbers_job, nprocs=2, backend="cpu", timeout=30, join_timeout=200, env={}
-    )
+    return spawn_clean(_no_debug_and_numbers_job, timeout=30, join_timeout=200, env={})
 
 
 def _no_debug_and_numbers_job() -> dict[str, Any]:

@@ -14,17 +14,15 @@ two seconds after the timeout and must exit non-zero on its own.
 
 from __future__ import annotations
 
-import os
-import subprocess
 from typing import Any
 
 import pytest
 import torch
 
 import devlayer
-from devlayer.testing import free_port
+from tests.dist.ranks import finish, spawn_clean, start_ranks
 from tests.dist.worker_collectives import check
-from tests.helpers import _LAUNCH_NAMES, _LAUNCH_PREFIXES, PY, ROOT, subprocess_env
+from tests.helpers import ROOT
 
 pytestmark = [pytest.mark.dist]
 
@@ -33,35 +31,7 @@ WORKER = str(ROOT / "tests" / "dist" / "fault_worker.py")
 
 def _run_ranks(*args: str, world: int = 2, nprocs: int = 2, wait: float = 45) -> list[Any]:
     """Start ``nprocs`` plain processes as ranks 0.. of ``world``; return them finished."""
-    port = free_port()
-    procs = [
-        subprocess.Popen(
-            [PY, WORKER, *args],
-            env=subprocess_env(
-                RANK=str(rank),
-                WORLD_SIZE=str(world),
-                MASTER_ADDR="127.0.0.1",
-                MASTER_PORT=str(port),
-                DEVLAYER_LAUNCHER="env",
-            ),
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for rank in range(nprocs)
-    ]
-    done = []
-    try:
-        for p in procs:
-            out, err = p.communicate(timeout=wait)
-            done.append((p.returncode, out, err))
-    finally:
-        for p in procs:  # only reached with live processes when the test already failed
-            if p.poll() is None:
-                p.kill()
-                p.communicate()
-    return done
+    return finish(start_ranks([WORKER, *args], world=world, nprocs=nprocs), wait)
 
 
 def _last_error(stderr: str) -> str:
@@ -219,18 +189,7 @@ def spawned() -> list[dict[str, Any]]:
     F10 runs in debug mode too: the loader loop and the Trainer's collectives then also
     have their signatures compared on every call.
     """
-    with pytest.MonkeyPatch.context() as mp:  # what clean_env does, for a module fixture
-        for key in list(os.environ):
-            if key.startswith(_LAUNCH_PREFIXES) or key in _LAUNCH_NAMES:
-                mp.delenv(key)
-        return devlayer.spawn(
-            _spawned_job,
-            nprocs=2,
-            backend="cpu",
-            timeout=20,
-            join_timeout=180,
-            env={"DEVLAYER_DEBUG": "1"},
-        )
+    return spawn_clean(_spawned_job, timeout=20, join_timeout=180, env={"DEVLAYER_DEBUG": "1"})
 
 
 @pytest.fixture

@@ -10,14 +10,13 @@ could be inexact in the float.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import pytest
 import torch
 
 import devlayer
-from tests.helpers import _LAUNCH_NAMES, _LAUNCH_PREFIXES
+from tests.dist.ranks import spawn_clean
 
 pytestmark = [pytest.mark.dist, pytest.mark.timeout(240)]
 
@@ -76,13 +75,7 @@ def _count_job() -> dict[str, tuple[str, int]]:
 @pytest.fixture(scope="module")
 def counted() -> list[dict[str, tuple[str, int]]]:
     """One 2-rank spawn for every case (a spawn costs seconds), launch variables cleared."""
-    with pytest.MonkeyPatch.context() as mp:  # what clean_env does, for a module fixture
-        for key in list(os.environ):
-            if key.startswith(_LAUNCH_PREFIXES) or key in _LAUNCH_NAMES:
-                mp.delenv(key)
-        return devlayer.spawn(
-            _count_job, nprocs=2, backend="cpu", timeout=30, join_timeout=150, env={}
-        )
+    return spawn_clean(_count_job, timeout=30, join_timeout=150, env={})
 
 
 _ONE = {

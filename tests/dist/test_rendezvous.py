@@ -11,6 +11,7 @@ import pytest
 
 import devlayer
 from devlayer.testing import free_port, slurm_env
+from tests.dist.ranks import finish, start_ranks
 from tests.helpers import PY, ROOT, listening_addresses, rank_results, subprocess_env
 
 pytestmark = [pytest.mark.dist, pytest.mark.timeout(90)]
@@ -93,17 +94,8 @@ devlayer.shutdown()
 
 
 def _start_ranks(addr: str, port: int, world: int, timeout: float) -> list[subprocess.Popen]:
-    envs = [
-        {
-            "RANK": str(rank),
-            "WORLD_SIZE": str(world),
-            "MASTER_ADDR": addr,
-            "MASTER_PORT": str(port),
-            "DEVLAYER_LAUNCHER": "env",
-        }
-        for rank in range(world)
-    ]
-    return [_start_worker(env, timeout) for env in envs]
+    argv = ["-c", _WORKER, str(timeout)]
+    return start_ranks(argv, world=world, addr=addr, port=port, stderr=subprocess.STDOUT)
 
 
 def _start_worker(env: dict[str, str], timeout: float) -> subprocess.Popen:
@@ -118,15 +110,7 @@ def _start_worker(env: dict[str, str], timeout: float) -> subprocess.Popen:
 
 
 def _outputs(procs: list[subprocess.Popen], limit: float) -> list[tuple[int, str]]:
-    out = []
-    for proc in procs:
-        try:
-            text, _ = proc.communicate(timeout=limit)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            text, _ = proc.communicate()
-        out.append((proc.returncode, text))
-    return out
+    return [(code, out) for code, out, _ in finish(procs, limit)]
 
 
 def _ipv6_loopback() -> bool:

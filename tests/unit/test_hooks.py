@@ -25,7 +25,7 @@ from torch.utils.data import TensorDataset
 import devlayer
 from devlayer.errors import BackendUnavailableError, DevlayerError, InvalidArgumentError
 from devlayer.testing import simulate
-from tests.helpers import subprocess_env
+from tests.helpers import subprocess_env, toy_trainer
 
 HAVE_IPEX = importlib.util.find_spec("intel_extension_for_pytorch") is not None
 
@@ -133,16 +133,7 @@ def _data() -> TensorDataset:
 
 
 def _trainer(net: torch.nn.Module, opt: torch.optim.Optimizer, **kw: Any) -> devlayer.Trainer:
-    return devlayer.Trainer(
-        net,
-        opt,
-        torch.nn.functional.mse_loss,
-        batch_size=16,
-        progress=False,
-        num_workers=0,
-        resume=None,
-        **kw,
-    )
+    return toy_trainer(net, opt, batch_size=16, resume=None, **kw)
 
 
 def test_optimize_callable_runs_once_before_training(sim: pytest.MonkeyPatch) -> None:

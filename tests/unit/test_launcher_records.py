@@ -171,7 +171,7 @@ def test_a21_l2_prepare_loader_asks_cpus_per_rank_not_the_launcher(clean_env) ->
     if cpus < 2:
         pytest.skip("needs 2 usable CPUs to tell a shared bound from an own one")
     data = torch.utils.data.TensorDataset(torch.arange(8.0))
-    own = ProcessInfo(rank=0, world_size=2, local_world_size=2, launcher="toy", cpus_per_rank=1)
+    own = ProcessInfo(rank=0, world_size=2, local_world_size=2, launcher="toy", cpus_per_rank=cpus)
     clean_env.setattr(devlayer, "is_initialized", lambda: True)
     clean_env.setattr(devlayer, "state", lambda: _fake_state(own))
     with warnings.catch_warnings():

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from devlayer.cli import main
+from tests.helpers import toy_trainer
 
 
 def _png_size(path) -> tuple[int, int]:
@@ -28,16 +29,13 @@ def metrics_file(tmp_path_factory):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(64, 3, generator=g)
     y = (x.sum(1) > 0).long()
-    model = torch.nn.Linear(3, 2)
-    trainer = devlayer.Trainer(
-        model,
-        torch.optim.SGD(model.parameters(), lr=0.5),
-        torch.nn.functional.cross_entropy,
+    trainer = toy_trainer(
+        torch.nn.Linear(3, 2),
+        loss_fn=torch.nn.functional.cross_entropy,
+        lr=0.5,
         batch_size=16,
         max_epochs=3,
         metrics_file=folder / "metrics.jsonl",
-        progress=False,
-        num_workers=0,
     )
     try:
         trainer.fit(TensorDataset(x, y), TensorDataset(x, y))

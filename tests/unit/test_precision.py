@@ -8,6 +8,7 @@ import torch
 import devlayer
 from devlayer.errors import InvalidArgumentError
 from devlayer.train.precision import Precision, resolve_precision
+from tests.helpers import toy_trainer
 
 CPU = torch.device("cpu")
 
@@ -79,14 +80,8 @@ def test_trainer_under_fp16_skips_every_step_whose_loss_is_inf(clean_env):
     with devlayer.init(backend="cpu"):
         net = torch.nn.Linear(4, 1)
         before = [p.detach().clone() for p in net.parameters()]
-        trainer = devlayer.Trainer(
-            net,
-            torch.optim.SGD(net.parameters(), lr=0.1),
-            training_step=inf_step,
-            precision="16-mixed",
-            batch_size=8,
-            progress=False,
-            num_workers=0,
+        trainer = toy_trainer(
+            net, loss_fn=None, lr=0.1, training_step=inf_step, precision="16-mixed"
         )
         trainer.fit(torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True)))
     assert trainer.state.global_step == 4

@@ -116,9 +116,12 @@ def _nodes_named(tree: ast.Module, names: set[str]) -> set[int]:
     return skip
 
 
-def _vendor_literals(path: Path, allowed: set[str] = frozenset()) -> list[tuple[int, str]]:
-    """``(line, text)`` of string constants naming a vendor, outside docstrings and outside
-    the top-level assignments and functions named in ``allowed``."""
+def _vendor_literals(
+    path: Path, allowed: set[str] = frozenset(), pattern: re.Pattern[str] | None = VENDOR_LITERALS
+) -> list[tuple[int, str]]:
+    """``(line, text)`` of string constants naming a vendor (matching ``pattern``; ``None``:
+    every one), outside docstrings and outside the top-level assignments and functions named
+    in ``allowed``."""
     tree = ast.parse(path.read_text(), str(path))
     skip = _nodes_named(tree, set(allowed))
     for node in ast.walk(tree):
@@ -136,7 +139,7 @@ def _vendor_literals(path: Path, allowed: set[str] = frozenset()) -> list[tuple[
         if isinstance(node, ast.Constant)
         and isinstance(node.value, str)
         and id(node) not in skip
-        and VENDOR_LITERALS.search(node.value)
+        and (pattern is None or pattern.search(node.value))
     ]
 
 
@@ -653,6 +656,49 @@ def test_a21_l4_the_launcher_module_rule_catches_offenders(tmp_path: Path) -> No
     ]
 
 
+def _launcher_variable_literals(path: Path) -> list[tuple[int, str]]:
+    """``(line, text)`` of string constants in ``path``'s code (not its docstrings) that
+    name a variable of a launcher record (one of its prefixes or whole names)."""
+    from devlayer.launchers import PRECEDENCE
+
+    prefixes = tuple(p for rec in PRECEDENCE for p in rec.prefixes)
+    names = {v for rec in PRECEDENCE for v in rec.variables}
+    return [
+        (line, text)
+        for line, text in _vendor_literals(path, set(), pattern=None)
+        if any(
+            word.startswith(prefixes) or word in names
+            for word in re.findall(r"[A-Z][A-Z0-9_]+", text)
+        )
+    ]
+
+
+def test_a21_m1_the_training_layer_reads_no_launcher_variable():
+    """A21-M1: no module of devlayer/train/ names a launcher's variable (``SLURM_*``,
+    ``OMPI_*``, ``TORCHELASTIC_*``, ... as the launcher records declare them) in code: what
+    it needs of the launcher comes parsed, on ``ProcessInfo`` (``cpus_per_rank``)."""
+    offenders = [
+        f"{path.relative_to(ROOT).as_posix()}:{line}: {text[:80]!r}"
+        for path in _python_files("devlayer/train")
+        for line, text in _launcher_variable_literals(path)
+    ]
+    assert not offenders, "launcher variables named in devlayer/train/:\n" + "\n".join(offenders)
+
+
+def test_a21_m1_the_launcher_variable_rule_catches_a_reader(tmp_path: Path) -> None:
+    """A21-M1: the rule is not vacuous: ``SLURM_CPUS_PER_TASK``, ``OMPI_COMM_WORLD_SIZE``
+    and ``MASTER_PORT`` in code are reported, in a docstring or a plain word they are not."""
+    src = tmp_path / "m.py"
+    src.write_text(
+        '"""Reads SLURM_CPUS_PER_TASK? No: docs may name it."""\n'
+        "def f(env):\n"
+        "    return env.get('SLURM_CPUS_PER_TASK'), f'{env} OMPI_COMM_WORLD_SIZE=2'\n"
+        "WORDS = 'a SLURM job, the slurm launcher, RANKS, world_size'\n"
+        "VAR = 'MASTER_PORT'\n"
+    )
+    assert sorted(line for line, _ in _launcher_variable_literals(src)) == [3, 3, 5]
+
+
 def test_the_library_import_graph_has_no_cycle():
     """Module-level and function-level imports between devlayer modules form no cycle."""
     modules = {
@@ -953,6 +999,53 @@ def test_tests_with_a_reliability_id_say_what_they_prove():
             ):
                 missing.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}")
     assert not missing, "tests with a reliability ID but no docstring:\n" + "\n".join(missing)
+
+
+#: The most lines the module that defines ``Trainer`` may have (issue 21, item 2): the loop's
+#: parts live in modules named for what they hold (steps, validation, history, loading).
+TRAINER_MODULE_LINES = 500
+
+
+def _modules_defining(name: str, paths: list[Path]) -> list[Path]:
+    """The files among ``paths`` with a top-level ``class <name>``."""
+    return [
+        path
+        for path in paths
+        if any(
+            isinstance(node, ast.ClassDef) and node.name == name
+            for node in ast.parse(path.read_text()).body
+        )
+    ]
+
+
+def _too_many_lines(paths: list[Path], limit: int) -> list[str]:
+    return [
+        f"{path.name}: {n} lines, keep it at most {limit}"
+        for path in paths
+        if (n := len(path.read_text().splitlines())) > limit
+    ]
+
+
+def test_a21_m2_the_module_that_defines_trainer_has_at_most_500_lines():
+    """A21-M2: the module that defines ``Trainer`` has at most 500 lines (815 before the
+    split): validation, the optimizer steps, the rate log, loading, history and report,
+    export and the checkpoint payload are modules of their own."""
+    defining = _modules_defining("Trainer", _python_files("devlayer"))
+    assert [p.relative_to(ROOT).as_posix() for p in defining] == ["devlayer/train/trainer.py"]
+    assert _too_many_lines(defining, TRAINER_MODULE_LINES) == []
+
+
+def test_a21_m2_the_trainer_size_rule_catches_a_long_module(tmp_path: Path) -> None:
+    """A21-M2: the rule is not vacuous: a module defining ``Trainer`` in 501 lines is found
+    and reported; 500 lines pass."""
+    module = tmp_path / "loop.py"
+    module.write_text("class Trainer:\n" + "    x = 1\n" * 500)
+    assert _modules_defining("Trainer", [module]) == [module]
+    assert _too_many_lines([module], TRAINER_MODULE_LINES) == [
+        "loop.py: 501 lines, keep it at most 500"
+    ]
+    module.write_text("class Trainer:\n" + "    x = 1\n" * 499)
+    assert _too_many_lines([module], TRAINER_MODULE_LINES) == []
 
 
 def _too_long(sizes: list[Any], limit: int) -> list[str]:

@@ -21,6 +21,7 @@ import torch
 from devlayer.errors import InvalidArgumentError
 from devlayer.train import checkpoint as ckpt
 from devlayer.train.checkpoint import CheckpointError, CheckpointStore
+from tests.helpers import toy_trainer
 
 posix_only = pytest.mark.skipif(sys.platform == "win32", reason="POSIX links, modes, FIFOs")
 
@@ -132,16 +133,7 @@ def trained(clean_env):
 
     with devlayer.init(backend="cpu"):
         torch.manual_seed(0)
-        net = torch.nn.Linear(4, 2)
-        trainer = devlayer.Trainer(
-            net,
-            torch.optim.SGD(net.parameters(), lr=0.01),
-            torch.nn.functional.mse_loss,
-            batch_size=8,
-            max_epochs=1,
-            progress=False,
-            num_workers=0,
-        )
+        trainer = toy_trainer(torch.nn.Linear(4, 2), max_epochs=1)
         trainer.fit(TensorDataset(torch.rand(16, 4), torch.rand(16, 2)))
         yield trainer
 
@@ -453,17 +445,8 @@ def test_r5_f6_forged_checkpoint_is_refused_by_the_trainer_before_it_resumes(
 
     def fit() -> None:
         torch.manual_seed(0)
-        net = torch.nn.Linear(4, 2)
-        devlayer.Trainer(
-            net,
-            torch.optim.SGD(net.parameters(), lr=0.01),
-            torch.nn.functional.mse_loss,
-            batch_size=8,
-            max_epochs=2,
-            checkpoint_dir=tmp_path / "ck",
-            checkpoint_every=1,
-            progress=False,
-            num_workers=0,
+        toy_trainer(
+            torch.nn.Linear(4, 2), max_epochs=2, checkpoint_dir=tmp_path / "ck", checkpoint_every=1
         ).fit(data)
 
     with devlayer.init(backend="cpu"):

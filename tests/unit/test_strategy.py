@@ -15,7 +15,7 @@ from devlayer.errors import InvalidArgumentError
 from devlayer.train import CheckpointStore
 from devlayer.train.sharded import restore_state, training_state
 from devlayer.train.strategy import DDPStrategy, FSDPStrategy, Strategy, from_name
-from tests.helpers import ROOT
+from tests.helpers import ROOT, toy_trainer
 
 #: A checkpoint written by the code before strategy objects (commit d5b2c56), by
 #: ``_run(folder, 6)`` below: payload ``model`` from ``module.state_dict()``, ``optimizer``
@@ -30,17 +30,7 @@ def _run(folder: Path, max_steps: int) -> torch.nn.Module:
     y = x.sum(dim=1, keepdim=True) * 0.5
     net = torch.nn.Linear(2, 1)
     opt = torch.optim.Adam(net.parameters(), lr=0.05)
-    trainer = devlayer.Trainer(
-        net,
-        opt,
-        torch.nn.functional.mse_loss,
-        batch_size=8,
-        max_steps=max_steps,
-        checkpoint_dir=folder,
-        checkpoint_every=2,
-        progress=False,
-        num_workers=0,
-    )
+    trainer = toy_trainer(net, opt, max_steps=max_steps, checkpoint_dir=folder, checkpoint_every=2)
     trainer.fit(TensorDataset(x, y))
     devlayer.shutdown()
     return net
@@ -143,7 +133,21 @@ _STRATEGY_BRANCH = re.compile(
 )
 
 
-@pytest.mark.parametrize("module", ["trainer.py", "precision.py", "options.py", "model.py"])
+@pytest.mark.parametrize(
+    "module",
+    [
+        "trainer.py",
+        "precision.py",
+        "options.py",
+        "model.py",
+        "steps.py",
+        "validation.py",
+        "history.py",
+        "loading.py",
+        "lr_scaling.py",
+        "export.py",
+    ],
+)
 def test_a21_t5_the_trainer_modules_hold_no_strategy_branch(module):
     """A21-T5: no ``if`` in the Trainer, precision, options or prepare_model asks which
     strategy runs (the pattern finds the old ``if self.strategy == "fsdp"``)."""

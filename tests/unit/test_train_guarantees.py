@@ -12,6 +12,7 @@ from torch.utils.data import TensorDataset
 
 import devlayer
 from devlayer.train import EarlyStopping
+from tests.helpers import toy_trainer
 
 
 @pytest.fixture
@@ -26,18 +27,12 @@ def _data(n: int = 40) -> TensorDataset:
 
 
 def _fit(checkpoint_dir: object, stopper: EarlyStopping) -> tuple[devlayer.Trainer, list]:
-    torch.manual_seed(0)
-    net = torch.nn.Linear(1, 1)
-    trainer = devlayer.Trainer(
-        net,
-        torch.optim.SGD(net.parameters(), lr=0.001),
-        torch.nn.functional.mse_loss,
-        batch_size=8,
+    trainer = toy_trainer(
+        lr=0.001,
+        init_seed=0,
         max_epochs=10,
         early_stopping=stopper,
         checkpoint_dir=checkpoint_dir,
-        progress=False,
-        num_workers=0,
     )
     return trainer, trainer.fit(_data(), _data())
 

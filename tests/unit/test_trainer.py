@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import devlayer
 from devlayer.train.data import auto_num_workers
 from devlayer.train.trainer import EarlyStopping, resolve_precision
+from tests.helpers import toy_trainer
 
 
 @pytest.fixture
@@ -69,11 +69,11 @@ def test_prepare_loader_reshards_an_existing_dataloader(cpu):
     assert [b[0].flatten()[0].item() for b in loader] == [0.0, 10.0, 20.0, 30.0]
 
 
-def test_auto_num_workers_respects_slurm_and_affinity():
-    assert auto_num_workers(2, env={}, cpus=16) == 7
-    assert auto_num_workers(4, env={"SLURM_CPUS_PER_TASK": "8"}, one_task_per_rank=True) == 7
-    assert auto_num_workers(4, env={"SLURM_CPUS_PER_TASK": "32"}) == 7  # torchrun in srun
-    assert auto_num_workers(2, env={}, cpus=2) == 0
+def test_auto_num_workers_respects_cpus_per_rank_and_affinity():
+    assert auto_num_workers(2, cpus=16) == 7
+    assert auto_num_workers(4, cpus_per_rank=8) == 7  # srun: each rank its own task
+    assert auto_num_workers(4, cpus=32) == 7  # torchrun in one srun task: shared
+    assert auto_num_workers(2, cpus=2) == 0
 
 
 def test_prepare_model_at_world_one_returns_the_module(cpu):
@@ -92,12 +92,7 @@ def test_resolve_precision_names_and_env():
 
 
 def _fit(**kw):
-    torch.manual_seed(0)
-    net = torch.nn.Linear(1, 1)
-    opt = torch.optim.SGD(net.parameters(), lr=0.001)
-    trainer = devlayer.Trainer(
-        net, opt, torch.nn.functional.mse_loss, batch_size=8, progress=False, num_workers=0, **kw
-    )
+    trainer = toy_trainer(lr=0.001, init_seed=0, **kw)
     return trainer, trainer.fit(_data(), _data())
 
 
@@ -112,17 +107,16 @@ def test_lr_scaling_is_a_no_op_at_world_one(cpu, caplog):
     assert "lr_scaling" not in caplog.text  # nothing to report over one rank
 
 
-def test_resume_rescales_lr_saved_under_another_world_size(cpu):
-    from devlayer.train.checkpoint import rng_state
-
-    trainer, _ = _fit(lr_scaling="linear", max_epochs=1)
-    states, _ = trainer.strategy.save_state(trainer.wrapped_model, trainer.optimizer, Path)
-    payload = trainer._payload([{"rng": rng_state(), "loss_sum": 0.0, "samples": 0}], states)
-    payload["optimizer"]["param_groups"][0]["lr"] = 0.002  # saved on 2 ranks: lr x2
-    payload["lr_factor"] = 2.0
-    trainer.strategy.load_state(trainer.wrapped_model, trainer.optimizer, payload, Path(), None)
-    trainer._apply(payload, same_world=False)
-    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.001)
+def test_resume_rescales_lr_saved_under_another_world_size(cpu, tmp_path):
+    trainer, _ = _fit(lr_scaling="linear", max_epochs=1, checkpoint_dir=tmp_path)
+    # As if saved on 2 ranks: the rates carry lr_scaling's x2 (save_checkpoint rewrites
+    # the run's last step, whose folder lock fit() released).
+    trainer.optimizer.param_groups[0]["lr"] = 0.002
+    trainer.lr_scale.factor = 2.0
+    trainer.save_checkpoint()
+    resumed, _ = _fit(lr_scaling="linear", max_epochs=1, checkpoint_dir=tmp_path)
+    assert resumed.resumed_from is not None
+    assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(0.001)
 
 
 def test_early_stopping_with_target_and_patience(cpu):
@@ -147,20 +141,11 @@ def test_metrics_file_and_history(cpu, tmp_path):
     assert {"val_loss", "samples_per_sec", "epoch_time", "global_step"} <= set(rows[0])
 
 
-def test_accuracy_reported_for_classification(cpu):
+def test_accuracy_reported_for_classification(cpu, make_trainer):
     x = torch.randn(32, 3)
     y = (x[:, 0] > 0).long()
     net = torch.nn.Linear(3, 2)
-    opt = torch.optim.SGD(net.parameters(), lr=0.5)
-    trainer = devlayer.Trainer(
-        net,
-        opt,
-        torch.nn.functional.cross_entropy,
-        batch_size=8,
-        max_epochs=3,
-        progress=False,
-        num_workers=0,
-    )
+    trainer = make_trainer(net, loss_fn=torch.nn.functional.cross_entropy, lr=0.5, max_epochs=3)
     history = trainer.fit(TensorDataset(x, y), TensorDataset(x, y))
     assert 0.0 <= history[-1]["val_accuracy"] <= 1.0
     assert history[-1]["val_accuracy"] > 0.7
@@ -177,18 +162,8 @@ def test_bad_trainer_arguments_are_named():
         devlayer.Trainer(net, opt, torch.nn.functional.mse_loss, lr_scaling="cubic")
 
 
-def test_batch_size_must_split_into_micro_batches(cpu):
-    net = torch.nn.Linear(1, 1)
-    opt = torch.optim.SGD(net.parameters(), lr=0.1)
-    trainer = devlayer.Trainer(
-        net,
-        opt,
-        torch.nn.functional.mse_loss,
-        batch_size=9,
-        grad_accum=2,
-        progress=False,
-        num_workers=0,
-    )
+def test_batch_size_must_split_into_micro_batches(cpu, make_trainer):
+    trainer = make_trainer(lr=0.1, batch_size=9, grad_accum=2)
     with pytest.raises(devlayer.errors.InvalidArgumentError, match="batch_size=9"):
         trainer.fit(_data())
 
@@ -247,17 +222,8 @@ def test_loaders_iterate_on_cpu_under_an_accelerator_default_device(
     assert sorted(int(v) for _, y in shard for v in y) == list(range(12))
 
 
-def test_max_steps_with_no_batches_is_an_error_not_a_hang(cpu):
-    net = torch.nn.Linear(1, 1)
-    trainer = devlayer.Trainer(
-        net,
-        torch.optim.SGD(net.parameters(), lr=0.1),
-        torch.nn.functional.mse_loss,
-        batch_size=8,
-        max_steps=5,
-        progress=False,
-        num_workers=0,
-    )
+def test_max_steps_with_no_batches_is_an_error_not_a_hang(cpu, make_trainer):
+    trainer = make_trainer(lr=0.1, max_steps=5)
     with pytest.raises(devlayer.errors.InvalidArgumentError, match=r"0 batches.*max_steps=5"):
         trainer.fit(_data(0))
 
@@ -275,18 +241,10 @@ def test_bounds_default_and_validation():
         devlayer.Trainer(net, opt, mse, max_steps=0)
 
 
-def test_early_stopping_is_named_as_the_stop_reason(cpu, capsys):
+def test_early_stopping_is_named_as_the_stop_reason(cpu, capsys, make_trainer):
     stopper = EarlyStopping(monitor="val_loss", mode="min", target=1e9, patience=2)
-    net = torch.nn.Linear(1, 1)
-    trainer = devlayer.Trainer(
-        net,
-        torch.optim.SGD(net.parameters(), lr=0.001),
-        torch.nn.functional.mse_loss,
-        batch_size=8,
-        max_epochs=10,
-        max_steps=1000,
-        early_stopping=stopper,
-        num_workers=0,
+    trainer = make_trainer(
+        lr=0.001, max_epochs=10, max_steps=1000, early_stopping=stopper, progress=True
     )
     history = trainer.fit(_data(), _data())
     assert trainer.stop_reason == "early_stopping" and history[-1]["stopped_by"] == "early_stopping"

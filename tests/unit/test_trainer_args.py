@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 import torch
-from torch.utils.data import TensorDataset
 
 import devlayer
 from devlayer.errors import InvalidArgumentError
 from devlayer.train import Callback, EarlyStopping
-from devlayer.train.data import max_num_workers
+from devlayer.train.data import auto_num_workers, check_num_workers, max_num_workers
+from tests.helpers import toy_data, toy_trainer
 
 MSE = torch.nn.functional.mse_loss
 
@@ -24,18 +24,6 @@ MSE = torch.nn.functional.mse_loss
 def cpu(clean_env):
     with devlayer.init(backend="cpu") as st:
         yield st
-
-
-def _data(n: int = 16) -> TensorDataset:
-    x = torch.arange(n, dtype=torch.float32).unsqueeze(1)
-    return TensorDataset(x, 2 * x)
-
-
-def _trainer(net: Any = None, opt: Any = None, loss_fn: Any = MSE, **kw: Any) -> Any:
-    net = net if net is not None else torch.nn.Linear(1, 1)
-    opt = opt if opt is not None else torch.optim.SGD(net.parameters(), lr=0.01)
-    kw = {"batch_size": 8, "progress": False, "num_workers": 0, **kw}
-    return devlayer.Trainer(net, opt, loss_fn, **kw)
 
 
 def _fn(model: Any, batch: Any) -> Any:
@@ -155,9 +143,9 @@ def test_r5_a1_callbacks_accepts_any_iterable_of_callbacks_once():
         pass
 
     marks = [Mark(), Mark()]
-    assert _trainer(callbacks=(m for m in marks)).callbacks == marks
+    assert toy_trainer(callbacks=(m for m in marks)).callbacks == marks
     with pytest.raises(InvalidArgumentError, match=r"callbacks\[1\] is a dict"):
-        _trainer(callbacks=[Mark(), {}])
+        toy_trainer(callbacks=[Mark(), {}])
 
 
 def test_r5_a1_good_values_are_kept():
@@ -165,7 +153,7 @@ def test_r5_a1_good_values_are_kept():
     a positive float throughput, resume='auto' without a folder)."""
     from pathlib import Path
 
-    t = _trainer(
+    t = toy_trainer(
         checkpoint_dir=Path("ck"),
         resume=os.path.join("ck", "step-000000004"),
         seed=2**63 - 1,
@@ -177,14 +165,14 @@ def test_r5_a1_good_values_are_kept():
         num_workers="auto",
     )
     assert t.checkpoint_dir == Path("ck") and t.seed == 2**63 - 1
-    assert _trainer(resume="auto").checkpoint_dir is None
+    assert toy_trainer(resume="auto").checkpoint_dir is None
 
 
 def test_r5_a1_an_int_too_long_to_print_is_named_by_its_size():
     """R5-A1: seed=10**5000 (whose repr Python refuses: over 4300 digits) still gives the
     named error, with the int's size instead of its digits."""
     with pytest.raises(InvalidArgumentError, match=r"seed=an int of 16610 bits must be"):
-        _trainer(seed=10**5000)
+        toy_trainer(seed=10**5000)
 
 
 def test_r5_a2_resume_path_without_checkpoint_dir_is_refused():
@@ -192,19 +180,36 @@ def test_r5_a2_resume_path_without_checkpoint_dir_is_refused():
     scratch and report ``resumed_from None``; now it is refused at construction, naming the
     path and the folder to pass."""
     with pytest.raises(InvalidArgumentError) as info:
-        _trainer(resume=os.path.join("x", "step-000000032"))
+        toy_trainer(resume=os.path.join("x", "step-000000032"))
     message = str(info.value)
     assert "resume='x/step-000000032'" in message
     assert "checkpoint_dir=None" in message and "checkpoint_dir='x'" in message
 
 
 def test_r5_a3_num_workers_is_bounded_by_the_cpus_of_the_rank():
-    """R5-A3: the most DataLoader workers a rank may start is the CPUs it may use (affinity
-    or SLURM_CPUS_PER_TASK), divided among the local ranks, at least 1; 'auto' stays below."""
-    assert max_num_workers(2, env={}, cpus=16) == 8
-    assert max_num_workers(4, env={}, cpus=2) == 1
-    assert max_num_workers(4, env={"SLURM_CPUS_PER_TASK": "8"}, one_task_per_rank=True) == 8
-    assert max_num_workers(1, env={}) == len(os.sched_getaffinity(0))
+    """R5-A3: the most DataLoader workers a rank may start is the CPUs it has for itself
+    (``cpus_per_rank``) or else the CPUs it may use (affinity) divided among the local
+    ranks, at least 1; 'auto' stays below."""
+    assert max_num_workers(2, cpus=16) == 8
+    assert max_num_workers(4, cpus=2) == 1
+    assert max_num_workers(4, cpus_per_rank=8) == 8
+    assert max_num_workers(1) == len(os.sched_getaffinity(0))
+
+
+def test_a21_m1_max_num_workers_takes_the_cpus_per_rank_and_reads_no_launcher_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A21-M1: the CPUs of a rank reach the DataLoader bound as a number
+    (``ProcessInfo.cpus_per_rank``, parsed by the launchers package), never from a launcher
+    variable: a ``SLURM_CPUS_PER_TASK`` left in the environment changes neither the bound
+    nor 'auto' nor the warning; ``cpus_per_rank`` is the rank's own, not divided."""
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "64")
+    assert max_num_workers(1, cpus=2) == 2
+    assert max_num_workers(4, cpus=8, cpus_per_rank=3) == 3
+    assert auto_num_workers(4, cpus_per_rank=8) == 7
+    assert auto_num_workers(4, cpus=32) == 7  # torchrun in one srun task: shared
+    with pytest.warns(UserWarning, match="num_workers=4 is more than the 3 CPU"):
+        assert check_num_workers(4, 2, cpus_per_rank=3) == 4
 
 
 def test_r5_a3_prepare_loader_warns_above_the_cpus_and_refuses_above_the_limit(cpu):
@@ -218,19 +223,19 @@ def test_r5_a3_prepare_loader_warns_above_the_cpus_and_refuses_above_the_limit(c
     limit = max(MIN_WORKERS_LIMIT, WORKERS_PER_CPU * cpus)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert devlayer.prepare_loader(_data(), 8, num_workers=cpus).num_workers == cpus
+        assert devlayer.prepare_loader(toy_data(), 8, num_workers=cpus).num_workers == cpus
     with pytest.warns(UserWarning, match=f"num_workers={cpus + 1} is more than the"):
-        loader = devlayer.prepare_loader(_data(), 8, num_workers=cpus + 1)
+        loader = devlayer.prepare_loader(toy_data(), 8, num_workers=cpus + 1)
     assert loader.num_workers == cpus + 1
     with pytest.warns(UserWarning):
-        assert devlayer.prepare_loader(_data(), 8, num_workers=limit).num_workers == limit
+        assert devlayer.prepare_loader(toy_data(), 8, num_workers=limit).num_workers == limit
     with pytest.raises(InvalidArgumentError) as info:
-        devlayer.prepare_loader(_data(), 8, num_workers=limit + 1)
+        devlayer.prepare_loader(toy_data(), 8, num_workers=limit + 1)
     message = str(info.value)
     assert f"num_workers={limit + 1}" in message and f"at most {limit} worker(s)" in message
     assert f"{cpus} CPU(s)" in message and "'auto'" in message
     with pytest.raises(InvalidArgumentError, match="num_workers=1000000 is more than 4"):
-        devlayer.prepare_loader(_data(), 8, num_workers=10**6)
+        devlayer.prepare_loader(toy_data(), 8, num_workers=10**6)
 
 
 def test_r5_a4_optimizer_of_another_model_is_refused_at_fit(cpu):
@@ -239,9 +244,9 @@ def test_r5_a4_optimizer_of_another_model_is_refused_at_fit(cpu):
     of the model's trainable parameters the optimizer holds."""
     net, other = torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    trainer = _trainer(net, torch.optim.SGD(other.parameters(), lr=0.1))
+    trainer = toy_trainer(net, torch.optim.SGD(other.parameters(), lr=0.1))
     with pytest.raises(InvalidArgumentError) as info:
-        trainer.fit(_data())
+        trainer.fit(toy_data())
     message = str(info.value)
     assert "holds 0 of the model's 2 trainable parameters" in message
     assert "model.parameters()" in message
@@ -254,8 +259,8 @@ def test_r5_a4_an_optimizer_over_part_of_the_model_trains(cpu):
     accepted and steps that subset."""
     net = torch.nn.Sequential(torch.nn.Linear(1, 4), torch.nn.Linear(4, 1))
     head = net[1].weight.detach().clone()
-    trainer = _trainer(net, torch.optim.SGD(net[1].parameters(), lr=0.01))
-    trainer.fit(_data())
+    trainer = toy_trainer(net, torch.optim.SGD(net[1].parameters(), lr=0.01))
+    trainer.fit(toy_data())
     assert not torch.equal(head, net[1].weight.detach())
 
 
@@ -263,9 +268,9 @@ def test_r5_a4_an_optimizer_over_part_of_the_model_trains(cpu):
 def test_r5_a5_fit_on_an_empty_dataset_is_an_error(cpu, n):
     """R5-A5: fit() on a dataset with no samples used to return an empty history and train
     nothing; it now raises naming train_data and the 0 batches."""
-    trainer = _trainer(max_epochs=3)
+    trainer = toy_trainer(max_epochs=3)
     with pytest.raises(InvalidArgumentError, match=r"train_data gives 0 batches per epoch"):
-        trainer.fit(_data(n))
+        trainer.fit(toy_data(n))
     assert trainer.state.history == []
 
 
@@ -277,9 +282,9 @@ def test_r5_a5_fit_on_an_empty_dataset_is_an_error(cpu, n):
 def test_r5_a6_a_training_step_that_returns_no_loss_is_named(cpu, result, shown):
     """R5-A6: a training_step returning a str, None or a non-scalar tensor raises a named
     error at the first micro-batch instead of an AttributeError inside backward."""
-    trainer = _trainer(loss_fn=None, training_step=lambda model, batch: result)
+    trainer = toy_trainer(loss_fn=None, training_step=lambda model, batch: result)
     with pytest.raises(InvalidArgumentError) as info:
-        trainer.fit(_data())
+        trainer.fit(toy_data())
     message = str(info.value)
     assert "training_step returned" in message and shown in message
     assert "one-element" in message
@@ -318,7 +323,7 @@ def test_r5_a8_on_train_batch_end_sees_the_step_count_before_its_step(cpu):
         def on_train_batch_end(self, trainer: Any, loss: Any) -> None:
             seen.append((trainer.state.global_step, trainer.state.batches_done))
 
-    _trainer(callbacks=[Record()], grad_accum=2).fit(_data())  # 4 micro-batches of 4
+    toy_trainer(callbacks=[Record()], grad_accum=2).fit(toy_data())  # 4 micro-batches of 4
     assert seen == [(0, 1), (0, 2), (1, 3), (1, 4)]
     assert "before the optimizer step" in (Callback.on_train_batch_end.__doc__ or "")
 
@@ -331,9 +336,9 @@ def test_r5_a8_on_train_batch_end_sees_the_step_count_before_its_step(cpu):
 def test_r5_a6_a_validation_step_that_returns_no_metrics_is_named(cpu, result, shown):
     """R5-A6: a validation_step must return a dict of per-batch numbers; a str, or a value
     that is not a number or one-element tensor, raises an error naming validation_step."""
-    trainer = _trainer(validation_step=lambda model, batch: result)
+    trainer = toy_trainer(validation_step=lambda model, batch: result)
     with pytest.raises(InvalidArgumentError) as info:
-        trainer.fit(_data(), _data())
+        trainer.fit(toy_data(), toy_data())
     message = str(info.value)
     assert "validation_step returned" in message and shown in message
 
@@ -342,4 +347,4 @@ def test_r5_a1_prepare_loader_refuses_a_batch_no_dataloader_can_slice(cpu):
     """R5-A1: prepare_loader(batch_size=10**30) is refused naming the value and the
     2**63-1 limit, instead of islice's ValueError at the first batch."""
     with pytest.raises(InvalidArgumentError, match=r"batch_size=10{30}.*2\*\*63-1"):
-        devlayer.prepare_loader(_data(), 10**30, num_workers=0)
+        devlayer.prepare_loader(toy_data(), 10**30, num_workers=0)
