@@ -314,7 +314,7 @@ class _NullLedger(ledger.Ledger):
 
     _REC: ClassVar[list[Any]] = [0, "", None, None, 0, 0.0, 0.0, ledger.DONE]
 
-    def begin(self, op: str, detail: object = None) -> list[Any]:
+    def begin(self, op: str, detail: object = None, depth: int = 1) -> list[Any]:
         return self._REC
 
     @staticmethod

@@ -446,7 +446,8 @@ def _reduce_tensor(ctx: _Ctx, t: Any, name: str) -> Any:
         raise _int_mean("", t)
     if ctx.world == 1:
         return t
-    rec = ctx.ledger.begin("all_reduce", (t.shape, t.dtype))
+    # depth 3: begin <- _reduce_tensor <- all_reduce <- its caller (the only path here).
+    rec = ctx.ledger.begin("all_reduce", (t.shape, t.dtype), 3)
     try:
         seq = _next_seq(ctx)
         if seq is not None:
@@ -471,8 +472,12 @@ def _reduce_tensor(ctx: _Ctx, t: Any, name: str) -> Any:
 
 
 def _recorded(ctx: _Ctx, op: str, detail: object, fn: Any, *args: Any) -> Any:
-    """``fn(*args)`` recorded in the ledger as collective ``op`` (world size > 1)."""
-    rec = ctx.ledger.begin(op, detail)
+    """``fn(*args)`` recorded in the ledger as collective ``op`` (world size > 1).
+
+    Called only by the public collectives themselves: the ledger's search for the user's
+    frame starts at their caller (depth 3: begin <- _recorded <- the collective <- caller).
+    """
+    rec = ctx.ledger.begin(op, detail, 3)
     try:
         out = fn(*args)
     except BaseException:

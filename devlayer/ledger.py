@@ -7,8 +7,12 @@ every rank that runs the same program), the operation, a cheap signature (a tens
 and dtype, a container's type and size), the user's call site (the first frame outside the
 devlayer package), start and end ``time.monotonic()`` and a state (``running``, ``done``,
 ``failed``). Nothing here is a collective or touches torch: a record is a Python list, and
-the call site is kept as a code object and a line number, formatted only when a report is
-written (:meth:`Ledger.tail`). :mod:`devlayer.hangdump` writes the tail into hang reports.
+the call site is kept as a code object and the instruction offset in it (``f_lasti``), never
+the frame: the line number and the ``file.py:line`` text are worked out only when a report
+is written (:meth:`Ledger.tail`). Callers that know how many devlayer frames lie between
+them and the user pass ``depth``, so that only the user's frame is looked at (each frame
+looked at costs a frame object; ``docs/performance.md`` has the figures).
+:mod:`devlayer.hangdump` writes the tail into hang reports.
 
 The Trainer publishes its optimizer step with :func:`publish_step` (one assignment).
 
@@ -26,6 +30,7 @@ import os
 import sys
 from collections import deque
 from time import monotonic
+from types import CodeType
 from typing import Any
 
 __all__ = [
@@ -36,6 +41,7 @@ __all__ = [
     "Ledger",
     "current",
     "describe",
+    "line_of",
     "new_ledger",
     "publish_step",
     "published_step",
@@ -46,8 +52,9 @@ DEFAULT_SIZE = 256
 
 RUNNING, DONE, FAILED = "running", "done", "failed"
 
-# Record fields (a list, the cheapest record to build on the per-call path).
-SEQ, OP, DETAIL, CODE, LINE, START, END, STATE = range(8)
+# Record fields (a list, the cheapest record to build on the per-call path). AT is the
+# call site's instruction offset in CODE (a frame's f_lasti), turned into a line by _line().
+SEQ, OP, DETAIL, CODE, AT, START, END, STATE = range(8)
 
 #: Frames from files under this folder are devlayer's; the call site is the first other one.
 _PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
@@ -69,20 +76,24 @@ class Ledger:
         #: The sequence number of the next record (how many were begun).
         self.n = 0
 
-    def begin(self, op: str, detail: object = None) -> list[Any]:
+    def begin(self, op: str, detail: object = None, depth: int = 1) -> list[Any]:
         """Record collective ``op`` as running; returns the record for :meth:`done`/:meth:`fail`.
 
         Args:
             op: The operation, e.g. ``"all_reduce"``.
             detail: Its signature: text, or a ``(shape, dtype)`` pair formatted only when a
                 report is written (a tensor's shape costs nothing to keep).
+            depth: How many frames up the search for the user's frame starts (1: the
+                caller of ``begin``). It must not pass the user's frame: from there, devlayer
+                frames are skipped, so a depth that stops inside devlayer (a devlayer module
+                calling the public function) is still right.
         """
-        frame = sys._getframe(1)
+        frame = sys._getframe(depth)  # only this frame becomes a frame object, not those below
         while frame.f_code.co_filename.startswith(_PACKAGE) and frame.f_back is not None:
             frame = frame.f_back
         seq = self.n
         self.n = seq + 1
-        rec = [seq, op, detail, frame.f_code, frame.f_lineno, monotonic(), 0.0, RUNNING]
+        rec = [seq, op, detail, frame.f_code, frame.f_lasti, monotonic(), 0.0, RUNNING]
         self.records.append(rec)
         return rec
 
@@ -122,13 +133,31 @@ def _as_dict(rec: list[Any]) -> dict[str, Any]:
         "seq": rec[SEQ],
         "op": rec[OP],
         "detail": describe(rec[DETAIL]),
-        "site": f"{os.path.basename(code.co_filename)}:{rec[LINE]}",
+        "site": f"{os.path.basename(code.co_filename)}:{line_of(code, rec[AT])}",
         "function": code.co_name,
         "file": code.co_filename,
         "state": rec[STATE],
         "started": rec[START],
         "ended": rec[END] if rec[STATE] != RUNNING else None,
     }
+
+
+def line_of(code: CodeType, offset: int) -> int:
+    """The source line of instruction ``offset`` (a frame's ``f_lasti``) in ``code``.
+
+    What ``frame.f_lineno`` gives, worked out from the code object alone, after the frame
+    is gone (0 when the offset maps to no line).
+
+    Example:
+        >>> import sys
+        >>> frame = sys._getframe()
+        >>> line_of(frame.f_code, frame.f_lasti) == frame.f_lineno
+        True
+    """
+    for start, end, line in code.co_lines():
+        if start <= offset < end:
+            return line if line is not None else 0
+    return code.co_firstlineno if offset < 0 else 0
 
 
 def describe(detail: object) -> str:

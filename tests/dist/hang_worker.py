@@ -51,7 +51,7 @@ def _counting(counts: Counter[str]) -> dict[str, Any]:
     return saved
 
 
-def _stub_begin(self: Ledger, op: str, detail: object = None) -> list[Any]:
+def _stub_begin(self: Ledger, op: str, detail: object = None, depth: int = 1) -> list[Any]:
     return [0, op, detail, None, 0, 0.0, 0.0, "running"]
 
 

@@ -70,6 +70,21 @@ def test_collectives_benchmark_two_ranks(tmp_path: Path) -> None:
     assert "### all_reduce" in proc.stdout
 
 
+def test_ledger_benchmark_two_ranks_prints_its_four_measurements() -> None:
+    argv = torchrun(
+        "benchmarks/ledger.py",
+        *("--runs", "1", "--repeats", "1", "--rounds", "1", "--block-s", "0.002"),
+        *("--calls", "40", "--blocks", "1", "--chunks", "2", "--sizes", "4"),
+    )
+    proc = _run(argv)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    for title in ("in situ and alone", "CPU time per call", "Paired wall time", "call by call"):
+        assert title in proc.stdout
+    assert "| now: depth hint, f_lasti |" in proc.stdout and "| a Python float (1.5) |" in (
+        proc.stdout
+    )
+
+
 def test_fsdp_benchmark_two_ranks_holds_half_the_state(tmp_path: Path) -> None:
     out = tmp_path / "fsdp.jsonl"
     for strategy in ("ddp", "fsdp"):

@@ -1,0 +1,500 @@
+"""What the collective ledger (issue 22) costs per ``all_reduce``, and where the time goes.
+
+Run (2 ranks; CPU/gloo here)::
+
+    OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node=2 -m benchmarks.ledger
+    ... --runs 5 --sizes 4,1048576 --repeats 5 --rounds 6 --block-s 0.03
+
+Three measurements, each printed as a table (rank 0):
+
+1. **In situ**: the ledger's ``begin`` timed with ``perf_counter_ns`` inside real
+   ``devlayer.all_reduce`` calls at 4 B (one sample per call, the median of each block; the
+   median [min, max] over blocks), for the call-site search before issue 22's cost work
+   (every frame from the caller up, ``f_lineno``) and the current one (a depth hint that
+   jumps to the user's frame, ``f_lasti``), next to the same ``begin`` called in a hot loop
+   from a frame outside devlayer (what "timed alone" measured). An empty ``begin`` gives the
+   timer's own cost, which is subtracted.
+2. **CPU time per call** of the calling thread (``time.thread_time_ns`` over blocks of
+   calls), for raw ``dist.all_reduce``, ``devlayer.all_reduce`` with the ledger on and off,
+   and a Python float (raw: the number in a tensor, one ``dist.all_reduce``, ``.tolist()``).
+   Other processes' load changes wall time far more than CPU time, so this shows what
+   devlayer adds itself.
+3. **Paired wall time** (``benchmarks.collectives.Bench``: interleaved rounds, the slowest
+   rank), ``--runs`` times, the implementation order reversed on every other run: the ledger
+   on vs off, and an A/A control (off vs off, the same code twice) that shows how large a
+   ratio the machine's noise makes by itself; and devlayer vs raw. Each run gives the median
+   of the per-round ratios; the table gives the median and [min, max] over the runs.
+4. **Paired call by call**: the ledger on, off, off again (the A/A control), and the
+   ledger's begin before the cost work, and its two parts alone (the call-site search;
+   the record), each with the ledger's ``done``, take turns
+   call by call on both ranks (each turn in a new order), each call timed with
+   ``perf_counter_ns``; per chunk of calls, each arm's median call (the larger of the 2
+   ranks), and the ratio; the table gives the median of the chunks' ratios with a
+   distribution-free 95 % confidence interval. Pairing by call rather than by block leaves
+   the least room for load that comes and goes.
+
+This is a benchmark that prints tables, not a test: it asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from functools import partial
+from time import monotonic, perf_counter_ns
+from typing import Any, ClassVar
+
+import torch
+import torch.distributed as dist
+
+import devlayer
+from devlayer import comm, ledger
+
+if __package__ in (None, ""):  # run as a file (torchrun benchmarks/ledger.py)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.collectives import (
+    Bench,
+    Impl,
+    fmt_bytes,
+    ledger_all_reduce,
+    median_ci,
+    overhead_ci,
+    paired,
+    pct,
+    raw_numbers,
+)
+from benchmarks.common import git_state, med_range, table
+
+#: Frames from files under this folder are devlayer's (as the ledger decides).
+PACKAGE = os.path.dirname(os.path.abspath(ledger.__file__)) + os.sep
+
+_SAMPLES: list[int] = []
+
+
+def _loadavg() -> str:
+    try:
+        with open("/proc/loadavg", encoding="utf-8") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "unknown"
+
+
+class _TimedEmpty(ledger.Ledger):
+    """A ``begin`` that records nothing: the timer's own cost."""
+
+    _REC: ClassVar[list[Any]] = [0, "", None, None, 0, 0.0, 0.0, ledger.DONE]
+
+    def begin(self, op: str, detail: object = None, depth: int = 1) -> list[Any]:
+        t0 = perf_counter_ns()
+        rec = self._REC
+        _SAMPLES.append(perf_counter_ns() - t0)
+        return rec
+
+
+class _TimedCurrent(ledger.Ledger):
+    """The ledger's ``begin`` as it is (one frame more: the search starts one higher)."""
+
+    def begin(self, op: str, detail: object = None, depth: int = 1) -> list[Any]:
+        t0 = perf_counter_ns()
+        rec = ledger.Ledger.begin(self, op, detail, depth + 1)
+        _SAMPLES.append(perf_counter_ns() - t0)
+        return rec
+
+
+class _TimedBefore(ledger.Ledger):
+    """``begin`` before the cost work: a frame object for every frame from the caller up to
+    the user's, and ``f_lineno`` (its records are for timing only: the line is in AT)."""
+
+    def begin(self, op: str, detail: object = None, depth: int = 1) -> list[Any]:
+        t0 = perf_counter_ns()
+        frame = sys._getframe(1)
+        while frame.f_code.co_filename.startswith(PACKAGE) and frame.f_back is not None:
+            frame = frame.f_back
+        seq = self.n
+        self.n = seq + 1
+        rec = [seq, op, detail, frame.f_code, frame.f_lineno, monotonic(), 0.0, ledger.RUNNING]
+        self.records.append(rec)
+        _SAMPLES.append(perf_counter_ns() - t0)
+        return rec
+
+
+class _TimedSiteOnly(_TimedEmpty):
+    """Only the current call-site search (depth hint, ``f_lasti``), no record."""
+
+    def begin(self, op: str, detail: object = None, depth: int = 1) -> list[Any]:
+        t0 = perf_counter_ns()
+        frame = sys._getframe(depth + 1)
+        while frame.f_code.co_filename.startswith(PACKAGE) and frame.f_back is not None:
+            frame = frame.f_back
+        site = (frame.f_code, frame.f_lasti)
+        _SAMPLES.append(perf_counter_ns() - t0)
+        return [0, op, detail, *site, 0.0, 0.0, ledger.RUNNING]
+
+
+class _TimedRecordOnly(_TimedEmpty):
+    """Only the record: sequence number, a list, a clock read, the ring's append."""
+
+    def begin(self, op: str, detail: object = None, depth: int = 1) -> list[Any]:
+        t0 = perf_counter_ns()
+        seq = self.n
+        self.n = seq + 1
+        rec = [seq, op, detail, None, 0, monotonic(), 0.0, ledger.RUNNING]
+        self.records.append(rec)
+        _SAMPLES.append(perf_counter_ns() - t0)
+        return rec
+
+
+VARIANTS: dict[str, type[ledger.Ledger]] = {
+    "empty (the timer)": _TimedEmpty,
+    "before: every frame up, f_lineno": _TimedBefore,
+    "now: depth hint, f_lasti": _TimedCurrent,
+    "now, its call-site search only": _TimedSiteOnly,
+    "now, its record only (list, clock, ring)": _TimedRecordOnly,
+}
+
+
+def _in_situ_ns(variant: type[ledger.Ledger], t: torch.Tensor, calls: int) -> float:
+    """Median ns of ``begin`` inside ``calls`` real ``devlayer.all_reduce(t)`` calls."""
+    ctx = comm._ctx()
+    real = ctx.ledger
+    object.__setattr__(ctx, "ledger", variant())
+    _SAMPLES.clear()
+    try:
+        for _ in range(calls):
+            devlayer.all_reduce(t)
+    finally:
+        object.__setattr__(ctx, "ledger", real)
+    return statistics.median(_SAMPLES)
+
+
+def _hot_ns(variant: type[ledger.Ledger], t: torch.Tensor, calls: int) -> float:
+    """Median ns of ``begin`` called in a loop from here (outside devlayer), nothing between."""
+    led = variant()
+    _SAMPLES.clear()
+    for _ in range(calls):
+        ledger.Ledger.done(led.begin("all_reduce", (t.shape, t.dtype)))
+    return statistics.median(_SAMPLES)
+
+
+def in_situ_table(blocks: int, calls: int) -> str:
+    """Measurement 1 (see the module docstring)."""
+    t = torch.zeros(1)
+    situ: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    hot: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    names = list(VARIANTS)
+    for block in range(blocks):
+        for name in names if block % 2 == 0 else names[::-1]:
+            situ[name].append(_in_situ_ns(VARIANTS[name], t, calls))
+            hot[name].append(_hot_ns(VARIANTS[name], t, calls))
+    timer_situ = statistics.median(situ[names[0]])
+    timer_hot = statistics.median(hot[names[0]])
+    rows = [
+        [
+            name,
+            med_range(situ[name], "{:.0f}"),
+            f"{statistics.median(situ[name]) - timer_situ:.0f}",
+            med_range(hot[name], "{:.0f}"),
+            f"{statistics.median(hot[name]) - timer_hot:.0f}",
+        ]
+        for name in names
+    ]
+    head = [
+        "ledger begin",
+        "in situ ns: median [min, max] of blocks",
+        "in situ minus timer",
+        "hot loop ns",
+        "hot loop minus timer",
+    ]
+    note = (
+        f"{blocks} blocks of {calls} calls, rank {dist.get_rank()}; in situ: inside "
+        "devlayer.all_reduce of a 4 B tensor (2 devlayer frames below the user's); hot loop: "
+        "begin + done called directly, as 'timed alone' did."
+    )
+    return f"### 1. The ledger's begin, in situ and alone\n\n{note}\n\n" + table(head, rows)
+
+
+def _cpu_block_ns(fn: Callable[[], object], calls: int) -> float:
+    dist.barrier()
+    start = time.thread_time_ns()
+    for _ in range(calls):
+        fn()
+    return (time.thread_time_ns() - start) / calls
+
+
+def cpu_table(sizes: list[int], blocks: int, calls: int) -> str:
+    """Measurement 2 (see the module docstring)."""
+    rows = []
+    for label, impls in _cpu_cases(sizes):
+        us: dict[str, list[float]] = {name: [] for name, _ in impls}
+        for block in range(blocks):
+            for name, fn in impls if block % 2 == 0 else impls[::-1]:
+                us[name].append(_cpu_block_ns(fn, calls) / 1000)
+        worst = _max_over_ranks([statistics.median(v) for v in us.values()])
+        rows.append([label, *(f"{w:.2f}" for w in worst)])
+    head = [
+        "case",
+        "raw µs CPU/call",
+        "devlayer (ledger on)",
+        "devlayer, ledger off",
+    ]
+    note = (
+        f"CPU time of the calling thread per call (time.thread_time_ns), median of {blocks} "
+        f"blocks of {calls} calls, the larger of the 2 ranks."
+    )
+    return f"### 2. CPU time per call\n\n{note}\n\n" + table(head, rows)
+
+
+def _cpu_cases(sizes: list[int]) -> list[tuple[str, list[Impl]]]:
+    device = devlayer.device()
+    cases: list[tuple[str, list[Impl]]] = []
+    for nbytes in sizes:
+        t = torch.zeros(nbytes // 4, dtype=torch.float32, device=device)
+        cases.append(
+            (
+                f"tensor {fmt_bytes(nbytes)}",
+                [
+                    ("raw", partial(dist.all_reduce, t)),
+                    ("on", partial(ledger_all_reduce, True, t)),
+                    ("off", partial(ledger_all_reduce, False, t)),
+                ],
+            )
+        )
+    cases.append(
+        (
+            "a Python float (1.5)",
+            [
+                ("raw", partial(raw_numbers, device, 1.5)),
+                ("on", partial(ledger_all_reduce, True, 1.5)),  # type: ignore[arg-type]
+                ("off", partial(ledger_all_reduce, False, 1.5)),  # type: ignore[arg-type]
+            ],
+        )
+    )
+    return cases
+
+
+def _max_over_ranks(values: list[float]) -> list[float]:
+    buf = torch.tensor(values, dtype=torch.float64, device=devlayer.device())
+    dist.all_reduce(buf, op=dist.ReduceOp.MAX)
+    return buf.tolist()
+
+
+def paired_table(b: Bench, sizes: list[int], runs: int) -> str:
+    """Measurement 3 (see the module docstring)."""
+    rows = []
+    for label, value in [(fmt_bytes(n), n) for n in sizes] + [("a Python float (1.5)", None)]:
+        ratios: dict[str, list[float]] = {"on/off": [], "A/A": [], "devlayer/raw": []}
+        raw_us: list[float] = []
+        for run in range(runs):
+            impls = _paired_impls(value)
+            tm = b.run("ledger", {"case": label, "run": run}, impls[:: 1 if run % 2 == 0 else -1])
+            r = tm.rounds
+            ratios["on/off"].append(median_ci(paired(r["ledger_on"], r["ledger_off"]))[0])
+            ratios["A/A"].append(median_ci(paired(r["ledger_off_again"], r["ledger_off"]))[0])
+            ratios["devlayer/raw"].append(median_ci(paired(r["ledger_on"], r["raw"]))[0])
+            raw_us.append(statistics.median(tm.repeats["raw"]))
+        rows.append([label, med_range(raw_us), *(_spread(ratios[k]) for k in ratios)])
+    head = [
+        "case",
+        "raw µs/call: median [min, max] of runs",
+        "ledger on vs off: median [min, max] of the runs' medians",
+        "A/A control: off vs off",
+        "devlayer (ledger on) vs raw (the whole call)",
+    ]
+    note = (
+        f"{runs} runs of {b.repeats} repeats x {b.rounds} interleaved rounds (blocks of "
+        f"~{b.block_s * 1000:g} ms), the order reversed on every other run."
+    )
+    return f"### 3. Paired wall time\n\n{note}\n\n" + table(head, rows)
+
+
+def per_call_table(sizes: list[int], chunks: int, calls: int) -> str:
+    """Measurement 4 (see the module docstring)."""
+    rows = []
+    for label, value in [(fmt_bytes(n), n) for n in sizes] + [("a Python float (1.5)", None)]:
+        impls = _paired_impls(value)
+        x = _argument(value)
+        arms: list[Impl] = [
+            *impls[1:],  # on, off, off again
+            ("on_unswapped", partial(_with_ledger, ledger.Ledger(), x)),
+            ("before", partial(_with_ledger, _Before(), x)),
+            ("site_only", partial(_with_ledger, _SiteOnly(), x)),
+            ("record_only", partial(_with_ledger, _RecordOnly(), x)),
+        ]
+        ratios: dict[str, list[float]] = {name: [] for name, _ in arms if name != "ledger_off"}
+        medians: list[float] = []
+        for _ in range(chunks):
+            meds = _per_call_chunk(arms, calls)
+            for name in ratios:
+                ratios[name].append(meds[name] / meds["ledger_off"])
+            medians.append(meds["ledger_off"] / 1000)
+        rows.append([label, med_range(medians), *(overhead_ci(v) for v in ratios.values())])
+    head = [
+        "case",
+        "ledger off µs/call: median [min, max] of chunks",
+        "ledger on vs off: median (95 % CI) of chunks",
+        "A/A control: off vs off",
+        "on, swapped in without comm.Ledger vs off",
+        "the ledger before the cost work vs off",
+        "its call-site search only vs off",
+        "its record only vs off",
+    ]
+    note = (
+        f"{chunks} chunks of {calls} calls per arm; the arms take turns call by call (on, "
+        "off, off again, on swapped in as the parts are, the ledger before the cost work, "
+        "call-site search only, record only; each turn in a new random order), so "
+        "a burst of load falls on all of them alike; per chunk each arm's median call (the "
+        "larger of the 2 ranks), then the ratio to 'off'."
+    )
+    return f"### 4. Paired call by call\n\n{note}\n\n" + table(head, rows)
+
+
+def _per_call_chunk(arms: list[Impl], calls: int) -> dict[str, float]:
+    """Each arm's median ns per call over one chunk (the larger of the ranks)."""
+    ns: dict[str, list[int]] = {name: [] for name, _ in arms}
+    order = list(arms)
+    shuffle = random.Random(calls).shuffle  # the same seed, so the same order, on every rank
+    dist.barrier()
+    for _ in range(calls):
+        shuffle(order)  # each turn runs every arm once, in a new order: no fixed neighbours
+        for name, fn in order:
+            t0 = perf_counter_ns()
+            fn()
+            ns[name].append(perf_counter_ns() - t0)
+    worst = _max_over_ranks([statistics.median(v) for v in ns.values()])
+    return dict(zip(ns, worst, strict=True))
+
+
+class _Before(ledger.Ledger):
+    """``begin`` before the cost work (as ``_TimedBefore``, untimed)."""
+
+    def begin(self, op: str, detail: object = None, depth: int = 1) -> list[Any]:
+        frame = sys._getframe(1)
+        while frame.f_code.co_filename.startswith(PACKAGE) and frame.f_back is not None:
+            frame = frame.f_back
+        seq = self.n
+        self.n = seq + 1
+        rec = [seq, op, detail, frame.f_code, frame.f_lineno, monotonic(), 0.0, ledger.RUNNING]
+        self.records.append(rec)
+        return rec
+
+
+class _SiteOnly(ledger.Ledger):
+    """The current call-site search, and no record (one shared list is returned)."""
+
+    _REC: ClassVar[list[Any]] = [0, "", None, None, 0, 0.0, 0.0, ledger.RUNNING]
+
+    def begin(self, op: str, detail: object = None, depth: int = 1) -> list[Any]:
+        frame = sys._getframe(depth)  # no extra frame here: the same depth as the ledger's
+        while frame.f_code.co_filename.startswith(PACKAGE) and frame.f_back is not None:
+            frame = frame.f_back
+        rec = self._REC
+        rec[ledger.CODE], rec[ledger.AT] = frame.f_code, frame.f_lasti
+        return rec
+
+
+class _RecordOnly(ledger.Ledger):
+    """The current record (sequence number, a list, a clock read, the ring), no call site."""
+
+    def begin(self, op: str, detail: object = None, depth: int = 1) -> list[Any]:
+        seq = self.n
+        self.n = seq + 1
+        rec = [seq, op, detail, None, 0, monotonic(), 0.0, ledger.RUNNING]
+        self.records.append(rec)
+        return rec
+
+
+def _with_ledger(led: ledger.Ledger, x: Any) -> object:
+    """``devlayer.all_reduce(x)`` with ``led`` as the ledger (as ``ledger_all_reduce`` swaps)."""
+    ctx = comm._ctx()
+    real = ctx.ledger
+    object.__setattr__(ctx, "ledger", led)
+    try:
+        return devlayer.all_reduce(x)
+    finally:
+        object.__setattr__(ctx, "ledger", real)
+
+
+def _argument(value: int | None) -> Any:
+    """A zero float32 tensor of ``value`` bytes, or the Python float 1.5 for None."""
+    if value is None:
+        return 1.5
+    return torch.zeros(value // 4, dtype=torch.float32, device=devlayer.device())
+
+
+def _paired_impls(value: int | None) -> list[Impl]:
+    x = _argument(value)
+    raw: Callable[[], object] = (
+        partial(raw_numbers, devlayer.device(), x) if value is None else partial(dist.all_reduce, x)
+    )
+    return [
+        ("raw", raw),
+        ("ledger_on", partial(ledger_all_reduce, True, x)),
+        ("ledger_off", partial(ledger_all_reduce, False, x)),
+        ("ledger_off_again", partial(ledger_all_reduce, False, x)),
+    ]
+
+
+def _spread(ratios: list[float]) -> str:
+    return f"{pct(statistics.median(ratios))} % [{pct(min(ratios))}, {pct(max(ratios))}]"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--runs", type=int, default=5, help="paired runs (default 5)")
+    p.add_argument("--sizes", default="4,1048576", help="tensor sizes in bytes (default 4,1MiB)")
+    p.add_argument("--repeats", type=int, default=5, help="repeats per paired run (default 5)")
+    p.add_argument("--rounds", type=int, default=6, help="rounds per repeat (default 6)")
+    p.add_argument("--block-s", type=float, default=0.03, help="seconds per block (0.03)")
+    p.add_argument("--calls", type=int, default=2000, help="calls per in-situ/CPU block")
+    p.add_argument("--blocks", type=int, default=6, help="in-situ and CPU blocks (default 6)")
+    p.add_argument("--chunks", type=int, default=12, help="call-by-call chunks (default 12)")
+    p.add_argument("--skip", default="", help="comma-separated measurements to skip (1-4), e.g. 3")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    sizes = [int(n) for n in args.sizes.split(",") if n.strip()]
+    st = devlayer.init()
+    try:
+        if st.world_size < 2:
+            print("start it with: torchrun --standalone --nproc-per-node=2 -m benchmarks.ledger")
+            return 2
+        load_start = _loadavg()
+        t0 = time.perf_counter()
+        b = Bench(
+            repeats=args.repeats,
+            rounds=args.rounds,
+            block_s=args.block_s,
+            warmup=10,
+            max_iters=5000,
+        )
+        skip = {n.strip() for n in args.skip.split(",")}
+        measurements: list[tuple[str, Callable[[], str]]] = [
+            ("1", partial(in_situ_table, args.blocks, args.calls)),
+            ("2", partial(cpu_table, sizes, args.blocks, args.calls // 4)),
+            ("3", partial(paired_table, b, sizes, args.runs)),
+            ("4", partial(per_call_table, sizes, args.chunks, args.calls // 4)),
+        ]
+        parts = [run() for key, run in measurements if key not in skip]
+        if st.is_main:
+            head = (
+                f"## devlayer collective ledger benchmark\n\ngit {git_state()} · torch "
+                f"{torch.__version__} · {os.cpu_count()} cores · world {st.world_size} · comm "
+                f"{st.comm} · OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')} · load "
+                f"average {load_start} (start), {_loadavg()} (end) · "
+                f"{time.perf_counter() - t0:.0f} s"
+            )
+            print("\n\n".join([head, *parts]))
+        return 0
+    finally:
+        devlayer.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
