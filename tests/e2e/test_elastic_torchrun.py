@@ -192,22 +192,13 @@ def _world_changes(folder: Path) -> list[tuple[int, int, list[int]]]:
 HOLD_STEP = 10
 
 
-def test_e23_10_a_killed_agent_started_again_grows_the_job_back(tmp_path):
-    """E23-10: two torchrun agents at world size 2; SIGKILL to the second agent and its
-    worker; the survivor resumes at world size 1 and trains on; the second agent started
-    again (same ``--rdzv-id`` and endpoint) joins, the survivor's workers restart, and the
-    job grows back to world size 2 from the newest checkpoint and finishes on both agents.
-    Both changes are in the metrics file (``grad_accum`` 1 -> 2 -> 1) and every step trained
-    on the samples of an uninterrupted run. The agents run with
-    ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``: with torch's shared store the surviving rank-0
-    agent keeps the bootstrap address of its first round and never publishes
-    ``MASTER_ADDR`` for the new round, so the rejoining agent times out (see
-    docs/checkpoints.md)."""
+def _grows_back(tmp_path: Path, start: Any) -> None:
+    """Two agents from ``start(port, name)``, the second killed and started again; checks
+    that the job shrinks to 1 rank, grows back to 2 and trains exactly."""
     port = free_port()
-    env = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
-    first = _agent(tmp_path, port, "first", str(HOLD_STEP), **env)
+    first = start(port, "first")
     time.sleep(1.0)  # the first agent hosts the rendezvous store
-    second = _agent(tmp_path, port, "second", str(HOLD_STEP), **env)
+    second = start(port, "second")
     again = None
     try:
         _wait_until(
@@ -216,7 +207,7 @@ def test_e23_10_a_killed_agent_started_again_grows_the_job_back(tmp_path):
         _kill_agent(second)
         alone = [(first, tmp_path / "first.log")]
         _wait_until(lambda: _trained_at(tmp_path, 1, HOLD_STEP), alone, "world 1")
-        again = _agent(tmp_path, port, "again", str(HOLD_STEP), **env)
+        again = start(port, "again")
         first.wait(timeout=400)
         again.wait(timeout=120)
     finally:
@@ -231,3 +222,54 @@ def test_e23_10_a_killed_agent_started_again_grows_the_job_back(tmp_path):
     assert f"DONE rank=1 {done}" in logs["again"], logs["again"][-4000:]
     assert _world_changes(tmp_path) == [(2, 1, [1, 2]), (1, 2, [2, 1])]
     assert _steps_kept(tmp_path) == _expected()
+
+
+def test_e23_10_a_killed_agent_started_again_grows_the_job_back(tmp_path):
+    """E23-10: two torchrun agents at world size 2; SIGKILL to the second agent and its
+    worker; the survivor resumes at world size 1 and trains on; the second agent started
+    again (same ``--rdzv-id`` and endpoint) joins, the survivor's workers restart, and the
+    job grows back to world size 2 from the newest checkpoint and finishes on both agents.
+    Both changes are in the metrics file (``grad_accum`` 1 -> 2 -> 1) and every step trained
+    on the samples of an uninterrupted run. The agents run with
+    ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``: with torch's shared store the surviving rank-0
+    agent keeps the bootstrap address of its first round and never publishes
+    ``MASTER_ADDR`` for the new round, so the rejoining agent times out (see
+    docs/checkpoints.md)."""
+    env = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    _grows_back(tmp_path, lambda port, name: _agent(tmp_path, port, name, str(HOLD_STEP), **env))
+
+
+def _launch_agent(folder: Path, port: int, name: str) -> subprocess.Popen[str]:
+    cmd = [
+        PY,
+        "-m",
+        "devlayer",
+        "launch",
+        "--nnodes=1:2",
+        "--nproc=1",
+        f"--rdzv-endpoint=127.0.0.1:{port}",
+        f"--rdzv-id=e23-{port}",
+        "--max-restarts=3",
+        "--monitor-interval=0.5",
+        str(WORKER),
+        str(folder),
+        str(HOLD_STEP),
+    ]
+    out = (folder / f"{name}.log").open("w")
+    return subprocess.Popen(
+        cmd,
+        env=subprocess_env(),
+        cwd=ROOT,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def test_e23_13_devlayer_launch_agents_grow_back_with_no_extra_setting(tmp_path):
+    """E23-13: the same as E23-10 with ``devlayer launch --nnodes=1:2 --rdzv-endpoint=...``
+    agents and no torch variable set by the user: ``devlayer launch`` turns torch's shared
+    rendezvous store off for a c10d rendezvous, so a killed agent started again grows the
+    job back to world size 2, exactly."""
+    _grows_back(tmp_path, lambda port, name: _launch_agent(tmp_path, port, name))
