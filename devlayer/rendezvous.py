@@ -85,7 +85,7 @@ def rendezvous(info: ProcessInfo, timeout: timedelta) -> Any:
             f"{src.get('master_port', 'MASTER_PORT')}): {text.splitlines()[0] if text else exc!r}. "
             f"{_store_host_hint(store_host, where)}"
         ) from exc
-    store = dist.PrefixStore(f"devlayer/attempt{info.restart_count}/", base)
+    store = dist.PrefixStore(_attempt_prefix(info.restart_count, agent_store), base)
     hint = (
         "this process hosts the store; see the first error above"
         if is_server
@@ -98,6 +98,21 @@ def rendezvous(info: ProcessInfo, timeout: timedelta) -> Any:
         _check_job(base, info, where, deadline, timeout, writes_job)
         _check_in(store, info, where, deadline, timeout)
     return store
+
+
+def _attempt_prefix(restart_count: int, agent_store: bool) -> str:
+    """The key prefix of this attempt's rendezvous in the store.
+
+    torchrun's agent store outlives an attempt, so there each restart gets its own prefix.
+    A store rank 0 hosts is new for every attempt and holds no stale keys; and the restart
+    count is per agent (an agent started again to grow an elastic job back says 0 while the
+    survivor says 1), so it must not split the ranks of one attempt.
+
+    Example:
+        >>> _attempt_prefix(2, agent_store=True), _attempt_prefix(2, agent_store=False)
+        ('devlayer/attempt2/', 'devlayer/attempt/')
+    """
+    return f"devlayer/attempt{restart_count}/" if agent_store else "devlayer/attempt/"
 
 
 def _listen_host(addr: str, num_nodes: int) -> str | None:

@@ -274,8 +274,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _multi_node_args(args: argparse.Namespace) -> list[str]:
-    """torchrun's rendezvous options across nodes: an endpoint, or a master address."""
+    """torchrun's rendezvous options across nodes: an endpoint, or a master address.
+
+    A c10d endpoint also sets ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` for torchrun (see
+    the comment below; docs/checkpoints.md, "With torchrun's elastic mode").
+    """
     if args.rdzv_endpoint:
+        # torchrun's shared store keeps an agent's first-round address, so an agent that
+        # joins later (an elastic job growing back) waits for a MASTER_ADDR the surviving
+        # rank-0 agent never publishes; rank 0's worker hosts the store instead.
+        os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
         return [
             "--rdzv-backend=c10d",
             f"--rdzv-endpoint={args.rdzv_endpoint}",

@@ -288,4 +288,39 @@ def test_r5_l2_store_without_a_job_record_is_named_within_the_timeout(clean_env)
         devlayer.init(backend="cpu", timeout=2)
     message = str(info.value)
     assert f"127.0.0.1:{foreign.port}, but rank 0 did not record its job there" in message
-    assert not foreign.check(["devlayer/attempt0/rank1"])  # nothing was claimed there
+    assert not foreign.check(["devlayer/attempt/rank1"])  # nothing was claimed there
+
+
+# --------------------------------------------------------------------------- issue 23
+
+
+@pytest.mark.timeout(120)
+def test_e23_11_agents_with_other_restart_counts_meet_in_one_attempt():
+    """E23-11: torchrun's restart count is per agent: after an agent was killed and started
+    again (elastic grow-back), the survivor's worker says ``TORCHELASTIC_RESTART_COUNT=1``
+    and the new agent's says 0. With a store rank 0 hosts for this attempt alone
+    (``TORCHELASTIC_USE_AGENT_STORE=False``) both still meet, instead of waiting under
+    different key prefixes until the timeout."""
+    port = free_port()
+    procs = [
+        _start_worker(
+            {
+                "RANK": str(rank),
+                "LOCAL_RANK": "0",
+                "WORLD_SIZE": "2",
+                "LOCAL_WORLD_SIZE": "1",
+                "GROUP_RANK": str(rank),
+                "GROUP_WORLD_SIZE": "2",
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+                "TORCHELASTIC_RUN_ID": "e23-11",
+                "TORCHELASTIC_RESTART_COUNT": str(restarts),
+                "TORCHELASTIC_USE_AGENT_STORE": "False",
+            },
+            timeout=20,
+        )
+        for rank, restarts in enumerate([1, 0])
+    ]
+    for code, out in _outputs(procs, 100):
+        assert code == 0, out
+        assert '"sum": 2.0' in out, out

@@ -1,8 +1,10 @@
 """torchrun's elastic mode for real on loopback (issue 23): two agents, one is killed, the
-survivor continues at the smaller world from the last checkpoint, on the same samples."""
+survivor continues at the smaller world from the last checkpoint, on the same samples; the
+killed agent started again grows the job back."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -10,6 +12,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,7 +26,9 @@ WORKER = ROOT / "tests" / "e2e" / "worker_elastic.py"
 STEPS_PER_EPOCH = -(-N_SAMPLES // GLOBAL_BATCH)
 
 
-def _agent(folder: Path, port: int, name: str) -> subprocess.Popen[str]:
+def _agent(
+    folder: Path, port: int, name: str, *worker_args: str, **env: str
+) -> subprocess.Popen[str]:
     cmd = [
         PY,
         "-m",
@@ -38,11 +43,12 @@ def _agent(folder: Path, port: int, name: str) -> subprocess.Popen[str]:
         "--monitor-interval=0.5",
         str(WORKER),
         str(folder),
+        *worker_args,
     ]
     out = (folder / f"{name}.log").open("w")
     return subprocess.Popen(
         cmd,
-        env=subprocess_env(),
+        env=subprocess_env(**env),
         cwd=ROOT,
         stdout=out,
         stderr=subprocess.STDOUT,
@@ -77,8 +83,20 @@ def _records(folder: Path) -> Iterator[dict]:
                 yield json.loads(line)
 
 
+def _trained_at(folder: Path, world: int, step: int) -> bool:
+    return any(r["world"] == world and r["step"] >= step for r in _records(folder))
+
+
 def _trained_at_world_two(folder: Path, step: int) -> bool:
-    return any(r["world"] == 2 and r["step"] >= step for r in _records(folder))
+    return _trained_at(folder, 2, step)
+
+
+def _kill_agent(proc: subprocess.Popen[str]) -> None:
+    """SIGKILL to an agent and its workers (torchrun starts them in sessions of their own)."""
+    for pid in [proc.pid, *_descendants(proc.pid)]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait(timeout=30)
 
 
 def _steps_kept(folder: Path) -> dict[int, list[int]]:
@@ -145,3 +163,113 @@ def test_e23_9_a_killed_agent_leaves_the_survivor_training_exactly(tmp_path):
     shrink = [e for e in events if (e["old_world_size"], e["new_world_size"]) == (2, 1)]
     assert shrink and shrink[0]["rederived"]["grad_accum"] == [1, 2], events
     assert _steps_kept(tmp_path) == _expected()
+
+
+def _wait_until(done: Any, agents: list[tuple[subprocess.Popen[str], Path]], what: str) -> None:
+    """Poll ``done()`` for up to 300 s while every agent in ``agents`` is alive."""
+    deadline = time.monotonic() + 300
+    while not done():
+        for proc, log in agents:
+            assert proc.poll() is None, (
+                f"{log.name} exited before {what}: {log.read_text()[-3000:]}"
+            )
+        assert time.monotonic() < deadline, (
+            f"no {what} in 300 s: {agents[0][1].read_text()[-3000:]}"
+        )
+        time.sleep(0.2)
+
+
+def _world_changes(folder: Path) -> list[tuple[int, int, list[int]]]:
+    lines = (folder / "metrics.jsonl").read_text().splitlines()
+    events = [json.loads(line) for line in lines if '"event"' in line]
+    return [
+        (e["old_world_size"], e["new_world_size"], e["rederived"]["grad_accum"]) for e in events
+    ]
+
+
+#: The survivor, alone, trains up to this step and then waits there for the agent to
+#: come back (it never finishes first).
+HOLD_STEP = 10
+
+
+def _grows_back(tmp_path: Path, start: Any) -> None:
+    """Two agents from ``start(port, name)``, the second killed and started again; checks
+    that the job shrinks to 1 rank, grows back to 2 and trains exactly."""
+    port = free_port()
+    first = start(port, "first")
+    time.sleep(1.0)  # the first agent hosts the rendezvous store
+    second = start(port, "second")
+    again = None
+    try:
+        _wait_until(
+            lambda: _trained_at(tmp_path, 2, 4), [(first, tmp_path / "first.log")], "world 2"
+        )
+        _kill_agent(second)
+        alone = [(first, tmp_path / "first.log")]
+        _wait_until(lambda: _trained_at(tmp_path, 1, HOLD_STEP), alone, "world 1")
+        again = start(port, "again")
+        first.wait(timeout=400)
+        again.wait(timeout=120)
+    finally:
+        for proc in (first, second, again):
+            if proc is not None and proc.poll() is None:
+                _kill_agent(proc)
+    logs = {name: (tmp_path / f"{name}.log").read_text() for name in ("first", "again")}
+    for name, proc in (("first", first), ("again", again)):
+        assert proc is not None and proc.returncode == 0, logs[name][-4000:]
+    done = f"world=2 step={2 * STEPS_PER_EPOCH}"
+    assert f"DONE rank=0 {done}" in logs["first"], logs["first"][-4000:]
+    assert f"DONE rank=1 {done}" in logs["again"], logs["again"][-4000:]
+    assert _world_changes(tmp_path) == [(2, 1, [1, 2]), (1, 2, [2, 1])]
+    assert _steps_kept(tmp_path) == _expected()
+
+
+def test_e23_10_a_killed_agent_started_again_grows_the_job_back(tmp_path):
+    """E23-10: two torchrun agents at world size 2; SIGKILL to the second agent and its
+    worker; the survivor resumes at world size 1 and trains on; the second agent started
+    again (same ``--rdzv-id`` and endpoint) joins, the survivor's workers restart, and the
+    job grows back to world size 2 from the newest checkpoint and finishes on both agents.
+    Both changes are in the metrics file (``grad_accum`` 1 -> 2 -> 1) and every step trained
+    on the samples of an uninterrupted run. The agents run with
+    ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``: with torch's shared store the surviving rank-0
+    agent keeps the bootstrap address of its first round and never publishes
+    ``MASTER_ADDR`` for the new round, so the rejoining agent times out (see
+    docs/checkpoints.md)."""
+    env = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    _grows_back(tmp_path, lambda port, name: _agent(tmp_path, port, name, str(HOLD_STEP), **env))
+
+
+def _launch_agent(folder: Path, port: int, name: str) -> subprocess.Popen[str]:
+    cmd = [
+        PY,
+        "-m",
+        "devlayer",
+        "launch",
+        "--nnodes=1:2",
+        "--nproc=1",
+        f"--rdzv-endpoint=127.0.0.1:{port}",
+        f"--rdzv-id=e23-{port}",
+        "--max-restarts=3",
+        "--monitor-interval=0.5",
+        str(WORKER),
+        str(folder),
+        str(HOLD_STEP),
+    ]
+    out = (folder / f"{name}.log").open("w")
+    return subprocess.Popen(
+        cmd,
+        env=subprocess_env(),
+        cwd=ROOT,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def test_e23_13_devlayer_launch_agents_grow_back_with_no_extra_setting(tmp_path):
+    """E23-13: the same as E23-10 with ``devlayer launch --nnodes=1:2 --rdzv-endpoint=...``
+    agents and no torch variable set by the user: ``devlayer launch`` turns torch's shared
+    rendezvous store off for a c10d rendezvous, so a killed agent started again grows the
+    job back to world size 2, exactly."""
+    _grows_back(tmp_path, lambda port, name: _launch_agent(tmp_path, port, name))

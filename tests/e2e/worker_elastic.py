@@ -1,15 +1,19 @@
-"""A torchrun-elastic training job (issue 23): ``python worker_elastic.py FOLDER``.
+"""An elastic training job (issue 23): ``python worker_elastic.py FOLDER [HOLD [AT_WORLD]]``.
 
 Trains the indexed regression of tests/dist/elastic_worker.py with a checkpoint every step
 and ``allow_world_size_change=True``; every rank appends, per micro-batch,
-``{"attempt", "world", "step", "idx"}`` to ``FOLDER/records-<attempt>-rank<r>.jsonl``. A
-short sleep per micro-batch leaves the test time to kill an agent mid-run.
+``{"attempt", "world", "step", "idx"}`` to ``FOLDER/records-<attempt>-rank<r>.jsonl``. The
+attempt is rank 0's start time, shared by all ranks: torchrun's restart count does not
+grow when the workers restart for a membership change, so it cannot tell attempts apart. A
+short sleep per micro-batch leaves the test time to kill an agent mid-run. With ``HOLD``,
+a run at world size ``AT_WORLD`` (default 1) waits in step ``HOLD`` until it gets SIGTERM
+(torchrun stopping it to let an agent join, ``scancel --signal=TERM``): the test cannot
+lose a race with the end of the run. Rank 0 ends with ``DONE ...`` and ``WEIGHTS {json}``.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -21,9 +25,9 @@ import devlayer
 from tests.dist.elastic_worker import GLOBAL_BATCH, IndexedData
 
 
-def main(folder: Path) -> None:
+def main(folder: Path, hold: int | None, at_world: int) -> None:
     devlayer.init(backend="cpu", timeout=60)
-    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    attempt = devlayer.broadcast(time.time_ns())
     world, rank = devlayer.world_size(), devlayer.rank()
     log = folder / f"records-{attempt}-rank{rank}.jsonl"
     torch.manual_seed(1234)
@@ -37,6 +41,10 @@ def main(folder: Path) -> None:
         with log.open("a") as fh:
             fh.write(json.dumps({**record, "idx": idx.tolist()}) + "\n")
         time.sleep(0.15)
+        while world == at_world and hold is not None and record["step"] >= hold:
+            if trainer.preemption.signal is not None:
+                break
+            time.sleep(0.1)
         return torch.nn.functional.mse_loss(net(x), y)
 
     trainer = devlayer.Trainer(
@@ -52,11 +60,16 @@ def main(folder: Path) -> None:
         progress=False,
         num_workers=0,
         seed=7,
+        preempt_check_every=1,
     )
     trainer.fit(IndexedData())
     print(f"DONE rank={rank} world={world} step={trainer.state.global_step}", flush=True)
+    weights = trainer.strategy.full_state(trainer.wrapped_model)
+    if rank == 0:
+        print("WEIGHTS " + json.dumps({k: v.flatten().tolist() for k, v in weights.items()}))
     devlayer.shutdown()
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    args = [int(a) for a in sys.argv[2:]]
+    main(Path(sys.argv[1]), args[0] if args else None, args[1] if len(args) > 1 else 1)
