@@ -19,6 +19,7 @@ import torch
 
 import devlayer
 from tests.dist.elastic_worker import GLOBAL_BATCH, IndexedData
+from tests.helpers import toy_trainer
 
 
 def main(folder: Path) -> None:
@@ -39,9 +40,10 @@ def main(folder: Path) -> None:
         time.sleep(0.15)
         return torch.nn.functional.mse_loss(net(x), y)
 
-    trainer = devlayer.Trainer(
+    trainer = toy_trainer(
         model,
         opt,
+        None,
         training_step=step,
         batch_size=GLOBAL_BATCH,
         max_epochs=2,
@@ -49,8 +51,6 @@ def main(folder: Path) -> None:
         checkpoint_every=1,
         allow_world_size_change=True,
         metrics_file=folder / "metrics.jsonl",
-        progress=False,
-        num_workers=0,
         seed=7,
     )
     trainer.fit(IndexedData())
