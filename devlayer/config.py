@@ -8,9 +8,11 @@ so ``devices="1,3"`` and ``DEVLAYER_DEVICES=[1,3]`` are one request. ``init()`` 
 environment once, here; the rest of the library receives values.
 
 The launcher variables (``DEVLAYER_LAUNCHER``, ``DEVLAYER_DISABLE_LAUNCHERS``) are read by
-launcher detection with the rest of the launcher's environment, and
-``DEVLAYER_VISIBILITY_APPLIED`` by :mod:`devlayer.devices` beside the visibility variable
-it describes. This module imports no torch: :mod:`devlayer.early` uses it before torch.
+launcher detection with the rest of the launcher's environment (their names are checked
+against the launcher records that detection is given), and ``DEVLAYER_VISIBILITY_APPLIED``
+by :mod:`devlayer.devices` beside the visibility variable it describes (devlayer's own
+marker, which ``init()`` changes). This module imports no torch: :mod:`devlayer.early`
+uses it before torch.
 
 Example:
     >>> s = Settings.from_env({"DEVLAYER_DEVICES": "1,3", "DEVLAYER_TIMEOUT": "30"})
@@ -22,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -32,6 +35,7 @@ from devlayer.devices import DeviceSpec, parse_devices
 from devlayer.errors import InvalidArgumentError, short_repr
 
 __all__ = [
+    "DEFAULT_PROGRESS_INTERVAL",
     "DEFAULT_TIMEOUT",
     "MAX_TIMEOUT",
     "Settings",
@@ -42,6 +46,10 @@ __all__ = [
 
 
 DEFAULT_TIMEOUT = timedelta(minutes=10)
+
+
+#: Seconds between the Trainer's plain progress lines (``DEVLAYER_PROGRESS_INTERVAL``).
+DEFAULT_PROGRESS_INTERVAL = 30.0
 
 
 #: The longest rendezvous/collective timeout accepted (``timeout=``, ``DEVLAYER_TIMEOUT``).
@@ -187,6 +195,20 @@ def _watchdog(raw: object, origin: str) -> float:
     return parsed.total_seconds()
 
 
+def _interval(raw: object, origin: str) -> float:
+    """Seconds >= 0 (``0``: a line per micro-batch), from text or a number."""
+    try:
+        seconds = float(raw)  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an int past float
+        seconds = math.nan
+    if isinstance(raw, bool) or not math.isfinite(seconds) or seconds < 0:
+        raise InvalidArgumentError(
+            f"{origin}={short_repr(raw)} is not a number of seconds >= 0; use e.g. 30 (0: a "
+            f"line per micro-batch)"
+        )
+    return seconds
+
+
 #: Each field of :class:`Settings`: its variable and the one function that normalises a
 #: value for it, from the variable's text or from an argument (``origin`` names which).
 _PARSERS: dict[str, tuple[str, Callable[[Any, str], Any]]] = {
@@ -202,6 +224,7 @@ _PARSERS: dict[str, tuple[str, Callable[[Any, str], Any]]] = {
     "hang_dir": ("DEVLAYER_HANG_DIR", _folder),
     "hang_reports": ("DEVLAYER_HANG_REPORTS", _flag),
     "watchdog": ("DEVLAYER_WATCHDOG", _watchdog),
+    "progress_interval": ("DEVLAYER_PROGRESS_INTERVAL", _interval),
 }
 
 
@@ -230,6 +253,8 @@ class Settings:
         watchdog: ``DEVLAYER_WATCHDOG``: seconds without a completed collective before a
             rank writes its dump (``None``: the collective timeout; ``0``/``off``: no
             watchdog).
+        progress_interval: ``DEVLAYER_PROGRESS_INTERVAL``: seconds between the Trainer's
+            plain progress lines when stderr is not a terminal (``0``: one per micro-batch).
         origins: Field name -> where its value came from; see :meth:`origin`.
     """
 
@@ -245,6 +270,7 @@ class Settings:
     hang_dir: str | None = None
     hang_reports: bool = True
     watchdog: float | None = None
+    progress_interval: float = DEFAULT_PROGRESS_INTERVAL
     origins: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod

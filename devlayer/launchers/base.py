@@ -161,6 +161,10 @@ class Launcher:
             families' variables, and srun's layout is used when srun started them.
         compared: False for a family member whose variables others set too (PMIx), so
             they are not compared with the one that matched.
+        rank_vars: The variables naming its rank: when one is set, it and ``size_vars``
+            are compared raw with the family member that matched (even where this
+            launcher's own detection would fail).
+        size_vars: The variables naming its world size.
 
     Example:
         >>> toy = Launcher("toy", detect=lambda env: None, prefixes=("TOY_",))
@@ -176,6 +180,8 @@ class Launcher:
     job_id_vars: tuple[str, ...] = ()
     family: str = ""
     compared: bool = True
+    rank_vars: tuple[str, ...] = ()
+    size_vars: tuple[str, ...] = ()
 
 
 class EnvReader:

@@ -92,12 +92,13 @@ def _hydra_port(env: Mapping[str, str], num_nodes: int) -> tuple[int, str] | Non
 
 
 _JOB = ("PMI_JOBID", "I_MPI_JOB_ID", "PBS_JOBID", "SLURM_JOB_ID")
+_RANK, _SIZE = ("PMI_RANK",), ("PMI_SIZE",)
 MPICH = Launcher(
     "mpich",
     detect=mpi_detector(
         "mpich",
-        ("PMI_RANK",),
-        ("PMI_SIZE",),
+        _RANK,
+        _SIZE,
         ("MPI_LOCALRANKID",),
         ("MPI_LOCALNRANKS",),
         job_vars=_JOB,
@@ -107,4 +108,6 @@ MPICH = Launcher(
     prefixes=("PMI_", "MPI_LOCAL", "I_MPI_"),
     job_id_vars=_JOB,
     family="mpi",
+    rank_vars=_RANK,
+    size_vars=_SIZE,
 )

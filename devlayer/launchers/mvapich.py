@@ -15,13 +15,14 @@ from devlayer.launchers.mpi import mpi_detector
 __all__ = ["MVAPICH"]
 
 _JOB = ("MPIRUN_ID", "SLURM_JOB_ID")
+_RANK, _SIZE = ("MV2_COMM_WORLD_RANK",), ("MV2_COMM_WORLD_SIZE",)
 
 MVAPICH = Launcher(
     "mvapich",
     detect=mpi_detector(
         "mvapich",
-        ("MV2_COMM_WORLD_RANK",),
-        ("MV2_COMM_WORLD_SIZE",),
+        _RANK,
+        _SIZE,
         ("MV2_COMM_WORLD_LOCAL_RANK",),
         ("MV2_COMM_WORLD_LOCAL_SIZE",),
         job_vars=_JOB,
@@ -29,4 +30,6 @@ MVAPICH = Launcher(
     prefixes=("MV2_",),
     job_id_vars=_JOB,
     family="mpi",
+    rank_vars=_RANK,
+    size_vars=_SIZE,
 )

@@ -15,13 +15,14 @@ from devlayer.launchers.mpi import mpi_detector
 __all__ = ["OPENMPI"]
 
 _JOB = ("OMPI_MCA_ess_base_jobid", "PMIX_NAMESPACE", "OMPI_MCA_orte_hnp_uri")
+_RANK, _SIZE = ("OMPI_COMM_WORLD_RANK",), ("OMPI_COMM_WORLD_SIZE",)
 
 OPENMPI = Launcher(
     "openmpi",
     detect=mpi_detector(
         "openmpi",
-        ("OMPI_COMM_WORLD_RANK",),
-        ("OMPI_COMM_WORLD_SIZE",),
+        _RANK,
+        _SIZE,
         ("OMPI_COMM_WORLD_LOCAL_RANK",),
         ("OMPI_COMM_WORLD_LOCAL_SIZE",),
         job_vars=_JOB,
@@ -30,4 +31,6 @@ OPENMPI = Launcher(
     prefixes=("OMPI_",),
     job_id_vars=_JOB,
     family="mpi",
+    rank_vars=_RANK,
+    size_vars=_SIZE,
 )

@@ -81,4 +81,6 @@ PALS = Launcher(
     prefixes=("PALS_", "PBS_"),
     job_id_vars=_JOB,
     family="mpi",
+    rank_vars=("PALS_RANKID",),
+    size_vars=("PALS_SIZE", "PMI_SIZE"),
 )

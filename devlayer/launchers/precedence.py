@@ -283,16 +283,43 @@ class _Table:
                 continue
             if launcher.name == chosen.launcher or launcher.name in disabled:
                 continue
+            if launcher.rank_vars:
+                # Raw values: a stale family's own detection may fail (no MASTER_ADDR for
+                # its node count) while its rank and size still contradict the chosen one.
+                # Its rank variable says it is there (its size may be another's: PMI_SIZE).
+                if any(name in env for name in launcher.rank_vars):
+                    _check_same_ranks(chosen, _raw_ranks(env, launcher))
+                continue
             try:
                 other = launcher.detect(env)
             except LaunchEnvError:
-                continue  # incomplete variables of another family: nothing to compare
+                continue  # a record that names no variables: only its detection can say
             if other is not None:
                 _check_same_ranks(chosen, other)
 
 
+def _raw_ranks(env: Mapping[str, str], launcher: Launcher) -> ProcessInfo:
+    """The rank and size ``launcher``'s variables name, unchecked; a field not set (or not
+    an integer: nothing to compare) takes no source, so it is not compared."""
+    r = EnvReader(env, launcher.name)
+    values: dict[str, int] = {}
+    for fieldname, names in (("rank", launcher.rank_vars), ("world_size", launcher.size_vars)):
+        found = r.first(names)
+        if found is not None and found[1].lstrip("-").isdigit():
+            values[fieldname] = int(found[1])
+            r.sources[fieldname] = found[0]
+    return ProcessInfo(
+        rank=values.get("rank", 0),
+        world_size=values.get("world_size", 1),
+        launcher=launcher.name,
+        sources=r.sources,
+    )
+
+
 def _check_same_ranks(chosen: ProcessInfo, other: ProcessInfo) -> None:
     for fieldname in ("rank", "world_size"):
+        if fieldname not in other.sources:
+            continue  # not set by the other family
         mine, theirs = getattr(chosen, fieldname), getattr(other, fieldname)
         if mine != theirs:
             raise LaunchEnvError(

@@ -14,17 +14,15 @@ Example:
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from devlayer.errors import InvalidArgumentError
+from devlayer.config import Settings
 
 __all__ = [
-    "PROGRESS_INTERVAL_ENV",
     "LineProgress",
     "RateLog",
     "epoch_progress",
@@ -33,40 +31,33 @@ __all__ = [
     "resolve_progress_interval",
 ]
 
-PROGRESS_INTERVAL_ENV = "DEVLAYER_PROGRESS_INTERVAL"
-_DEFAULT_PROGRESS_INTERVAL = 30.0
-
 
 def resolve_progress_interval(
     interval: float | None, env: Mapping[str, str] | None = None
 ) -> float:
-    """Seconds between plain progress lines; ``None`` reads ``DEVLAYER_PROGRESS_INTERVAL``.
+    """Seconds between plain progress lines: ``interval``, else the setting
+    (:attr:`devlayer.config.Settings.progress_interval`, ``DEVLAYER_PROGRESS_INTERVAL``).
+
+    Args:
+        interval: The Trainer's ``progress_interval`` argument; ``None``: the setting.
+        env: The environment the setting is read from; default ``os.environ``.
+
+    Raises:
+        InvalidArgumentError: Not a number of seconds >= 0, naming the argument or the
+            variable.
 
     Example:
         >>> resolve_progress_interval(None, {})
         30.0
         >>> resolve_progress_interval(None, {"DEVLAYER_PROGRESS_INTERVAL": "5"})
         5.0
-
+        >>> resolve_progress_interval(0, {"DEVLAYER_PROGRESS_INTERVAL": "5"})
+        0.0
     """
-    origin: str = "progress_interval"
-    value: Any = interval
-    if interval is None:
-        env = os.environ if env is None else env
-        value = env.get(PROGRESS_INTERVAL_ENV, "").strip()
-        if not value:
-            return _DEFAULT_PROGRESS_INTERVAL
-        origin = PROGRESS_INTERVAL_ENV
-    try:
-        seconds = float(value)
-    except (TypeError, ValueError, OverflowError):  # OverflowError: an int past float
-        seconds = math.nan
-    if isinstance(value, bool) or not math.isfinite(seconds) or seconds < 0:
-        raise InvalidArgumentError(
-            f"{origin}={value!r} is not a number of seconds >= 0; use e.g. 30 (0: a line "
-            f"per micro-batch)"
-        )
-    return seconds
+    if interval is not None:  # the argument wins; a bad variable beside it does not matter
+        return float(Settings().given("progress_interval", interval).progress_interval)
+    settings = Settings.from_env(os.environ if env is None else env, ("progress_interval",))
+    return float(settings.progress_interval)
 
 
 class LineProgress:

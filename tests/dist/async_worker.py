@@ -14,6 +14,7 @@ import torch
 
 import devlayer
 from tests.dist.trainer_worker import make_data, make_model, train
+from tests.helpers import toy_trainer
 
 
 def failing_background_save(checkpoint_dir: str, strategy: str = "ddp") -> dict[str, Any]:
@@ -45,10 +46,9 @@ def failing_background_save(checkpoint_dir: str, strategy: str = "ddp") -> dict[
             steps.append(trainer.state.global_step)
 
     model = make_model()
-    trainer = devlayer.Trainer(
+    trainer = toy_trainer(
         model,
         torch.optim.SGD(model.parameters(), lr=0.05),
-        torch.nn.functional.mse_loss,
         batch_size=16,
         max_epochs=3,
         checkpoint_dir=checkpoint_dir,
@@ -56,8 +56,6 @@ def failing_background_save(checkpoint_dir: str, strategy: str = "ddp") -> dict[
         checkpoint_async=True,
         strategy=strategy,
         callbacks=[Steps()],
-        progress=False,
-        num_workers=0,
         resume=None,
     )
     try:
@@ -121,17 +119,16 @@ def held_writer(
         x, y = batch
         return torch.nn.functional.mse_loss(model_(x), y)
 
-    trainer = devlayer.Trainer(
+    trainer = toy_trainer(
         model,
         opt,
+        None,
         training_step=step,
         batch_size=16,
         max_epochs=1,
         checkpoint_dir=checkpoint_dir,
         checkpoint_every=2,
         checkpoint_async=True,
-        progress=False,
-        num_workers=0,
         resume=None,
         preempt_check_every=1,
     )

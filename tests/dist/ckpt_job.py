@@ -31,6 +31,7 @@ import torch
 
 import devlayer
 from tests.dist.trainer_worker import make_data
+from tests.helpers import toy_trainer
 
 
 def _args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -95,18 +96,15 @@ def job(args: argparse.Namespace) -> None:
         torch.nn.Linear(args.hidden, 1),
     )  # trainer_worker.make_model's architecture (with the default --hidden)
     faults = _Faults(args)
-    trainer = devlayer.Trainer(
+    trainer = toy_trainer(
         model,
         torch.optim.SGD(model.parameters(), lr=0.05),
-        torch.nn.functional.mse_loss,
         batch_size=16,
         max_epochs=args.epochs,
         checkpoint_dir=args.ckpt,
         checkpoint_every=2,
         resume=None if args.resume == "none" else args.resume,
         callbacks=[faults],
-        progress=False,
-        num_workers=0,
         seed=7,
     )
     result: dict[str, Any] = {"rank": devlayer.rank(), "pid": os.getpid()}

@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import Dataset
 
 import devlayer
+from tests.helpers import toy_trainer
 
 #: 100 samples, global batch 8: 13 steps an epoch (the last one padded from the epoch's
 #: start), 26 in the 2 epochs of a run.
@@ -63,9 +64,10 @@ def run(
             fh.write(json.dumps({"step": trainer.state.global_step, "idx": idx.tolist()}) + "\n")
         return torch.nn.functional.mse_loss(net(x), y)
 
-    trainer = devlayer.Trainer(
+    trainer = toy_trainer(
         model,
         opt,
+        None,
         training_step=step,
         batch_size=GLOBAL_BATCH,
         grad_accum=grad_accum,
@@ -77,8 +79,6 @@ def run(
         scheduler=sched,
         strategy=strategy,
         metrics_file=metrics_file,
-        progress=False,
-        num_workers=0,
         seed=7,
     )
     history = trainer.fit(IndexedData())

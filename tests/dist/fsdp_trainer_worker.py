@@ -10,6 +10,7 @@ import devlayer
 from devlayer.train import Callback, EarlyStopping
 from devlayer.train.fsdp import full_state_dict, local_numel
 from tests.dist.trainer_worker import make_data, make_model
+from tests.helpers import toy_trainer
 
 
 class LossLog(Callback):
@@ -52,10 +53,9 @@ def fit(
     model = make_model()
     opt = torch.optim.AdamW(model.parameters(), lr=0.01)  # state worth sharding
     losses = LossLog(inf_at_step, inf_ranks)
-    trainer = devlayer.Trainer(
+    trainer = toy_trainer(
         model,
         opt,
-        torch.nn.functional.mse_loss,
         strategy=strategy,
         batch_size=batch_size,
         grad_accum=grad_accum,
@@ -70,8 +70,6 @@ def fit(
         callbacks=[losses],
         # min_delta so large that no epoch improves: stop after the second epoch.
         early_stopping=EarlyStopping("val_loss", patience=1, min_delta=1e9) if early_stop else None,
-        progress=False,
-        num_workers=0,
         seed=7,
     )
     history = trainer.fit(make_data(), make_data(val_samples, seed=1) if val_samples else None)

@@ -12,6 +12,7 @@ import torch.distributed as dist
 import devlayer
 from devlayer import comm
 from devlayer.ledger import Ledger, current
+from tests.helpers import toy_trainer
 
 _COUNTED = (
     "all_reduce",
@@ -174,7 +175,13 @@ def trainer_stuck_in_step() -> None:
     model = torch.nn.Sequential(torch.nn.Linear(4, 1))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     data = TensorDataset(torch.rand(64, 4), torch.rand(64, 1))
-    trainer = devlayer.Trainer(
-        model, opt, training_step=_StuckAtStep(), batch_size=4, max_epochs=1, progress=False
+    trainer = toy_trainer(
+        model,
+        opt,
+        None,
+        training_step=_StuckAtStep(),
+        batch_size=4,
+        max_epochs=1,
+        num_workers="auto",
     )
     trainer.fit(data)

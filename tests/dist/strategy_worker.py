@@ -16,6 +16,7 @@ from torch.utils.data import TensorDataset
 import devlayer
 from devlayer.train import CheckpointStore
 from devlayer.train.strategy import DDPStrategy
+from tests.helpers import toy_trainer
 
 
 class CompressedDDP(DDPStrategy):
@@ -43,16 +44,13 @@ def _fit(folder: str, max_steps: int) -> tuple[torch.nn.Module, CompressedDDP, A
     data = TensorDataset(x, x.sum(dim=1, keepdim=True) * 0.5)
     net = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
     strategy = CompressedDDP()
-    trainer = devlayer.Trainer(
+    trainer = toy_trainer(
         net,
         torch.optim.Adam(net.parameters(), lr=0.05),
-        torch.nn.functional.mse_loss,
         batch_size=16,
         max_steps=max_steps,
         checkpoint_dir=folder,
         checkpoint_every=2,
-        progress=False,
-        num_workers=0,
         strategy=strategy,
     )
     trainer.fit(data)

@@ -8,9 +8,9 @@ from typing import Any
 import torch
 from torch.utils.data import TensorDataset
 
-import devlayer
 from devlayer.devices import usable_cpus
 from devlayer.errors import InvalidArgumentError
+from tests.helpers import toy_trainer
 
 
 def _data(n: int = 32) -> TensorDataset:
@@ -21,12 +21,10 @@ def _data(n: int = 32) -> TensorDataset:
 def num_workers_per_rank() -> dict[str, Any]:
     """Fit with as many workers as the process has CPUs on 2 local ranks; report the warning."""
     net = torch.nn.Linear(1, 1)
-    trainer = devlayer.Trainer(
+    trainer = toy_trainer(
         net,
         torch.optim.SGD(net.parameters(), lr=0.1),
-        torch.nn.functional.mse_loss,
         batch_size=8,
-        progress=False,
         num_workers=usable_cpus(),
     )
     with warnings.catch_warnings(record=True) as caught:
@@ -45,14 +43,11 @@ def foreign_optimizer(strategy: str) -> dict[str, Any]:
     net = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.Linear(8, 1))
     other = torch.nn.Linear(1, 1)
     before = [p.detach().clone() for p in net.parameters()]
-    trainer = devlayer.Trainer(
+    trainer = toy_trainer(
         net,
         torch.optim.SGD(other.parameters(), lr=0.1),
-        torch.nn.functional.mse_loss,
         batch_size=8,
         max_epochs=3,
-        progress=False,
-        num_workers=0,
         strategy=strategy,
     )
     error = None

@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 import devlayer
+from tests.helpers import toy_trainer
 
 
 def make_data(n: int = 96, seed: int = 0) -> TensorDataset:
@@ -67,10 +68,9 @@ def train(
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=5, gamma=0.9)
-    trainer = devlayer.Trainer(
+    trainer = toy_trainer(
         model,
         opt,
-        torch.nn.functional.mse_loss,
         batch_size=batch_size,
         grad_accum=grad_accum,
         max_epochs=max_epochs,
@@ -85,7 +85,6 @@ def train(
         allow_world_size_change=allow_world_size_change,
         scheduler=sched,
         progress=progress,
-        num_workers=0,
         seed=7,
         early_stopping=(
             devlayer.train.EarlyStopping(**early_stopping) if early_stopping is not None else None
@@ -185,18 +184,15 @@ def preempt_one_rank(
                 os.kill(os.getpid(), signal.SIGTERM)
 
     model = make_model()
-    trainer = devlayer.Trainer(
+    trainer = toy_trainer(
         model,
         torch.optim.SGD(model.parameters(), lr=0.05),
-        torch.nn.functional.mse_loss,
         batch_size=16,
         max_epochs=3,
         checkpoint_dir=checkpoint_dir,
         preempt_check_every=check_every,
         strategy=strategy,
         callbacks=[TermRankOne()],
-        progress=False,
-        num_workers=0,
         resume=None,
     )
     try:
@@ -214,12 +210,9 @@ def _linear_trainer(data_seed: int = 0, **kw: Any) -> tuple[Any, torch.nn.Module
     torch.manual_seed(99)
     model = torch.nn.Linear(4, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    trainer = devlayer.Trainer(
+    trainer = toy_trainer(
         model,
         opt,
-        torch.nn.functional.mse_loss,
-        progress=False,
-        num_workers=0,
         resume=None,
         seed=3,
         **kw,
@@ -263,16 +256,13 @@ def lr_scaling_run(mode: str | None, lr: float) -> dict[str, Any]:
     model = torch.nn.Linear(4, 1)
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
-    trainer = devlayer.Trainer(
+    trainer = toy_trainer(
         model,
         opt,
-        torch.nn.functional.mse_loss,
         batch_size=16,
         max_epochs=2,
         lr_scaling=mode,
         scheduler=sched,
-        progress=False,
-        num_workers=0,
         resume=None,
         seed=3,
     )

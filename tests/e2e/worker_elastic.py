@@ -23,6 +23,7 @@ import torch
 
 import devlayer
 from tests.dist.elastic_worker import GLOBAL_BATCH, IndexedData
+from tests.helpers import toy_trainer
 
 
 def main(folder: Path, hold: int | None, at_world: int) -> None:
@@ -47,9 +48,10 @@ def main(folder: Path, hold: int | None, at_world: int) -> None:
             time.sleep(0.1)
         return torch.nn.functional.mse_loss(net(x), y)
 
-    trainer = devlayer.Trainer(
+    trainer = toy_trainer(
         model,
         opt,
+        None,
         training_step=step,
         batch_size=GLOBAL_BATCH,
         max_epochs=2,
@@ -57,8 +59,6 @@ def main(folder: Path, hold: int | None, at_world: int) -> None:
         checkpoint_every=1,
         allow_world_size_change=True,
         metrics_file=folder / "metrics.jsonl",
-        progress=False,
-        num_workers=0,
         seed=7,
         preempt_check_every=1,
     )

@@ -27,6 +27,7 @@ import devlayer
 from devlayer.train import checkpoint
 from devlayer.train.fsdp import full_state_dict
 from tests.dist.trainer_worker import make_data, make_model
+from tests.helpers import toy_trainer
 
 p = argparse.ArgumentParser()
 p.add_argument("ckpt")
@@ -78,17 +79,14 @@ if args.kill_in_write and first_attempt and devlayer.rank() == 0:
 
 model = make_model()
 opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-trainer = devlayer.Trainer(
+trainer = toy_trainer(
     model,
     opt,
-    torch.nn.functional.mse_loss,
     batch_size=16,
     max_epochs=args.epochs,
     checkpoint_dir=args.ckpt,
     checkpoint_every=2,
     checkpoint_async=args.background,
-    progress=False,
-    num_workers=0,
     seed=7,
     callbacks=[Faults()],
     preempt_check_every=1,

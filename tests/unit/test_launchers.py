@@ -769,10 +769,11 @@ def test_sources_torchrun() -> None:
     assert info.sources["master_port"] == "MASTER_PORT"
 
 
-def test_sources_env_assumed_single_node() -> None:
+def test_sources_env_single_node_from_loopback() -> None:
     info = detect({"RANK": "1", "WORLD_SIZE": "2", "MASTER_PORT": "29500"})
-    assert info.sources["local_rank"] == "assumed single node"
-    assert info.sources["local_world_size"] == "assumed single node"
+    loopback = "MASTER_ADDR unset (loopback): every rank on this host"
+    assert info.sources["local_rank"] == loopback
+    assert info.sources["local_world_size"] == loopback
     assert info.sources["master_addr"] == "single node: loopback"
 
 

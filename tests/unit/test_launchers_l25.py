@@ -115,7 +115,8 @@ def test_l25_1_lsf_issue_case_is_never_one_process() -> None:
 def test_l25_1_lsf_one_host_and_mismatched_hosts() -> None:
     """L25-1: one host is one node (loopback); a host list that fits neither the node count
     nor the node count plus a launch node is an error naming MASTER_ADDR, not a guess."""
-    one = {**JSRUN, "JSM_NAMESPACE_SIZE": "4", "JSM_NAMESPACE_RANK": "1"}
+    one = {**JSRUN, "JSM_NAMESPACE_SIZE": "4", "JSM_NAMESPACE_RANK": "1", "PMIX_RANK": "1"}
+    one.update(OMPI_COMM_WORLD_RANK="1", OMPI_COMM_WORLD_SIZE="4")  # Spectrum MPI's agree
     one.pop("JSM_NAMESPACE_LOCAL_SIZE")
     one.update(LSB_MCPU_HOSTS="a01n01 42", LSB_HOSTS="")
     info = detect(one)

@@ -87,3 +87,26 @@ def test_progress_interval_from_argument_env_or_default():
     for bad in (-1, float("nan"), float("inf"), True):
         with pytest.raises(devlayer.errors.InvalidArgumentError, match="progress_interval="):
             resolve_progress_interval(bad, {})
+
+
+def test_a21_n1_the_progress_interval_is_a_setting_read_once(clean_env):
+    """A21-N1: DEVLAYER_PROGRESS_INTERVAL is a field of devlayer.config.Settings with its
+    origin (was: train/progress.py read the variable itself); the Trainer's argument wins
+    (with its own name as origin) and a bad variable beside an argument does not matter;
+    init() refuses a bad one by name, as it refuses every malformed setting."""
+    from devlayer.config import Settings
+    from devlayer.train.trainer import resolve_progress_interval
+
+    got = Settings.from_env({"DEVLAYER_PROGRESS_INTERVAL": "0"})
+    assert got.progress_interval == 0.0
+    assert got.origin("progress_interval") == "DEVLAYER_PROGRESS_INTERVAL"
+    given = got.given("progress_interval", 5)
+    assert (given.progress_interval, given.origin("progress_interval")) == (
+        5.0,
+        "progress_interval",
+    )
+    assert resolve_progress_interval(7, {"DEVLAYER_PROGRESS_INTERVAL": "soon"}) == 7.0
+    clean_env.setenv("DEVLAYER_PROGRESS_INTERVAL", "-1")
+    with pytest.raises(devlayer.errors.DevlayerError, match="DEVLAYER_PROGRESS_INTERVAL='-1'"):
+        devlayer.init(backend="cpu")
+    assert not devlayer.is_initialized()

@@ -1090,13 +1090,15 @@ def test_the_function_length_rule_catches_a_long_body():
 #: Modules (a path or the start of one) that may read DEVLAYER_* variables from an environment
 #: mapping besides devlayer/config.py, which parses them into its Settings object, and why.
 _ENV_READERS = {
-    ("devlayer/launchers", "DEVLAYER_LAUNCHER"): "detection (launchers.py or the launchers/ "
-    "package) is a pure function of the env mapping it is given, with a source for each value",
-    ("devlayer/launchers", "DEVLAYER_DISABLE_LAUNCHERS"): "the same",
-    ("devlayer/devices.py", "DEVLAYER_VISIBILITY_APPLIED"): "devlayer's own marker, read beside "
-    "the visibility variable it describes; init() itself changes it",
-    ("devlayer/train/progress.py", "DEVLAYER_PROGRESS_INTERVAL"): "left for the train/ rework "
-    "(issue 21, items 1 and 2)",
+    ("devlayer/launchers", "DEVLAYER_LAUNCHER"): "detect(env, force=, launchers=) is a pure "
+    "function of the launcher env it is given (a child's env in `devlayer launch`, a plain dict "
+    "in tests), not of this process's settings; the name is valid only against the launcher "
+    "records passed in `launchers=` (a user's own launcher included), which config.py cannot "
+    "know, and `force=` wins over it with its own origin in messages",
+    ("devlayer/launchers", "DEVLAYER_DISABLE_LAUNCHERS"): "the same, for `disable=`",
+    ("devlayer/devices.py", "DEVLAYER_VISIBILITY_APPLIED"): "not a user setting but devlayer's "
+    "own marker, read beside the visibility variable it describes: init() and devlayer.early "
+    "change both during the process, so a Settings object parsed once would be stale",
 }
 
 
