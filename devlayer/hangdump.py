@@ -24,6 +24,11 @@ The folder is ``init(hang_dir=...)``, ``DEVLAYER_HANG_DIR``, or by default
 rank removes its own stale dump at ``init()``, so a job with no hang leaves none.
 ``DEVLAYER_HANG_REPORTS=0`` turns dumps, handlers and the watchdog off; at world size 1
 (no peer to wait for) none of them is set up.
+
+Where the comm backend has torch's flight recorder (a vendor declares it with
+:func:`devlayer.hooks.register_flight_recorder`), ``init()`` turns it on with cheap
+settings before the process group exists (:func:`arm_flight_recorder`), its dump files in
+the same folder, unless the user set those variables; the reports name its file.
 """
 
 from __future__ import annotations
@@ -47,14 +52,18 @@ from types import FrameType
 from typing import Any
 
 from devlayer.hangreport import DUMP_FORMAT, read_dumps, verdict
+from devlayer.hooks import FLIGHT_RECORDERS
 from devlayer.ledger import RUNNING, current, new_ledger, publish_step, published_step
 
 __all__ = [
     "HangSetup",
+    "arm_flight_recorder",
     "current_setup",
     "default_dir",
     "dump_handler_of",
     "dump_only",
+    "flight_recorder_path",
+    "folder_for",
     "on_collective_error",
     "report",
     "start",
@@ -111,6 +120,46 @@ def default_dir(launcher: str, job: str | None, port: int | None, tmp: str | Non
     name = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.") or "job"
     uid = os.getuid() if hasattr(os, "getuid") else "user"
     return Path(tmp or tempfile.gettempdir()) / f"devlayer-hangs-{uid}" / name
+
+
+def folder_for(folder: str | None, facts: Mapping[str, Any]) -> Path:
+    """The dumps' folder: ``folder`` when given, else :func:`default_dir` of the job in
+    ``facts`` (``launcher``, ``job_id``, ``port``)."""
+    if folder:
+        return Path(folder)
+    return default_dir(facts["launcher"], facts.get("job_id"), facts.get("port"))
+
+
+# --------------------------------------------------------------------------- flight recorder
+
+
+def arm_flight_recorder(
+    comm: str, folder: Path, env: Mapping[str, str], setenv: Callable[[str, str], None]
+) -> None:
+    """Turn torch's flight recorder of ``comm`` on, before its process group exists.
+
+    Sets, with ``setenv``, the cheap settings its vendor declared and the dump file's prefix
+    in ``folder`` (made here, 0700, for torch to write into), each unless the user set one
+    of its spellings in ``env``. A comm with no recorder, or a folder that is not this
+    user's, gets nothing (the reason goes to stderr): the recorder is never required.
+    """
+    recorder = FLIGHT_RECORDERS.get(comm)
+    if recorder is None:
+        return
+    try:
+        _own_folder(folder)
+    except OSError as exc:
+        print(f"devlayer: torch's flight recorder left as it is: {exc}", file=sys.stderr)
+        return
+    for name, value in recorder.settings_for(str(folder), env).items():
+        setenv(name, value)
+
+
+def flight_recorder_path(comm: str | None, rank: int, env: Mapping[str, str]) -> str | None:
+    """Where torch's flight recorder of ``comm`` writes rank ``rank``'s dump under ``env``,
+    or None (no recorder for ``comm``, no file named, or turned off)."""
+    recorder = FLIGHT_RECORDERS.get(comm or "")
+    return recorder.dump_path(env, rank) if recorder is not None else None
 
 
 # --------------------------------------------------------------------------- the dump
@@ -217,11 +266,16 @@ def write_dump(reason: str, frame: FrameType | None = None) -> Path | None:
     return path
 
 
+def _own_folder(folder: Path) -> None:
+    """Make ``folder`` (0700) and check that it, and the default's shared parent, are ours."""
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _check_ours(folder)
+    if folder.parent.name.startswith("devlayer-hangs-"):
+        _check_ours(folder.parent)  # the default folder's shared parent in <temp>
+
+
 def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    _check_ours(path.parent)
-    if path.parent.parent.name.startswith("devlayer-hangs-"):
-        _check_ours(path.parent.parent)  # the default folder's shared parent in <temp>
+    _own_folder(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # 0600
     try:
         with os.fdopen(fd, "w") as fh:
@@ -437,11 +491,8 @@ def start(
     if not enabled or int(facts["world_size"]) < 2:
         return None  # one process has no peer to wait for: no handlers, no watchdog
     fact = dict(facts)
-    where_ = (
-        Path(folder)
-        if folder
-        else default_dir(fact["launcher"], fact.get("job_id"), fact.get("port"))
-    )
+    where_ = folder_for(folder, fact)
+    fact["flight_recorder"] = flight_recorder_path(fact.get("comm"), fact["rank"], os.environ)
     seconds = timeout if watchdog is None else watchdog
     setup = HangSetup(where_, fact, timeout, seconds, store)
     with contextlib.suppress(OSError):  # a folder that is not ours: write_dump will say so

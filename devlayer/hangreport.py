@@ -33,7 +33,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DUMP_FORMAT", "mismatches", "missing_ranks", "read_dumps", "verdict"]
+__all__ = [
+    "DUMP_FORMAT",
+    "flight_recorder_lines",
+    "mismatches",
+    "missing_ranks",
+    "read_dumps",
+    "verdict",
+]
 
 #: The ``format`` field of a dump file.
 DUMP_FORMAT = "devlayer-hang-dump/1"
@@ -137,7 +144,23 @@ def verdict(reports: Mapping[int, Mapping[str, Any]], world_size: int) -> str:
             f"rank(s) {', '.join(map(str, gone))} left no report (no dump, no answer): "
             f"exited or killed"
         )
+    lines += flight_recorder_lines(reports)
     return "\n".join(lines)
+
+
+def flight_recorder_lines(reports: Mapping[int, Mapping[str, Any]]) -> list[str]:
+    """One line naming the dump files of torch's flight recorder the ranks' reports name
+    (written by torch when its own timeout fires; ``torchfrtrace`` reads them)."""
+    files = {r: rep["flight_recorder"] for r, rep in reports.items() if rep.get("flight_recorder")}
+    if not files:
+        return []
+    comm = next(iter(reports[r].get("comm") or "?" for r in sorted(files)))
+    named = "; ".join(f"rank {r}: {files[r]}" for r in sorted(files))
+    prefix = os.path.basename(files[min(files)]).rstrip("0123456789")
+    return [
+        f"torch's flight recorder ({comm}): {named} (written by torch on its own timeout; "
+        f"read them with: torchfrtrace {os.path.dirname(files[min(files)])} -p {prefix})"
+    ]
 
 
 def read_dumps(folder: str | os.PathLike[str]) -> tuple[dict[int, dict[str, Any]], list[str]]:
