@@ -68,6 +68,7 @@ __all__ = [
     "report",
     "start",
     "stop",
+    "waits_on",
     "where",
     "write_dump",
 ]
@@ -199,6 +200,29 @@ def where(frame: FrameType | None) -> dict[str, Any] | None:
     }
 
 
+_DATALOADER = os.path.join("torch", "utils", "data", "dataloader.py")
+_JOINS = ("join", "_wait_for_tstate_lock")
+
+
+def waits_on(main: FrameType | None) -> dict[str, Any] | None:
+    """What the main thread at ``main`` waits on, when a frame of its stack shows it: a
+    DataLoader's worker processes (their pids, when its iterator has them) or another
+    thread that it joins (its name and where that thread is); None otherwise."""
+    frame = main
+    while frame is not None:
+        code = frame.f_code
+        if code.co_filename.endswith(_DATALOADER):
+            workers = getattr(frame.f_locals.get("self"), "_workers", None) or ()
+            return {"kind": "DataLoader", "workers": [w.pid for w in workers if w.pid]}
+        if code.co_name in _JOINS and code.co_filename == threading.__file__:
+            thread = frame.f_locals.get("self")
+            if isinstance(thread, threading.Thread):
+                inner = sys._current_frames().get(thread.ident or 0)
+                return {"kind": "thread", "thread": thread.name, "where": where(inner)}
+        frame = frame.f_back
+    return None
+
+
 def _threads(main_frame: FrameType | None) -> list[dict[str, Any]]:
     names = {t.ident: t.name for t in threading.enumerate()}
     main = threading.main_thread().ident
@@ -241,6 +265,7 @@ def report(
         "monotonic": time.monotonic(),
         "ledger": led.tail(records) if led is not None else [],
         "where": where(main),
+        "waits_on": waits_on(main),
     }
     return doc
 

@@ -9,7 +9,10 @@ carries it.
 A report is a dict with ``rank``, ``world_size``, ``ledger`` (the newest collective
 records, oldest first: ``seq``, ``op``, ``detail``, ``site``, ``state``) and ``where``
 (the innermost frame of the main thread outside devlayer, torch and the standard library:
-``function`` and ``site``), plus optional ``reason``, ``host``, ``pid`` and ``step``.
+``function`` and ``site``), plus optional ``reason``, ``host``, ``pid``, ``step``,
+``waits_on`` (what the main thread waits on: ``{"kind": "DataLoader", "workers": [pids]}``
+or ``{"kind": "thread", "thread": name, "where": {...}}``) and ``flight_recorder`` (the
+path of torch's flight recorder dump for this rank).
 
 Example:
     >>> def rec(seq, op, state, site="train.py:80"):
@@ -78,7 +81,20 @@ def _where(report: Mapping[str, Any]) -> str:
     where = report.get("where") or {}
     if not where:
         return "where it is is not known (no stack in its report)"
-    return f"it is in {where.get('function', '?')} at {where.get('site', '?')}"
+    at = f"it is in {where.get('function', '?')} at {where.get('site', '?')}"
+    return at + _waiting(report.get("waits_on") or {})
+
+
+def _waiting(waits: Mapping[str, Any]) -> str:
+    """``, waiting on ...`` for what the main thread waits on (a DataLoader, a thread)."""
+    if waits.get("kind") == "DataLoader":
+        pids = ", ".join(map(str, waits.get("workers") or ())) or "not known"
+        return f", waiting on a DataLoader (worker pids: {pids})"
+    if waits.get("kind") == "thread":
+        inner = waits.get("where") or {}
+        site = f"{inner.get('function', '?')} at {inner.get('site', '?')}"
+        return f", waiting for thread {waits.get('thread', '?')} (in {site})"
+    return ""
 
 
 def _rank_line(rank: int, report: Mapping[str, Any], front: Mapping[str, Any] | None) -> str:
