@@ -142,13 +142,19 @@ def missing_ranks(reports: Mapping[int, Any], world_size: int) -> list[int]:
     return [r for r in range(world_size) if r not in reports]
 
 
-def verdict(reports: Mapping[int, Mapping[str, Any]], world_size: int) -> str:
+def verdict(
+    reports: Mapping[int, Mapping[str, Any]],
+    world_size: int,
+    exits: Mapping[int, str] | None = None,
+) -> str:
     """A short report: the ranks that are elsewhere first, then the waiting ones, then
     different collectives at one sequence number, then the ranks that left nothing.
 
     Args:
         reports: Rank -> its report (a dump or a posted position).
         world_size: The job's ranks, to name the ones with no report.
+        exits: Rank -> how it ended (``"was killed by SIGKILL"``), where the launcher
+            knows it, for the ranks with no report.
     """
     front = _front(reports)
     lines = [_rank_line(r, reports[r], front) for r in sorted(reports)]
@@ -156,9 +162,10 @@ def verdict(reports: Mapping[int, Mapping[str, Any]], world_size: int) -> str:
     lines += mismatches(reports)
     gone = missing_ranks(reports, world_size)
     if gone:
+        known = [f"rank {r} {exits[r]}" for r in gone if exits and r in exits]
         lines.append(
             f"rank(s) {', '.join(map(str, gone))} left no report (no dump, no answer): "
-            f"exited or killed"
+            + ("; ".join(known) if len(known) == len(gone) else "exited or killed")
         )
     lines += flight_recorder_lines(reports)
     return "\n".join(lines)
