@@ -51,6 +51,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from devlayer.errors import CollectiveError
 from devlayer.hangreport import DUMP_FORMAT, read_dumps, verdict
 from devlayer.hooks import FLIGHT_RECORDERS
 from devlayer.ledger import RUNNING, current, new_ledger, publish_step, published_step
@@ -58,6 +59,7 @@ from devlayer.ledger import RUNNING, current, new_ledger, publish_step, publishe
 __all__ = [
     "HangSetup",
     "arm_flight_recorder",
+    "comm_failure",
     "current_setup",
     "default_dir",
     "dump_handler_of",
@@ -489,6 +491,36 @@ def on_collective_error(what: str) -> str:
     text = verdict(reports, world)
     where_ = f"; this rank's dump: {path}" if path is not None else ""
     return f"Hang report:\n{text}\n(dumps in {setup.folder}{where_}; devlayer hangs {setup.folder})"
+
+
+#: What torch's errors from a failed collective say (their types are plain RuntimeError
+#: from the backward of DDP, or torch.distributed's Dist*Error).
+_COMM_WORDS = re.compile(r"timed out|timeout|connection (closed|reset|refused)|broken pipe", re.I)
+
+
+def _looks_like_comm(exc: BaseException) -> bool:
+    names = [c.__name__ for c in type(exc).__mro__ if c.__module__.startswith("torch")]
+    return any(n.startswith("Dist") for n in names) or bool(_COMM_WORDS.search(str(exc)))
+
+
+def comm_failure(exc: BaseException, what: str) -> CollectiveError | None:
+    """The error for a collective devlayer did not call that failed with ``exc`` (DDP's
+    gradient all_reduce in backward, say): a :class:`CollectiveError` naming ``what``,
+    keeping torch's message, with the hang report (:func:`on_collective_error`).
+
+    Returns:
+        None when hang reports are off or ``exc`` does not look like a failed collective
+        (a timeout or a lost connection): the caller then raises ``exc`` as it is.
+    """
+    setup = _setup
+    if setup is None or not _looks_like_comm(exc):
+        return None
+    report = on_collective_error(what)
+    facts = setup.facts
+    return CollectiveError(
+        f"{what} failed on rank {facts['rank']} of {facts['world_size']} ({facts['comm']}): "
+        f"{exc}. {report}"
+    )
 
 
 # --------------------------------------------------------------------------- lifecycle

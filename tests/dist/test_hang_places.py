@@ -80,3 +80,20 @@ def test_h22_23_a_rank_blocked_in_the_background_checkpoint_writer_is_named(
     assert ", waiting for thread devlayer-checkpoint-2 (in slow_save at hang_places_worker.py:" in (
         text
     ), text
+
+
+@pytest.mark.timeout(240)
+def test_h22_26_ddp_own_timeout_in_the_trainer_carries_the_hang_report(clean_env, tmp_path) -> None:
+    """H22-26: rank 1 hangs in its training_step (so it skips that backward) while rank 0
+    waits in DDP's own gradient all_reduce, whose timeout raises torch's RuntimeError:
+    the Trainer raises a CollectiveError that names the gradient reduction, keeps torch's
+    message (and error, as the cause) and carries the hang report naming rank 1 in
+    stuck_in_user_code with its line."""
+    from tests.dist.hang_worker import trainer_stuck_in_step
+
+    text = _spawn_failing(trainer_stuck_in_step, tmp_path)
+    assert "CollectiveError: the gradient reduction in backward" in text, text[-3000:]
+    assert "failed on rank 0 of 2 (gloo): " in text and "Timed out" in text, text[-3000:]
+    assert "Hang report:" in text, text[-3000:]
+    assert "rank 1 ran no collective yet; it is in stuck_in_user_code at hang_worker.py:" in text
+    assert "The above exception was the direct cause" in text
