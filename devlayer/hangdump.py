@@ -17,7 +17,8 @@ host, pid, backend, comm, device, launcher, the Trainer's step. It is written:
 * by a watchdog thread when no collective has completed for ``DEVLAYER_WATCHDOG`` seconds
   (default: the collective timeout), whether one is pending or the rank is elsewhere,
   so a rank stuck in user code leaves its stack before the others time out. It adds no
-  collective, writes once per quiet period and stops at ``shutdown()``.
+  collective, says so once per quiet period, refreshes the dump and the posted position
+  every ``DEVLAYER_WATCHDOG`` seconds while the quiet lasts, and stops at ``shutdown()``.
 
 The folder is ``init(hang_dir=...)``, ``DEVLAYER_HANG_DIR``, or by default
 ``<temp>/devlayer-hangs-<uid>/<launcher>-<job>`` on local disk (:func:`default_dir`); each
@@ -406,20 +407,26 @@ def _quiet_since(setup: HangSetup) -> tuple[float, Any]:
 
 
 def _watch(setup: HangSetup) -> None:
+    """Dump and post once no collective completed for ``setup.watchdog`` seconds (said on
+    stderr once per quiet period), then refresh both every ``setup.watchdog`` seconds while
+    the quiet lasts: a rank that moved on (from set-up into a training step that hangs,
+    with no devlayer collective between) is then shown where it is now."""
     tick = min(1.0, setup.watchdog / 10)
     fired_for: object = None
+    fired_at = 0.0
     while not setup.stopping.wait(tick):
         since, last = _quiet_since(setup)
+        now = time.monotonic()
         key = (id(last), last[7] if last is not None else None, since)
-        if time.monotonic() - since < setup.watchdog or key == fired_for:
+        if now - since < setup.watchdog or (key == fired_for and now - fired_at < setup.watchdog):
             continue
-        fired_for = key
+        first, fired_for, fired_at = key != fired_for, key, now
         pending = (
             f"; pending: {last[1]} #{last[0]}" if last is not None and last[7] == RUNNING else ""
         )
         path = write_dump(f"watchdog: no collective completed for {setup.watchdog:g}s{pending}")
         _post(setup)
-        if path is not None:
+        if path is not None and first:
             print(
                 f"devlayer: rank {setup.facts.get('rank')}: no collective completed for "
                 f"{setup.watchdog:g}s{pending}; hang report written to {path}",
