@@ -4,11 +4,30 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from devlayer.hooks import CommNetwork, register_comm_network
+from devlayer.hooks import (
+    CommNetwork,
+    FlightRecorder,
+    register_comm_network,
+    register_flight_recorder,
+)
 from devlayer.vendor import Backend, Runtime
 
 # For `devlayer doctor`'s hints when a collective fails (RCCL reads the same NCCL_* names).
 register_comm_network("nccl", CommNetwork("NCCL_", "NCCL_SOCKET_IFNAME"))
+# torch's flight recorder for nccl, for devlayer's hang reports: the names torch 2.13 reads
+# (torch/csrc/distributed/c10d/FlightRecorder*.{hpp,cpp}, ProcessGroupNCCL.hpp), newest
+# first; 2000 entries is torch's own default in recent releases, Python stacks only
+# (TORCH_FR_CPP_STACK, C++ stacks, stays off: the costly part). The file is prefix + rank.
+register_flight_recorder(
+    "nccl",
+    FlightRecorder(
+        settings=(
+            (("TORCH_FR_BUFFER_SIZE", "TORCH_NCCL_TRACE_BUFFER_SIZE"), "2000"),
+            (("TORCH_NCCL_DUMP_ON_TIMEOUT",), "1"),
+        ),
+        file_vars=("TORCH_FR_DUMP_TEMP_FILE", "TORCH_NCCL_DEBUG_INFO_TEMP_FILE"),
+    ),
+)
 
 
 class CudaRuntime(Runtime):

@@ -17,13 +17,19 @@ host, pid, backend, comm, device, launcher, the Trainer's step. It is written:
 * by a watchdog thread when no collective has completed for ``DEVLAYER_WATCHDOG`` seconds
   (default: the collective timeout), whether one is pending or the rank is elsewhere,
   so a rank stuck in user code leaves its stack before the others time out. It adds no
-  collective, writes once per quiet period and stops at ``shutdown()``.
+  collective, says so once per quiet period, refreshes the dump and the posted position
+  every ``DEVLAYER_WATCHDOG`` seconds while the quiet lasts, and stops at ``shutdown()``.
 
 The folder is ``init(hang_dir=...)``, ``DEVLAYER_HANG_DIR``, or by default
 ``<temp>/devlayer-hangs-<uid>/<launcher>-<job>`` on local disk (:func:`default_dir`); each
 rank removes its own stale dump at ``init()``, so a job with no hang leaves none.
 ``DEVLAYER_HANG_REPORTS=0`` turns dumps, handlers and the watchdog off; at world size 1
 (no peer to wait for) none of them is set up.
+
+Where the comm backend has torch's flight recorder (a vendor declares it with
+:func:`devlayer.hooks.register_flight_recorder`), ``init()`` turns it on with cheap
+settings before the process group exists (:func:`arm_flight_recorder`), its dump files in
+the same folder, unless the user set those variables; the reports name its file.
 """
 
 from __future__ import annotations
@@ -46,19 +52,26 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from devlayer.errors import CollectiveError
 from devlayer.hangreport import DUMP_FORMAT, read_dumps, verdict
+from devlayer.hooks import FLIGHT_RECORDERS
 from devlayer.ledger import RUNNING, current, new_ledger, publish_step, published_step
 
 __all__ = [
     "HangSetup",
+    "arm_flight_recorder",
+    "comm_failure",
     "current_setup",
     "default_dir",
     "dump_handler_of",
     "dump_only",
+    "flight_recorder_path",
+    "folder_for",
     "on_collective_error",
     "report",
     "start",
     "stop",
+    "waits_on",
     "where",
     "write_dump",
 ]
@@ -113,6 +126,46 @@ def default_dir(launcher: str, job: str | None, port: int | None, tmp: str | Non
     return Path(tmp or tempfile.gettempdir()) / f"devlayer-hangs-{uid}" / name
 
 
+def folder_for(folder: str | None, facts: Mapping[str, Any]) -> Path:
+    """The dumps' folder: ``folder`` when given, else :func:`default_dir` of the job in
+    ``facts`` (``launcher``, ``job_id``, ``port``)."""
+    if folder:
+        return Path(folder)
+    return default_dir(facts["launcher"], facts.get("job_id"), facts.get("port"))
+
+
+# --------------------------------------------------------------------------- flight recorder
+
+
+def arm_flight_recorder(
+    comm: str, folder: Path, env: Mapping[str, str], setenv: Callable[[str, str], None]
+) -> None:
+    """Turn torch's flight recorder of ``comm`` on, before its process group exists.
+
+    Sets, with ``setenv``, the cheap settings its vendor declared and the dump file's prefix
+    in ``folder`` (made here, 0700, for torch to write into), each unless the user set one
+    of its spellings in ``env``. A comm with no recorder, or a folder that is not this
+    user's, gets nothing (the reason goes to stderr): the recorder is never required.
+    """
+    recorder = FLIGHT_RECORDERS.get(comm)
+    if recorder is None:
+        return
+    try:
+        _own_folder(folder)
+    except OSError as exc:
+        print(f"devlayer: torch's flight recorder left as it is: {exc}", file=sys.stderr)
+        return
+    for name, value in recorder.settings_for(str(folder), env).items():
+        setenv(name, value)
+
+
+def flight_recorder_path(comm: str | None, rank: int, env: Mapping[str, str]) -> str | None:
+    """Where torch's flight recorder of ``comm`` writes rank ``rank``'s dump under ``env``,
+    or None (no recorder for ``comm``, no file named, or turned off)."""
+    recorder = FLIGHT_RECORDERS.get(comm or "")
+    return recorder.dump_path(env, rank) if recorder is not None else None
+
+
 # --------------------------------------------------------------------------- the dump
 
 
@@ -148,6 +201,29 @@ def where(frame: FrameType | None) -> dict[str, Any] | None:
         "site": f"{os.path.basename(code.co_filename)}:{frame.f_lineno}",
         "file": code.co_filename,
     }
+
+
+_DATALOADER = os.path.join("torch", "utils", "data", "dataloader.py")
+_JOINS = ("join", "_wait_for_tstate_lock")
+
+
+def waits_on(main: FrameType | None) -> dict[str, Any] | None:
+    """What the main thread at ``main`` waits on, when a frame of its stack shows it: a
+    DataLoader's worker processes (their pids, when its iterator has them) or another
+    thread that it joins (its name and where that thread is); None otherwise."""
+    frame = main
+    while frame is not None:
+        code = frame.f_code
+        if code.co_filename.endswith(_DATALOADER):
+            workers = getattr(frame.f_locals.get("self"), "_workers", None) or ()
+            return {"kind": "DataLoader", "workers": [w.pid for w in workers if w.pid]}
+        if code.co_name in _JOINS and code.co_filename == threading.__file__:
+            thread = frame.f_locals.get("self")
+            if isinstance(thread, threading.Thread):
+                inner = sys._current_frames().get(thread.ident or 0)
+                return {"kind": "thread", "thread": thread.name, "where": where(inner)}
+        frame = frame.f_back
+    return None
 
 
 def _threads(main_frame: FrameType | None) -> list[dict[str, Any]]:
@@ -192,6 +268,7 @@ def report(
         "monotonic": time.monotonic(),
         "ledger": led.tail(records) if led is not None else [],
         "where": where(main),
+        "waits_on": waits_on(main),
     }
     return doc
 
@@ -217,11 +294,16 @@ def write_dump(reason: str, frame: FrameType | None = None) -> Path | None:
     return path
 
 
+def _own_folder(folder: Path) -> None:
+    """Make ``folder`` (0700) and check that it, and the default's shared parent, are ours."""
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _check_ours(folder)
+    if folder.parent.name.startswith("devlayer-hangs-"):
+        _check_ours(folder.parent)  # the default folder's shared parent in <temp>
+
+
 def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    _check_ours(path.parent)
-    if path.parent.parent.name.startswith("devlayer-hangs-"):
-        _check_ours(path.parent.parent)  # the default folder's shared parent in <temp>
+    _own_folder(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # 0600
     try:
         with os.fdopen(fd, "w") as fh:
@@ -325,20 +407,26 @@ def _quiet_since(setup: HangSetup) -> tuple[float, Any]:
 
 
 def _watch(setup: HangSetup) -> None:
+    """Dump and post once no collective completed for ``setup.watchdog`` seconds (said on
+    stderr once per quiet period), then refresh both every ``setup.watchdog`` seconds while
+    the quiet lasts: a rank that moved on (from set-up into a training step that hangs,
+    with no devlayer collective between) is then shown where it is now."""
     tick = min(1.0, setup.watchdog / 10)
     fired_for: object = None
+    fired_at = 0.0
     while not setup.stopping.wait(tick):
         since, last = _quiet_since(setup)
+        now = time.monotonic()
         key = (id(last), last[7] if last is not None else None, since)
-        if time.monotonic() - since < setup.watchdog or key == fired_for:
+        if now - since < setup.watchdog or (key == fired_for and now - fired_at < setup.watchdog):
             continue
-        fired_for = key
+        first, fired_for, fired_at = key != fired_for, key, now
         pending = (
             f"; pending: {last[1]} #{last[0]}" if last is not None and last[7] == RUNNING else ""
         )
         path = write_dump(f"watchdog: no collective completed for {setup.watchdog:g}s{pending}")
         _post(setup)
-        if path is not None:
+        if path is not None and first:
             print(
                 f"devlayer: rank {setup.facts.get('rank')}: no collective completed for "
                 f"{setup.watchdog:g}s{pending}; hang report written to {path}",
@@ -412,6 +500,36 @@ def on_collective_error(what: str) -> str:
     return f"Hang report:\n{text}\n(dumps in {setup.folder}{where_}; devlayer hangs {setup.folder})"
 
 
+#: What torch's errors from a failed collective say (their types are plain RuntimeError
+#: from the backward of DDP, or torch.distributed's Dist*Error).
+_COMM_WORDS = re.compile(r"timed out|timeout|connection (closed|reset|refused)|broken pipe", re.I)
+
+
+def _looks_like_comm(exc: BaseException) -> bool:
+    names = [c.__name__ for c in type(exc).__mro__ if c.__module__.startswith("torch")]
+    return any(n.startswith("Dist") for n in names) or bool(_COMM_WORDS.search(str(exc)))
+
+
+def comm_failure(exc: BaseException, what: str) -> CollectiveError | None:
+    """The error for a collective devlayer did not call that failed with ``exc`` (DDP's
+    gradient all_reduce in backward, say): a :class:`CollectiveError` naming ``what``,
+    keeping torch's message, with the hang report (:func:`on_collective_error`).
+
+    Returns:
+        None when hang reports are off or ``exc`` does not look like a failed collective
+        (a timeout or a lost connection): the caller then raises ``exc`` as it is.
+    """
+    setup = _setup
+    if setup is None or not _looks_like_comm(exc):
+        return None
+    report = on_collective_error(what)
+    facts = setup.facts
+    return CollectiveError(
+        f"{what} failed on rank {facts['rank']} of {facts['world_size']} ({facts['comm']}): "
+        f"{exc}. {report}"
+    )
+
+
 # --------------------------------------------------------------------------- lifecycle
 
 
@@ -437,11 +555,8 @@ def start(
     if not enabled or int(facts["world_size"]) < 2:
         return None  # one process has no peer to wait for: no handlers, no watchdog
     fact = dict(facts)
-    where_ = (
-        Path(folder)
-        if folder
-        else default_dir(fact["launcher"], fact.get("job_id"), fact.get("port"))
-    )
+    where_ = folder_for(folder, fact)
+    fact["flight_recorder"] = flight_recorder_path(fact.get("comm"), fact["rank"], os.environ)
     seconds = timeout if watchdog is None else watchdog
     setup = HangSetup(where_, fact, timeout, seconds, store)
     with contextlib.suppress(OSError):  # a folder that is not ours: write_dump will say so

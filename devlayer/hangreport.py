@@ -9,7 +9,10 @@ carries it.
 A report is a dict with ``rank``, ``world_size``, ``ledger`` (the newest collective
 records, oldest first: ``seq``, ``op``, ``detail``, ``site``, ``state``) and ``where``
 (the innermost frame of the main thread outside devlayer, torch and the standard library:
-``function`` and ``site``), plus optional ``reason``, ``host``, ``pid`` and ``step``.
+``function`` and ``site``), plus optional ``reason``, ``host``, ``pid``, ``step``,
+``waits_on`` (what the main thread waits on: ``{"kind": "DataLoader", "workers": [pids]}``
+or ``{"kind": "thread", "thread": name, "where": {...}}``) and ``flight_recorder`` (the
+path of torch's flight recorder dump for this rank).
 
 Example:
     >>> def rec(seq, op, state, site="train.py:80"):
@@ -33,7 +36,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DUMP_FORMAT", "mismatches", "missing_ranks", "read_dumps", "verdict"]
+__all__ = [
+    "DUMP_FORMAT",
+    "flight_recorder_lines",
+    "mismatches",
+    "missing_ranks",
+    "read_dumps",
+    "verdict",
+]
 
 #: The ``format`` field of a dump file.
 DUMP_FORMAT = "devlayer-hang-dump/1"
@@ -71,7 +81,20 @@ def _where(report: Mapping[str, Any]) -> str:
     where = report.get("where") or {}
     if not where:
         return "where it is is not known (no stack in its report)"
-    return f"it is in {where.get('function', '?')} at {where.get('site', '?')}"
+    at = f"it is in {where.get('function', '?')} at {where.get('site', '?')}"
+    return at + _waiting(report.get("waits_on") or {})
+
+
+def _waiting(waits: Mapping[str, Any]) -> str:
+    """``, waiting on ...`` for what the main thread waits on (a DataLoader, a thread)."""
+    if waits.get("kind") == "DataLoader":
+        pids = ", ".join(map(str, waits.get("workers") or ())) or "not known"
+        return f", waiting on a DataLoader (worker pids: {pids})"
+    if waits.get("kind") == "thread":
+        inner = waits.get("where") or {}
+        site = f"{inner.get('function', '?')} at {inner.get('site', '?')}"
+        return f", waiting for thread {waits.get('thread', '?')} (in {site})"
+    return ""
 
 
 def _rank_line(rank: int, report: Mapping[str, Any], front: Mapping[str, Any] | None) -> str:
@@ -119,13 +142,19 @@ def missing_ranks(reports: Mapping[int, Any], world_size: int) -> list[int]:
     return [r for r in range(world_size) if r not in reports]
 
 
-def verdict(reports: Mapping[int, Mapping[str, Any]], world_size: int) -> str:
+def verdict(
+    reports: Mapping[int, Mapping[str, Any]],
+    world_size: int,
+    exits: Mapping[int, str] | None = None,
+) -> str:
     """A short report: the ranks that are elsewhere first, then the waiting ones, then
     different collectives at one sequence number, then the ranks that left nothing.
 
     Args:
         reports: Rank -> its report (a dump or a posted position).
         world_size: The job's ranks, to name the ones with no report.
+        exits: Rank -> how it ended (``"was killed by SIGKILL"``), where the launcher
+            knows it, for the ranks with no report.
     """
     front = _front(reports)
     lines = [_rank_line(r, reports[r], front) for r in sorted(reports)]
@@ -133,11 +162,28 @@ def verdict(reports: Mapping[int, Mapping[str, Any]], world_size: int) -> str:
     lines += mismatches(reports)
     gone = missing_ranks(reports, world_size)
     if gone:
+        known = [f"rank {r} {exits[r]}" for r in gone if exits and r in exits]
         lines.append(
             f"rank(s) {', '.join(map(str, gone))} left no report (no dump, no answer): "
-            f"exited or killed"
+            + ("; ".join(known) if len(known) == len(gone) else "exited or killed")
         )
+    lines += flight_recorder_lines(reports)
     return "\n".join(lines)
+
+
+def flight_recorder_lines(reports: Mapping[int, Mapping[str, Any]]) -> list[str]:
+    """One line naming the dump files of torch's flight recorder the ranks' reports name
+    (written by torch when its own timeout fires; ``torchfrtrace`` reads them)."""
+    files = {r: rep["flight_recorder"] for r, rep in reports.items() if rep.get("flight_recorder")}
+    if not files:
+        return []
+    comm = next(iter(reports[r].get("comm") or "?" for r in sorted(files)))
+    named = "; ".join(f"rank {r}: {files[r]}" for r in sorted(files))
+    prefix = os.path.basename(files[min(files)]).rstrip("0123456789")
+    return [
+        f"torch's flight recorder ({comm}): {named} (written by torch on its own timeout; "
+        f"read them with: torchfrtrace {os.path.dirname(files[min(files)])} -p {prefix})"
+    ]
 
 
 def read_dumps(folder: str | os.PathLike[str]) -> tuple[dict[int, dict[str, Any]], list[str]]:

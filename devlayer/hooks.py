@@ -10,13 +10,15 @@ their writers and their readers, so that no module outside ``backends/`` names a
 - the named model optimizations (``Trainer(optimize="name")``; ``backends/_ipex.py``
   registers ``"ipex"``), which :mod:`devlayer.train.optimize` looks up;
 - the network variables of each vendor's comm library (:data:`COMM_NETWORKS`), which
-  ``devlayer doctor`` names when a collective fails.
+  ``devlayer doctor`` names when a collective fails;
+- torch's flight recorder of a comm backend (:data:`FLIGHT_RECORDERS`), which ``init()``
+  turns on for the hang reports (:mod:`devlayer.hangdump`).
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -29,13 +31,16 @@ if TYPE_CHECKING:
 
 __all__ = [
     "COMM_NETWORKS",
+    "FLIGHT_RECORDERS",
     "OPTIMIZATIONS",
     "AcceleratorHook",
     "CommNetwork",
+    "FlightRecorder",
     "Optimization",
     "as_hook_list",
     "call_hooks",
     "register_comm_network",
+    "register_flight_recorder",
     "register_optimization",
     "resolve_hooks",
     "torch_module",
@@ -107,6 +112,75 @@ def register_comm_network(comm: str, network: CommNetwork) -> None:
         'MYCOMM_IFNAME'
     """
     COMM_NETWORKS[comm] = network
+
+
+def _is_off(value: str) -> bool:
+    """A flag or size that turns a recorder setting off: ``0``, ``false``, ``no``, ``off``, < 0."""
+    text = value.strip().lower()
+    return text in ("0", "false", "no", "off") or text.startswith("-")
+
+
+@dataclass(frozen=True)
+class FlightRecorder:
+    """torch's flight recorder of one comm backend: the variables that turn it on cheaply
+    and the one that says where it writes its dump (torch appends the rank to it).
+
+    Each variable is a tuple of the spellings torch reads, newest first: a user's value
+    under any of them wins, and no other spelling is added beside it.
+
+    Attributes:
+        settings: ``(spellings, value)`` pairs: the cheap settings (buffer size, dump on
+            timeout).
+        file_vars: The spellings of the dump file's prefix.
+        file_name: The prefix's name in the hang folder.
+
+    Example:
+        >>> fr = FlightRecorder(((("MY_FR_SIZE",), "2000"),), ("MY_FR_FILE",))
+        >>> fr.settings_for("/hangs", {})
+        {'MY_FR_SIZE': '2000', 'MY_FR_FILE': '/hangs/flight_recorder_rank_'}
+        >>> fr.dump_path({"MY_FR_FILE": "/hangs/fr_"}, 1)
+        '/hangs/fr_1'
+    """
+
+    settings: tuple[tuple[tuple[str, ...], str], ...]
+    file_vars: tuple[str, ...]
+    file_name: str = "flight_recorder_rank_"
+
+    def settings_for(self, folder: str, env: Mapping[str, str]) -> dict[str, str]:
+        """The variables to set (pure): each one of which no spelling is set in ``env``."""
+        out = {names[0]: value for names, value in self.settings if not _set(names, env)}
+        if not _set(self.file_vars, env):
+            out[self.file_vars[0]] = f"{folder.rstrip('/')}/{self.file_name}"
+        return out
+
+    def dump_path(self, env: Mapping[str, str], rank: int) -> str | None:
+        """Where torch writes rank ``rank``'s dump under ``env`` (pure); None when no file
+        is named or a setting turns the recorder or its dump off."""
+        prefix = _set(self.file_vars, env)
+        if prefix is None or any(_is_off(_set(n, env) or "1") for n, _ in self.settings):
+            return None
+        return f"{prefix}{rank}"
+
+
+def _set(names: tuple[str, ...], env: Mapping[str, str]) -> str | None:
+    """The value of the first of ``names`` set in ``env`` (as torch reads them), or None."""
+    return next((env[n] for n in names if n in env), None)
+
+
+#: Comm backend name -> torch's flight recorder for it, registered by the vendor that ships
+#: the comm backend when its backend module is imported.
+FLIGHT_RECORDERS: dict[str, FlightRecorder] = {}
+
+
+def register_flight_recorder(comm: str, recorder: FlightRecorder) -> None:
+    """Declare torch's flight recorder of comm backend ``comm`` (the last declaration wins).
+
+    Example:
+        >>> register_flight_recorder("mycomm", FlightRecorder((), ("MYCOMM_FR_FILE",)))
+        >>> FLIGHT_RECORDERS.pop("mycomm").file_vars
+        ('MYCOMM_FR_FILE',)
+    """
+    FLIGHT_RECORDERS[comm] = recorder
 
 
 def resolve_hooks(

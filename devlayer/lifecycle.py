@@ -30,6 +30,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from devlayer import devices as _devices
@@ -285,7 +286,8 @@ def init(
             index = _pick_device(be, plan, info, comm_name, settings.allow_shared_devices)
             dev = _bind_device(be, index, request.set_default_device, undo)
             call_hooks(hooks, be)
-            owns, store = _connect(be, comm_name, dev, info, request.timeout, undo)
+            hangs = _hang_folder(settings, info)
+            owns, store = _connect(be, comm_name, dev, info, request.timeout, undo, hangs)
         except BaseException:
             _restore(undo)
             raise
@@ -306,6 +308,14 @@ def init(
         _start_hang_reports(_current, store)
         log.debug("devlayer initialized: %s", _current)
         return _current
+
+
+def _hang_folder(settings: Settings, info: ProcessInfo) -> Path | None:
+    """The hang dumps' folder, or None when there are none (turned off, or one rank)."""
+    if not settings.hang_reports or info.world_size < 2:
+        return None
+    facts = {"launcher": info.launcher, "job_id": info.job_id, "port": info.master_port}
+    return hangdump.folder_for(settings.hang_dir, facts)
 
 
 def _start_hang_reports(st: State, store: Any) -> None:
@@ -521,8 +531,10 @@ def _connect(
     info: ProcessInfo,
     timeout: timedelta,
     undo: _Undo,
+    hangs: Path | None = None,
 ) -> tuple[bool, Any]:
-    """Export the variables peers and libraries read; with several ranks, join the group.
+    """Export the variables peers and libraries read; with several ranks, join the group
+    (torch's flight recorder, where the comm has one, armed for the hang folder ``hangs``).
 
     Returns:
         Whether devlayer created the process group (and so destroys it at shutdown), and
@@ -534,6 +546,8 @@ def _connect(
     if comm_name is None:
         return False, None
     prepare_comm(be, comm_name, info, undo.setenv)
+    if hangs is not None:
+        hangdump.arm_flight_recorder(comm_name, hangs, os.environ, undo.setenv)
     return _create_process_group(be, comm_name, dev, info, timeout)
 
 

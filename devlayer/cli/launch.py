@@ -9,7 +9,10 @@ Differences from plain ``torchrun``, all about fewer surprises:
 * On one node the rendezvous store runs in this process, listening on 127.0.0.1 only, on
   a free port (never a fixed 29500 that a second job on the machine would collide with).
 * ``OMP_NUM_THREADS`` defaults to cores / local ranks instead of torchrun's 1.
-* The exit code is the failing rank's, and one line names that rank.
+* The exit code is the failing rank's, and one line names that rank; then the hang
+  report of the ranks' dumps (:mod:`devlayer.hangreport`, the folder is
+  ``DEVLAYER_HANG_DIR`` or one per launch), naming how each rank that left no dump ended
+  (its exit code or signal).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import argparse
 import os
 import signal
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from typing import Any
@@ -30,6 +34,8 @@ from devlayer.devices import (
     usable_cpus,
 )
 from devlayer.errors import DevlayerError
+from devlayer.hangdump import default_dir
+from devlayer.hangreport import read_dumps, verdict
 
 __all__ = ["add_arguments", "run"]
 
@@ -182,22 +188,56 @@ def _loopback_store(timeout: timedelta) -> tuple[Any, int]:
     return store, port
 
 
+def _how_it_ended(code: int) -> str:
+    """``exited with code N`` or ``was killed by SIGNAME`` for a process's exit code."""
+    if code >= 0:
+        return f"exited with code {code}"
+    try:
+        return f"was killed by {signal.Signals(-code).name}"
+    except ValueError:
+        return f"was killed by signal {-code}"
+
+
 def _describe_failure(error: Any) -> tuple[int, str]:
     rank, failure = error.get_first_failure()
     code = failure.exitcode
-    if code < 0:
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = f"signal {-code}"
-        return 128 - code, (
-            f"devlayer launch: rank {rank} (local rank {failure.local_rank}, pid {failure.pid}) "
-            f"was killed by {name}"
-        )
-    return code or 1, (
+    line = (
         f"devlayer launch: rank {rank} (local rank {failure.local_rank}, pid {failure.pid}) "
-        f"exited with code {code}"
+        f"{_how_it_ended(code)}"
     )
+    return (128 - code if code < 0 else code or 1), line
+
+
+def _hang_folder(env: Mapping[str, str]) -> str | None:
+    """The ranks' hang folder: ``DEVLAYER_HANG_DIR``, else one for this launch, set for the
+    children (so that this process knows where to read); None when hang reports are off."""
+    settings = Settings.from_env(env)
+    if not settings.hang_reports:
+        return None
+    if settings.hang_dir:
+        return settings.hang_dir
+    folder = str(default_dir("launch", f"pid{os.getpid()}", None))
+    os.environ["DEVLAYER_HANG_DIR"] = folder  # inherited by the children torchrun starts
+    return folder
+
+
+def _hang_summary(folder: str, error: Any, world_size: int, since: float) -> str:
+    """The hang report of the dumps in ``folder`` written since ``since`` (``time.time()``),
+    with how each failed rank that left no dump ended; empty when there is no dump.
+
+    Args:
+        folder: The ranks' hang folder.
+        error: torchrun's ``ChildFailedError`` (its ``failures``: rank -> exit code).
+        world_size: The job's ranks (on this node's launch: the ranks it started).
+        since: When the job started; older dumps are an earlier run's.
+    """
+    reports, _ = read_dumps(folder)
+    reports = {r: doc for r, doc in reports.items() if doc.get("time", 0) >= since}
+    if not reports:
+        return ""
+    exits = {r: _how_it_ended(f.exitcode) for r, f in getattr(error, "failures", {}).items()}
+    world = max([world_size, *(int(d.get("world_size", 0)) for d in reports.values())])
+    return f"hang report (devlayer hangs {folder}):\n{verdict(reports, world, exits)}"
 
 
 def _refuse_nested(env: dict[str, str]) -> None:
@@ -262,11 +302,16 @@ def run(args: argparse.Namespace) -> int:
     else:
         argv += _multi_node_args(args)
     targs = get_args_parser().parse_args([*argv, *_target_args(args)])
+    hangs = _hang_folder(env)
+    started = time.time()
     try:
         torchrun(targs)
     except ChildFailedError as exc:
         code, line = _describe_failure(exc)
         print(line, file=sys.stderr, flush=True)
+        report = _hang_summary(hangs, exc, nproc, started - 1) if hangs is not None else ""
+        if report:
+            print(report, file=sys.stderr, flush=True)
         return code
     finally:
         del store

@@ -23,6 +23,7 @@ from typing import Any
 
 import devlayer
 from devlayer.errors import InvalidArgumentError
+from devlayer.hangdump import comm_failure
 from devlayer.ledger import publish_step
 from devlayer.train.history import EpochSums, TrainingState
 from devlayer.train.loading import to_device
@@ -33,6 +34,9 @@ from devlayer.train.progress import RateLog
 from devlayer.train.strategy import Strategy
 
 __all__ = ["OptimizerSteps", "ends_window", "window_size"]
+
+#: What a failed collective inside ``backward`` is called in its error.
+_GRADIENT_REDUCTION = "the gradient reduction in backward (the strategy's own collective)"
 
 
 def ends_window(index: int, n_batches: int, *, grad_accum: int) -> bool:
@@ -120,7 +124,13 @@ class OptimizerSteps:
             with self.precision.autocast():
                 loss = self.loss(wrapped, batch)
             # No division at grad_accum=1: one autograd node less per step.
-            self.precision.scale(loss / window if window > 1 else loss).backward()
+            try:
+                self.precision.scale(loss / window if window > 1 else loss).backward()
+            except RuntimeError as exc:  # DDP's own all_reduce: torch's error, no report
+                failure = comm_failure(exc, _GRADIENT_REDUCTION)
+                if failure is None:
+                    raise
+                raise failure from exc
         return loss, boundary
 
     def step(self) -> None:

@@ -1,6 +1,6 @@
 """A 2-rank job for the hang-report tests (issue 22), started under torchrun by the tests.
 
-python hang_job.py MODE DIR; each rank prints ``RESULT {json}`` when it ends normally.
+python hang_job.py MODE DIR|env; each rank prints ``RESULT {json}`` when it ends normally.
 
 Modes:
     ok        no hang: rank 1 sends itself SIGUSR1 (a dump; its own handler also runs; the
@@ -35,7 +35,7 @@ def ok(folder: str) -> dict[str, object]:
     seen: list[int] = []
     signal.signal(signal.SIGUSR1, lambda signum, frame: seen.append(signum))
     before = {s: signal.getsignal(s) for s in SIGNALS}
-    devlayer.init(backend="cpu", timeout=60, hang_dir=folder)
+    devlayer.init(backend="cpu", timeout=60, hang_dir=_folder(folder))
     installed = [signal.getsignal(s) is not before[s] for s in SIGNALS]
     for _ in range(3):
         devlayer.all_reduce(torch.ones(4))
@@ -50,7 +50,7 @@ def ok(folder: str) -> dict[str, object]:
 
 
 def stuck(folder: str) -> None:
-    devlayer.init(backend="cpu", timeout=8, hang_dir=folder)
+    devlayer.init(backend="cpu", timeout=8, hang_dir=_folder(folder))
     devlayer.all_reduce(torch.ones(4))
     if devlayer.rank() == 1:
         stuck_in_user_code()
@@ -58,7 +58,7 @@ def stuck(folder: str) -> None:
 
 
 def exit0(folder: str) -> None:
-    devlayer.init(backend="cpu", timeout=8, hang_dir=folder)
+    devlayer.init(backend="cpu", timeout=8, hang_dir=_folder(folder))
     devlayer.all_reduce(torch.ones(4))
     if devlayer.rank() == 1:
         sys.exit(0)
@@ -66,18 +66,23 @@ def exit0(folder: str) -> None:
 
 
 def mismatch(folder: str) -> None:
-    devlayer.init(backend="cpu", timeout=8, hang_dir=folder)
+    devlayer.init(backend="cpu", timeout=8, hang_dir=_folder(folder))
     devlayer.all_reduce(torch.ones(4))
     t = torch.ones(4)
     devlayer.barrier() if devlayer.rank() == 0 else devlayer.all_reduce(t)
 
 
 def kill(folder: str) -> None:
-    devlayer.init(backend="cpu", timeout=8, hang_dir=folder)
+    devlayer.init(backend="cpu", timeout=8, hang_dir=_folder(folder))
     devlayer.all_reduce(torch.ones(4))
     if devlayer.rank() == 1:
         os.kill(os.getpid(), signal.SIGKILL)
     devlayer.all_reduce(torch.ones(4))
+
+
+def _folder(folder: str) -> str | None:
+    """``env``: no ``hang_dir`` argument (DEVLAYER_HANG_DIR, e.g. from devlayer launch)."""
+    return None if folder == "env" else folder
 
 
 def main() -> None:

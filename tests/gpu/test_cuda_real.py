@@ -466,3 +466,45 @@ def test_trainer_steps_never_synchronize_the_gpu(no_launcher):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert trainer.state.global_step == 12
+
+
+# --------------------------------------------------------------------------- 5. hang reports
+
+
+def _rank_one_skips_an_all_reduce() -> None:
+    """Rank 0 waits in an nccl all_reduce that rank 1 never enters (it loops in user code)."""
+    from tests.dist.hang_worker import stuck_in_user_code
+
+    devlayer.all_reduce(torch.ones(4, device=devlayer.device()))
+    if devlayer.rank() == 1:
+        stuck_in_user_code()
+    t = devlayer.all_reduce(torch.ones(4, device=devlayer.device()))
+    t.cpu()  # waits on the GPU: torch's nccl watchdog times the collective out
+
+
+def test_h22_21_nccl_flight_recorder_dumps_into_the_hang_folder(
+    no_launcher, visible_gpus, tmp_path
+):
+    """H22-21 on real GPUs: with 2 ranks on nccl (timeout 20 s) and no flight recorder
+    variable set by the user, torch's flight recorder writes rank 0's dump into the hang
+    folder when its watchdog times the all_reduce out, and the hang report that
+    ``devlayer hangs`` prints names the flight recorder's files."""
+    from devlayer.hangreport import read_dumps, verdict
+
+    _need(visible_gpus, 2)
+    for name in ("TORCH_FR_DUMP_TEMP_FILE", "TORCH_NCCL_DEBUG_INFO_TEMP_FILE"):
+        assert name not in os.environ, f"unset {name} to run this test"
+    with pytest.raises(devlayer.RankFailedError):
+        devlayer.spawn(
+            _rank_one_skips_an_all_reduce,
+            nprocs=2,
+            backend="cuda",
+            timeout=20,
+            join_timeout=240,
+            env={"DEVLAYER_HANG_DIR": str(tmp_path), "DEVLAYER_WATCHDOG": "5"},
+        )
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert "flight_recorder_rank_0" in files, files
+    reports, _ = read_dumps(tmp_path)
+    text = verdict(reports, 2)
+    assert "torch's flight recorder (nccl): rank " in text and "flight_recorder_rank_" in text

@@ -208,3 +208,27 @@ def test_a_stale_dump_from_an_earlier_run_is_not_read(tmp_path: Path) -> None:
     finally:
         hangdump.stop()
     assert "rank(s) 1 left no report" in text, text
+
+
+def test_h22_26_only_a_failed_collective_becomes_a_collective_error(tmp_path: Path) -> None:
+    """H22-26: an error from backward that reads as a failed collective (a timeout, a lost
+    connection) becomes a CollectiveError with the hang report; any other RuntimeError (a
+    shape error) is left to the caller, and nothing is wrapped with hang reports off."""
+    from devlayer import hangdump
+
+    facts = {"rank": 0, "world_size": 2, "launcher": "env", "comm": "gloo"}
+    timeout = RuntimeError("[...unbound_buffer.cc:78] Timed out waiting 8000ms for recv")
+    assert hangdump.comm_failure(timeout, "the gradient reduction") is None  # reports off
+    hangdump.start(facts, folder=str(tmp_path), enabled=True, timeout=10.0, watchdog=0)
+    try:
+        shape = RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x3 and 4x1)")
+        assert hangdump.comm_failure(shape, "the gradient reduction") is None
+        err = hangdump.comm_failure(timeout, "the gradient reduction")
+        assert err is not None and str(err).startswith(
+            "the gradient reduction failed on rank 0 of 2 (gloo): [...unbound_buffer.cc:78] "
+            "Timed out waiting 8000ms for recv. Hang report:\n"
+        ), err
+        lost = RuntimeError("Connection closed by peer [127.0.0.1]:4242")
+        assert hangdump.comm_failure(lost, "x") is not None
+    finally:
+        hangdump.stop()
