@@ -314,5 +314,6 @@ class Checkpointer:
                     self.wait_timeout,
                 )
             writer.clear()
+        self.strategy.release_staging()
         if self.folder is not None:
             self.folder.end()
