@@ -265,17 +265,18 @@ def write_shards(folder: Path, model: Any, optimizer: Any, *, world_size: int) -
         ) from exc
 
 
-def shard_stager(*, pin: bool) -> Any:
+def shard_stager() -> Any:
     """A DCP stager whose CPU copy of this rank's shards is kept and reused between saves.
 
     DCP's default staging allocates a new CPU copy at every save (and deep-copies a CPU
-    ``DTensor`` once more before that): fresh pages cost about ten times the copy itself,
+    ``DTensor`` once more before that): fresh pages cost several times the copy itself,
     all of it on the training thread. This stager allocates once, at the first save, and
     later saves only copy into the same memory (no collective). The copy stays allocated
     until :meth:`close` (one copy of this rank's shards).
 
-    Args:
-        pin: Page-locked memory (an accelerator's device-to-host copy is then faster).
+    The copy is not page-locked: DCP pins its staging memory through CUDA's host-register
+    call only, which would fail on other accelerators; unpinned memory works on every
+    device, with a slower device-to-host copy.
 
     Returns:
         The stager for ``dcp.async_save(async_stager=...)``, or ``None`` where torch has
@@ -287,7 +288,7 @@ def shard_stager(*, pin: bool) -> Any:
         return None
     return staging.DefaultStager(
         staging.StagingOptions(
-            use_pinned_memory=pin,
+            use_pinned_memory=False,
             use_shared_memory=False,
             use_async_staging=False,
             use_non_blocking_copy=False,

@@ -303,7 +303,7 @@ class FSDPStrategy(Strategy):
         """
         folder = _agreed_folder(new_folder)
         if self._stager is None:
-            self._stager = shard_stager(pin=devlayer.device().type != "cpu")
+            self._stager = shard_stager()
         try:
             written = write_shards_async(
                 folder / SHARDS_DIR,

@@ -201,8 +201,8 @@ def test_c24_9_fsdp_background_saves_copy_into_one_staging_buffer(cpu, tmp_path,
 
     recorders = []
 
-    def recording_stager(*, pin):
-        recorders.append(_Recorder(shard_stager(pin=pin)))
+    def recording_stager():
+        recorders.append(_Recorder(shard_stager()))
         return recorders[-1]
 
     monkeypatch.setattr(strategies, "shard_stager", recording_stager, raising=False)
