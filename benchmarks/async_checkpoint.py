@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import shutil
 import subprocess
@@ -262,8 +263,16 @@ def _torchrun(mode: str, args: argparse.Namespace, nproc: int) -> list[dict[str,
         json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")
     ]
     if proc.returncode != 0 or not records:
-        return [{"mode": mode, "rank": 0, "skipped": (proc.stderr or proc.stdout)[-300:].strip()}]
+        return [{"mode": mode, "rank": 0, "skipped": skip_reason(proc.stderr or proc.stdout)}]
     return records
+
+
+def skip_reason(text: str) -> str:
+    """One line for a failed mode: the last ``...Error: ...`` line of its output (a rank's
+    exception, not torchrun's footer), else the last non-empty line."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if re.match(r"[\w.]+(Error|Exception): ", ln)]
+    return (errors or lines or ["failed"])[-1][:200]
 
 
 def table_rows(records: list[dict[str, Any]]) -> list[list[str]]:
@@ -273,7 +282,7 @@ def table_rows(records: list[dict[str, Any]]) -> list[list[str]]:
     rows = []
     for mode, r in by.items():
         if "skipped" in r:
-            rows.append([mode, "skipped", r["skipped"][:60], "", "", "", ""])
+            rows.append([mode, "skipped", skip_reason(r["skipped"])[:80], "", "", "", ""])
             continue
         kind = mode.split("-")[-1]
         sync = by.get(f"sync-{kind}", {}).get("blocked_s_median")

@@ -18,6 +18,11 @@ Steps, each a fresh process (``torchrun --standalone`` for the distributed ones)
 5. ``fsdp``: ``benchmarks/fsdp.py`` once per strategy (DDP, devlayer's FSDP, Accelerate's
    FSDP) at ``--nproc`` ranks: parameter + gradient + optimizer bytes per rank, peak RSS and
    samples/s for a 50 M-parameter MLP (``--quick``: 4 M).
+6. ``checkpoints``: ``benchmarks/async_checkpoint.py --all --writers`` at ``--nproc`` ranks:
+   the time the loop is blocked per checkpoint and samples/s while saving, synchronous vs
+   ``checkpoint_async=True``, DDP and FSDP, with Accelerate's and Fabric's saves for
+   reference, and the thread vs process writer at world 1 (``--quick``: a 1 M-parameter
+   model, the devlayer modes only).
 
 Output: ``benchmarks/results/<UTC time>/`` with ``environment.json``, one ``<step>.jsonl``
 (raw records) and ``<step>.md`` (the step's printed tables) per step, ``summary.md`` (the
@@ -50,12 +55,14 @@ from benchmarks.common import git_state, med_range, table, versions  # noqa: E40
 from benchmarks.training import IMPLS, installed  # noqa: E402
 from devlayer.devices import usable_cpus  # noqa: E402
 
-STEPS = ("startup", "collectives", "training", "memory", "fsdp")
+STEPS = ("startup", "collectives", "training", "memory", "fsdp", "checkpoints")
 MODELS = ("mlp", "cnn")
 PEERS = ("accelerate", "lightning", "pytorch-ignite", "matplotlib")
 TRAIN_REF = "hand-written DDP loop"
 TRAINER = "devlayer.Trainer"
 MEMORY_MODEL = "cnn"
+#: ``--quick``'s checkpoint modes: devlayer's own (the peers' saves only in a full run).
+QUICK_CHECKPOINT_MODES = "none,sync-ddp,async-ddp,sync-fsdp,async-fsdp"
 
 
 # --------------------------------------------------------------------------- running
@@ -81,6 +88,19 @@ def _torchrun(nproc: int, script: str, *args: str) -> list[str]:
         str(ROOT / "benchmarks" / script),
         *args,
     ]
+
+
+def checkpoints_command(nproc: int, quick: bool, jsonl: Path) -> list[str]:
+    """The ``checkpoints`` step: every save mode at ``nproc`` ranks and the writer kinds.
+
+    ``async_checkpoint.py --all`` starts one ``torchrun`` per mode itself (each peak RSS
+    belongs to one mode), so it runs as a plain process here.
+    """
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "async_checkpoint.py")]
+    cmd += ["--all", "--writers", "--nproc", str(nproc), "--json", str(jsonl)]
+    if quick:
+        cmd += ["--quick", "--modes", QUICK_CHECKPOINT_MODES]
+    return cmd
 
 
 def run_step(out: Path, step: str, cmd: list[str], timeout: float) -> float:
@@ -295,7 +315,40 @@ def summary(out: Path, env: dict[str, Any], args: argparse.Namespace, wall: floa
                 fsdp_rows(fsdp),
             ),
         ]
-    return "\n".join(parts) + "\n"
+    return "\n".join(parts + checkpoint_section(read_jsonl(out / "checkpoints.jsonl"))) + "\n"
+
+
+def checkpoint_section(records: list[dict[str, Any]]) -> list[str]:
+    """The summary's checkpoint tables (none when the step did not run)."""
+    from benchmarks.async_checkpoint import table_rows
+
+    runs = [r for r in records if "mode" in r]
+    writers = [r for r in records if r.get("type") == "writer"]
+    parts: list[str] = []
+    if runs:
+        ranks = len({r["rank"] for r in runs})
+        model = next((r["params_m"] for r in runs if "params_m" in r), "?")
+        parts += [
+            f"\n## Checkpoint stalls ({model} M parameters, {ranks} ranks; rank 0's figures; "
+            "target: async blocked <= 0.10x sync)\n",
+            table(
+                ["mode", "blocked s/ckpt", "vs sync", "samples/s", "vs no saves", "ckpt MB"],
+                [row[:6] for row in table_rows(runs)],
+            ),
+        ]
+    if writers:
+        cells = [
+            [w["writer"], f"{w['samples_per_s']:.1f}", f"{w['ratio']:.2f}x", str(w["writes"])]
+            for w in writers
+        ]
+        parts += [
+            "\n## Background writer: thread vs process (world 1, samples/s while writing)\n",
+            table(
+                ["writer", "samples/s", "vs no writer", "writes"],
+                cells,
+            ),
+        ]
+    return parts
 
 
 def fsdp_rows(records: list[dict[str, Any]]) -> list[list[str]]:
@@ -438,6 +491,9 @@ def main(argv: list[str] | None = None) -> int:
         for strategy in ("ddp", "fsdp", "accelerate-fsdp"):
             cmd = _torchrun(args.nproc, "fsdp.py", "--strategy", strategy, *quick)
             run_step(out, "fsdp", [*cmd, "--json", str(out / "fsdp.jsonl")], args.timeout)
+    if "checkpoints" in steps:
+        cmd = checkpoints_command(args.nproc, args.quick, out / "checkpoints.jsonl")
+        run_step(out, "checkpoints", cmd, args.timeout)
     wall = time.perf_counter() - t0
     text = summary(out, env, args, wall)
     if not args.no_plots:

@@ -56,16 +56,19 @@ WAIT_TIMEOUT = 1800.0
 OK, RUNNING, FAILED = 0, 1, 2
 
 
-def stage(obj: Any, *, pin: bool) -> Any:
+def stage(obj: Any, *, pin: bool, into: Any = None) -> Any:
     """A copy of ``obj`` that later training steps cannot change.
 
-    Tensors are copied into new CPU memory (page-locked when ``pin``: an accelerator's
-    device-to-host copy is then faster); dicts, lists and tuples are rebuilt; other values
-    (numbers, strings, ``None``) are immutable and shared.
+    Tensors are copied into CPU memory of their own (page-locked when ``pin``: an
+    accelerator's device-to-host copy is then faster); dicts, lists and tuples are rebuilt;
+    other values (numbers, strings, ``None``) are immutable and shared. With ``into`` (the
+    previous save's copy, no longer read by anyone) a tensor is copied into the one at the
+    same place when shape and dtype match: fresh memory costs several times the copy itself.
 
     Args:
         obj: A payload of state dicts and plain values.
         pin: Allocate page-locked ("pinned") host memory for the copies.
+        into: A copy this function returned before (``None``: allocate everything).
 
     Returns:
         The staged copy.
@@ -74,20 +77,38 @@ def stage(obj: Any, *, pin: bool) -> Any:
 
     if isinstance(obj, torch.Tensor):
         src = obj.detach()
-        out = torch.empty(src.shape, dtype=src.dtype, device="cpu", pin_memory=pin)
+        out = into if _fits(into, src) else None
+        if out is None:
+            out = torch.empty(src.shape, dtype=src.dtype, device="cpu", pin_memory=pin)
         return out.copy_(src)
     if isinstance(obj, Mapping):
-        items = [(k, stage(v, pin=pin)) for k, v in obj.items()]
+        old = into if isinstance(into, Mapping) else {}
+        items = [(k, stage(v, pin=pin, into=old.get(k))) for k, v in obj.items()]
         try:
             return type(obj)(items)  # type: ignore[call-arg]  # OrderedDict stays one
         except TypeError:  # a mapping type built otherwise (defaultdict): a plain dict
             return dict(items)
-    if isinstance(obj, list):
-        return [stage(v, pin=pin) for v in obj]
-    if isinstance(obj, tuple):
-        items = [stage(v, pin=pin) for v in obj]
-        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
+    if isinstance(obj, (list, tuple)):
+        old_items = list(into)[: len(obj)] if isinstance(into, (list, tuple)) else []
+        old_items += [None] * (len(obj) - len(old_items))
+        staged = [stage(v, pin=pin, into=o) for v, o in zip(obj, old_items, strict=True)]
+        if isinstance(obj, list):
+            return staged
+        return type(obj)(*staged) if hasattr(obj, "_fields") else type(obj)(staged)
     return obj
+
+
+def _fits(old: Any, src: Any) -> bool:
+    """``old`` is a CPU tensor ``src`` can be copied into as it is."""
+    import torch
+
+    return (
+        isinstance(old, torch.Tensor)
+        and old.device.type == "cpu"
+        and old.shape == src.shape
+        and old.dtype == src.dtype
+        and old.is_contiguous()
+    )
 
 
 def staged_bytes(obj: Any) -> int:

@@ -81,6 +81,9 @@ class Checkpointer:
         self.writer = Background()
         #: Longest wait for the save in flight (seconds), see :meth:`settle`.
         self.wait_timeout = WAIT_TIMEOUT
+        #: Rank 0's staged payload of the last background save, copied into by the next
+        #: one once that save is settled (kept until :meth:`end`).
+        self._staged: Any = None
 
     @property
     def run_id(self) -> str | None:
@@ -186,7 +189,10 @@ class Checkpointer:
             model, optimizer, lambda: store.new_temp(step)
         )
         main = devlayer.is_main()
-        staged = stage(payload(states), pin=devlayer.device().type != "cpu") if main else None
+        staged = None
+        if main:  # the previous save is settled: its copy is free to be overwritten
+            pin = devlayer.device().type != "cpu"
+            staged = self._staged = stage(payload(states), pin=pin, into=self._staged)
         world = devlayer.world_size()
 
         def work() -> Path | None:
@@ -314,5 +320,7 @@ class Checkpointer:
                     self.wait_timeout,
                 )
             writer.clear()
+        self._staged = None
+        self.strategy.release_staging()
         if self.folder is not None:
             self.folder.end()

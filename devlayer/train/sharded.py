@@ -46,6 +46,7 @@ __all__ = [
     "VerifiedReader",
     "read_shards",
     "restore_state",
+    "shard_stager",
     "training_state",
     "write_shards",
     "write_shards_async",
@@ -264,13 +265,51 @@ def write_shards(folder: Path, model: Any, optimizer: Any, *, world_size: int) -
         ) from exc
 
 
+def shard_stager() -> Any:
+    """A DCP stager whose CPU copy of this rank's shards is kept and reused between saves.
+
+    DCP's default staging allocates a new CPU copy at every save (and deep-copies a CPU
+    ``DTensor`` once more before that): fresh pages cost several times the copy itself,
+    all of it on the training thread. This stager allocates once, at the first save, and
+    later saves only copy into the same memory (no collective). The copy stays allocated
+    until :meth:`close` (one copy of this rank's shards).
+
+    The copy is not page-locked: DCP pins its staging memory through CUDA's host-register
+    call only, which would fail on other accelerators; unpinned memory works on every
+    device, with a slower device-to-host copy.
+
+    Returns:
+        The stager for ``dcp.async_save(async_stager=...)``, or ``None`` where torch has
+        no ``DefaultStager`` (before 2.9): DCP's default staging is used then.
+    """
+    from torch.distributed.checkpoint import staging
+
+    if not hasattr(staging, "DefaultStager"):
+        return None
+    return staging.DefaultStager(
+        staging.StagingOptions(
+            use_pinned_memory=False,
+            use_shared_memory=False,
+            use_async_staging=False,
+            use_non_blocking_copy=False,
+        )
+    )
+
+
 def write_shards_async(
-    folder: Path, model: Any, optimizer: Any, *, world_size: int, group: Any
+    folder: Path,
+    model: Any,
+    optimizer: Any,
+    *,
+    world_size: int,
+    group: Any,
+    stager: Any = None,
 ) -> Callable[[], None]:
     """Stage this rank's shards now and write them into ``folder`` in the background.
 
-    DCP copies the shards to CPU memory before this returns (later steps cannot change
-    what is written); its writer thread then writes and fsyncs them, with its collectives
+    The shards are copied to CPU memory before this returns (later steps cannot change
+    what is written), by ``stager`` (:func:`shard_stager`; ``None``: DCP's default
+    staging); DCP's writer thread then plans, writes and fsyncs them, with its collectives
     on ``group`` (a process group used by nothing else). Every rank calls it with the same
     ``folder``.
 
@@ -288,6 +327,7 @@ def write_shards_async(
             _state(model, optimizer),
             storage_writer=writer,
             process_group=group,
+            async_stager=stager,
             no_dist=world_size == 1,
         )
 

@@ -47,6 +47,7 @@ from devlayer.train.sharded import (
     background_group,
     read_shards,
     restore_state,
+    shard_stager,
     training_state,
     write_shards,
     write_shards_async,
@@ -160,6 +161,9 @@ class Strategy:
             return {}, None, None
         return {"model": model_state, "optimizer": optimizer_state}, None, None
 
+    def release_staging(self) -> None:
+        """Free memory kept between background saves (at the end of ``fit()``)."""
+
     def load_state(
         self, model: Any, optimizer: Any, payload: Mapping[str, Any], path: Path, shards: Any
     ) -> None:
@@ -241,6 +245,7 @@ class FSDPStrategy(Strategy):
 
     def __init__(self, **options: Any) -> None:
         self.options = options
+        self._stager: Any = None  # background saves: this rank's shards' CPU copy, reused
 
     def precision(self, precision: str, device: Any) -> Precision:
         """FSDP casts the gathered parameters itself: no autocast; a sharded fp16 scaler."""
@@ -292,9 +297,13 @@ class FSDPStrategy(Strategy):
 
         DCP's own collectives (its plan and its finish, after which rank 0 has every rank's
         shards and ``.metadata``) run on a gloo group of their own, which nothing else uses:
-        they cannot pair with the training's collectives.
+        they cannot pair with the training's collectives. The staging copy is kept from one
+        save to the next (:func:`~devlayer.train.sharded.shard_stager`): the training thread
+        only copies into it, and it is freed by :meth:`release_staging`.
         """
         folder = _agreed_folder(new_folder)
+        if self._stager is None:
+            self._stager = shard_stager()
         try:
             written = write_shards_async(
                 folder / SHARDS_DIR,
@@ -302,12 +311,19 @@ class FSDPStrategy(Strategy):
                 optimizer,
                 world_size=devlayer.world_size(),
                 group=background_group(devlayer.world_size()),
+                stager=self._stager,
             )
         except BaseException:
             if devlayer.is_main():
                 shutil.rmtree(folder, ignore_errors=True)  # never a half-written checkpoint
             raise
         return {"model": None, "optimizer": None}, folder, written
+
+    def release_staging(self) -> None:
+        """Free the staging copy (call it once no background save is in flight)."""
+        stager, self._stager = self._stager, None
+        if stager is not None:
+            stager.close()
 
     def load_state(
         self, model: Any, optimizer: Any, payload: Mapping[str, Any], path: Path, shards: Any

@@ -16,12 +16,32 @@ import devlayer
 from tests.dist.trainer_worker import make_data, make_model, train
 from tests.helpers import toy_trainer
 
+#: Epochs of the runs compared bitwise (6 steps each): the resume crosses an epoch boundary.
+EPOCHS = 2
+
+
+def failing_background_saves(root: str, strategies: tuple[str, ...]) -> dict[str, Any]:
+    """:func:`failing_background_save` for each strategy in turn, in ``root/<strategy>``
+    (one spawn of the ranks for all of them)."""
+    return {s: failing_background_save(str(Path(root) / s), s) for s in strategies}
+
 
 def failing_background_save(checkpoint_dir: str, strategy: str = "ddp") -> dict[str, Any]:
     """Rank 0's second background write hits ENOSPC (every fsync fails from then on).
 
     Returns the error each rank raised and the step it was at.
     """
+    from devlayer.train import checkpoint
+
+    real_fsync, real_commit = checkpoint.os.fsync, checkpoint.CheckpointStore._commit
+    try:
+        return _fail_second_save(checkpoint_dir, strategy)
+    finally:
+        checkpoint.CheckpointStore._commit = real_commit  # type: ignore[method-assign]
+        checkpoint.os.fsync = real_fsync  # type: ignore[attr-defined]
+
+
+def _fail_second_save(checkpoint_dir: str, strategy: str) -> dict[str, Any]:
     from devlayer.train import checkpoint
 
     if devlayer.rank() == 0:
@@ -187,7 +207,7 @@ def _full(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def async_run(checkpoint_dir: str, strategy: str, stop_after: int) -> dict[str, Any]:
-    """Train ``stop_after`` steps with background saves, then resume to the end of 3 epochs.
+    """Train ``stop_after`` steps with background saves, then resume to the end of 2 epochs.
 
     Rank 0's background write of step ``stop_after - 1`` is held until the training thread
     has finished step ``stop_after`` (its last save logs that it waits), so a payload that
@@ -225,7 +245,7 @@ def async_run(checkpoint_dir: str, strategy: str, stop_after: int) -> dict[str, 
     if devlayer.is_main():
         shutil.rmtree(folder / f"step-{stop_after:09d}")  # resume from the background one
     devlayer.barrier()
-    second = train(checkpoint_dir=checkpoint_dir, checkpoint_every=2, max_epochs=3, **kw)
+    second = train(checkpoint_dir=checkpoint_dir, checkpoint_every=2, max_epochs=EPOCHS, **kw)
     second["leftovers"] = leftovers + [
         p.name for p in folder.iterdir() if p.name.startswith(".tmp-")
     ]
@@ -234,5 +254,11 @@ def async_run(checkpoint_dir: str, strategy: str, stop_after: int) -> dict[str, 
 
 
 def straight_run(strategy: str) -> dict[str, Any]:
-    """3 epochs without checkpoints: the reference."""
-    return _full(train(max_epochs=3, strategy=strategy, val=False))
+    """2 epochs without checkpoints: the reference."""
+    return _full(train(max_epochs=EPOCHS, strategy=strategy, val=False))
+
+
+def straight_then_async(checkpoint_dir: str, strategy: str, stop_after: int) -> dict[str, Any]:
+    """:func:`straight_run`, then :func:`async_run` in the same ranks (one spawn, not two)."""
+    straight = straight_run(strategy)
+    return {"straight": straight["weights"], **async_run(checkpoint_dir, strategy, stop_after)}

@@ -10,7 +10,7 @@ import torch
 
 import devlayer
 from devlayer.train.checkpoint import CheckpointStore
-from tests.dist.async_worker import async_run, failing_background_save, held_writer, straight_run
+from tests.dist.async_worker import failing_background_saves, held_writer, straight_then_async
 
 pytestmark = [pytest.mark.dist, pytest.mark.timeout(300)]
 
@@ -30,38 +30,40 @@ def test_c24_1_background_saves_resume_bitwise(clean_env, tmp_path, strategy):
     """C24-1: 2 ranks save every 2 steps in the background and stop at step 5 (mid-epoch);
     step 4's background write is held until step 5 has changed the weights, and the run's
     last (synchronous) checkpoint is removed, so the resume starts from step 4's background
-    checkpoint. The resumed run ends bitwise equal to a run without checkpoints, on both
-    ranks; no .tmp- entry is left after either clean end and every checkpoint verifies."""
-    straight, _ = _spawn(straight_run, strategy)
+    checkpoint. The resumed run (to the end of epoch 2) ends bitwise equal to a run without
+    checkpoints, on both ranks; no .tmp- entry is left after either clean end and every
+    checkpoint verifies. Both runs share one spawn of the ranks."""
     ckpt = tmp_path / "ckpt"
-    r0, r1 = _spawn(async_run, str(ckpt), strategy, 5)
+    r0, r1 = _spawn(straight_then_async, str(ckpt), strategy, 5)
     assert r0["first_steps"] == 5 and r0["resumed_from"].endswith("step-000000004")
+    assert _same(r0["straight"], r1["straight"])
     for r in (r0, r1):
-        assert _same(r["weights"], straight["weights"]), f"rank {r['rank']} differs"
+        assert _same(r["weights"], r["straight"]), f"rank {r['rank']} differs"
     assert r0["leftovers"] == []
     store = CheckpointStore(ckpt)
-    assert [p.name for p in store.list()][-1] == "step-000000018"
+    assert [p.name for p in store.list()][-1] == "step-000000012"
     for path in store.list():
         store.verify(path)
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_c24_2_full_disk_in_the_background_fails_every_rank_naming_enospc(
-    clean_env, tmp_path, strategy
-):
-    """C24-2: rank 0's second background write hits ENOSPC: at the next step boundary both
-    ranks raise the same CheckpointError naming ENOSPC and the step, the first checkpoint
-    stays newest and verifies, and no temp folder is left."""
-    ckpt = tmp_path / "ckpt"
-    r0, r1 = _spawn(failing_background_save, str(ckpt), strategy)
+def test_c24_2_full_disk_in_the_background_fails_every_rank_naming_enospc(clean_env, tmp_path):
+    """C24-2: rank 0's second background write hits ENOSPC, under DDP and under FSDP (one
+    spawn of the ranks, one run each): at the next step boundary both ranks raise the same
+    CheckpointError naming ENOSPC and the step, the first checkpoint stays newest and
+    verifies, and no temp folder is left."""
+    strategies = ("ddp", "fsdp")
+    r0, r1 = _spawn(failing_background_saves, str(tmp_path), strategies)
     assert r0 == r1, (r0, r1)
-    assert r0["error"].startswith("CheckpointError: the background save of checkpoint step 4")
-    assert "ENOSPC" in r0["error"] and "previous checkpoint stands" in r0["error"]
-    assert r0["step"] < 18  # reported during training, not at the end
-    store = CheckpointStore(ckpt)
-    assert [p.name for p in store.list()] == ["step-000000002"]
-    store.verify(store.list()[0])
-    assert not [p for p in ckpt.iterdir() if p.name.startswith(".tmp-")]
+    for strategy in strategies:
+        error, step = r0[strategy]["error"], r0[strategy]["step"]
+        assert error.startswith("CheckpointError: the background save of checkpoint step 4")
+        assert "ENOSPC" in error and "previous checkpoint stands" in error, strategy
+        assert step < 18, strategy  # reported during training, not at the end
+        ckpt = tmp_path / strategy
+        store = CheckpointStore(ckpt)
+        assert [p.name for p in store.list()] == ["step-000000002"], strategy
+        store.verify(store.list()[0])
+        assert not [p for p in ckpt.iterdir() if p.name.startswith(".tmp-")], strategy
 
 
 def test_c24_3_next_trigger_waits_for_the_save_in_flight_and_says_so(clean_env, tmp_path):

@@ -106,35 +106,39 @@ def test_fsdp_benchmark_two_ranks_holds_half_the_state(tmp_path: Path) -> None:
     assert rows["fsdp"][1] == "yes" and rows["fsdp"][6].endswith("x")
 
 
-@pytest.mark.timeout(400)
-def test_async_checkpoint_benchmark_runs_sync_and_async(tmp_path: Path) -> None:
-    """benchmarks/async_checkpoint.py --quick at world 2: no saves, sync and async DDP each
-    train on both ranks, time their periodic saves and write checkpoints; the table and
-    the thread/process writer comparison are printed."""
+@pytest.mark.timeout(500)
+def test_checkpoints_step_of_the_suite_runs_sync_and_async(tmp_path: Path) -> None:
+    """``python -m benchmarks.run --quick --only checkpoints`` runs
+    benchmarks/async_checkpoint.py at world 2: no saves, sync and async DDP and FSDP each
+    train on both ranks, time their periodic saves and write checkpoints; the thread and
+    process writers each write; summary.md holds both tables."""
     import sys
 
-    out = tmp_path / "async.jsonl"
-    argv = [sys.executable, "-m", "benchmarks.async_checkpoint", "--all", "--writers"]
+    argv = [sys.executable, "-m", "benchmarks.run", "--quick", "--only", "checkpoints"]
     proc = subprocess.run(
-        [*argv, "--quick", "--modes", "none,sync-ddp,async-ddp", "--json", str(out)],
+        [*argv, "--no-plots", "--out", str(tmp_path)],
         capture_output=True,
         text=True,
-        timeout=380,
+        timeout=480,
         env=subprocess_env(),
         cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    records = _records(out)
+    (results,) = tmp_path.iterdir()
+    records = _records(results / "checkpoints.jsonl")
+    modes = ("none", "sync-ddp", "async-ddp", "sync-fsdp", "async-fsdp")
     runs = [r for r in records if "mode" in r]
     assert sorted((r["mode"], r["rank"]) for r in runs) == sorted(
-        (m, k) for m in ("none", "sync-ddp", "async-ddp") for k in (0, 1)
+        (m, k) for m in modes for k in (0, 1)
     ), runs
     by = {r["mode"]: r for r in runs if r["rank"] == 0}
     assert by["none"]["saves"] == 0 and by["none"]["checkpoint_mb"] == 0
-    for mode in ("sync-ddp", "async-ddp"):
+    for mode in modes[1:]:
         assert by[mode]["saves"] == 2 and by[mode]["blocked_s_median"] is not None
         assert by[mode]["checkpoint_mb"] > 0
     writers = [r for r in records if r.get("type") == "writer"]
     assert [r["writer"] for r in writers] == ["none", "thread", "process"]
     assert all(r["writes"] > 0 for r in writers[1:]), writers
-    assert "| async-ddp |" in proc.stdout and "| process |" in proc.stdout
+    summary = (results / "summary.md").read_text()
+    assert "## Checkpoint stalls" in summary and "| async-fsdp |" in summary
+    assert "| process |" in summary

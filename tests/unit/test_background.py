@@ -54,3 +54,26 @@ def test_c24_8_a_failed_writer_reports_its_error_with_the_errno_name():
     bg.start(6, lambda: None)
     assert bg.join(60) and bg.status() == OK and bg.error is None
     assert describe_error(ValueError("x")) == "ValueError: x"
+
+
+def test_c24_10_staging_copies_into_the_previous_copy_where_it_fits():
+    """C24-10: stage(..., into=previous) copies each tensor into the previous save's copy
+    where the shape and dtype match (no new memory for a payload of the same layout, nested
+    containers included), allocates where they do not, and the result still holds the
+    values of this call, not later ones."""
+    w, m = torch.zeros(4), torch.ones(2, 2)
+    live = {"model": OrderedDict(w=w), "opt": [{"m": m, "step": 3}], "t": (torch.zeros(1),)}
+    first = stage(live, pin=False)
+    w.add_(1)
+    second = stage(live, pin=False, into=first)
+    w.add_(1)
+    assert second["model"]["w"].data_ptr() == first["model"]["w"].data_ptr()
+    assert second["opt"][0]["m"].data_ptr() == first["opt"][0]["m"].data_ptr()
+    assert second["t"][0].data_ptr() == first["t"][0].data_ptr()
+    assert second["model"]["w"].tolist() == [1.0] * 4 and second["opt"][0]["step"] == 3
+    assert type(second["model"]) is OrderedDict and type(second["t"]) is tuple
+    grown = {"model": OrderedDict(w=torch.zeros(5)), "opt": [{"m": m.double()}], "t": ()}
+    third = stage(grown, pin=False, into=second)  # another layout: fresh memory, right values
+    assert third["model"]["w"].shape == (5,) and third["opt"][0]["m"].dtype == torch.float64
+    assert third["model"]["w"].data_ptr() != second["model"]["w"].data_ptr()
+    assert third["opt"][0]["m"].tolist() == [[1.0, 1.0], [1.0, 1.0]]

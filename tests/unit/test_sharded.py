@@ -163,3 +163,70 @@ def test_an_optimizer_that_already_stepped_is_refused_under_fsdp(cpu):
     opt.step()
     with pytest.raises(InvalidArgumentError, match="already holds state"):
         rebind_optimizer(opt, parameter_names(model), model)
+
+
+def _full(t):
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _sharded(fsdp):
+    module = make_model()
+    opt = torch.optim.AdamW(module.parameters(), lr=0.01)
+    return fsdp.wrap(module, opt), opt
+
+
+class _Recorder:
+    """Wraps a DCP stager; records where each staged tensor lives and what it held."""
+
+    def __init__(self, inner):
+        self.inner, self.staged = inner, []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def stage(self, state_dict):
+        out = self.inner.stage(state_dict)
+        local = {k: getattr(v, "_local_tensor", v) for k, v in out["model"].items()}
+        self.staged.append({k: (t.data_ptr(), t.clone()) for k, t in local.items()})
+        return out
+
+
+def test_c24_9_fsdp_background_saves_copy_into_one_staging_buffer(cpu, tmp_path, monkeypatch):
+    """C24-9: under FSDP, the background save's staging on the training thread is a copy
+    into CPU memory allocated at the first save and reused by the next (no new allocation,
+    the cost that dominated the blocked time); what each save writes is still its own
+    step's state, though the weights change before its shards are written."""
+    from devlayer.train import strategy as strategies
+    from devlayer.train.sharded import read_shards, shard_stager
+
+    recorders = []
+
+    def recording_stager():
+        recorders.append(_Recorder(shard_stager()))
+        return recorders[-1]
+
+    monkeypatch.setattr(strategies, "shard_stager", recording_stager, raising=False)
+    fsdp = strategies.FSDPStrategy()
+    model, opt = _sharded(fsdp)
+    model(torch.ones(2, 4)).sum().backward()
+    opt.step()  # the optimizer state exists and is staged too
+    expected = []
+    for name in ("a", "b"):
+        folder = tmp_path / name
+        expected.append({k: _full(v).clone() for k, v in model.state_dict().items()})
+        _, temp, written = fsdp.background_state(model, opt, lambda f=folder: f.mkdir() or f)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)  # the next steps change the weights before the write
+        written()
+        assert temp == folder
+    (recorder,) = recorders  # one stager for both saves
+    first, second = recorder.staged
+    assert {k: ptr for k, (ptr, _) in first.items()} == {k: ptr for k, (ptr, _) in second.items()}
+    for name, want in zip(("a", "b"), expected, strict=True):
+        fresh, fresh_opt = _sharded(strategies.FSDPStrategy())
+        files = [p.name for p in (tmp_path / name / "shards").iterdir()]
+        read_shards(tmp_path / name / "shards", files, fresh, fresh_opt, world_size=1)
+        got = {k: _full(v) for k, v in fresh.state_dict().items()}
+        assert all(torch.equal(got[k], want[k]) for k in want), name
+    fsdp.release_staging()
