@@ -66,7 +66,7 @@ from devlayer.collective_checks import (
 from devlayer.config import parse_timeout
 from devlayer.errors import CollectiveError, DevlayerError, InvalidArgumentError
 from devlayer.hangdump import on_collective_error
-from devlayer.ledger import Ledger, new_ledger
+from devlayer.ledger import RUNNING, STATE, Ledger, new_ledger
 from devlayer.lifecycle import State, state
 from devlayer.numbers import decode, encode, pack, unpack
 from devlayer.torchcompat import float_dtype as _float_dtype
@@ -200,7 +200,7 @@ def _fail(ctx: _Ctx, what: str, exc: BaseException) -> CollectiveError:
 def _hang_report(ctx: _Ctx, what: str) -> str:
     """Mark the collective in flight failed; the hang report (empty when they are off)."""
     last = ctx.ledger.last()
-    if last is not None and last[7] == "running":
+    if last is not None and last[STATE] == RUNNING:
         Ledger.fail(last)
     try:
         return on_collective_error(what)

@@ -55,7 +55,18 @@ from typing import Any
 from devlayer.errors import CollectiveError
 from devlayer.hangreport import DUMP_FORMAT, read_dumps, verdict
 from devlayer.hooks import FLIGHT_RECORDERS
-from devlayer.ledger import RUNNING, current, new_ledger, publish_step, published_step
+from devlayer.ledger import (
+    END,
+    OP,
+    RUNNING,
+    SEQ,
+    START,
+    STATE,
+    current,
+    new_ledger,
+    publish_step,
+    published_step,
+)
 
 __all__ = [
     "HangSetup",
@@ -402,7 +413,7 @@ def _quiet_since(setup: HangSetup) -> tuple[float, Any]:
     last = led.last() if led is not None else None
     if last is None:
         return setup.started, None
-    done_at = last[6] if last[7] != RUNNING else last[5]
+    done_at = last[END] if last[STATE] != RUNNING else last[START]
     return max(done_at, setup.started), last
 
 
@@ -417,12 +428,14 @@ def _watch(setup: HangSetup) -> None:
     while not setup.stopping.wait(tick):
         since, last = _quiet_since(setup)
         now = time.monotonic()
-        key = (id(last), last[7] if last is not None else None, since)
+        key = (id(last), last[STATE] if last is not None else None, since)
         if now - since < setup.watchdog or (key == fired_for and now - fired_at < setup.watchdog):
             continue
         first, fired_for, fired_at = key != fired_for, key, now
         pending = (
-            f"; pending: {last[1]} #{last[0]}" if last is not None and last[7] == RUNNING else ""
+            f"; pending: {last[OP]} #{last[SEQ]}"
+            if last is not None and last[STATE] == RUNNING
+            else ""
         )
         path = write_dump(f"watchdog: no collective completed for {setup.watchdog:g}s{pending}")
         _post(setup)

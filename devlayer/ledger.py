@@ -36,8 +36,13 @@ from typing import Any
 __all__ = [
     "DEFAULT_SIZE",
     "DONE",
+    "END",
     "FAILED",
+    "OP",
     "RUNNING",
+    "SEQ",
+    "START",
+    "STATE",
     "Ledger",
     "current",
     "describe",
@@ -52,8 +57,9 @@ DEFAULT_SIZE = 256
 
 RUNNING, DONE, FAILED = "running", "done", "failed"
 
-# Record fields (a list, the cheapest record to build on the per-call path). AT is the
-# call site's instruction offset in CODE (a frame's f_lasti), turned into a line by _line().
+#: Record fields (a list, the cheapest record to build on the per-call path); readers index
+#: records by these names. AT is the call site's instruction offset in CODE (a frame's
+#: f_lasti), turned into a line by line_of().
 SEQ, OP, DETAIL, CODE, AT, START, END, STATE = range(8)
 
 #: Frames from files under this folder are devlayer's; the call site is the first other one.
