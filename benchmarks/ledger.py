@@ -24,9 +24,9 @@ Three measurements, each printed as a table (rank 0):
    on vs off, and an A/A control (off vs off, the same code twice) that shows how large a
    ratio the machine's noise makes by itself; and devlayer vs raw. Each run gives the median
    of the per-round ratios; the table gives the median and [min, max] over the runs.
-4. **Paired call by call**: the ledger on, off, off again (the A/A control), and the
-   ledger's begin before the cost work, and its two parts alone (the call-site search;
-   the record), each with the ledger's ``done``, take turns
+4. **Paired call by call**: the ledger on, on again (a second ledger), off, off again (the
+   A/A control), the ledger's begin before the cost work, and its two parts alone (the
+   call-site search; the record), each with the ledger's ``done``, take turns
    call by call on both ranks (each turn in a new order), each call timed with
    ``perf_counter_ns``; per chunk of calls, each arm's median call (the larger of the 2
    ranks), and the ratio; the table gives the median of the chunks' ratios with a
@@ -320,7 +320,7 @@ def per_call_table(sizes: list[int], chunks: int, calls: int) -> str:
         x = _argument(value)
         arms: list[Impl] = [
             *impls[1:],  # on, off, off again
-            ("on_unswapped", partial(_with_ledger, ledger.Ledger(), x)),
+            ("on_again", partial(_with_ledger, ledger.Ledger(), x)),
             ("before", partial(_with_ledger, _Before(), x)),
             ("site_only", partial(_with_ledger, _SiteOnly(), x)),
             ("record_only", partial(_with_ledger, _RecordOnly(), x)),
@@ -338,14 +338,14 @@ def per_call_table(sizes: list[int], chunks: int, calls: int) -> str:
         "ledger off µs/call: median [min, max] of chunks",
         "ledger on vs off: median (95 % CI) of chunks",
         "A/A control: off vs off",
-        "on, swapped in without comm.Ledger vs off",
+        "on again (a second ledger) vs off",
         "the ledger before the cost work vs off",
         "its call-site search only vs off",
         "its record only vs off",
     ]
     note = (
         f"{chunks} chunks of {calls} calls per arm; the arms take turns call by call (on, "
-        "off, off again, on swapped in as the parts are, the ledger before the cost work, "
+        "off, off again, on again with a second ledger, the ledger before the cost work, "
         "call-site search only, record only; each turn in a new random order), so "
         "a burst of load falls on all of them alike; per chunk each arm's median call (the "
         "larger of the 2 ranks), then the ratio to 'off'."

@@ -56,7 +56,6 @@ from devlayer.errors import CollectiveError
 from devlayer.hangreport import DUMP_FORMAT, read_dumps, verdict
 from devlayer.hooks import FLIGHT_RECORDERS
 from devlayer.ledger import (
-    END,
     OP,
     RUNNING,
     SEQ,
@@ -407,28 +406,39 @@ def _uninstall(setup: HangSetup) -> None:
 # --------------------------------------------------------------------------- watchdog
 
 
-def _quiet_since(setup: HangSetup) -> tuple[float, Any]:
-    """When this rank last completed a collective (or started), and the newest record."""
+def _progress() -> tuple[tuple[int, str | None], Any]:
+    """How far this rank's ledger is (records begun, the newest one's state), and that record.
+
+    A collective that starts or completes changes it; the watchdog times quiet periods from
+    when it last saw it change (records keep no completion time: marking one done is a single
+    store on the per-call path).
+    """
     led = current()
     last = led.last() if led is not None else None
-    if last is None:
-        return setup.started, None
-    done_at = last[END] if last[STATE] != RUNNING else last[START]
-    return max(done_at, setup.started), last
+    return (led.n if led is not None else 0, last[STATE] if last is not None else None), last
 
 
 def _watch(setup: HangSetup) -> None:
     """Dump and post once no collective completed for ``setup.watchdog`` seconds (said on
     stderr once per quiet period), then refresh both every ``setup.watchdog`` seconds while
     the quiet lasts: a rank that moved on (from set-up into a training step that hangs,
-    with no devlayer collective between) is then shown where it is now."""
+    with no devlayer collective between) is then shown where it is now.
+
+    Quiet is timed from the tick at which the ledger was last seen to move (or, for a
+    collective still running, from its start), so to within one tick (at most 1 s).
+    """
     tick = min(1.0, setup.watchdog / 10)
     fired_for: object = None
     fired_at = 0.0
+    seen, since = _progress()[0], setup.started
     while not setup.stopping.wait(tick):
-        since, last = _quiet_since(setup)
+        mark, last = _progress()
         now = time.monotonic()
-        key = (id(last), last[STATE] if last is not None else None, since)
+        if mark != seen:
+            seen = mark
+            since = last[START] if last is not None and last[STATE] == RUNNING else now
+            since = max(since, setup.started)
+        key = (mark, since)
         if now - since < setup.watchdog or (key == fired_for and now - fired_at < setup.watchdog):
             continue
         first, fired_for, fired_at = key != fired_for, key, now

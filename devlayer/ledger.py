@@ -5,14 +5,14 @@ Every devlayer collective at world size > 1 (the tensor and object collectives, 
 bounded ring (:data:`DEFAULT_SIZE` records per ``State``): its sequence number (the same on
 every rank that runs the same program), the operation, a cheap signature (a tensor's shape
 and dtype, a container's type and size), the user's call site (the first frame outside the
-devlayer package), start and end ``time.monotonic()`` and a state (``running``, ``done``,
-``failed``). Nothing here is a collective or touches torch: a record is a Python list, and
-the call site is kept as a code object and the instruction offset in it (``f_lasti``), never
-the frame: the line number and the ``file.py:line`` text are worked out only when a report
-is written (:meth:`Ledger.tail`). Callers that know how many devlayer frames lie between
-them and the user pass ``depth``, so that only the user's frame is looked at (each frame
-looked at costs a frame object; ``docs/performance.md`` has the figures).
-:mod:`devlayer.hangdump` writes the tail into hang reports.
+devlayer package), its start ``time.monotonic()`` (and the time it failed) and a state
+(``running``, ``done``, ``failed``). Nothing here is a collective or touches torch: a
+record is a Python list, and the call site is kept as a code object and the instruction
+offset in it (``f_lasti``), never the frame: the line number and the ``file.py:line`` text
+are worked out only when a report is written (:meth:`Ledger.tail`). Callers that know how
+many devlayer frames lie between them and the user pass ``depth``, so that only the user's
+frame is looked at (each frame looked at costs a frame object; ``docs/performance.md`` has
+the figures). :mod:`devlayer.hangdump` writes the tail into hang reports.
 
 The Trainer publishes its optimizer step with :func:`publish_step` (one assignment).
 
@@ -30,7 +30,7 @@ import os
 import sys
 from collections import deque
 from time import monotonic
-from types import CodeType
+from types import CodeType, FrameType
 from typing import Any
 
 __all__ = [
@@ -59,13 +59,17 @@ RUNNING, DONE, FAILED = "running", "done", "failed"
 
 #: Record fields (a list, the cheapest record to build on the per-call path); readers index
 #: records by these names. AT is the call site's instruction offset in CODE (a frame's
-#: f_lasti), turned into a line by line_of().
+#: f_lasti), turned into a line by line_of(). END is set only when a record fails: marking
+#: one done is a single store (no clock read on the per-call path); the watchdog times quiet
+#: periods by watching :attr:`Ledger.n` and the newest record's state instead.
 SEQ, OP, DETAIL, CODE, AT, START, END, STATE = range(8)
 
 #: Frames from files under this folder are devlayer's; the call site is the first other one.
 _PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 _step: list[int | None] = [None]
+
+_getframe = sys._getframe  # one global lookup on the per-call path, not two
 
 
 class Ledger:
@@ -75,10 +79,11 @@ class Ledger:
         size: How many records to keep (the oldest are dropped).
     """
 
-    __slots__ = ("n", "records")
+    __slots__ = ("_append", "n", "records")
 
     def __init__(self, size: int = DEFAULT_SIZE) -> None:
         self.records: deque[list[Any]] = deque(maxlen=size)
+        self._append = self.records.append
         #: The sequence number of the next record (how many were begun).
         self.n = 0
 
@@ -94,19 +99,20 @@ class Ledger:
                 frames are skipped, so a depth that stops inside devlayer (a devlayer module
                 calling the public function) is still right.
         """
-        frame = sys._getframe(depth)  # only this frame becomes a frame object, not those below
-        while frame.f_code.co_filename.startswith(_PACKAGE) and frame.f_back is not None:
-            frame = frame.f_back
+        frame = _getframe(depth)  # only this frame becomes a frame object, not those below
+        code = frame.f_code
+        if code.co_filename.startswith(_PACKAGE):  # a devlayer module called the collective
+            frame = _outside(frame)
+            code = frame.f_code
         seq = self.n
         self.n = seq + 1
-        rec = [seq, op, detail, frame.f_code, frame.f_lasti, monotonic(), 0.0, RUNNING]
-        self.records.append(rec)
+        rec = [seq, op, detail, code, frame.f_lasti, monotonic(), 0.0, RUNNING]
+        self._append(rec)
         return rec
 
     @staticmethod
     def done(rec: list[Any]) -> None:
-        """Mark ``rec`` completed."""
-        rec[END] = monotonic()
+        """Mark ``rec`` completed (one store: the hot paths in ``comm`` inline it)."""
         rec[STATE] = DONE
 
     @staticmethod
@@ -124,13 +130,20 @@ class Ledger:
         """The newest ``count`` records (default: all kept), oldest first, as JSON-ready dicts.
 
         Each: ``seq``, ``op``, ``detail``, ``site`` (``file.py:line``), ``function``,
-        ``file`` (its path), ``state``, ``started``/``ended`` (``time.monotonic()``; ended is
-        None while running).
+        ``file`` (its path), ``state``, ``started`` (``time.monotonic()``) and ``ended``
+        (when it failed; None while running or done).
         """
         records = list(self.records)
         if count is not None:
             records = records[-count:] if count > 0 else []
         return [_as_dict(rec) for rec in records]
+
+
+def _outside(frame: FrameType) -> FrameType:
+    """The first frame from ``frame`` up that is not devlayer's (the outermost if none is)."""
+    while frame.f_code.co_filename.startswith(_PACKAGE) and frame.f_back is not None:
+        frame = frame.f_back
+    return frame
 
 
 def _as_dict(rec: list[Any]) -> dict[str, Any]:
@@ -144,7 +157,7 @@ def _as_dict(rec: list[Any]) -> dict[str, Any]:
         "file": code.co_filename,
         "state": rec[STATE],
         "started": rec[START],
-        "ended": rec[END] if rec[STATE] != RUNNING else None,
+        "ended": rec[END] if rec[STATE] == FAILED else None,
     }
 
 

@@ -232,3 +232,37 @@ def test_h22_26_only_a_failed_collective_becomes_a_collective_error(tmp_path: Pa
         assert hangdump.comm_failure(lost, "x") is not None
     finally:
         hangdump.stop()
+
+
+@pytest.mark.timeout(60)
+def test_h22_8_the_watchdog_times_quiet_from_progress_not_record_times(
+    monkeypatch, tmp_path
+) -> None:
+    """H22-8: records keep no completion time (marking one done is a single store), so the
+    watchdog times quiet from when it last saw the ledger move: collectives that keep
+    completing for several watchdog periods write no dump; once they stop, it dumps."""
+    import threading
+    import time
+
+    from devlayer import hangdump, ledger
+
+    dumps: list[str] = []
+    monkeypatch.setattr(hangdump, "write_dump", lambda reason, frame=None: dumps.append(reason))
+    monkeypatch.setattr(hangdump, "_post", lambda setup: None)
+    led = ledger.new_ledger()
+    setup = hangdump.HangSetup(folder=tmp_path, facts={"rank": 0}, timeout=10, watchdog=0.4)
+    watcher = threading.Thread(target=hangdump._watch, args=(setup,), daemon=True)
+    watcher.start()
+    try:
+        busy_until = time.monotonic() + 2.0  # five watchdog periods of steady progress
+        while time.monotonic() < busy_until:
+            ledger.Ledger.done(led.begin("all_reduce", "[1] float32"))
+            time.sleep(0.02)
+        assert dumps == []
+        quiet_until = time.monotonic() + 10
+        while not dumps and time.monotonic() < quiet_until:
+            time.sleep(0.05)
+        assert dumps and dumps[0].startswith("watchdog: no collective completed for 0.4s"), dumps
+    finally:
+        setup.stopping.set()
+        watcher.join(5)
