@@ -122,6 +122,32 @@ def hang_reports_off() -> dict[str, Any]:
     }
 
 
+def static_and_compiled() -> dict[str, list[tuple[int, str, str]]]:
+    """Records of 3 steps of a prepared model with ``static_graph=True`` (its first
+    backward reduces every bucket from a callback at its end) and under ``torch.compile``
+    (DDP's graph split per bucket; ``aot_eager``: no C++ toolchain needed)."""
+    out = {}
+    for name, options, backend in (
+        ("static", {"static_graph": True}, None),
+        ("compiled", {}, "aot_eager"),
+    ):
+        torch.manual_seed(0)
+        start = collective_ledger().n
+        model = devlayer.prepare_model(torch.nn.Sequential(torch.nn.Linear(8, 8)), **options)
+        run = torch.compile(model, backend=backend) if backend else model
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for _ in range(STEPS):
+            run(torch.rand(4, 8)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+        out[name] = [(r["seq"], r["op"], r["state"]) for r in _ddp_records(start)]
+    return out
+
+
 def three_rank_round() -> dict[str, Any]:
-    """:func:`recorded_and_plain` and :func:`user_hook_round` in one job."""
-    return {"recorded": recorded_and_plain(), "user": user_hook_round()}
+    """The rounds above in one job."""
+    return {
+        "recorded": recorded_and_plain(),
+        "user": user_hook_round(),
+        "static_and_compiled": static_and_compiled(),
+    }

@@ -84,6 +84,17 @@ def test_h22_h3_a_users_comm_hook_on_the_prepared_model_runs_and_is_recorded(
 
 
 @pytest.mark.timeout(300)
+def test_h22_h7_static_graph_and_torch_compile_are_recorded(three_ranks) -> None:
+    """H22-H7: a prepared model with ``static_graph=True`` and one under ``torch.compile``
+    (DDP's own graph split) each record their one bucket per step, done, numbered alike on
+    every rank."""
+    first = three_ranks[0]["static_and_compiled"]
+    assert [state for _, _, state in first["static"]] == ["done"] * 3, first
+    assert [op for _, op, _ in first["compiled"]] == ["ddp all_reduce"] * 3, first
+    assert all(rank["static_and_compiled"] == first for rank in three_ranks)
+
+
+@pytest.mark.timeout(300)
 def test_h22_h4_with_hang_reports_off_ddp_is_torchs_own(clean_env) -> None:
     """H22-H4: with ``DEVLAYER_HANG_REPORTS=0`` the prepared model has no comm hook
     (DDP's own logging data names none), keeps torch's ``register_comm_hook``, and the
