@@ -146,6 +146,8 @@ def record_bucket(state: DDPRecorder, bucket: Any) -> Any:
     user = state.user
     op = DDP_ALL_REDUCE if user is None else f"ddp {_name(user[0])}"
     detail = f"bucket {bucket.index()} {describe((buf.shape, buf.dtype))}"
+    # No lock: DDP calls this under its reducer's lock, in bucket order, while the training
+    # thread is inside backward and starts no devlayer collective (module docstring).
     rec = collective_ledger().begin_at(op, detail, code, at)
     try:
         if user is not None:
