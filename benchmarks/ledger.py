@@ -33,6 +33,13 @@ Three measurements, each printed as a table (rank 0):
    distribution-free 95 % confidence interval. Pairing by call rather than by block leaves
    the least room for load that comes and goes.
 
+5. **DDP steps with the recording comm hook** (``--skip 5`` leaves it out): a small MLP
+   in DDP with devlayer's recording hook (:func:`devlayer.train.commhooks.record_ddp`,
+   which puts every gradient bucket's all_reduce in the ledger), without it (torch's own
+   DDP), and without it again (the A/A control) take turns step by step as in 4 (forward,
+   backward, SGD step); per chunk each arm's median step (the larger of the 2 ranks), the
+   ratio to "none", and steps/s.
+
 This is a benchmark that prints tables, not a test: it asserts nothing.
 """
 
@@ -443,6 +450,73 @@ def _spread(ratios: list[float]) -> str:
     return f"{pct(statistics.median(ratios))} % [{pct(min(ratios))}, {pct(max(ratios))}]"
 
 
+def _ddp_arm(record: bool) -> Callable[[], object]:
+    """One training step of a fresh small DDP model (about 1 MiB of gradients), with
+    devlayer's recording comm hook or without it."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from devlayer.train.commhooks import record_ddp
+    from devlayer.train.strategy import DDP_DEFAULTS
+
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(256, 256) for _ in range(4)]
+    ddp = DistributedDataParallel(torch.nn.Sequential(*layers), **DDP_DEFAULTS)
+    if record:
+        record_ddp(ddp)
+    opt = torch.optim.SGD(ddp.parameters(), lr=1e-3)
+    x = torch.randn(32, 256)
+
+    def step() -> object:
+        ddp(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return None
+
+    return step
+
+
+def ddp_table(chunks: int, steps: int) -> str:
+    """Measurement 5 (see the module docstring)."""
+    arms: list[Impl] = [
+        ("hook", _ddp_arm(True)),
+        ("none", _ddp_arm(False)),
+        ("none_again", _ddp_arm(False)),
+    ]
+    for _, fn in arms:
+        for _ in range(5):  # DDP rebuilds its buckets after the first step: warm up past it
+            fn()
+    ratios: dict[str, list[float]] = {"hook": [], "none_again": []}
+    step_us: dict[str, list[float]] = {name: [] for name, _ in arms}
+    for _ in range(chunks):
+        meds = _per_call_chunk(arms, steps)
+        for name in ratios:
+            ratios[name].append(meds[name] / meds["none"])
+        for name in step_us:
+            step_us[name].append(meds[name] / 1000)
+    rows = [
+        [
+            name,
+            med_range(step_us[name]),
+            f"{1e6 / statistics.median(step_us[name]):.0f}",
+            overhead_ci(ratios[name]) if name in ratios else "-",
+        ]
+        for name, _ in arms
+    ]
+    head = [
+        "DDP arm",
+        "µs/step: median [min, max] of chunks",
+        "steps/s (median step)",
+        "vs none: median (95 % CI) of chunks",
+    ]
+    note = (
+        f"{chunks} chunks of {steps} steps per arm, taking turns step by step (each turn in "
+        "a new random order); a 4 x Linear(256, 256) MLP, batch 32, SGD; 'hook': devlayer's "
+        "recording comm hook (one ledger record per bucket), 'none': torch's DDP, 'none "
+        "again': the same, the A/A control."
+    )
+    return f"### 5. DDP steps with the recording comm hook\n\n{note}\n\n" + table(head, rows)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", type=int, default=5, help="paired runs (default 5)")
@@ -453,7 +527,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--calls", type=int, default=2000, help="calls per in-situ/CPU block")
     p.add_argument("--blocks", type=int, default=6, help="in-situ and CPU blocks (default 6)")
     p.add_argument("--chunks", type=int, default=12, help="call-by-call chunks (default 12)")
-    p.add_argument("--skip", default="", help="comma-separated measurements to skip (1-4), e.g. 3")
+    p.add_argument("--ddp-steps", type=int, default=100, help="DDP steps per arm per chunk (5)")
+    p.add_argument("--skip", default="", help="comma-separated measurements to skip (1-5), e.g. 3")
     return p.parse_args(argv)
 
 
@@ -480,6 +555,7 @@ def main(argv: list[str] | None = None) -> int:
             ("2", partial(cpu_table, sizes, args.blocks, args.calls // 4)),
             ("3", partial(paired_table, b, sizes, args.runs)),
             ("4", partial(per_call_table, sizes, args.chunks, args.calls // 4)),
+            ("5", partial(ddp_table, args.chunks, args.ddp_steps)),
         ]
         parts = [run() for key, run in measurements if key not in skip]
         if st.is_main:

@@ -89,6 +89,7 @@ __all__ = [
     "barrier",
     "broadcast",
     "broadcast_object",
+    "collective_ledger",
     "Vote",
     "vote_any",
 ]
@@ -993,3 +994,16 @@ def vote_any(flag: bool) -> Vote:
         Ledger.fail(rec)
         raise _fail(ctx, "vote_any", exc) from exc
     return Vote(ctx, box, work, rec)
+
+
+def collective_ledger() -> Ledger:
+    """The ledger this State's collectives record in (DDP's comm hook records there too).
+
+    Example:
+        >>> import devlayer
+        >>> _ = devlayer.init(backend="cpu")
+        >>> collective_ledger().n
+        0
+        >>> _ = devlayer.shutdown()
+    """
+    return _ctx().ledger

@@ -110,6 +110,26 @@ class Ledger:
         self._append(rec)
         return rec
 
+    def begin_at(self, op: str, detail: object, code: CodeType, at: int) -> list[Any]:
+        """:meth:`begin` with the call site given: ``code`` and the offset ``at`` in it.
+
+        For collectives started where the user's frame is not simply up the caller's
+        stack, such as DDP's gradient all_reduce, started by its comm hook inside autograd
+        (:mod:`devlayer.train.commhooks` finds the site). Not thread-safe against
+        :meth:`begin`, and need not be: see that module's docstring.
+
+        Args:
+            op: The operation, e.g. ``"ddp all_reduce"``.
+            detail: Its signature (as for :meth:`begin`).
+            code: The code object of the user's frame.
+            at: The instruction offset in ``code`` (the frame's ``f_lasti``).
+        """
+        seq = self.n
+        self.n = seq + 1
+        rec = [seq, op, detail, code, at, monotonic(), 0.0, RUNNING]
+        self.records.append(rec)
+        return rec
+
     @staticmethod
     def done(rec: list[Any]) -> None:
         """Mark ``rec`` completed (one store: the hot paths in ``comm`` inline it)."""

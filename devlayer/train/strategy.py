@@ -33,6 +33,7 @@ from typing import Any
 import devlayer
 from devlayer.config import short_repr
 from devlayer.errors import InvalidArgumentError
+from devlayer.train.commhooks import record_ddp
 from devlayer.train.errors import CheckpointError
 from devlayer.train.fsdp import (
     full_state_dict,
@@ -212,7 +213,12 @@ class DDPStrategy(Strategy):
         self.ddp_kwargs = ddp_kwargs
 
     def wrap(self, model: Any, optimizer: Any = None, precision: Precision | None = None) -> Any:
-        """DDP around ``model`` on its device (``model`` itself at world size 1)."""
+        """DDP around ``model`` on its device (``model`` itself at world size 1).
+
+        With hang reports on, its gradient buckets are recorded in the collective ledger
+        (:func:`~devlayer.train.commhooks.record_ddp`); a model that is already DDP is
+        returned as it is, unrecorded.
+        """
         st = devlayer.state()
         model.to(st.device)
         if st.world_size == 1:
@@ -225,7 +231,10 @@ class DDPStrategy(Strategy):
         if st.device_index is not None:
             kwargs.setdefault("device_ids", [st.device_index])
             kwargs.setdefault("output_device", st.device_index)
-        return DistributedDataParallel(model, **kwargs)
+        wrapped = DistributedDataParallel(model, **kwargs)
+        if st.settings.hang_reports:
+            record_ddp(wrapped)  # its gradient buckets in the ledger (hang reports)
+        return wrapped
 
 
 class FSDPStrategy(Strategy):

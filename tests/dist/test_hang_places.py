@@ -88,12 +88,33 @@ def test_h22_26_ddp_own_timeout_in_the_trainer_carries_the_hang_report(clean_env
     waits in DDP's own gradient all_reduce, whose timeout raises torch's RuntimeError:
     the Trainer raises a CollectiveError that names the gradient reduction, keeps torch's
     message (and error, as the cause) and carries the hang report naming rank 1 in
-    stuck_in_user_code with its line."""
+    stuck_in_user_code with its line.
+
+    H22-H5: DDP's bucket all_reduce is in the ledger, so the report names it: rank 1 has
+    not entered ``ddp all_reduce #3`` (its last record is step 3's, at the line that called
+    ``fit``), and rank 0 waited in ``ddp all_reduce #3`` with the bucket's signature at
+    that same line of its function until it failed."""
     from tests.dist.hang_worker import trainer_stuck_in_step
 
     text = _spawn_failing(trainer_stuck_in_step, tmp_path)
     assert "CollectiveError: the gradient reduction in backward" in text, text[-3000:]
     assert "failed on rank 0 of 2 (gloo): " in text and "Timed out" in text, text[-3000:]
     assert "Hang report:" in text, text[-3000:]
-    assert "rank 1 ran no collective yet; it is in stuck_in_user_code at hang_worker.py:" in text
+    fit = f"hang_worker.py:{_line_of('trainer.fit(data)')}"
+    assert (
+        "rank 1 has not entered ddp all_reduce #3; it is in stuck_in_user_code at "
+        f"hang_worker.py:{_line_of('time.sleep(0.05)')} (last collective: ddp all_reduce #2 "
+        f"bucket 0 [5] float32 at {fit}, done)"
+    ) in text, text[-3000:]
+    assert f"rank 0 waited in ddp all_reduce #3 bucket 0 [5] float32 at {fit} until it failed" in (
+        text
+    ), text[-3000:]
     assert "The above exception was the direct cause" in text
+
+
+def _line_of(snippet: str) -> int:
+    """The line of ``snippet`` in tests/dist/hang_worker.py (its first occurrence)."""
+    from tests.dist import hang_worker
+
+    lines = Path(hang_worker.__file__).read_text().splitlines()
+    return next(i for i, text in enumerate(lines, 1) if snippet in text)

@@ -70,16 +70,24 @@ def test_collectives_benchmark_two_ranks(tmp_path: Path) -> None:
     assert "### all_reduce" in proc.stdout
 
 
-def test_ledger_benchmark_two_ranks_prints_its_four_measurements() -> None:
+def test_ledger_benchmark_two_ranks_prints_its_five_measurements() -> None:
     argv = torchrun(
         "benchmarks/ledger.py",
         *("--runs", "1", "--repeats", "1", "--rounds", "1", "--block-s", "0.002"),
         *("--calls", "40", "--blocks", "1", "--chunks", "2", "--sizes", "4"),
+        *("--ddp-steps", "3"),
     )
     proc = _run(argv)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    for title in ("in situ and alone", "CPU time per call", "Paired wall time", "call by call"):
+    for title in (
+        "in situ and alone",
+        "CPU time per call",
+        "Paired wall time",
+        "call by call",
+        "DDP steps with the recording comm hook",
+    ):
         assert title in proc.stdout
+    assert "| none_again |" in proc.stdout
     assert "| now: depth hint, f_lasti |" in proc.stdout and "| a Python float (1.5) |" in (
         proc.stdout
     )

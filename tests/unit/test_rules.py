@@ -366,6 +366,7 @@ DIST_OWNERS = {
     "devlayer/lifecycle.py": "creates and destroys the process group",
     "devlayer/comm.py": "the collectives",
     "devlayer/train/fsdp.py": "FSDP2 (fully_shard over a DeviceMesh)",
+    "devlayer/train/commhooks.py": "DDP's comm hook (its bucket all_reduce, recorded)",
     "devlayer/train/sharded.py": "sharded checkpoints (torch.distributed.checkpoint)",
     "devlayer/cli/launch.py": "runs torchrun itself (torch.distributed.run)",
     "devlayer/cli/info.py": "lists the comm backends torch knows (a fact, no process group)",
