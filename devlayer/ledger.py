@@ -127,7 +127,7 @@ class Ledger:
         seq = self.n
         self.n = seq + 1
         rec = [seq, op, detail, code, at, monotonic(), 0.0, RUNNING]
-        self.records.append(rec)
+        self._append(rec)
         return rec
 
     @staticmethod
