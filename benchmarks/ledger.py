@@ -24,9 +24,10 @@ Three measurements, each printed as a table (rank 0):
    on vs off, and an A/A control (off vs off, the same code twice) that shows how large a
    ratio the machine's noise makes by itself; and devlayer vs raw. Each run gives the median
    of the per-round ratios; the table gives the median and [min, max] over the runs.
-4. **Paired call by call**: the ledger on, on again (a second ledger), off, off again (the
-   A/A control), the ledger's begin before the cost work, and its two parts alone (the
-   call-site search; the record), each with the ledger's ``done``, take turns
+4. **Paired call by call**: the ledger on, off, off again (the A/A control), off plus a CPU
+   spin of ``--spin-ns`` where ``begin`` runs (a calibration: what that much CPU work costs
+   in wall time on this machine), the ledger's begin before the cost work, and its two
+   parts alone (the call-site search; the record), each with the ledger's ``done``, take turns
    call by call on both ranks (each turn in a new order), each call timed with
    ``perf_counter_ns``; per chunk of calls, each arm's median call (the larger of the 2
    ranks), and the ratio; the table gives the median of the chunks' ratios with a
@@ -319,7 +320,7 @@ def paired_table(b: Bench, sizes: list[int], runs: int) -> str:
     return f"### 3. Paired wall time\n\n{note}\n\n" + table(head, rows)
 
 
-def per_call_table(sizes: list[int], chunks: int, calls: int) -> str:
+def per_call_table(sizes: list[int], chunks: int, calls: int, spin_ns: int) -> str:
     """Measurement 4 (see the module docstring)."""
     rows = []
     for label, value in [(fmt_bytes(n), n) for n in sizes] + [("a Python float (1.5)", None)]:
@@ -327,7 +328,7 @@ def per_call_table(sizes: list[int], chunks: int, calls: int) -> str:
         x = _argument(value)
         arms: list[Impl] = [
             *impls[1:],  # on, off, off again
-            ("on_again", partial(_with_ledger, ledger.Ledger(), x)),
+            ("spin", partial(_with_ledger, _Spin(spin_ns), x)),
             ("before", partial(_with_ledger, _Before(), x)),
             ("site_only", partial(_with_ledger, _SiteOnly(), x)),
             ("record_only", partial(_with_ledger, _RecordOnly(), x)),
@@ -345,14 +346,14 @@ def per_call_table(sizes: list[int], chunks: int, calls: int) -> str:
         "ledger off µs/call: median [min, max] of chunks",
         "ledger on vs off: median (95 % CI) of chunks",
         "A/A control: off vs off",
-        "on again (a second ledger) vs off",
+        f"off plus {spin_ns} ns of CPU spin where begin is (calibration) vs off",
         "the ledger before the cost work vs off",
         "its call-site search only vs off",
         "its record only vs off",
     ]
     note = (
         f"{chunks} chunks of {calls} calls per arm; the arms take turns call by call (on, "
-        "off, off again, on again with a second ledger, the ledger before the cost work, "
+        "off, off again, off plus a CPU spin, the ledger before the cost work, "
         "call-site search only, record only; each turn in a new random order), so "
         "a burst of load falls on all of them alike; per chunk each arm's median call (the "
         "larger of the 2 ranks), then the ratio to 'off'."
@@ -388,6 +389,23 @@ class _Before(ledger.Ledger):
         rec = [seq, op, detail, frame.f_code, frame.f_lineno, monotonic(), 0.0, ledger.RUNNING]
         self.records.append(rec)
         return rec
+
+
+class _Spin(ledger.Ledger):
+    """No record; ``begin`` spins the CPU for ``ns`` nanoseconds instead (the calibration
+    arm: what that much CPU work before the collective costs in wall time here)."""
+
+    _REC: ClassVar[list[Any]] = [0, "", None, None, 0, 0.0, 0.0, ledger.DONE]
+
+    def __init__(self, ns: int) -> None:
+        super().__init__(size=1)
+        self.ns = ns
+
+    def begin(self, op: str, detail: object = None, depth: int = 1) -> list[Any]:
+        end = perf_counter_ns() + self.ns
+        while perf_counter_ns() < end:
+            pass
+        return self._REC
 
 
 class _SiteOnly(ledger.Ledger):
@@ -527,6 +545,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--calls", type=int, default=2000, help="calls per in-situ/CPU block")
     p.add_argument("--blocks", type=int, default=6, help="in-situ and CPU blocks (default 6)")
     p.add_argument("--chunks", type=int, default=12, help="call-by-call chunks (default 12)")
+    p.add_argument(
+        "--spin-ns",
+        type=int,
+        default=1000,
+        help="CPU spin of measurement 4's calibration arm, ns (default 1000: about the "
+        "ledger's begin in situ, measurement 1)",
+    )
     p.add_argument("--ddp-steps", type=int, default=100, help="DDP steps per arm per chunk (5)")
     p.add_argument("--skip", default="", help="comma-separated measurements to skip (1-5), e.g. 3")
     return p.parse_args(argv)
@@ -554,7 +579,7 @@ def main(argv: list[str] | None = None) -> int:
             ("1", partial(in_situ_table, args.blocks, args.calls)),
             ("2", partial(cpu_table, sizes, args.blocks, args.calls // 4)),
             ("3", partial(paired_table, b, sizes, args.runs)),
-            ("4", partial(per_call_table, sizes, args.chunks, args.calls // 4)),
+            ("4", partial(per_call_table, sizes, args.chunks, args.calls // 4, args.spin_ns)),
             ("5", partial(ddp_table, args.chunks, args.ddp_steps)),
         ]
         parts = [run() for key, run in measurements if key not in skip]

@@ -56,6 +56,7 @@ from devlayer.errors import CollectiveError
 from devlayer.hangreport import DUMP_FORMAT, read_dumps, verdict
 from devlayer.hooks import FLIGHT_RECORDERS
 from devlayer.ledger import (
+    DEFAULT_SIZE,
     OP,
     RUNNING,
     SEQ,
@@ -89,7 +90,7 @@ __all__ = [
 _PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
 #: How many ledger records a dump holds, and a store post.
-DUMP_RECORDS, POST_RECORDS = 64, 8
+DUMP_RECORDS, POST_RECORDS = DEFAULT_SIZE, 8  # a dump holds the whole ring
 _POST_KEY = "devlayer-hang/pos/"
 _COUNT_KEY = "devlayer-hang/posted"
 #: Seconds a peer's clock may lag this one's before its dump counts as older than this job.

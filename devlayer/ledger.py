@@ -52,8 +52,11 @@ __all__ = [
     "published_step",
 ]
 
-#: Records kept per State: enough to see where ranks diverged, small enough to dump.
-DEFAULT_SIZE = 256
+#: Records kept per State: what a dump holds (``hangdump.DUMP_RECORDS``), enough to see
+#: where ranks diverged. Not more: records evicted long after they were made cost cache
+#: misses on the per-call path (a ring of 256 measured about 0.5 point of a 4 B all_reduce
+#: more than one of 64; docs/performance.md).
+DEFAULT_SIZE = 64
 
 RUNNING, DONE, FAILED = "running", "done", "failed"
 
