@@ -237,7 +237,13 @@ class WorldChange:
     new_world: int
 
     def record(self) -> dict[str, Any]:
-        """The metrics-file line of this change (``"event": "world_size_change"``)."""
+        """The metrics-file line of this change: ``"event": "world_size_change"``, its
+        ``global_step``, then :meth:`data`."""
+        return {"event": "world_size_change", "global_step": self.step, **self.data()}
+
+    def data(self) -> dict[str, Any]:
+        """What the loggers get with the ``"world_size_change"`` event: the epoch, both
+        world sizes and what was re-derived."""
         rederived: dict[str, Any] = {}
         if self.old is not None and self.new is not None:
             for name in ("per_rank_batch", "grad_accum", "global_batch"):
@@ -250,8 +256,6 @@ class WorldChange:
         else:
             rederived["data"] = "the interrupted epoch restarts (checkpoint without position)"
         return {
-            "event": "world_size_change",
-            "global_step": self.step,
             "epoch": self.epoch,
             "old_world_size": self.old_world,
             "new_world_size": self.new_world,
@@ -387,8 +391,9 @@ def apply_world_change(trainer: Any, payload: Mapping[str, Any]) -> WorldChange:
 
     Keeps the global batch (the Trainer's ``batch_size`` and ``grad_accum``, and its
     optimizer steps' accumulation, re-derived) or, with ``"rescale_lr"``, scales the
-    learning rate; continues the epoch at its global position; re-seeds per rank; logs it
-    and, on rank 0, records it in the metrics file (docs/checkpoints.md).
+    learning rate; continues the epoch at its global position; re-seeds per rank and logs
+    it. The Trainer then sends it to its loggers as the ``"world_size_change"`` event
+    (docs/checkpoints.md).
 
     Args:
         trainer: The :class:`~devlayer.train.trainer.Trainer` being resumed (after its
@@ -403,7 +408,6 @@ def apply_world_change(trainer: Any, payload: Mapping[str, Any]) -> WorldChange:
     """
     import devlayer
     from devlayer.train.lr_scaling import scale_lr
-    from devlayer.train.metrics import append_metrics
 
     st = devlayer.state()
     change = plan_world_change(
@@ -424,7 +428,5 @@ def apply_world_change(trainer: Any, payload: Mapping[str, Any]) -> WorldChange:
     state.batches_done = change.batches_done
     trainer.epoch_sums.resumed = change.sums
     announce(change, seed=trainer.seed, rank=st.rank, is_main=st.is_main)
-    if st.is_main and trainer.metrics_file is not None:
-        append_metrics(trainer.metrics_file, change.record())
     trainer.world_change = change
     return change

@@ -404,6 +404,9 @@ class Trainer:
         check_batches(len(train_loader), devlayer.rank(), self.max_steps)
         val_loader = load(val_data, shuffle=False) if val_data is not None else None
         self.loggers.start(self)  # after the resume: continue its tracker runs
+        if self.world_change is not None:  # why the curves jump here, in every logger
+            change = self.world_change
+            self.loggers.log_event("world_size_change", change.data(), change.step)
         for cb in self.callbacks:
             cb.on_fit_start(self)
         st = self.state
