@@ -129,7 +129,8 @@ def test_g26_8_rank_zero_alone_writes_and_a_world_size_change_continues(clean_en
 @pytest.mark.trackers
 def test_g26_8_mlflow_run_continues_across_a_world_size_change(clean_env, tmp_path):
     """G26-8: the MLflow run rank 0 started on 2 ranks is the one a 1-rank resume continues:
-    one run, its metric history = the JSONL file's, its parameters from the first start."""
+    one run, its metric history = the JSONL file's, its parameters from the first start.
+    L27-2: the run holds the world-size change as its one event artifact, at step 8."""
     from tests.unit.test_loggers import _mlflow, _mlflow_history
 
     ckpt = tmp_path / "ckpt"
@@ -140,3 +141,5 @@ def test_g26_8_mlflow_run_continues_across_a_world_size_change(clean_env, tmp_pa
     assert [s for s, _ in got] == [e["global_step"] for e in lines]
     assert [v for _, v in got] == pytest.approx([e["train_loss"] for e in lines])
     assert runs[0].data.params["world_size"] == "2"
+    events = [f.path for f in client.list_artifacts(runs[0].info.run_id, "events")]
+    assert events == ["events/00000008-world_size_change.json"]
