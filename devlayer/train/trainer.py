@@ -242,6 +242,7 @@ class Trainer:
     def _reset_run_state(self) -> None:
         """What ``fit()`` builds up: position, wrapped model, precision, stop flags."""
         self.optimization_applied = False
+        self.grow_back_checked = False  # allow_world_size_change vs the launcher, once
         self.bounds.reset()
         #: The precision object (autocast, fp16 scaler), decided in _setup, on the device.
         self.precision_policy: Precision | None = None
