@@ -471,9 +471,8 @@ def grow_back_warning(info: ProcessInfo, allow_world_size_change: bool | str) ->
         f"its agent's shared rendezvous store ({store}=True) and restarts allowed "
         f"({restarts}={info.max_restarts}): the job can shrink, but it cannot grow back, "
         "since (torch 2.13) the surviving rank-0 agent keeps its first round's store address "
-        "and never publishes one for the round in which an agent rejoins (torch's rendezvous "
-        "times "
-        "out). Set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 on every agent "
+        "and never publishes one for the round in which an agent rejoins (torch's "
+        "rendezvous times out). Set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 on every agent "
         "(TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun ...), or start the job with "
         "`devlayer launch`, which sets it; see docs/checkpoints.md, \"With torchrun's "
         'elastic mode"'

@@ -1,9 +1,9 @@
 """What ``Trainer.fit()`` prepares before its first step, in order.
 
 :func:`set_up_fit` initializes devlayer when the script did not, warns once when
-``allow_world_size_change`` cannot grow the job back under its launcher, seeds every generator,
-decides the precision on the device, applies a named optimization once, checks that the
-optimizer holds the model's parameters, lets the strategy wrap the model (then
+``allow_world_size_change`` cannot grow the job back under its launcher, seeds every
+generator, decides the precision on the device, applies a named optimization once, checks
+that the optimizer holds the model's parameters, lets the strategy wrap the model (then
 ``torch.compile`` when asked), applies the learning-rate scaling and builds the loop's parts:
 the :class:`~devlayer.train.steps.OptimizerSteps`, the
 :class:`~devlayer.train.validation.Validator` and the
