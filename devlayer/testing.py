@@ -102,8 +102,13 @@ def torchrun_env(
     master_addr: str = "127.0.0.1",
     master_port: int = 29500,
     restart_count: int = 0,
+    max_restarts: int = 0,
+    agent_store: bool = True,
 ) -> dict[str, str]:
     """The variables ``torchrun`` gives one worker.
+
+    ``agent_store=False`` is what a worker gets with ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``
+    (as under ``devlayer launch``); ``max_restarts`` is torchrun's ``--max-restarts``.
 
     Less the comm libraries' own (torchrun also sets ``TORCH_NCCL_ASYNC_ERROR_HANDLING=1``
     for NCCL): devlayer reads none of them, and vendor names live in ``backends/``.
@@ -123,8 +128,8 @@ def torchrun_env(
         "MASTER_PORT": str(master_port),
         "TORCHELASTIC_RUN_ID": "none",
         "TORCHELASTIC_RESTART_COUNT": str(restart_count),
-        "TORCHELASTIC_MAX_RESTARTS": "0",
-        "TORCHELASTIC_USE_AGENT_STORE": "True",
+        "TORCHELASTIC_MAX_RESTARTS": str(max_restarts),
+        "TORCHELASTIC_USE_AGENT_STORE": str(agent_store),
         "OMP_NUM_THREADS": "1",
     }
 

@@ -77,6 +77,12 @@ class ProcessInfo:
         master_port: Port of the rendezvous store (``None`` for a single process).
         launcher: Name of the detector that matched (``none`` for a single process).
         restart_count: How often an elastic agent restarted the job (torchrun).
+        max_restarts: How often the elastic agent may restart it (torchrun's
+            ``--max-restarts``; 0 elsewhere).
+        agent_store: torchrun's agent shares its rendezvous store with the workers
+            (``TORCHELASTIC_USE_AGENT_STORE=True``, torch's default with a c10d rendezvous
+            unless ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``); such a job cannot grow back
+            (docs/checkpoints.md, "With torchrun's elastic mode").
         sources: Which environment variable (or rule) gave each field.
         notes: Remarks for ``devlayer info`` (e.g. "sbatch shell without srun").
         job_id: The launcher's or scheduler's job id as ``VARIABLE=value``
@@ -104,6 +110,8 @@ class ProcessInfo:
     job_id: str | None = field(default=None, compare=False)
     job_step: str | None = field(default=None, compare=False)
     cpus_per_rank: int | None = field(default=None, compare=False)
+    max_restarts: int = field(default=0, compare=False)
+    agent_store: bool = field(default=False, compare=False)
 
     @property
     def is_distributed(self) -> bool:

@@ -2,7 +2,8 @@
 
 Matches when ``RANK`` is set with one of torchrun's own markers (``TORCHELASTIC_RUN_ID``,
 ``GROUP_RANK``, ``TORCHELASTIC_RESTART_COUNT``); named ``accelerate`` when
-``accelerate launch`` started torchrun.
+``accelerate launch`` started torchrun. Also records the agent's ``--max-restarts`` and
+whether it shares its store with the workers (``ProcessInfo.agent_store``).
 
 Example:
     >>> info = TORCHRUN.detect({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1",
@@ -44,6 +45,7 @@ def _detect(env: Mapping[str, str]) -> ProcessInfo | None:
     r.int("node_rank", "GROUP_RANK", default=0)
     r.int("num_nodes", "GROUP_WORLD_SIZE", default=num_nodes(world, local_world))
     r.int("restart_count", "TORCHELASTIC_RESTART_COUNT", default=0)
+    r.int("max_restarts", "TORCHELASTIC_MAX_RESTARTS", default=0)
     r.check_counts()
     addr = r.str("master_addr", "MASTER_ADDR")
     if addr is None:
@@ -57,7 +59,16 @@ def _detect(env: Mapping[str, str]) -> ProcessInfo | None:
             f"torchrun set RANK but not MASTER_PORT (WORLD_SIZE={world}); is this a torchrun "
             f"child? export MASTER_PORT=<free port, same on every rank>"
         )
-    return r.info(master_addr=addr, master_port=port)
+    return r.info(master_addr=addr, master_port=port, agent_store=_agent_store(r))
+
+
+def _agent_store(r: EnvReader) -> bool:
+    """``TORCHELASTIC_USE_AGENT_STORE`` as torch reads it: ``"True"`` alone means shared."""
+    found = r.first(("TORCHELASTIC_USE_AGENT_STORE",))
+    if found is None:
+        return False
+    r.sources["agent_store"] = found[0]
+    return found[1] == "True"
 
 
 TORCHRUN = Launcher(

@@ -20,12 +20,16 @@ Example:
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from devlayer.train.data import ShardedLoader
-from devlayer.train.errors import WorldSizeChangeError
+from devlayer.train.errors import WorldSizeChangeError, WorldSizeChangeWarning
+
+if TYPE_CHECKING:
+    from devlayer.launchers import ProcessInfo
 
 __all__ = [
     "RESCALE_LR",
@@ -35,6 +39,7 @@ __all__ = [
     "apply_world_change",
     "check_resumable_data",
     "data_position",
+    "grow_back_warning",
     "is_data_position",
     "keep_global_batch",
     "plan_world_change",
@@ -42,6 +47,7 @@ __all__ = [
     "same_plan",
     "requested_plan",
     "reseed_value",
+    "warn_if_cannot_grow_back",
 ]
 
 log = logging.getLogger("devlayer.train")
@@ -237,7 +243,13 @@ class WorldChange:
     new_world: int
 
     def record(self) -> dict[str, Any]:
-        """The metrics-file line of this change (``"event": "world_size_change"``)."""
+        """The metrics-file line of this change: ``"event": "world_size_change"``, its
+        ``global_step``, then :meth:`data`."""
+        return {"event": "world_size_change", "global_step": self.step, **self.data()}
+
+    def data(self) -> dict[str, Any]:
+        """What the loggers get with the ``"world_size_change"`` event: the epoch, both
+        world sizes and what was re-derived."""
         rederived: dict[str, Any] = {}
         if self.old is not None and self.new is not None:
             for name in ("per_rank_batch", "grad_accum", "global_batch"):
@@ -250,8 +262,6 @@ class WorldChange:
         else:
             rederived["data"] = "the interrupted epoch restarts (checkpoint without position)"
         return {
-            "event": "world_size_change",
-            "global_step": self.step,
             "epoch": self.epoch,
             "old_world_size": self.old_world,
             "new_world_size": self.new_world,
@@ -387,8 +397,9 @@ def apply_world_change(trainer: Any, payload: Mapping[str, Any]) -> WorldChange:
 
     Keeps the global batch (the Trainer's ``batch_size`` and ``grad_accum``, and its
     optimizer steps' accumulation, re-derived) or, with ``"rescale_lr"``, scales the
-    learning rate; continues the epoch at its global position; re-seeds per rank; logs it
-    and, on rank 0, records it in the metrics file (docs/checkpoints.md).
+    learning rate; continues the epoch at its global position; re-seeds per rank and logs
+    it. The Trainer then sends it to its loggers as the ``"world_size_change"`` event
+    (docs/checkpoints.md).
 
     Args:
         trainer: The :class:`~devlayer.train.trainer.Trainer` being resumed (after its
@@ -403,7 +414,6 @@ def apply_world_change(trainer: Any, payload: Mapping[str, Any]) -> WorldChange:
     """
     import devlayer
     from devlayer.train.lr_scaling import scale_lr
-    from devlayer.train.metrics import append_metrics
 
     st = devlayer.state()
     change = plan_world_change(
@@ -424,7 +434,60 @@ def apply_world_change(trainer: Any, payload: Mapping[str, Any]) -> WorldChange:
     state.batches_done = change.batches_done
     trainer.epoch_sums.resumed = change.sums
     announce(change, seed=trainer.seed, rank=st.rank, is_main=st.is_main)
-    if st.is_main and trainer.metrics_file is not None:
-        append_metrics(trainer.metrics_file, change.record())
     trainer.world_change = change
     return change
+
+
+def grow_back_warning(info: ProcessInfo, allow_world_size_change: bool | str) -> str | None:
+    """Why a job that asks to change its world size cannot grow back, else ``None``.
+
+    Under torchrun with a shared agent store (``ProcessInfo.agent_store``, which only the
+    torchrun detector sets: ``accelerate launch`` runs torchrun) and restarts allowed
+    (``max_restarts > 0``), torch 2.13's surviving rank-0 agent keeps the store
+    address of its first rendezvous round and never publishes one for the round in which
+    an agent rejoins, so growing back times out inside torch (shrinking works).
+
+    Args:
+        info (ProcessInfo): This process, as its launcher described it.
+        allow_world_size_change (bool | str): The Trainer's option.
+
+    Returns:
+        str | None: The warning's text (the variables that say so, why, the fix).
+
+    Example:
+        >>> from devlayer.launchers import ProcessInfo
+        >>> grow_back_warning(ProcessInfo(launcher="torchrun", max_restarts=3), True) is None
+        True
+        >>> info = ProcessInfo(launcher="torchrun", max_restarts=3, agent_store=True)
+        >>> "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun" in grow_back_warning(info, True)
+        True
+    """
+    if not allow_world_size_change or not info.agent_store or info.max_restarts <= 0:
+        return None
+    store = info.sources.get("agent_store", "agent_store")
+    restarts = info.sources.get("max_restarts", "max_restarts")
+    return (
+        f"allow_world_size_change={allow_world_size_change!r} under {info.launcher} with "
+        f"its agent's shared rendezvous store ({store}=True) and restarts allowed "
+        f"({restarts}={info.max_restarts}): the job can shrink, but it cannot grow back, "
+        "since (torch 2.13) the surviving rank-0 agent keeps its first round's store address "
+        "and never publishes one for the round in which an agent rejoins (torch's "
+        "rendezvous times out). Set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 on every agent "
+        "(TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun ...), or start the job with "
+        "`devlayer launch`, which sets it; see docs/checkpoints.md, \"With torchrun's "
+        'elastic mode"'
+    )
+
+
+def warn_if_cannot_grow_back(trainer: Any) -> None:
+    """Warn (:class:`~devlayer.train.errors.WorldSizeChangeWarning`, rank 0, once per
+    Trainer) when :func:`grow_back_warning` has a text for ``trainer``'s process."""
+    import devlayer
+
+    if trainer.grow_back_checked:
+        return
+    trainer.grow_back_checked = True
+    st = devlayer.state()
+    text = grow_back_warning(st.process, trainer.allow_world_size_change)
+    if text is not None and st.is_main:
+        warnings.warn(text, WorldSizeChangeWarning, stacklevel=2)

@@ -1,4 +1,4 @@
-"""Errors (and the warning) of the training layer, shared by its modules."""
+"""Errors (and the warnings) of the training layer, shared by its modules."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ __all__ = [
     "LoggerExtraMissingError",
     "LoggerWarning",
     "WorldSizeChangeError",
+    "WorldSizeChangeWarning",
     "PreemptedError",
 ]
 
@@ -49,6 +50,12 @@ class WorldSizeChangeError(CheckpointWorldSizeError):
     """A resume at another world size cannot continue the run exactly (the global batch
     does not split, or the training data's position cannot be carried); the message
     names what was seen and the fix."""
+
+
+class WorldSizeChangeWarning(UserWarning):
+    """``allow_world_size_change`` is set where the job cannot change its world size as
+    asked (torchrun's shared store cannot grow back); the message names the setting
+    that says so, why, and the fix."""
 
 
 class CheckpointInUseError(CheckpointError):

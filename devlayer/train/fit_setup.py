@@ -1,8 +1,9 @@
 """What ``Trainer.fit()`` prepares before its first step, in order.
 
-:func:`set_up_fit` initializes devlayer when the script did not, seeds every generator,
-decides the precision on the device, applies a named optimization once, checks that the
-optimizer holds the model's parameters, lets the strategy wrap the model (then
+:func:`set_up_fit` initializes devlayer when the script did not, warns once when
+``allow_world_size_change`` cannot grow the job back under its launcher, seeds every
+generator, decides the precision on the device, applies a named optimization once, checks
+that the optimizer holds the model's parameters, lets the strategy wrap the model (then
 ``torch.compile`` when asked), applies the learning-rate scaling and builds the loop's parts:
 the :class:`~devlayer.train.steps.OptimizerSteps`, the
 :class:`~devlayer.train.validation.Validator` and the
@@ -14,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 import devlayer
+from devlayer.train.elastic import warn_if_cannot_grow_back
 from devlayer.train.options import check_optimizer_params
 from devlayer.train.payload import TrainerPayload
 from devlayer.train.seed import seed_everything
@@ -33,6 +35,7 @@ def set_up_fit(trainer: Any) -> None:
     if not devlayer.is_initialized():
         devlayer.init()
     st = devlayer.state()
+    warn_if_cannot_grow_back(trainer)  # once per Trainer, on rank 0
     seed_everything(trainer.seed)
     trainer.device = st.device
     trainer.precision_policy = trainer.strategy.precision(trainer.precision, trainer.device)

@@ -7,7 +7,7 @@ entries and steps as the JSONL file) and closes them when ``fit()`` ends. A resu
 (``resume="auto"`` or a path, at any world size) continues the same run of each tracker.
 
 A logger of your own subclasses :class:`Logger` and implements ``log_metrics`` (and, if it
-wants them, ``log_hparams``, ``open`` and ``close``):
+wants them, ``log_hparams``, ``log_event``, ``open`` and ``close``):
 
 Example:
     >>> class PrintLogger(Logger):
@@ -20,11 +20,12 @@ Example:
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import time
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ __all__ = [
     "NAMES",
     "TensorBoardLogger",
     "check_loggers",
+    "event_record",
     "require_extra",
     "run_folder",
     "scalars",
@@ -89,8 +91,30 @@ class Logger(ABC):
     def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
         """Record one epoch's entry (as in the history) at optimizer step ``step``."""
 
+    def log_event(  # noqa: B027 (optional hook)
+        self, name: str, data: Mapping[str, Any], step: int
+    ) -> None:
+        """Record something that happened to the run at optimizer step ``step``.
+
+        Args:
+            name (str): What happened, e.g. ``"world_size_change"`` (a resume at another
+                world size, the reason a loss curve may jump there).
+            data (Mapping[str, Any]): Its details, JSON-serializable.
+            step (int): The optimizer step it happened at.
+        """
+
     def close(self) -> None:  # noqa: B027 (optional hook)
         """Flush and release; called when ``fit()`` returns or raises."""
+
+
+def event_record(name: str, data: Mapping[str, Any], step: int) -> dict[str, Any]:
+    """An event as the JSONL file holds it: its name and step first, then its data.
+
+    Example:
+        >>> event_record("world_size_change", {"old_world_size": 2}, 8)
+        {'event': 'world_size_change', 'global_step': 8, 'old_world_size': 2}
+    """
+    return {"event": name, "global_step": step, **data}
 
 
 def scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
@@ -183,6 +207,11 @@ class JsonlLogger(Logger):
         """Append the whole entry (flags and strings included) as one line."""
         append_metrics(self.path, metrics)
 
+    def log_event(self, name: str, data: Mapping[str, Any], step: int) -> None:
+        """Append ``{"event": name, "global_step": step, **data}`` as one line (not an
+        epoch: ``devlayer plot`` marks it on the figure)."""
+        append_metrics(self.path, event_record(name, data, step))
+
     def __repr__(self) -> str:
         return f"JsonlLogger({os.fspath(self.path)!r})"
 
@@ -233,6 +262,13 @@ class TensorBoardLogger(Logger):
         """One scalar per number of the entry, at ``step``; flushed at once."""
         for key, value in scalars(metrics).items():
             self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+
+    def log_event(self, name: str, data: Mapping[str, Any], step: int) -> None:
+        """A text entry ``events/<name>`` at ``step`` (the TEXT tab): the data as JSON."""
+        text = json.dumps(dict(data), indent=2, default=str)
+        # Indented four spaces: a code block in the TEXT tab's markdown, kept as written.
+        self.writer.add_text(f"events/{name}", "    " + text.replace("\n", "\n    "), step)
         self.writer.flush()
 
     def close(self) -> None:
@@ -322,6 +358,12 @@ class MLflowLogger(Logger):
         now = int(time.time() * 1000)
         batch = [Metric(k, v, now, step) for k, v in scalars(metrics).items()]
         self.client.log_batch(self.run_id, metrics=batch)
+
+    def log_event(self, name: str, data: Mapping[str, Any], step: int) -> None:
+        """The JSON artifact ``events/<step, 8 digits>-<name>.json`` of the run (the
+        JSONL line's fields), listed in step order in the run's artifacts."""
+        record = json.loads(json.dumps(event_record(name, data, step), default=str))
+        self.client.log_dict(self.run_id, record, f"events/{step:08d}-{name}.json")
 
     def close(self) -> None:
         """Mark the run finished (a resume sets it running again)."""
@@ -473,16 +515,25 @@ class Loggers:
     def log_metrics(self, metrics: Mapping[str, Any]) -> None:
         """One epoch's entry to every open logger, at its ``global_step`` (rank 0)."""
         step = int(metrics["global_step"])
+        self._each(f"step {step}", lambda logger: logger.log_metrics(metrics, step))
+
+    def log_event(self, name: str, data: Mapping[str, Any], step: int) -> None:
+        """One event (see :meth:`Logger.log_event`) to every open logger (rank 0: the
+        other ranks have none open)."""
+        self._each(f"event {name!r} at step {step}", lambda x: x.log_event(name, data, step))
+
+    def _each(self, what: str, call: Callable[[Logger], None]) -> None:
+        """``call`` each open logger; one that raises is dropped with a LoggerWarning."""
         for logger in list(self.open_items):
             try:
-                logger.log_metrics(metrics, step)
+                call(logger)
             except Exception as exc:
                 self.open_items.remove(logger)
                 warnings.warn(
-                    f"{logger!r} failed to log step {step} ({type(exc).__name__}: {exc}); "
+                    f"{logger!r} failed to log {what} ({type(exc).__name__}: {exc}); "
                     "it is dropped for the rest of this fit(), training goes on",
                     LoggerWarning,
-                    stacklevel=2,
+                    stacklevel=3,
                 )
 
     def close(self) -> None:

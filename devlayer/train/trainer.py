@@ -242,6 +242,7 @@ class Trainer:
     def _reset_run_state(self) -> None:
         """What ``fit()`` builds up: position, wrapped model, precision, stop flags."""
         self.optimization_applied = False
+        self.grow_back_checked = False  # allow_world_size_change vs the launcher, once
         self.bounds.reset()
         #: The precision object (autocast, fp16 scaler), decided in _setup, on the device.
         self.precision_policy: Precision | None = None
@@ -404,6 +405,9 @@ class Trainer:
         check_batches(len(train_loader), devlayer.rank(), self.max_steps)
         val_loader = load(val_data, shuffle=False) if val_data is not None else None
         self.loggers.start(self)  # after the resume: continue its tracker runs
+        if self.world_change is not None:  # why the curves jump here, in every logger
+            change = self.world_change
+            self.loggers.log_event("world_size_change", change.data(), change.step)
         for cb in self.callbacks:
             cb.on_fit_start(self)
         st = self.state

@@ -133,7 +133,9 @@ def test_e23_9_a_killed_agent_leaves_the_survivor_training_exactly(tmp_path):
     train at world size 2; SIGKILL to the second agent and its worker: the survivor
     re-rendezvouses, resumes the last checkpoint at world size 1 (global batch kept,
     ``grad_accum`` 2) and finishes; the metrics file records the change, and every step
-    of the run trained on the samples of an uninterrupted run."""
+    of the run trained on the samples of an uninterrupted run. L27-4: torch's shared
+    store is on (no ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE``), so rank 0's Trainer warns,
+    from the variables real torchrun gave it, that the job could not grow back."""
     port = free_port()
     first = _agent(tmp_path, port, "first")
     time.sleep(1.0)  # the first agent hosts the rendezvous store
@@ -155,6 +157,8 @@ def test_e23_9_a_killed_agent_leaves_the_survivor_training_exactly(tmp_path):
     log = (tmp_path / "first.log").read_text()
     assert first.returncode == 0, log[-4000:]
     assert f"DONE rank=0 world=1 step={2 * STEPS_PER_EPOCH}" in log, log[-4000:]
+    assert "WorldSizeChangeWarning" in log, log[-4000:]
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun" in log, log[-4000:]
     events = [
         json.loads(line)
         for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
@@ -220,6 +224,8 @@ def _grows_back(tmp_path: Path, start: Any) -> None:
     done = f"world=2 step={2 * STEPS_PER_EPOCH}"
     assert f"DONE rank=0 {done}" in logs["first"], logs["first"][-4000:]
     assert f"DONE rank=1 {done}" in logs["again"], logs["again"][-4000:]
+    # L27-4: the store is not shared, so the job can grow back: no warning says otherwise.
+    assert not [name for name, log in logs.items() if "WorldSizeChangeWarning" in log]
     assert _world_changes(tmp_path) == [(2, 1, [1, 2]), (1, 2, [2, 1])]
     assert _steps_kept(tmp_path) == _expected()
 
@@ -234,7 +240,7 @@ def test_e23_10_a_killed_agent_started_again_grows_the_job_back(tmp_path):
     ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``: with torch's shared store the surviving rank-0
     agent keeps the bootstrap address of its first round and never publishes
     ``MASTER_ADDR`` for the new round, so the rejoining agent times out (see
-    docs/checkpoints.md)."""
+    docs/checkpoints.md). L27-4: no WorldSizeChangeWarning in the agents' logs."""
     env = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
     _grows_back(tmp_path, lambda port, name: _agent(tmp_path, port, name, str(HOLD_STEP), **env))
 
@@ -271,5 +277,6 @@ def test_e23_13_devlayer_launch_agents_grow_back_with_no_extra_setting(tmp_path)
     """E23-13: the same as E23-10 with ``devlayer launch --nnodes=1:2 --rdzv-endpoint=...``
     agents and no torch variable set by the user: ``devlayer launch`` turns torch's shared
     rendezvous store off for a c10d rendezvous, so a killed agent started again grows the
-    job back to world size 2, exactly."""
+    job back to world size 2, exactly. L27-4: no WorldSizeChangeWarning in the agents'
+    logs."""
     _grows_back(tmp_path, lambda port, name: _launch_agent(tmp_path, port, name))

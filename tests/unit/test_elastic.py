@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from typing import Any
 
 import pytest
 import torch
@@ -21,11 +22,14 @@ from torch.utils.data import (
 
 import devlayer
 from devlayer.errors import InvalidArgumentError
+from devlayer.launchers import ProcessInfo, detect
+from devlayer.testing import slurm_env, torchrun_env
 from devlayer.train.data import GlobalOrder
 from devlayer.train.elastic import (
     BatchPlan,
     check_resumable_data,
     data_position,
+    grow_back_warning,
     keep_global_batch,
     plan_world_change,
     rescaled_plan,
@@ -264,3 +268,108 @@ def test_e23_2_the_opt_in_is_checked_with_the_other_options():
     devlayer.Trainer(net, opt, torch.nn.functional.mse_loss, allow_world_size_change="rescale_lr")
     with pytest.raises(InvalidArgumentError, match=r"'rescale'.*'rescale_lr'"):
         devlayer.Trainer(net, opt, torch.nn.functional.mse_loss, allow_world_size_change="rescale")
+
+
+# --------------------------------------------------------------------------- growing back
+
+
+def _torchrun(**kwargs: Any) -> ProcessInfo:
+    return detect(torchrun_env(0, 2, **kwargs))
+
+
+def test_l27_4_growing_back_under_the_shared_store_is_named_with_its_fix():
+    """L27-4: ``grow_back_warning`` returns a text exactly when ``allow_world_size_change``
+    is set (True or "rescale_lr"), the launcher is torchrun, its agent store is shared
+    and restarts are allowed; the text names the variable that says so, why growing back
+    fails and both fixes. Each condition off alone gives None."""
+    bad = _torchrun(max_restarts=3)
+    for allow in (True, "rescale_lr"):
+        text = grow_back_warning(bad, allow)
+        assert text is not None
+        for part in (
+            f"allow_world_size_change={allow!r}",
+            "TORCHELASTIC_USE_AGENT_STORE=True",
+            "TORCHELASTIC_MAX_RESTARTS=3",
+            "rejoins",
+            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun",
+            "devlayer launch",
+            "docs/checkpoints.md",
+        ):
+            assert part in text, (part, text)
+    assert grow_back_warning(bad, False) is None
+    assert grow_back_warning(_torchrun(max_restarts=0), True) is None
+    assert grow_back_warning(_torchrun(max_restarts=3, agent_store=False), True) is None
+    # Another launcher: torchrun's variables left in its environment are not its facts.
+    stray = {"TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_MAX_RESTARTS": "3"}
+    other = detect({**slurm_env(0, 2), **stray})
+    assert other.launcher == "slurm"
+    assert grow_back_warning(other, True) is None
+    assert grow_back_warning(ProcessInfo(), True) is None
+    assert grow_back_warning(_torchrun(max_restarts=3, agent_store=False), "rescale_lr") is None
+
+
+def test_l27_4_no_warning_under_devlayer_launch(monkeypatch):
+    """L27-4: ``devlayer launch`` sets ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``, so torch's
+    c10d handler does not share its store and tells the workers
+    ``TORCHELASTIC_USE_AGENT_STORE=False``: no warning (without the variable torch says
+    True, and the warning is due)."""
+    from torch.distributed.elastic.rendezvous.dynamic_rendezvous import (
+        DynamicRendezvousHandler,
+    )
+
+    shared = DynamicRendezvousHandler.use_agent_store.fget  # reads only the variable
+    monkeypatch.delenv("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", raising=False)
+    assert shared(None) is True
+    assert grow_back_warning(_torchrun(max_restarts=3, agent_store=shared(None)), True)
+    monkeypatch.setenv("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    assert shared(None) is False
+    assert grow_back_warning(_torchrun(max_restarts=3, agent_store=shared(None)), True) is None
+
+
+def _fit_under_torchrun(monkeypatch, allow: bool, times: int = 1, **env: Any) -> list[Any]:
+    """``times`` fits of one Trainer at world size 1 with torchrun's variables set by hand;
+    the WorldSizeChangeWarnings they raised."""
+    import warnings
+
+    from devlayer.testing import free_port
+    from devlayer.train.errors import WorldSizeChangeWarning
+
+    for name, value in torchrun_env(0, 1, master_port=free_port(), **env).items():
+        monkeypatch.setenv(name, value)
+    net = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    trainer = devlayer.Trainer(
+        net,
+        opt,
+        torch.nn.functional.mse_loss,
+        batch_size=4,
+        max_epochs=1,
+        allow_world_size_change=allow,
+        progress=False,
+        num_workers=0,
+    )
+    data = TensorDataset(torch.randn(8, 2), torch.randn(8, 1))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            for _ in range(times):
+                trainer.fit(data)
+        finally:
+            devlayer.shutdown()
+    return [w for w in caught if issubclass(w.category, WorldSizeChangeWarning)]
+
+
+@pytest.mark.timeout(300)
+def test_l27_4_the_trainer_warns_once_under_torchrun_with_the_shared_store(clean_env):
+    """L27-4: a Trainer with ``allow_world_size_change=True`` under torchrun's variables
+    (shared agent store, ``--max-restarts=3``) warns once with WorldSizeChangeWarning (a
+    UserWarning) over two ``fit()`` calls, naming the fix; without the opt-in, with
+    ``--max-restarts=0`` or without the shared store it does not warn."""
+    from devlayer.train.errors import WorldSizeChangeWarning
+
+    assert issubclass(WorldSizeChangeWarning, UserWarning)
+    (found,) = _fit_under_torchrun(clean_env, True, times=2, max_restarts=3)
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun" in str(found.message)
+    assert _fit_under_torchrun(clean_env, False, max_restarts=3) == []
+    assert _fit_under_torchrun(clean_env, True, max_restarts=0) == []
+    assert _fit_under_torchrun(clean_env, True, max_restarts=3, agent_store=False) == []

@@ -596,6 +596,27 @@ def test_torchrun_restart_count() -> None:
     assert detect(torchrun_env(1, 2)).restart_count == 0
 
 
+def test_l27_3_torchrun_records_its_agent_store_and_max_restarts() -> None:
+    """L27-3: the torchrun detector records ``TORCHELASTIC_USE_AGENT_STORE`` (true only for
+    ``"True"``, torch's own test) and ``TORCHELASTIC_MAX_RESTARTS`` on ProcessInfo, with
+    their sources; without them (an older torchrun) both are off; a max_restarts that is no
+    integer is refused naming the variable."""
+    info = detect(torchrun_env(1, 2, max_restarts=3))
+    assert (info.agent_store, info.max_restarts) == (True, 3)
+    assert info.sources["agent_store"] == "TORCHELASTIC_USE_AGENT_STORE"
+    assert info.sources["max_restarts"] == "TORCHELASTIC_MAX_RESTARTS"
+    assert detect(torchrun_env(1, 2, agent_store=False)).agent_store is False
+    for odd in ("true", "1", ""):
+        env = {**torchrun_env(1, 2), "TORCHELASTIC_USE_AGENT_STORE": odd}
+        assert detect(env).agent_store is False, odd
+    env = torchrun_env(1, 2)
+    del env["TORCHELASTIC_USE_AGENT_STORE"], env["TORCHELASTIC_MAX_RESTARTS"]
+    assert (detect(env).agent_store, detect(env).max_restarts) == (False, 0)
+    with pytest.raises(LaunchEnvError, match="TORCHELASTIC_MAX_RESTARTS='many'"):
+        detect({**torchrun_env(1, 2), "TORCHELASTIC_MAX_RESTARTS": "many"})
+    assert detect(slurm_env(0, 2)).agent_store is False
+
+
 @pytest.mark.parametrize(
     "env",
     [

@@ -19,7 +19,14 @@ import torch
 import devlayer
 from devlayer.errors import InvalidArgumentError
 from devlayer.train.errors import LoggerError, LoggerExtraMissingError, LoggerWarning
-from devlayer.train.loggers import Logger, LoggerRun, Loggers, MLflowLogger, TensorBoardLogger
+from devlayer.train.loggers import (
+    JsonlLogger,
+    Logger,
+    LoggerRun,
+    Loggers,
+    MLflowLogger,
+    TensorBoardLogger,
+)
 from tests.dist.trainer_worker import make_data, make_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -336,3 +343,122 @@ def test_metrics_file_alone_still_writes_the_jsonl_file(clean_env, tmp_path):
     assert [type(x).__name__ for x in group.items] == ["JsonlLogger"]
     history = _fit(metrics_file=tmp_path / "m.jsonl")
     assert _jsonl(tmp_path / "m.jsonl") == json.loads(json.dumps(history))
+
+
+def _tb_texts(folder: Path) -> dict[str, list[tuple[int, str]]]:
+    """Every text entry TensorBoard's reader finds in ``folder``: tag -> [(step, text)]."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder), size_guidance={"tensors": 0})
+    acc.Reload()
+    return {
+        tag: [(e.step, e.tensor_proto.string_val[0].decode()) for e in acc.Tensors(tag)]
+        for tag in acc.Tags()["tensors"]
+    }
+
+
+def _a_world_change() -> Any:
+    from devlayer.train.elastic import BatchPlan, WorldChange
+
+    return WorldChange(
+        old=BatchPlan(4, 1, 2),
+        new=BatchPlan(4, 2, 1),
+        epoch=1,
+        batches_done=0,
+        step=8,
+        sums=(0.0, 0),
+        lr_factor=1.0,
+        old_world=2,
+        new_world=1,
+    )
+
+
+class _Events(_Recorder):
+    def __init__(self, fail: bool = False) -> None:
+        super().__init__()
+        self.fail = fail
+
+    def log_event(self, name: str, data: Any, step: int) -> None:
+        if self.fail:
+            raise OSError("quota exceeded")
+        self.calls.append(("event", (name, dict(data), step)))
+
+
+def test_l27_1_log_event_reaches_each_open_logger_and_drops_a_failing_one(clean_env, tmp_path):
+    """L27-1: ``Loggers.log_event`` calls ``log_event(name, data, step)`` on every open
+    logger in order; a logger without the method (the base class's no-op) is fine; one that
+    raises is dropped with a LoggerWarning naming it, the event and the error, and gets no
+    later call; nothing is called before the loggers are opened."""
+
+    class MetricsOnly(Logger):
+        def log_metrics(self, metrics: Any, step: int) -> None:
+            pass
+
+    bad, good = _Events(fail=True), _Events()
+    group = Loggers([MetricsOnly(), bad, good], tmp_path)
+    group.log_event("world_size_change", {"old_world_size": 2}, step=8)
+    assert good.calls == [], "an event reached a logger before open()"
+    with devlayer.init(backend="cpu"):
+        group.open(LoggerRun(folder=tmp_path, resumed=True, step=8))
+        with pytest.warns(LoggerWarning, match=r"_Events.*world_size_change.*8.*quota exceeded"):
+            group.log_event("world_size_change", {"old_world_size": 2}, step=8)
+        group.log_metrics({"global_step": 12, "train_loss": 0.5})
+        group.close()
+    assert good.calls == [
+        ("open", True),
+        ("event", ("world_size_change", {"old_world_size": 2}, 8)),
+        ("metrics", 12),
+        ("close", None),
+    ]
+    assert bad.calls == [("open", True)], "the failing logger was not dropped"
+
+
+def test_l27_1_jsonl_writes_the_world_size_change_record_unchanged(clean_env, tmp_path):
+    """L27-1: the JSONL logger writes an event as one line ``{"event", "global_step",
+    **data}``, so the world-size change routed through ``log_event`` is byte for byte the
+    line the metrics file got before (``append_metrics(WorldChange.record())``, which
+    ``devlayer plot`` reads)."""
+    from devlayer.train.metrics import append_metrics
+
+    change = _a_world_change()
+    JsonlLogger(tmp_path / "m.jsonl").log_event("world_size_change", change.data(), change.step)
+    append_metrics(tmp_path / "before.jsonl", change.record())
+    assert (tmp_path / "m.jsonl").read_bytes() == (tmp_path / "before.jsonl").read_bytes()
+    assert json.loads((tmp_path / "m.jsonl").read_text())["event"] == "world_size_change"
+
+
+def test_l27_1_tensorboard_holds_the_event_as_text_at_its_step(clean_env, tmp_path):
+    """L27-1: TensorBoardLogger writes an event as a text entry (tag ``events/<name>``) at
+    its step, which TensorBoard's reader returns with the event's fields in it."""
+    logger = TensorBoardLogger(log_dir=tmp_path / "tb")
+    logger.open(LoggerRun(folder=tmp_path))
+    logger.log_event("world_size_change", {"old_world_size": 2, "new_world_size": 1}, 8)
+    logger.close()
+    ((step, text),) = _tb_texts(tmp_path / "tb")["events/world_size_change/text_summary"]
+    assert step == 8
+    assert '"old_world_size": 2' in text and '"new_world_size": 1' in text
+
+
+@pytest.mark.trackers
+def test_l27_1_mlflow_holds_the_event_as_a_dict_at_its_step(clean_env, tmp_path):
+    """L27-1: MLflowLogger logs an event as a JSON artifact
+    ``events/<step>-<name>.json`` of the run, holding the name, the step and the data."""
+    logger = MLflowLogger()
+    logger.open(LoggerRun(folder=tmp_path, run_id="abc"))
+    logger.log_event("world_size_change", {"old_world_size": 2, "new_world_size": 1}, 8)
+    logger.close()
+    from mlflow.artifacts import download_artifacts
+
+    _, (run,) = _mlflow(tmp_path)
+    got = download_artifacts(
+        run_id=run.info.run_id,
+        artifact_path="events/00000008-world_size_change.json",
+        dst_path=str(tmp_path / "dl"),
+        tracking_uri=f"sqlite:///{tmp_path.absolute().as_posix()}/mlflow.db",
+    )
+    assert json.loads(Path(got).read_text()) == {
+        "event": "world_size_change",
+        "global_step": 8,
+        "old_world_size": 2,
+        "new_world_size": 1,
+    }
