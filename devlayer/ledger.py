@@ -82,11 +82,12 @@ class Ledger:
         size: How many records to keep (the oldest are dropped).
     """
 
-    __slots__ = ("_append", "n", "records")
+    __slots__ = ("_append", "_detail", "n", "records")
 
     def __init__(self, size: int = DEFAULT_SIZE) -> None:
         self.records: deque[list[Any]] = deque(maxlen=size)
         self._append = self.records.append
+        self._detail: object = None  # the last signature kept (see begin)
         #: The sequence number of the next record (how many were begun).
         self.n = 0
 
@@ -107,6 +108,10 @@ class Ledger:
         if code.co_filename.startswith(_PACKAGE):  # a devlayer module called the collective
             frame = _outside(frame)
             code = frame.f_code
+        if detail == self._detail:  # the same signature as the last call (the usual case):
+            detail = self._detail  # keep one object, not one per record (fewer cold objects)
+        else:
+            self._detail = detail
         seq = self.n
         self.n = seq + 1
         rec = [seq, op, detail, code, frame.f_lasti, monotonic(), 0.0, RUNNING]

@@ -7,7 +7,7 @@ import json
 import pytest
 
 import devlayer
-from devlayer.ledger import DONE, FAILED, RUNNING, Ledger, current, describe, publish_step
+from devlayer.ledger import DETAIL, DONE, FAILED, RUNNING, Ledger, current, describe, publish_step
 
 
 def _user_call(led: Ledger) -> list[object]:
@@ -158,3 +158,16 @@ def test_h22_p2_each_collective_records_the_users_line_with_its_depth_hint(
             f"test_ledger.py:{line}",
             "_collectives_at_known_lines",
         )
+
+
+def test_h22_p4_records_with_the_same_signature_keep_one_object() -> None:
+    """H22-P4: a signature equal to the previous record's is kept as that same object (one
+    object for a run of like calls, not one per record: fewer cold objects to free when the
+    ring evicts), and each record still describes its own signature."""
+    led = Ledger(size=8)
+    first = led.begin("all_reduce", (tuple([4]), "torch.float32"))  # built at run time:
+    second = led.begin("all_reduce", (tuple([4]), "torch.float32"))  # two equal objects
+    other = led.begin("all_reduce", (tuple([2, 3]), "torch.int64"))
+    assert second[DETAIL] is first[DETAIL]
+    assert other[DETAIL] is not first[DETAIL]
+    assert [r["detail"] for r in led.tail()] == ["[4] float32", "[4] float32", "[2, 3] int64"]
