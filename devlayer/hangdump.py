@@ -643,13 +643,21 @@ def _start_peer_watch(setup: HangSetup) -> None:
         return write_dump(reason)
 
     try:
-        watch = PeerWatch(setup.store, rank, int(setup.facts["world_size"]), dump, _say)
+        world = int(setup.facts["world_size"])
+        watch = PeerWatch(setup.store, rank, world, dump, _say, busy=_in_collective)
     except Exception as exc:  # a store that cannot give a second connection: no watch
         _say(f"devlayer: rank {rank}: no survivor watch (the store refused a connection: {exc})")
         return
     setup.peers = watch
     _hook_exits()
     watch.start()
+
+
+def _in_collective() -> bool:
+    """True while this rank's newest ledger record is a collective still running."""
+    led = current()
+    last = led.last() if led is not None else None
+    return last is not None and last[STATE] == RUNNING
 
 
 def _say(line: str) -> None:

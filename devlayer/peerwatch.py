@@ -22,7 +22,8 @@ Each rank's watch thread polls :data:`EVENT_KEY` (one ``check`` every :data:`POL
 seconds on a connection of its own, each bounded by :data:`POLL_TIMEOUT_S`). What it does
 with what it saw is :func:`decide`, a pure function: a peer's failure, or the store gone
 (:data:`GONE_AFTER` polls in a row failed while the host never said it left), stops this
-rank after :data:`GRACE_S` seconds, unless this rank meanwhile raises its own error: it
+rank after :data:`GRACE_S` seconds, unless this rank meanwhile raises its own error or
+waits in a collective (which ends by its own timeout, with its own report): it
 writes its dump with the reason, prints one line, sends itself SIGTERM (the chained
 handlers run, the Trainer's preemption handler included) and, if the process still runs
 :data:`HARD_EXIT_AFTER_S` seconds later, exits with :data:`EXIT_CODE`.
@@ -180,6 +181,8 @@ class PeerWatch:
         dump: Writes this rank's dump with a reason; returns its path (or None).
         say: Prints one line on stderr.
         host: The rank whose process holds the store (rank 0 outside torchrun).
+        busy: True while this rank waits in a collective: that call ends by its own
+            timeout with its own report, so the watch leaves the rank alone meanwhile.
 
     Raises:
         Exception: The store could not give the watch a connection of its own (the
@@ -194,9 +197,10 @@ class PeerWatch:
         dump: Callable[[str], object],
         say: Callable[[str], None],
         host: int = 0,
+        busy: Callable[[], bool] = lambda: False,
     ) -> None:
         self.store, self.rank, self.world, self.host = store, rank, world, host
-        self.dump, self.say = dump, say
+        self.dump, self.say, self.busy = dump, say, busy
         self.failing = False
         self.stopping = threading.Event()
         self._released = False
@@ -258,7 +262,8 @@ class PeerWatch:
         errors = 0
         while not self.stopping.wait(POLL_S):
             seen = self._poll()
-            decision = decide(seen, errors, rank=self.rank, host=self.host, failing=self.failing)
+            failing = self.failing or self.busy()
+            decision = decide(seen, errors, rank=self.rank, host=self.host, failing=failing)
             errors = decision.errors
             if decision.action == "release":
                 self._release(self._poller)
@@ -266,14 +271,14 @@ class PeerWatch:
             if decision.action == "stop":
                 if seen.event is not None:
                     self._release(self._poller)  # the failed host may leave now
-                self._stop_process(decision.reason)
-                return
+                if self.stopping.wait(GRACE_S) or self.failing:
+                    return  # it left, or it raises its own error
+                if not self.busy():  # else: its collective ends it; watch on
+                    self._stop_process(decision.reason)
+                    return
 
     def _stop_process(self, reason: str) -> None:
-        """After :data:`GRACE_S` (unless this rank left or raised its own error meanwhile):
-        dump, one line, SIGTERM to itself, a hard exit if it still runs later."""
-        if self.stopping.wait(GRACE_S) or self.failing:
-            return
+        """Dump, one line, SIGTERM to itself, a hard exit if it still runs later."""
         path = self.dump(reason)
         written = f"hang report written to {path}" if path is not None else "no hang report"
         self.say(

@@ -106,7 +106,8 @@ class FakeStore:
 
 
 def _watch(store: FakeStore, rank: int, world: int = 2, **kw: Any) -> PeerWatch:
-    return PeerWatch(store, rank, world, kw.get("dump", lambda r: None), kw.get("say", print))
+    dump, say = kw.get("dump", lambda r: None), kw.get("say", print)
+    return PeerWatch(store, rank, world, dump, say, busy=kw.get("busy", lambda: False))
 
 
 def test_h22_s7_the_first_event_stays_and_the_host_leaves_once_released(monkeypatch) -> None:
@@ -148,7 +149,9 @@ def test_h22_s7_a_host_that_failed_does_not_say_it_left(monkeypatch) -> None:
     assert json.loads(store.keys[EVENT_KEY])["kind"] == "failed"
 
 
-def _run_watch(monkeypatch, store: FakeStore, *, failing_in_grace: bool = False) -> dict:
+def _run_watch(
+    monkeypatch, store: FakeStore, *, failing_in_grace: bool = False, busy: Any = None
+) -> dict:
     """Run rank 1's watch thread against ``store`` with short periods; record what it
     does instead of signalling the test process."""
     monkeypatch.setattr(peerwatch, "POLL_S", 0.05)
@@ -160,7 +163,9 @@ def _run_watch(monkeypatch, store: FakeStore, *, failing_in_grace: bool = False)
         seen["terminated"] += 1
 
     monkeypatch.setattr(peerwatch, "_terminate_self", terminate)
-    watch = _watch(store, 1, dump=seen["dumps"].append, say=seen["said"].append)
+    watch = _watch(
+        store, 1, dump=seen["dumps"].append, say=seen["said"].append, busy=busy or (lambda: False)
+    )
     if failing_in_grace:
 
         def fail_soon() -> None:
@@ -194,6 +199,24 @@ def test_h22_s8_a_rank_that_raises_its_own_error_in_the_grace_is_left_alone(
     store = FakeStore({EVENT_KEY: json.dumps(FAILED_0).encode()})
     seen = _run_watch(monkeypatch, store, failing_in_grace=True)
     assert seen["dumps"] == [] and seen["terminated"] == 0 and seen["armed"] == [], seen
+
+
+def test_h22_s8_a_rank_waiting_in_a_collective_is_stopped_only_once_it_is_not(
+    monkeypatch,
+) -> None:
+    """H22-S8: while this rank waits in a collective (which ends by its own timeout, with
+    its own report) the watch does not stop it; once the rank is back in its own code,
+    the watch stops it."""
+    store = FakeStore({EVENT_KEY: json.dumps(FAILED_0).encode()})
+    asked: list[int] = []
+
+    def busy() -> bool:
+        asked.append(1)
+        return len(asked) < 30  # in a collective for the first 30 questions
+
+    seen = _run_watch(monkeypatch, store, busy=busy)
+    assert len(asked) >= 30 and seen["terminated"] == 1, (len(asked), seen)
+    assert seen["dumps"] == ["peer rank 0 failed: all_reduce failed on rank 0 of 2"]
 
 
 def test_h22_s8_the_watch_reads_left_and_ends_quietly(monkeypatch) -> None:
