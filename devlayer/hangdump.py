@@ -622,8 +622,9 @@ def stop() -> None:
     if setup is None:
         return
     setup.stopping.set()
-    if setup.peers is not None:
-        setup.peers.leave()  # the store's host waits (bounded) until the others know
+    peers, setup.peers = setup.peers, None  # no cycle keeps the store alive after this
+    if peers is not None:
+        peers.leave()  # the store's host waits (bounded) until the others know
         _unhook_exits()
     _uninstall(setup)
     if setup.thread is not None and setup.thread is not threading.current_thread():
