@@ -64,6 +64,24 @@ def test_h22_14_srun_names_the_rank(slurm, tmp_path: Path, mode: str) -> None:  
     assert _expected(mode) in out, out[-4000:]
 
 
+def _stopped_by_its_watch(out: str, folder: Path) -> None:
+    """Rank 1 (stuck in user code) read rank 0's failure mark and stopped itself."""
+    line = "devlayer: rank 1: peer rank 0 failed: all_reduce failed on rank 0 of 2; "
+    assert f"{line}hang report written to {folder / 'rank1.json'}" in out, out[-4000:]
+    dump = json.loads((folder / "rank1.json").read_text())
+    assert dump["reason"].startswith("peer rank 0 failed: "), dump["reason"]
+    assert dump["where"]["function"] == "stuck_in_user_code", dump["where"]
+
+
+def test_h22_s1_srun_without_kill_on_bad_exit_ends_by_itself(slurm, tmp_path: Path) -> None:  # noqa: F811
+    """H22-S1: under real srun without -K (KillOnBadExit=0 here, SLURM's default), which
+    leaves rank 1 running when rank 0 exits with code 1: rank 1, stuck in user code,
+    stops itself with its dump naming stuck_in_user_code, and the step ends by itself."""
+    out = _job(["srun", "-n", "2"], "stuck", tmp_path)
+    assert _expected("stuck") in out, out[-4000:]
+    _stopped_by_its_watch(out, tmp_path)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_h22_14_mpirun_names_the_rank(tmp_path: Path, mode: str) -> None:
     """H22-14: the same three cases under OpenMPI's mpirun."""
@@ -83,8 +101,4 @@ def test_h22_25_mpich_mpiexec_names_the_rank(tmp_path: Path, mode: str) -> None:
     out = _job(["mpiexec.hydra", "-n", "2"], mode, tmp_path)
     assert _expected(mode) in out, out[-4000:]
     if mode == "stuck":
-        line = "devlayer: rank 1: peer rank 0 failed: all_reduce failed on rank 0 of 2; "
-        assert f"{line}hang report written to {tmp_path / 'rank1.json'}" in out, out[-4000:]
-        dump = json.loads((tmp_path / "rank1.json").read_text())
-        assert dump["reason"].startswith("peer rank 0 failed: "), dump["reason"]
-        assert dump["where"]["function"] == "stuck_in_user_code", dump["where"]
+        _stopped_by_its_watch(out, tmp_path)
