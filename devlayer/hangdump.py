@@ -28,8 +28,8 @@ host, pid, backend, comm, device, launcher, the Trainer's step. It is written:
 The folder is ``init(hang_dir=...)``, ``DEVLAYER_HANG_DIR``, or by default
 ``<temp>/devlayer-hangs-<uid>/<launcher>-<job>`` on local disk (:func:`default_dir`); each
 rank removes its own stale dump at ``init()``, so a job with no hang leaves none.
-``DEVLAYER_HANG_REPORTS=0`` turns dumps, handlers and the watchdog off; at world size 1
-(no peer to wait for) none of them is set up.
+``DEVLAYER_HANG_REPORTS=0`` turns dumps, handlers, the watchdog and the survivor watch off;
+at world size 1 (no peer to wait for) none of them is set up.
 
 Where the comm backend has torch's flight recorder (a vendor declares it with
 :func:`devlayer.hooks.register_flight_recorder`), ``init()`` turns it on with cheap
