@@ -12,6 +12,7 @@ Modes:
     stuck_ignoring_term  as stuck, but rank 1's own SIGTERM handler ignores the signal.
     raise     rank 0 raises ValueError in its own code (uncaught) while rank 1 is stuck.
     with_raise  the same inside ``with devlayer.init(...)``.
+    kill0     rank 0 dies of SIGKILL (its store with it) while rank 1 is stuck.
     early     rank 0 finishes and shuts down; rank 1 works on (no collective) for
               EARLY_WORK_S seconds, then finishes: a healthy job.
     early_exit  the same, but rank 0 exits without calling shutdown().
@@ -108,6 +109,14 @@ def with_raise(folder: str) -> None:
         raise ValueError("bad batch on rank 0")
 
 
+def kill0(folder: str) -> None:
+    devlayer.init(backend="cpu", timeout=8, hang_dir=_folder(folder))
+    devlayer.all_reduce(torch.ones(4))
+    if devlayer.rank() == 1:
+        stuck_in_user_code()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 #: Seconds rank 1 works on after rank 0 left: longer than the survivor watch needs to
 #: find a gone store and act (two polls, its grace, the hard exit).
 EARLY_WORK_S = 25.0
@@ -157,6 +166,7 @@ def main() -> None:
         "kill": kill,
         "stuck_ignoring_term": stuck_ignoring_term,
         "raise": raise_,
+        "kill0": kill0,
         "with_raise": with_raise,
         "early": early,
         "early_exit": early_exit,

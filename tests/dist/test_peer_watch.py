@@ -98,6 +98,24 @@ def test_h22_s2_an_exception_leaving_rank_0_stops_the_stuck_rank(tmp_path: Path,
 
 
 @pytest.mark.timeout(300)
+def test_h22_s10_a_stuck_rank_stops_when_the_store_host_was_killed(tmp_path: Path) -> None:
+    """H22-S10: rank 0, which hosts the store, dies of SIGKILL (no handler, no failure
+    mark, no "left") while rank 1 loops in user code: two failed polls in a row tell rank
+    1 that the store is gone; it writes its dump (where: stuck_in_user_code), says so in
+    one line naming rank 0 and ends by its SIGTERM."""
+    (c0, _, _), (c1, _, err1) = _two_ranks("kill0", tmp_path, DEVLAYER_WATCHDOG="0")
+    assert c0 == -9 and c1 == -15, (c0, c1, err1[-3000:])
+    line = (
+        "devlayer: rank 1: the job's store is gone: rank 0, its host, exited or was killed "
+        "without leaving normally ("
+    )
+    assert line in err1, err1[-3000:]
+    dump = _dump(tmp_path, 1)
+    assert dump["reason"].startswith("the job's store is gone: rank 0"), dump["reason"]
+    assert dump["where"]["function"] == "stuck_in_user_code", dump["where"]
+
+
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("mode", ["early", "early_exit"])
 def test_h22_s3_a_healthy_job_whose_rank_0_leaves_first_is_never_stopped(
     tmp_path: Path, mode: str
