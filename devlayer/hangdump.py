@@ -645,7 +645,8 @@ def _start_peer_watch(setup: HangSetup) -> None:
 
     try:
         world = int(setup.facts["world_size"])
-        watch = PeerWatch(setup.store, rank, world, dump, _say, busy=_in_collective)
+        busy = functools.partial(_in_collective, setup)
+        watch = PeerWatch(setup.store, rank, world, dump, _say, busy=busy)
     except Exception as exc:  # a store that cannot give a second connection: no watch
         _say(f"devlayer: rank {rank}: no survivor watch (the store refused a connection: {exc})")
         return
@@ -654,11 +655,15 @@ def _start_peer_watch(setup: HangSetup) -> None:
     watch.start()
 
 
-def _in_collective() -> bool:
-    """True while this rank's newest ledger record is a collective still running."""
+def _in_collective(setup: HangSetup) -> bool:
+    """True while this rank's newest ledger record is a collective still running that its
+    timeout will end: one running for longer than the timeout and the report's gathering
+    (10 s) does not end by itself, and does not keep the survivor watch away."""
     led = current()
     last = led.last() if led is not None else None
-    return last is not None and last[STATE] == RUNNING
+    if last is None or last[STATE] != RUNNING:
+        return False
+    return time.monotonic() - last[START] < setup.timeout + 10.0
 
 
 def _say(line: str) -> None:

@@ -234,3 +234,22 @@ def test_h22_s9_a_stop_ends_within_the_timeout_plus_30_seconds() -> None:
     gathering = 10.0  # hangdump.on_collective_error: min(10, max(1, timeout / 4))
     worst = gathering + GONE_AFTER * peerwatch.POLL_S + peerwatch.GRACE_S
     assert worst + peerwatch.HARD_EXIT_AFTER_S <= 30.0
+
+
+def test_h22_s8_busy_means_a_collective_its_timeout_will_still_end(tmp_path) -> None:
+    """H22-S8: the watch counts this rank as busy while its newest ledger record is a
+    collective running for less than the timeout plus the report's gathering (10 s); a
+    completed one, or one running past that (a stale record, a call that never times out),
+    does not keep the watch away."""
+    from devlayer import hangdump
+    from devlayer.ledger import START, Ledger, new_ledger
+
+    setup = hangdump.HangSetup(tmp_path, {"rank": 1, "world_size": 2}, 5.0, 0.0)
+    led = new_ledger()
+    assert not hangdump._in_collective(setup)  # no collective yet
+    rec = led.begin("all_reduce")
+    assert hangdump._in_collective(setup)
+    rec[START] -= 5.0 + 10.0 + 1.0
+    assert not hangdump._in_collective(setup)
+    Ledger.done(led.begin("barrier"))
+    assert not hangdump._in_collective(setup)
