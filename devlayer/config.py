@@ -224,6 +224,7 @@ _PARSERS: dict[str, tuple[str, Callable[[Any, str], Any]]] = {
     "hang_dir": ("DEVLAYER_HANG_DIR", _folder),
     "hang_reports": ("DEVLAYER_HANG_REPORTS", _flag),
     "watchdog": ("DEVLAYER_WATCHDOG", _watchdog),
+    "peer_watch": ("DEVLAYER_PEER_WATCH", _flag),
     "progress_interval": ("DEVLAYER_PROGRESS_INTERVAL", _interval),
 }
 
@@ -253,6 +254,10 @@ class Settings:
         watchdog: ``DEVLAYER_WATCHDOG``: seconds without a completed collective before a
             rank writes its dump (``None``: the collective timeout; ``0``/``off``: no
             watchdog).
+        peer_watch: ``DEVLAYER_PEER_WATCH``: with hang reports on, a rank stops itself
+            (dump, SIGTERM, then exit code 75) when a peer rank failed or the job's store
+            is gone, under launchers that leave the other ranks running (default on; off
+            under torchrun, which stops them itself; see :mod:`devlayer.peerwatch`).
         progress_interval: ``DEVLAYER_PROGRESS_INTERVAL``: seconds between the Trainer's
             plain progress lines when stderr is not a terminal (``0``: one per micro-batch).
         origins: Field name -> where its value came from; see :meth:`origin`.
@@ -270,6 +275,7 @@ class Settings:
     hang_dir: str | None = None
     hang_reports: bool = True
     watchdog: float | None = None
+    peer_watch: bool = True
     progress_interval: float = DEFAULT_PROGRESS_INTERVAL
     origins: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 

@@ -18,13 +18,18 @@ host, pid, backend, comm, device, launcher, the Trainer's step. It is written:
   (default: the collective timeout), whether one is pending or the rank is elsewhere,
   so a rank stuck in user code leaves its stack before the others time out. It adds no
   collective, says so once per quiet period, refreshes the dump and the posted position
-  every ``DEVLAYER_WATCHDOG`` seconds while the quiet lasts, and stops at ``shutdown()``.
+  every ``DEVLAYER_WATCHDOG`` seconds while the quiet lasts, and stops at ``shutdown()``;
+* by the survivor watch (:mod:`devlayer.peerwatch`, ``DEVLAYER_PEER_WATCH``) when a peer
+  rank failed or the job's store is gone, before it stops this rank. A failed collective
+  and an exception that leaves the program (``sys.excepthook``, chained) or a ``with
+  init()`` block mark this rank failed in the store; ``shutdown()`` and the exit
+  (``atexit``) let the others know that it left normally.
 
 The folder is ``init(hang_dir=...)``, ``DEVLAYER_HANG_DIR``, or by default
 ``<temp>/devlayer-hangs-<uid>/<launcher>-<job>`` on local disk (:func:`default_dir`); each
 rank removes its own stale dump at ``init()``, so a job with no hang leaves none.
-``DEVLAYER_HANG_REPORTS=0`` turns dumps, handlers and the watchdog off; at world size 1
-(no peer to wait for) none of them is set up.
+``DEVLAYER_HANG_REPORTS=0`` turns dumps, handlers, the watchdog and the survivor watch off;
+at world size 1 (no peer to wait for) none of them is set up.
 
 Where the comm backend has torch's flight recorder (a vendor declares it with
 :func:`devlayer.hooks.register_flight_recorder`), ``init()`` turns it on with cheap
@@ -34,6 +39,7 @@ the same folder, unless the user set those variables; the reports name its file.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import json
@@ -67,6 +73,7 @@ from devlayer.ledger import (
     publish_step,
     published_step,
 )
+from devlayer.peerwatch import PeerWatch, failure_of
 
 __all__ = [
     "HangSetup",
@@ -78,6 +85,7 @@ __all__ = [
     "dump_only",
     "flight_recorder_path",
     "folder_for",
+    "mark_failed",
     "on_collective_error",
     "report",
     "start",
@@ -107,6 +115,8 @@ class HangSetup:
         timeout: The collective timeout in seconds.
         watchdog: Seconds without a completed collective before a dump; 0: off.
         store: The rendezvous store (positions are posted there), or None.
+        peers: The survivor watch, or None (off, no store, or under torchrun).
+        stop_reason: Why the survivor watch stops this rank, once it does.
     """
 
     folder: Path
@@ -114,6 +124,8 @@ class HangSetup:
     timeout: float
     watchdog: float
     store: Any = None
+    peers: PeerWatch | None = None
+    stop_reason: str | None = None
     previous: dict[int, Any] = field(default_factory=dict)
     thread: threading.Thread | None = None
     stopping: threading.Event = field(default_factory=threading.Event)
@@ -349,6 +361,9 @@ def _check_ours(folder: Path) -> None:
 def _on_signal(signum: int, frame: FrameType | None) -> None:
     setup = _setup
     name = signal.Signals(signum).name
+    if _sent_by_the_watch(setup, signum):  # its dump and its line are out already
+        _chain(signum, frame, setup.previous.get(signum) if setup is not None else None)
+        return
     path = write_dump(f"signal {name}", frame)
     if path is not None and setup is not None:
         print(
@@ -370,10 +385,16 @@ def _chain(signum: int, frame: FrameType | None, previous: Any) -> None:
         os.kill(os.getpid(), signum)
 
 
+def _sent_by_the_watch(setup: HangSetup | None, signum: int) -> bool:
+    """True for the SIGTERM the survivor watch sent after writing its own dump."""
+    return setup is not None and setup.stop_reason is not None and signum == signal.SIGTERM
+
+
 def dump_only(signum: int, frame: FrameType | None) -> None:
     """Write the dump for ``signum`` without handing it on (for a handler that replaces
     devlayer's for a while, such as the Trainer's preemption handler)."""
-    write_dump(f"signal {signal.Signals(signum).name}", frame)
+    if not _sent_by_the_watch(_setup, signum):
+        write_dump(f"signal {signal.Signals(signum).name}", frame)
 
 
 def dump_handler_of(handler: object) -> Callable[[int, FrameType | None], None] | None:
@@ -433,6 +454,8 @@ def _watch(setup: HangSetup) -> None:
     fired_at = 0.0
     seen, since = _progress()[0], setup.started
     while not setup.stopping.wait(tick):
+        if setup.stop_reason is not None:
+            return  # the survivor watch stops this rank: its dump and reason stay
         mark, last = _progress()
         now = time.monotonic()
         if mark != seen:
@@ -507,6 +530,8 @@ def on_collective_error(what: str) -> str:
     setup = _setup
     if setup is None:
         return ""
+    if setup.peers is not None:
+        setup.peers.failing = True  # this rank raises its own error: its watch never acts
     path = write_dump(f"{what} failed")
     _post(setup)
     reports: dict[int, dict[str, Any]] = {}
@@ -520,6 +545,8 @@ def on_collective_error(what: str) -> str:
             reports[r] = doc
     world = int(setup.facts["world_size"])
     text = verdict(reports, world)
+    if setup.peers is not None:  # after the gathering: a stopped store host would end it
+        setup.peers.mark_failed(f"{what} failed on rank {setup.facts['rank']} of {world}")
     where_ = f"; this rank's dump: {path}" if path is not None else ""
     return f"Hang report:\n{text}\n(dumps in {setup.folder}{where_}; devlayer hangs {setup.folder})"
 
@@ -565,9 +592,11 @@ def start(
     timeout: float,
     watchdog: float | None,
     store: Any = None,
+    peer_watch: bool = False,
 ) -> HangSetup | None:
     """Set up hang reports for a new ``State`` (``init()`` calls it): folder, handlers,
-    watchdog. Removes this rank's stale dump from an earlier run of the job.
+    watchdog and, with ``peer_watch`` and a ``store``, the survivor watch
+    (:mod:`devlayer.peerwatch`). Removes this rank's stale dump from an earlier run.
 
     Returns:
         The setup, or None when ``enabled`` is False or the world has one rank.
@@ -587,6 +616,8 @@ def start(
         (where_ / f"rank{fact['rank']}.json").unlink(missing_ok=True)
     _setup = setup
     _install(setup)
+    if peer_watch and store is not None:
+        _start_peer_watch(setup)
     if seconds > 0:
         setup.thread = threading.Thread(
             target=_watch, args=(setup,), name="devlayer-watchdog", daemon=True
@@ -602,9 +633,96 @@ def stop() -> None:
     if setup is None:
         return
     setup.stopping.set()
+    peers, setup.peers = setup.peers, None  # no cycle keeps the store alive after this
+    if peers is not None:
+        peers.leave()  # the store's host waits (bounded) until the others know
+        _unhook_exits()
     _uninstall(setup)
     if setup.thread is not None and setup.thread is not threading.current_thread():
         setup.thread.join(timeout=5)
+
+
+# --------------------------------------------------------------------------- survivor watch
+
+
+def _start_peer_watch(setup: HangSetup) -> None:
+    """Start :class:`~devlayer.peerwatch.PeerWatch` for ``setup`` and the exit hooks that
+    tell the other ranks how this one ends."""
+    rank = int(setup.facts["rank"])
+
+    def dump(reason: str) -> Path | None:
+        setup.stop_reason = reason  # the SIGTERM that follows keeps this dump and reason
+        return write_dump(reason)
+
+    try:
+        world = int(setup.facts["world_size"])
+        busy = functools.partial(_in_collective, setup)
+        watch = PeerWatch(setup.store, rank, world, dump, _say, busy=busy)
+    except Exception as exc:  # a store that cannot give a second connection: no watch
+        _say(f"devlayer: rank {rank}: no survivor watch (the store refused a connection: {exc})")
+        return
+    setup.peers = watch
+    _hook_exits()
+    watch.start()
+
+
+def _in_collective(setup: HangSetup) -> bool:
+    """True while this rank's newest ledger record is a collective still running that its
+    timeout will end: one running for longer than the timeout and the report's gathering
+    (10 s) does not end by itself, and does not keep the survivor watch away."""
+    led = current()
+    last = led.last() if led is not None else None
+    if last is None or last[STATE] != RUNNING:
+        return False
+    return time.monotonic() - last[START] < setup.timeout + 10.0
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+_previous_excepthook: Callable[..., Any] | None = None
+_exit_hooked = False
+
+
+def _hook_exits() -> None:
+    """Chain ``sys.excepthook`` (an uncaught exception marks this rank failed) and register,
+    once per process, the exit hook that leaves as ``shutdown()`` does."""
+    global _previous_excepthook, _exit_hooked
+    if sys.excepthook is not _on_uncaught:
+        _previous_excepthook = sys.excepthook
+        sys.excepthook = _on_uncaught
+    if not _exit_hooked:
+        _exit_hooked = True
+        atexit.register(_at_exit)
+
+
+def _unhook_exits() -> None:
+    if sys.excepthook is _on_uncaught:  # a hook set after ours stays
+        sys.excepthook = _previous_excepthook or sys.__excepthook__
+
+
+def _on_uncaught(exc_type: type[BaseException], exc: BaseException, tb: Any) -> None:
+    mark_failed(exc_type, exc)
+    (_previous_excepthook or sys.__excepthook__)(exc_type, exc, tb)
+
+
+def _at_exit() -> None:
+    """At the interpreter's exit without ``shutdown()``: leave as it would."""
+    if _setup is not None:
+        stop()
+
+
+def mark_failed(exc_type: type[BaseException] | None, exc: BaseException | None) -> None:
+    """Mark this rank failed in the job's store when ``exc`` ends it (an uncaught exception,
+    or one that leaves a ``with devlayer.init()`` block); a normal exit
+    (:func:`devlayer.peerwatch.failure_of` is None) and a rank already marked add nothing.
+    """
+    setup = _setup
+    reason = failure_of(exc_type, exc)
+    if setup is None or setup.peers is None or reason is None or setup.peers.failing:
+        return
+    setup.peers.mark_failed(f"it raised {reason}")
 
 
 def current_setup() -> HangSetup | None:

@@ -47,7 +47,7 @@ from devlayer.errors import (
 from devlayer.hooks import AcceleratorHook, as_hook_list, call_hooks, resolve_hooks, torch_module
 from devlayer.launchers import ProcessInfo, detect
 from devlayer.registry import BoundBackend, choose_backend, prepare_comm
-from devlayer.rendezvous import rendezvous
+from devlayer.rendezvous import rendezvous, under_torchrun_agent
 from devlayer.torchcompat import (
     check_torch_version,
     torch_advisories,
@@ -165,8 +165,9 @@ class State:
     def __enter__(self) -> State:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, *exc: Any) -> None:
         if _current is self:
+            hangdump.mark_failed(exc[0], exc[1])  # before shutdown() says this rank left
             shutdown()
 
 
@@ -342,6 +343,9 @@ def _start_hang_reports(st: State, store: Any) -> None:
         timeout=st.timeout.total_seconds(),
         watchdog=settings.watchdog,
         store=store,
+        # torchrun's agent stops every worker when one fails (and restarts them when
+        # elastic); its store outlives the workers: the survivor watch has nothing to add.
+        peer_watch=settings.peer_watch and not under_torchrun_agent(os.environ),
     )
 
 

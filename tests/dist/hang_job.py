@@ -9,6 +9,14 @@ Modes:
     exit0     rank 1 exits with code 0 before the all_reduce rank 0 waits in.
     mismatch  rank 0 calls barrier while rank 1 calls all_reduce at the same point.
     kill      rank 1 dies of SIGKILL before the all_reduce rank 0 waits in.
+    stuck_ignoring_term  as stuck, but rank 1's own SIGTERM handler ignores the signal.
+    raise     rank 0 raises ValueError in its own code (uncaught) while rank 1 is stuck.
+    with_raise  the same inside ``with devlayer.init(...)``.
+    kill0     rank 0 dies of SIGKILL (its store with it) while rank 1 is stuck.
+    early     rank 0 finishes and shuts down; rank 1 works on (no collective) for
+              EARLY_WORK_S seconds, then finishes: a healthy job.
+    early_exit  the same, but rank 0 exits without calling shutdown().
+    threads   each rank reports devlayer's threads after init() (no hang).
 """
 
 from __future__ import annotations
@@ -80,6 +88,69 @@ def kill(folder: str) -> None:
     devlayer.all_reduce(torch.ones(4))
 
 
+def stuck_ignoring_term(folder: str) -> None:
+    signal.signal(signal.SIGTERM, lambda signum, frame: print("rank 1 ignores SIGTERM"))
+    stuck(folder)
+
+
+def raise_(folder: str) -> None:
+    devlayer.init(backend="cpu", timeout=8, hang_dir=_folder(folder))
+    devlayer.all_reduce(torch.ones(4))
+    if devlayer.rank() == 1:
+        stuck_in_user_code()
+    raise ValueError("bad batch on rank 0")
+
+
+def with_raise(folder: str) -> None:
+    with devlayer.init(backend="cpu", timeout=8, hang_dir=_folder(folder)) as st:
+        devlayer.all_reduce(torch.ones(4))
+        if st.rank == 1:
+            stuck_in_user_code()
+        raise ValueError("bad batch on rank 0")
+
+
+def kill0(folder: str) -> None:
+    devlayer.init(backend="cpu", timeout=8, hang_dir=_folder(folder))
+    devlayer.all_reduce(torch.ones(4))
+    if devlayer.rank() == 1:
+        stuck_in_user_code()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+#: Seconds rank 1 works on after rank 0 left: longer than the survivor watch needs to
+#: find a gone store and act (two polls, its grace, the hard exit).
+EARLY_WORK_S = 25.0
+
+
+def early(folder: str, shutdown: bool = True) -> dict[str, object] | None:
+    devlayer.init(backend="cpu", timeout=8, hang_dir=_folder(folder))
+    devlayer.all_reduce(torch.ones(4))
+    rank = devlayer.rank()
+    if rank == 0:
+        if shutdown:
+            devlayer.shutdown()
+        return {"rank": 0, "finished": True}
+    time.sleep(EARLY_WORK_S)  # its own work, no collective: rank 0 and its store are gone
+    devlayer.shutdown()
+    return {"rank": 1, "finished": True}
+
+
+def early_exit(folder: str) -> dict[str, object] | None:
+    return early(folder, shutdown=False)
+
+
+def threads(folder: str) -> dict[str, object]:
+    import threading
+
+    devlayer.init(backend="cpu", timeout=60, hang_dir=_folder(folder))
+    names = sorted(t.name for t in threading.enumerate() if t.name.startswith("devlayer-"))
+    devlayer.barrier()
+    rank = devlayer.rank()
+    devlayer.shutdown()
+    left = sorted(t.name for t in threading.enumerate() if t.name.startswith("devlayer-"))
+    return {"rank": rank, "threads": names, "after_shutdown": left}
+
+
 def _folder(folder: str) -> str | None:
     """``env``: no ``hang_dir`` argument (DEVLAYER_HANG_DIR, e.g. from devlayer launch)."""
     return None if folder == "env" else folder
@@ -87,7 +158,20 @@ def _folder(folder: str) -> str | None:
 
 def main() -> None:
     mode, folder = sys.argv[1], sys.argv[2]
-    modes = {"ok": ok, "stuck": stuck, "exit0": exit0, "mismatch": mismatch, "kill": kill}
+    modes = {
+        "ok": ok,
+        "stuck": stuck,
+        "exit0": exit0,
+        "mismatch": mismatch,
+        "kill": kill,
+        "stuck_ignoring_term": stuck_ignoring_term,
+        "raise": raise_,
+        "kill0": kill0,
+        "with_raise": with_raise,
+        "early": early,
+        "early_exit": early_exit,
+        "threads": threads,
+    }
     result = modes[mode](folder)
     print("RESULT " + json.dumps(result), flush=True)
 

@@ -185,3 +185,10 @@ def trainer_stuck_in_step() -> None:
         num_workers="auto",
     )
     trainer.fit(data)
+
+
+def devlayer_threads() -> list[str]:
+    """The names of devlayer's threads in this rank (after spawn's init())."""
+    import threading
+
+    return sorted(t.name for t in threading.enumerate() if t.name.startswith("devlayer-"))

@@ -8,7 +8,7 @@ is stuck, the function and its line. A missing launcher skips here, fails with `
 
 from __future__ import annotations
 
-import signal
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -64,6 +64,24 @@ def test_h22_14_srun_names_the_rank(slurm, tmp_path: Path, mode: str) -> None:  
     assert _expected(mode) in out, out[-4000:]
 
 
+def _stopped_by_its_watch(out: str, folder: Path) -> None:
+    """Rank 1 (stuck in user code) read rank 0's failure mark and stopped itself."""
+    line = "devlayer: rank 1: peer rank 0 failed: all_reduce failed on rank 0 of 2; "
+    assert f"{line}hang report written to {folder / 'rank1.json'}" in out, out[-4000:]
+    dump = json.loads((folder / "rank1.json").read_text())
+    assert dump["reason"].startswith("peer rank 0 failed: "), dump["reason"]
+    assert dump["where"]["function"] == "stuck_in_user_code", dump["where"]
+
+
+def test_h22_s1_srun_without_kill_on_bad_exit_ends_by_itself(slurm, tmp_path: Path) -> None:  # noqa: F811
+    """H22-S1: under real srun without -K (KillOnBadExit=0 here, SLURM's default), which
+    leaves rank 1 running when rank 0 exits with code 1: rank 1, stuck in user code,
+    stops itself with its dump naming stuck_in_user_code, and the step ends by itself."""
+    out = _job(["srun", "-n", "2"], "stuck", tmp_path)
+    assert _expected("stuck") in out, out[-4000:]
+    _stopped_by_its_watch(out, tmp_path)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_h22_14_mpirun_names_the_rank(tmp_path: Path, mode: str) -> None:
     """H22-14: the same three cases under OpenMPI's mpirun."""
@@ -72,41 +90,15 @@ def test_h22_14_mpirun_names_the_rank(tmp_path: Path, mode: str) -> None:
     assert _expected(mode) in out, out[-4000:]
 
 
-def _stopped_after_the_report(start: list[str], mode: str, folder: Path) -> str:
-    """Run the job until rank 0's report is out, then stop the launcher with SIGTERM (as a
-    user or a scheduler would): MPICH's Hydra ends a job when a rank dies of a signal, not
-    when one exits with code 1, so a rank stuck in user code would run on."""
-    proc = subprocess.Popen(
-        [*start, sys.executable, JOB, mode, str(folder)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=_env(DEVLAYER_WATCHDOG="3"),
-        cwd=ROOT,
-    )
-    assert proc.stdout is not None
-    seen = []
-    for line in proc.stdout:  # the report comes at the timeout (8 s) plus a short grace
-        seen.append(line)
-        if "(dumps in " in line:
-            break
-    proc.send_signal(signal.SIGTERM)
-    rest, _ = proc.communicate(timeout=120)
-    return "".join(seen) + (rest or "")
-
-
 @pytest.mark.parametrize("mode", MODES)
 def test_h22_25_mpich_mpiexec_names_the_rank(tmp_path: Path, mode: str) -> None:
     """H22-25: the same three cases under MPICH's mpiexec (Hydra): a rank stuck in user
     code, a rank that exits with code 0, and ranks in different collectives are named in
-    rank 0's error. Hydra does not stop the stuck rank when rank 0 exits with code 1:
-    that job is stopped with SIGTERM once the report is out, and the stuck rank then
-    writes its dump too."""
+    rank 0's error. Hydra does not stop the other ranks when rank 0 exits with code 1;
+    the job still ends by itself (H22-S1): the stuck rank reads rank 0's failure mark in
+    the store, writes its dump (naming stuck_in_user_code) and stops itself."""
     _need("mpiexec.hydra")
-    start = ["mpiexec.hydra", "-n", "2"]
-    if mode == "stuck":
-        out = _stopped_after_the_report(start, mode, tmp_path)
-        assert "devlayer: rank 1: SIGTERM: hang report written to " in out, out[-4000:]
-    else:
-        out = _job(start, mode, tmp_path)
+    out = _job(["mpiexec.hydra", "-n", "2"], mode, tmp_path)
     assert _expected(mode) in out, out[-4000:]
+    if mode == "stuck":
+        _stopped_by_its_watch(out, tmp_path)

@@ -424,7 +424,17 @@ LAYERS = {
     **dict.fromkeys(("launchers", "devices", "config", "vendor", "registry", "hooks"), 1),
     "backends": 2,
     **dict.fromkeys(
-        ("rendezvous", "lifecycle", "comm", "multiproc", "farm", "early", "hangdump"), 3
+        (
+            "rendezvous",
+            "lifecycle",
+            "comm",
+            "multiproc",
+            "farm",
+            "early",
+            "hangdump",
+            "peerwatch",
+        ),
+        3,
     ),
     "train": 4,
     "cli": 5,
