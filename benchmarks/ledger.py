@@ -37,9 +37,10 @@ Three measurements, each printed as a table (rank 0):
 5. **DDP steps with the recording comm hook** (``--skip 5`` leaves it out): a small MLP
    in DDP with devlayer's recording hook (:func:`devlayer.train.commhooks.record_ddp`,
    which puts every gradient bucket's all_reduce in the ledger), without it (torch's own
-   DDP), and without it again (the A/A control) take turns step by step as in 4 (forward,
-   backward, SGD step); per chunk each arm's median step (the larger of the 2 ranks), the
-   ratio to "none", and steps/s.
+   DDP), with torch's own Python ``allreduce_hook`` instead (what any Python comm hook
+   costs over DDP's C++ path), and without it again (the A/A control) take turns step by
+   step as in 4 (forward, backward, SGD step); per chunk each arm's median step (the
+   larger of the 2 ranks), the ratio to "none", and steps/s.
 
 This is a benchmark that prints tables, not a test: it asserts nothing.
 """
@@ -468,9 +469,11 @@ def _spread(ratios: list[float]) -> str:
     return f"{pct(statistics.median(ratios))} % [{pct(min(ratios))}, {pct(max(ratios))}]"
 
 
-def _ddp_arm(record: bool) -> Callable[[], object]:
+def _ddp_arm(hook: str) -> Callable[[], object]:
     """One training step of a fresh small DDP model (about 1 MiB of gradients), with
-    devlayer's recording comm hook or without it."""
+    devlayer's recording comm hook (``"devlayer"``), torch's own Python ``allreduce_hook``
+    (``"torch"``: what any Python comm hook costs) or none (``"none"``: DDP's C++ path)."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
     from torch.nn.parallel import DistributedDataParallel
 
     from devlayer.train.commhooks import record_ddp
@@ -479,8 +482,10 @@ def _ddp_arm(record: bool) -> Callable[[], object]:
     torch.manual_seed(0)
     layers = [torch.nn.Linear(256, 256) for _ in range(4)]
     ddp = DistributedDataParallel(torch.nn.Sequential(*layers), **DDP_DEFAULTS)
-    if record:
+    if hook == "devlayer":
         record_ddp(ddp)
+    elif hook == "torch":
+        ddp.register_comm_hook(None, allreduce_hook)
     opt = torch.optim.SGD(ddp.parameters(), lr=1e-3)
     x = torch.randn(32, 256)
 
@@ -496,14 +501,15 @@ def _ddp_arm(record: bool) -> Callable[[], object]:
 def ddp_table(chunks: int, steps: int) -> str:
     """Measurement 5 (see the module docstring)."""
     arms: list[Impl] = [
-        ("hook", _ddp_arm(True)),
-        ("none", _ddp_arm(False)),
-        ("none_again", _ddp_arm(False)),
+        ("hook", _ddp_arm("devlayer")),
+        ("torch_python_hook", _ddp_arm("torch")),
+        ("none", _ddp_arm("none")),
+        ("none_again", _ddp_arm("none")),
     ]
     for _, fn in arms:
         for _ in range(5):  # DDP rebuilds its buckets after the first step: warm up past it
             fn()
-    ratios: dict[str, list[float]] = {"hook": [], "none_again": []}
+    ratios: dict[str, list[float]] = {"hook": [], "torch_python_hook": [], "none_again": []}
     step_us: dict[str, list[float]] = {name: [] for name, _ in arms}
     for _ in range(chunks):
         meds = _per_call_chunk(arms, steps)
@@ -529,8 +535,9 @@ def ddp_table(chunks: int, steps: int) -> str:
     note = (
         f"{chunks} chunks of {steps} steps per arm, taking turns step by step (each turn in "
         "a new random order); a 4 x Linear(256, 256) MLP, batch 32, SGD; 'hook': devlayer's "
-        "recording comm hook (one ledger record per bucket), 'none': torch's DDP, 'none "
-        "again': the same, the A/A control."
+        "recording comm hook (one ledger record per bucket), 'torch python hook': torch's own "
+        "allreduce_hook (what any Python comm hook costs), 'none': torch's DDP (its C++ "
+        "path), 'none again': the same, the A/A control."
     )
     return f"### 5. DDP steps with the recording comm hook\n\n{note}\n\n" + table(head, rows)
 

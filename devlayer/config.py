@@ -225,6 +225,7 @@ _PARSERS: dict[str, tuple[str, Callable[[Any, str], Any]]] = {
     "hang_reports": ("DEVLAYER_HANG_REPORTS", _flag),
     "watchdog": ("DEVLAYER_WATCHDOG", _watchdog),
     "peer_watch": ("DEVLAYER_PEER_WATCH", _flag),
+    "ddp_ledger": ("DEVLAYER_DDP_LEDGER", _flag),
     "progress_interval": ("DEVLAYER_PROGRESS_INTERVAL", _interval),
 }
 
@@ -258,6 +259,11 @@ class Settings:
             (dump, SIGTERM, then exit code 75) when a peer rank failed or the job's store
             is gone, under launchers that leave the other ranks running (default on; off
             under torchrun, which stops them itself; see :mod:`devlayer.peerwatch`).
+        ddp_ledger: ``DEVLAYER_DDP_LEDGER``: with hang reports on, a DDP model devlayer
+            builds records its gradient buckets in the collective ledger through a Python
+            comm hook (default on; ``0``: DDP's own C++ path, which a Python comm hook
+            costs a few per cent of a short step over; see
+            :mod:`devlayer.train.commhooks`).
         progress_interval: ``DEVLAYER_PROGRESS_INTERVAL``: seconds between the Trainer's
             plain progress lines when stderr is not a terminal (``0``: one per micro-batch).
         origins: Field name -> where its value came from; see :meth:`origin`.
@@ -276,6 +282,7 @@ class Settings:
     hang_reports: bool = True
     watchdog: float | None = None
     peer_watch: bool = True
+    ddp_ledger: bool = True
     progress_interval: float = DEFAULT_PROGRESS_INTERVAL
     origins: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 

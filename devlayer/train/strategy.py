@@ -232,7 +232,7 @@ class DDPStrategy(Strategy):
             kwargs.setdefault("device_ids", [st.device_index])
             kwargs.setdefault("output_device", st.device_index)
         wrapped = DistributedDataParallel(model, **kwargs)
-        if st.settings.hang_reports:
+        if st.settings.hang_reports and st.settings.ddp_ledger:
             record_ddp(wrapped)  # its gradient buckets in the ledger (hang reports)
         return wrapped
 

@@ -95,16 +95,17 @@ def test_h22_h7_static_graph_and_torch_compile_are_recorded(three_ranks) -> None
 
 
 @pytest.mark.timeout(300)
-def test_h22_h4_with_hang_reports_off_ddp_is_torchs_own(clean_env) -> None:
-    """H22-H4: with ``DEVLAYER_HANG_REPORTS=0`` the prepared model has no comm hook
-    (DDP's own logging data names none), keeps torch's ``register_comm_hook``, and the
-    ledger holds no DDP record after training."""
+@pytest.mark.parametrize("setting", ["DEVLAYER_HANG_REPORTS", "DEVLAYER_DDP_LEDGER"])
+def test_h22_h4_with_hang_reports_off_ddp_is_torchs_own(clean_env, setting: str) -> None:
+    """H22-H4: with ``DEVLAYER_HANG_REPORTS=0``, or only ``DEVLAYER_DDP_LEDGER=0``, the
+    prepared model has no comm hook (DDP's own logging data names none), keeps torch's
+    ``register_comm_hook``, and the ledger holds no DDP record after training."""
     results = spawn_clean(
         worker.hang_reports_off,
         nprocs=2,
         timeout=60,
         join_timeout=180,
-        env={"DEVLAYER_HANG_REPORTS": "0"},
+        env={setting: "0"},
     )
     for got in results:
         assert got == {"hook": None, "own_register": False, "records": []}, got

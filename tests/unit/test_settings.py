@@ -28,6 +28,7 @@ CASES = [
     ("hang_reports", "DEVLAYER_HANG_REPORTS", "0", False, True, "maybe"),
     ("watchdog", "DEVLAYER_WATCHDOG", "90", 90.0, None, "soon"),
     ("peer_watch", "DEVLAYER_PEER_WATCH", "off", False, True, "later"),
+    ("ddp_ledger", "DEVLAYER_DDP_LEDGER", "0", False, True, "maybe"),
     ("progress_interval", "DEVLAYER_PROGRESS_INTERVAL", " 2.5 ", 2.5, 30.0, "soon"),
 ]
 IDS = [case[0] for case in CASES]
