@@ -44,9 +44,11 @@ def start_ranks(
     addr: str = "127.0.0.1",
     port: int | None = None,
     stderr: int = subprocess.PIPE,
+    env: dict[str, str] | None = None,
 ) -> list[subprocess.Popen[str]]:
     """Start ``python <argv>`` as ranks ``0 .. nprocs - 1`` of ``world`` (default: all of
-    them), under the ``env`` launcher, on ``addr:port`` (default a free loopback port)."""
+    them), under the ``env`` launcher, on ``addr:port`` (default a free loopback port),
+    with ``env`` on top of the test environment."""
     port = free_port() if port is None else port
     return [
         subprocess.Popen(
@@ -57,6 +59,7 @@ def start_ranks(
                 MASTER_ADDR=addr,
                 MASTER_PORT=str(port),
                 DEVLAYER_LAUNCHER="env",
+                **(env or {}),
             ),
             cwd=ROOT,
             stdout=subprocess.PIPE,

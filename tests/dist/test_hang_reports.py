@@ -107,35 +107,11 @@ def test_h22_16_a_rank_killed_with_sigkill_is_named_as_gone(tmp_path) -> None:
     """H22-16: two plain processes (hand-set RANK/WORLD_SIZE, rank 0 hosts the store);
     rank 1 dies of SIGKILL (no handler can run) while rank 0 waits in all_reduce: rank 0's
     error names rank 1 as the rank that left no report."""
-    import subprocess
+    from tests.dist.ranks import finish, start_ranks
+    from tests.helpers import ROOT
 
-    from devlayer.testing import free_port
-    from tests.helpers import PY, ROOT, subprocess_env
-
-    port = str(free_port())
-    procs = [
-        subprocess.Popen(
-            [PY, str(ROOT / "tests" / "dist" / "hang_job.py"), "kill", str(tmp_path)],
-            env=subprocess_env(
-                RANK=str(rank),
-                WORLD_SIZE="2",
-                MASTER_ADDR="127.0.0.1",
-                MASTER_PORT=port,
-                DEVLAYER_LAUNCHER="env",
-            ),
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for rank in range(2)
-    ]
-    try:
-        outs = [p.communicate(timeout=150) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+    procs = start_ranks([str(ROOT / "tests" / "dist" / "hang_job.py"), "kill", str(tmp_path)])
+    outs = [(out, err) for _, out, err in finish(procs, timeout=150)]
     assert procs[1].returncode == -9 and procs[0].returncode != 0
     err = outs[0][1]
     assert "all_reduce failed on rank 0 of 2" in err, err[-3000:]

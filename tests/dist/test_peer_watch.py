@@ -16,8 +16,8 @@ import pytest
 
 import devlayer
 from devlayer.peerwatch import EXIT_CODE
-from devlayer.testing import free_port
-from tests.helpers import PY, ROOT, rank_results, subprocess_env, torchrun
+from tests.dist.ranks import finish, start_ranks
+from tests.helpers import ROOT, rank_results, subprocess_env, torchrun
 
 pytestmark = [pytest.mark.dist]
 
@@ -26,33 +26,9 @@ JOB = str(ROOT / "tests" / "dist" / "hang_job.py")
 
 def _two_ranks(mode: str, folder: Path, **env: str) -> list[tuple[int, str, str]]:
     """Run hang_job.py ``mode`` as ranks 0 and 1 (rank 0 hosts the store); each rank's
-    (exit code, stdout, stderr). The timeout is a guard: the job must end by itself."""
-    port = str(free_port())
-    procs = [
-        subprocess.Popen(
-            [PY, JOB, mode, str(folder)],
-            env=subprocess_env(
-                RANK=str(rank),
-                WORLD_SIZE="2",
-                MASTER_ADDR="127.0.0.1",
-                MASTER_PORT=port,
-                DEVLAYER_LAUNCHER="env",
-                **env,
-            ),
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for rank in range(2)
-    ]
-    try:
-        outs = [p.communicate(timeout=200) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    return [(p.returncode, out, err) for p, (out, err) in zip(procs, outs, strict=True)]
+    (exit code, stdout, stderr). The timeout is a guard: the job must end by itself (a rank
+    still running then is killed, and its exit code says so)."""
+    return finish(start_ranks([JOB, mode, str(folder)], env=env), timeout=200)
 
 
 def _dump(folder: Path, rank: int) -> dict:

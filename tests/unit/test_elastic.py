@@ -35,6 +35,7 @@ from devlayer.train.elastic import (
     rescaled_plan,
 )
 from devlayer.train.errors import CheckpointCorruptError, WorldSizeChangeError
+from tests.helpers import toy_trainer
 
 
 @pytest.fixture
@@ -336,19 +337,8 @@ def _fit_under_torchrun(monkeypatch, allow: bool, times: int = 1, **env: Any) ->
 
     for name, value in torchrun_env(0, 1, master_port=free_port(), **env).items():
         monkeypatch.setenv(name, value)
-    net = torch.nn.Linear(2, 1)
-    opt = torch.optim.SGD(net.parameters(), lr=0.1)
-    trainer = devlayer.Trainer(
-        net,
-        opt,
-        torch.nn.functional.mse_loss,
-        batch_size=4,
-        max_epochs=1,
-        allow_world_size_change=allow,
-        progress=False,
-        num_workers=0,
-    )
-    data = TensorDataset(torch.randn(8, 2), torch.randn(8, 1))
+    trainer = toy_trainer(batch_size=4, max_epochs=1, allow_world_size_change=allow)
+    data = TensorDataset(torch.randn(8, 1), torch.randn(8, 1))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
