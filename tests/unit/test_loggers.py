@@ -67,11 +67,17 @@ def _numbers(entry: dict[str, Any]) -> dict[str, float]:
 
 
 def _tb_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar in ``folder``: tag -> [(step, value)], by step (the reader goes through
+    the event files in name order, and a resumed run's file can sort first: the name starts
+    with whole seconds, then the pid; a stable sort keeps a repeated step visible)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(folder), size_guidance={"scalars": 0})
     acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+    return {
+        tag: sorted(((e.step, e.value) for e in acc.Scalars(tag)), key=lambda sv: sv[0])
+        for tag in acc.Tags()["scalars"]
+    }
 
 
 def _tb_run(folder: Path) -> Path:
@@ -352,7 +358,10 @@ def _tb_texts(folder: Path) -> dict[str, list[tuple[int, str]]]:
     acc = EventAccumulator(str(folder), size_guidance={"tensors": 0})
     acc.Reload()
     return {
-        tag: [(e.step, e.tensor_proto.string_val[0].decode()) for e in acc.Tensors(tag)]
+        tag: sorted(
+            ((e.step, e.tensor_proto.string_val[0].decode()) for e in acc.Tensors(tag)),
+            key=lambda st: st[0],
+        )
         for tag in acc.Tags()["tensors"]
     }
 
