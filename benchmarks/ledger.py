@@ -292,10 +292,10 @@ def _max_over_ranks(values: list[float]) -> list[float]:
     return buf.tolist()
 
 
-def paired_table(b: Bench, sizes: list[int], runs: int) -> str:
+def paired_table(b: Bench, sizes: list[int], runs: int, floats: bool = True) -> str:
     """Measurement 3 (see the module docstring)."""
     rows = []
-    for label, value in [(fmt_bytes(n), n) for n in sizes] + [("a Python float (1.5)", None)]:
+    for label, value in _cases(sizes, floats):
         ratios: dict[str, list[float]] = {"on/off": [], "A/A": [], "devlayer/raw": []}
         raw_us: list[float] = []
         for run in range(runs):
@@ -321,19 +321,43 @@ def paired_table(b: Bench, sizes: list[int], runs: int) -> str:
     return f"### 3. Paired wall time\n\n{note}\n\n" + table(head, rows)
 
 
-def per_call_table(sizes: list[int], chunks: int, calls: int, spin_ns: int) -> str:
-    """Measurement 4 (see the module docstring)."""
+#: Measurement 4's arms beside "ledger_off" (``--arms`` picks some).
+PER_CALL_ARMS = ("ledger_on", "ledger_off_again", "spin", "before", "site_only", "record_only")
+
+
+def _cases(sizes: list[int], floats: bool) -> list[tuple[str, int | None]]:
+    """The cases of measurements 3 and 4: each size, then the Python float (None)."""
+    cases: list[tuple[str, int | None]] = [(fmt_bytes(n), n) for n in sizes]
+    return [*cases, ("a Python float (1.5)", None)] if floats else cases
+
+
+def per_call_table(
+    sizes: list[int],
+    chunks: int,
+    calls: int,
+    spin_ns: int,
+    arms_kept: str = "",
+    floats: bool = True,
+) -> str:
+    """Measurement 4 (see the module docstring). ``arms_kept``: the arms beside "off" to
+    run (comma-separated names of :data:`PER_CALL_ARMS`; all when empty): fewer arms give
+    more chunks in the same time, for a narrower interval."""
+    keep = {a.strip() for a in arms_kept.split(",") if a.strip()} or set(PER_CALL_ARMS)
+    unknown = keep - set(PER_CALL_ARMS)
+    if unknown:
+        raise SystemExit(f"--arms: unknown {sorted(unknown)}; choose from {list(PER_CALL_ARMS)}")
     rows = []
-    for label, value in [(fmt_bytes(n), n) for n in sizes] + [("a Python float (1.5)", None)]:
+    for label, value in _cases(sizes, floats):
         impls = _paired_impls(value)
         x = _argument(value)
-        arms: list[Impl] = [
+        every: list[Impl] = [
             *impls[1:],  # on, off, off again
             ("spin", partial(_with_ledger, _Spin(spin_ns), x)),
             ("before", partial(_with_ledger, _Before(), x)),
             ("site_only", partial(_with_ledger, _SiteOnly(), x)),
             ("record_only", partial(_with_ledger, _RecordOnly(), x)),
         ]
+        arms = [a for a in every if a[0] == "ledger_off" or a[0] in keep]
         ratios: dict[str, list[float]] = {name: [] for name, _ in arms if name != "ledger_off"}
         medians: list[float] = []
         for _ in range(chunks):
@@ -342,20 +366,24 @@ def per_call_table(sizes: list[int], chunks: int, calls: int, spin_ns: int) -> s
                 ratios[name].append(meds[name] / meds["ledger_off"])
             medians.append(meds["ledger_off"] / 1000)
         rows.append([label, med_range(medians), *(overhead_ci(v) for v in ratios.values())])
+        if dist.get_rank() == 0:  # a row as soon as it is measured: a long run can be cut
+            print(f"measurement 4, {label}: {rows[-1]}", file=sys.stderr, flush=True)
+    titles = {
+        "ledger_on": "ledger on vs off: median (95 % CI) of chunks",
+        "ledger_off_again": "A/A control: off vs off",
+        "spin": f"off plus {spin_ns} ns of CPU spin where begin is (calibration) vs off",
+        "before": "the ledger before the cost work vs off",
+        "site_only": "its call-site search only vs off",
+        "record_only": "its record only vs off",
+    }
     head = [
         "case",
         "ledger off µs/call: median [min, max] of chunks",
-        "ledger on vs off: median (95 % CI) of chunks",
-        "A/A control: off vs off",
-        f"off plus {spin_ns} ns of CPU spin where begin is (calibration) vs off",
-        "the ledger before the cost work vs off",
-        "its call-site search only vs off",
-        "its record only vs off",
+        *(titles[name] for name, _ in arms if name != "ledger_off"),
     ]
     note = (
-        f"{chunks} chunks of {calls} calls per arm; the arms take turns call by call (on, "
-        "off, off again, off plus a CPU spin, the ledger before the cost work, "
-        "call-site search only, record only; each turn in a new random order), so "
+        f"{chunks} chunks of {calls} calls per arm; the arms take turns call by call ("
+        f"{', '.join(name for name, _ in arms)}; each turn in a new random order), so "
         "a burst of load falls on all of them alike; per chunk each arm's median call (the "
         "larger of the 2 ranks), then the ratio to 'off'."
     )
@@ -560,6 +588,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "ledger's begin in situ, measurement 1)",
     )
     p.add_argument("--ddp-steps", type=int, default=100, help="DDP steps per arm per chunk (5)")
+    p.add_argument(
+        "--arms",
+        default="",
+        help=f"measurement 4's arms beside ledger_off, comma-separated (default all: "
+        f"{','.join(PER_CALL_ARMS)})",
+    )
+    p.add_argument(
+        "--float",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also measure a Python float in measurements 3 and 4 (default on)",
+    )
     p.add_argument("--skip", default="", help="comma-separated measurements to skip (1-5), e.g. 3")
     return p.parse_args(argv)
 
@@ -585,8 +625,19 @@ def main(argv: list[str] | None = None) -> int:
         measurements: list[tuple[str, Callable[[], str]]] = [
             ("1", partial(in_situ_table, args.blocks, args.calls)),
             ("2", partial(cpu_table, sizes, args.blocks, args.calls // 4)),
-            ("3", partial(paired_table, b, sizes, args.runs)),
-            ("4", partial(per_call_table, sizes, args.chunks, args.calls // 4, args.spin_ns)),
+            ("3", partial(paired_table, b, sizes, args.runs, args.float)),
+            (
+                "4",
+                partial(
+                    per_call_table,
+                    sizes,
+                    args.chunks,
+                    args.calls // 4,
+                    args.spin_ns,
+                    args.arms,
+                    args.float,
+                ),
+            ),
             ("5", partial(ddp_table, args.chunks, args.ddp_steps)),
         ]
         parts = [run() for key, run in measurements if key not in skip]

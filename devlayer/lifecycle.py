@@ -47,7 +47,7 @@ from devlayer.errors import (
 from devlayer.hooks import AcceleratorHook, as_hook_list, call_hooks, resolve_hooks, torch_module
 from devlayer.launchers import ProcessInfo, detect
 from devlayer.registry import BoundBackend, choose_backend, prepare_comm
-from devlayer.rendezvous import rendezvous, under_torchrun_agent
+from devlayer.rendezvous import rendezvous
 from devlayer.torchcompat import (
     check_torch_version,
     torch_advisories,
@@ -345,7 +345,7 @@ def _start_hang_reports(st: State, store: Any) -> None:
         store=store,
         # torchrun's agent stops every worker when one fails (and restarts them when
         # elastic); its store outlives the workers: the survivor watch has nothing to add.
-        peer_watch=settings.peer_watch and not under_torchrun_agent(os.environ),
+        peer_watch=settings.peer_watch and not info.agent_supervised,
     )
 
 

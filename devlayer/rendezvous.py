@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import socket
 import threading
 import time
@@ -23,7 +22,7 @@ from typing import Any
 from devlayer.errors import RendezvousError
 from devlayer.launchers import ProcessInfo
 
-__all__ = ["loopback_listener", "rendezvous", "under_torchrun_agent", "uses_agent_store"]
+__all__ = ["loopback_listener", "rendezvous"]
 
 log = logging.getLogger("devlayer")
 
@@ -46,7 +45,7 @@ def rendezvous(info: ProcessInfo, timeout: timedelta) -> Any:
     addr = _unbracket(info.master_addr)  # "[::1]" names the host ::1
     where = f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
     src = info.sources
-    agent_store = uses_agent_store(os.environ)
+    agent_store = info.agent_store  # read once, by the torchrun detector
     is_server = info.rank == 0 and not agent_store
     store_host = "torchrun's agent" if agent_store else "rank 0"
     deadline = time.monotonic() + timeout.total_seconds()
@@ -98,27 +97,6 @@ def rendezvous(info: ProcessInfo, timeout: timedelta) -> Any:
         _check_job(base, info, where, deadline, timeout, writes_job)
         _check_in(store, info, where, deadline, timeout)
     return store
-
-
-def uses_agent_store(env: Mapping[str, str]) -> bool:
-    """True when torchrun's agent hosts the store (``TORCHELASTIC_USE_AGENT_STORE``).
-
-    Example:
-        >>> uses_agent_store({"TORCHELASTIC_USE_AGENT_STORE": "True"}), uses_agent_store({})
-        (True, False)
-    """
-    return env.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
-
-
-def under_torchrun_agent(env: Mapping[str, str]) -> bool:
-    """True when a torchelastic agent (torchrun) started this process: it watches its
-    workers, stops them all when one fails and restarts them when elastic.
-
-    Example:
-        >>> under_torchrun_agent({"TORCHELASTIC_RUN_ID": "none"}), under_torchrun_agent({})
-        (True, False)
-    """
-    return uses_agent_store(env) or "TORCHELASTIC_RUN_ID" in env
 
 
 def _attempt_prefix(restart_count: int, agent_store: bool) -> str:

@@ -83,6 +83,9 @@ class ProcessInfo:
             (``TORCHELASTIC_USE_AGENT_STORE=True``, torch's default with a c10d rendezvous
             unless ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``); such a job cannot grow back
             (docs/checkpoints.md, "With torchrun's elastic mode").
+        agent_supervised: an elastic agent (torchrun's) supervises the workers: it stops
+            every worker when one fails and hosts or outlives their store, so devlayer's
+            survivor watch has nothing to add (``TORCHELASTIC_RUN_ID`` is set).
         sources: Which environment variable (or rule) gave each field.
         notes: Remarks for ``devlayer info`` (e.g. "sbatch shell without srun").
         job_id: The launcher's or scheduler's job id as ``VARIABLE=value``
@@ -112,6 +115,7 @@ class ProcessInfo:
     cpus_per_rank: int | None = field(default=None, compare=False)
     max_restarts: int = field(default=0, compare=False)
     agent_store: bool = field(default=False, compare=False)
+    agent_supervised: bool = field(default=False, compare=False)
 
     @property
     def is_distributed(self) -> bool:

@@ -59,7 +59,12 @@ def _detect(env: Mapping[str, str]) -> ProcessInfo | None:
             f"torchrun set RANK but not MASTER_PORT (WORLD_SIZE={world}); is this a torchrun "
             f"child? export MASTER_PORT=<free port, same on every rank>"
         )
-    return r.info(master_addr=addr, master_port=port, agent_store=_agent_store(r))
+    return r.info(
+        master_addr=addr,
+        master_port=port,
+        agent_store=_agent_store(r),
+        agent_supervised="TORCHELASTIC_RUN_ID" in env,
+    )
 
 
 def _agent_store(r: EnvReader) -> bool:

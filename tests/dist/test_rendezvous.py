@@ -324,3 +324,35 @@ def test_e23_11_agents_with_other_restart_counts_meet_in_one_attempt():
     for code, out in _outputs(procs, 100):
         assert code == 0, out
         assert '"sum": 2.0' in out, out
+
+
+@pytest.mark.timeout(120)
+def test_r27_1_the_agent_store_is_read_as_torch_reads_it():
+    """R27-1: ``TORCHELASTIC_USE_AGENT_STORE`` is read once, by the torchrun detector, as
+    torch reads it (only ``"True"`` means torchrun's agent hosts the store). Two hand-set
+    torchrun-like ranks with ``true`` in lower case, and no agent: rank 0 hosts the store,
+    as ``torch.distributed``'s ``env://`` would, and both meet. The rendezvous used to read
+    the variable again, without regard to case, and waited for an agent store that no one
+    hosted until its timeout."""
+    port = free_port()
+    procs = [
+        _start_worker(
+            {
+                "RANK": str(rank),
+                "LOCAL_RANK": "0",
+                "WORLD_SIZE": "2",
+                "LOCAL_WORLD_SIZE": "1",
+                "GROUP_RANK": str(rank),
+                "GROUP_WORLD_SIZE": "2",
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+                "TORCHELASTIC_RUN_ID": "r27-1",
+                "TORCHELASTIC_USE_AGENT_STORE": "true",
+            },
+            timeout=15,
+        )
+        for rank in range(2)
+    ]
+    for code, out in _outputs(procs, 100):
+        assert code == 0, out
+        assert '"sum": 2.0' in out, out

@@ -617,6 +617,18 @@ def test_l27_3_torchrun_records_its_agent_store_and_max_restarts() -> None:
     assert detect(slurm_env(0, 2)).agent_store is False
 
 
+def test_r27_2_torchruns_agent_is_seen_once_by_the_detector() -> None:
+    """R27-2: ``ProcessInfo.agent_supervised`` (what turns the survivor watch off) is true
+    when torchrun's agent started the process (``TORCHELASTIC_RUN_ID``, which torchrun always
+    sets), whatever the store; false under another launcher or without the variable."""
+    assert detect(torchrun_env(1, 2)).agent_supervised is True
+    assert detect(torchrun_env(1, 2, agent_store=False)).agent_supervised is True
+    env = torchrun_env(1, 2)
+    del env["TORCHELASTIC_RUN_ID"]
+    assert detect(env).agent_supervised is False
+    assert detect(slurm_env(0, 2)).agent_supervised is False
+
+
 @pytest.mark.parametrize(
     "env",
     [
