@@ -5,6 +5,13 @@ Run (2 ranks; CPU/gloo here)::
     OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node=2 -m benchmarks.ledger
     ... --runs 5 --sizes 4,1048576 --repeats 5 --rounds 6 --block-s 0.03
 
+A narrow interval for one size (measurement 4 alone, three arms, many chunks; each row is
+also printed to stderr as soon as it is measured)::
+
+    OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node=2 -m benchmarks.ledger \
+        --skip 1,2,3,5 --sizes 1048576 --no-float \
+        --arms ledger_on,ledger_off_again,spin --chunks 150
+
 Three measurements, each printed as a table (rank 0):
 
 1. **In situ**: the ledger's ``begin`` timed with ``perf_counter_ns`` inside real

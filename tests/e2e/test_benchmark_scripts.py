@@ -93,6 +93,25 @@ def test_ledger_benchmark_two_ranks_prints_its_five_measurements() -> None:
     )
 
 
+def test_ledger_benchmark_narrow_run_keeps_only_the_chosen_arms() -> None:
+    """``--arms`` and ``--no-float`` (measurement 4 at one size, for many chunks): the table
+    has "off" and the chosen arms only, no Python float row, and each row is printed as soon
+    as it is measured (stderr), so a run cut short keeps what it measured."""
+    argv = torchrun(
+        "benchmarks/ledger.py",
+        *("--skip", "1,2,3,5", "--calls", "40", "--chunks", "2", "--sizes", "4"),
+        *("--no-float", "--arms", "ledger_on,spin"),
+    )
+    proc = _run(argv)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "call by call" in proc.stdout and "a Python float" not in proc.stdout
+    assert "(ledger_on, ledger_off, spin;" in proc.stdout
+    assert "A/A control" not in proc.stdout and "call-site search only" not in proc.stdout
+    assert "measurement 4, 4 B: ['4 B'" in proc.stderr
+    bad = _run(torchrun("benchmarks/ledger.py", "--skip", "1,2,3,5", "--arms", "nope"))
+    assert bad.returncode != 0 and "--arms: unknown ['nope']" in bad.stdout + bad.stderr
+
+
 def test_fsdp_benchmark_two_ranks_holds_half_the_state(tmp_path: Path) -> None:
     out = tmp_path / "fsdp.jsonl"
     for strategy in ("ddp", "fsdp"):
