@@ -66,7 +66,7 @@ from devlayer.collective_checks import (
 from devlayer.config import parse_timeout
 from devlayer.errors import CollectiveError, DevlayerError, InvalidArgumentError
 from devlayer.hangdump import on_collective_error
-from devlayer.ledger import DONE, RUNNING, STATE, Ledger, new_ledger
+from devlayer.ledger import DONE, RUNNING, STATE, Ledger, first_outside, new_ledger
 from devlayer.lifecycle import State, state
 from devlayer.numbers import decode, encode, pack, unpack
 from devlayer.torchcompat import float_dtype as _float_dtype
@@ -816,10 +816,9 @@ def _next_seq(ctx: _Ctx) -> int | None:
 
 def _call_site() -> str:
     """``file.py:line`` of the code that called the collective (the first frame outside
-    this module): the same on every rank that runs the same program."""
-    frame = sys._getframe(1)
-    while frame.f_back is not None and frame.f_code.co_filename == __file__:
-        frame = frame.f_back
+    devlayer, as the ledger names it): the same on every rank that runs the same program."""
+    start = sys._getframe(1)
+    frame = first_outside(start) or start
     return f"{os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno}"
 
 

@@ -69,6 +69,7 @@ from devlayer.ledger import (
     START,
     STATE,
     current,
+    first_outside,
     new_ledger,
     publish_step,
     published_step,
@@ -192,14 +193,13 @@ def flight_recorder_path(comm: str | None, rank: int, env: Mapping[str, str]) ->
 # --------------------------------------------------------------------------- the dump
 
 
-def _skipped(filename: str) -> bool:
-    """Frames that are not the user's: devlayer's, torch's, the standard library's."""
-    return (
-        filename.startswith(_PACKAGE)
-        or f"{os.sep}torch{os.sep}" in filename
-        or filename.startswith(_stdlib())
-        or filename.startswith("<frozen")
-    )
+def _not_users() -> tuple[str, ...]:
+    """Folders whose frames are not the user's: devlayer's, torch's (when imported), the
+    standard library's, and frozen modules (``<frozen ...>``)."""
+    torch = sys.modules.get("torch")
+    torch_file = getattr(torch, "__file__", None)
+    torch_dir = (os.path.dirname(os.path.abspath(torch_file)) + os.sep,) if torch_file else ()
+    return (_PACKAGE, *torch_dir, _stdlib(), "<frozen")
 
 
 @functools.cache
@@ -212,10 +212,7 @@ def _stdlib() -> str:
 
 def where(frame: FrameType | None) -> dict[str, Any] | None:
     """The innermost frame at or above ``frame`` that is the user's: function and site."""
-    first = frame
-    while frame is not None and _skipped(frame.f_code.co_filename):
-        frame = frame.f_back
-    frame = frame or first
+    frame = first_outside(frame, _not_users()) or frame
     if frame is None:
         return None
     code = frame.f_code

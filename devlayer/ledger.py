@@ -30,7 +30,7 @@ import os
 import sys
 from collections import deque
 from time import monotonic
-from types import CodeType, FrameType
+from types import CodeType
 from typing import Any
 
 __all__ = [
@@ -46,6 +46,7 @@ __all__ = [
     "Ledger",
     "current",
     "describe",
+    "first_outside",
     "line_of",
     "new_ledger",
     "publish_step",
@@ -106,7 +107,7 @@ class Ledger:
         frame = _getframe(depth)  # only this frame becomes a frame object, not those below
         code = frame.f_code
         if code.co_filename.startswith(_PACKAGE):  # a devlayer module called the collective
-            frame = _outside(frame)
+            frame = first_outside(frame) or frame
             code = frame.f_code
         if detail == self._detail:  # the same signature as the last call (the usual case):
             detail = self._detail  # keep one object, not one per record (fewer cold objects)
@@ -167,9 +168,28 @@ class Ledger:
         return [_as_dict(rec) for rec in records]
 
 
-def _outside(frame: FrameType) -> FrameType:
-    """The first frame from ``frame`` up that is not devlayer's (the outermost if none is)."""
-    while frame.f_code.co_filename.startswith(_PACKAGE) and frame.f_back is not None:
+def first_outside(frame: Any, folders: tuple[str, ...] = (_PACKAGE,)) -> Any:
+    """The first frame at or above ``frame`` whose file is in none of ``folders``.
+
+    The one walk up a stack that the call sites share: the ledger's (off its hot path),
+    the collectives' signature checks, DDP's comm hook (devlayer's and torch's folders) and
+    the hang dump's "where" (the standard library's too).
+
+    Args:
+        frame: A frame (anything with ``f_code.co_filename`` and ``f_back``), or None.
+        folders: Path prefixes whose frames are passed over (default: devlayer's package).
+
+    Returns:
+        That frame, or None when every frame up the stack is in ``folders``.
+
+    Example:
+        >>> from types import SimpleNamespace as F
+        >>> user = F(f_code=F(co_filename="/home/me/train.py"), f_back=None)
+        >>> hook = F(f_code=F(co_filename="/lib/torch/autograd.py"), f_back=user)
+        >>> first_outside(hook, ("/lib/torch/",)) is user, first_outside(user, ("/home/",))
+        (True, None)
+    """
+    while frame is not None and frame.f_code.co_filename.startswith(folders):
         frame = frame.f_back
     return frame
 

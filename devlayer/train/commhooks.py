@@ -45,37 +45,15 @@ from typing import Any
 
 from devlayer.comm import collective_ledger
 from devlayer.errors import InvalidArgumentError
-from devlayer.ledger import Ledger, describe
+from devlayer.ledger import Ledger, describe, first_outside
 
-__all__ = ["DDP_ALL_REDUCE", "DDPRecorder", "call_site", "record_bucket", "record_ddp"]
+__all__ = ["DDP_ALL_REDUCE", "DDPRecorder", "record_bucket", "record_ddp"]
 
 #: The ledger op of a bucket reduced by DDP's default path.
 DDP_ALL_REDUCE = "ddp all_reduce"
 
 #: devlayer's own folder: its frames are not the user's.
 _DEVLAYER = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
-
-
-def call_site(frame: Any, skipped: tuple[str, ...]) -> Any:
-    """The first frame at or above ``frame`` whose file is under none of ``skipped``.
-
-    Args:
-        frame: A frame (anything with ``f_code.co_filename`` and ``f_back``), or None.
-        skipped: Folder prefixes whose frames are passed over (devlayer's, torch's).
-
-    Returns:
-        That frame, or None when every frame up the stack is skipped.
-
-    Example:
-        >>> from types import SimpleNamespace as F
-        >>> user = F(f_code=F(co_filename="/home/me/train.py"), f_back=None)
-        >>> hook = F(f_code=F(co_filename="/lib/torch/autograd.py"), f_back=user)
-        >>> call_site(hook, ("/lib/torch/",)) is user, call_site(user, ("/home/",))
-        (True, None)
-    """
-    while frame is not None and frame.f_code.co_filename.startswith(skipped):
-        frame = frame.f_back
-    return frame
 
 
 def _site(start: FrameType, skipped: tuple[str, ...]) -> tuple[CodeType, int]:
@@ -86,10 +64,10 @@ def _site(start: FrameType, skipped: tuple[str, ...]) -> tuple[CodeType, int]:
     runs the hook on a thread of its own, whose stack holds no such frame, the main
     thread's (which waits in that backward); when neither has one, ``start`` itself.
     """
-    frame = call_site(start, skipped)
+    frame = first_outside(start, skipped)
     if frame is None and threading.current_thread() is not threading.main_thread():
         main = sys._current_frames().get(threading.main_thread().ident or 0)
-        frame = call_site(main, skipped)
+        frame = first_outside(main, skipped)
     frame = frame or start
     return frame.f_code, frame.f_lasti
 

@@ -111,6 +111,33 @@ def test_where_skips_library_frames() -> None:
     assert here is not None and here["function"] == "test_where_skips_library_frames"
 
 
+def test_r27_3_where_skips_torchs_folder_not_a_user_folder_named_torch() -> None:
+    """R27-3: one walk up the stack (``ledger.first_outside``) serves the ledger, the
+    signature checks, DDP's hook and the dump's "where": torch's frames are passed over by
+    torch's own folder, so a user's code in a folder named ``torch`` is still the user's
+    (the dump used to skip any path with ``/torch/`` in it and named torch's caller, or no
+    frame of the user's at all)."""
+    import os
+    from types import SimpleNamespace as F
+
+    import torch
+
+    torch_dir = os.path.dirname(os.path.abspath(torch.__file__))
+    user = F(f_code=F(co_filename="/home/me/torch/train.py", co_name="step"), f_back=None)
+    user.f_lineno = 12
+    inner = F(f_code=F(co_filename=f"{torch_dir}/nn/module.py", co_name="_call"), f_back=user)
+    inner.f_lineno = 3
+    assert where(inner) == {
+        "function": "step",
+        "site": "train.py:12",
+        "file": "/home/me/torch/train.py",
+    }
+    # a stack with nothing of the user's: the frame itself, as before
+    assert where(inner.__class__(f_code=inner.f_code, f_back=None, f_lineno=3))["function"] == (
+        "_call"
+    )
+
+
 @pytest.mark.parametrize("bad", ["", 3])
 def test_hang_dir_must_be_a_path(bad: object, clean_env) -> None:
     import devlayer
