@@ -36,7 +36,8 @@ def rendezvous(info: ProcessInfo, timeout: timedelta) -> Any:
     the addresses of the attempt that died (torchrun reuses its agent's store). A rank that
     meets rank 0's store of a round that has ended (:data:`LEFT_KEY`: ``init()`` again on
     the same port while rank 0 has not yet left the round before) drops that connection and
-    connects again until the new store is up.
+    connects again until the new store is up; in torchrun's agent store, which outlives the
+    rounds, it meets the others under the next round's keys.
 
     Returns:
         A ``torch.distributed.PrefixStore`` ready for ``init_process_group``.
@@ -86,6 +87,8 @@ def rendezvous(info: ProcessInfo, timeout: timedelta) -> Any:
     writes_job = is_server or (agent_store and info.rank == 0)
     with _lost_store_is_named(info, where, hint):
         _check_job(store.underlying_store, info, where, meet.deadline, timeout, writes_job)
+        if agent_store:
+            store = _current_round_of_agent_store(store)
         _check_in(store, info, where, meet.deadline, timeout)
     return store
 
@@ -113,6 +116,23 @@ def _round_ended(store: Any) -> bool:
         return bool(store.check([LEFT_KEY]))
     except Exception:  # torch's DistNetworkError & co.
         return True
+
+
+def _current_round_of_agent_store(store: Any) -> Any:
+    """The keys of the round now starting in torchrun's agent store, which outlives rounds.
+
+    ``store`` holds the attempt's first round; each round that ended there (every rank
+    that left it marked :data:`LEFT_KEY`) moves on to the next prefix, ``round1/``,
+    ``round2/``... A rank quicker to start again waits in the new round's keys, not in
+    its own claim of the old one.
+    """
+    import torch.distributed as dist
+
+    prefix, number = store, 0
+    while store.check([LEFT_KEY]):
+        number += 1
+        store = dist.PrefixStore(f"round{number}/", prefix)
+    return store
 
 
 @dataclass(frozen=True)

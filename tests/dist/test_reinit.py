@@ -9,6 +9,7 @@ rank 0's store of the previous round is still up: the race is made, not waited f
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ import devlayer
 from devlayer.launchers import detect
 from devlayer.rendezvous import LEFT_KEY
 from tests.dist.ranks import finish, start_ranks
-from tests.helpers import ROOT, rank_results
+from tests.helpers import ROOT, rank_results, subprocess_env, torchrun
 
 pytestmark = [pytest.mark.dist]
 
@@ -25,7 +26,7 @@ WORKER = str(ROOT / "tests" / "dist" / "reinit_worker.py")
 
 
 def _run(tmp_path: Path, world: int, rounds: int, **env: str) -> list[tuple[int, str, str]]:
-    argv = [WORKER, str(rounds), "0.7", str(tmp_path / "hangs")]
+    argv = [WORKER, str(rounds), "0.5", str(tmp_path / "hangs")]
     return finish(start_ranks(argv, world=world, env=env), timeout=150)
 
 
@@ -88,3 +89,24 @@ def test_r27_r3_a_rank_that_meets_only_an_ended_rounds_store_says_so(clean_env) 
     )
     assert not round_.check(["rank1"])  # nothing was claimed there
     assert round_.add("joined", 0) == 0
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(300)
+def test_r27_r4_reinit_under_torchrun_with_its_agent_store(tmp_path: Path) -> None:
+    """Under torchrun, whose agent hosts one store for every round of the workers
+    (``TORCHELASTIC_USE_AGENT_STORE=True``), ``init()`` -> ``shutdown()`` -> ``init()`` in
+    the same two workers works every round, rank 0 leaving last: each round meets under
+    keys of its own (before: rank 1 met its own claim of the round before, "two processes
+    claim rank 1")."""
+    proc = subprocess.run(
+        torchrun(WORKER, "3", "0.5", str(tmp_path / "hangs")),
+        capture_output=True,
+        text=True,
+        timeout=200,
+        env=subprocess_env(),
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = rank_results(proc.stdout)
+    assert [r["sums"] for r in found] == [[2.0] * 3] * 2, found
