@@ -24,7 +24,7 @@ from typing import Any
 from devlayer.errors import RendezvousError
 from devlayer.launchers import ProcessInfo
 
-__all__ = ["LEFT_KEY", "leave", "loopback_listener", "rendezvous"]
+__all__ = ["LEAVE_WAIT_S", "LEFT_KEY", "leave", "loopback_listener", "rendezvous"]
 
 log = logging.getLogger("devlayer")
 
@@ -98,15 +98,21 @@ def rendezvous(info: ProcessInfo, timeout: timedelta) -> Any:
 LEFT_KEY = "devlayer/left"
 
 
+#: The longest :func:`leave` waits for its mark (plus one second, see :func:`_bounded`).
+LEAVE_WAIT_S = 2.0
+
+
 def leave(store: Any) -> None:
     """Mark ``store``'s round as ended for this rank (``shutdown()`` calls it first).
 
     A rank that calls ``init()`` again on the same port may meet rank 0's store of this
     round while rank 0 has not yet left it; this mark tells it so. A store already gone
-    needs no mark: the error is ignored.
+    needs no mark: the error is ignored. A store host that stopped answering (a stopped
+    process, a lost node) is given up after :data:`LEAVE_WAIT_S` seconds: torch's store
+    timeout does not end a request already waiting (seen with torch 2.13).
     """
-    with contextlib.suppress(Exception):
-        store.add(LEFT_KEY, 1)
+    with contextlib.suppress(Exception):  # TimeoutError included
+        _bounded(lambda: store.add(LEFT_KEY, 1), time.monotonic() + LEAVE_WAIT_S)
 
 
 def _round_ended(store: Any) -> bool:

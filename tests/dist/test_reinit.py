@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ import devlayer
 from devlayer.launchers import detect
 from devlayer.rendezvous import LEFT_KEY
 from tests.dist.ranks import finish, start_ranks
-from tests.helpers import ROOT, rank_results, subprocess_env, torchrun
+from tests.helpers import PY, ROOT, rank_results, subprocess_env, torchrun
 
 pytestmark = [pytest.mark.dist]
 
@@ -110,3 +111,46 @@ def test_r27_r4_reinit_under_torchrun_with_its_agent_store(tmp_path: Path) -> No
     assert proc.returncode == 0, proc.stderr[-3000:]
     found = rank_results(proc.stdout)
     assert [r["sums"] for r in found] == [[2.0] * 3] * 2, found
+
+
+@pytest.mark.timeout(90)
+def test_r27_r5_leaving_a_store_whose_host_stopped_answering_is_bounded() -> None:
+    """``shutdown()``'s mark (``devlayer.rendezvous.leave``) on a store whose host stopped
+    answering (SIGSTOP: its kernel still holds the connection, nothing replies) returns
+    after a few seconds with the error ignored, rather than waiting out the store's own
+    timeout (here 300 s), so ``shutdown()`` never hangs on a lost rank 0."""
+    import signal
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from devlayer.rendezvous import leave
+    from devlayer.testing import free_port
+
+    port = free_port()
+    host = subprocess.Popen(
+        [
+            PY,
+            "-c",
+            "import sys, time, datetime, torch.distributed as d; "
+            f"s = d.TCPStore('127.0.0.1', {port}, 2, True, wait_for_workers=False); "
+            "print('up', flush=True); time.sleep(600)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert host.stdout is not None and host.stdout.readline().strip() == "up"
+        client = dist.TCPStore(
+            "127.0.0.1", port, 2, False, timeout=timedelta(seconds=300), wait_for_workers=False
+        )
+        round_ = dist.PrefixStore("devlayer/attempt/", client)
+        round_.add("joined", 1)  # the connection works
+        os.kill(host.pid, signal.SIGSTOP)
+        while Path(f"/proc/{host.pid}/stat").read_text().split(") ")[1][0] != "T":
+            time.sleep(0.01)  # until it is stopped
+        leave(round_)  # returns (bounded), the error ignored
+    finally:
+        os.kill(host.pid, signal.SIGCONT)
+        host.kill()
+        host.wait(timeout=30)
