@@ -101,6 +101,10 @@ LEFT_KEY = "devlayer/left"
 #: The longest :func:`leave` waits for its mark (plus one second, see :func:`_bounded`).
 LEAVE_WAIT_S = 2.0
 
+#: Whether this process left a round (:func:`leave`): its next rendezvous may meet the
+#: old store while that goes away, so a failed connection is tried again, not final.
+_left_a_round = False
+
 
 def leave(store: Any) -> None:
     """Mark ``store``'s round as ended for this rank (``shutdown()`` calls it first).
@@ -111,6 +115,8 @@ def leave(store: Any) -> None:
     process, a lost node) is given up after :data:`LEAVE_WAIT_S` seconds: torch's store
     timeout does not end a request already waiting (seen with torch 2.13).
     """
+    global _left_a_round
+    _left_a_round = True
     with contextlib.suppress(Exception):  # TimeoutError included
         _bounded(lambda: store.add(LEFT_KEY, 1), time.monotonic() + LEAVE_WAIT_S)
 
@@ -161,14 +167,16 @@ def _open_current_round(make_store: Callable[[], Any], meet: _Meeting) -> Any:
 
     Rank 0 takes its store of the previous round away only after it left that round too,
     so a rank quicker to start again may meet it: that connection is dropped and another
-    made (2 ms, doubling to 50 ms, between tries) until the deadline.
+    made (2 ms, doubling to 50 ms, between tries) until the deadline. A connection that
+    fails is tried again too, once this process has left a round (the old store may close
+    it while it goes away); otherwise its error is final at once, as before.
     """
     delay = 0.002
     while True:
         try:
             store = _open(make_store, meet, is_server=False)
         except RendezvousError:
-            if meet.left() <= 0:
+            if not _left_a_round or meet.left() <= 0:
                 raise
             store = None  # the old store closed the connection while it went away
         if store is not None and not _round_ended(store):
