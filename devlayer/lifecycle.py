@@ -47,6 +47,7 @@ from devlayer.errors import (
 from devlayer.hooks import AcceleratorHook, as_hook_list, call_hooks, resolve_hooks, torch_module
 from devlayer.launchers import ProcessInfo, detect
 from devlayer.registry import BoundBackend, choose_backend, prepare_comm
+from devlayer.rendezvous import leave as leave_round
 from devlayer.rendezvous import rendezvous
 from devlayer.torchcompat import (
     check_torch_version,
@@ -173,10 +174,12 @@ class State:
 
 @dataclass
 class _Undo:
-    """What init changed outside itself, so shutdown can put it back."""
+    """What init changed outside itself, so shutdown can put it back (and the rendezvous
+    store of the round it joined, which shutdown marks as left)."""
 
     env: dict[str, str | None] = field(default_factory=dict)
     default_device_set: bool = False
+    store: Any = None
 
     def setenv(self, name: str, value: str) -> None:
         if name not in self.env:
@@ -293,6 +296,7 @@ def init(
             _restore(undo)
             raise
         _undo.env, _undo.default_device_set = undo.env, undo.default_device_set
+        _undo.store = store
         _current = State(
             backend=be.name,
             device=dev,
@@ -850,6 +854,10 @@ def shutdown() -> bool:
         if _current is None:
             return False
         st, _current = _current, None
+        store, _undo.store = _undo.store, None
+        if store is not None:  # before anything else: this rank may init() again at once
+            leave_round(store)
+        del store  # rank 0's reference would keep its store serving past the group
         hangdump.stop()
         try:
             if st.owns_process_group:

@@ -9,6 +9,7 @@ itself.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import socket
@@ -16,13 +17,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 from devlayer.errors import RendezvousError
 from devlayer.launchers import ProcessInfo
 
-__all__ = ["loopback_listener", "rendezvous"]
+__all__ = ["LEAVE_WAIT_S", "LEFT_KEY", "leave", "loopback_listener", "rendezvous"]
 
 log = logging.getLogger("devlayer")
 
@@ -31,60 +33,50 @@ def rendezvous(info: ProcessInfo, timeout: timedelta) -> Any:
     """Connect to (rank 0: host) the TCP store and wait until every rank checked in.
 
     Each torchelastic restart gets its own key prefix, so a restarted job never reads
-    the addresses of the attempt that died (torchrun reuses its agent's store).
+    the addresses of the attempt that died (torchrun reuses its agent's store). A rank that
+    meets rank 0's store of a round that has ended (:data:`LEFT_KEY`: ``init()`` again on
+    the same port while rank 0 has not yet left the round before) drops that connection and
+    connects again until the new store is up; in torchrun's agent store, which outlives the
+    rounds, it meets the others under the next round's keys.
 
     Returns:
         A ``torch.distributed.PrefixStore`` ready for ``init_process_group``.
 
     Raises:
-        RendezvousError: Port in use, address unreachable, a rank missing or duplicated.
+        RendezvousError: Port in use, address unreachable, a rank missing or duplicated,
+            only an ended round's store met within the timeout.
     """
     import torch.distributed as dist
 
     port = info.master_port
     addr = _unbracket(info.master_addr)  # "[::1]" names the host ::1
     where = f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
-    src = info.sources
     agent_store = info.agent_store  # read once, by the torchrun detector
     is_server = info.rank == 0 and not agent_store
     store_host = "torchrun's agent" if agent_store else "rank 0"
-    deadline = time.monotonic() + timeout.total_seconds()
+    meet = _Meeting(info, where, store_host, timeout, time.monotonic() + timeout.total_seconds())
     host = _listen_host(addr, info.num_nodes) if is_server else None
-    kwargs = _listen(host, port, where, src) if host is not None else {}
+    kwargs = _listen(host, port, where, info.sources) if host is not None else {}
 
     def make_store() -> Any:
-        return dist.TCPStore(
+        wait = timeout if is_server else timedelta(seconds=max(meet.left(), 0.001))
+        made = dist.TCPStore(
             host_name=addr,
             port=int(port or 0),
             world_size=info.world_size,
             is_master=is_server,
-            timeout=timeout,
+            timeout=wait,
             wait_for_workers=False,
             multi_tenant="master_listen_fd" not in kwargs,
             **kwargs,
         )
+        made.set_timeout(timeout)  # the process group's own waits get the whole timeout
+        return dist.PrefixStore(_attempt_prefix(info.restart_count, agent_store), made)
 
-    try:
-        base = make_store() if is_server else _bounded(make_store, deadline)
-    except TimeoutError:
-        raise RendezvousError(
-            f"rank {info.rank} got no answer from a rendezvous store at {where} within "
-            f"{timeout.total_seconds():g}s: the connection was accepted but nothing answered "
-            f"as a torch store, so another program probably holds the port. "
-            f"{_store_host_hint(store_host, where)}"
-        ) from None
-    except Exception as exc:
-        text = str(exc)
-        if is_server and ("in use" in text.lower() or "EADDRINUSE" in text):
-            raise _port_in_use(where, port, src) from exc
-        raise RendezvousError(
-            f"rank {info.rank} could not reach the rendezvous store at {where} within "
-            f"{timeout.total_seconds():g}s (MASTER_ADDR from "
-            f"{src.get('master_addr', 'MASTER_ADDR')}, MASTER_PORT from "
-            f"{src.get('master_port', 'MASTER_PORT')}): {text.splitlines()[0] if text else exc!r}. "
-            f"{_store_host_hint(store_host, where)}"
-        ) from exc
-    store = dist.PrefixStore(_attempt_prefix(info.restart_count, agent_store), base)
+    if is_server or agent_store:  # a new store, or one that outlives the rounds
+        store = _open(make_store, meet, is_server)
+    else:
+        store = _open_current_round(make_store, meet)
     hint = (
         "this process hosts the store; see the first error above"
         if is_server
@@ -94,9 +86,137 @@ def rendezvous(info: ProcessInfo, timeout: timedelta) -> Any:
     # restart count) must meet it before it can claim a rank or count as joined.
     writes_job = is_server or (agent_store and info.rank == 0)
     with _lost_store_is_named(info, where, hint):
-        _check_job(base, info, where, deadline, timeout, writes_job)
-        _check_in(store, info, where, deadline, timeout)
+        _check_job(store.underlying_store, info, where, meet.deadline, timeout, writes_job)
+        if agent_store:
+            store = _current_round_of_agent_store(store)
+        _check_in(store, info, where, meet.deadline, timeout)
     return store
+
+
+#: Key (under the attempt prefix) that every rank adds 1 to when it leaves its round
+#: (:func:`leave`): a store that holds it belongs to a round that has ended.
+LEFT_KEY = "devlayer/left"
+
+
+#: The longest :func:`leave` waits for its mark (plus one second, see :func:`_bounded`).
+LEAVE_WAIT_S = 2.0
+
+#: Whether this process left a round (:func:`leave`): its next rendezvous may meet the
+#: old store while that goes away, so a failed connection is tried again, not final.
+_left_a_round = False
+
+
+def leave(store: Any) -> None:
+    """Mark ``store``'s round as ended for this rank (``shutdown()`` calls it first).
+
+    A rank that calls ``init()`` again on the same port may meet rank 0's store of this
+    round while rank 0 has not yet left it; this mark tells it so. A store already gone
+    needs no mark: the error is ignored. A store host that stopped answering (a stopped
+    process, a lost node) is given up after :data:`LEAVE_WAIT_S` seconds: torch's store
+    timeout does not end a request already waiting (seen with torch 2.13).
+    """
+    global _left_a_round
+    _left_a_round = True
+    with contextlib.suppress(Exception):  # TimeoutError included
+        _bounded(lambda: store.add(LEFT_KEY, 1), time.monotonic() + LEAVE_WAIT_S)
+
+
+def _round_ended(store: Any) -> bool:
+    """Whether ``store`` belongs to a round that has ended: it holds :data:`LEFT_KEY`, or
+    it went away while asked (its host is tearing it down)."""
+    try:
+        return bool(store.check([LEFT_KEY]))
+    except Exception:  # torch's DistNetworkError & co.
+        return True
+
+
+def _current_round_of_agent_store(store: Any) -> Any:
+    """The keys of the round now starting in torchrun's agent store, which outlives rounds.
+
+    ``store`` holds the attempt's first round; each round that ended there (every rank
+    that left it marked :data:`LEFT_KEY`) moves on to the next prefix, ``round1/``,
+    ``round2/``... A rank quicker to start again waits in the new round's keys, not in
+    its own claim of the old one.
+    """
+    import torch.distributed as dist
+
+    prefix, number = store, 0
+    while store.check([LEFT_KEY]):
+        number += 1
+        store = dist.PrefixStore(f"round{number}/", prefix)
+    return store
+
+
+@dataclass(frozen=True)
+class _Meeting:
+    """Where and until when one rank meets the others (the parts its errors name)."""
+
+    info: ProcessInfo
+    where: str
+    store_host: str
+    timeout: timedelta
+    deadline: float  # time.monotonic()
+
+    def left(self) -> float:
+        """Seconds left until the deadline."""
+        return self.deadline - time.monotonic()
+
+
+def _open_current_round(make_store: Callable[[], Any], meet: _Meeting) -> Any:
+    """A client's connection to the store of the round now starting, not of one that ended.
+
+    Rank 0 takes its store of the previous round away only after it left that round too,
+    so a rank quicker to start again may meet it: that connection is dropped and another
+    made (2 ms, doubling to 50 ms, between tries) until the deadline. A connection that
+    fails is tried again too, once this process has left a round (the old store may close
+    it while it goes away); otherwise its error is final at once, as before.
+    """
+    delay = 0.002
+    while True:
+        try:
+            store = _open(make_store, meet, is_server=False)
+        except RendezvousError:
+            if not _left_a_round or meet.left() <= 0:
+                raise
+            store = None  # the old store closed the connection while it went away
+        if store is not None and not _round_ended(store):
+            return store
+        del store  # closes this connection to the old store
+        if meet.left() <= 0:
+            raise RendezvousError(
+                f"rank {meet.info.rank} met only the previous round's rendezvous store at "
+                f"{meet.where} within {meet.timeout.total_seconds():g}s: rank 0 had not left "
+                f"that round (it still runs the code before its shutdown()) or did not start "
+                f"the new one. Call init() and shutdown() the same number of times on every "
+                f"rank, or give init() a longer timeout"
+            )
+        time.sleep(min(delay, max(meet.left(), 0.0)))
+        delay = min(delay * 2, 0.05)
+
+
+def _open(make_store: Callable[[], Any], meet: _Meeting, is_server: bool) -> Any:
+    """``make_store()`` (a client's bounded by the deadline), its errors named."""
+    src, where, seconds = meet.info.sources, meet.where, meet.timeout.total_seconds()
+    try:
+        return make_store() if is_server else _bounded(make_store, meet.deadline)
+    except TimeoutError:
+        raise RendezvousError(
+            f"rank {meet.info.rank} got no answer from a rendezvous store at {where} within "
+            f"{seconds:g}s: the connection was accepted but nothing answered "
+            f"as a torch store, so another program probably holds the port. "
+            f"{_store_host_hint(meet.store_host, where)}"
+        ) from None
+    except Exception as exc:
+        text = str(exc)
+        if is_server and ("in use" in text.lower() or "EADDRINUSE" in text):
+            raise _port_in_use(where, meet.info.master_port, src) from exc
+        raise RendezvousError(
+            f"rank {meet.info.rank} could not reach the rendezvous store at {where} within "
+            f"{seconds:g}s (MASTER_ADDR from "
+            f"{src.get('master_addr', 'MASTER_ADDR')}, MASTER_PORT from "
+            f"{src.get('master_port', 'MASTER_PORT')}): {text.splitlines()[0] if text else exc!r}. "
+            f"{_store_host_hint(meet.store_host, where)}"
+        ) from exc
 
 
 def _attempt_prefix(restart_count: int, agent_store: bool) -> str:

@@ -288,7 +288,8 @@ def test_r5_l2_store_without_a_job_record_is_named_within_the_timeout(clean_env)
         devlayer.init(backend="cpu", timeout=2)
     message = str(info.value)
     assert f"127.0.0.1:{foreign.port}, but rank 0 did not record its job there" in message
-    assert not foreign.check(["devlayer/attempt/rank1"])  # nothing was claimed there
+    # nothing was claimed there (as rendezvous() names its keys: PrefixStore adds a "/")
+    assert not dist.PrefixStore("devlayer/attempt/", foreign).check(["rank1"])
 
 
 # --------------------------------------------------------------------------- issue 23
