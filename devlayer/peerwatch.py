@@ -43,6 +43,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+from devlayer.net import bounded_call
+
 __all__ = [
     "EVENT_KEY",
     "EXIT_CODE",
@@ -53,6 +55,7 @@ __all__ = [
     "POLL_S",
     "POLL_TIMEOUT_S",
     "RELEASED_KEY",
+    "RELEASE_WAIT_S",
     "Decision",
     "PeerWatch",
     "Seen",
@@ -78,6 +81,9 @@ HARD_EXIT_AFTER_S = 10.0
 EXIT_CODE = 75
 #: The longest the store's host waits at its exit for the others to read its event.
 HOST_WAIT_S = 3 * POLL_S + 1.0
+#: The longest a rank that is not the host waits to count itself released at its exit
+#: (plus one second): a host that stopped answering must not hold up ``shutdown()``.
+RELEASE_WAIT_S = 2.0
 #: The longest reason carried in the event.
 _REASON_CHARS = 300
 
@@ -250,8 +256,8 @@ class PeerWatch:
             if self._released or self.rank == self.host:
                 return
             self._released = True
-        with contextlib.suppress(Exception):
-            store.add(RELEASED_KEY, 1)
+        with contextlib.suppress(Exception):  # TimeoutError too: a host that stopped answering
+            bounded_call(lambda: store.add(RELEASED_KEY, 1), time.monotonic() + RELEASE_WAIT_S)
 
     def _poll(self) -> Seen:
         try:

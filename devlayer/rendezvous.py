@@ -13,7 +13,6 @@ import contextlib
 import errno
 import logging
 import socket
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -23,6 +22,7 @@ from typing import Any
 
 from devlayer.errors import RendezvousError
 from devlayer.launchers import ProcessInfo
+from devlayer.net import bounded_call
 
 __all__ = ["LEAVE_WAIT_S", "LEFT_KEY", "leave", "loopback_listener", "rendezvous"]
 
@@ -98,7 +98,8 @@ def rendezvous(info: ProcessInfo, timeout: timedelta) -> Any:
 LEFT_KEY = "devlayer/left"
 
 
-#: The longest :func:`leave` waits for its mark (plus one second, see :func:`_bounded`).
+#: The longest :func:`leave` waits for its mark (plus one second:
+#: :func:`devlayer.net.bounded_call`).
 LEAVE_WAIT_S = 2.0
 
 #: Whether this process left a round (:func:`leave`): its next rendezvous may meet the
@@ -118,7 +119,7 @@ def leave(store: Any) -> None:
     global _left_a_round
     _left_a_round = True
     with contextlib.suppress(Exception):  # TimeoutError included
-        _bounded(lambda: store.add(LEFT_KEY, 1), time.monotonic() + LEAVE_WAIT_S)
+        bounded_call(lambda: store.add(LEFT_KEY, 1), time.monotonic() + LEAVE_WAIT_S)
 
 
 def _round_ended(store: Any) -> bool:
@@ -198,7 +199,7 @@ def _open(make_store: Callable[[], Any], meet: _Meeting, is_server: bool) -> Any
     """``make_store()`` (a client's bounded by the deadline), its errors named."""
     src, where, seconds = meet.info.sources, meet.where, meet.timeout.total_seconds()
     try:
-        return make_store() if is_server else _bounded(make_store, meet.deadline)
+        return make_store() if is_server else bounded_call(make_store, meet.deadline)
     except TimeoutError:
         raise RendezvousError(
             f"rank {meet.info.rank} got no answer from a rendezvous store at {where} within "
@@ -359,36 +360,6 @@ def _check_in(
     store.set(f"host{info.rank}", socket.gethostname())
     store.add("joined", 1)
     _wait_for_all(store, info, where, deadline, timeout)
-
-
-def _bounded(make: Callable[[], Any], deadline: float) -> Any:
-    """``make()`` in a helper thread, given up at ``deadline`` (``time.monotonic()``).
-
-    torch's TCPStore client waits forever for an answer when the port is held by a program
-    that accepts connections but is not a store (seen with torch 2.13: a listener that
-    never answers kept rank 1 waiting past a 4 s timeout for over a minute). The call
-    releases the GIL, so the thread can be left behind (daemon) while the error is raised.
-
-    Raises:
-        TimeoutError: ``make()`` did not return by the deadline (plus one second for torch's
-            own timeout error to arrive first).
-    """
-    box: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            box["value"] = make()
-        except BaseException as exc:  # handed to the caller's thread
-            box["error"] = exc
-
-    thread = threading.Thread(target=run, name="devlayer-store-connect", daemon=True)
-    thread.start()
-    thread.join(max(deadline - time.monotonic(), 0.0) + 1.0)
-    if "error" in box:
-        raise box["error"]
-    if "value" in box:
-        return box["value"]
-    raise TimeoutError
 
 
 def _unbracket(addr: str) -> str:

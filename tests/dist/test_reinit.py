@@ -159,3 +159,31 @@ def test_r27_r5_leaving_a_store_whose_host_stopped_answering_is_bounded(
         os.kill(host.pid, signal.SIGCONT)
         host.kill()
         host.wait(timeout=30)
+
+
+@pytest.mark.timeout(150)
+def test_r27_r6_shutdown_with_the_watch_on_never_waits_on_a_frozen_host(tmp_path: Path) -> None:
+    """R27-R6: ``shutdown()`` on a rank that is not the host, with the survivor watch on (the
+    default) and ``init(timeout=300)``, returns within seconds while rank 0, the store's
+    host, is stopped (SIGSTOP: its connections stay open, nothing answers): the round's
+    mark (R27-R5) and the watch's release (``PeerWatch.leave``, bounded by
+    ``RELEASE_WAIT_S``) both give up instead of waiting out the store's timeout. Before,
+    the release waited on the frozen host and rank 1 never got past ``shutdown()``."""
+    import signal
+
+    go = tmp_path / "go"
+    worker = str(ROOT / "tests" / "dist" / "frozen_host_worker.py")
+    procs = start_ranks([worker, str(go), str(tmp_path / "hangs")], world=2)
+    try:
+        assert procs[0].stdout is not None and procs[1].stdout is not None
+        assert procs[0].stdout.readline().strip() == "READY 0"
+        assert procs[1].stdout.readline().strip() == "READY 1"
+        os.kill(procs[0].pid, signal.SIGSTOP)
+        go.touch()
+        code, out, err = finish([procs[1]], timeout=60)[0]
+        assert code == 0, err[-3000:]
+        assert rank_results(out) == [{"rank": 1, "sum": 2.0}], out
+    finally:
+        os.kill(procs[0].pid, signal.SIGCONT)
+        procs[0].kill()
+        finish([procs[0]], timeout=10)
