@@ -787,6 +787,7 @@ def _create_process_group(
             **kwargs,
         )
     except Exception as exc:
+        leave_round(store)  # this rank is out of the round: an init() again must not meet it
         raise RendezvousError(
             f"creating the {pg_backend!r} process group failed on rank {info.rank} of "
             f"{info.world_size} ({info.master_addr}:{info.master_port}): {exc}"

@@ -409,3 +409,35 @@ def test_num_nodes_is_public_and_on_state(clean_env):
 def test_num_nodes_needs_init(clean_env):
     with pytest.raises(devlayer.errors.NotInitializedError):
         devlayer.num_nodes()
+
+
+def test_r27_r7_a_failed_process_group_leaves_its_round(clean_env: pytest.MonkeyPatch) -> None:
+    """R27-R7: when ``init_process_group`` fails after the rendezvous, ``init()`` marks the
+    round as left in its store (``rendezvous.LEFT_KEY``) before it raises, as ``shutdown()``
+    does, so this rank's next ``init()`` on the same port does not join that round's store
+    and claim its rank there a second time."""
+    import torch.distributed as dist
+
+    from devlayer.errors import RendezvousError
+    from devlayer.rendezvous import LEFT_KEY
+
+    added: list[tuple[str, int]] = []
+
+    class Store:
+        def add(self, key: str, amount: int) -> int:
+            added.append((key, amount))
+            return 1
+
+    def fails(**_: Any) -> None:
+        raise RuntimeError("gloo: connect timed out")
+
+    env = {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"}
+    for key, value in {**env, "MASTER_PORT": str(free_port()), "DEVLAYER_LAUNCHER": "env"}.items():
+        clean_env.setenv(key, value)
+    clean_env.setenv("DEVLAYER_HANG_REPORTS", "0")
+    clean_env.setattr(lifecycle, "rendezvous", lambda info, timeout: Store())
+    clean_env.setattr(dist, "init_process_group", fails)
+    with pytest.raises(RendezvousError, match="process group failed on rank 1 of 2"):
+        devlayer.init(backend="cpu", timeout=5)
+    assert added == [(LEFT_KEY, 1)]
+    assert not devlayer.is_initialized()
