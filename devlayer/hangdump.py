@@ -74,6 +74,7 @@ from devlayer.ledger import (
     publish_step,
     published_step,
 )
+from devlayer.net import bounded_call
 from devlayer.peerwatch import PeerWatch, failure_of
 
 __all__ = [
@@ -482,17 +483,28 @@ def _watch(setup: HangSetup) -> None:
 # --------------------------------------------------------------------------- store
 
 
+#: The longest posting this rank's position may take (plus one second): torch's store
+#: client does not honour its timeout while the store's host is stopped or its node lost.
+POST_WAIT_S = 3.0
+
+
 def _post(setup: HangSetup) -> None:
-    """Post this rank's position (a small report) to the store; errors are ignored."""
-    if setup.store is None:
+    """Post this rank's position (a small report) to the store, bounded by
+    :data:`POST_WAIT_S`; errors are ignored."""
+    store = setup.store
+    if store is None:
         return
     text = json.dumps(report("posted", None, POST_RECORDS), default=str)
     key = f"{_POST_KEY}{setup.facts['rank']}"
-    with contextlib.suppress(Exception):  # the store's host may be gone: the report says less
-        first = not setup.store.check([key])
-        setup.store.set(key, text)
+
+    def post() -> None:
+        first = not store.check([key])
+        store.set(key, text)
         if first:
-            setup.store.add(_COUNT_KEY, 1)
+            store.add(_COUNT_KEY, 1)
+
+    with contextlib.suppress(Exception):  # the store's host may be gone: the report says less
+        bounded_call(post, time.monotonic() + POST_WAIT_S)
 
 
 def _posts(setup: HangSetup, grace: float) -> dict[int, dict[str, Any]]:
@@ -504,16 +516,20 @@ def _posts(setup: HangSetup, grace: float) -> dict[int, dict[str, Any]]:
     world = int(setup.facts["world_size"])
     deadline = time.monotonic() + grace
     found: dict[int, dict[str, Any]] = {}
-    try:
-        while setup.store.add(_COUNT_KEY, 0) < world and time.monotonic() < deadline:
+    store = setup.store
+
+    def gather() -> None:
+        while store.add(_COUNT_KEY, 0) < world and time.monotonic() < deadline:
             time.sleep(0.1)
         for r in range(world):
             key = f"{_POST_KEY}{r}"
-            if setup.store.check([key]):
-                found[r] = json.loads(setup.store.get(key))
-    except Exception:  # the store's host went away: report what was read
-        pass
-    return found
+            if store.check([key]):
+                found[r] = json.loads(store.get(key))
+
+    # bounded: a store host that stopped answering must not keep this rank from its error
+    with contextlib.suppress(Exception):  # the store's host went away: report what was read
+        bounded_call(gather, deadline + POST_WAIT_S)
+    return dict(found)
 
 
 def on_collective_error(what: str) -> str:

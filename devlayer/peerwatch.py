@@ -248,8 +248,11 @@ class PeerWatch:
 
     def _post(self, kind: str, reason: str) -> None:
         text = json.dumps({"kind": kind, "rank": self.rank, "reason": reason[:_REASON_CHARS]})
-        with contextlib.suppress(Exception):  # a store already gone: nobody left to tell
-            self.store.compare_set(EVENT_KEY, "", text)
+        store = self.store
+        with contextlib.suppress(Exception):  # gone or not answering: nobody left to tell
+            bounded_call(
+                lambda: store.compare_set(EVENT_KEY, "", text), time.monotonic() + RELEASE_WAIT_S
+            )
 
     def _release(self, store: Any) -> None:
         with self._lock:

@@ -170,14 +170,15 @@ def _open_current_round(make_store: Callable[[], Any], meet: _Meeting) -> Any:
     so a rank quicker to start again may meet it: that connection is dropped and another
     made (2 ms, doubling to 50 ms, between tries) until the deadline. A connection that
     fails is tried again too, once this process has left a round (the old store may close
-    it while it goes away); otherwise its error is final at once, as before.
+    it while it goes away; not one that timed out); otherwise its error is final at once,
+    as before.
     """
     delay = 0.002
     while True:
         try:
             store = _open(make_store, meet, is_server=False)
-        except RendezvousError:
-            if not _left_a_round or meet.left() <= 0:
+        except RendezvousError as err:
+            if not _left_a_round or meet.left() <= 0 or not _closed_under_us(err):
                 raise
             store = None  # the old store closed the connection while it went away
         if store is not None and not _round_ended(store):
@@ -193,6 +194,15 @@ def _open_current_round(make_store: Callable[[], Any], meet: _Meeting) -> Any:
             )
         time.sleep(min(delay, max(meet.left(), 0.0)))
         delay = min(delay * 2, 0.05)
+
+
+def _closed_under_us(err: RendezvousError) -> bool:
+    """Whether a failed connection was closed by its store (worth another try: an old
+    round's store going away), not timed out: torch already retried that one until the
+    deadline, and another try would leave its connecting thread running past it (a process
+    that exits then is aborted by the C++ runtime)."""
+    cause = err.__cause__
+    return cause is not None and "timed out" not in str(cause).lower()
 
 
 def _open(make_store: Callable[[], Any], meet: _Meeting, is_server: bool) -> Any:

@@ -173,7 +173,7 @@ def test_r27_r6_shutdown_with_the_watch_on_never_waits_on_a_frozen_host(tmp_path
 
     go = tmp_path / "go"
     worker = str(ROOT / "tests" / "dist" / "frozen_host_worker.py")
-    procs = start_ranks([worker, str(go), str(tmp_path / "hangs")], world=2)
+    procs = start_ranks([worker, str(go), str(tmp_path / "hangs"), "shutdown", "300"], world=2)
     try:
         assert procs[0].stdout is not None and procs[1].stdout is not None
         assert procs[0].stdout.readline().strip() == "READY 0"
@@ -183,6 +183,37 @@ def test_r27_r6_shutdown_with_the_watch_on_never_waits_on_a_frozen_host(tmp_path
         code, out, err = finish([procs[1]], timeout=60)[0]
         assert code == 0, err[-3000:]
         assert rank_results(out) == [{"rank": 1, "sum": 2.0}], out
+    finally:
+        os.kill(procs[0].pid, signal.SIGCONT)
+        procs[0].kill()
+        finish([procs[0]], timeout=10)
+
+
+@pytest.mark.timeout(150)
+def test_r27_r8_a_collective_timeout_with_a_frozen_host_still_ends(tmp_path: Path) -> None:
+    """R27-R8: rank 1's all_reduce times out (``init(timeout=6)``) because rank 0, the
+    store's host, is stopped (SIGSTOP): its ``CollectiveError`` still comes, with the hang
+    report, and its ``shutdown()`` returns. The report's store traffic (posting this rank's
+    position, gathering the others', the survivor watch's failure mark) is bounded: torch's
+    TCPStore client does not honour its timeout while the host is stopped (a ``check`` with
+    a 4 s timeout was seen waiting past 60 s), so before, rank 1 waited there for good."""
+    import signal
+
+    go = tmp_path / "go"
+    worker = str(ROOT / "tests" / "dist" / "frozen_host_worker.py")
+    procs = start_ranks([worker, str(go), str(tmp_path / "hangs"), "collective", "6"], world=2)
+    try:
+        assert procs[0].stdout is not None and procs[1].stdout is not None
+        assert procs[0].stdout.readline().strip() == "READY 0"
+        assert procs[1].stdout.readline().strip() == "READY 1"
+        os.kill(procs[0].pid, signal.SIGSTOP)
+        go.touch()
+        code, out, err = finish([procs[1]], timeout=90)[0]
+        assert code == 0, err[-3000:]
+        assert rank_results(out) == [
+            {"rank": 1, "error": "CollectiveError", "report": True},
+            {"rank": 1, "sum": 2.0},
+        ], out + err[-3000:]
     finally:
         os.kill(procs[0].pid, signal.SIGCONT)
         procs[0].kill()
