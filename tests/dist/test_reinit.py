@@ -161,6 +161,27 @@ def test_r27_r5_leaving_a_store_whose_host_stopped_answering_is_bounded(
         host.wait(timeout=30)
 
 
+def _with_a_frozen_host(tmp_path: Path, mode: str, timeout: str) -> tuple[int, str, str]:
+    """Start tests/dist/frozen_host_worker.py as 2 ranks, stop rank 0 (SIGSTOP) once both
+    are ready, let rank 1 go on in ``mode``; rank 1's (returncode, stdout, stderr)."""
+    import signal
+
+    go = tmp_path / "go"
+    worker = str(ROOT / "tests" / "dist" / "frozen_host_worker.py")
+    procs = start_ranks([worker, str(go), str(tmp_path / "hangs"), mode, timeout], world=2)
+    try:
+        assert procs[0].stdout is not None and procs[1].stdout is not None
+        assert procs[0].stdout.readline().strip() == "READY 0"
+        assert procs[1].stdout.readline().strip() == "READY 1"
+        os.kill(procs[0].pid, signal.SIGSTOP)
+        go.touch()
+        return finish([procs[1]], timeout=90)[0]
+    finally:
+        os.kill(procs[0].pid, signal.SIGCONT)
+        procs[0].kill()
+        finish([procs[0]], timeout=10)
+
+
 @pytest.mark.timeout(150)
 def test_r27_r6_shutdown_with_the_watch_on_never_waits_on_a_frozen_host(tmp_path: Path) -> None:
     """R27-R6: ``shutdown()`` on a rank that is not the host, with the survivor watch on (the
@@ -169,24 +190,9 @@ def test_r27_r6_shutdown_with_the_watch_on_never_waits_on_a_frozen_host(tmp_path
     mark (R27-R5) and the watch's release (``PeerWatch.leave``, bounded by
     ``RELEASE_WAIT_S``) both give up instead of waiting out the store's timeout. Before,
     the release waited on the frozen host and rank 1 never got past ``shutdown()``."""
-    import signal
-
-    go = tmp_path / "go"
-    worker = str(ROOT / "tests" / "dist" / "frozen_host_worker.py")
-    procs = start_ranks([worker, str(go), str(tmp_path / "hangs"), "shutdown", "300"], world=2)
-    try:
-        assert procs[0].stdout is not None and procs[1].stdout is not None
-        assert procs[0].stdout.readline().strip() == "READY 0"
-        assert procs[1].stdout.readline().strip() == "READY 1"
-        os.kill(procs[0].pid, signal.SIGSTOP)
-        go.touch()
-        code, out, err = finish([procs[1]], timeout=60)[0]
-        assert code == 0, err[-3000:]
-        assert rank_results(out) == [{"rank": 1, "sum": 2.0}], out
-    finally:
-        os.kill(procs[0].pid, signal.SIGCONT)
-        procs[0].kill()
-        finish([procs[0]], timeout=10)
+    code, out, err = _with_a_frozen_host(tmp_path, "shutdown", "300")
+    assert code == 0, err[-3000:]
+    assert rank_results(out) == [{"rank": 1, "sum": 2.0}], out
 
 
 @pytest.mark.timeout(150)
@@ -197,24 +203,9 @@ def test_r27_r8_a_collective_timeout_with_a_frozen_host_still_ends(tmp_path: Pat
     position, gathering the others', the survivor watch's failure mark) is bounded: torch's
     TCPStore client does not honour its timeout while the host is stopped (a ``check`` with
     a 4 s timeout was seen waiting past 60 s), so before, rank 1 waited there for good."""
-    import signal
-
-    go = tmp_path / "go"
-    worker = str(ROOT / "tests" / "dist" / "frozen_host_worker.py")
-    procs = start_ranks([worker, str(go), str(tmp_path / "hangs"), "collective", "6"], world=2)
-    try:
-        assert procs[0].stdout is not None and procs[1].stdout is not None
-        assert procs[0].stdout.readline().strip() == "READY 0"
-        assert procs[1].stdout.readline().strip() == "READY 1"
-        os.kill(procs[0].pid, signal.SIGSTOP)
-        go.touch()
-        code, out, err = finish([procs[1]], timeout=90)[0]
-        assert code == 0, err[-3000:]
-        assert rank_results(out) == [
-            {"rank": 1, "error": "CollectiveError", "report": True},
-            {"rank": 1, "sum": 2.0},
-        ], out + err[-3000:]
-    finally:
-        os.kill(procs[0].pid, signal.SIGCONT)
-        procs[0].kill()
-        finish([procs[0]], timeout=10)
+    code, out, err = _with_a_frozen_host(tmp_path, "collective", "6")
+    assert code == 0, err[-3000:]
+    assert rank_results(out) == [
+        {"rank": 1, "error": "CollectiveError", "report": True},
+        {"rank": 1, "sum": 2.0},
+    ], out + err[-3000:]

@@ -295,13 +295,9 @@ def test_r5_l2_store_without_a_job_record_is_named_within_the_timeout(clean_env)
 # --------------------------------------------------------------------------- issue 23
 
 
-@pytest.mark.timeout(120)
-def test_e23_11_agents_with_other_restart_counts_meet_in_one_attempt():
-    """E23-11: torchrun's restart count is per agent: after an agent was killed and started
-    again (elastic grow-back), the survivor's worker says ``TORCHELASTIC_RESTART_COUNT=1``
-    and the new agent's says 0. With a store rank 0 hosts for this attempt alone
-    (``TORCHELASTIC_USE_AGENT_STORE=False``) both still meet, instead of waiting under
-    different key prefixes until the timeout."""
+def _torchrun_like_ranks_meet(run_id: str, per_rank: list[dict[str, str]], timeout: float) -> None:
+    """Two hand-set torchrun-like ranks (no agent), one node each, rank 0 hosting the store
+    unless a variable says otherwise, each with its ``per_rank`` variables: both sum."""
     port = free_port()
     procs = [
         _start_worker(
@@ -314,17 +310,28 @@ def test_e23_11_agents_with_other_restart_counts_meet_in_one_attempt():
                 "GROUP_WORLD_SIZE": "2",
                 "MASTER_ADDR": "127.0.0.1",
                 "MASTER_PORT": str(port),
-                "TORCHELASTIC_RUN_ID": "e23-11",
-                "TORCHELASTIC_RESTART_COUNT": str(restarts),
-                "TORCHELASTIC_USE_AGENT_STORE": "False",
+                "TORCHELASTIC_RUN_ID": run_id,
+                **extra,
             },
-            timeout=20,
+            timeout=timeout,
         )
-        for rank, restarts in enumerate([1, 0])
+        for rank, extra in enumerate(per_rank)
     ]
     for code, out in _outputs(procs, 100):
         assert code == 0, out
         assert '"sum": 2.0' in out, out
+
+
+@pytest.mark.timeout(120)
+def test_e23_11_agents_with_other_restart_counts_meet_in_one_attempt():
+    """E23-11: torchrun's restart count is per agent: after an agent was killed and started
+    again (elastic grow-back), the survivor's worker says ``TORCHELASTIC_RESTART_COUNT=1``
+    and the new agent's says 0. With a store rank 0 hosts for this attempt alone
+    (``TORCHELASTIC_USE_AGENT_STORE=False``) both still meet, instead of waiting under
+    different key prefixes until the timeout."""
+    shared = {"TORCHELASTIC_USE_AGENT_STORE": "False"}
+    per_rank = [{**shared, "TORCHELASTIC_RESTART_COUNT": str(n)} for n in (1, 0)]
+    _torchrun_like_ranks_meet("e23-11", per_rank, timeout=20)
 
 
 @pytest.mark.timeout(120)
@@ -335,25 +342,4 @@ def test_r27_1_the_agent_store_is_read_as_torch_reads_it():
     as ``torch.distributed``'s ``env://`` would, and both meet. The rendezvous used to read
     the variable again, without regard to case, and waited for an agent store that no one
     hosted until its timeout."""
-    port = free_port()
-    procs = [
-        _start_worker(
-            {
-                "RANK": str(rank),
-                "LOCAL_RANK": "0",
-                "WORLD_SIZE": "2",
-                "LOCAL_WORLD_SIZE": "1",
-                "GROUP_RANK": str(rank),
-                "GROUP_WORLD_SIZE": "2",
-                "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": str(port),
-                "TORCHELASTIC_RUN_ID": "r27-1",
-                "TORCHELASTIC_USE_AGENT_STORE": "true",
-            },
-            timeout=15,
-        )
-        for rank in range(2)
-    ]
-    for code, out in _outputs(procs, 100):
-        assert code == 0, out
-        assert '"sum": 2.0' in out, out
+    _torchrun_like_ranks_meet("r27-1", [{"TORCHELASTIC_USE_AGENT_STORE": "true"}] * 2, 15)
