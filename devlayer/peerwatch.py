@@ -52,6 +52,7 @@ __all__ = [
     "GRACE_S",
     "HARD_EXIT_AFTER_S",
     "HOST_WAIT_S",
+    "JOIN_WAIT_S",
     "POLL_S",
     "POLL_TIMEOUT_S",
     "RELEASED_KEY",
@@ -81,6 +82,8 @@ HARD_EXIT_AFTER_S = 10.0
 EXIT_CODE = 75
 #: The longest the store's host waits at its exit for the others to read its event.
 HOST_WAIT_S = 3 * POLL_S + 1.0
+#: The longest ``leave`` waits for the watch thread to end (it may be in a poll).
+JOIN_WAIT_S = 1.0
 #: The longest a rank that is not the host waits to count itself released at its exit
 #: (plus one second): a host that stopped answering must not hold up ``shutdown()``.
 RELEASE_WAIT_S = 2.0
@@ -230,7 +233,9 @@ class PeerWatch:
         themselves released."""
         self.stopping.set()
         if self.thread.is_alive() and self.thread is not threading.current_thread():
-            self.thread.join(timeout=POLL_TIMEOUT_S + 1.0)
+            # Short: once stopping is set, a poll that still returns cannot stop this rank
+            # (the stop waits on stopping first); a poll on a frozen host may take its bound.
+            self.thread.join(timeout=JOIN_WAIT_S)
         if self.rank != self.host:
             self._release(self.store)
             return
@@ -263,12 +268,21 @@ class PeerWatch:
             bounded_call(lambda: store.add(RELEASED_KEY, 1), time.monotonic() + RELEASE_WAIT_S)
 
     def _poll(self) -> Seen:
-        try:
-            if not self._poller.check([EVENT_KEY]):
+        poller = self._poller
+
+        def read() -> Seen:
+            if not poller.check([EVENT_KEY]):
                 return Seen()
-            return Seen(event=json.loads(self._poller.get(EVENT_KEY)))
+            return Seen(event=json.loads(poller.get(EVENT_KEY)))
+
+        try:
+            # bounded here: torch's client ignores its timeout while the host is stopped
+            seen: Seen = bounded_call(read, time.monotonic() + POLL_TIMEOUT_S - 1.0)
+        except TimeoutError:
+            return Seen(error=f"no answer within {POLL_TIMEOUT_S:g}s")
         except Exception as exc:  # torch's DistNetworkError & co.: the host may be gone
             return Seen(error=_one_line(exc))
+        return seen
 
     def _run(self) -> None:
         errors = 0

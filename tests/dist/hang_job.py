@@ -13,6 +13,8 @@ Modes:
     raise     rank 0 raises ValueError in its own code (uncaught) while rank 1 is stuck.
     with_raise  the same inside ``with devlayer.init(...)``.
     kill0     rank 0 dies of SIGKILL (its store with it) while rank 1 is stuck.
+    stop0     rank 0 stops itself (SIGSTOP: its store stays, nothing answers) while rank 1
+              is stuck; the watch's poll bound is 3 s instead of 10 (to keep the test short).
     early     rank 0 finishes and shuts down; rank 1 works on (no collective) for
               EARLY_WORK_S seconds, then finishes: a healthy job.
     early_exit  the same, but rank 0 exits without calling shutdown().
@@ -117,6 +119,18 @@ def kill0(folder: str) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def stop0(folder: str) -> None:
+    from devlayer import peerwatch
+
+    peerwatch.POLL_TIMEOUT_S = 3.0  # the same logic, sooner
+    devlayer.init(backend="cpu", timeout=8, hang_dir=_folder(folder))
+    devlayer.all_reduce(torch.ones(4))
+    if devlayer.rank() == 1:
+        stuck_in_user_code()
+    print("STOPPING 0", flush=True)
+    os.kill(os.getpid(), signal.SIGSTOP)
+
+
 #: Seconds rank 1 works on after rank 0 left: longer than the survivor watch needs to
 #: find a gone store and act (two polls, its grace, the hard exit).
 EARLY_WORK_S = 25.0
@@ -167,6 +181,7 @@ def main() -> None:
         "stuck_ignoring_term": stuck_ignoring_term,
         "raise": raise_,
         "kill0": kill0,
+        "stop0": stop0,
         "with_raise": with_raise,
         "early": early,
         "early_exit": early_exit,

@@ -92,6 +92,30 @@ def test_h22_s10_a_stuck_rank_stops_when_the_store_host_was_killed(tmp_path: Pat
 
 
 @pytest.mark.timeout(300)
+def test_h22_s11_a_stuck_rank_stops_when_the_store_host_froze(tmp_path: Path) -> None:
+    """H22-S11: rank 0, which hosts the store, stops (SIGSTOP: its connections stay open,
+    nothing answers) while rank 1 loops in user code: each poll is bounded by the watch
+    itself (torch's store client ignores its timeout while the host is stopped), two
+    polls without an answer tell rank 1 the store is gone, and it stops as in H22-S10.
+    Before, its first poll waited for good and rank 1 ran on."""
+    import signal
+
+    procs = start_ranks([JOB, "stop0", str(tmp_path)], env={"DEVLAYER_WATCHDOG": "0"})
+    try:
+        assert procs[0].stdout is not None
+        assert procs[0].stdout.readline().strip() == "STOPPING 0"
+        c1, _out1, err1 = finish([procs[1]], timeout=120)[0]
+    finally:
+        procs[0].send_signal(signal.SIGCONT)
+        procs[0].kill()
+        finish([procs[0]], timeout=10)
+    assert c1 == -15, (c1, err1[-3000:])
+    assert "devlayer: rank 1: the job's store is gone: rank 0, its host," in err1, err1[-3000:]
+    dump = _dump(tmp_path, 1)
+    assert dump["where"]["function"] == "stuck_in_user_code", dump["where"]
+
+
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("mode", ["early", "early_exit"])
 def test_h22_s3_a_healthy_job_whose_rank_0_leaves_first_is_never_stopped(
     tmp_path: Path, mode: str
