@@ -134,10 +134,10 @@ def _round_ended(store: Any) -> bool:
 def _current_round_of_agent_store(store: Any) -> Any:
     """The keys of the round now starting in torchrun's agent store, which outlives rounds.
 
-    ``store`` holds the attempt's first round; each round that ended there (every rank
-    that left it marked :data:`LEFT_KEY`) moves on to the next prefix, ``round1/``,
-    ``round2/``... A rank quicker to start again waits in the new round's keys, not in
-    its own claim of the old one.
+    ``store`` holds the attempt's first round; each round that has ended there (a rank
+    left it: :data:`LEFT_KEY` is set; no rank leaves a round before all checked in) moves
+    on to the next prefix, ``round1/``, ``round2/``... A rank quicker to start again waits
+    in the new round's keys, not in its own claim of the old one.
     """
     import torch.distributed as dist
 
